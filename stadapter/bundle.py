@@ -1,0 +1,154 @@
+"""Task bundles: ``adapter.safetensors`` + ``task.json`` in one folder per task version.
+
+Reading never unpickles anything. Every check that can fail raises
+:class:`BundleError` with a message naming what is wrong (file, key, shape,
+value), so a server can hand it to the client as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .bank import AdapterStack, TaskAdapters, expected_shapes
+from .config import ConfigError, TaskSpec
+from .fsutil import atomic_dir
+
+ADAPTER_FILE = "adapter.safetensors"
+TASK_FILE = "task.json"
+ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class BundleError(ValueError):
+    """A task bundle is malformed or does not fit the trunk."""
+
+
+@dataclass(frozen=True)
+class BundleLimits:
+    max_tensor_bytes: int = 1 << 30  # adapter.safetensors
+    max_json_bytes: int = 4 << 20  # task.json
+
+
+@dataclass(frozen=True)
+class TaskBundle:
+    spec: TaskSpec
+    tensors: Mapping[str, Tensor]
+    path: Optional[Path] = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def stack(self, num_blocks: int) -> AdapterStack:
+        """This task's weights as a K=1 stack for :class:`~stadapter.trunk.VideoTrunk`."""
+        return AdapterStack.from_state_dict(self.spec.adapter, self.tensors, num_blocks)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def save_bundle(
+    out_dir: str | os.PathLike,
+    spec: TaskSpec,
+    weights: TaskAdapters | Mapping[str, Tensor],
+    replace: bool = False,
+) -> Path:
+    """Write a bundle atomically (temp folder, fsync, rename). Returns the folder."""
+    state = weights.state_dict() if isinstance(weights, TaskAdapters) else dict(weights)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if "fc.weight" in state and state["fc.weight"].shape[0] != spec.num_classes:
+        raise BundleError(f"head has {state['fc.weight'].shape[0]} rows but task {spec.name!r} has {spec.num_classes} labels")
+    if not spec.created:
+        spec = spec.replace(created=now_iso())
+    with atomic_dir(out_dir, replace=replace) as tmp:
+        save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "stadapter-task-v1", "task": spec.name})
+        (tmp / TASK_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    return Path(out_dir)
+
+
+def read_spec(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits()) -> TaskSpec:
+    path = Path(bundle_dir) / TASK_FILE
+    if not path.is_file():
+        raise BundleError(f"{path} is missing (a bundle folder holds {TASK_FILE} and {ADAPTER_FILE})")
+    size = path.stat().st_size
+    if size > limits.max_json_bytes:
+        raise BundleError(f"{path} is {size} bytes, above the limit of {limits.max_json_bytes}")
+    try:
+        return TaskSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from e
+    except ConfigError as e:
+        raise BundleError(f"{path}: {e}") from e
+
+
+def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits()) -> TaskBundle:
+    """Read and check a bundle on its own (files, JSON, dtypes, finite values, head size)."""
+    bundle_dir = Path(bundle_dir)
+    spec = read_spec(bundle_dir, limits)
+    path = bundle_dir / ADAPTER_FILE
+    if not path.is_file():
+        raise BundleError(f"{path} is missing")
+    size = path.stat().st_size
+    if size > limits.max_tensor_bytes:
+        raise BundleError(f"{path} is {size} bytes, above the limit of {limits.max_tensor_bytes}")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise BundleError(f"{path} is not a readable safetensors file: {e}") from e
+    for name, t in tensors.items():
+        if t.dtype not in ALLOWED_DTYPES:
+            raise BundleError(f"{path}: tensor {name!r} has dtype {t.dtype}; allowed: float32, float16, bfloat16")
+        if not bool(torch.isfinite(t).all()):
+            raise BundleError(f"{path}: tensor {name!r} holds NaN or Inf values")
+    head = tensors.get("fc.weight")
+    if head is None:
+        raise BundleError(f"{path}: the classification head 'fc.weight' is missing")
+    if head.shape[0] != spec.num_classes:
+        raise BundleError(f"{path}: head has {head.shape[0]} classes but task.json lists {spec.num_classes} labels")
+    return TaskBundle(spec, tensors, bundle_dir)
+
+
+def check_fits_trunk(bundle: TaskBundle, trunk) -> None:
+    """Refuse a bundle trained on another trunk or shaped for another one.
+
+    ``trunk`` is a :class:`~stadapter.trunk.VideoTrunk` (or anything with
+    ``fingerprint``, ``dim``, ``num_blocks``, ``image_size``).
+    """
+    spec = bundle.spec
+    where = bundle.path or spec.name
+    if spec.trunk_fingerprint != trunk.fingerprint:
+        raise BundleError(
+            f"{where}: trained on trunk {spec.trunk_fingerprint[:12]}…, but the served trunk is {trunk.fingerprint[:12]}…"
+        )
+    if spec.sampling.input_size != trunk.image_size:
+        raise BundleError(f"{where}: input_size {spec.sampling.input_size} differs from the trunk's {trunk.image_size}")
+    try:
+        shapes = expected_shapes(spec.adapter, trunk.dim, trunk.num_blocks, spec.num_classes)
+    except ConfigError as e:
+        raise BundleError(f"{where}: {e}") from e
+    have = bundle.tensors
+    missing = sorted(set(shapes) - set(have))
+    unexpected = sorted(set(have) - set(shapes))
+    if missing or unexpected:
+        raise BundleError(f"{where}: tensors do not match the adapter config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    wrong = [(k, tuple(have[k].shape), s) for k, s in shapes.items() if tuple(have[k].shape) != s]
+    if wrong:
+        k, got, want = wrong[0]
+        raise BundleError(f"{where}: tensor {k!r} has shape {got}, expected {want} ({len(wrong)} mismatched)")
+
+
+def load_bundle(bundle_dir: str | os.PathLike, trunk, limits: BundleLimits = BundleLimits()) -> TaskBundle:
+    """:func:`read_bundle` + :func:`check_fits_trunk`."""
+    bundle = read_bundle(bundle_dir, limits)
+    check_fits_trunk(bundle, trunk)
+    return bundle

@@ -1,0 +1,277 @@
+"""Frozen configuration records shared by every room.
+
+Each record validates itself in ``__post_init__`` and round-trips through plain
+JSON dicts (``to_dict`` / ``from_dict``); unknown keys are refused by name so a
+typo in ``task.json`` cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, TypeVar
+
+Activation = Literal["none", "gelu", "quickgelu", "relu"]
+SamplingMode = Literal["uniform", "stride"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or a key is unknown."""
+
+
+def _from_dict(cls: type[T], data: Mapping[str, Any], tuple_fields: tuple[str, ...] = ()) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
+    kwargs = {k: (tuple(v) if k in tuple_fields and isinstance(v, list) else v) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong types deep inside, e.g. a string for a tuple
+        raise ConfigError(f"{cls.__name__}: {e}") from e
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Where and how big the ST-Adapters are (one config per task).
+
+    Args:
+        width: bottleneck width r of each adapter (384 for ViT-B in the paper).
+        kernel: depthwise conv kernel (time, height, width); odd sizes, 'same' padding.
+            A temporal size of 1 removes temporal reasoning (the paper's ablation).
+        pre_attn: adapter before multi-head self-attention in each adapted block.
+        pre_mlp: adapter before the MLP in each adapted block.
+        layers: adapt the last ``layers`` blocks; 0 means every block.
+        activation: optional nonlinearity after the conv (the public code has none).
+    """
+
+    width: int = 384
+    kernel: tuple[int, int, int] = (3, 1, 1)
+    pre_attn: bool = True
+    pre_mlp: bool = False
+    layers: int = 0
+    activation: Activation = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.width, int) or self.width < 1:
+            raise ConfigError(f"AdapterConfig.width must be a positive int, got {self.width!r}")
+        k = tuple(self.kernel)
+        if len(k) != 3 or not all(isinstance(v, int) and v >= 1 and v % 2 == 1 for v in k):
+            raise ConfigError(f"AdapterConfig.kernel must be three odd positive ints, got {self.kernel!r}")
+        object.__setattr__(self, "kernel", k)
+        if not (self.pre_attn or self.pre_mlp):
+            raise ConfigError("AdapterConfig: at least one of pre_attn / pre_mlp must be true")
+        if not isinstance(self.layers, int) or self.layers < 0:
+            raise ConfigError(f"AdapterConfig.layers must be an int >= 0, got {self.layers!r}")
+        if self.activation not in ("none", "gelu", "quickgelu", "relu"):
+            raise ConfigError(f"AdapterConfig.activation must be none|gelu|quickgelu|relu, got {self.activation!r}")
+
+    def positions(self) -> tuple[str, ...]:
+        """Adapter slots used in each adapted block, in forward order."""
+        return tuple(p for p, on in (("pre_attn", self.pre_attn), ("pre_mlp", self.pre_mlp)) if on)
+
+    def adapted_blocks(self, num_blocks: int) -> tuple[int, ...]:
+        """Indices of the trunk blocks that carry adapters (the last ``layers``)."""
+        n = num_blocks if self.layers == 0 else self.layers
+        if n > num_blocks:
+            raise ConfigError(f"AdapterConfig.layers={self.layers} but the trunk has only {num_blocks} blocks")
+        return tuple(range(num_blocks - n, num_blocks))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["kernel"] = list(self.kernel)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AdapterConfig":
+        return _from_dict(cls, data, ("kernel",))
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How frames are taken from a clip and turned into model input.
+
+    Args:
+        num_frames: frames per view (T).
+        mode: ``uniform`` = one frame from each of T equal segments (SSv2 style);
+            ``stride`` = T frames ``stride`` apart around the clip centre (K400 style).
+        stride: frame step for ``stride`` mode.
+        temporal_views: views along time at evaluation (spread over the clip).
+        spatial_views: 1 = centre crop, 3 = start/centre/end crops along the long side.
+        input_size: square side of the model input (pixels).
+        resize: short side before the crop; 0 means ``input_size``.
+        mean / std: per-channel normalisation of [0, 1] RGB.
+    """
+
+    num_frames: int = 8
+    mode: SamplingMode = "uniform"
+    stride: int = 16
+    temporal_views: int = 1
+    spatial_views: int = 1
+    input_size: int = 224
+    resize: int = 0
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "stride", "temporal_views", "input_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"SamplingConfig.{name} must be a positive int, got {v!r}")
+        if self.num_frames > 512:
+            raise ConfigError(f"SamplingConfig.num_frames={self.num_frames} is above the limit of 512")
+        if self.mode not in ("uniform", "stride"):
+            raise ConfigError(f"SamplingConfig.mode must be 'uniform' or 'stride', got {self.mode!r}")
+        if self.spatial_views not in (1, 3):
+            raise ConfigError(f"SamplingConfig.spatial_views must be 1 or 3, got {self.spatial_views!r}")
+        if not isinstance(self.resize, int) or (self.resize != 0 and self.resize < self.input_size):
+            raise ConfigError(
+                f"SamplingConfig.resize must be 0 or >= input_size ({self.input_size}), got {self.resize!r}"
+            )
+        for name in ("mean", "std"):
+            v = tuple(float(x) for x in getattr(self, name))
+            if len(v) != 3:
+                raise ConfigError(f"SamplingConfig.{name} needs 3 values, got {v!r}")
+            object.__setattr__(self, name, v)
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"SamplingConfig.std must be positive, got {self.std!r}")
+
+    @property
+    def short_side(self) -> int:
+        return self.resize or self.input_size
+
+    @property
+    def num_views(self) -> int:
+        return self.temporal_views * self.spatial_views
+
+    def replace(self, **changes: Any) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SamplingConfig":
+        return _from_dict(cls, data, ("mean", "std"))
+
+
+@dataclass(frozen=True)
+class TrunkSpec:
+    """What ``model_repository/trunk/trunk.json`` says about the frozen image trunk.
+
+    Args:
+        model: open_clip model name (``ViT-B-16``) or the stem of ``model_config``.
+        pretrained: a named open_clip tag (``openai``), a weights file relative to
+            the trunk folder, or empty for random weights (tests only).
+        quick_gelu: the activation the weights were trained with. OpenAI CLIP
+            weights need True; it is resolved once at ``init`` and recorded here.
+        fingerprint: sha256 over the trunk's architecture and tensors.
+        model_config: optional open_clip model-config JSON file (relative path)
+            describing a custom ViT.
+    """
+
+    model: str
+    pretrained: str = ""
+    quick_gelu: bool = False
+    fingerprint: str = ""
+    model_config: str = ""
+    format_version: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.model or not isinstance(self.model, str):
+            raise ConfigError(f"TrunkSpec.model must be a non-empty string, got {self.model!r}")
+        if self.format_version != 1:
+            raise ConfigError(f"TrunkSpec.format_version {self.format_version} is not supported (expected 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrunkSpec":
+        return _from_dict(cls, data)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything ``task.json`` records about one version of one task."""
+
+    name: str
+    labels: tuple[str, ...]
+    adapter: AdapterConfig
+    sampling: SamplingConfig
+    trunk_fingerprint: str
+    version: int = 1
+    description: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    created: str = ""
+    format_version: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not TASK_NAME_RE.match(self.name):
+            raise ConfigError(
+                f"task name {self.name!r} is invalid: use 1-64 chars of a-z 0-9 _ . - starting with a letter or digit"
+            )
+        labels = tuple(self.labels)
+        if not labels:
+            raise ConfigError(f"task {self.name!r}: labels are empty")
+        bad = [l for l in labels if not isinstance(l, str) or not l.strip() or len(l) > 256]
+        if bad:
+            raise ConfigError(f"task {self.name!r}: labels must be non-empty strings of <= 256 chars, got {bad[:3]!r}")
+        dupes = sorted({l for l in labels if labels.count(l) > 1})
+        if dupes:
+            raise ConfigError(f"task {self.name!r}: duplicate labels {dupes[:5]!r}")
+        object.__setattr__(self, "labels", labels)
+        if not isinstance(self.version, int) or self.version < 1:
+            raise ConfigError(f"task {self.name!r}: version must be an int >= 1, got {self.version!r}")
+        if not isinstance(self.trunk_fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", self.trunk_fingerprint):
+            raise ConfigError(f"task {self.name!r}: trunk_fingerprint must be 64 hex chars, got {self.trunk_fingerprint!r}")
+        if self.format_version != 1:
+            raise ConfigError(f"task {self.name!r}: format_version {self.format_version} is not supported (expected 1)")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def replace(self, **changes: Any) -> "TaskSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "name": self.name,
+            "version": self.version,
+            "description": self.description,
+            "labels": list(self.labels),
+            "adapter": self.adapter.to_dict(),
+            "sampling": self.sampling.to_dict(),
+            "trunk_fingerprint": self.trunk_fingerprint,
+            "metrics": dict(self.metrics),
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TaskSpec":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"task.json must hold a JSON object, got {type(data).__name__}")
+        d = dict(data)
+        try:
+            d["adapter"] = AdapterConfig.from_dict(d["adapter"])
+            d["sampling"] = SamplingConfig.from_dict(d["sampling"])
+        except KeyError as e:
+            raise ConfigError(f"task.json is missing the key {e.args[0]!r}") from None
+        for key in ("name", "labels", "trunk_fingerprint"):
+            if key not in d:
+                raise ConfigError(f"task.json is missing the key {key!r}")
+        return _from_dict(cls, d, ("labels",))

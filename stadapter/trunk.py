@@ -1,0 +1,133 @@
+"""The frozen image trunk run over video, with adapters injected per block.
+
+:class:`VideoTrunk` wraps an open_clip ``VisionTransformer`` without editing it:
+it reuses the trunk's own modules (patch embedding, each block's ``ln_1``,
+``attention``, ``ln_2``, ``mlp``, layer scales, ``ln_post``) and inserts the
+adapter slots between them. Frames are folded into the batch (``[B*T, L, d]``)
+so the image model sees images; only the adapters mix along time.
+
+File handling (trunk folders, named pretrained tags, local weights) lives in
+:mod:`stadapter.factory`; ``python -m stadapter.trunk init ...`` is its CLI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .adapter import apply_adapter
+from .bank import AdapterStack
+
+
+class TrunkError(ValueError):
+    """A trunk folder, config or weights file is unusable."""
+
+
+def trunk_fingerprint(state: Mapping[str, Tensor], arch: Mapping[str, Any]) -> str:
+    """sha256 over the architecture record and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(b"stadapter-trunk-fingerprint-v1\0")
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class VideoTrunk(nn.Module):
+    """Frozen open_clip ViT applied frame-wise, with ST-Adapter slots.
+
+    Args:
+        visual: an open_clip ``VisionTransformer`` (class-token pooling).
+        arch: architecture record (vision config + ``quick_gelu``), part of the fingerprint.
+        fingerprint: precomputed fingerprint, or None to compute it now.
+    """
+
+    def __init__(self, visual: nn.Module, arch: Mapping[str, Any], fingerprint: Optional[str] = None):
+        super().__init__()
+        _check_supported(visual)
+        self.visual = visual.eval().requires_grad_(False)
+        self.arch = dict(arch)
+        self.fingerprint = fingerprint or trunk_fingerprint(self.visual.state_dict(), self.arch)
+        self.grid: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
+        self.image_size: int = int(visual.image_size[0])
+        self.dim: int = int(visual.class_embedding.shape[0])
+        self.blocks = visual.transformer.resblocks
+        self.num_blocks: int = len(self.blocks)
+
+    def train(self, mode: bool = True) -> "VideoTrunk":
+        # The trunk stays in eval mode (no dropout, frozen statistics) whatever the caller does.
+        super().train(False)
+        return self
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.visual.parameters())
+
+    def embed(self, images: Tensor) -> Tensor:
+        """images [N, 3, H, W] -> tokens [N, 1 + h*w, d] (after ln_pre)."""
+        v = self.visual
+        x = v.conv1(images)  # [N, d, h, w]
+        x = x.flatten(2).transpose(1, 2)  # [N, h*w, d]
+        cls_tok = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls_tok, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)
+        return v.ln_pre(x)
+
+    def forward_features(
+        self, frames: Tensor, stack: Optional[AdapterStack] = None, task_index: Optional[Tensor] = None
+    ) -> Tensor:
+        """frames [B, T, 3, H, W] (normalised) -> pooled features [B, d].
+
+        ``stack`` holds the adapters (None = the plain image model, frame-mean);
+        ``task_index`` [B] picks each clip's task in a mixed stack.
+        """
+        if frames.dim() != 5:
+            raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
+        B, T, C, H, W = frames.shape
+        if C != 3 or H != self.image_size or W != self.image_size:
+            raise ValueError(
+                f"frames {tuple(frames.shape)} do not fit the trunk: expected [B, T, 3, {self.image_size}, {self.image_size}]"
+            )
+        x = self.embed(frames.reshape(B * T, C, H, W))
+        slots = stack.slots if stack is not None else {}
+        act = stack.activation if stack is not None else "none"
+        for i, blk in enumerate(self.blocks):
+            s = slots.get((i, "pre_attn"))
+            if s is not None:
+                x = apply_adapter(x, T, self.grid, s, task_index, act)
+            x = x + blk.ls_1(blk.attention(q_x=blk.ln_1(x)))
+            s = slots.get((i, "pre_mlp"))
+            if s is not None:
+                x = apply_adapter(x, T, self.grid, s, task_index, act)
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        cls_tok = x[:, 0].reshape(B, T, -1).mean(dim=1)  # [B, d]
+        return self.visual.ln_post(cls_tok)
+
+    def forward(self, frames: Tensor, stack: AdapterStack, task_index: Optional[Tensor] = None) -> Tensor:
+        """frames [B, T, 3, H, W] -> logits [B, C] (one task) or [B, C_max] (mixed)."""
+        return stack.head(self.forward_features(frames, stack, task_index), task_index)
+
+
+def _check_supported(visual: nn.Module) -> None:
+    needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post", "transformer", "grid_size")
+    missing = [n for n in needed if not hasattr(visual, n)]
+    if missing:
+        raise TrunkError(f"unsupported vision tower {type(visual).__name__}: missing {missing} (need an open_clip ViT)")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+        raise TrunkError("unsupported vision tower: ST-Adapter needs class-token pooling (pool_type='tok', no attn_pool)")
+    if getattr(visual.transformer, "batch_first", True) is not True:
+        raise TrunkError("unsupported vision tower: transformer must be batch-first")
+    blk = visual.transformer.resblocks[0]
+    if not all(hasattr(blk, n) for n in ("ln_1", "attention", "ls_1", "ln_2", "mlp", "ls_2")):
+        raise TrunkError(f"unsupported block type {type(blk).__name__}: need open_clip's ResidualAttentionBlock")
+
+
+if __name__ == "__main__":  # python -m stadapter.trunk init ...
+    from .factory import trunk_cli
+
+    trunk_cli()
