@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m clients.demo
 
 protos: $(STAMP)
-	$(BIN)/python -m server.protos.generate
+	$(BIN)/python -m stadapter_api.generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info

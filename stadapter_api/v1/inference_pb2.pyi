@@ -1,0 +1,197 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SamplingOverrides(_message.Message):
+    __slots__ = ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    TEMPORAL_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    SPATIAL_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    num_frames: int
+    mode: str
+    stride: int
+    temporal_views: int
+    spatial_views: int
+    def __init__(self, num_frames: _Optional[int] = ..., mode: _Optional[str] = ..., stride: _Optional[int] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("task", "clip", "top_k", "sampling", "request_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    clip: bytes
+    top_k: int
+    sampling: SamplingOverrides
+    request_id: str
+    def __init__(self, task: _Optional[str] = ..., clip: _Optional[bytes] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ClassifyChunk(_message.Message):
+    __slots__ = ("task", "top_k", "sampling", "request_id", "data")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    top_k: int
+    sampling: SamplingOverrides
+    request_id: str
+    data: bytes
+    def __init__(self, task: _Optional[str] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("label", "score", "index")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    index: int
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("decode_ms", "queue_ms", "compute_ms", "total_ms", "batch_size")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+    batch_size: int
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("task", "task_version", "predictions", "timings", "request_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    task_version: int
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    timings: Timings
+    request_id: str
+    def __init__(self, task: _Optional[str] = ..., task_version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class BatchClassifyRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ClassifyRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ClassifyRequest, _Mapping]]] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class BatchClassifyResult(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: ClassifyResponse
+    error: ItemError
+    def __init__(self, response: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class BatchClassifyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchClassifyResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchClassifyResult, _Mapping]]] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks", "trunk_model", "trunk_fingerprint")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskInfo]
+    trunk_model: str
+    trunk_fingerprint: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., trunk_model: _Optional[str] = ..., trunk_fingerprint: _Optional[str] = ...) -> None: ...
+
+class DescribeTaskRequest(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    def __init__(self, task: _Optional[str] = ...) -> None: ...
+
+class TaskInfo(_message.Message):
+    __slots__ = ("name", "version", "labels", "description", "num_frames", "input_size", "sampling_mode", "temporal_views", "spatial_views", "adapter_config_json", "adapter_bytes", "created", "metrics_json", "trunk_fingerprint", "state")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_MODE_FIELD_NUMBER: _ClassVar[int]
+    TEMPORAL_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    SPATIAL_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRUNK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    description: str
+    num_frames: int
+    input_size: int
+    sampling_mode: str
+    temporal_views: int
+    spatial_views: int
+    adapter_config_json: str
+    adapter_bytes: int
+    created: str
+    metrics_json: str
+    trunk_fingerprint: str
+    state: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., num_frames: _Optional[int] = ..., input_size: _Optional[int] = ..., sampling_mode: _Optional[str] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., adapter_config_json: _Optional[str] = ..., adapter_bytes: _Optional[int] = ..., created: _Optional[str] = ..., metrics_json: _Optional[str] = ..., trunk_fingerprint: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+
+class RegisterTaskChunk(_message.Message):
+    __slots__ = ("filename", "data")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    data: bytes
+    def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class RegisterTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: TaskInfo
+    def __init__(self, task: _Optional[_Union[TaskInfo, _Mapping]] = ...) -> None: ...
+
+class UnregisterTaskRequest(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    def __init__(self, task: _Optional[str] = ...) -> None: ...
+
+class UnregisterTaskResponse(_message.Message):
+    __slots__ = ("task", "version")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    version: int
+    def __init__(self, task: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
