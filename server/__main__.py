@@ -1,0 +1,30 @@
+"""``python -m server --model-repository DIR ...`` (console script ``stadapter-server``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Optional, Sequence
+
+from .config import parse_args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from stadapter.config import ConfigError
+    from stadapter.trunk import TrunkError
+
+    from .app import serve
+
+    try:
+        return asyncio.run(serve(cfg))
+    except (TrunkError, ConfigError, ValueError, OSError) as e:
+        logging.getLogger("server").error("cannot start: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

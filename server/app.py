@@ -1,0 +1,164 @@
+"""Assemble and run the server: trunk (loaded once), registry, cache, batcher, gRPC, metrics, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from stadapter.bundle import BundleLimits
+from stadapter.factory import load_trunk
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
+
+from .auth import Auth
+from .batcher import Batcher
+from .cache import DeviceCache
+from .config import ServerConfig
+from .metrics import Metrics, remove_label
+from .model import ModelRunner, cache_key, resolve_device, resolve_dtype
+from .pipeline import Pipeline
+from .registry import TaskRegistry, TaskVersion
+from .service import TaskAdminService, VideoClassifierService
+
+log = logging.getLogger("server")
+
+SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+
+
+@dataclass
+class Server:
+    """A running server (``await Server.start(cfg)``; ``await srv.drain()``)."""
+
+    cfg: ServerConfig
+    grpc_server: grpc.aio.Server
+    health: HealthServicer
+    pipeline: Pipeline
+    batcher: Batcher
+    registry: TaskRegistry
+    cache: DeviceCache
+    metrics: Metrics
+    grpc_port: int
+    metrics_port: int
+    _poller: Optional[asyncio.Task] = None
+
+    @classmethod
+    async def start(cls, cfg: ServerConfig) -> "Server":
+        auth = Auth.from_config(cfg)
+        if auth.admin_token is None and not cfg.allow_insecure_admin:
+            log.warning("no admin token configured: RegisterTask/UnregisterTask are refused")
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
+        log.info("trunk %s (%s…) on %s as %s", trunk.spec.model, trunk.fingerprint[:12], device, dtype)
+
+        metrics = Metrics(device)
+        cache = DeviceCache(cfg.cache_bytes, device, dtype, on_event=metrics.cache_event)
+
+        def on_change(published: list[TaskVersion], retired: list[TaskVersion]) -> None:
+            for tv in retired:
+                cache.discard(cache_key(tv))
+                if tv.name not in registry.tasks:
+                    remove_label(metrics.task_bytes, tv.name)
+                    remove_label(metrics.task_version, tv.name)
+            for tv in published:
+                metrics.task_bytes.labels(tv.name).set(tv.nbytes)
+                metrics.task_version.labels(tv.name).set(tv.version)
+            metrics.tasks_loaded.set(len(registry.tasks))
+
+        limits = BundleLimits(max_tensor_bytes=cfg.max_bundle_bytes)
+        registry = TaskRegistry(cfg.model_repository, trunk, limits, cfg.keep_versions, on_change)
+        registry.cleanup_temp()
+        registry.sync()
+        metrics.tasks_loaded.set(len(registry.tasks))
+
+        batcher = Batcher(ModelRunner(trunk, cache), cfg.max_batch_size, cfg.max_queue_delay_ms / 1e3, metrics)
+        pipeline = Pipeline(registry, batcher, metrics, cfg.max_queue_size, cfg.decode_workers, cfg.default_top_k,
+                            cfg.max_clip_bytes)
+        metrics.queue_depth.set_function(lambda: pipeline.pending)
+
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        gs = grpc.aio.server(options=options)
+        pb_grpc.add_VideoClassifierServicer_to_server(
+            VideoClassifierService(pipeline, registry, metrics, auth, max_clip_bytes=cfg.max_clip_bytes), gs)
+        pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(pipeline, registry, metrics, auth, limits=limits), gs)
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, gs)
+        for name in ("", *SERVICE_NAMES):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                             reflection.SERVICE_NAME), gs)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+            port = gs.add_secure_port(address, creds)
+        else:
+            port = gs.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind gRPC on {address}")
+        batcher.start()
+        await gs.start()
+        metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
+        srv = cls(cfg, gs, health, pipeline, batcher, registry, cache, metrics, port, metrics_port)
+        if cfg.poll_interval_s > 0:
+            srv._poller = asyncio.get_running_loop().create_task(srv._poll(), name="repository-poll")
+        return srv
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_interval_s)
+            try:
+                await asyncio.to_thread(self.registry.sync)
+            except Exception:  # noqa: BLE001 - a bad folder must not stop polling
+                log.exception("repository poll failed")
+
+    def ready_info(self) -> dict:
+        return {"event": "ready", "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+
+    async def drain(self) -> None:
+        """Health NOT_SERVING, refuse new work (UNAVAILABLE), let in-flight work finish, stop."""
+        log.info("draining: %d requests in flight", self.pipeline.inflight)
+        self.pipeline.draining = True
+        await self.health.enter_graceful_shutdown()
+        if not await self.pipeline.wait_idle(self.cfg.drain_timeout_s):
+            log.warning("drain timeout: %d requests still in flight", self.pipeline.inflight)
+        if self._poller is not None:
+            self._poller.cancel()
+        await self.grpc_server.stop(grace=1.0)
+        await self.batcher.close()
+        self.pipeline.close()
+        self.metrics.shutdown()
+        log.info("stopped")
+
+
+def write_ready_file(path: Path, info: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(info) + "\n")
+    os.replace(tmp, path)
+
+
+async def serve(cfg: ServerConfig) -> int:
+    srv = await Server.start(cfg)
+    info = srv.ready_info()
+    print(json.dumps(info), flush=True)
+    if cfg.ready_file:
+        write_ready_file(Path(cfg.ready_file), info)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await srv.drain()
+    return 0

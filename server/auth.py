@@ -1,0 +1,76 @@
+"""Bearer tokens for admin (and optionally classification) RPCs, compared in constant time."""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+from typing import Optional
+
+import grpc
+
+from .errors import PermissionDenied, Unauthenticated
+
+ADMIN_TOKEN_ENV = "STADAPTER_ADMIN_TOKEN"
+
+
+def read_token(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read token file {path}: {e}") from e
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
+def _bearer(context: grpc.aio.ServicerContext) -> Optional[str]:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+def _matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+
+class Auth:
+    def __init__(self, admin_token: Optional[str], allow_insecure_admin: bool = False,
+                 classify_token: Optional[str] = None):
+        self.admin_token = admin_token
+        self.allow_insecure_admin = allow_insecure_admin
+        self.classify_token = classify_token
+
+    @classmethod
+    def from_config(cls, cfg) -> "Auth":
+        admin = read_token(cfg.admin_token_file) or (os.environ.get(ADMIN_TOKEN_ENV) or "").strip() or None
+        return cls(admin, cfg.allow_insecure_admin, read_token(cfg.classify_token_file))
+
+    def check_admin(self, context: grpc.aio.ServicerContext) -> None:
+        if self.admin_token is None:
+            if self.allow_insecure_admin:
+                return
+            raise PermissionDenied(
+                f"admin RPCs are disabled: no admin token is configured. Set {ADMIN_TOKEN_ENV} or pass "
+                "--admin-token-file on the server (or --allow-insecure-admin for local development), then send "
+                "'authorization: Bearer <token>' metadata"
+            )
+        self._check(context, self.admin_token, "admin")
+
+    def check_classify(self, context: grpc.aio.ServicerContext) -> None:
+        if self.classify_token is not None:
+            self._check(context, self.classify_token, "classify")
+
+    @staticmethod
+    def _check(context: grpc.aio.ServicerContext, expected: str, what: str) -> None:
+        token = _bearer(context)
+        if token is None:
+            raise Unauthenticated(f"{what} RPCs need 'authorization: Bearer <token>' metadata")
+        if not _matches(token, expected):
+            raise Unauthenticated(f"the {what} bearer token is not valid")

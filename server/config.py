@@ -1,0 +1,124 @@
+"""The server's settings: one frozen record, built from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``python -m server`` can be told.
+
+    Args:
+        model_repository: folder with ``trunk/`` and ``tasks/<task>/<version>/``.
+        max_batch_size: rows (clip views) per forward pass.
+        max_queue_delay_ms: longest time the first queued clip waits for company.
+        max_queue_size: requests admitted but not yet computed (decoding + queued);
+            one more is refused with RESOURCE_EXHAUSTED at once.
+        decode_workers: threads decoding clips (PyAV releases the GIL).
+        device: ``auto`` = cuda when available, else cpu.
+        dtype: ``auto`` = bfloat16 (or float16) on cuda, float32 on cpu.
+        cache_bytes: device budget for resident task adapters (LRU beyond it).
+        poll_interval_s: how often the repository is re-read for other replicas' changes (0 = never).
+        max_message_bytes: gRPC receive/send limit (one clip in one message must fit).
+        max_clip_bytes: largest clip accepted (whole or streamed).
+        admin_token_file: file holding the admin bearer token (else env ``STADAPTER_ADMIN_TOKEN``).
+        allow_insecure_admin: accept admin calls without any token configured (development only).
+        classify_token_file: if set, classification needs this bearer token too.
+        keep_versions: task versions kept on disk per task (older ones are deleted after a register).
+        drain_timeout_s: on SIGTERM, longest wait for in-flight requests.
+    """
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 256
+    decode_workers: int = 2
+    device: str = "auto"
+    dtype: str = "auto"
+    cache_bytes: int = 1 << 30
+    poll_interval_s: float = 2.0
+    max_message_bytes: int = 64 * MiB
+    max_clip_bytes: int = 256 * MiB
+    max_bundle_bytes: int = 1 << 30
+    admin_token_file: Optional[Path] = None
+    allow_insecure_admin: bool = False
+    tls_cert: Optional[Path] = None
+    tls_key: Optional[Path] = None
+    classify_token_file: Optional[Path] = None
+    ready_file: Optional[Path] = None
+    keep_versions: int = 2
+    default_top_k: int = 5
+    drain_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_size", "max_queue_size", "decode_workers", "max_message_bytes", "max_clip_bytes",
+                    "max_bundle_bytes", "keep_versions", "default_top_k")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"ServerConfig.{name} must be a positive int, got {v!r}")
+        for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"ServerConfig.dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        for name in ("port", "metrics_port"):
+            v = getattr(self, name)
+            if not 0 <= v <= 65535:
+                raise ValueError(f"ServerConfig.{name} must be 0..65535, got {v!r}")
+
+    def replace(self, **changes) -> "ServerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig(model_repository=Path("."))
+    p = argparse.ArgumentParser(prog="python -m server", description="Serve ST-Adapter video tasks over gRPC.")
+    a = p.add_argument
+    a("--model-repository", required=True, type=Path, help="folder with trunk/ and tasks/")
+    a("--host", default=d.host)
+    a("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
+    a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port (0 = any free port)")
+    a("--max-batch-size", type=int, default=d.max_batch_size, help="rows (clip views) per forward")
+    a("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
+    a("--max-queue-size", type=int, default=d.max_queue_size, help="admitted, not yet computed requests")
+    a("--decode-workers", type=int, default=d.decode_workers)
+    a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"))
+    a("--cache-bytes", type=int, default=d.cache_bytes, help="device budget for task adapters")
+    a("--poll-interval-s", type=float, default=d.poll_interval_s, help="re-read the repository (0 = off)")
+    a("--max-message-bytes", type=int, default=d.max_message_bytes)
+    a("--max-clip-bytes", type=int, default=d.max_clip_bytes)
+    a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes)
+    a("--admin-token-file", type=Path, help="file with the admin token (else env STADAPTER_ADMIN_TOKEN)")
+    a("--allow-insecure-admin", action="store_true", help="admin calls without a token (development only)")
+    a("--tls-cert", type=Path)
+    a("--tls-key", type=Path)
+    a("--classify-token-file", type=Path, help="require this bearer token for classification too")
+    a("--ready-file", type=Path, help="write the ready JSON here once serving")
+    a("--keep-versions", type=int, default=d.keep_versions)
+    a("--default-top-k", type=int, default=d.default_top_k)
+    a("--drain-timeout-s", type=float, default=d.drain_timeout_s)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> ServerConfig:
+    p = build_parser()
+    ns = p.parse_args(argv)
+    try:
+        return ServerConfig(**vars(ns))
+    except ValueError as e:
+        p.error(str(e))
+        raise  # unreachable

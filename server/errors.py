@@ -1,0 +1,64 @@
+"""Server exceptions and the one function that turns any exception into a gRPC status."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from stadapter.bundle import BundleError
+from stadapter.config import ConfigError
+from stadapter.video import VideoError
+
+log = logging.getLogger("server")
+
+
+class ServerError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class BadRequest(ServerError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TaskNotFound(ServerError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class QueueFull(ServerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Draining(ServerError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExpired(ServerError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(ServerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Conflict(ServerError):
+    code = grpc.StatusCode.ABORTED
+
+
+_INVALID = (VideoError, BundleError, ConfigError)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client gets for ``exc`` (unexpected errors are logged, not leaked)."""
+    if isinstance(exc, ServerError):
+        return exc.code, str(exc)
+    if isinstance(exc, _INVALID):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, MemoryError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, "server is out of memory for this request"
+    log.exception("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"

@@ -1,0 +1,99 @@
+"""Prometheus metrics of one server, in its own registry (never the process-global one)."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class _DeviceMemoryCollector:
+    """``stadapter_device_memory_bytes``: CUDA allocated/reserved, or the process RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def collect(self):
+        g = GaugeMetricFamily("stadapter_device_memory_bytes", "Memory held on the serving device",
+                              labels=["device", "kind"])
+        if self.device.type == "cuda":
+            g.add_metric([str(self.device), "allocated"], float(torch.cuda.memory_allocated(self.device)))
+            g.add_metric([str(self.device), "reserved"], float(torch.cuda.memory_reserved(self.device)))
+        else:
+            g.add_metric([str(self.device), "resident"], float(_rss_bytes()))
+        yield g
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Metrics:
+    def __init__(self, device: torch.device, queue_depth: Callable[[], float] = lambda: 0.0):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "stadapter"
+        self.requests = Counter(f"{p}_requests", "RPCs answered, by method, task and gRPC status code",
+                                ["method", "task", "code"], registry=r)
+        self.decode_seconds = Histogram(f"{p}_decode_seconds", "Time to decode one clip", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait_seconds = Histogram(f"{p}_queue_wait_seconds", "Time a decoded clip waited for its forward",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram(f"{p}_compute_seconds", "Time of one batched forward",
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.request_seconds = Histogram(f"{p}_request_seconds", "End-to-end time of a classification",
+                                         ["method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram(f"{p}_batch_size", "Clips per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_rows = Histogram(f"{p}_batch_rows", "Rows (clip views) per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_tasks = Histogram(f"{p}_batch_tasks", "Distinct tasks per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.clips = Counter(f"{p}_clips", "Clips classified, by task", ["task"], registry=r)
+        self.queue_depth = Gauge(f"{p}_queue_depth", "Requests admitted and not yet computed", registry=r)
+        self.queue_depth.set_function(queue_depth)
+        self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served", registry=r)
+        self.task_bytes = Gauge(f"{p}_task_bytes", "Adapter + head tensor bytes of the served version", ["task"], registry=r)
+        self.task_version = Gauge(f"{p}_task_version", "Served version of each task", ["task"], registry=r)
+        self.cache_hits = Counter(f"{p}_adapter_cache_hits", "Device adapter cache hits", registry=r)
+        self.cache_misses = Counter(f"{p}_adapter_cache_misses", "Device adapter cache misses (loaded to the device)", registry=r)
+        self.cache_evictions = Counter(f"{p}_adapter_cache_evictions", "Adapters evicted from the device (LRU)", registry=r)
+        self.cache_bytes = Gauge(f"{p}_adapter_cache_bytes", "Adapter bytes resident on the device", registry=r)
+        self.registrations = Counter(f"{p}_registrations", "RegisterTask calls by result", ["result"], registry=r)
+        self.unregistrations = Counter(f"{p}_unregistrations", "UnregisterTask calls by result", ["result"], registry=r)
+        self.dropped_expired = Counter(f"{p}_deadline_dropped", "Requests dropped before compute: deadline passed", registry=r)
+        r.register(_DeviceMemoryCollector(device))
+        self._http = None
+
+    def cache_event(self, event: str, resident: int) -> None:
+        {"hit": self.cache_hits, "miss": self.cache_misses, "eviction": self.cache_evictions}.get(event, _Null).inc()
+        self.cache_bytes.set(resident)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_address[1])
+
+    def shutdown(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _Null:
+    @staticmethod
+    def inc(amount: float = 1) -> None:
+        pass
+
+
+def remove_label(gauge: Gauge, *labels: str) -> None:
+    try:
+        gauge.remove(*labels)
+    except KeyError:
+        pass

@@ -1,0 +1,321 @@
+"""The task registry: which version of which task is served, kept in step with the repository folder.
+
+Layout: ``<repo>/tasks/<task>/<version>/`` (a bundle). Folders whose names start
+with ``.`` are temp or tombstoned folders and are ignored.
+
+* Publishing is one reference swap of an immutable ``name -> TaskVersion`` dict, so
+  a request that captured its :class:`TaskVersion` at admission runs on it to the end.
+* Register: the upload is written to ``tasks/.upload-*`` inside the repository,
+  validated, given version ``latest + 1`` (``task.json`` rewritten), fsynced and
+  renamed to ``tasks/<task>/<version>`` (rename into place is atomic; a rename
+  onto a version another replica just took fails and the next number is tried).
+* Unregister: the task leaves the table at once (new requests get NOT_FOUND), its
+  folder is renamed to ``tasks/.deleted-*`` (so neither a restart nor another
+  replica brings it back) and deleted when the last in-flight request ends.
+* :meth:`TaskRegistry.sync` re-reads the folder: replicas sharing it pick up each
+  other's registers and unregisters by polling.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Mapping, Optional
+
+from stadapter.bank import AdapterStack
+from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
+from stadapter.config import TaskSpec
+from stadapter.fsutil import fsync_tree
+from stadapter.trunk import VideoTrunk
+
+from .errors import BadRequest, TaskNotFound
+
+log = logging.getLogger("server.registry")
+
+UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
+
+
+@dataclass(eq=False)
+class TaskVersion:
+    """One loaded version of one task: its spec and its host-memory adapter stack.
+
+    ``inflight`` counts admitted requests still running on this version; ``retired``
+    is set when the version leaves the table (replaced or unregistered).
+    """
+
+    spec: TaskSpec
+    host_stack: AdapterStack
+    path: Path
+    nbytes: int
+    inflight: int = 0
+    retired: bool = False
+    _on_idle: list[Callable[[], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.spec.name, self.spec.version)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.inflight += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+            run = self._take_idle_callbacks()
+        for fn in run:
+            fn()
+
+    def when_idle(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once no request runs on this version (now, if none does)."""
+        with self._lock:
+            self._on_idle.append(fn)
+            run = self._take_idle_callbacks()
+        for f in run:
+            f()
+
+    def _take_idle_callbacks(self) -> list[Callable[[], None]]:
+        if self.inflight > 0 or not self._on_idle:
+            return []
+        run, self._on_idle = self._on_idle, []
+        return run
+
+
+def _version_dirs(task_dir: Path) -> dict[int, Path]:
+    out = {}
+    try:
+        entries = list(task_dir.iterdir())
+    except OSError:
+        return out
+    for p in entries:
+        if p.name.isdigit() and not p.name.startswith(".") and p.is_dir() and int(p.name) >= 1:
+            out[int(p.name)] = p
+    return out
+
+
+def _tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
+    """Rename ``path`` to ``tasks/.deleted-<label>-*`` (ignored by scans); None if it is already gone."""
+    dest = tasks_dir / f".deleted-{label}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    return dest
+
+
+class TaskRegistry:
+    """Tasks served by one trunk, loaded from and written to ``<repo>/tasks``.
+
+    Args:
+        repository: the model repository folder.
+        trunk: the loaded trunk (bundles are checked against it).
+        limits: bundle size limits.
+        keep_versions: versions of a task kept on disk after a register.
+        on_change: called with (published, retired) TaskVersions after every change
+            (the server updates metrics and drops retired adapters from the device cache).
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        trunk: VideoTrunk,
+        limits: BundleLimits = BundleLimits(),
+        keep_versions: int = 2,
+        on_change: Optional[Callable[[list[TaskVersion], list[TaskVersion]], None]] = None,
+    ):
+        self.root = Path(repository)
+        self.tasks_dir = self.root / "tasks"
+        self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        self.trunk = trunk
+        self.limits = limits
+        self.keep_versions = keep_versions
+        self.on_change = on_change
+        self._table: Mapping[str, TaskVersion] = MappingProxyType({})
+        self._write_lock = threading.Lock()  # one structural change at a time in this process
+        self._failed: dict[tuple[str, int], str] = {}  # bad folders seen on disk: not retried
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> Mapping[str, TaskVersion]:
+        """The current table (an immutable snapshot)."""
+        return self._table
+
+    def get(self, name: str) -> TaskVersion:
+        tv = self._table.get(name)
+        if tv is None:
+            known = sorted(self._table)
+            raise TaskNotFound(f"unknown task {name!r}; served tasks: {known[:20]}{' …' if len(known) > 20 else ''}")
+        return tv
+
+    def acquire(self, name: str) -> TaskVersion:
+        """Capture the task's current version for one request (pair with ``tv.release()``)."""
+        tv = self.get(name)
+        tv.acquire()
+        return tv
+
+    def load_version(self, path: Path) -> TaskVersion:
+        bundle = read_bundle(path, self.limits)
+        check_fits_trunk(bundle, self.trunk)
+        stack = bundle.stack(self.trunk.num_blocks)
+        return TaskVersion(bundle.spec, stack, path, bundle.nbytes)
+
+    # --- syncing with the folder -------------------------------------------------------------------
+
+    def scan(self) -> dict[str, tuple[int, Path]]:
+        """Latest version folder per task on disk."""
+        out = {}
+        try:
+            task_dirs = [p for p in self.tasks_dir.iterdir() if not p.name.startswith(".") and p.is_dir()]
+        except OSError:
+            return out
+        for tdir in task_dirs:
+            versions = _version_dirs(tdir)
+            if versions:
+                v = max(versions)
+                out[tdir.name] = (v, versions[v])
+        return out
+
+    def sync(self) -> tuple[list[TaskVersion], list[TaskVersion]]:
+        """Make the table match the folder: load new or newer versions, drop tasks gone from disk.
+
+        A folder that fails to load is logged once and skipped (the older version, if
+        any, stays served). Returns (published, retired).
+        """
+        with self._write_lock:
+            on_disk = self.scan()
+            table = dict(self._table)
+            published, retired = [], []
+            for name, (version, path) in on_disk.items():
+                cur = table.get(name)
+                if cur is not None and cur.version == version:
+                    continue  # (a lower number on disk means the task was removed and registered anew)
+                if (name, version) in self._failed:
+                    continue
+                try:
+                    tv = self.load_version(path)
+                    if tv.name != name or tv.version != version:
+                        raise BundleError(f"{path}: task.json says {tv.name!r} version {tv.version}, "
+                                          f"but the folder is {name}/{version}")
+                except (BundleError, OSError, ValueError) as e:
+                    self._failed[(name, version)] = str(e)
+                    log.error("skipping task folder %s: %s", path, e)
+                    continue
+                table[name] = tv
+                published.append(tv)
+                if cur is not None:
+                    retired.append(cur)
+            for name in list(table):
+                if name not in on_disk:
+                    retired.append(table.pop(name))
+            if published or retired:
+                self._publish(table, published, retired)
+            return published, retired
+
+    def _publish(self, table: dict[str, TaskVersion], published: list[TaskVersion], retired: list[TaskVersion]) -> None:
+        self._table = MappingProxyType(table)  # the one atomic swap
+        for tv in retired:
+            tv.retired = True
+        for tv in published:
+            log.info("serving task %s version %d (%d adapter bytes)", tv.name, tv.version, tv.nbytes)
+        if self.on_change is not None:
+            self.on_change(published, retired)
+
+    # --- register / unregister -------------------------------------------------------------------
+
+    def new_upload_dir(self) -> Path:
+        d = self.tasks_dir / f".upload-{uuid.uuid4().hex}"
+        d.mkdir()
+        return d
+
+    def register_upload(self, upload: Path) -> TaskVersion:
+        """Validate an uploaded bundle folder, store it as the task's next version, publish it.
+
+        The upload folder is consumed (moved into place or deleted).
+        """
+        try:
+            for fname in UPLOAD_FILES:
+                if not (upload / fname).is_file():
+                    raise BadRequest(f"the upload lacks {fname}: a bundle needs {TASK_FILE} and {ADAPTER_FILE}")
+            bundle = read_bundle(upload, self.limits)
+            check_fits_trunk(bundle, self.trunk)
+            name = bundle.spec.name
+            with self._write_lock:
+                task_dir = self.tasks_dir / name
+                task_dir.mkdir(exist_ok=True)
+                cur = self._table.get(name)
+                version = max([0, cur.version if cur else 0, *_version_dirs(task_dir)]) + 1
+                while True:
+                    spec = bundle.spec.replace(version=version)
+                    (upload / TASK_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+                    fsync_tree(upload)
+                    target = task_dir / str(version)
+                    try:
+                        os.rename(upload, target)  # fails if another replica took this version
+                        break
+                    except OSError:
+                        if not target.exists():
+                            raise
+                        version += 1
+                fd = os.open(task_dir, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                tv = TaskVersion(spec, bundle.stack(self.trunk.num_blocks), target, bundle.nbytes)
+                table = dict(self._table)
+                old = table.get(name)
+                table[name] = tv
+                self._publish(table, [tv], [old] if old else [])
+                self._prune_old_versions(task_dir, keep=self.keep_versions)
+            return tv
+        finally:
+            if upload.exists():
+                shutil.rmtree(upload, ignore_errors=True)
+
+    def _prune_old_versions(self, task_dir: Path, keep: int) -> None:
+        versions = _version_dirs(task_dir)
+        for v in sorted(versions)[:-keep]:
+            dead = _tombstone_dir(self.tasks_dir, versions[v], f"{task_dir.name}-{v}")
+            if dead is not None:
+                shutil.rmtree(dead, ignore_errors=True)
+
+    def unregister(self, name: str) -> TaskVersion:
+        """Stop serving ``name`` now; its folders go once in-flight requests on it end."""
+        with self._write_lock:
+            tv = self.get(name)
+            table = dict(self._table)
+            del table[name]
+            dead = _tombstone_dir(self.tasks_dir, self.tasks_dir / name, name)
+            self._publish(table, [], [tv])
+        if dead is not None:
+            tv.when_idle(lambda: shutil.rmtree(dead, ignore_errors=True))
+        return tv
+
+    def cleanup_temp(self, older_than_s: float = 3600.0) -> None:
+        """Remove leftovers of interrupted uploads and deletions (old ones only: a replica may be mid-upload)."""
+        now = time.time()
+        for p in self.tasks_dir.iterdir():
+            try:
+                old = now - p.stat().st_mtime > older_than_s
+            except OSError:
+                continue
+            if old and p.name.startswith((".upload-", ".deleted-")):
+                shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,244 @@
+"""gRPC servicers of ``stadapter.v1`` (VideoClassifier, TaskAdmin) on top of the pipeline and registry.
+
+Every method goes through :func:`rpc`: it checks the token, counts the call in
+``stadapter_requests_total{method,task,code}`` and turns any exception into a
+status with :func:`server.errors.status_for` (the one place that maps errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import grpc
+
+from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleLimits
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
+
+from .auth import Auth
+from .errors import BadRequest, ServerError, TaskNotFound, status_for
+from .metrics import Metrics
+from .pipeline import Classification, Pipeline
+from .registry import UPLOAD_FILES, TaskRegistry, TaskVersion
+
+log = logging.getLogger("server.service")
+
+_task_label: contextvars.ContextVar[str] = contextvars.ContextVar("task_label", default="")
+OVERRIDE_FIELDS = ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
+
+
+def rpc(method: str, kind: str):
+    """Wrap a servicer method: auth (``kind`` = admin | classify | public), metrics, error mapping."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(self, request, context: grpc.aio.ServicerContext):
+            _task_label.set("")
+            code = grpc.StatusCode.OK
+            t0 = time.monotonic()
+            entered = False
+            try:
+                if kind == "admin":
+                    self.auth.check_admin(context)
+                elif kind == "classify":
+                    self.auth.check_classify(context)
+                self.pipeline.enter()
+                entered = True
+                return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
+                code, message = status_for(e)
+                await context.abort(code, message)
+            finally:
+                if entered:
+                    self.pipeline.leave()
+                self.metrics.requests.labels(method, self._task_metric_label(_task_label.get()), code.name).inc()
+                if kind == "classify" and method != "BatchClassify":
+                    self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
+
+        return wrapper
+
+    return deco
+
+
+def _overrides(msg: pb.SamplingOverrides) -> dict[str, Any]:
+    return {f: getattr(msg, f) for f in OVERRIDE_FIELDS if msg.HasField(f)}
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> Optional[float]:
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+def task_info(tv: TaskVersion, state: str = "ready") -> pb.TaskInfo:
+    s = tv.spec
+    return pb.TaskInfo(
+        name=s.name, version=s.version, labels=list(s.labels), description=s.description,
+        num_frames=s.sampling.num_frames, input_size=s.sampling.input_size, sampling_mode=s.sampling.mode,
+        temporal_views=s.sampling.temporal_views, spatial_views=s.sampling.spatial_views,
+        adapter_config_json=json.dumps(s.adapter.to_dict()), adapter_bytes=tv.nbytes, created=s.created,
+        metrics_json=json.dumps(dict(s.metrics)), trunk_fingerprint=s.trunk_fingerprint, state=state,
+    )
+
+
+def _response(c: Classification, request_id: str) -> pb.ClassifyResponse:
+    labels = c.tv.spec.labels
+    return pb.ClassifyResponse(
+        task=c.tv.name, task_version=c.tv.version, request_id=request_id,
+        predictions=[pb.Prediction(label=labels[i], score=p, index=i) for i, p in c.top],
+        timings=pb.Timings(decode_ms=c.decode_s * 1e3, queue_ms=c.queue_s * 1e3, compute_ms=c.compute_s * 1e3,
+                           total_ms=c.total_s * 1e3, batch_size=c.batch_clips),
+    )
+
+
+class _Base:
+    def __init__(self, pipeline: Pipeline, registry: TaskRegistry, metrics: Metrics, auth: Auth):
+        self.pipeline = pipeline
+        self.registry = registry
+        self.metrics = metrics
+        self.auth = auth
+
+    def _task_metric_label(self, name: str) -> str:
+        # Only served task names become label values: clients cannot blow up the series count.
+        if not name:
+            return ""
+        return name if name in self.registry.tasks else "_other"
+
+
+class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
+    def __init__(self, *args, max_clip_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_clip_bytes = max_clip_bytes
+
+    async def _classify(self, req: pb.ClassifyRequest, deadline: Optional[float]) -> pb.ClassifyResponse:
+        c = await self.pipeline.classify(req.task, req.clip, req.top_k, _overrides(req.sampling), deadline)
+        return _response(c, req.request_id or uuid.uuid4().hex)
+
+    @rpc("Classify", "classify")
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        _task_label.set(request.task)
+        return await self._classify(request, _deadline(context))
+
+    @rpc("ClassifyStream", "classify")
+    async def ClassifyStream(self, request_iterator, context) -> pb.ClassifyResponse:
+        first: Optional[pb.ClassifyChunk] = None
+        parts, size = [], 0
+        async for chunk in request_iterator:
+            if first is None:
+                first = chunk
+                _task_label.set(chunk.task)
+            size += len(chunk.data)
+            if size > self.max_clip_bytes:
+                raise BadRequest(f"the streamed clip exceeds the limit of {self.max_clip_bytes} bytes")
+            parts.append(chunk.data)
+        if first is None:
+            raise BadRequest("the stream carried no chunks")
+        req = pb.ClassifyRequest(task=first.task, clip=b"".join(parts), top_k=first.top_k,
+                                 sampling=first.sampling, request_id=first.request_id)
+        return await self._classify(req, _deadline(context))
+
+    @rpc("BatchClassify", "classify")
+    async def BatchClassify(self, request: pb.BatchClassifyRequest, context) -> pb.BatchClassifyResponse:
+        deadline = _deadline(context)
+
+        async def one(req: pb.ClassifyRequest) -> pb.BatchClassifyResult:
+            try:
+                resp = await self._classify(req, deadline)
+                self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), "OK").inc()
+                return pb.BatchClassifyResult(response=resp)
+            except Exception as e:  # noqa: BLE001 - each item gets its own status
+                code, message = status_for(e)
+                self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), code.name).inc()
+                return pb.BatchClassifyResult(error=pb.ItemError(code=code.value[0], message=message))
+
+        results = await asyncio.gather(*(one(r) for r in request.requests))
+        return pb.BatchClassifyResponse(results=results)
+
+    @rpc("ListTasks", "classify")
+    async def ListTasks(self, request, context) -> pb.ListTasksResponse:
+        trunk = self.registry.trunk
+        tasks = [task_info(tv) for _, tv in sorted(self.registry.tasks.items())]
+        model = trunk.spec.model if getattr(trunk, "spec", None) is not None else ""
+        return pb.ListTasksResponse(tasks=tasks, trunk_model=model, trunk_fingerprint=trunk.fingerprint)
+
+    @rpc("DescribeTask", "classify")
+    async def DescribeTask(self, request: pb.DescribeTaskRequest, context) -> pb.TaskInfo:
+        _task_label.set(request.task)
+        return task_info(self.registry.get(request.task))
+
+
+class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
+    def __init__(self, *args, limits: BundleLimits, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+
+    @rpc("RegisterTask", "admin")
+    async def RegisterTask(self, request_iterator, context) -> pb.RegisterTaskResponse:
+        upload = await asyncio.to_thread(self.registry.new_upload_dir)
+        try:
+            await self._receive(request_iterator, upload)
+            tv = await asyncio.to_thread(self.registry.register_upload, upload)
+        except Exception as e:
+            code, _ = status_for(e) if not isinstance(e, asyncio.CancelledError) else (grpc.StatusCode.CANCELLED, "")
+            self.metrics.registrations.labels(code.name.lower()).inc()
+            await asyncio.to_thread(_rmtree, upload)
+            raise
+        _task_label.set(tv.name)
+        self.metrics.registrations.labels("ok").inc()
+        log.info("registered task %s version %d", tv.name, tv.version)
+        return pb.RegisterTaskResponse(task=task_info(tv))
+
+    async def _receive(self, request_iterator, upload: Path) -> None:
+        limits = {TASK_FILE: self.limits.max_json_bytes, ADAPTER_FILE: self.limits.max_tensor_bytes}
+        sizes = {name: 0 for name in UPLOAD_FILES}
+        handles = {}
+        try:
+            async for chunk in request_iterator:
+                name = chunk.filename
+                if name not in sizes:
+                    raise BadRequest(f"unexpected file {name!r} in the upload; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
+                sizes[name] += len(chunk.data)
+                if sizes[name] > limits[name]:
+                    raise BadRequest(f"{name} exceeds the limit of {limits[name]} bytes")
+                if name not in handles:
+                    handles[name] = open(upload / name, "wb")
+                await asyncio.to_thread(handles[name].write, chunk.data)
+        finally:
+            for h in handles.values():
+                h.close()
+        missing = [n for n in UPLOAD_FILES if n not in handles]
+        if missing:
+            raise BadRequest(f"the upload lacks {missing}; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
+
+    @rpc("UnregisterTask", "admin")
+    async def UnregisterTask(self, request: pb.UnregisterTaskRequest, context) -> pb.UnregisterTaskResponse:
+        _task_label.set(request.task)
+        if not request.task:
+            raise BadRequest("the request names no task")
+        try:
+            tv = await asyncio.to_thread(self.registry.unregister, request.task)
+        except TaskNotFound:
+            self.metrics.unregistrations.labels("not_found").inc()
+            raise
+        self.metrics.unregistrations.labels("ok").inc()
+        log.info("unregistered task %s (was version %d)", tv.name, tv.version)
+        return pb.UnregisterTaskResponse(task=tv.name, version=tv.version)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+__all__ = ["TaskAdminService", "VideoClassifierService", "task_info", "ServerError"]
