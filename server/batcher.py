@@ -144,12 +144,12 @@ class Batcher:
         now = time.monotonic()
         live = []
         for it in batch:
-            if it.future.done():
-                continue
-            if it.deadline is not None and now >= it.deadline:
+            expired = it.deadline is not None and now >= it.deadline
+            if it.future.done() or expired:  # done = the caller went away (gRPC cancels on its deadline)
                 if self.metrics is not None:
-                    self.metrics.dropped_expired.inc()
-                it.future.set_exception(DeadlineExpired("deadline passed while queued; dropped before compute"))
+                    self.metrics.dropped.labels("deadline" if expired else "cancelled").inc()
+                if not it.future.done():
+                    it.future.set_exception(DeadlineExpired("deadline passed while queued; dropped before compute"))
                 continue
             live.append(it)
         return live

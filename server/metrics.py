@@ -66,7 +66,8 @@ class Metrics:
         self.cache_bytes = Gauge(f"{p}_adapter_cache_bytes", "Adapter bytes resident on the device", registry=r)
         self.registrations = Counter(f"{p}_registrations", "RegisterTask calls by result", ["result"], registry=r)
         self.unregistrations = Counter(f"{p}_unregistrations", "UnregisterTask calls by result", ["result"], registry=r)
-        self.dropped_expired = Counter(f"{p}_deadline_dropped", "Requests dropped before compute: deadline passed", registry=r)
+        self.dropped = Counter(f"{p}_dropped", "Clips dropped before compute, by reason (deadline | cancelled)",
+                               ["reason"], registry=r)
         r.register(_DeviceMemoryCollector(device))
         self._http = None
 

@@ -54,7 +54,8 @@ def rpc(method: str, kind: str):
                 entered = True
                 return await fn(self, request, context)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                left = context.time_remaining()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once
                 code, message = status_for(e)

@@ -62,7 +62,7 @@ class ServerProcess:
     Args:
         repository: model repository folder.
         *args: extra server flags (e.g. ``"--allow-insecure-admin"``, ``"--max-batch-size", "8"``).
-        env: extra environment variables (e.g. ``{"STADAPTER_ADMIN_TOKEN": "s3cret"}``).
+        env: environment changes (e.g. ``{"STADAPTER_ADMIN_TOKEN": "s3cret"}``; a None value unsets it).
         timeout: seconds to wait for the ready file.
     """
 
@@ -74,7 +74,12 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "server", "--model-repository", str(self.repository),
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                "--ready-file", str(self.ready_file), *args]
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
         full_env.setdefault("OMP_NUM_THREADS", "1")
         pp = full_env.get("PYTHONPATH", "")
         full_env["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
