@@ -64,14 +64,16 @@ class ServerProcess:
         *args: extra server flags (e.g. ``"--allow-insecure-admin"``, ``"--max-batch-size", "8"``).
         env: environment changes (e.g. ``{"STADAPTER_ADMIN_TOKEN": "s3cret"}``; a None value unsets it).
         timeout: seconds to wait for the ready file.
+        launcher: the command before the server flags (default ``[sys.executable, "-m", "server"]``).
     """
 
-    def __init__(self, repository: str | os.PathLike, *args: str, env: Optional[dict] = None, timeout: float = 60.0):
+    def __init__(self, repository: str | os.PathLike, *args: str, env: Optional[dict] = None, timeout: float = 60.0,
+                 launcher: Optional[Sequence[str]] = None):
         self.repository = Path(repository)
         self._dir = tempfile.TemporaryDirectory(prefix="stadapter-server-")
         self.ready_file = Path(self._dir.name) / "ready.json"
         self.log_path = Path(self._dir.name) / "server.log"
-        cmd = [sys.executable, "-m", "server", "--model-repository", str(self.repository),
+        cmd = [*(launcher or (sys.executable, "-m", "server")), "--model-repository", str(self.repository),
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
                "--ready-file", str(self.ready_file), *args]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}

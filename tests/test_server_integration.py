@@ -378,3 +378,35 @@ def test_sigterm_drains(small, clips):
     assert code_of(lambda: small.stubs.classify("alpha", clips[0])) == grpc.StatusCode.UNAVAILABLE
     assert inflight.result().task == "beta"  # in-flight work finishes
     assert small.proc.wait(20) == 0
+
+
+# --- TLS, a token file and a classify token ---------------------------------------------------------
+
+
+def test_tls_with_token_files_and_a_classify_token(tmp_path, clips):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    (tmp_path / "admin.txt").write_text("file-admin-token\n")
+    (tmp_path / "classify.txt").write_text("classify-token\n")
+    repo = make_repository(tmp_path / "repo")
+    with ServerProcess(repo, "--tls-cert", str(cert), "--tls-key", str(key), "--admin-token-file",
+                       str(tmp_path / "admin.txt"), "--classify-token-file", str(tmp_path / "classify.txt"),
+                       "--poll-interval-s", "0", env={"STADAPTER_ADMIN_TOKEN": None}) as srv:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        channel = grpc.secure_channel(srv.address, creds)
+        clf, admin = pb_grpc.VideoClassifierStub(channel), pb_grpc.TaskAdminStub(channel)
+        req = pb.ClassifyRequest(task="alpha", clip=clips[0])
+        assert code_of(lambda: clf.Classify(req, timeout=30)) == grpc.StatusCode.UNAUTHENTICATED
+        ok = clf.Classify(req, metadata=(("authorization", "Bearer classify-token"),), timeout=30)
+        assert ok.task == "alpha"
+        md = (("authorization", "Bearer file-admin-token"),)
+        assert admin.UnregisterTask(pb.UnregisterTaskRequest(task="beta"), metadata=md, timeout=10).task == "beta"
+        plain = pb_grpc.VideoClassifierStub(grpc.insecure_channel(srv.address))
+        assert code_of(lambda: plain.ListTasks(pb.ListTasksRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
