@@ -96,7 +96,6 @@ class Batcher:
         return sum(it.rows for it in self._groups.get(key, ()))
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._groups:
                 if self._closed:
@@ -104,40 +103,47 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            key = min(self._groups, key=lambda k: self._groups[k][0].enqueued)
-            flush_at = self._groups[key][0].enqueued + self.max_delay
-            while not self._closed and self._group_rows(key) < self.max_rows:
-                left = flush_at - time.monotonic()
-                if left <= 0:
-                    break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), left)
-                except asyncio.TimeoutError:
-                    break
-            batch = self._live(self._take_batch(key))
-            if not batch:
-                continue
             try:
-                out = await loop.run_in_executor(self._executor, self.runner.forward, [(it.tv, it.views) for it in batch])
-            except Exception as e:  # noqa: BLE001 - every caller in the batch gets the error
-                log.exception("forward failed for a batch of %d clips", len(batch))
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(e)
-                continue
-            started = time.monotonic() - out.compute_s
-            if self.metrics is not None:
-                self.metrics.compute_seconds.observe(out.compute_s)
-                self.metrics.batch_size.observe(out.clips)
-                self.metrics.batch_rows.observe(out.rows)
-                self.metrics.batch_tasks.observe(out.tasks)
-            for it, p in zip(batch, out.probs):
-                wait = max(0.0, started - it.enqueued)
-                if self.metrics is not None:
-                    self.metrics.queue_wait_seconds.observe(wait)
+                await self._run_one()
+            except Exception:  # noqa: BLE001 - the loop must survive anything one batch does
+                log.exception("batcher step failed")
+
+    async def _run_one(self) -> None:
+        key = min(self._groups, key=lambda k: self._groups[k][0].enqueued)
+        flush_at = self._groups[key][0].enqueued + self.max_delay
+        while not self._closed and self._group_rows(key) < self.max_rows:
+            left = flush_at - time.monotonic()
+            if left <= 0:
+                break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                break
+        batch = self._live(self._take_batch(key))
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(self._executor, self.runner.forward, [(it.tv, it.views) for it in batch])
+        except Exception as e:  # noqa: BLE001 - every caller in the batch gets the error
+            log.exception("forward failed for a batch of %d clips", len(batch))
+            for it in batch:
                 if not it.future.done():
-                    it.future.set_result(ClipResult(p, wait, out.compute_s, out.clips))
+                    it.future.set_exception(e)
+            return
+        started = time.monotonic() - out.compute_s
+        if self.metrics is not None:
+            self.metrics.compute_seconds.observe(out.compute_s)
+            self.metrics.batch_size.observe(out.clips)
+            self.metrics.batch_rows.observe(out.rows)
+            self.metrics.batch_tasks.observe(out.tasks)
+        for it, p in zip(batch, out.probs):
+            wait = max(0.0, started - it.enqueued)
+            if self.metrics is not None:
+                self.metrics.queue_wait_seconds.observe(wait)
+            if not it.future.done():
+                it.future.set_result(ClipResult(p, wait, out.compute_s, out.clips))
 
     def _live(self, batch: list[WorkItem]) -> list[WorkItem]:
         """Drop cancelled work and fail work whose deadline has passed."""

@@ -102,7 +102,8 @@ def main_repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def main(main_repo):
     with ServerProcess(main_repo, "--max-queue-delay-ms", "100", "--max-batch-size", "16", "--poll-interval-s", "0.2",
-                       "--max-clip-bytes", "2000000", env={"STADAPTER_ADMIN_TOKEN": TOKEN}) as srv:
+                       "--max-clip-bytes", "2000000", "--cache-bytes", "12000",  # room for one tiny task's adapters
+                       env={"STADAPTER_ADMIN_TOKEN": TOKEN}) as srv:
         srv.stubs = Stubs(srv.address)
         yield srv
 
@@ -286,6 +287,14 @@ def test_metrics_parse_and_counters_move(main, clips):
     assert metric(after, "stadapter_device_memory_bytes", device="cpu", kind="resident") > 0
     for name in ("stadapter_queue_wait_seconds_count", "stadapter_batch_size_count"):
         assert d(name) == 1, name
+    # the device cache holds one task: alternating tasks miss and evict, repeating one hits
+    before = scrape(main.metrics_url)
+    for task in ("alpha", "beta", "alpha", "alpha"):
+        main.stubs.classify(task, clips[0])
+    after = scrape(main.metrics_url)
+    assert d("stadapter_adapter_cache_misses_total") >= 2 and d("stadapter_adapter_cache_evictions_total") >= 2
+    assert d("stadapter_adapter_cache_hits_total") >= 1
+    assert metric(after, "stadapter_adapter_cache_bytes") <= 12000
 
 
 # --- replicas and restart --------------------------------------------------------------------------
