@@ -1,0 +1,15 @@
+"""The gRPC inference server: one frozen trunk, many task adapters, mixed-task dynamic batching.
+
+``python -m server --model-repository DIR`` (see :mod:`server.config` for every flag).
+
+Modules, one job each: ``config`` (ServerConfig + flags), ``app`` (assembly, ready line,
+SIGTERM drain), ``service`` (gRPC servicers, the one error-to-status wrapper), ``pipeline``
+(admission, decode pool, top-k), ``batcher`` (dynamic batching), ``model`` (the batched
+forward on the model thread), ``registry`` (task versions on disk, register/unregister,
+polling), ``cache`` (device LRU of adapters), ``metrics`` (Prometheus), ``auth`` (tokens),
+``errors`` (exceptions and their status codes).
+"""
+
+from .config import ServerConfig
+
+__all__ = ["ServerConfig"]
