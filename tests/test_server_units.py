@@ -247,3 +247,22 @@ def test_config_flags_and_validation(tmp_path):
         ServerConfig(model_repository=tmp_path, tls_cert=tmp_path / "c.pem")
     with pytest.raises(SystemExit):
         parse_args(["--model-repository", str(tmp_path), "--max-queue-size", "0"])
+
+
+def test_runner_in_bfloat16_agrees_with_float32(repo, tiny_trunk_dir):
+    """The GPU default dtype, checked on CPU: cache converts adapters, inputs are cast, probabilities stay float32."""
+    from stadapter import load_trunk
+
+    g = torch.Generator().manual_seed(1)
+    views = torch.randn(2, 4, 3, 32, 32, generator=g)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        trunk = load_trunk(tiny_trunk_dir, dtype=dtype)
+        reg = TaskRegistry(repo, trunk)
+        reg.sync()
+        runner = ModelRunner(trunk, DeviceCache(1 << 20, torch.device("cpu"), dtype))
+        res = runner.forward([(reg.tasks["alpha"], views), (reg.tasks["beta"], views[:1])])
+        out[dtype] = res.probs
+    for a, b in zip(out[torch.float32], out[torch.bfloat16]):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=0)
