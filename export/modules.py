@@ -64,6 +64,10 @@ class MultiTaskModel(nn.Module):
         self.bank = _StackBuffers(stack)
 
     def forward(self, frames: Tensor, task_index: Tensor) -> tuple[Tensor, Tensor]:
+        # ONNX Gather (like torch indexing) wraps negative indices to the last tasks; map them
+        # out of range so that a bad index fails the request instead of picking another task.
+        k = self.bank.num_classes.shape[0]
+        task_index = torch.where(task_index < 0, torch.full_like(task_index, k), task_index)  # [B]
         # AdapterStack.concat pads heads (weights and biases) with zeros, so the
         # padded columns of each clip's logits are exactly 0.
         logits = self.trunk(frames, self.bank.stack(), task_index)  # [B, C_max]

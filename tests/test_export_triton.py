@@ -96,6 +96,9 @@ def test_triton_style_request_runs_on_the_repository_graph(repo):
     logits, num_classes = sess.run(None, {"frames": frames, "task_index": request.reshape(model_shape)})
     assert logits.shape == (3, 5) and num_classes.tolist() == [5, 3, 5]
     assert (logits[1, 3:] == 0).all()
+    for bad in (2, -1):  # out of range, and negative (ONNX Gather would wrap it to the last task)
+        with pytest.raises(Exception, match="out of data bounds"):
+            sess.run(None, {"frames": frames[:1], "task_index": np.array([bad], dtype=np.int64)})
 
 
 def test_validation_catches_configs_that_do_not_fit(repo, tmp_path):
