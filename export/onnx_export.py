@@ -25,7 +25,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -110,7 +110,6 @@ class ExportReport:
     max_abs_diff: float
     tolerance: float
     parity_batch: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,7 +125,6 @@ class ExportReport:
             "max_abs_diff": self.max_abs_diff,
             "tolerance": self.tolerance,
             "parity_batch": self.parity_batch,
-            **self.extra,
         }
 
 

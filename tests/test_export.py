@@ -116,6 +116,16 @@ def test_export_refuses_a_bundle_of_another_trunk(tiny_trunk, tmp_path):
         load_tasks(tiny_trunk, [foreign])
 
 
+def test_cli_exports_one_task_and_reports_parity(tiny_trunk_dir, tasks, tmp_path, capsys):
+    out = tmp_path / "alpha.onnx"
+    rc = main(["onnx", "--trunk", str(tiny_trunk_dir), "--task", str(tasks[0]), "--out", str(out), "--exporter", "legacy",
+               "--frames", "6"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out.is_file() and report["onnx_bytes"] == out.stat().st_size
+    assert report["tasks"] == ["alpha"] and report["num_frames"] == 6 and report["max_abs_diff"] <= 1e-4
+    assert _graph_io(out)[0]["frames"][1] == ["batch", 6, 3, 32, 32]
+
+
 def test_cli_refuses_foreign_bundle_with_a_clear_error(tiny_trunk_dir, tmp_path, capsys):
     other = load_trunk(make_trunk_dir(tmp_path / "other-trunk", seed=7))
     foreign = make_bundle(other, tmp_path / "foreign", "foreign")
