@@ -80,6 +80,8 @@ class ExportOptions:
             raise ExportError(f"exporter must be 'dynamo' or 'legacy', got {self.exporter!r}")
         if self.num_frames is not None and (not isinstance(self.num_frames, int) or self.num_frames < 1):
             raise ExportError(f"num_frames must be a positive int, got {self.num_frames!r}")
+        if self.exporter == "dynamo" and self.opset is not None and self.opset < 18:
+            raise ExportError(f"the dynamo exporter writes opset >= 18 (asked for {self.opset}); use --exporter legacy for older opsets")
         if self.example_batch < 2:
             raise ExportError(f"example_batch must be >= 2 (a batch of 1 gets baked in), got {self.example_batch}")
         if self.check_batch < 1:
@@ -251,8 +253,11 @@ def export_graph(
     output_names: Sequence[str],
     options: ExportOptions,
     metadata: Optional[dict[str, str]] = None,
-) -> Path:
-    """torch -> ONNX file (written atomically), batch axis named ``batch``, then onnx.checker."""
+) -> tuple[Path, int]:
+    """torch -> ONNX file (written atomically), batch axis named ``batch``, then onnx.checker.
+
+    Returns the path and the opset the file really has.
+    """
     import onnx
 
     out = Path(out)
@@ -282,6 +287,7 @@ def export_graph(
                     dynamic_axes={n: {0: "batch"} for n in (*input_names, *output_names)},
                 )
         proto = onnx.load(str(tmp))
+        opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         _name_batch_axis(proto, input_names, output_names)
         for k, v in (metadata or {}).items():
             entry = proto.metadata_props.add()
@@ -296,7 +302,7 @@ def export_graph(
     finally:
         if tmp.exists():
             tmp.unlink()
-    return out
+    return out, opset
 
 
 def _name_batch_axis(proto, input_names: Sequence[str], output_names: Sequence[str]) -> None:
@@ -350,7 +356,7 @@ def _export_checked(
     model = build_model(trunk, bundles, multi, options.fp16)
     manifest = tasks_manifest(trunk, bundles, T)
     t0 = time.perf_counter()
-    path = export_graph(
+    path, opset = export_graph(
         model, example_inputs(options.example_batch, T, S, k), out, names_in, names_out, options,
         metadata={METADATA_KEY: json.dumps(manifest), "stadapter.graph": "multitask" if multi else "single",
                   "stadapter.precision": "fp16" if options.fp16 else "fp32"},
@@ -362,7 +368,7 @@ def _export_checked(
     diff, _ = run_parity(path, reference, check_in, names_in, fp16_graph=options.fp16)
     report = ExportReport(
         path=path, tasks=tuple(b.spec.name for b in bundles), num_frames=T, input_size=S, exporter=options.exporter,
-        opset=options.opset_version, fp16=options.fp16, export_seconds=seconds, onnx_bytes=path.stat().st_size,
+        opset=opset, fp16=options.fp16, export_seconds=seconds, onnx_bytes=path.stat().st_size,
         max_abs_diff=diff, tolerance=options.tol, parity_batch=options.check_batch,
     )
     if not diff <= options.tol:  # also catches NaN

@@ -148,6 +148,8 @@ def test_tasks_must_share_frames_and_input_size(tiny_trunk, tasks, tmp_path):
         common_shape([a, big])
     with pytest.raises(ExportError, match="given more than once"):
         load_tasks(tiny_trunk, [tasks[0], tasks[0]])
+    with pytest.raises(ExportError, match="dynamo exporter writes opset >= 18"):
+        ExportOptions(opset=17)
 
 
 def test_failed_parity_fails_the_export(tiny_trunk, tasks, tmp_path, monkeypatch, capsys):
