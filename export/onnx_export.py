@@ -261,6 +261,11 @@ def export_graph(
     import onnx
 
     out = Path(out)
+    if options.exporter == "dynamo":
+        try:
+            import onnxscript  # noqa: F401  (torch's dynamo exporter is built on it)
+        except ImportError:
+            raise ExportError("the dynamo exporter needs onnxscript (pip install onnxscript); or use --exporter legacy") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
     try:
