@@ -179,3 +179,22 @@ def test_broken_clip_is_skipped_and_counted(tiny_trunk_dir, motion_data, tmp_pat
     metrics = train(_cfg(tiny_trunk_dir, motion_data, tmp_path, train_list=str(lst), epochs=1, skip_broken=True, cache=cache))
     assert [Path(p).name for p in metrics["broken_clips"]] == ["broken.mp4"]
     assert metrics["steps"] == 3 and (tmp_path / "bundle" / "task.json").is_file()  # 17 clips in batches of 8
+
+
+# --- the committed demo ----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("task", ["shapes", "motion"])
+def test_demo_bundles_classify_their_sample_clips(task):
+    """The embedded trunk + demo bundle get the held-out sample clips right, through the serving decode path."""
+    from training.frames import test_views
+
+    clf = load_classifier(REPO / "model_repository/trunk", REPO / "model_repository/tasks" / task / "1")
+    assert clf.spec.metrics["val_top1"] >= 0.9 and clf.spec.trunk_fingerprint == clf.trunk.fingerprint
+    truth = json.loads((REPO / "samples" / task / "labels.json").read_text())
+    assert sorted(truth.values()) == sorted(clf.labels)
+    for name, label in truth.items():
+        probs = clf.predict_views(test_views(REPO / "samples" / task / name, clf.spec.sampling))
+        assert clf.labels[int(probs.argmax())] == label, (name, probs)
