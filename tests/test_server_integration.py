@@ -7,7 +7,6 @@ one repository plus a restart of it.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -22,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("stadapter.video", reason="stadapter.video has not landed yet")
-make_clip = pytest.importorskip("media", reason="tests/media.py has not landed yet").make_clip
+media = pytest.importorskip("media", reason="tests/media.py has not landed yet")
 
 from factories import make_bundle, make_trunk_dir  # noqa: E402
 from serverproc import ServerProcess, make_repository
@@ -91,7 +90,8 @@ class Stubs:
 
 @pytest.fixture(scope="module")
 def clips():
-    return [make_clip(seed=i) for i in range(3)]
+    return [media.make_clip(num_frames=12), media.make_clip(num_frames=20, pattern="grey"),
+            media.make_clip(num_frames=16, size=(80, 60), codec="mpeg4")]
 
 
 @pytest.fixture(scope="module")
@@ -152,9 +152,10 @@ def test_unknown_task_is_not_found(main, clips):
 def test_each_bad_clip_is_invalid_argument_and_the_server_keeps_serving(main, clips):
     good = clips[0]
     bad = {
-        "empty": b"",
-        "garbage": os.urandom(3000),
-        "truncated": good[: len(good) // 3],
+        "empty": media.empty(),
+        "garbage": media.garbage(3000),
+        "truncated": media.truncated(good, 0.3),
+        "audio-only": media.make_audio_only(),
         "oversized": b"\0" * 2_000_001,
     }
     for kind, data in bad.items():
