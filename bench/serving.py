@@ -261,12 +261,12 @@ def serve_with_memoised_decode(argv: list[str]) -> int:
 
         real, memo, lock = pipeline.decode_clip, {}, threading.Lock()
 
-        def decode_once(data: bytes, sampling):
+        def decode_once(data: bytes, sampling, limits):
             key = (hashlib.blake2b(data, digest_size=16).digest(), sampling)
             with lock:
                 hit = memo.get(key)
             if hit is None:
-                hit = real(data, sampling)
+                hit = real(data, sampling, limits)
                 with lock:
                     memo[key] = hit
             return hit

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 from torch import Tensor
 
 from stadapter.config import ConfigError, SamplingConfig
-from stadapter.video import decode_clip
+from stadapter.video import VideoLimits, decode_clip
 
 from .batcher import Batcher
 from .errors import BadRequest, DeadlineExpired, Draining, QueueFull
@@ -40,13 +40,15 @@ class Classification:
 
 class Pipeline:
     def __init__(self, registry: TaskRegistry, batcher: Batcher, metrics: Metrics, max_queue_size: int,
-                 decode_workers: int, default_top_k: int = 5, max_clip_bytes: int = 1 << 28):
+                 decode_workers: int, default_top_k: int = 5, max_clip_bytes: int = 1 << 28,
+                 video_limits: Optional[VideoLimits] = None):
         self.registry = registry
         self.batcher = batcher
         self.metrics = metrics
         self.max_queue_size = max_queue_size
         self.default_top_k = default_top_k
         self.max_clip_bytes = max_clip_bytes
+        self.video_limits = video_limits or VideoLimits(max_bytes=max_clip_bytes)
         self.decode_pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
         self.pending = 0  # admitted, not yet computed
         self.inflight = 0  # every RPC in progress (for draining)
@@ -98,7 +100,8 @@ class Pipeline:
                 raise BadRequest(f"the clip is {len(clip)} bytes, above the limit of {self.max_clip_bytes}")
             _check_deadline(deadline, "before decode")
             loop = asyncio.get_running_loop()
-            views, decode_s = await loop.run_in_executor(self.decode_pool, _decode_timed, clip, sampling)
+            views, decode_s = await loop.run_in_executor(self.decode_pool, _decode_timed, clip, sampling,
+                                                         self.video_limits)
             self.metrics.decode_seconds.observe(decode_s)
             _check_deadline(deadline, "after decode")
             res = await self.batcher.submit(tv, views, deadline)
@@ -114,10 +117,10 @@ class Pipeline:
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decode_timed(clip: bytes, sampling: SamplingConfig) -> tuple[Tensor, float]:
+def _decode_timed(clip: bytes, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
     """Decode in a worker thread; the time is the decode alone, not the wait for a free worker."""
     t0 = time.perf_counter()
-    views = decode_clip(clip, sampling)  # [V, T, 3, S, S]
+    views = decode_clip(clip, sampling, limits)  # [V, T, 3, S, S]
     return views, time.perf_counter() - t0
 
 
