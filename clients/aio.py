@@ -1,0 +1,120 @@
+"""asyncio client of the ``stadapter.v1`` gRPC API (same methods as :class:`clients.Client`, awaitable)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import grpc
+
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
+
+from .core import (
+    HEALTH_STATUS,
+    Clip,
+    ClassifyResult,
+    ClientError,
+    ClientOptions,
+    TaskInfo,
+    TaskList,
+    classify_chunks,
+    classify_request,
+    read_bundle_files,
+    read_clip,
+    register_chunks,
+)
+from .sync import batch_request, batch_results
+
+
+class AsyncClient:
+    """``async with AsyncClient("127.0.0.1:50051") as c: await c.classify(data, task="motion")``.
+
+    Create it inside the running event loop (grpc.aio channels belong to one loop).
+    """
+
+    def __init__(self, address: Optional[str] = None, *, options: Optional[ClientOptions] = None, **kwargs: Any):
+        if options is None:
+            options = ClientOptions(**({"address": address} if address else {}), **kwargs)
+        elif address or kwargs:
+            raise TypeError("pass either options= or address/keyword options, not both")
+        self.options = options
+        creds = options.credentials()
+        if creds is None:
+            self._channel = grpc.aio.insecure_channel(options.address, options=options.channel_options())
+        else:
+            self._channel = grpc.aio.secure_channel(options.address, creds, options=options.channel_options())
+        self._classifier = pb_grpc.VideoClassifierStub(self._channel)
+        self._admin = pb_grpc.TaskAdminStub(self._channel)
+
+    async def _call(self, fn: Callable[..., Any], make_request: Callable[[], Any], timeout: Optional[float]) -> Any:
+        policy = self.options.retry
+        deadline = time.monotonic() + (timeout or self.options.timeout_s)
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call could be made")
+            try:
+                return await fn(make_request(), timeout=left, metadata=self.options.metadata())
+            except grpc.RpcError as e:
+                err = ClientError.from_rpc(e)
+                wait = policy.backoff(attempt)
+                if not policy.should_retry(err.code, attempt) or time.monotonic() + wait >= deadline:
+                    raise err from None
+                await asyncio.sleep(wait)
+
+    async def classify(self, clip: Clip, task: str, top_k: int = 5, sampling: Optional[Mapping[str, Any]] = None,
+                       timeout: Optional[float] = None, request_id: str = "") -> ClassifyResult:
+        data = read_clip(clip)
+        o = self.options
+        if len(data) > o.stream_threshold_bytes:
+            chunks = classify_chunks(task, data, top_k, sampling, o.chunk_bytes, request_id)
+            resp = await self._call(self._classifier.ClassifyStream, lambda: iter(chunks), timeout)
+        else:
+            req = classify_request(task, data, top_k, sampling, request_id)
+            resp = await self._call(self._classifier.Classify, lambda: req, timeout)
+        return ClassifyResult.from_pb(resp)
+
+    async def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 5,
+                             sampling: Optional[Mapping[str, Any]] = None,
+                             timeout: Optional[float] = None) -> list[Union[ClassifyResult, ClientError]]:
+        req = batch_request(clips, task, top_k, sampling)
+        return batch_results(await self._call(self._classifier.BatchClassify, lambda: req, timeout))
+
+    async def list_tasks(self, timeout: Optional[float] = None) -> TaskList:
+        r = await self._call(self._classifier.ListTasks, lambda: pb.ListTasksRequest(), timeout)
+        return TaskList(tuple(TaskInfo.from_pb(t) for t in r.tasks), r.trunk_model, r.trunk_fingerprint)
+
+    async def describe_task(self, task: str, timeout: Optional[float] = None) -> TaskInfo:
+        r = await self._call(self._classifier.DescribeTask, lambda: pb.DescribeTaskRequest(task=task), timeout)
+        return TaskInfo.from_pb(r)
+
+    async def register(self, bundle_dir: Union[str, os.PathLike], timeout: Optional[float] = None) -> TaskInfo:
+        files = read_bundle_files(bundle_dir)
+        r = await self._call(self._admin.RegisterTask, lambda: register_chunks(files, self.options.chunk_bytes),
+                             timeout)
+        return TaskInfo.from_pb(r.task)
+
+    async def unregister(self, task: str, timeout: Optional[float] = None) -> tuple[str, int]:
+        r = await self._call(self._admin.UnregisterTask, lambda: pb.UnregisterTaskRequest(task=task), timeout)
+        return r.task, r.version
+
+    async def health(self, service: str = "", timeout: Optional[float] = None) -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        r = await self._call(stub.Check, lambda: health_pb2.HealthCheckRequest(service=service), timeout)
+        return HEALTH_STATUS.get(r.status, str(r.status))
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()

@@ -1,0 +1,289 @@
+"""What the sync and asyncio clients share: options, results, the error type, retries, message builders.
+
+Only grpcio + protobuf + the generated ``stadapter_api`` stubs are imported here (no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import grpc
+
+from stadapter_api.v1 import inference_pb2 as pb
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+TOKEN_ENV = "STADAPTER_ADMIN_TOKEN"
+MiB = 1 << 20
+BUNDLE_FILES = ("task.json", "adapter.safetensors")
+SAMPLING_FIELDS = ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
+
+Clip = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+
+class ClientError(Exception):
+    """Any failed call: the gRPC status ``code`` (a ``grpc.StatusCode``) and the server's ``message``.
+
+    Local problems (a clip file that cannot be read, a bundle folder without its files)
+    use ``INVALID_ARGUMENT`` with ``local=True``: nothing was sent.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, local: bool = False):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.local = local
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> "ClientError":
+        code = e.code() if callable(getattr(e, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = e.details() if callable(getattr(e, "details", None)) else str(e)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries for UNAVAILABLE only (server down, restarting or draining), with capped exponential
+    backoff and full jitter. Other codes are answers, not outages, and are raised at once.
+
+    Args:
+        max_attempts: calls in all (1 = no retry).
+        initial_backoff_s: the first wait's upper bound; doubled (``multiplier``) per attempt.
+        max_backoff_s: cap on one wait.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"RetryPolicy.max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < 0 or self.multiplier < 1:
+            raise ValueError(f"RetryPolicy: backoffs must be >= 0 and multiplier >= 1, got {self}")
+
+    def should_retry(self, code: grpc.StatusCode, attempt: int) -> bool:
+        """``attempt`` counts from 1 (the call that just failed)."""
+        return code == grpc.StatusCode.UNAVAILABLE and attempt < self.max_attempts
+
+    def backoff(self, attempt: int, rng: Optional[random.Random] = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (full jitter: uniform in [0, cap])."""
+        cap = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return (rng or _RNG).uniform(0.0, cap)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+_RNG = random.Random()
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    """How to reach the server.
+
+    Args:
+        address: ``host:port``.
+        token: bearer token sent as ``authorization`` metadata on every call (admin calls need it;
+            classification only when the server requires one).
+        tls_ca: PEM file of the root certificate(s) to trust; turns TLS on.
+        tls: TLS with the system's roots (no ``tls_ca``).
+        timeout_s: deadline of one call, retries included.
+        retry: policy for UNAVAILABLE.
+        stream_threshold_bytes: clips larger than this are streamed in chunks (ClassifyStream).
+        chunk_bytes: chunk size for streamed clips and bundle uploads.
+        max_message_bytes: the channel's send/receive limit.
+    """
+
+    address: str = DEFAULT_ADDRESS
+    token: Optional[str] = None
+    tls_ca: Optional[Path] = None
+    tls: bool = False
+    timeout_s: float = 60.0
+    retry: RetryPolicy = RetryPolicy()
+    stream_threshold_bytes: int = 1 * MiB
+    chunk_bytes: int = 1 * MiB
+    max_message_bytes: int = 64 * MiB
+
+    def __post_init__(self) -> None:
+        if not self.address or ":" not in self.address:
+            raise ValueError(f"address must be host:port, got {self.address!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.chunk_bytes < 1 or self.stream_threshold_bytes < 0:
+            raise ValueError("chunk_bytes must be >= 1 and stream_threshold_bytes >= 0")
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return [("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes)]
+
+    def credentials(self) -> Optional[grpc.ChannelCredentials]:
+        """None = plaintext."""
+        if self.tls_ca is not None:
+            try:
+                roots = Path(self.tls_ca).read_bytes()
+            except OSError as e:
+                raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read the TLS CA file: {e}", local=True) from e
+            return grpc.ssl_channel_credentials(root_certificates=roots)
+        if self.tls:
+            return grpc.ssl_channel_credentials()
+        return None
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    index: int
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    task: str
+    task_version: int
+    predictions: tuple[Prediction, ...]
+    timings: Mapping[str, float]  # decode_ms, queue_ms, compute_ms, total_ms, batch_size
+    request_id: str
+
+    @property
+    def top(self) -> Prediction:
+        return self.predictions[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "task_version": self.task_version, "request_id": self.request_id,
+                "predictions": [p.__dict__ for p in self.predictions], "timings": dict(self.timings)}
+
+    @classmethod
+    def from_pb(cls, r: pb.ClassifyResponse) -> "ClassifyResult":
+        t = r.timings
+        timings = {"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
+                   "total_ms": t.total_ms, "batch_size": t.batch_size}
+        preds = tuple(Prediction(p.label, float(p.score), int(p.index)) for p in r.predictions)
+        return cls(r.task, r.task_version, preds, timings, r.request_id)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    version: int
+    labels: tuple[str, ...]
+    description: str = ""
+    num_frames: int = 0
+    input_size: int = 0
+    sampling_mode: str = ""
+    temporal_views: int = 1
+    spatial_views: int = 1
+    adapter: Mapping[str, Any] = field(default_factory=dict)
+    adapter_bytes: int = 0
+    created: str = ""
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    trunk_fingerprint: str = ""
+    state: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["labels"] = list(self.labels)
+        d["adapter"], d["metrics"] = dict(self.adapter), dict(self.metrics)
+        return d
+
+    @classmethod
+    def from_pb(cls, t: pb.TaskInfo) -> "TaskInfo":
+        return cls(t.name, t.version, tuple(t.labels), t.description, t.num_frames, t.input_size, t.sampling_mode,
+                   t.temporal_views, t.spatial_views, _json(t.adapter_config_json), t.adapter_bytes, t.created,
+                   _json(t.metrics_json), t.trunk_fingerprint, t.state)
+
+
+@dataclass(frozen=True)
+class TaskList:
+    tasks: tuple[TaskInfo, ...]
+    trunk_model: str
+    trunk_fingerprint: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trunk_model": self.trunk_model, "trunk_fingerprint": self.trunk_fingerprint,
+                "tasks": [t.to_dict() for t in self.tasks]}
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+def read_clip(clip: Clip) -> bytes:
+    """The encoded file's bytes (a path is read here; nothing is decoded on the client)."""
+    if isinstance(clip, (bytes, bytearray, memoryview)):
+        data = bytes(clip)
+    else:
+        try:
+            data = Path(clip).read_bytes()
+        except OSError as e:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read clip {clip}: {e.strerror or e}",
+                              local=True) from e
+    if not data:
+        what = "the clip" if isinstance(clip, (bytes, bytearray, memoryview)) else f"clip {clip}"
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is empty", local=True)
+    return data
+
+
+def sampling_overrides(sampling: Optional[Mapping[str, Any]]) -> Optional[pb.SamplingOverrides]:
+    if not sampling:
+        return None
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"unknown sampling override(s) {unknown}; allowed: {list(SAMPLING_FIELDS)}", local=True)
+    return pb.SamplingOverrides(**{k: v for k, v in sampling.items() if v is not None})
+
+
+def classify_request(task: str, data: bytes, top_k: int, sampling: Optional[Mapping[str, Any]],
+                     request_id: str = "") -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(task=task, clip=data, top_k=top_k, sampling=sampling_overrides(sampling),
+                              request_id=request_id)
+
+
+def classify_chunks(task: str, data: bytes, top_k: int, sampling: Optional[Mapping[str, Any]], chunk_bytes: int,
+                    request_id: str = "") -> list[pb.ClassifyChunk]:
+    """The stream of one clip: the first chunk carries task, top_k, sampling and request id."""
+    view = memoryview(data)
+    chunks = [pb.ClassifyChunk(data=bytes(view[i:i + chunk_bytes])) for i in range(0, len(data), chunk_bytes)]
+    first = chunks[0]
+    first.task, first.top_k, first.request_id = task, top_k, request_id
+    ov = sampling_overrides(sampling)
+    if ov is not None:
+        first.sampling.CopyFrom(ov)
+    return chunks
+
+
+def read_bundle_files(bundle_dir: Union[str, os.PathLike]) -> dict[str, bytes]:
+    """task.json + adapter.safetensors of a bundle folder (read once, so a retry resends the same bytes)."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"bundle folder {root} does not exist", local=True)
+    missing = [n for n in BUNDLE_FILES if not (root / n).is_file()]
+    if missing:
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"bundle folder {root} lacks {missing}; a bundle is {' + '.join(BUNDLE_FILES)}", local=True)
+    return {n: (root / n).read_bytes() for n in BUNDLE_FILES}
+
+
+def register_chunks(files: Mapping[str, bytes], chunk_bytes: int) -> Iterator[pb.RegisterTaskChunk]:
+    for name, data in files.items():
+        for i in range(0, max(len(data), 1), chunk_bytes):
+            yield pb.RegisterTaskChunk(filename=name, data=data[i:i + chunk_bytes])
+
+
+HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
