@@ -1,0 +1,243 @@
+"""``stadapter`` / ``python -m clients``: classify clips and manage tasks from the shell.
+
+Exit status: 0 success; 1 a request failed (unknown task, bad clip, bad token, ...);
+2 usage error; 3 the server cannot be reached. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import grpc
+
+from .core import DEFAULT_ADDRESS, TOKEN_ENV, ClassifyResult, ClientError, ClientOptions, RetryPolicy
+
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+Row = tuple[str, Union[ClassifyResult, ClientError]]
+
+
+def one_line(err: ClientError, address: str = "") -> str:
+    """A clear single-line message for an error, with a hint where one helps."""
+    msg = " ".join(err.message.split())
+    if err.code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the server at {address or 'the given address'} (UNAVAILABLE): {msg}"
+    if err.code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"UNAUTHENTICATED: {msg} (pass --token-file FILE, set {TOKEN_ENV} or --token)"
+    if err.local:
+        return msg
+    return f"{err.code.name}: {msg}"
+
+
+def exit_code(err: ClientError) -> int:
+    return EXIT_UNREACHABLE if err.code == grpc.StatusCode.UNAVAILABLE else EXIT_FAILED
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Plain left-aligned columns (no dependency)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def render_classify(rows: Sequence[Row], as_json: bool) -> str:
+    """The classify output shared by the native and the Triton CLI."""
+    if as_json:
+        out = []
+        for clip, r in rows:
+            if isinstance(r, ClientError):
+                out.append({"clip": clip, "error": {"code": r.code.name, "message": r.message}})
+            else:
+                out.append({"clip": clip, **r.to_dict()})
+        return json.dumps(out, indent=2)
+    body = []
+    for clip, r in rows:
+        if isinstance(r, ClientError):
+            body.append([clip, "-", "-", "ERROR", "-", r.code.name, "-"])
+            continue
+        rest = ", ".join(f"{p.label} {p.score:.3f}" for p in r.predictions[1:])
+        total = r.timings.get("total_ms")
+        body.append([clip, r.task, r.task_version, r.top.label, f"{r.top.score:.3f}", rest or "-",
+                     f"{total:.1f}" if total else "-"])
+    return table(["CLIP", "TASK", "VERSION", "TOP-1", "SCORE", "NEXT", "MS"], body)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--address", default=os.environ.get("STADAPTER_ADDRESS", DEFAULT_ADDRESS),
+                   help=f"server host:port (default {DEFAULT_ADDRESS}, or env STADAPTER_ADDRESS)")
+    g.add_argument("--token", help=f"bearer token (visible in the process list: prefer --token-file or {TOKEN_ENV})")
+    g.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    g.add_argument("--tls-ca", type=Path, help="PEM root certificate: connect with TLS and trust it")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per command call, retries included")
+    g.add_argument("--retries", type=int, default=3, help="retries when the server is UNAVAILABLE (default 3)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    p = argparse.ArgumentParser(prog="stadapter", description="Client of the ST-Adapter video inference server.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("classify", parents=[common], help="classify clips with one task")
+    c.add_argument("clips", nargs="+", type=Path, metavar="CLIP")
+    c.add_argument("--task", required=True)
+    c.add_argument("--top-k", type=int, default=3)
+    c.add_argument("--json", action="store_true", help="JSON instead of a table")
+    c.add_argument("--batch", action="store_true", help="send all clips in one BatchClassify call")
+    s = c.add_argument_group("sampling overrides (default: the task's own)")
+    s.add_argument("--frames", type=int, dest="num_frames")
+    s.add_argument("--mode", choices=("uniform", "stride"))
+    s.add_argument("--stride", type=int)
+    s.add_argument("--temporal-views", type=int)
+    s.add_argument("--spatial-views", type=int, choices=(1, 3))
+
+    r = sub.add_parser("register", parents=[common], help="upload a task bundle folder (admin token)")
+    r.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    r.add_argument("--json", action="store_true")
+
+    u = sub.add_parser("unregister", parents=[common], help="remove a task (admin token)")
+    u.add_argument("task", metavar="TASK")
+    u.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("tasks", parents=[common], help="list the served tasks")
+    t.add_argument("--json", action="store_true")
+
+    d = sub.add_parser("describe", parents=[common], help="everything about one task")
+    d.add_argument("task", metavar="TASK")
+
+    h = sub.add_parser("health", parents=[common], help="grpc.health.v1 check; exit 0 only when SERVING")
+    h.add_argument("--service", default="", help="service name (default: the whole server)")
+
+    x = sub.add_parser("triton-classify", help="classify clips on Triton Inference Server (exported model)")
+    x.add_argument("clips", nargs="+", type=Path, metavar="CLIP")
+    x.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port")
+    x.add_argument("--model", default="stadapter_multitask")
+    x.add_argument("--task", required=True)
+    x.add_argument("--top-k", type=int, default=3)
+    x.add_argument("--json", action="store_true")
+    x.add_argument("--timeout", type=float, default=60.0)
+    return p
+
+
+def _token(ns: argparse.Namespace) -> Optional[str]:
+    if ns.token:
+        return ns.token
+    if ns.token_file:
+        try:
+            tok = ns.token_file.read_text().strip()
+        except OSError as e:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read token file {ns.token_file}: {e.strerror}",
+                              local=True) from e
+        if not tok:
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"token file {ns.token_file} is empty", local=True)
+        return tok
+    return (os.environ.get(TOKEN_ENV) or "").strip() or None
+
+
+def options_from(ns: argparse.Namespace) -> ClientOptions:
+    return ClientOptions(address=ns.address, token=_token(ns), tls_ca=ns.tls_ca, timeout_s=ns.timeout,
+                         retry=RetryPolicy(max_attempts=max(1, ns.retries + 1)))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _classify(ns: argparse.Namespace, client) -> int:
+    sampling = {k: getattr(ns, k) for k in ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
+                if getattr(ns, k) is not None}
+    rows: list[Row] = []
+    if ns.batch:
+        results = client.batch_classify(ns.clips, ns.task, ns.top_k, sampling)
+        rows = [(str(c), r) for c, r in zip(ns.clips, results)]
+    else:
+        for clip in ns.clips:
+            try:
+                rows.append((str(clip), client.classify(clip, ns.task, ns.top_k, sampling)))
+            except ClientError as e:
+                if e.code == grpc.StatusCode.UNAVAILABLE:
+                    raise
+                rows.append((str(clip), e))
+    print(render_classify(rows, ns.json))
+    errors = [(c, r) for c, r in rows if isinstance(r, ClientError)]
+    for clip, err in errors:
+        print(f"error: {clip}: {one_line(err)}", file=sys.stderr)
+    return EXIT_FAILED if errors else 0
+
+
+def _tasks(ns: argparse.Namespace, client) -> int:
+    tl = client.list_tasks()
+    if ns.json:
+        print(json.dumps(tl.to_dict(), indent=2))
+        return 0
+    rows = [[t.name, t.version, len(t.labels), t.num_frames, t.input_size, t.sampling_mode,
+             f"{t.adapter_bytes / 1024:.1f}", t.state, _short_labels(t.labels)] for t in tl.tasks]
+    print(f"trunk {tl.trunk_model} ({tl.trunk_fingerprint[:12]}), {len(tl.tasks)} task(s)")
+    print(table(["TASK", "VERSION", "CLASSES", "FRAMES", "SIZE", "SAMPLING", "KiB", "STATE", "LABELS"], rows))
+    return 0
+
+
+def _short_labels(labels: Sequence[str], n: int = 4) -> str:
+    return ", ".join(labels[:n]) + (f", ... (+{len(labels) - n})" if len(labels) > n else "")
+
+
+def run(ns: argparse.Namespace) -> int:
+    if ns.command == "triton-classify":
+        from .triton import main_triton
+
+        return main_triton(ns)
+    from .sync import Client
+
+    with Client(options=options_from(ns)) as client:
+        if ns.command == "classify":
+            return _classify(ns, client)
+        if ns.command == "tasks":
+            return _tasks(ns, client)
+        if ns.command == "describe":
+            print(json.dumps(client.describe_task(ns.task).to_dict(), indent=2))
+            return 0
+        if ns.command == "register":
+            info = client.register(ns.bundle)
+            print(json.dumps(info.to_dict(), indent=2) if ns.json else
+                  f"registered {info.name} version {info.version} ({len(info.labels)} classes, "
+                  f"{info.adapter_bytes / 1024:.1f} KiB of adapters)")
+            return 0
+        if ns.command == "unregister":
+            name, version = client.unregister(ns.task)
+            print(json.dumps({"task": name, "version": version}) if ns.json else
+                  f"unregistered {name} (was version {version})")
+            return 0
+        if ns.command == "health":
+            status = client.health(ns.service)
+            print(status)
+            return 0 if status == "SERVING" else EXIT_FAILED
+    raise AssertionError(f"unhandled command {ns.command}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return run(ns)
+    except ClientError as e:
+        print(f"error: {one_line(e, getattr(ns, 'address', '') or getattr(ns, 'url', ''))}", file=sys.stderr)
+        return exit_code(e)
+    except ValueError as e:  # bad option values (ClientOptions, RetryPolicy)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
