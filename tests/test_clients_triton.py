@@ -1,0 +1,162 @@
+"""The Triton client against a Triton-protocol endpoint serving the real exported multi-task ONNX.
+
+No Triton server runs in this suite: the endpoint is a small in-process implementation
+of Triton's ``GRPCInferenceService`` (ModelConfig + ModelInfer, from tritonclient's own
+protos) that checks every request against the exported ``config.pbtxt`` (names, dtypes,
+dims without the batch axis, ``reshape``, ``max_batch_size``) the way Triton does, then
+runs ``1/model.onnx`` in onnxruntime. So what is tested: the request the client builds,
+the wire protocol through ``tritonclient.grpc``, and the answers against
+``stadapter.predict`` on the same clip.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+pytest.importorskip("stadapter.video", reason="stadapter.video has not landed yet")
+media = pytest.importorskip("media", reason="tests/media.py has not landed yet")
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("onnxruntime")
+
+from factories import TINY_SAMPLING, make_bundle  # noqa: E402
+from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
+from tritonclient.grpc import service_pb2 as spb  # noqa: E402
+from tritonclient.grpc import service_pb2_grpc as sgrpc  # noqa: E402
+
+from clients import ClientError  # noqa: E402
+from clients.cli import main as cli_main  # noqa: E402
+from clients.triton import TritonClassifier, build_inputs, softmax_views  # noqa: E402
+from stadapter import load_classifier  # noqa: E402
+from stadapter.predict import predict_clip  # noqa: E402
+
+NP = {"TYPE_FP32": (np.float32, "FP32"), "TYPE_INT64": (np.int64, "INT64")}
+
+
+class FakeTriton(sgrpc.GRPCInferenceServiceServicer):
+    """Triton's request checks for one ONNX model, then onnxruntime."""
+
+    def __init__(self, model_dir):
+        from export.runtime import make_session
+        from export.triton import parse_config
+
+        self.config = parse_config((model_dir / "config.pbtxt").read_text())
+        self.session = make_session(model_dir / "1" / "model.onnx", "cpu", threads=1)
+        self.requests: list[dict] = []
+
+    def ModelConfig(self, request, context):
+        if request.name != self.config.name:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{request.name}' is not found")
+        return spb.ModelConfigResponse(config=self.config)
+
+    def ModelInfer(self, request, context):
+        if request.model_name != self.config.name:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{request.model_name}'")
+        specs = {t.name: t for t in self.config.input}
+        got = {t.name for t in request.inputs}
+        if got != set(specs):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected inputs {sorted(specs)}, got {sorted(got)}")
+        feeds, batch = {}, set()
+        self.requests.append({t.name: (t.datatype, list(t.shape)) for t in request.inputs})
+        for tensor, raw in zip(request.inputs, request.raw_input_contents):
+            spec = specs[tensor.name]
+            dtype, triton_type = NP[mc.DataType.Name(spec.data_type)]
+            shape = list(tensor.shape)
+            if tensor.datatype != triton_type:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{tensor.name}: datatype {tensor.datatype}, "
+                                                                f"expected {triton_type}")
+            if shape[1:] != list(spec.dims) or not 1 <= shape[0] <= self.config.max_batch_size:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{tensor.name}: shape {shape}, expected "
+                                                                f"[1..{self.config.max_batch_size}] + {list(spec.dims)}")
+            batch.add(shape[0])
+            arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
+            if spec.HasField("reshape"):
+                arr = arr.reshape([shape[0], *spec.reshape.shape])
+            feeds[tensor.name] = arr
+        if len(batch) != 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"inputs disagree on the batch size: {sorted(batch)}")
+        names = [o.name for o in self.config.output]
+        values = self.session.run(names, feeds)
+        resp = spb.ModelInferResponse(model_name=self.config.name, model_version="1", id=request.id)
+        for spec, value in zip(self.config.output, values):
+            dtype, triton_type = NP[mc.DataType.Name(spec.data_type)]
+            value = np.ascontiguousarray(value, dtype=dtype).reshape([value.shape[0], *spec.dims])
+            resp.outputs.add(name=spec.name, datatype=triton_type, shape=list(value.shape))
+            resp.raw_output_contents.append(value.tobytes())
+        return resp
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_trunk, tmp_path_factory):
+    from export.onnx_export import ExportOptions, load_tasks
+    from export.triton import TritonOptions, write_repository
+
+    root = tmp_path_factory.mktemp("triton-client")
+    a = make_bundle(tiny_trunk, root / "tasks" / "alpha", "alpha", labels=["a0", "a1", "a2"], seed=1)
+    b = make_bundle(tiny_trunk, root / "tasks" / "beta", "beta", labels=[f"b{i}" for i in range(5)], seed=2,
+                    sampling=TINY_SAMPLING.replace(temporal_views=2), version=3)
+    write_repository(tiny_trunk, load_tasks(tiny_trunk, [a, b]), root / "triton",
+                     TritonOptions(max_batch_size=8, kind="cpu"), ExportOptions(exporter="legacy"))
+    servicer = FakeTriton(root / "triton" / "stadapter_multitask")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    sgrpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    clip = media.make_clip(root / "clip.mp4", num_frames=20, size=(64, 48))
+    yield {"url": f"127.0.0.1:{port}", "servicer": servicer, "bundles": {"alpha": a, "beta": b}, "clip": clip}
+    server.stop(0)
+
+
+def test_build_inputs_and_view_softmax():
+    frames = np.zeros((2, 4, 3, 32, 32), np.float64)
+    (n1, f, t1), (n2, idx, t2) = build_inputs(frames, 3)
+    assert (n1, f.dtype, f.shape, t1) == ("frames", np.float32, (2, 4, 3, 32, 32), "FP32")
+    assert (n2, idx.dtype, idx.tolist(), t2) == ("task_index", np.int64, [[3], [3]], "INT64")
+    with pytest.raises(ClientError, match="frames must be"):
+        build_inputs(np.zeros((4, 3, 32, 32), np.float32), 0)
+    logits = np.array([[1.0, 2.0, 0.0, 99.0], [3.0, 0.0, 0.0, 99.0]], np.float32)  # padded column ignored
+    p = softmax_views(logits, np.array([[3], [3]]))
+    e1, e2 = np.exp([1.0, 2.0, 0.0]), np.exp([3.0, 0.0, 0.0])
+    assert np.allclose(p, (e1 / e1.sum() + e2 / e2.sum()) / 2)
+
+
+def test_triton_classify_matches_stadapter_predict(triton, tiny_trunk_dir):
+    clf = TritonClassifier(triton["url"])
+    try:
+        assert sorted(clf.tasks) == ["alpha", "beta"]
+        for task, k in (("alpha", 3), ("beta", 5)):
+            got = clf.classify(triton["clip"], task, top_k=k)
+            want = predict_clip(load_classifier(tiny_trunk_dir, triton["bundles"][task]), triton["clip"], k)
+            assert [p.label for p in got.predictions] == [w["label"] for w in want]
+            assert np.allclose([p.score for p in got.predictions], [w["score"] for w in want], atol=1e-4)
+            assert got.task == task and got.task_version == (1 if task == "alpha" else 3)
+    finally:
+        clf.close()
+    reqs = triton["servicer"].requests[-2:]
+    assert reqs[0] == {"frames": ("FP32", [1, 4, 3, 32, 32]), "task_index": ("INT64", [1, 1])}
+    assert reqs[1] == {"frames": ("FP32", [2, 4, 3, 32, 32]), "task_index": ("INT64", [2, 1])}  # 2 temporal views
+
+
+def test_triton_cli_same_output_as_native_and_errors(triton, capsys, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(media.garbage(1024))
+    assert cli_main(["triton-classify", str(triton["clip"]), "--url", triton["url"], "--task", "beta"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["CLIP", "TASK", "VERSION", "TOP-1", "SCORE", "NEXT", "MS"]
+    assert lines[1].split()[1:3] == ["beta", "3"]
+    assert cli_main(["triton-classify", str(triton["clip"]), "--url", triton["url"], "--task", "alpha", "--json",
+                     "--top-k", "2"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js[0]["task"] == "alpha" and len(js[0]["predictions"]) == 2 and set(js[0]["predictions"][0]) == {
+        "label", "score", "index"}
+    assert cli_main(["triton-classify", str(triton["clip"]), "--url", triton["url"], "--task", "nope"]) == 1
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert cli_main(["triton-classify", str(bad), "--url", triton["url"], "--task", "alpha"]) == 1
+    assert "bad clip" in capsys.readouterr().err
+    assert cli_main(["triton-classify", str(triton["clip"]), "--url", triton["url"], "--task", "alpha",
+                     "--model", "other"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
