@@ -189,12 +189,12 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("task", ["shapes", "motion"])
 def test_demo_bundles_classify_their_sample_clips(task):
     """The embedded trunk + demo bundle get the held-out sample clips right, through the serving decode path."""
-    from training.frames import test_views
+    from training.frames import eval_views
 
     clf = load_classifier(REPO / "model_repository/trunk", REPO / "model_repository/tasks" / task / "1")
     assert clf.spec.metrics["val_top1"] >= 0.9 and clf.spec.trunk_fingerprint == clf.trunk.fingerprint
     truth = json.loads((REPO / "samples" / task / "labels.json").read_text())
     assert sorted(truth.values()) == sorted(clf.labels)
     for name, label in truth.items():
-        probs = clf.predict_views(test_views(REPO / "samples" / task / name, clf.spec.sampling))
+        probs = clf.predict_views(eval_views(REPO / "samples" / task / name, clf.spec.sampling))
         assert clf.labels[int(probs.argmax())] == label, (name, probs)

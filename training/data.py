@@ -178,7 +178,7 @@ class VideoDataset(Dataset):
             if self.train:
                 data = torch.from_numpy(fio.read_all(s.path)) if self.cache is not None else None
             else:
-                data = fio.test_views(s.path, self.sampling)  # [V, T, 3, S, S]
+                data = fio.eval_views(s.path, self.sampling)  # [V, T, 3, S, S]
         except (fio.VideoError, OSError) as e:
             self.broken.add(str(s.path))
             raise BrokenVideoError(f"cannot decode {s.path}: {e}") from e

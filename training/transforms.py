@@ -55,6 +55,11 @@ def train_indices(num_total: int, sampling: SamplingConfig, rng: random.Random) 
     return [min(start + i * sampling.stride, num_total - 1) for i in range(T)]
 
 
+def _resize(frames: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bicubic (antialiased when shrinking), as stadapter.video resizes for serving; clamped to [0, 1]."""
+    return F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
+
+
 def augment_frames(frames: Tensor, size: int, aug: AugmentConfig, rng: random.Random) -> Tensor:
     """frames float [T, 3, H, W] in [0, 1] -> [T, 3, size, size], one crop for the whole clip."""
     _, _, H, W = frames.shape
@@ -69,12 +74,12 @@ def augment_frames(frames: Tensor, size: int, aug: AugmentConfig, rng: random.Ra
         else:
             w = h = min(H, W)
         y, x = rng.randint(0, H - h), rng.randint(0, W - w)
-        out = F.interpolate(frames[:, :, y : y + h, x : x + w], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out = _resize(frames[:, :, y : y + h, x : x + w], (size, size))
     else:
         short = size * (rng.uniform(aug.jitter_min, aug.jitter_max) if aug.mode == "jitter" else 1.0)
         scale = short / min(H, W)
         nh, nw = max(size, round(H * scale)), max(size, round(W * scale))
-        out = F.interpolate(frames, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        out = _resize(frames, (nh, nw))
         if aug.mode == "jitter":
             y, x = rng.randint(0, nh - size), rng.randint(0, nw - size)
         else:
