@@ -79,7 +79,8 @@ def _common() -> argparse.ArgumentParser:
                    help=f"server host:port (default {DEFAULT_ADDRESS}, or env STADAPTER_ADDRESS)")
     g.add_argument("--token", help=f"bearer token (visible in the process list: prefer --token-file or {TOKEN_ENV})")
     g.add_argument("--token-file", type=Path, help="file holding the bearer token")
-    g.add_argument("--tls-ca", type=Path, help="PEM root certificate: connect with TLS and trust it")
+    g.add_argument("--tls-ca", type=Path, default=os.environ.get("STADAPTER_TLS_CA") or None,
+                   help="PEM root certificate: connect with TLS and trust it (or env STADAPTER_TLS_CA)")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per command call, retries included")
     g.add_argument("--retries", type=int, default=3, help="retries when the server is UNAVAILABLE (default 3)")
     return p
