@@ -208,7 +208,7 @@ async def run_load(cfg: LoadConfig, progress: bool = False, stream=sys.stderr) -
             interval = 1.0 / cfg.rate
             inflight: set[asyncio.Task] = set()
             next_at = t0
-            while time.monotonic() < end and claim():
+            while next_at < end and claim():  # request i starts at t0 + i / rate
                 delay = next_at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)

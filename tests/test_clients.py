@@ -246,6 +246,9 @@ def test_loadgen_closed_and_open_loop(server, clips, capsys, tmp_path):
     assert s["mode"] == "open" and s["requests"] == 16
     assert s["ok"] + s["errors"].get("NOT_FOUND", 0) == 16 and s["errors"].get("NOT_FOUND", 0) > 0
     assert 0.3 < s["elapsed_s"] < 5  # 16 starts at 40/s: about 0.4 s
+    assert loadgen.main([*args, "--task", "beta", "--rate", "20", "--duration", "0.5", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["requests"] == s["ok"] == 10  # starts at 0, 50, ..., 450 ms
 
     assert loadgen.main([*args, "--task", "alpha", "--concurrency", "1", "--duration", "1", "--address",
                          "10.1.2.3:50051"]) == 2
