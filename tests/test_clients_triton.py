@@ -12,6 +12,10 @@ the wire protocol through ``tritonclient.grpc``, and the answers against
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
 from concurrent import futures
 
 import grpc
@@ -107,7 +111,8 @@ def triton(tiny_trunk, tmp_path_factory):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     clip = media.make_clip(root / "clip.mp4", num_frames=20, size=(64, 48))
-    yield {"url": f"127.0.0.1:{port}", "servicer": servicer, "bundles": {"alpha": a, "beta": b}, "clip": clip}
+    yield {"url": f"127.0.0.1:{port}", "servicer": servicer, "bundles": {"alpha": a, "beta": b}, "clip": clip,
+           "model_dir": root / "triton" / "stadapter_multitask"}
     server.stop(0)
 
 
@@ -160,3 +165,96 @@ def test_triton_cli_same_output_as_native_and_errors(triton, capsys, tmp_path):
     assert cli_main(["triton-classify", str(triton["clip"]), "--url", triton["url"], "--task", "alpha",
                      "--model", "other"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# --- a real Triton server (optional) -------------------------------------------------------------
+
+PYTRITON_SERVE = r'''"""Serve an exported stadapter_multitask model folder on a real Triton (nvidia-pytriton, python backend).
+
+python pytriton_serve.py MODEL_DIR READY_FILE: onnxruntime runs MODEL_DIR/1/model.onnx inside a
+Python callable; the config's inputs/outputs/max_batch_size/tasks_json are copied from
+MODEL_DIR/config.pbtxt. Writes {"grpc_port": N} to READY_FILE once serving; stops on SIGTERM.
+"""
+import json, signal, socket, sys, threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.models import model as pm
+from pytriton.triton import Triton, TritonConfig
+
+model_dir, ready = Path(sys.argv[1]), Path(sys.argv[2])
+cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+tasks_json = cfg.parameters["tasks_json"].string_value
+sess = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+NP = {mc.TYPE_FP32: np.float32, mc.TYPE_INT64: np.int64}
+
+_orig = pm.Model._get_triton_model_config
+def _with_tasks(self):  # pytriton has no API for custom config parameters: add tasks_json
+    c = _orig(self)
+    c.backend_parameters.setdefault("tasks_json", tasks_json)
+    return c
+pm.Model._get_triton_model_config = _with_tasks
+
+@batch
+def infer(frames, task_index):
+    logits, num_classes = sess.run(["logits", "num_classes"], {"frames": frames, "task_index": task_index.reshape(-1)})
+    return {"logits": logits, "num_classes": num_classes.reshape(-1, 1)}
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+ports = [free_port() for _ in range(3)]
+tc = TritonConfig(grpc_address="127.0.0.1", http_address="127.0.0.1", grpc_port=ports[0], http_port=ports[1],
+                  metrics_port=ports[2])
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+with Triton(config=tc) as triton:
+    triton.bind(model_name=cfg.name, infer_func=infer,
+                inputs=[Tensor(name=t.name, dtype=NP[t.data_type], shape=tuple(t.dims)) for t in cfg.input],
+                outputs=[Tensor(name=t.name, dtype=NP[t.data_type], shape=tuple(t.dims)) for t in cfg.output],
+                config=ModelConfig(max_batch_size=cfg.max_batch_size,
+                                   batcher=DynamicBatcher(max_queue_delay_microseconds=2000)))
+    triton.run()
+    ready.write_text(json.dumps({"grpc_port": ports[0]}))
+    stop.wait()
+'''
+
+
+@pytest.mark.skipif(not os.environ.get("STADAPTER_PYTRITON_PYTHON"),
+                    reason="set STADAPTER_PYTRITON_PYTHON to a Python with nvidia-pytriton, numpy<2, onnxruntime")
+def test_triton_classify_on_a_real_triton_server(triton, tmp_path):
+    """Real tritonserver (pytriton's python backend) running the exported ONNX in onnxruntime."""
+    script, ready = tmp_path / "pytriton_serve.py", tmp_path / "ready.json"
+    script.write_text(PYTRITON_SERVE)
+    log = open(tmp_path / "triton.log", "wb")
+    proc = subprocess.Popen([os.environ["STADAPTER_PYTRITON_PYTHON"], str(script), str(triton["model_dir"]), str(ready)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 120
+        while not (ready.exists() and ready.read_text()):
+            assert proc.poll() is None and time.monotonic() < end, (tmp_path / "triton.log").read_text()[-3000:]
+            time.sleep(0.2)
+        url = f"127.0.0.1:{json.loads(ready.read_text())['grpc_port']}"
+        real, fake = TritonClassifier(url), TritonClassifier(triton["url"])
+        try:
+            for task in ("alpha", "beta"):
+                got, want = real.classify(triton["clip"], task, top_k=0), fake.classify(triton["clip"], task, top_k=0)
+                assert [p.label for p in got.predictions] == [p.label for p in want.predictions]
+                assert np.allclose([p.score for p in got.predictions], [p.score for p in want.predictions], atol=1e-5)
+        finally:
+            real.close()
+            fake.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
