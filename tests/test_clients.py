@@ -194,6 +194,9 @@ def test_cli_admin_tasks_and_token_sources(server, capsys, monkeypatch, tmp_path
     monkeypatch.setenv("STADAPTER_ADMIN_TOKEN", TOKEN)
     assert cli.main(["tasks", "--json", *a]) == 0
     assert {t["name"]: t["version"] for t in json.loads(capsys.readouterr().out)["tasks"]}["beta"] == 2
+    assert cli.main(["describe", "beta", *a]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["name"], d["version"], d["state"]) == ("beta", 2, "ready") and d["adapter_bytes"] > 0
     assert cli.main(["unregister", "nope", *a]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
     (tmp_path / "empty").write_text("")
