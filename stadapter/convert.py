@@ -34,6 +34,7 @@ from torch import Tensor
 from .bank import expected_shapes
 from .bundle import BundleError, save_bundle
 from .config import Activation, AdapterConfig, ConfigError, SamplingConfig, TaskSpec
+from .factory import load_error_reason, load_trunk
 from .trunk import TrunkError
 
 ADAPTER_KEY_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.adapter_(pre_attn|pre_mlp)\.(fc1|conv|fc2)\.(weight|bias)$")
@@ -65,7 +66,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     except Exception as e:  # noqa: BLE001 - untrusted bytes: the loaders raise many kinds (pickle, zip, EOF, ...)
         raise ConvertError(
             f"{path} is not a readable PyTorch checkpoint (loaded with weights_only=True, no arbitrary objects): "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"{load_error_reason(e)}"
         ) from e
     return extract_model_state(obj, str(path))
 
@@ -268,8 +269,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--description", default="")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     args = p.parse_args(argv)
-
-    from .factory import load_trunk
 
     try:
         trunk = load_trunk(args.trunk)

@@ -71,13 +71,31 @@ def build_visual(model_cfg: Mapping[str, Any], quick_gelu: bool) -> nn.Module:
     return _build_vision_tower(model_cfg.get("embed_dim", 512), dict(model_cfg["vision_cfg"]), quick_gelu=quick_gelu)
 
 
+def load_error_reason(e: BaseException) -> str:
+    """Short reason why ``torch.load`` / safetensors refused a file (without torch's advice to unpickle anyway)."""
+    text = " ".join(str(e).split())
+    if "WeightsUnpickler error:" in text:  # the one useful line, e.g. "Unsupported global: GLOBAL builtins.open ..."
+        text = "refused to unpickle: " + text.split("WeightsUnpickler error:")[1].split(" Please use")[0].strip()
+        text = text.split(" Check the documentation of torch.load")[0]
+    else:
+        text = text.split(" This file can still be loaded")[0].split(" In PyTorch 2.6")[0]
+    return f"{type(e).__name__}: {text[:300]}"
+
+
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors from a safetensors file or a torch checkpoint (``weights_only``: never unpickles objects)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: the loaders raise many kinds (pickle, zip, EOF, ...)
+        raise TrunkError(
+            f"{path} is not a readable weights file (safetensors, or a torch state dict loaded with "
+            f"weights_only=True; OpenAI's TorchScript .pt files are not read: use --pretrained openai): {load_error_reason(e)}"
+        ) from e
+    if path.suffix != ".safetensors":
         for key in ("state_dict", "model"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]

@@ -39,9 +39,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="one JSON object per clip on stdout")
     args = p.parse_args(argv)
-    overrides = {k: v for k, v in (("temporal_views", args.temporal_views), ("spatial_views", args.spatial_views)) if v}
+    if args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    overrides = {
+        k: v for k, v in (("temporal_views", args.temporal_views), ("spatial_views", args.spatial_views)) if v is not None
+    }
     try:
         clf = load_classifier(args.trunk, args.task, device=args.device)
+        clf.spec.sampling.replace(**overrides)  # refuse bad overrides once, not per clip
     except (TrunkError, BundleError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -195,3 +195,22 @@ def test_predict_refuses_a_bundle_of_another_trunk(work, cli_trunk, clips, capsy
     assert rc == 2 and "trained on trunk" in capsys.readouterr().err
     rc = predict_main(["--trunk", str(cli_trunk[0]), "--task", str(work / "nope"), str(clips["a"])])
     assert rc == 2 and "task.json is missing" in capsys.readouterr().err
+
+
+def test_weights_file_unreadable(work, capsys):
+    (work / "garbage.pt").write_bytes(garbage(3000, seed=5))
+    with pytest.raises(SystemExit) as e:
+        trunk_cli(["init", "--model", TINY_MODEL, "--pretrained", str(work / "garbage.pt"), "--quick-gelu", "no",
+                   "--out", str(work / "from-garbage")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "garbage.pt is not a readable weights file" in err and "weights_only=False" not in err
+    assert not (work / "from-garbage").exists()
+
+
+def test_predict_views_override(cli_trunk, bundle, clips, capsys):
+    args = ["--trunk", str(cli_trunk[0]), "--task", str(bundle), "--json", str(clips["a"])]
+    assert predict_main(args + ["--temporal-views", "0"]) == 2
+    assert "temporal_views must be a positive int" in capsys.readouterr().err
+    assert predict_main(args + ["--temporal-views", "2", "--spatial-views", "3"]) == 0
+    top = json.loads(capsys.readouterr().out)["top"]
+    assert len(top) == len(LABELS) and sum(t["score"] for t in top) == pytest.approx(1.0, abs=1e-4)
