@@ -125,6 +125,8 @@ def test_resume_continues_at_the_same_step(tiny_trunk_dir, motion_data, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "c", resume=str(tmp_path / "missing.pt")))
 
 
 def test_linear_probe_bundle_equals_the_probe(tiny_trunk_dir, motion_data, tmp_path):

@@ -291,7 +291,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 
     ckpt_path = run_dir / "checkpoint.pt"
     resume = ckpt_path if cfg.resume == "auto" else Path(cfg.resume) if cfg.resume else None
-    if resume is not None and (cfg.resume != "auto" or resume.is_file()):
+    if resume is not None and cfg.resume != "auto" and not resume.is_file():
+        raise ValueError(f"--resume {resume}: no such checkpoint")
+    if resume is not None and resume.is_file():
         ck = torch.load(resume, map_location="cpu", weights_only=True)
         if ck["method"] != cfg.method or ck["trunk_fingerprint"] != trunk.fingerprint:
             raise ValueError(f"{resume}: checkpoint is for method {ck['method']!r} on trunk {ck['trunk_fingerprint'][:12]}…, "
