@@ -42,9 +42,16 @@ def rpc(method: str, kind: str):
         @functools.wraps(fn)
         async def wrapper(self, request, context: grpc.aio.ServicerContext):
             _task_label.set("")
-            code = grpc.StatusCode.OK
             t0 = time.monotonic()
             entered = False
+
+            def record(code: grpc.StatusCode) -> None:
+                if entered:
+                    self.pipeline.leave()
+                self.metrics.requests.labels(method, self._task_metric_label(_task_label.get()), code.name).inc()
+                if kind == "classify" and method != "BatchClassify":
+                    self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
+
             try:
                 if kind == "admin":
                     self.auth.check_admin(context)
@@ -52,20 +59,17 @@ def rpc(method: str, kind: str):
                     self.auth.check_classify(context)
                 self.pipeline.enter()
                 entered = True
-                return await fn(self, request, context)
+                response = await fn(self, request, context)
             except asyncio.CancelledError:
                 left = context.time_remaining()
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+                record(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED)
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once
                 code, message = status_for(e)
+                record(code)  # before abort: the client may read the metrics as soon as it has the status
                 await context.abort(code, message)
-            finally:
-                if entered:
-                    self.pipeline.leave()
-                self.metrics.requests.labels(method, self._task_metric_label(_task_label.get()), code.name).inc()
-                if kind == "classify" and method != "BatchClassify":
-                    self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
+            record(grpc.StatusCode.OK)
+            return response
 
         return wrapper
 

@@ -10,9 +10,7 @@ import grpc
 import pytest
 import torch
 
-pytest.importorskip("stadapter.video", reason="stadapter.video has not landed yet")
-
-from factories import make_bundle, make_trunk_dir  # noqa: E402
+from factories import make_bundle, make_trunk_dir
 from server.auth import Auth
 from server.batcher import Batcher
 from server.cache import DeviceCache
