@@ -24,7 +24,7 @@ from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .auth import Auth
-from .errors import BadRequest, ServerError, TaskNotFound, status_for
+from .errors import BadRequest, TaskNotFound, status_for
 from .metrics import Metrics
 from .pipeline import Classification, Pipeline
 from .registry import UPLOAD_FILES, TaskRegistry, TaskVersion
@@ -246,4 +246,4 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["TaskAdminService", "VideoClassifierService", "task_info", "ServerError"]
+__all__ = ["TaskAdminService", "VideoClassifierService", "task_info"]
