@@ -4,10 +4,10 @@ Trains, with ``python -m training.train`` (one subprocess per run, so peak memor
 is per run), five ways of adapting the frozen image trunk to video, on an
 appearance task (``shapes``) and a temporal task (``motion``):
 
-* ``linear``          head only on the frame-mean CLS feature
-* ``full``            every trunk parameter + head (frame mean)
-* ``partial``         last trunk block + ln_post + head (frame mean)
-* ``st-adapter``      ST-Adapters (kernel 3,1,1) + head, trunk frozen
+* ``linear``          head only on the frame-mean CLS feature, lr 1e-2
+* ``full``            every trunk parameter + head (frame mean), lr 3e-4
+* ``partial``         last trunk block + ln_post + head (frame mean), lr 1e-3
+* ``st-adapter``      ST-Adapters (width 32, before MHSA and MLP, kernel 3,1,1) + head, trunk frozen, lr 1e-2
 * ``st-adapter-k1``   the same with temporal kernel 1 (no temporal mixing)
 
 Prints a table (trainable parameters and % of the trunk, top-1 on each task,
@@ -30,11 +30,11 @@ from typing import Optional
 
 ADAPTER = ["--adapter-width", "32", "--pre-attn", "--pre-mlp"]
 ROWS: dict[str, list[str]] = {
-    "linear": ["--method", "linear", "--lr", "3e-3"],
+    "linear": ["--method", "linear", "--lr", "1e-2"],
     "full": ["--method", "full", "--lr", "3e-4"],
     "partial": ["--method", "partial", "--partial-blocks", "1", "--lr", "1e-3"],
-    "st-adapter": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "3,1,1", "--lr", "3e-3"],
-    "st-adapter-k1": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "1,1,1", "--lr", "3e-3"],
+    "st-adapter": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "3,1,1", "--lr", "1e-2"],
+    "st-adapter-k1": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "1,1,1", "--lr", "1e-2"],
 }
 TASKS = {"shapes": "appearance", "motion": "temporal"}
 
@@ -94,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--appearance-train", type=int, default=600)
     p.add_argument("--appearance-epochs", type=int, default=5)
     p.add_argument("--temporal-train", type=int, default=1000)
-    p.add_argument("--temporal-epochs", type=int, default=10)
+    p.add_argument("--temporal-epochs", type=int, default=8)
     p.add_argument("--val", type=int, default=200, help="validation clips per task")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reuse", action="store_true", help="reuse finished runs' metrics found in --work")
