@@ -4,7 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean protos
+# A real Triton server for the Triton client test: nvidia-pytriton bundles tritonserver
+# (python backend) in an x86_64 Linux wheel, and its backend runs only on a system
+# CPython (Debian's /usr/bin/python3.11), so it gets a venv of its own. Where that
+# Python is missing, or with TRITON_TEST=no, that one test is skipped.
+TRITON_PY ?= /usr/bin/python3.11
+TRITON_VENV ?= .venv-triton
+TRITON_TEST ?= $(if $(and $(wildcard $(TRITON_PY)),$(filter x86_64,$(shell uname -m))),yes,no)
+TRITON_STAMP := $(TRITON_VENV)/.installed
+ifeq ($(TRITON_TEST),yes)
+TEST_DEPS := $(TRITON_STAMP)
+TEST_ENV := STADAPTER_PYTRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python
+endif
+
+.PHONY: venv test demo clean protos
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -12,10 +25,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[all,dev]'
 	touch $(STAMP)
 
+$(TRITON_STAMP):
+	$(TRITON_PY) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q 'nvidia-pytriton==0.7.0' 'numpy<2' 'onnxruntime>=1.19'
+	touch $(TRITON_STAMP)
+
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP) $(TEST_DEPS)
+	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
 	$(BIN)/python -m clients.demo
@@ -24,4 +42,4 @@ protos: $(STAMP)
 	$(BIN)/python -m stadapter_api.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(TRITON_VENV) build *.egg-info

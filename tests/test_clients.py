@@ -18,8 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-pytest.importorskip("stadapter.video", reason="stadapter.video has not landed yet")
-media = pytest.importorskip("media", reason="tests/media.py has not landed yet")
+import media
 
 from clients import AsyncClient, Client, ClientError, RetryPolicy  # noqa: E402
 from clients import cli, loadgen  # noqa: E402

@@ -22,10 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
-pytest.importorskip("stadapter.video", reason="stadapter.video has not landed yet")
-media = pytest.importorskip("media", reason="tests/media.py has not landed yet")
-pytest.importorskip("tritonclient.grpc")
-pytest.importorskip("onnxruntime")
+import media
 
 from factories import TINY_SAMPLING, make_bundle  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
@@ -227,7 +224,8 @@ with Triton(config=tc) as triton:
 
 
 @pytest.mark.skipif(not os.environ.get("STADAPTER_PYTRITON_PYTHON"),
-                    reason="set STADAPTER_PYTRITON_PYTHON to a Python with nvidia-pytriton, numpy<2, onnxruntime")
+                    reason="set STADAPTER_PYTRITON_PYTHON to a Python with nvidia-pytriton, numpy<2, onnxruntime "
+                           "(make test builds one from /usr/bin/python3.11)")
 def test_triton_classify_on_a_real_triton_server(triton, tmp_path):
     """Real tritonserver (pytriton's python backend) running the exported ONNX in onnxruntime."""
     script, ready = tmp_path / "pytriton_serve.py", tmp_path / "ready.json"

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("stadapter.video", reason="stadapter.video has not landed yet")
-media = pytest.importorskip("media", reason="tests/media.py has not landed yet")
+import media
 
 from serverproc import make_repository  # noqa: E402
 
