@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from factories import make_trunk_dir
+from factories import make_bundle, make_trunk_dir
 from stadapter import load_trunk
 
 
@@ -15,3 +17,12 @@ def tiny_trunk_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_trunk(tiny_trunk_dir):
     return load_trunk(tiny_trunk_dir)
+
+
+@pytest.fixture()
+def two_task_repo(tmp_path, tiny_trunk, tiny_trunk_dir):
+    """A model repository: the tiny trunk, ``alpha`` (3 classes) and ``beta`` (4 classes), version 1 each."""
+    shutil.copytree(tiny_trunk_dir, tmp_path / "trunk")
+    make_bundle(tiny_trunk, tmp_path / "tasks" / "alpha" / "1", name="alpha", seed=1)
+    make_bundle(tiny_trunk, tmp_path / "tasks" / "beta" / "1", name="beta", labels=["x", "y", "z", "w"], seed=2)
+    return tmp_path

@@ -25,11 +25,8 @@ from stadapter.video import VideoError
 
 
 @pytest.fixture()
-def repo(tmp_path, tiny_trunk, tiny_trunk_dir):
-    shutil.copytree(tiny_trunk_dir, tmp_path / "trunk")
-    make_bundle(tiny_trunk, tmp_path / "tasks" / "alpha" / "1", name="alpha", seed=1)
-    make_bundle(tiny_trunk, tmp_path / "tasks" / "beta" / "1", name="beta", labels=["x", "y", "z", "w"], seed=2)
-    return tmp_path
+def repo(two_task_repo):
+    return two_task_repo
 
 
 def _upload(registry: TaskRegistry, trunk, tmp_path, name: str, seed: int = 5, **kw):
