@@ -17,7 +17,7 @@ TEST_DEPS := $(TRITON_STAMP)
 TEST_ENV := STADAPTER_PYTRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python
 endif
 
-.PHONY: venv test demo clean protos
+.PHONY: venv test demo triton clean protos
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP) $(TEST_DEPS)
 
 demo: $(STAMP)
 	$(BIN)/python -m clients.demo
+
+# A Triton model repository for the demo tasks (generated, not committed).
+triton: $(STAMP)
+	$(BIN)/python -m export triton --trunk model_repository/trunk --tasks model_repository/tasks/*/1 --out model_repository/triton
 
 protos: $(STAMP)
 	$(BIN)/python -m stadapter_api.generate
