@@ -205,14 +205,16 @@ async def run_load(cfg: LoadConfig, progress: bool = False, stream=sys.stderr) -
 
             await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
         else:
-            interval = 1.0 / cfg.rate
+            # Request i starts at t0 + i / rate. The start count is worked out from i, not from
+            # summed intervals: 10 x 0.05 s adds up to just under 0.5 s and would start an 11th.
+            starts = (end - t0) * cfg.rate
             inflight: set[asyncio.Task] = set()
-            next_at = t0
-            while next_at < end and claim():  # request i starts at t0 + i / rate
-                delay = next_at - time.monotonic()
+            i = 0
+            while i < starts - 1e-6 and claim():
+                delay = t0 + i / cfg.rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                next_at += interval
+                i += 1
                 if len(inflight) >= cfg.max_inflight:
                     stats.record("CLIENT_OVERLOAD", 0.0)
                     continue

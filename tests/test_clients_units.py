@@ -5,7 +5,9 @@ Retries and deadlines run against a small in-process gRPC fake of ``VideoClassif
 
 from __future__ import annotations
 
+import asyncio
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +29,7 @@ from clients.core import (
     register_chunks,
     sampling_overrides,
 )
-from clients.loadgen import LoadConfig, is_loopback, percentile
+from clients.loadgen import LoadConfig, is_loopback, percentile, run_load
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
@@ -213,6 +215,19 @@ def test_loadgen_is_loopback_only_unless_allowed_and_bounded(tmp_path):
         LoadConfig(address="127.0.0.1:1", rate=5.0, **base)
     with pytest.raises(ValueError, match="--duration must be"):
         LoadConfig(address="127.0.0.1:1", tasks=("a",), clips=base["clips"], concurrency=1, duration_s=1e9)
+
+
+@pytest.mark.parametrize("rate, duration, starts", [(20.0, 0.5, 10), (10.0, 0.3, 3), (7.0, 0.3, 3), (3.0, 1.0, 3)])
+def test_open_loop_starts_rate_times_duration_requests(tmp_path, rate, duration, starts):
+    """Start i happens at i / rate; summing the intervals instead (10 x 0.05 s < 0.5 s) started one too many."""
+    with socket.socket() as s:  # a free port with nobody listening: each request fails fast with UNAVAILABLE
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    (tmp_path / "c.mp4").write_bytes(b"clip")
+    cfg = LoadConfig(address=address, tasks=("a",), clips=(tmp_path / "c.mp4",), rate=rate, duration_s=duration,
+                     timeout_s=2.0)
+    summary = asyncio.run(run_load(cfg))
+    assert summary["requests"] == starts and summary["ok"] == 0, summary
 
 
 def test_percentile_nearest_rank():
