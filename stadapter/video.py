@@ -88,6 +88,9 @@ class VideoLimits:
         max_decode_seconds: wall clock for one call, checked between packets.
         max_aspect_ratio: long side / short side of a frame (the short side is scaled
             to the model size, so a sliver would become a huge image).
+        max_output_frames: frames in the returned tensor, views x frames per view
+            (a sampled frame is decoded once, but each view holds its own copy:
+            1,024 frames of 224 x 224 are 616 MB of float32).
         formats: allowed demuxer names (empty = any; see ``DEFAULT_FORMATS``).
     """
 
@@ -99,10 +102,12 @@ class VideoLimits:
     max_packets: int = 1_000_000
     max_decode_seconds: float = 60.0
     max_aspect_ratio: float = 16.0
+    max_output_frames: int = 1024
     formats: tuple[str, ...] = DEFAULT_FORMATS
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_frames_decoded", "max_streams", "max_packets"):
+        for name in ("max_bytes", "max_pixels", "max_frames_decoded", "max_streams", "max_packets",
+                     "max_output_frames"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"VideoLimits.{name} must be a positive int, got {v!r}")
@@ -177,6 +182,10 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
     [0, 1] is normalised with ``cfg.mean`` / ``cfg.std``. See the module docstring
     for how a clip that ends early is handled.
     """
+    wanted = cfg.num_views * cfg.num_frames
+    if wanted > limits.max_output_frames:
+        raise VideoError(f"the sampling asks for {cfg.num_views} view(s) x {cfg.num_frames} frames = {wanted} frames, "
+                         f"over the limit of {limits.max_output_frames}")
     with _guard("decode"), _Clip(source, limits) as clip:
         n = clip.info.num_frames
         views = [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)]

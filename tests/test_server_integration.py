@@ -163,7 +163,8 @@ def test_each_bad_clip_is_invalid_argument_and_the_server_keeps_serving(main, cl
         assert e.value.details(), kind
         assert main.stubs.classify("alpha", good).predictions, f"good request after {kind}"
     for kw in ({"top_k": 5000}, {"sampling": pb.SamplingOverrides(spatial_views=2)},
-               {"sampling": pb.SamplingOverrides(mode="sideways")}):
+               {"sampling": pb.SamplingOverrides(mode="sideways")},
+               {"sampling": pb.SamplingOverrides(num_frames=512, temporal_views=4_000_000_000, spatial_views=3)}):
         assert code_of(lambda: main.stubs.classify("alpha", good, **kw)) == grpc.StatusCode.INVALID_ARGUMENT, kw
     assert code_of(lambda: main.stubs.classify("", good)) == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -280,11 +280,21 @@ def test_truncated_clip_is_resampled_or_refused():
     (VideoLimits(max_streams=1), "2 streams, over the limit of 1"),
     (VideoLimits(max_packets=10), "more than 10 packets"),
     (VideoLimits(formats=("avi",)), r"allowed containers: avi"),
+    (VideoLimits(max_output_frames=7), r"1 view\(s\) x 8 frames = 8 frames, over the limit of 7"),
 ])
 def test_limits_are_enforced(limits, message):
     data = make_clip(None, 60, gop=10, audio=True)
     with pytest.raises(VideoError, match=message):
         decode_clip(data, SamplingConfig(num_frames=8, input_size=32), limits)
+
+
+def test_many_views_are_refused_before_any_work():
+    """Views x frames bounds the output tensor (each view holds its own copy of its frames)."""
+    huge = SamplingConfig(num_frames=512, temporal_views=10**9, spatial_views=3, input_size=32)
+    with pytest.raises(VideoError, match=r"3000000000 view\(s\) x 512 frames = 1536000000000 frames, over the limit of 1024"):
+        decode_clip(b"not even a video", huge)
+    data = make_clip(None, 60, gop=10)
+    assert decode_clip(data, SamplingConfig(num_frames=8, temporal_views=128, input_size=32)).shape == (128, 8, 3, 32, 32)
 
 
 def test_playlists_and_urls_are_not_followed(tmp_path):
