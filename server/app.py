@@ -84,8 +84,9 @@ class Server:
 
         batcher = Batcher(ModelRunner(trunk, cache), cfg.max_batch_size, cfg.max_queue_delay_ms / 1e3, metrics)
         pipeline = Pipeline(registry, batcher, metrics, cfg.max_queue_size, cfg.decode_workers, cfg.default_top_k,
-                            cfg.max_clip_bytes)
+                            cfg.max_clip_bytes, max_inflight_bytes=cfg.max_inflight_clip_bytes)
         metrics.queue_depth.set_function(lambda: pipeline.pending)
+        metrics.clip_bytes_in_flight.set_function(lambda: pipeline.held_bytes)
 
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),

@@ -28,6 +28,8 @@ class ServerConfig:
         poll_interval_s: how often the repository is re-read for other replicas' changes (0 = never).
         max_message_bytes: gRPC receive/send limit (one clip in one message must fit).
         max_clip_bytes: largest clip accepted (whole or streamed).
+        max_inflight_clip_bytes: encoded clip bytes all requests together may hold (streams
+            being received, clips waiting for decode); past it, RESOURCE_EXHAUSTED at once.
         admin_token_file: file holding the admin bearer token (else env ``STADAPTER_ADMIN_TOKEN``).
         allow_insecure_admin: accept admin calls without any token configured (development only).
         classify_token_file: if set, classification needs this bearer token too.
@@ -49,6 +51,7 @@ class ServerConfig:
     poll_interval_s: float = 2.0
     max_message_bytes: int = 64 * MiB
     max_clip_bytes: int = 256 * MiB
+    max_inflight_clip_bytes: int = 1024 * MiB
     max_bundle_bytes: int = 1 << 30
     admin_token_file: Optional[Path] = None
     allow_insecure_admin: bool = False
@@ -62,7 +65,7 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_size", "decode_workers", "max_message_bytes", "max_clip_bytes",
-                    "max_bundle_bytes", "keep_versions", "default_top_k")
+                    "max_inflight_clip_bytes", "max_bundle_bytes", "keep_versions", "default_top_k")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -72,6 +75,9 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"ServerConfig.dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}")
+        if self.max_inflight_clip_bytes < self.max_clip_bytes:
+            raise ValueError(f"ServerConfig.max_inflight_clip_bytes ({self.max_inflight_clip_bytes}) must be >= "
+                             f"max_clip_bytes ({self.max_clip_bytes}), or the largest clip could never be accepted")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         for name in ("port", "metrics_port"):
@@ -101,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--poll-interval-s", type=float, default=d.poll_interval_s, help="re-read the repository (0 = off)")
     a("--max-message-bytes", type=int, default=d.max_message_bytes)
     a("--max-clip-bytes", type=int, default=d.max_clip_bytes)
+    a("--max-inflight-clip-bytes", type=int, default=d.max_inflight_clip_bytes,
+      help="encoded clip bytes held by all requests together (streams, clips awaiting decode)")
     a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes)
     a("--admin-token-file", type=Path, help="file with the admin token (else env STADAPTER_ADMIN_TOKEN)")
     a("--allow-insecure-admin", action="store_true", help="admin calls without a token (development only)")

@@ -57,6 +57,8 @@ class Metrics:
         self.clips = Counter(f"{p}_clips", "Clips classified, by task", ["task"], registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests admitted and not yet computed", registry=r)
         self.queue_depth.set_function(queue_depth)
+        self.clip_bytes_in_flight = Gauge(f"{p}_clip_bytes_in_flight",
+                                          "Encoded clip bytes held by requests in progress", registry=r)
         self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served", registry=r)
         self.task_bytes = Gauge(f"{p}_task_bytes", "Adapter + head tensor bytes of the served version", ["task"], registry=r)
         self.task_version = Gauge(f"{p}_task_version", "Served version of each task", ["task"], registry=r)

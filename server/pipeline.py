@@ -4,6 +4,11 @@ Admission happens before any work: a draining server answers UNAVAILABLE, a
 full queue (``max_queue_size`` requests admitted and not yet computed)
 RESOURCE_EXHAUSTED, an unknown task NOT_FOUND. The task version is captured
 at admission and the request runs on it to the end.
+
+Encoded clip bytes are a second budget (``max_inflight_bytes``): the services
+hold a clip's bytes from the moment they arrive (chunk by chunk for a stream)
+until the request ends, so many large uploads at once get RESOURCE_EXHAUSTED
+instead of exhausting memory.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class Classification:
 class Pipeline:
     def __init__(self, registry: TaskRegistry, batcher: Batcher, metrics: Metrics, max_queue_size: int,
                  decode_workers: int, default_top_k: int = 5, max_clip_bytes: int = 1 << 28,
-                 video_limits: Optional[VideoLimits] = None):
+                 video_limits: Optional[VideoLimits] = None, max_inflight_bytes: int = 1 << 30):
         self.registry = registry
         self.batcher = batcher
         self.metrics = metrics
@@ -50,6 +55,8 @@ class Pipeline:
         self.max_clip_bytes = max_clip_bytes
         self.video_limits = video_limits or VideoLimits(max_bytes=max_clip_bytes)
         self.decode_pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
+        self.max_inflight_bytes = max_inflight_bytes
+        self.held_bytes = 0  # encoded clip bytes held by requests in progress
         self.pending = 0  # admitted, not yet computed
         self.inflight = 0  # every RPC in progress (for draining)
         self._idle = asyncio.Event()
@@ -68,6 +75,25 @@ class Pipeline:
         self.inflight -= 1
         if self.inflight == 0:
             self._idle.set()
+
+    def check_clip_size(self, n: int) -> None:
+        if not n:
+            raise BadRequest("the clip is empty (0 bytes)")
+        if n > self.max_clip_bytes:
+            raise BadRequest(f"the clip is {n} bytes, above the limit of {self.max_clip_bytes}")
+
+    def hold_bytes(self, n: int) -> None:
+        """Count ``n`` more clip bytes against the budget, or refuse them (nothing is held then)."""
+        if n > self.max_inflight_bytes:
+            raise BadRequest(f"one request carries {n} bytes of clips, above the server's limit of "
+                             f"{self.max_inflight_bytes} bytes in flight; send fewer or smaller clips per call")
+        if self.held_bytes + n > self.max_inflight_bytes:
+            raise QueueFull(f"clips in flight already hold {self.held_bytes} bytes; {n} more would pass the limit "
+                            f"of {self.max_inflight_bytes}; retry later")
+        self.held_bytes += n
+
+    def free_bytes(self, n: int) -> None:
+        self.held_bytes -= n
 
     async def wait_idle(self, timeout: float) -> bool:
         try:
@@ -94,10 +120,7 @@ class Pipeline:
             if k > MAX_TOP_K:
                 raise BadRequest(f"top_k={top_k} is above the limit of {MAX_TOP_K}")
             sampling = _apply_overrides(tv.spec.sampling, overrides)
-            if not clip:
-                raise BadRequest("the clip is empty (0 bytes)")
-            if len(clip) > self.max_clip_bytes:
-                raise BadRequest(f"the clip is {len(clip)} bytes, above the limit of {self.max_clip_bytes}")
+            self.check_clip_size(len(clip))
             _check_deadline(deadline, "before decode")
             loop = asyncio.get_running_loop()
             views, decode_s = await loop.run_in_executor(self.decode_pool, _decode_timed, clip, sampling,

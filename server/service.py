@@ -132,25 +132,37 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
     @rpc("Classify", "classify")
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         _task_label.set(request.task)
-        return await self._classify(request, _deadline(context))
+        n = len(request.clip)
+        if n > self.max_clip_bytes:
+            self.pipeline.check_clip_size(n)  # too big is INVALID_ARGUMENT, whatever the budget
+        self.pipeline.hold_bytes(n)
+        try:
+            return await self._classify(request, _deadline(context))
+        finally:
+            self.pipeline.free_bytes(n)
 
     @rpc("ClassifyStream", "classify")
     async def ClassifyStream(self, request_iterator, context) -> pb.ClassifyResponse:
         first: Optional[pb.ClassifyChunk] = None
         parts, size = [], 0
-        async for chunk in request_iterator:
+        try:
+            async for chunk in request_iterator:
+                if first is None:
+                    first = chunk
+                    _task_label.set(chunk.task)
+                if size + len(chunk.data) > self.max_clip_bytes:
+                    raise BadRequest(f"the streamed clip exceeds the limit of {self.max_clip_bytes} bytes")
+                self.pipeline.hold_bytes(len(chunk.data))
+                size += len(chunk.data)
+                parts.append(chunk.data)
             if first is None:
-                first = chunk
-                _task_label.set(chunk.task)
-            size += len(chunk.data)
-            if size > self.max_clip_bytes:
-                raise BadRequest(f"the streamed clip exceeds the limit of {self.max_clip_bytes} bytes")
-            parts.append(chunk.data)
-        if first is None:
-            raise BadRequest("the stream carried no chunks")
-        req = pb.ClassifyRequest(task=first.task, clip=b"".join(parts), top_k=first.top_k,
-                                 sampling=first.sampling, request_id=first.request_id)
-        return await self._classify(req, _deadline(context))
+                raise BadRequest("the stream carried no chunks")
+            clip, parts = b"".join(parts), None
+            req = pb.ClassifyRequest(task=first.task, clip=clip, top_k=first.top_k,
+                                     sampling=first.sampling, request_id=first.request_id)
+            return await self._classify(req, _deadline(context))
+        finally:
+            self.pipeline.free_bytes(size)
 
     @rpc("BatchClassify", "classify")
     async def BatchClassify(self, request: pb.BatchClassifyRequest, context) -> pb.BatchClassifyResponse:
@@ -166,7 +178,12 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
                 self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), code.name).inc()
                 return pb.BatchClassifyResult(error=pb.ItemError(code=code.value[0], message=message))
 
-        results = await asyncio.gather(*(one(r) for r in request.requests))
+        n = sum(len(r.clip) for r in request.requests)
+        self.pipeline.hold_bytes(n)
+        try:
+            results = await asyncio.gather(*(one(r) for r in request.requests))
+        finally:
+            self.pipeline.free_bytes(n)
         return pb.BatchClassifyResponse(results=results)
 
     @rpc("ListTasks", "classify")

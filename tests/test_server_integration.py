@@ -422,3 +422,36 @@ def test_tls_with_token_files_and_a_classify_token(tmp_path, clips):
         assert admin.UnregisterTask(pb.UnregisterTaskRequest(task="beta"), metadata=md, timeout=10).task == "beta"
         plain = pb_grpc.VideoClassifierStub(grpc.insecure_channel(srv.address))
         assert code_of(lambda: plain.ListTasks(pb.ListTasksRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_clip_bytes_in_flight_are_bounded(tmp_path, clips):
+    """A stream that is still arriving holds its bytes; a clip that would pass the budget is refused at once."""
+    a = clips[0]
+    budget = len(a) + 100
+    held = len(a) - 10  # the stream sends all but its last 10 bytes, then waits
+    release = threading.Event()
+
+    def chunks():
+        yield pb.ClassifyChunk(task="alpha", data=a[:held])
+        release.wait(30)
+        yield pb.ClassifyChunk(data=a[held:])
+
+    repo = make_repository(tmp_path / "repo")
+    with ServerProcess(repo, "--max-clip-bytes", str(budget), "--max-inflight-clip-bytes", str(budget)) as srv:
+        stubs = Stubs(srv.address)
+        stream = stubs.clf.ClassifyStream.future(chunks(), timeout=30)
+        end = time.monotonic() + 20
+        while metric(scrape(srv.metrics_url), "stadapter_clip_bytes_in_flight") != held:
+            assert time.monotonic() < end, "the first chunk never arrived"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            stubs.classify("alpha", a)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "in flight" in e.value.details()
+        assert time.monotonic() - t0 < 5  # at once, not after the stream ends
+        release.set()
+        assert stream.result().task == "alpha"
+        assert stubs.classify("alpha", a).predictions  # the budget is free again
+        assert metric(scrape(srv.metrics_url), "stadapter_clip_bytes_in_flight") == 0
+        two = pb.BatchClassifyRequest(requests=[pb.ClassifyRequest(task="alpha", clip=a)] * 2)
+        assert code_of(lambda: stubs.clf.BatchClassify(two, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT

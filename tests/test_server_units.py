@@ -17,6 +17,7 @@ from server.cache import DeviceCache
 from server.config import ServerConfig, parse_args
 from server.errors import BadRequest, Draining, QueueFull, TaskNotFound, Unauthenticated, status_for
 from server.model import ModelRunner, cache_key
+from server.pipeline import Pipeline
 from server.registry import TaskRegistry
 from stadapter import load_bundle
 from stadapter.bundle import BundleError
@@ -242,6 +243,24 @@ def test_config_flags_and_validation(tmp_path):
         ServerConfig(model_repository=tmp_path, tls_cert=tmp_path / "c.pem")
     with pytest.raises(SystemExit):
         parse_args(["--model-repository", str(tmp_path), "--max-queue-size", "0"])
+    with pytest.raises(ValueError, match="largest clip could never be accepted"):
+        ServerConfig(model_repository=tmp_path, max_clip_bytes=1000, max_inflight_clip_bytes=999)
+
+
+def test_clip_byte_budget_refuses_without_holding():
+    p = Pipeline(None, None, None, max_queue_size=1, decode_workers=1, max_inflight_bytes=100)  # only the budget is used
+    try:
+        p.hold_bytes(60)
+        with pytest.raises(QueueFull, match="already hold 60 bytes; 50 more would pass the limit of 100"):
+            p.hold_bytes(50)
+        assert p.held_bytes == 60
+        with pytest.raises(BadRequest, match="carries 101 bytes of clips, above the server's limit of 100"):
+            p.hold_bytes(101)
+        p.free_bytes(60)
+        p.hold_bytes(100)
+        assert p.held_bytes == 100
+    finally:
+        p.close()
 
 
 def test_runner_in_bfloat16_agrees_with_float32(repo, tiny_trunk_dir):
