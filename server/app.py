@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -83,6 +84,10 @@ class Server:
         metrics.tasks_loaded.set(len(registry.tasks))
 
         batcher = Batcher(ModelRunner(trunk, cache), cfg.max_batch_size, cfg.max_queue_delay_ms / 1e3, metrics)
+        if cfg.warmup and registry.tasks:
+            t0 = time.monotonic()
+            runs = await batcher.warmup(list(registry.tasks.values()))
+            log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
         pipeline = Pipeline(registry, batcher, metrics, cfg.max_queue_size, cfg.decode_workers, cfg.default_top_k,
                             cfg.max_clip_bytes, max_inflight_bytes=cfg.max_inflight_clip_bytes)
         metrics.queue_depth.set_function(lambda: pipeline.pending)

@@ -66,6 +66,10 @@ class Batcher:
         self._task: Optional[asyncio.Task] = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # owns the model
 
+    async def warmup(self, tvs: list[TaskVersion]) -> int:
+        """:meth:`ModelRunner.warmup` on the model thread, whose thread-local pools it warms too."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.warmup, tvs)
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 

@@ -35,6 +35,7 @@ class ServerConfig:
         classify_token_file: if set, classification needs this bearer token too.
         keep_versions: task versions kept on disk per task (older ones are deleted after a register).
         drain_timeout_s: on SIGTERM, longest wait for in-flight requests.
+        warmup: run each served input shape once before accepting traffic.
     """
 
     model_repository: Path
@@ -62,6 +63,7 @@ class ServerConfig:
     keep_versions: int = 2
     default_top_k: int = 5
     drain_timeout_s: float = 30.0
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_size", "decode_workers", "max_message_bytes", "max_clip_bytes",
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--keep-versions", type=int, default=d.keep_versions)
     a("--default-top-k", type=int, default=d.default_top_k)
     a("--drain-timeout-s", type=float, default=d.drain_timeout_s)
+    a("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
+      help="run each served input shape once before accepting traffic (default on)")
     return p
 
 

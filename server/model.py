@@ -79,6 +79,27 @@ class ModelRunner:
         self._last_concat = (keys, stack)  # the same task mix often repeats batch after batch
         return stack
 
+    def warmup(self, tvs: Sequence[TaskVersion]) -> int:
+        """Run the served shapes once before traffic, so the first request pays no one-time costs.
+
+        Clips batch by (frames, input size, adapter activation); for each such group
+        this runs a one-task forward (the fast path) and, when the group has several
+        tasks, a two-task one (the gathered path), on a blank clip. First forwards
+        are slow everywhere (allocator, kernel choice; on CUDA the context and library
+        handles too). Returns the number of forwards run.
+        """
+        groups: dict[tuple, list[TaskVersion]] = {}
+        for tv in tvs:
+            s = tv.spec.sampling
+            groups.setdefault((s.num_frames, s.input_size, tv.host_stack.activation), []).append(tv)
+        runs = 0
+        for (frames, size, _), members in groups.items():
+            blank = torch.zeros(1, frames, 3, size, size)
+            for n in sorted({1, min(2, len(members))}):
+                self.forward([(tv, blank) for tv in members[:n]])
+                runs += 1
+        return runs
+
     @torch.inference_mode()
     def forward(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> BatchOutput:
         """clips: (task version, views [V, T, 3, S, S]) with equal T and S -> per-clip probabilities."""

@@ -237,6 +237,7 @@ def test_status_for(exc, code):
 def test_config_flags_and_validation(tmp_path):
     cfg = parse_args(["--model-repository", str(tmp_path), "--port", "0", "--max-batch-size", "8", "--dtype", "float16"])
     assert isinstance(cfg, ServerConfig) and cfg.port == 0 and cfg.max_batch_size == 8 and cfg.dtype == "float16"
+    assert cfg.warmup and not parse_args(["--model-repository", str(tmp_path), "--no-warmup"]).warmup
     with pytest.raises(ValueError, match="max_batch_size"):
         ServerConfig(model_repository=tmp_path, max_batch_size=0)
     with pytest.raises(ValueError, match="TLS"):
@@ -245,6 +246,21 @@ def test_config_flags_and_validation(tmp_path):
         parse_args(["--model-repository", str(tmp_path), "--max-queue-size", "0"])
     with pytest.raises(ValueError, match="largest clip could never be accepted"):
         ServerConfig(model_repository=tmp_path, max_clip_bytes=1000, max_inflight_clip_bytes=999)
+
+
+def test_warmup_runs_each_served_shape_once_per_path(repo, tiny_trunk):
+    """Same-shape tasks share a group: a one-task and a two-task forward; another frame count is its own group."""
+    from stadapter import SamplingConfig
+
+    make_bundle(tiny_trunk, repo / "tasks" / "gamma" / "1", name="gamma", seed=4,
+                sampling=SamplingConfig(num_frames=2, input_size=32))
+    reg = TaskRegistry(repo, tiny_trunk)
+    reg.sync()
+    cache = DeviceCache(1 << 20, torch.device("cpu"), torch.float32)
+    runner = ModelRunner(tiny_trunk, cache)
+    assert runner.warmup(list(reg.tasks.values())) == 3
+    assert cache.misses == 3 and cache.bytes > 0  # all three tasks' adapters are now resident
+    assert runner.warmup([]) == 0
 
 
 def test_clip_byte_budget_refuses_without_holding():
