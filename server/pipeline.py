@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from torch import Tensor
 
@@ -94,6 +95,15 @@ class Pipeline:
 
     def free_bytes(self, n: int) -> None:
         self.held_bytes -= n
+
+    @contextmanager
+    def holding(self, n: int) -> Iterator[None]:
+        """Hold ``n`` clip bytes for the duration of the block (see :meth:`hold_bytes`)."""
+        self.hold_bytes(n)
+        try:
+            yield
+        finally:
+            self.free_bytes(n)
 
     async def wait_idle(self, timeout: float) -> bool:
         try:

@@ -135,11 +135,8 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
         n = len(request.clip)
         if n > self.max_clip_bytes:
             self.pipeline.check_clip_size(n)  # too big is INVALID_ARGUMENT, whatever the budget
-        self.pipeline.hold_bytes(n)
-        try:
+        with self.pipeline.holding(n):
             return await self._classify(request, _deadline(context))
-        finally:
-            self.pipeline.free_bytes(n)
 
     @rpc("ClassifyStream", "classify")
     async def ClassifyStream(self, request_iterator, context) -> pb.ClassifyResponse:
@@ -178,12 +175,8 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
                 self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), code.name).inc()
                 return pb.BatchClassifyResult(error=pb.ItemError(code=code.value[0], message=message))
 
-        n = sum(len(r.clip) for r in request.requests)
-        self.pipeline.hold_bytes(n)
-        try:
+        with self.pipeline.holding(sum(len(r.clip) for r in request.requests)):
             results = await asyncio.gather(*(one(r) for r in request.requests))
-        finally:
-            self.pipeline.free_bytes(n)
         return pb.BatchClassifyResponse(results=results)
 
     @rpc("ListTasks", "classify")
