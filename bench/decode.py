@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from media import make_clip  # noqa: E402
 
 from stadapter.config import SamplingConfig  # noqa: E402
-from stadapter.video import VideoLimits, _Converter, _to_tensor, decode_clip, probe, sample_indices  # noqa: E402
+from stadapter.video import FrameConverter, VideoLimits, decode_clip, probe, sample_indices, views_to_tensor  # noqa: E402
 
 
 def naive_clip(data: bytes, cfg: SamplingConfig, to_ndarray: bool = False) -> torch.Tensor:
@@ -68,8 +68,8 @@ def naive_clip(data: bytes, cfg: SamplingConfig, to_ndarray: bool = False) -> to
     else:
         rgb = np.stack([scaler.reformat(f, format="rgb24", threads=1).to_ndarray() for f in frames])
     views = [sample_indices(len(rgb), cfg, v) for v in range(cfg.temporal_views)]
-    convert = _Converter(VideoLimits(), cfg.short_side)
-    return _to_tensor(views, {i: convert(frames[i]) for i in set(sum(views, []))}, cfg)
+    convert = FrameConverter(VideoLimits(), cfg.short_side)
+    return views_to_tensor(views, {i: convert(frames[i]) for i in set(sum(views, []))}, cfg)
 
 
 def timed(fns: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:

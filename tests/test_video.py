@@ -20,11 +20,11 @@ from media import (
     truncated,
 )
 from stadapter.config import SamplingConfig
+from stadapter.video.container import Clip
 from stadapter.video import (
     ClipInfo,
     VideoError,
     VideoLimits,
-    _Clip,
     crop_offsets,
     decode_clip,
     decode_frames,
@@ -129,7 +129,7 @@ def test_decoded_frames_equal_decoding_everything(clips, name):
     sets = [[0], [59], [5, 25, 45], [9, 10, 11, 12], sorted(rng.sample(range(60), 7))]
     for needed in sets:
         for seek_gap in (0, 4, None):  # seek at every chance / at gaps > 4 / default
-            with _Clip(data, VideoLimits()) as clip:
+            with Clip(data, VideoLimits()) as clip:
                 got, res = clip.read(needed, RAW, seek_gap=seek_gap)
             assert sorted(got) == needed, (needed, seek_gap)
             for i in needed:
@@ -142,17 +142,17 @@ def test_decoded_frames_equal_decoding_everything(clips, name):
 @pytest.mark.parametrize("name", ["h264-mp4-gop10", "h264-mkv-gop7", "vp9-webm-gop10"])
 def test_seeks_happen_and_stay_exact(clips, name):
     ref = decode_all(clips[name])
-    with _Clip(clips[name], VideoLimits()) as clip:
+    with Clip(clips[name], VideoLimits()) as clip:
         got, res = clip.read([2, 30, 58], RAW, seek_gap=8)
     assert res.seeks >= 1 and not res.sequential
     assert all(np.array_equal(got[i], ref[i]) for i in (2, 30, 58))
 
 
 def test_only_needed_gops_are_decoded(mp4):
-    with _Clip(mp4, VideoLimits()) as clip:
+    with Clip(mp4, VideoLimits()) as clip:
         got, res = clip.read([5, 25, 45], RAW)
     assert res.decoded <= 3 * 10 and not res.sequential  # GOP 10: at most the start of 3 GOPs
-    with _Clip(mp4, VideoLimits()) as clip:
+    with Clip(mp4, VideoLimits()) as clip:
         got, res = clip.read([3], RAW)
     assert res.decoded <= 4  # stops after the last needed frame
 
@@ -161,7 +161,7 @@ def test_variable_frame_rate_falls_back_to_counting():
     for fmt in ("mp4", "matroska"):
         data = make_clip(None, 30, container=fmt, timestamps=[i + (i >= 10) for i in range(30)])
         ref = decode_all(data)
-        with _Clip(data, VideoLimits()) as clip:
+        with Clip(data, VideoLimits()) as clip:
             got, res = clip.read([3, 20, 29], RAW)
         assert res.sequential
         assert all(np.array_equal(got[i], ref[i]) for i in (3, 20, 29))

@@ -1,0 +1,122 @@
+"""Decode only the sampled frames of a clip with PyAV; resize, crop, normalise; refuse bad input.
+
+How frames are found without decoding the whole clip
+-----------------------------------------------------
+A frame's index is what a naive reader would count: the i-th frame the decoder
+outputs. For a constant-frame-rate stream that is also ``(pts - pts0) * time_base
+* fps`` where ``pts0`` is the first frame's pts, so every *packet* can be placed
+without decoding it. The reader demuxes packets (cheap: no decoding) and holds
+back those of the current GOP; the GOP is decoded only when it turns out to
+hold the next needed frame (a packet at or past it arrives before the next
+keyframe). GOPs holding no needed frame are dropped undecoded; inside a decoded
+GOP, frames that are neither needed nor referenced by others are dropped by the
+decoder (``skip_frame=NONREF`` per packet, for h264/hevc/mpeg-2/mpeg-4 whose
+decoders define reference frames exactly); the decoder stops as soon as the last
+needed frame is out; and a needed frame more than ``seek_gap`` frames ahead
+(default 5 s) is reached with a backward ``container.seek`` to the keyframe
+before it instead of demuxing there.
+
+The result equals "decode every frame, then index": every decoded run is checked
+to be gap-free on the frame grid, and every grid slot up to the last needed frame
+must have had its packet (slots jumped over by a seek are taken on trust: seeks
+only happen for gaps of seconds). When a stream breaks these assumptions
+(variable frame rate, missing timestamps, dropped frames) the reader starts over
+and decodes sequentially, counting frames. A seek that lands past its target
+(imprecise index, e.g. MPEG-TS) makes it start over without seeking.
+
+Truncated clips
+---------------
+:func:`decode_frames` is strict: a requested frame that does not decode raises
+:class:`VideoError` naming how many frames decoded. :func:`decode_clip` samples
+against the frame count in the header; if the stream ends early (cut download,
+or a duration-based estimate that was high) it re-samples once against the
+number of frames the stream actually holds, which the first pass learnt while
+reaching the end, and reuses the frames already decoded. It raises when even
+that misses frames (a corrupt frame in the middle).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..config import SamplingConfig
+from .container import ClipInfo, Clip, guard
+from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits
+from .preprocess import FrameConverter, crop_offsets, views_to_tensor
+from .readers import ReadResult
+from .sampling import missing_indices, sample_indices, unique_indices
+
+__all__ = [
+    "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "crop_offsets", "decode_clip",
+    "decode_frames", "probe", "sample_indices", "views_to_tensor",
+]
+
+
+def probe(source: Source, limits: VideoLimits = VideoLimits()) -> ClipInfo:
+    """Read the header of a clip (no decoding) and check it against ``limits``."""
+    with guard("probe"), Clip(source, limits) as clip:
+        return clip.info
+
+
+def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = VideoLimits()) -> torch.Tensor:
+    """Model input for one clip: float32 [V, T, 3, S, S], V = temporal_views * spatial_views.
+
+    Views are ordered temporal-major (for each temporal view, each spatial crop).
+    Each frame is resized (bicubic) so its short side is ``cfg.short_side``, then
+    cropped to S x S: the centre, or start/centre/end along the long side; RGB in
+    [0, 1] is normalised with ``cfg.mean`` / ``cfg.std``. See the module docstring
+    for how a clip that ends early is handled.
+    """
+    wanted = cfg.num_views * cfg.num_frames
+    if wanted > limits.max_output_frames:
+        raise VideoError(f"the sampling asks for {cfg.num_views} view(s) x {cfg.num_frames} frames = {wanted} frames, "
+                         f"over the limit of {limits.max_output_frames}")
+    with guard("decode"), Clip(source, limits) as clip:
+        n = clip.info.num_frames
+        views = [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)]
+        convert = FrameConverter(limits, cfg.short_side)
+        got, read = clip.read(unique_indices(views), convert)
+        if missing_indices(views, got) and read.eof and 0 <= read.last_index < n - 1:
+            # the stream holds fewer frames than the header said: sample what is there
+            n = read.last_index + 1
+            views = [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)]
+            todo = missing_indices(views, got)
+            if todo:
+                more, read = clip.read(todo, convert, restart=True)
+                got.update(more)
+        missing = missing_indices(views, got)
+        if missing:
+            raise VideoError(_shortfall(missing, len(unique_indices(views)), clip.info, read))
+    return views_to_tensor(views, got, cfg)
+
+
+def decode_frames(source: Source, indices: Sequence[int], limits: VideoLimits = VideoLimits()) -> np.ndarray:
+    """Raw RGB frames at ``indices`` (any order, repeats allowed): uint8 [N, H, W, 3].
+
+    Strict: raises :class:`VideoError` if any requested frame does not decode.
+    """
+    idx = [int(i) for i in indices]
+    if any(i < 0 for i in idx):
+        raise ValueError(f"frame indices must be >= 0, got {min(idx)}")
+    with guard("decode"), Clip(source, limits) as clip:
+        if not idx:
+            return np.zeros((0, clip.info.height, clip.info.width, 3), np.uint8)
+        got, read = clip.read(sorted(set(idx)), FrameConverter(limits))
+        missing = sorted(set(idx) - set(got))
+        if missing:
+            raise VideoError(_shortfall(missing, len(set(idx)), clip.info, read))
+        shapes = {got[i].shape for i in idx}
+        if len(shapes) > 1:
+            raise VideoError(f"frame size changes inside the clip ({sorted(shapes)[:3]}); cannot stack the frames")
+        return np.stack([got[i] for i in idx])
+
+
+def _shortfall(missing: list[int], wanted: int, info: ClipInfo, read: ReadResult) -> str:
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    if read.last_index < 0:
+        return f"no decodable video frames (the header says {info.num_frames} frames of {info.codec})"
+    return (f"decoded {wanted - len(missing)} of {wanted} needed frames: frame(s) {shown} did not decode "
+            f"(the header says {info.num_frames} frames; the stream ends after frame {read.last_index})")

@@ -1,0 +1,210 @@
+"""Opening a clip: size and container checks, choosing the video stream, header facts and limits."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import av
+import numpy as np
+
+from .limits import Budget, Source, VideoError, VideoLimits, check_aspect
+from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What the container header says about the clip's video stream."""
+
+    num_frames: int  # from stream.frames, else duration * fps (an estimate)
+    fps: float
+    duration_s: float
+    width: int
+    height: int
+    codec: str
+    container: str
+
+
+class guard:
+    """Turn whatever PyAV / FFmpeg / odd files raise into :class:`VideoError`."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp, exc, tb) -> bool:
+        if exc is None or isinstance(exc, VideoError) or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, (av.FFmpegError, OSError, EOFError, ValueError, IndexError, KeyError,
+                            AssertionError, RuntimeError, OverflowError, MemoryError, UnicodeError)):
+            raise VideoError(f"cannot {self.what} clip: {describe(exc)}") from exc
+        return False
+
+
+def describe(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+def _source_size(source: Source) -> int:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    try:
+        return os.stat(source).st_size
+    except OSError as e:
+        raise VideoError(f"cannot read clip {os.fspath(source)!r}: {e.strerror or e}") from e
+
+
+def _open_container(source: Source, limits: VideoLimits) -> av.container.InputContainer:
+    options = {"protocol_whitelist": "file"}  # a path may never become a URL
+    if limits.formats:
+        options["format_whitelist"] = ",".join(limits.formats)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        target: io.BytesIO | str = io.BytesIO(bytes(source) if not isinstance(source, bytes) else source)
+    else:
+        target = os.fspath(source)
+        if not isinstance(target, str):
+            target = os.fsdecode(target)
+    try:
+        return av.open(target, mode="r", container_options=options)
+    except (av.FFmpegError, OSError, EOFError, ValueError, IndexError, UnicodeError) as e:
+        allowed = f", or not in one of the allowed containers: {', '.join(limits.formats)}" if limits.formats else ""
+        raise VideoError(f"cannot open clip: not a readable video (corrupt, truncated{allowed}) [{describe(e)}]") from e
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    attached = getattr(getattr(av.stream, "Disposition", None), "attached_pic", None)
+    for s in container.streams.video:
+        if attached is None or not (s.disposition & attached):
+            return s
+    kinds = Counter(s.type for s in container.streams)
+    listing = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
+    raise VideoError(f"clip has no video stream (streams: {listing})")
+
+
+def _fps(stream) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate.denominator and 0 < float(rate) < 10_000:
+            return float(rate)
+    return 0.0
+
+
+def _clip_info(container, stream) -> ClipInfo:
+    fps = _fps(stream)
+    duration = 0.0
+    if stream.duration and stream.time_base:
+        duration = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration = container.duration / av.time_base
+    frames = int(stream.frames or 0)
+    if frames <= 0 and duration > 0 and fps > 0:
+        frames = max(1, round(duration * fps))
+    if duration <= 0 and frames > 0 and fps > 0:
+        duration = frames / fps
+    cc = stream.codec_context
+    return ClipInfo(num_frames=frames, fps=fps, duration_s=duration, width=int(cc.width or 0),
+                    height=int(cc.height or 0), codec=cc.name or "unknown", container=container.format.name)
+
+
+def _check(info: ClipInfo, limits: VideoLimits) -> None:
+    if info.width <= 0 or info.height <= 0:
+        raise VideoError(f"video stream has no frame size ({info.width}x{info.height}); the clip is corrupt")
+    if info.width * info.height > limits.max_pixels:
+        raise VideoError(f"frame size {info.width}x{info.height} = {info.width * info.height} pixels is over "
+                         f"the limit of {limits.max_pixels}")
+    length = max(info.duration_s, info.num_frames / info.fps if info.fps > 0 else 0.0)
+    check_aspect(info.width, info.height, limits)
+    if not math.isfinite(length) or length > limits.max_duration_s:
+        raise VideoError(f"clip is {length:.1f} s long, over the limit of {limits.max_duration_s:g} s")
+
+
+
+class Clip:
+    """One opened clip: header checked, the video stream chosen; reads frame sets."""
+
+    def __init__(self, source: Source, limits: VideoLimits) -> None:
+        size = _source_size(source)
+        if size == 0:
+            raise VideoError("clip is empty (0 bytes)")
+        if size > limits.max_bytes:
+            raise VideoError(f"clip is {size} bytes, over the limit of {limits.max_bytes}")
+        self.source, self.limits = source, limits
+        self.budget = Budget(limits)
+        self.container = _open_container(source, limits)
+        try:
+            if len(self.container.streams) > limits.max_streams:
+                raise VideoError(f"clip has {len(self.container.streams)} streams, over the limit of "
+                                 f"{limits.max_streams}")
+            stream = _video_stream(self.container)
+            self.stream_index = stream.index
+            self.info = _clip_info(self.container, stream)
+            _check(self.info, limits)
+            if self.info.num_frames <= 0:
+                self.info = _with_counted_frames(self.info, self._count_packets())
+                _check(self.info, limits)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> "Clip":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def _reopen(self) -> av.video.stream.VideoStream:
+        self.close()
+        self.container = _open_container(self.source, self.limits)
+        return self.container.streams[self.stream_index]
+
+    def _count_packets(self) -> int:
+        """Frame count for a header without frames or duration: count packets, then rewind."""
+        stream = self.container.streams[self.stream_index]
+        n = 0
+        for packet in self.container.demux(stream):
+            self.budget.packet()
+            n += packet.size > 0
+        self._reopen()
+        if n == 0:
+            raise VideoError("no decodable video frames: the video stream holds no packets")
+        return n
+
+    def read(self, needed: list[int], convert: Callable[[av.VideoFrame], np.ndarray],
+             restart: bool = False, seek_gap: int | None = None) -> tuple[dict[int, np.ndarray], "ReadResult"]:
+        """Frames at the sorted, unique ``needed`` indices, converted; plus how the read ended.
+
+        Tries the indexed reader (with seeks, then without), then sequential
+        decoding; ``restart`` reopens the clip first (for a second call).
+        """
+        stream = self._reopen() if restart else self.container.streams[self.stream_index]
+        fps = self.info.fps
+        gap = seek_gap if seek_gap is not None else max(64, int(5 * fps))
+        if fps > 0 and stream.time_base:
+            try:
+                return IndexedReader(self.container, stream, fps, self.budget, gap).run(needed, convert)
+            except SeekMissed:
+                stream = self._reopen()
+                try:
+                    return IndexedReader(self.container, stream, fps, self.budget, None).run(needed, convert)
+                except Irregular:
+                    stream = self._reopen()
+            except Irregular:
+                stream = self._reopen()
+        return SequentialReader(self.container, stream, self.budget).run(needed, convert)
+
+
+def _with_counted_frames(info: ClipInfo, n: int) -> ClipInfo:
+    fps = info.fps
+    return ClipInfo(n, fps, info.duration_s or (n / fps if fps > 0 else 0.0), info.width, info.height,
+                    info.codec, info.container)

@@ -1,0 +1,113 @@
+"""Bounds on the work one clip may cause, the error every refusal raises, and the per-call budget."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Union
+
+import av
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+# Demuxers a clip may use. Playlists (hls, concat, image2 sequences...) are left
+# out on purpose: they open further files or URLs named inside the clip.
+DEFAULT_FORMATS = (
+    "mov", "mp4", "matroska", "webm", "avi", "mpegts", "mpeg", "flv", "asf",
+    "ogg", "ivf", "h264", "hevc", "m4v", "gif",
+)  # fmt: skip
+
+_NONREF_SKIPPABLE = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
+_FRAME_GRID_TOLERANCE = 0.25
+_REORDER_DEPTH = 32  # frames a packet may come ahead of its display slot (B-pyramids are <= 16)  # in frames: how far a pts may sit from its grid slot
+
+
+class VideoError(ValueError):
+    """A clip cannot be used: corrupt, empty, no video stream, truncated, or over a limit.
+
+    The message says what was wrong (it is returned to API users as is).
+    """
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """Bounds on the work one clip may cause; every bound is checked before heavy work.
+
+    Args:
+        max_bytes: size of the encoded clip.
+        max_duration_s: duration from the header (or frames / fps).
+        max_pixels: width * height of one frame.
+        max_frames_decoded: frames the decoder may output for one call, all views
+            and retries together.
+        max_streams: streams of any kind in the container.
+        max_packets: packets demuxed for one call (reading without decoding).
+        max_decode_seconds: wall clock for one call, checked between packets.
+        max_aspect_ratio: long side / short side of a frame (the short side is scaled
+            to the model size, so a sliver would become a huge image).
+        max_output_frames: frames in the returned tensor, views x frames per view
+            (a sampled frame is decoded once, but each view holds its own copy:
+            1,024 frames of 224 x 224 are 616 MB of float32).
+        formats: allowed demuxer names (empty = any; see ``DEFAULT_FORMATS``).
+    """
+
+    max_bytes: int = 512 * 2**20
+    max_duration_s: float = 3600.0
+    max_pixels: int = 4096 * 2304
+    max_frames_decoded: int = 20000
+    max_streams: int = 32
+    max_packets: int = 1_000_000
+    max_decode_seconds: float = 60.0
+    max_aspect_ratio: float = 16.0
+    max_output_frames: int = 1024
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_frames_decoded", "max_streams", "max_packets",
+                     "max_output_frames"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"VideoLimits.{name} must be a positive int, got {v!r}")
+        for name in ("max_duration_s", "max_decode_seconds", "max_aspect_ratio"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"VideoLimits.{name} must be a positive number, got {v!r}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"VideoLimits.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
+        object.__setattr__(self, "formats", tuple(self.formats))
+        if any(not f or "," in f for f in self.formats):
+            raise ValueError(f"VideoLimits.formats must be demuxer names without commas, got {self.formats!r}")
+
+
+
+def check_aspect(width: int, height: int, limits: VideoLimits) -> None:
+    """A sliver of a frame would become huge once its short side is scaled up to the model size."""
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise VideoError(f"frame size {width}x{height} has an aspect ratio over the limit of "
+                         f"{limits.max_aspect_ratio:g}:1")
+
+
+class Budget:
+    """Counts packets, frames and wall clock of one call against the limits."""
+
+    def __init__(self, limits: VideoLimits) -> None:
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.max_decode_seconds
+        self.packets = 0
+        self.frames = 0
+
+    def packet(self) -> None:
+        self.packets += 1
+        if self.packets > self.limits.max_packets:
+            raise VideoError(f"clip needs more than {self.limits.max_packets} packets to read (max_packets)")
+        if time.monotonic() > self.deadline:
+            raise VideoError(f"decoding took longer than {self.limits.max_decode_seconds:g} s (max_decode_seconds)")
+
+    def frame(self, frame: av.VideoFrame) -> None:
+        self.frames += 1
+        if self.frames > self.limits.max_frames_decoded:
+            raise VideoError(f"clip needs more than {self.limits.max_frames_decoded} decoded frames "
+                             f"(max_frames_decoded)")
+        if frame.width * frame.height > self.limits.max_pixels:
+            raise VideoError(f"a frame of {frame.width}x{frame.height} is over the limit of "
+                             f"{self.limits.max_pixels} pixels")

@@ -1,0 +1,281 @@
+"""Readers that find sampled frames in a demuxed stream: indexed (by pts on the frame grid) and sequential."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+from .limits import Budget
+
+_NONREF_SKIPPABLE = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
+_FRAME_GRID_TOLERANCE = 0.25
+_REORDER_DEPTH = 32  # frames a packet may come ahead of its display slot (B-pyramids are <= 16)
+
+
+class Irregular(Exception):
+    """The stream does not sit on a constant frame grid; index by counting instead."""
+
+
+class SeekMissed(Irregular):
+    """A seek landed after its target; read again without seeking."""
+
+
+@dataclass
+class ReadResult:
+    decoded: int = 0  # frames the decoder output in this read
+    last_index: int = -1  # highest frame index known to exist (output, or dropped as non-reference)
+    eof: bool = False  # the stream ended before every needed frame was out
+    seeks: int = 0  # container seeks done
+    sequential: bool = False  # read by counting frames (the stream is not on a constant frame grid)
+
+
+def _decode(codec, packet, budget: Budget) -> list[av.VideoFrame]:
+    """Decode one packet (None drains); a packet the decoder rejects just yields no frame."""
+    try:
+        frames = codec.decode(packet)
+    except (av.FFmpegError, EOFError):
+        return []
+    for f in frames:
+        budget.frame(f)
+    return frames
+
+
+class SequentialReader:
+    """Index = count of frames output so far: the naive definition, for irregular streams."""
+
+    def __init__(self, container, stream, budget: Budget) -> None:
+        self.container, self.stream, self.budget = container, stream, budget
+
+    def run(self, needed: list[int], convert) -> tuple[dict[int, np.ndarray], ReadResult]:
+        want, got, res = set(needed), {}, ReadResult(sequential=True)
+        codec, last = self.stream.codec_context, needed[-1]
+
+        def take(frames) -> bool:
+            for f in frames:
+                res.last_index += 1
+                res.decoded += 1
+                if res.last_index in want:
+                    got[res.last_index] = convert(f)
+            return res.last_index >= last
+
+        for packet in self.container.demux(self.stream):
+            self.budget.packet()
+            if packet.size == 0:
+                continue
+            if take(_decode(codec, packet, self.budget)):
+                return got, res
+        take(_decode(codec, None, self.budget))
+        res.eof = len(got) < len(want)
+        return got, res
+
+
+class IndexedReader:
+    """Places packets and frames on the frame grid by pts; decodes only GOPs holding needed frames.
+
+    ``run`` walks the packets once. ``target`` is the first needed frame whose packet
+    has not reached the decoder. A keyframe at or before ``target`` starts a new
+    held-back ``buffer`` (what came before cannot be needed); a packet at or past
+    ``target`` (or a keyframe past it) sends the buffer and itself to the decoder.
+    Once the last needed packet is in, the decoder is drained instead of being fed
+    more packets to push the reordered frames out.
+    """
+
+    def __init__(self, container, stream, fps: float, budget: Budget, seek_gap: int | None) -> None:
+        self.container, self.stream, self.budget = container, stream, budget
+        self.codec = stream.codec_context
+        self.frames_per_tick = float(stream.time_base) * fps
+        self.ticks_per_frame = 1.0 / self.frames_per_tick
+        self.seek_gap = seek_gap
+        self.anchor: int | None = None  # pts of frame 0
+        self.early_pts: list[tuple[int, bool]] = []  # (pts, keyframe) of packets before the anchor was known
+        self.seen: set[int] = set()  # grid slots of demuxed packets
+        self.frontier = 0  # lowest slot not seen yet
+        self.skipped: list[tuple[int, int]] = []  # slot ranges [a, b) jumped over by seeks
+        self.last_key = -1  # slot of the latest keyframe demuxed
+        self.run_start = 0  # keyframe slot where the current decode run began
+        self.expect = 0  # slot the current run outputs next
+        # Non-reference frames that are not needed are dropped by the decoder, for codecs
+        # whose decoders define "non-reference" exactly (nothing else can depend on them).
+        self.skip_nonref = self.codec.name in _NONREF_SKIPPABLE
+        self.skipping = False
+        self.maybe_dropped: set[int] = set()  # slots fed while dropping non-reference frames
+        self.fed: set[int] = set()  # needed slots whose packet went to the decoder
+        self.fed_any: set[int] = set()  # every slot whose packet went to the decoder (after the anchor)
+        self.res = ReadResult()
+
+    # --- grid
+
+    def slot(self, pts: int | None, what: str) -> int:
+        if pts is None:
+            raise Irregular(f"a {what} has no pts")
+        x = (pts - self.anchor) * self.frames_per_tick
+        i = round(x)
+        if abs(x - i) > _FRAME_GRID_TOLERANCE:
+            raise Irregular(f"{what} pts {pts} is off the frame grid")
+        return i
+
+    # --- decoding
+
+    def feed(self, packets, convert) -> None:
+        for p in packets:
+            if self.anchor is not None:
+                slot = self.slot(p.pts, "packet")
+                needed = slot in self.want and slot not in self.got
+                self.fed_any.add(slot)
+                if needed:
+                    self.fed.add(slot)
+                if self.skip_nonref:
+                    if not needed:
+                        self.maybe_dropped.add(slot)
+                        self.res.last_index = max(self.res.last_index, slot)
+                    if needed == self.skipping:  # the decoder reads the setting for each packet
+                        self.codec.skip_frame = "DEFAULT" if needed else "NONREF"
+                        self.skipping = not needed
+            for f in _decode(self.codec, p, self.budget):
+                self.output(f, convert)
+
+    def drain(self, convert) -> None:
+        """Get out the frames the decoder holds back for reordering (it must be flushed after)."""
+        for f in _decode(self.codec, None, self.budget):
+            self.output(f, convert)
+
+    def output(self, frame: av.VideoFrame, convert) -> None:
+        self.res.decoded += 1
+        if self.anchor is None:
+            if frame.pts is None:
+                raise Irregular("a frame has no pts")
+            self.anchor = frame.pts
+            for pts, key in self.early_pts:
+                slot = self.slot(pts, "packet")
+                self.see(slot, key)
+                if slot in self.want:
+                    self.fed.add(slot)
+        i = self.slot(frame.pts, "frame")
+        if i < self.run_start:  # a leading picture of an open GOP we started at: not needed, maybe broken
+            return
+        # a gap is fine where the decoder may drop a frame, or where the packet was never fed
+        # (later in decode order); a missing packet shows in verify()
+        if i < self.expect or any(j in self.fed_any and j not in self.maybe_dropped for j in range(self.expect, i)):
+            raise Irregular(f"frame {i} follows frame {self.expect - 1}")
+        self.expect = i + 1
+        self.res.last_index = max(self.res.last_index, i)
+        if i in self.want and i not in self.got:
+            self.got[i] = convert(frame)
+
+    def restart_at(self, key_slot: int) -> None:
+        self.codec.flush_buffers()
+        self.run_start = self.expect = key_slot
+
+    # --- the packet loop
+
+    def run(self, needed: list[int], convert) -> tuple[dict[int, np.ndarray], ReadResult]:
+        self.want, self.got = set(needed), {}
+        todo = iter(needed)
+        target = next(todo)
+        buffer: list = []  # demuxed, not yet decoded packets (continuing the decoder, or from a keyframe)
+        fresh = False  # buffer starts at a keyframe: flush the decoder before feeding it
+        seeked_for: int | None = None
+        landing: tuple[int, int, int] | None = None  # (frontier, last keyframe, target) of a seek in flight
+        packets = self.container.demux(self.stream)
+        while True:
+            packet = next(packets, None)
+            if packet is None:
+                break
+            self.budget.packet()
+            if packet.size == 0:  # demuxer flush packet at the end, or an empty (skip) packet
+                continue
+            if self.anchor is None:  # decode from the start until frame 0 fixes the grid
+                if packet.pts is None:
+                    raise Irregular("a packet has no pts")
+                self.early_pts.append((packet.pts, packet.is_keyframe))
+                self.feed([packet], convert)
+            else:
+                slot = self.slot(packet.pts, "packet")
+                if landing is not None:  # just seeked: wait for the keyframe it landed on
+                    if not packet.is_keyframe:
+                        continue
+                    self.landed(slot, *landing)
+                    landing = None
+                self.see(slot, packet.is_keyframe)
+                if packet.is_keyframe and slot <= target:
+                    if self.fed - self.got.keys():
+                        self.drain(convert)  # needed frames still in the decoder's reorder queue
+                    buffer, fresh = [packet], True
+                elif slot >= target or packet.is_keyframe:
+                    if fresh:
+                        self.restart_at(self.slot(buffer[0].pts, "packet"))
+                    self.feed(buffer + [packet], convert)
+                    buffer, fresh = [], False
+                else:
+                    buffer.append(packet)
+                if buffer and self.seek_gap is not None and target - slot > self.seek_gap and seeked_for != target:
+                    if self.fed - self.got.keys():
+                        self.drain(convert)
+                        self.codec.flush_buffers()
+                    seeked_for, landing = target, (self.frontier, self.last_key, target)
+                    self.seek(target)
+                    packets, buffer, fresh = self.container.demux(self.stream), [], False
+            while target in self.got or target in self.fed:  # its packet is in: look further
+                target = next(todo, None)
+                if target is None:
+                    if self.fed - self.got.keys():
+                        self.drain(convert)  # rather than feeding more packets to push them out
+                    return self.finish(needed, packets)
+        if landing is not None:
+            raise SeekMissed(f"seek for frame {landing[-1]} found no keyframe before the end")
+        # end of stream: decode what is held back, then drain the decoder
+        if buffer:
+            if fresh:
+                self.restart_at(self.slot(buffer[0].pts, "packet"))
+            self.feed(buffer, convert)
+        self.drain(convert)
+        self.res.eof = len(self.got) < len(self.want)
+        return self.finish(needed, iter(()))
+
+    def finish(self, needed: list[int], packets) -> tuple[dict[int, np.ndarray], ReadResult]:
+        if len(self.got) == len(self.want):
+            last = needed[-1]
+            # B-frames before the last needed frame may follow it in decode order: demux them to check
+            for packet in packets:
+                if self.frontier > last:
+                    break
+                self.budget.packet()
+                if packet.size:
+                    slot = self.slot(packet.pts, "packet")
+                    self.see(slot, packet.is_keyframe)
+                    if slot > last + _REORDER_DEPTH:
+                        break
+            self.verify(last)
+        return self.got, self.res
+
+    def see(self, slot: int, key: bool) -> None:
+        self.seen.add(slot)
+        while self.frontier in self.seen:
+            self.frontier += 1
+        if key:
+            self.last_key = max(self.last_key, slot)
+
+    def landed(self, slot: int, frontier: int, last_key: int, goal: int) -> None:
+        """Check where a seek landed: past its goal is an error; not past the last keyframe ends seeking."""
+        if slot > goal:
+            raise SeekMissed(f"seek for frame {goal} landed on frame {slot}")
+        if slot > frontier:
+            self.skipped.append((frontier, slot))
+        if slot <= last_key:  # keyframes are sparser than the gap: seeking only re-decodes
+            self.seek_gap = None
+
+    def seek(self, target: int) -> None:
+        pts = self.anchor + int(round((target + _FRAME_GRID_TOLERANCE) * self.ticks_per_frame))
+        self.container.seek(pts, backward=True, any_frame=False, stream=self.stream)
+        self.res.seeks += 1
+
+    def verify(self, last: int) -> None:
+        """Every slot up to the last needed frame had its packet, so counting frames gives the slot."""
+        covered = np.zeros(last + 1, bool)
+        covered[[i for i in self.seen if 0 <= i <= last]] = True
+        for a, b in self.skipped:
+            covered[a:b] = True
+        if not covered.all():
+            raise Irregular(f"no packet for frame slot {int(np.argmin(covered))}")
