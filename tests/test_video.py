@@ -301,7 +301,7 @@ def test_playlists_and_urls_are_not_followed(tmp_path):
     make_clip(tmp_path / "seg.ts", 10)
     playlist = tmp_path / "list.m3u8"
     playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{tmp_path / 'seg.ts'}\n#EXT-X-ENDLIST\n")
-    with pytest.raises(VideoError, match="not a readable video"):
+    with pytest.raises(VideoError, match="HLS playlist, which is not an allowed container"):
         probe(playlist)
     with pytest.raises(VideoError):
         probe("http://127.0.0.1:9/clip.mp4")

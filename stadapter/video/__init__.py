@@ -79,9 +79,9 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
         views = [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)]
         convert = FrameConverter(limits, cfg.short_side)
         got, read = clip.read(unique_indices(views), convert)
-        if missing_indices(views, got) and read.eof and 0 <= read.last_index < n - 1:
+        if missing_indices(views, got) and read.eof and 0 <= read.last_output < n - 1:
             # the stream holds fewer frames than the header said: sample what is there
-            n = read.last_index + 1
+            n = read.last_output + 1  # frames that really decoded, not packets taken on trust
             views = [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)]
             todo = missing_indices(views, got)
             if todo:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import math
 import os
@@ -12,7 +13,7 @@ from typing import Callable
 import av
 import numpy as np
 
-from .limits import Budget, Source, VideoError, VideoLimits, check_aspect
+from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
 from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
 
 
@@ -41,6 +42,8 @@ class guard:
     def __exit__(self, tp, exc, tb) -> bool:
         if exc is None or isinstance(exc, VideoError) or not isinstance(exc, Exception):
             return False
+        if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
+            raise VideoOutOfMemory(f"cannot {self.what} clip: out of memory ({describe(exc)})") from exc
         if isinstance(exc, (av.FFmpegError, OSError, EOFError, ValueError, IndexError, KeyError,
                             AssertionError, RuntimeError, OverflowError, MemoryError, UnicodeError)):
             raise VideoError(f"cannot {self.what} clip: {describe(exc)}") from exc
@@ -61,10 +64,48 @@ def _source_size(source: Source) -> int:
         raise VideoError(f"cannot read clip {os.fspath(source)!r}: {e.strerror or e}") from e
 
 
-def _open_container(source: Source, limits: VideoLimits) -> av.container.InputContainer:
-    options = {"protocol_whitelist": "file"}  # a path may never become a URL
+# Leading bytes of containers FFmpeg reads but the whitelist leaves out, to name them in the refusal.
+_SIGNATURES = (
+    (0, b"\x06\x0e\x2b\x34\x02\x05\x01\x01\x0d\x01\x02", "MXF"),
+    (0, b"#EXTM3U", "an HLS playlist"), (0, b"ffconcat", "an FFmpeg concat list"),
+    (0, b"\x89PNG", "a PNG image"), (0, b"\xff\xd8\xff", "a JPEG image"), (0, b"%PDF", "a PDF document"),
+    (0, b"PK\x03\x04", "a ZIP archive"), (0, b"fLaC", "FLAC audio"), (0, b"ID3", "MP3 audio"),
+    (8, b"WAVE", "WAV audio"),
+)
+
+
+def _named_container(head: bytes) -> str | None:
+    for offset, magic, name in _SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return None
+
+
+def _head(source: Source, n: int = 64) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(memoryview(source)[:n])
+    try:
+        with open(source, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _open_options(limits: VideoLimits) -> tuple[dict[str, str], dict[str, str]]:
+    """(demuxer options, decoder options): FFmpeg's own limits, so it refuses before doing the work.
+
+    ``max_streams`` stops the demuxer from creating streams past our limit (one more, so the count
+    check below can name the refusal); ``max_pixels`` stops every decoder, including the one
+    ``avformat_find_stream_info`` runs on the first frame, from allocating an oversized frame.
+    """
+    container = {"protocol_whitelist": "file", "max_streams": str(limits.max_streams + 1)}  # never a URL
     if limits.formats:
-        options["format_whitelist"] = ",".join(limits.formats)
+        container["format_whitelist"] = ",".join(limits.formats)
+    return container, {"max_pixels": str(limits.max_pixels)}
+
+
+def _open_container(source: Source, limits: VideoLimits) -> av.container.InputContainer:
+    options, codec_options = _open_options(limits)
     if isinstance(source, (bytes, bytearray, memoryview)):
         target: io.BytesIO | str = io.BytesIO(bytes(source) if not isinstance(source, bytes) else source)
     else:
@@ -72,17 +113,28 @@ def _open_container(source: Source, limits: VideoLimits) -> av.container.InputCo
         if not isinstance(target, str):
             target = os.fsdecode(target)
     try:
-        return av.open(target, mode="r", container_options=options)
+        return av.open(target, mode="r", container_options=options, options=codec_options)
     except (av.FFmpegError, OSError, EOFError, ValueError, IndexError, UnicodeError) as e:
+        if isinstance(e, MemoryError) or getattr(e, "errno", None) == errno.ENOMEM:
+            raise VideoOutOfMemory(f"cannot open clip: out of memory ({describe(e)})") from e
+        named = _named_container(_head(source))
+        if named and limits.formats:
+            raise VideoError(f"the clip is {named}, which is not an allowed container (allowed: "
+                             f"{', '.join(limits.formats)})") from e
         allowed = f", or not in one of the allowed containers: {', '.join(limits.formats)}" if limits.formats else ""
         raise VideoError(f"cannot open clip: not a readable video (corrupt, truncated{allowed}) [{describe(e)}]") from e
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
-    attached = getattr(getattr(av.stream, "Disposition", None), "attached_pic", None)
-    for s in container.streams.video:
-        if attached is None or not (s.disposition & attached):
-            return s
+    """The stream a player shows: the one marked default, else FFmpeg's best; never cover art."""
+    flags = av.stream.Disposition
+    videos = [s for s in container.streams.video if not s.disposition & flags.attached_pic]
+    if videos:
+        marked = [s for s in videos if s.disposition & flags.default]
+        if marked:
+            return marked[0]
+        best = container.streams.best("video")
+        return best if best in videos else videos[0]
     kinds = Counter(s.type for s in container.streams)
     listing = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"
     raise VideoError(f"clip has no video stream (streams: {listing})")
@@ -108,13 +160,16 @@ def _clip_info(container, stream) -> ClipInfo:
     if duration <= 0 and frames > 0 and fps > 0:
         duration = frames / fps
     cc = stream.codec_context
+    if cc is None:  # FFmpeg found the stream but no decoder parameters: a truncated or damaged header
+        raise VideoError("the video stream has no codec parameters (truncated or damaged header)")
     return ClipInfo(num_frames=frames, fps=fps, duration_s=duration, width=int(cc.width or 0),
                     height=int(cc.height or 0), codec=cc.name or "unknown", container=container.format.name)
 
 
 def _check(info: ClipInfo, limits: VideoLimits) -> None:
     if info.width <= 0 or info.height <= 0:
-        raise VideoError(f"video stream has no frame size ({info.width}x{info.height}); the clip is corrupt")
+        raise VideoError(f"video stream has no frame size ({info.width}x{info.height}): the clip is corrupt, or "
+                         f"its first frame is over the limit of {limits.max_pixels} pixels")
     if info.width * info.height > limits.max_pixels:
         raise VideoError(f"frame size {info.width}x{info.height} = {info.width * info.height} pixels is over "
                          f"the limit of {limits.max_pixels}")
@@ -139,8 +194,8 @@ class Clip:
         self.container = _open_container(source, limits)
         try:
             if len(self.container.streams) > limits.max_streams:
-                raise VideoError(f"clip has {len(self.container.streams)} streams, over the limit of "
-                                 f"{limits.max_streams}")
+                # the demuxer stops at max_streams + 1 (see _open_options): the real count may be higher
+                raise VideoError(f"clip has at least {len(self.container.streams)} streams, over the limit of {limits.max_streams}")
             stream = _video_stream(self.container)
             self.stream_index = stream.index
             self.info = _clip_info(self.container, stream)

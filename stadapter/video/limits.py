@@ -30,6 +30,10 @@ class VideoError(ValueError):
     """
 
 
+class VideoOutOfMemory(VideoError):
+    """FFmpeg or the frame buffers ran out of memory on this clip: a server answers RESOURCE_EXHAUSTED."""
+
+
 @dataclass(frozen=True)
 class VideoLimits:
     """Bounds on the work one clip may cause; every bound is checked before heavy work.
@@ -42,7 +46,10 @@ class VideoLimits:
             and retries together.
         max_streams: streams of any kind in the container.
         max_packets: packets demuxed for one call (reading without decoding).
-        max_decode_seconds: wall clock for one call, checked between packets.
+        max_decoded_pixels: pixels of all frames the decoder outputs for one call: bounds the
+            decode time of high-resolution clips whose sampled frames sit far from keyframes
+            (the default is about 1,000 frames of 1080p or 230 of 4K).
+        max_decode_seconds: wall clock for one call, checked for every packet and frame.
         max_aspect_ratio: long side / short side of a frame (the short side is scaled
             to the model size, so a sliver would become a huge image).
         max_output_frames: frames in the returned tensor, views x frames per view
@@ -57,6 +64,7 @@ class VideoLimits:
     max_frames_decoded: int = 20000
     max_streams: int = 32
     max_packets: int = 1_000_000
+    max_decoded_pixels: int = 2**31
     max_decode_seconds: float = 60.0
     max_aspect_ratio: float = 16.0
     max_output_frames: int = 1024
@@ -64,7 +72,7 @@ class VideoLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_pixels", "max_frames_decoded", "max_streams", "max_packets",
-                     "max_output_frames"):
+                     "max_output_frames", "max_decoded_pixels"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"VideoLimits.{name} must be a positive int, got {v!r}")
@@ -77,7 +85,6 @@ class VideoLimits:
         object.__setattr__(self, "formats", tuple(self.formats))
         if any(not f or "," in f for f in self.formats):
             raise ValueError(f"VideoLimits.formats must be demuxer names without commas, got {self.formats!r}")
-
 
 
 def check_aspect(width: int, height: int, limits: VideoLimits) -> None:
@@ -95,19 +102,28 @@ class Budget:
         self.deadline = time.monotonic() + limits.max_decode_seconds
         self.packets = 0
         self.frames = 0
+        self.pixels = 0
 
     def packet(self) -> None:
         self.packets += 1
         if self.packets > self.limits.max_packets:
             raise VideoError(f"clip needs more than {self.limits.max_packets} packets to read (max_packets)")
+        self.check_time()
+
+    def check_time(self) -> None:
         if time.monotonic() > self.deadline:
             raise VideoError(f"decoding took longer than {self.limits.max_decode_seconds:g} s (max_decode_seconds)")
 
     def frame(self, frame: av.VideoFrame) -> None:
         self.frames += 1
+        self.check_time()
         if self.frames > self.limits.max_frames_decoded:
             raise VideoError(f"clip needs more than {self.limits.max_frames_decoded} decoded frames "
                              f"(max_frames_decoded)")
         if frame.width * frame.height > self.limits.max_pixels:
             raise VideoError(f"a frame of {frame.width}x{frame.height} is over the limit of "
                              f"{self.limits.max_pixels} pixels")
+        self.pixels += frame.width * frame.height
+        if self.pixels > self.limits.max_decoded_pixels:
+            raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels "
+                             f"({self.frames} frames of {frame.width}x{frame.height}; max_decoded_pixels)")

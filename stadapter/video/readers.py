@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import av
@@ -26,6 +27,7 @@ class SeekMissed(Irregular):
 class ReadResult:
     decoded: int = 0  # frames the decoder output in this read
     last_index: int = -1  # highest frame index known to exist (output, or dropped as non-reference)
+    last_output: int = -1  # highest frame index the decoder really output
     eof: bool = False  # the stream ended before every needed frame was out
     seeks: int = 0  # container seeks done
     sequential: bool = False  # read by counting frames (the stream is not on a constant frame grid)
@@ -55,6 +57,7 @@ class SequentialReader:
         def take(frames) -> bool:
             for f in frames:
                 res.last_index += 1
+                res.last_output = res.last_index
                 res.decoded += 1
                 if res.last_index in want:
                     got[res.last_index] = convert(f)
@@ -102,7 +105,7 @@ class IndexedReader:
         self.skipping = False
         self.maybe_dropped: set[int] = set()  # slots fed while dropping non-reference frames
         self.fed: set[int] = set()  # needed slots whose packet went to the decoder
-        self.fed_any: set[int] = set()  # every slot whose packet went to the decoder (after the anchor)
+        self.must_output: list[int] = []  # sorted slots fed with every frame kept: the decoder must output each
         self.res = ReadResult()
 
     # --- grid
@@ -123,13 +126,16 @@ class IndexedReader:
             if self.anchor is not None:
                 slot = self.slot(p.pts, "packet")
                 needed = slot in self.want and slot not in self.got
-                self.fed_any.add(slot)
                 if needed:
                     self.fed.add(slot)
+                if self.skip_nonref and not needed:
+                    self.maybe_dropped.add(slot)
+                    self.res.last_index = max(self.res.last_index, slot)
+                else:
+                    k = bisect.bisect_left(self.must_output, slot)
+                    if k == len(self.must_output) or self.must_output[k] != slot:
+                        self.must_output.insert(k, slot)
                 if self.skip_nonref:
-                    if not needed:
-                        self.maybe_dropped.add(slot)
-                        self.res.last_index = max(self.res.last_index, slot)
                     if needed == self.skipping:  # the decoder reads the setting for each packet
                         self.codec.skip_frame = "DEFAULT" if needed else "NONREF"
                         self.skipping = not needed
@@ -157,12 +163,23 @@ class IndexedReader:
             return
         # a gap is fine where the decoder may drop a frame, or where the packet was never fed
         # (later in decode order); a missing packet shows in verify()
-        if i < self.expect or any(j in self.fed_any and j not in self.maybe_dropped for j in range(self.expect, i)):
+        if i < self.expect or self.gap_before(i):
             raise Irregular(f"frame {i} follows frame {self.expect - 1}")
         self.expect = i + 1
         self.res.last_index = max(self.res.last_index, i)
+        self.res.last_output = max(self.res.last_output, i)
         if i in self.want and i not in self.got:
             self.got[i] = convert(frame)
+
+    def gap_before(self, i: int) -> bool:
+        """Whether a frame the decoder must output lies in [expect, i): a search over fed slots, never a walk over
+        the slot range (a pts jump of 1e9 s is 2.5e10 slots)."""
+        k = bisect.bisect_left(self.must_output, self.expect)
+        while k < len(self.must_output) and self.must_output[k] < i:
+            if self.must_output[k] not in self.maybe_dropped:
+                return True
+            k += 1
+        return False
 
     def restart_at(self, key_slot: int) -> None:
         self.codec.flush_buffers()
