@@ -191,8 +191,7 @@ class VideoDataset(Dataset):
         data = self._load(i)
         if data is None:  # no cache: decode only the sampled frames
             try:
-                idx = train_indices(fio.count_frames(s.path), self.sampling, rng)
-                frames = torch.from_numpy(fio.read_frames(s.path, idx))
+                frames = torch.from_numpy(fio.read_sampled(s.path, lambda n: train_indices(n, self.sampling, rng)))
             except (fio.VideoError, OSError) as e:
                 self.broken.add(str(s.path))
                 raise BrokenVideoError(f"cannot decode {s.path}: {e}") from e

@@ -7,7 +7,7 @@ RGB, and (c) the task's test views exactly as the server builds them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -18,18 +18,20 @@ from stadapter import video as sv
 VideoError = sv.VideoError
 
 
-def count_frames(path: Path) -> int:
-    return int(sv.probe(path).num_frames)
-
-
 def read_frames(path: Path, indices: Sequence[int]) -> np.ndarray:
-    """uint8 [len(indices), H, W, 3]; seeks to the needed frames only."""
+    """uint8 [len(indices), H, W, 3]; seeks to the needed frames only (strict: every index must decode)."""
     return sv.decode_frames(path, list(indices))
 
 
+def read_sampled(path: Path, pick: Callable[[int], Sequence[int]]) -> np.ndarray:
+    """uint8 frames at ``pick(num_frames)``; a clip that ends before its header says is re-sampled
+    against the frames it really holds, exactly as the server does (so it is not dropped as broken)."""
+    return sv.decode_sampled_frames(path, pick)
+
+
 def read_all(path: Path) -> np.ndarray:
-    """Every frame, uint8 [N, H, W, 3] (the in-memory cache of small data sets)."""
-    return read_frames(path, range(count_frames(path)))
+    """Every frame that decodes, uint8 [N, H, W, 3] (the in-memory cache of small data sets)."""
+    return read_sampled(path, range)
 
 
 def eval_views(path: Path, sampling: SamplingConfig) -> Tensor:

@@ -37,7 +37,7 @@ that misses frames (a corrupt frame in the middle).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from .sampling import missing_indices, sample_indices, unique_indices
 
 __all__ = [
     "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "crop_offsets", "decode_clip",
-    "decode_frames", "probe", "sample_indices", "views_to_tensor",
+    "decode_frames", "decode_sampled_frames", "probe", "sample_indices", "views_to_tensor",
 ]
 
 
@@ -75,22 +75,54 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
         raise VideoError(f"the sampling asks for {cfg.num_views} view(s) x {cfg.num_frames} frames = {wanted} frames, "
                          f"over the limit of {limits.max_output_frames}")
     with guard("decode"), Clip(source, limits) as clip:
-        n = clip.info.num_frames
-        views = [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)]
         convert = FrameConverter(limits, cfg.short_side)
-        got, read = clip.read(unique_indices(views), convert)
-        if missing_indices(views, got) and read.eof and 0 <= read.last_output < n - 1:
-            # the stream holds fewer frames than the header said: sample what is there
-            n = read.last_output + 1  # frames that really decoded, not packets taken on trust
-            views = [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)]
-            todo = missing_indices(views, got)
-            if todo:
-                more, read = clip.read(todo, convert, restart=True)
-                got.update(more)
-        missing = missing_indices(views, got)
-        if missing:
-            raise VideoError(_shortfall(missing, len(unique_indices(views)), clip.info, read))
+        views, got = _read_sampled(clip, lambda n: [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)],
+                                   convert)
     return views_to_tensor(views, got, cfg)
+
+
+def decode_sampled_frames(source: Source, pick: Callable[[int], Sequence[int]],
+                          limits: VideoLimits = VideoLimits()) -> np.ndarray:
+    """Raw RGB frames at ``pick(num_frames)``: uint8 [N, H, W, 3], with decode_clip's handling of short clips.
+
+    ``pick`` maps a frame count to the indices to read. It is called with the header's count and, when
+    the stream ends early (a cut download), once more with the count of frames that really decoded,
+    exactly as :func:`decode_clip` re-samples: training reads its random frames through this, so a clip
+    the server classifies is never dropped as broken by the trainer.
+    """
+    with guard("decode"), Clip(source, limits) as clip:
+        convert = FrameConverter(limits)
+        (idx,), got = _read_sampled(clip, lambda n: [[int(i) for i in pick(n)]], convert)
+        return _stack([got[i] for i in idx])
+
+
+def _read_sampled(clip: Clip, pick: Callable[[int], list[list[int]]],
+                  convert: FrameConverter) -> tuple[list[list[int]], dict[int, np.ndarray]]:
+    """Read the frames of ``pick(n)`` for the header's n; re-sample once against the frames that really
+    decoded if the stream ends early (see the module docstring)."""
+    n = clip.info.num_frames
+    views = pick(n)
+    if any(i < 0 or i >= n for v in views for i in v):
+        raise ValueError(f"frame indices must be in [0, {n}) for a clip of {n} frames")
+    got, read = clip.read(unique_indices(views), convert)
+    if missing_indices(views, got) and read.eof and 0 <= read.last_output < n - 1:
+        n = read.last_output + 1  # frames that really decoded, not packets taken on trust
+        views = pick(n)
+        todo = missing_indices(views, got)
+        if todo:
+            more, read = clip.read(todo, convert, restart=True)
+            got.update(more)
+    missing = missing_indices(views, got)
+    if missing:
+        raise VideoError(_shortfall(missing, len(unique_indices(views)), clip.info, read))
+    return views, got
+
+
+def _stack(frames: list[np.ndarray]) -> np.ndarray:
+    shapes = {f.shape for f in frames}
+    if len(shapes) > 1:
+        raise VideoError(f"frame size changes inside the clip ({sorted(shapes)[:3]}); cannot stack the frames")
+    return np.stack(frames)
 
 
 def decode_frames(source: Source, indices: Sequence[int], limits: VideoLimits = VideoLimits()) -> np.ndarray:
@@ -108,10 +140,7 @@ def decode_frames(source: Source, indices: Sequence[int], limits: VideoLimits = 
         missing = sorted(set(idx) - set(got))
         if missing:
             raise VideoError(_shortfall(missing, len(set(idx)), clip.info, read))
-        shapes = {got[i].shape for i in idx}
-        if len(shapes) > 1:
-            raise VideoError(f"frame size changes inside the clip ({sorted(shapes)[:3]}); cannot stack the frames")
-        return np.stack([got[i] for i in idx])
+        return _stack([got[i] for i in idx])
 
 
 def _shortfall(missing: list[int], wanted: int, info: ClipInfo, read: ReadResult) -> str:
