@@ -8,7 +8,7 @@ import grpc
 
 from stadapter.bundle import BundleError
 from stadapter.config import ConfigError
-from stadapter.video import VideoError
+from stadapter.video import VideoError, VideoOutOfMemory
 
 log = logging.getLogger("server")
 
@@ -56,6 +56,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc`` (unexpected errors are logged, not leaked)."""
     if isinstance(exc, ServerError):
         return exc.code, str(exc)
+    if isinstance(exc, VideoOutOfMemory):  # before VideoError: the clip may be fine, the server was short
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, _INVALID):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, MemoryError):

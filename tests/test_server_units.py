@@ -22,7 +22,7 @@ from server.registry import TaskRegistry
 from stadapter import load_bundle
 from stadapter.bundle import BundleError
 from stadapter.config import ConfigError
-from stadapter.video import VideoError
+from stadapter.video import VideoError, VideoOutOfMemory
 
 
 @pytest.fixture()
@@ -220,6 +220,7 @@ def test_auth_admin_token_rules():
 
 @pytest.mark.parametrize("exc, code", [
     (VideoError("bad clip"), grpc.StatusCode.INVALID_ARGUMENT),
+    (VideoOutOfMemory("cannot decode clip: out of memory"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BundleError("bad bundle"), grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError("bad config"), grpc.StatusCode.INVALID_ARGUMENT),
     (BadRequest("bad"), grpc.StatusCode.INVALID_ARGUMENT),

@@ -44,13 +44,13 @@ import torch
 
 from ..config import SamplingConfig
 from .container import ClipInfo, Clip, guard
-from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits
+from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits, VideoOutOfMemory
 from .preprocess import FrameConverter, crop_offsets, views_to_tensor
 from .readers import ReadResult
 from .sampling import missing_indices, sample_indices, unique_indices
 
 __all__ = [
-    "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "crop_offsets", "decode_clip",
+    "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "VideoOutOfMemory", "crop_offsets", "decode_clip",
     "decode_frames", "decode_sampled_frames", "probe", "sample_indices", "views_to_tensor",
 ]
 
