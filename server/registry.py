@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Optional
 
 from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
-from stadapter.config import TaskSpec
+from stadapter.config import TaskSpec, brief
 from stadapter.fsutil import fsync_tree
 from stadapter.trunk import VideoTrunk
 
@@ -162,7 +162,7 @@ class TaskRegistry:
         tv = self._table.get(name)
         if tv is None:
             known = sorted(self._table)
-            raise TaskNotFound(f"unknown task {name!r}; served tasks: {known[:20]}{' …' if len(known) > 20 else ''}")
+            raise TaskNotFound(f"unknown task {brief(name)}; served tasks: {known[:20]}{' …' if len(known) > 20 else ''}")
         return tv
 
     def acquire(self, name: str) -> TaskVersion:

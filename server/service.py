@@ -20,6 +20,7 @@ from typing import Any, Optional
 import grpc
 
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleLimits
+from stadapter.config import brief
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
@@ -221,7 +222,7 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
             async for chunk in request_iterator:
                 name = chunk.filename
                 if name not in sizes:
-                    raise BadRequest(f"unexpected file {name!r} in the upload; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
+                    raise BadRequest(f"unexpected file {brief(name)} in the upload; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
                 sizes[name] += len(chunk.data)
                 if sizes[name] > limits[name]:
                     raise BadRequest(f"{name} exceeds the limit of {limits[name]} bytes")

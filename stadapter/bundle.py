@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .bank import AdapterStack, TaskAdapters, expected_shapes
-from .config import ConfigError, TaskSpec
+from .config import ConfigError, TaskSpec, brief
 from .fsutil import atomic_dir
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -85,10 +85,12 @@ def read_spec(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits
         raise BundleError(f"{path} is {size} bytes, above the limit of {limits.max_json_bytes}")
     try:
         return TaskSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON: {e}") from e
     except ConfigError as e:
         raise BundleError(f"{path}: {e}") from e
+    except RecursionError as e:  # arrays or objects nested thousands deep
+        raise BundleError(f"{path} nests JSON too deeply to read") from e
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of thousands of digits
+        raise BundleError(f"{path} is not valid JSON: {brief(str(e), 200)}") from e
 
 
 def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits()) -> TaskBundle:

@@ -22,6 +22,15 @@ TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 T = TypeVar("T")
 
+QUOTE_LIMIT = 64  # characters of client-supplied text an error message repeats
+
+
+def brief(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters: errors quote client text without echoing all of it
+    (a 20,000-character name must not turn the real error into a metadata-size failure)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
 
 class ConfigError(ValueError):
     """A configuration value is out of range or a key is unknown."""
@@ -33,7 +42,7 @@ def _from_dict(cls: type[T], data: Mapping[str, Any], tuple_fields: tuple[str, .
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown keys {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{cls.__name__}: unknown keys {brief(unknown)}; known: {sorted(names)}")
     kwargs = {k: (tuple(v) if k in tuple_fields and isinstance(v, list) else v) for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -219,9 +228,9 @@ class TaskSpec:
     format_version: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not TASK_NAME_RE.match(self.name):
+        if not isinstance(self.name, str) or not TASK_NAME_RE.fullmatch(self.name):  # "$" would allow a final \n
             raise ConfigError(
-                f"task name {self.name!r} is invalid: use 1-64 chars of a-z 0-9 _ . - starting with a letter or digit"
+                f"task name {brief(self.name)} is invalid: use 1-64 chars of a-z 0-9 _ . - starting with a letter or digit"
             )
         labels = tuple(self.labels)
         if not labels:

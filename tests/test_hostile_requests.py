@@ -1,0 +1,83 @@
+"""Hostile task.json files and names over a real server: INVALID_ARGUMENT / NOT_FOUND with short messages,
+nothing left on disk, and the server still serving."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+
+import media
+from factories import make_bundle
+from serverproc import ServerProcess, make_repository
+from stadapter import load_trunk
+from stadapter.bundle import BundleError, read_spec
+from stadapter.config import ConfigError, TaskSpec
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
+
+TOKEN = "hostile-admin-token"
+ADMIN_MD = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def _chunks(task_json: bytes, adapter: bytes):
+    yield pb.RegisterTaskChunk(filename="task.json", data=task_json)
+    yield pb.RegisterTaskChunk(filename="adapter.safetensors", data=adapter)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    repo = make_repository(root / "repo")
+    src = make_bundle(load_trunk(repo / "trunk"), root / "src", name="gamma")
+    return repo, json.loads((src / "task.json").read_text()), (src / "adapter.safetensors").read_bytes()
+
+
+def _spec_errors(tmp_path, text: str) -> str:
+    (tmp_path / "task.json").write_text(text)
+    with pytest.raises(BundleError) as e:
+        read_spec(tmp_path)
+    return str(e.value)
+
+
+def test_malformed_task_json_is_a_bundle_error(tmp_path, bundle):
+    _, spec, _ = bundle
+    assert "too deeply" in _spec_errors(tmp_path, "[" * 100_000 + "]" * 100_000)
+    huge = json.dumps({**spec, "version": 1}).replace('"version": 1', '"version": ' + "9" * 5000)
+    message = _spec_errors(tmp_path, huge)
+    assert "not valid JSON" in message and len(message) < 400
+
+
+def test_task_names_must_match_whole_and_errors_quote_them_briefly(bundle):
+    _, spec, _ = bundle
+    with pytest.raises(ConfigError, match="is invalid"):
+        TaskSpec.from_dict({**spec, "name": "evil\n"})
+    with pytest.raises(ConfigError) as e:
+        TaskSpec.from_dict({**spec, "name": "x" * 20_000})
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.integration
+def test_hostile_registrations_and_names_over_grpc(bundle):
+    repo, spec, adapter = bundle
+    with ServerProcess(repo, env={"STADAPTER_ADMIN_TOKEN": TOKEN}) as srv:
+        channel = grpc.insecure_channel(srv.address)
+        admin, clf = pb_grpc.TaskAdminStub(channel), pb_grpc.VideoClassifierStub(channel)
+        bodies = {
+            "deep": b"[" * 100_000 + b"]" * 100_000,
+            "huge-int": json.dumps(spec).replace('"version": 1', '"version": ' + "9" * 5000).encode(),
+            "newline-name": json.dumps({**spec, "name": "evil\n"}).encode(),
+        }
+        for what, body in bodies.items():
+            with pytest.raises(grpc.RpcError) as e:
+                admin.RegisterTask(_chunks(body, adapter), metadata=ADMIN_MD, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, e.value.details())
+            assert len(e.value.details()) < 1000, what
+        with pytest.raises(grpc.RpcError) as e:
+            clf.Classify(pb.ClassifyRequest(task="x" * 20_000, clip=media.make_clip(None, 8)), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 1000
+        assert sorted(p.name for p in (repo / "tasks").iterdir()) == ["alpha", "beta"]
+        ok = clf.Classify(pb.ClassifyRequest(task="alpha", clip=media.make_clip(None, 8), top_k=1), timeout=30)
+        assert len(ok.predictions) == 1
+        channel.close()
