@@ -110,6 +110,26 @@ def _version_dirs(task_dir: Path) -> dict[int, Path]:
     return out
 
 
+SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers
+LEFTOVER_IDLE_S = 600.0  # an upload or deletion folder untouched this long is a leftover
+
+
+def _last_write(folder: Path) -> float:
+    """The newest mtime of a folder and the files in it (now, when it vanished or cannot be read)."""
+    try:
+        times = [folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()]
+    except OSError:
+        return time.time()  # vanished or unreadable mid-scan: leave it for the next sweep
+    return max(times)
+
+
+def remove_in_background(path: Path) -> None:
+    """Delete a folder tree off the caller's thread (a large bundle takes a while to unlink). A delete cut
+    short by an exit leaves a ``.deleted-*`` folder, which the sweeper removes later."""
+    threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="rmtree",
+                     daemon=True).start()
+
+
 def _tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
     """Rename ``path`` to ``tasks/.deleted-<label>-*`` (ignored by scans); None if it is already gone."""
     dest = tasks_dir / f".deleted-{label}-{uuid.uuid4().hex[:8]}"
@@ -150,6 +170,7 @@ class TaskRegistry:
         self._table: Mapping[str, TaskVersion] = MappingProxyType({})
         self._write_lock = threading.Lock()  # one structural change at a time in this process
         self._failed: dict[tuple[str, int], str] = {}  # bad folders seen on disk: not retried
+        self._next_sweep = 0.0  # monotonic time of the next sweep of leftovers (see sync)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -199,6 +220,9 @@ class TaskRegistry:
         A folder that fails to load is logged once and skipped (the older version, if
         any, stays served). Returns (published, retired).
         """
+        if time.monotonic() >= self._next_sweep:  # the poll loop calls sync: leftovers go within minutes
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
+            self.cleanup_temp()
         with self._write_lock:
             on_disk = self.scan()
             table = dict(self._table)
@@ -305,17 +329,14 @@ class TaskRegistry:
             del table[name]
             dead = _tombstone_dir(self.tasks_dir, self.tasks_dir / name, name)
             self._publish(table, [], [tv])
-        if dead is not None:
-            tv.when_idle(lambda: shutil.rmtree(dead, ignore_errors=True))
+        if dead is not None:  # the last request may end on the event loop: delete in a thread of its own
+            tv.when_idle(lambda: remove_in_background(dead))
         return tv
 
-    def cleanup_temp(self, older_than_s: float = 3600.0) -> None:
-        """Remove leftovers of interrupted uploads and deletions (old ones only: a replica may be mid-upload)."""
+    def cleanup_temp(self, idle_s: float = LEFTOVER_IDLE_S) -> None:
+        """Remove leftovers of interrupted uploads and deletions: folders in which nothing was written for
+        ``idle_s`` (an upload in progress keeps writing its files; a replica may be mid-upload)."""
         now = time.time()
         for p in self.tasks_dir.iterdir():
-            try:
-                old = now - p.stat().st_mtime > older_than_s
-            except OSError:
-                continue
-            if old and p.name.startswith((".upload-", ".deleted-")):
+            if p.name.startswith((".upload-", ".deleted-")) and now - _last_write(p) > idle_s:
                 shutil.rmtree(p, ignore_errors=True)

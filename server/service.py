@@ -201,14 +201,18 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
     @rpc("RegisterTask", "admin")
     async def RegisterTask(self, request_iterator, context) -> pb.RegisterTaskResponse:
         upload = await asyncio.to_thread(self.registry.new_upload_dir)
+        handed_over = False  # register_upload consumes the folder itself, even if this coroutine is cancelled
         try:
             await self._receive(request_iterator, upload)
+            handed_over = True
             tv = await asyncio.to_thread(self.registry.register_upload, upload)
-        except Exception as e:
-            code, _ = status_for(e) if not isinstance(e, asyncio.CancelledError) else (grpc.StatusCode.CANCELLED, "")
+        except BaseException as e:  # CancelledError too: a client that hangs up mid-upload
+            code = grpc.StatusCode.CANCELLED if isinstance(e, asyncio.CancelledError) else status_for(e)[0]
             self.metrics.registrations.labels(code.name.lower()).inc()
-            await asyncio.to_thread(_rmtree, upload)
             raise
+        finally:
+            if not handed_over:  # shielded: a second cancellation cannot stop the removal
+                await asyncio.shield(asyncio.to_thread(_rmtree, upload))
         _task_label.set(tv.name)
         self.metrics.registrations.labels("ok").inc()
         log.info("registered task %s version %d", tv.name, tv.version)

@@ -81,3 +81,65 @@ def test_hostile_registrations_and_names_over_grpc(bundle):
         ok = clf.Classify(pb.ClassifyRequest(task="alpha", clip=media.make_clip(None, 8), top_k=1), timeout=30)
         assert len(ok.predictions) == 1
         channel.close()
+
+
+def _uploads(repo) -> list[str]:
+    return [p.name for p in (repo / "tasks").iterdir() if p.name.startswith(".upload-")]
+
+
+@pytest.mark.integration
+def test_a_cancelled_upload_leaves_no_folder(bundle):
+    import threading
+    import time
+
+    repo, spec, adapter = bundle
+    with ServerProcess(repo, env={"STADAPTER_ADMIN_TOKEN": TOKEN}) as srv:
+        channel = grpc.insecure_channel(srv.address)
+        admin = pb_grpc.TaskAdminStub(channel)
+        for _ in range(3):
+            release = threading.Event()
+
+            def chunks():
+                yield pb.RegisterTaskChunk(filename="task.json", data=json.dumps(spec).encode())
+                yield pb.RegisterTaskChunk(filename="adapter.safetensors", data=adapter[:1000])
+                release.wait(10)  # the client hangs up before sending the rest
+
+            call = admin.RegisterTask.future(chunks(), metadata=ADMIN_MD, timeout=30)
+            deadline = time.monotonic() + 10
+            while not _uploads(repo) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _uploads(repo), "the server never started the upload"
+            time.sleep(0.2)  # let the first chunks be written
+            call.cancel()
+            release.set()
+            deadline = time.monotonic() + 10
+            while _uploads(repo) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _uploads(repo), "a cancelled upload left its folder behind"
+        listing = pb_grpc.VideoClassifierStub(channel).ListTasks(pb.ListTasksRequest(), timeout=5)
+        assert {t.name for t in listing.tasks} == {"alpha", "beta"}
+        channel.close()
+
+
+def test_the_sweeper_removes_idle_leftovers_only(bundle, tmp_path):
+    import os
+    import shutil
+    import time
+
+    from server.registry import LEFTOVER_IDLE_S, TaskRegistry
+
+    repo_src, _, _ = bundle
+    repo = tmp_path / "repo"
+    shutil.copytree(repo_src, repo)
+    old, fresh = repo / "tasks" / ".upload-old", repo / "tasks" / ".upload-fresh"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "task.json").write_text("{}")
+    past = time.time() - LEFTOVER_IDLE_S - 60
+    for p in (old / "task.json", old):
+        os.utime(p, (past, past))
+    os.utime(fresh, (past, past))  # an old folder whose file is still being written is in use
+    registry = TaskRegistry(repo, load_trunk(repo / "trunk"))
+    registry.sync()
+    assert not old.exists() and fresh.exists()
+    assert set(registry.tasks) == {"alpha", "beta"}
