@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import grpc
+
 import pytest
 import torch
 
@@ -100,7 +102,10 @@ def test_unregister_stops_new_requests_and_deletes_after_inflight(repo, tiny_tru
     assert not (repo / "tasks" / "beta").exists()
     tomb = [p for p in (repo / "tasks").iterdir() if p.name.startswith(".deleted-beta")]
     assert len(tomb) == 1  # the files stay until the in-flight request ends
-    tv.release()
+    tv.release()  # deletes in a background thread (the last release may run on the event loop)
+    deadline = time.monotonic() + 10
+    while tomb[0].exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not tomb[0].exists()
     reg2 = TaskRegistry(repo, tiny_trunk)
     reg2.sync()
