@@ -18,6 +18,7 @@ with ``.`` are temp or tombstoned folders and are ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ class TaskVersion:
     host_stack: AdapterStack
     path: Path
     nbytes: int
+    digest: str = ""  # sha256 of the bundle's files as stored: replicas compare content, not only numbers
     inflight: int = 0
     retired: bool = False
     _on_idle: list[Callable[[], None]] = field(default_factory=list)
@@ -110,6 +112,28 @@ def _version_dirs(task_dir: Path) -> dict[int, Path]:
     return out
 
 
+DIGEST_FILE = "content.sha256"  # beside a stored bundle's files: written at register, read by every replica
+HIGH_WATER_DIR = ".versions"  # tasks/.versions/<task>: the highest version ever given, kept past unregister
+
+
+def bundle_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for fname in UPLOAD_FILES:
+        h.update(fname.encode() + b"\0")
+        with open(folder / fname, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def stored_digest(folder: Path) -> str:
+    """The digest recorded at register (computed from the files for folders stored without one)."""
+    try:
+        return (folder / DIGEST_FILE).read_text().strip()
+    except FileNotFoundError:
+        return bundle_digest(folder)
+
+
 SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers
 LEFTOVER_IDLE_S = 600.0  # an upload or deletion folder untouched this long is a leftover
 
@@ -121,6 +145,13 @@ def _last_write(folder: Path) -> float:
     except OSError:
         return time.time()  # vanished or unreadable mid-scan: leave it for the next sweep
     return max(times)
+
+
+def _digest_or_none(folder: Path) -> str | None:
+    try:
+        return (folder / DIGEST_FILE).read_text().strip()
+    except OSError:
+        return None
 
 
 def remove_in_background(path: Path) -> None:
@@ -196,7 +227,7 @@ class TaskRegistry:
         bundle = read_bundle(path, self.limits)
         check_fits_trunk(bundle, self.trunk)
         stack = bundle.stack(self.trunk.num_blocks)
-        return TaskVersion(bundle.spec, stack, path, bundle.nbytes)
+        return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path))
 
     # --- syncing with the folder -------------------------------------------------------------------
 
@@ -229,8 +260,8 @@ class TaskRegistry:
             published, retired = [], []
             for name, (version, path) in on_disk.items():
                 cur = table.get(name)
-                if cur is not None and cur.version == version:
-                    continue  # (a lower number on disk means the task was removed and registered anew)
+                if cur is not None and cur.version == version and _digest_or_none(path) in (None, cur.digest):
+                    continue  # same number and content (folders stored without a digest: the number alone)
                 if (name, version) in self._failed:
                     continue
                 try:
@@ -285,10 +316,12 @@ class TaskRegistry:
                 task_dir = self.tasks_dir / name
                 task_dir.mkdir(exist_ok=True)
                 cur = self._table.get(name)
-                version = max([0, cur.version if cur else 0, *_version_dirs(task_dir)]) + 1
+                version = max([0, cur.version if cur else 0, self._high_water(name), *_version_dirs(task_dir)]) + 1
                 while True:
                     spec = bundle.spec.replace(version=version)
                     (upload / TASK_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+                    digest = bundle_digest(upload)
+                    (upload / DIGEST_FILE).write_text(digest + "\n")
                     fsync_tree(upload)
                     target = task_dir / str(version)
                     try:
@@ -303,7 +336,8 @@ class TaskRegistry:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                tv = TaskVersion(spec, bundle.stack(self.trunk.num_blocks), target, bundle.nbytes)
+                self._raise_high_water(name, version)
+                tv = TaskVersion(spec, bundle.stack(self.trunk.num_blocks), target, bundle.nbytes, digest)
                 table = dict(self._table)
                 old = table.get(name)
                 table[name] = tv
@@ -313,6 +347,25 @@ class TaskRegistry:
         finally:
             if upload.exists():
                 shutil.rmtree(upload, ignore_errors=True)
+
+    def _high_water(self, name: str) -> int:
+        try:
+            return int((self.tasks_dir / HIGH_WATER_DIR / name).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _raise_high_water(self, name: str, version: int) -> None:
+        """Record ``version`` as given for ``name`` (atomically; never lowered), so unregistering and
+        registering again, on this replica or another, or after a restart, never reuses a number."""
+        folder = self.tasks_dir / HIGH_WATER_DIR
+        folder.mkdir(exist_ok=True)
+        if self._high_water(name) >= version:
+            return
+        tmp = folder / f".{name}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(f"{version}\n")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, folder / name)
 
     def _prune_old_versions(self, task_dir: Path, keep: int) -> None:
         versions = _version_dirs(task_dir)

@@ -302,3 +302,38 @@ def test_runner_in_bfloat16_agrees_with_float32(repo, tiny_trunk_dir):
     for a, b in zip(out[torch.float32], out[torch.bfloat16]):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=3e-2, rtol=0)
+
+
+def test_versions_are_never_reused_after_unregister_or_restart(repo, tiny_trunk, tmp_path):
+    """Unregister then register again used to give version 1 again, so replica A kept the old weights."""
+    a, b = TaskRegistry(repo, tiny_trunk), TaskRegistry(repo, tiny_trunk)
+    a.sync(), b.sync()
+    assert _upload(a, tiny_trunk, tmp_path, "gamma", seed=5).version == 1
+    b.sync()
+    old = b.get("gamma")
+    a.unregister("gamma")
+    assert _upload(a, tiny_trunk, tmp_path, "gamma", seed=6).version == 2
+    b.sync()  # b never saw the unregister: it must still pick up the new weights
+    assert b.get("gamma").version == 2 and b.get("gamma").digest != old.digest
+    a.unregister("gamma")
+    restarted = TaskRegistry(repo, tiny_trunk)
+    restarted.sync()
+    assert _upload(restarted, tiny_trunk, tmp_path, "gamma", seed=7).version == 3
+
+
+def test_replicas_compare_content_not_only_numbers(repo, tiny_trunk, tmp_path):
+    a, b = TaskRegistry(repo, tiny_trunk), TaskRegistry(repo, tiny_trunk)
+    a.sync()
+    first = _upload(a, tiny_trunk, tmp_path, "gamma", seed=5)
+    b.sync()
+    assert b.get("gamma").digest == first.digest
+    # another writer (an older server, a hand copy) puts different weights under the same number
+    folder = repo / "tasks" / "gamma" / "1"
+    other = make_bundle(tiny_trunk, tmp_path / "other", name="gamma", seed=9)
+    shutil.copy(other / "adapter.safetensors", folder / "adapter.safetensors")
+    from server.registry import DIGEST_FILE, bundle_digest
+
+    (folder / DIGEST_FILE).write_text(bundle_digest(folder) + "\n")
+    published, _ = b.sync()
+    assert [tv.key for tv in published] == [("gamma", 1)] and b.get("gamma").digest != first.digest
+    assert b.sync() == ([], [])  # and it is not reloaded again on the next poll
