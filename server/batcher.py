@@ -21,7 +21,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from .errors import DeadlineExpired, Draining
+from .errors import BadRequest, DeadlineExpired, Draining
 from .metrics import Metrics
 from .model import ModelRunner
 from .registry import TaskVersion
@@ -80,14 +80,21 @@ class Batcher:
     async def submit(self, tv: TaskVersion, views: Tensor, deadline: Optional[float]) -> ClipResult:
         if self._closed:
             raise Draining("server is shutting down")
+        self.check_rows(views.shape[0])
         item = WorkItem(tv, views, deadline, asyncio.get_running_loop().create_future())
         self._groups.setdefault(item.group, deque()).append(item)
         self._wake.set()
         return await item.future
 
+    def check_rows(self, rows: int) -> None:
+        """One request's rows (its views) must fit one forward: ``max_batch_rows`` bounds every forward."""
+        if rows > self.max_rows:
+            raise BadRequest(f"the request needs {rows} rows (views) in one forward pass, above the server's "
+                             f"--max-batch-size of {self.max_rows}; ask for fewer temporal or spatial views")
+
     def _take_batch(self, key: tuple) -> list[WorkItem]:
         q = self._groups[key]
-        batch, rows = [q.popleft()], 0
+        batch = [q.popleft()]
         rows = batch[0].rows
         while q and rows + q[0].rows <= self.max_rows:
             rows += q[0].rows

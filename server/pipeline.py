@@ -130,6 +130,7 @@ class Pipeline:
             if k > MAX_TOP_K:
                 raise BadRequest(f"top_k={top_k} is above the limit of {MAX_TOP_K}")
             sampling = _apply_overrides(tv.spec.sampling, overrides)
+            self.batcher.check_rows(sampling.num_views)  # before any decoding
             self.check_clip_size(len(clip))
             _check_deadline(deadline, "before decode")
             loop = asyncio.get_running_loop()

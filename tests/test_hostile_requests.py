@@ -143,3 +143,24 @@ def test_the_sweeper_removes_idle_leftovers_only(bundle, tmp_path):
     registry.sync()
     assert not old.exists() and fresh.exists()
     assert set(registry.tasks) == {"alpha", "beta"}
+
+
+@pytest.mark.integration
+def test_one_request_cannot_fill_a_forward(bundle):
+    """temporal_views=1024, num_frames=1 put 1,024 rows in one forward despite --max-batch-size 32."""
+    repo, _, _ = bundle
+    with ServerProcess(repo, "--max-batch-size", "8") as srv:
+        channel = grpc.insecure_channel(srv.address)
+        clf = pb_grpc.VideoClassifierStub(channel)
+        clip = media.make_clip(None, 16)
+        for views in (1024, 9):
+            request = pb.ClassifyRequest(task="alpha", clip=clip, sampling=pb.SamplingOverrides(
+                temporal_views=views, num_frames=1))
+            with pytest.raises(grpc.RpcError) as e:
+                clf.Classify(request, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "--max-batch-size of 8" in e.value.details()
+        fits = pb.ClassifyRequest(task="alpha", clip=clip, top_k=1,
+                                  sampling=pb.SamplingOverrides(temporal_views=8, num_frames=1))
+        assert len(clf.Classify(fits, timeout=30).predictions) == 1
+        channel.close()
