@@ -2,6 +2,8 @@
 
     python bench/decode.py [--repeats 20] [--seconds 10] [--fps 30] [--size 320x240] [--gop 30]
                            [--frames 8] [--mode uniform] [--content texture pan] [--out bench_decode.json]
+                           [--libraries [--lib-sizes 320x240 1280x720] [--lib-gops 30 60] [--lib-repeats 7]
+                            [--lib-modes uniform stride] [--lib-content pan] [--skip-naive]]
 
 Encodes (in a temp dir) h264 mp4 clips with the given length, rate, size and
 keyframe interval, one per ``--content``, then times, in memory (the clip as
@@ -28,6 +30,27 @@ fixed scene) puts most bits in keyframes, like most real footage, and saves less
 The variants are timed alternately (ours, naive, ..., ours, ...) so that load from
 other processes hits all alike; wall clock and process CPU time are both reported.
 Prints tables to stderr and JSON to stdout (and ``--out``).
+
+Other decoders (``--libraries``)
+--------------------------------
+With ``--libraries`` the bench also compares, on the very same clips and frame
+indices, raw RGB uint8 frames at the sampled indices (no resize / crop), bytes in
+memory to frames out, one decoding thread each:
+
+* ``stadapter``: ``decode_frames`` (the frames ``decode_clip`` starts from);
+* ``torchcodec exact`` / ``torchcodec approx``: ``VideoDecoder(bytes, seek_mode=...,
+  num_ffmpeg_threads=1).get_frames_at(indices)`` (exact scans the whole file first);
+* ``decord``: ``VideoReader(BytesIO(bytes), num_threads=1).get_batch(indices)``;
+* ``pyav decode-all``: decode every frame (``thread_count=1``), convert only the
+  sampled ones (single-threaded swscale): the cheapest "decode everything".
+
+Clips: every ``--lib-sizes`` x ``--lib-gops`` (default 320x240 and 1280x720, GOP 30
+and 60; ``--seconds`` / ``--fps``, content ``--lib-content``), each sampled with every
+``--lib-modes`` (uniform, stride 16; ``--frames`` frames). Times are the median of
+``--lib-repeats`` runs (default 7), rows timed alternately. Every row's frames are
+checked against stadapter's: ``max |diff|`` 0 means pixel-identical. A library that
+is not installed gets a row saying so (``pip install .[bench]``), one that fails the
+error it raised.
 """
 
 from __future__ import annotations
@@ -55,7 +78,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from media import make_clip  # noqa: E402
 
 from stadapter.config import SamplingConfig  # noqa: E402
-from stadapter.video import FrameConverter, VideoLimits, decode_clip, probe, sample_indices, views_to_tensor  # noqa: E402
+from stadapter.video import (FrameConverter, VideoLimits, decode_clip, decode_frames, probe,  # noqa: E402
+                             sample_indices, views_to_tensor)
 
 
 def naive_clip(data: bytes, cfg: SamplingConfig, to_ndarray: bool = False) -> torch.Tensor:
@@ -120,6 +144,141 @@ def print_table(content: str, r: dict, file=sys.stderr) -> None:
           f"max |ours - naive| = {r['max_abs_diff_vs_naive']:g}", file=file)
 
 
+def _not_installed(name: str):
+    def run(data: bytes, idx: list[int]) -> np.ndarray:
+        raise ModuleNotFoundError(f"{name} is not installed")
+    return run
+
+
+def _torchcodec(mode: str):
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except Exception:  # ImportError, or its native libraries failing to load (OSError / RuntimeError)
+        return _not_installed("torchcodec")
+
+    def run(data: bytes, idx: list[int]) -> np.ndarray:
+        decoder = VideoDecoder(data, seek_mode=mode, num_ffmpeg_threads=1, dimension_order="NHWC")
+        return decoder.get_frames_at(idx).data.numpy()
+    return run
+
+
+def _decord():
+    try:
+        import decord
+    except Exception:
+        return _not_installed("decord")
+
+    def run(data: bytes, idx: list[int]) -> np.ndarray:
+        return decord.VideoReader(io.BytesIO(data), num_threads=1).get_batch(idx).asnumpy()
+    return run
+
+
+def _stadapter(data: bytes, idx: list[int]) -> np.ndarray:
+    return decode_frames(data, idx)
+
+
+def _pyav_decode_all(data: bytes, idx: list[int]) -> np.ndarray:
+    want, scaler, got = set(idx), VideoReformatter(), {}
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.video[0]
+        stream.thread_count = 1
+        for i, f in enumerate(c.decode(stream)):
+            if i in want:
+                got[i] = scaler.reformat(f, format="rgb24", threads=1).to_ndarray()
+    return np.stack([got[i] for i in idx])
+
+
+def library_decoders() -> dict:
+    return {"stadapter": _stadapter, "torchcodec exact": _torchcodec("exact"),
+            "torchcodec approx": _torchcodec("approximate"), "decord": _decord(),
+            "pyav decode-all": _pyav_decode_all}
+
+
+def bench_libraries(data: bytes, idx: list[int], repeats: int) -> dict:
+    """Median ms of each library reading frames ``idx`` from ``data``; max |diff| vs stadapter's frames."""
+    ref = decode_frames(data, idx).astype(np.int16)
+    rows: dict = {}
+    runs: dict = {}
+    for name, fn in library_decoders().items():
+        try:
+            frames = np.asarray(fn(data, idx))  # also the warm-up
+        except ModuleNotFoundError as e:
+            rows[name] = {"status": "not installed", "detail": str(e)}
+            continue
+        except Exception as e:  # a library failing on this clip is a result, not a crash
+            rows[name] = {"status": "error", "detail": f"{type(e).__name__}: {e}"[:200]}
+            continue
+        if frames.shape != ref.shape:
+            diff = None
+        else:
+            diff = int(np.abs(frames.astype(np.int16) - ref).max())
+        rows[name] = {"status": "ok", "shape": list(frames.shape), "max_abs_diff_vs_stadapter": diff}
+        runs[name] = fn
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn(data, idx)
+            times[name].append(time.perf_counter() - t)
+    for name, t in times.items():
+        rows[name].update(ms_median=1e3 * statistics.median(t), ms_runs=[1e3 * x for x in t])
+    base = rows["stadapter"].get("ms_median")
+    for name, row in rows.items():
+        if base and row.get("ms_median"):
+            row["x_stadapter_time"] = row["ms_median"] / base
+    return rows
+
+
+def print_library_table(entries: list[dict], repeats: int, file=sys.stderr) -> None:
+    print(f"\nraw RGB frames at the sampled indices, bytes in memory -> frames, 1 thread, median of {repeats} "
+          f"(ms; x = time / stadapter's; max|d| vs stadapter's frames)", file=file)
+    print(f"  {'clip':22} {'sampling':10} {'decoder':18} {'ms':>9} {'x':>6} {'max|d|':>7}", file=file)
+    for e in entries:
+        clip = f"{e['size'][0]}x{e['size'][1]} gop{e['gop']} {e['content']}"
+        for name, row in e["rows"].items():
+            if row["status"] != "ok":
+                print(f"  {clip:22} {e['sampling']:10} {name:18} {row['status']}"
+                      + (f" ({row['detail'][:60]})" if row["status"] == "error" else ""), file=file)
+                continue
+            d = row["max_abs_diff_vs_stadapter"]
+            d = "shape" if d is None else str(d)
+            print(f"  {clip:22} {e['sampling']:10} {name:18} {row['ms_median']:9.2f} "
+                  f"{row.get('x_stadapter_time', float('nan')):6.2f} {d:>7}", file=file)
+
+
+def run_libraries(args, frames: int) -> list[dict]:
+    torch.set_num_threads(1)
+    entries = []
+    n = round(args.seconds * args.fps)
+    for size in args.lib_sizes:
+        w, h = (int(v) for v in size.lower().split("x"))
+        for gop in args.lib_gops:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = make_clip(Path(tmp) / "bench.mp4", num_frames=n, fps=args.fps, size=(w, h),
+                                 codec="libx264", gop=gop, pattern=args.lib_content)
+                data = path.read_bytes()
+            total = probe(data).num_frames
+            for mode in args.lib_modes:
+                cfg = SamplingConfig(num_frames=frames, mode=mode, stride=16)
+                idx = sample_indices(total, cfg)
+                label = "uniform" if mode == "uniform" else f"stride{cfg.stride}"
+                entries.append({"size": [w, h], "gop": gop, "content": args.lib_content, "bytes": len(data),
+                                "num_frames": total, "sampling": label, "indices": idx,
+                                "rows": bench_libraries(data, idx, args.lib_repeats)})
+                print_library_table(entries[-1:], args.lib_repeats) if args.lib_progress else None
+    return entries
+
+
+def _versions() -> dict:
+    out = {"av": av.__version__}
+    for name in ("torchcodec", "decord"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:
+            out[name] = None
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=20)
@@ -133,6 +292,15 @@ def main(argv: list[str] | None = None) -> dict:
                     help="texture: fresh noise every frame (inter frames as costly as keyframes); "
                          "pan: a pan over a fixed scene (keyframes hold most bits, like real footage)")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--libraries", action="store_true",
+                    help="also compare stadapter with torchcodec, decord and PyAV decode-all (see the docstring)")
+    ap.add_argument("--lib-sizes", nargs="+", default=["320x240", "1280x720"])
+    ap.add_argument("--lib-gops", nargs="+", type=int, default=[30, 60])
+    ap.add_argument("--lib-modes", nargs="+", choices=("uniform", "stride"), default=["uniform", "stride"])
+    ap.add_argument("--lib-content", choices=("texture", "pan"), default="pan")
+    ap.add_argument("--lib-repeats", type=int, default=7, help="runs per row; the median is reported")
+    ap.add_argument("--lib-progress", action="store_true", help="print each clip's rows as they are done")
+    ap.add_argument("--skip-naive", action="store_true", help="only the --libraries comparison")
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
     cfg = SamplingConfig(num_frames=args.frames, mode=args.mode)
@@ -149,13 +317,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.seconds:g} s, {args.fps} fps, {w}x{h}, h264 GOP {args.gop}, in memory; "
           f"{cfg.num_frames} frames ({cfg.mode}) -> [1, {cfg.num_frames}, 3, {cfg.input_size}, {cfg.input_size}]; "
           f"mean of {args.repeats}", file=sys.stderr)
-    for content in args.content:
+    for content in [] if args.skip_naive else args.content:
         with tempfile.TemporaryDirectory() as tmp:
             path = make_clip(Path(tmp) / "bench.mp4", num_frames=round(args.seconds * args.fps), fps=args.fps,
                              size=(w, h), codec="libx264", gop=args.gop, pattern=content)
             data = path.read_bytes()
         result["content"][content] = bench_one(data, cfg, args.repeats)
         print_table(content, result["content"][content])
+    if args.libraries:
+        result["libraries"] = {"repeats": args.lib_repeats, "seconds": args.seconds, "fps": args.fps,
+                               "threads": 1, "versions": _versions(), "clips": run_libraries(args, cfg.num_frames)}
+        print_library_table(result["libraries"]["clips"], args.lib_repeats)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
