@@ -33,6 +33,12 @@ class Draining(ServerError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DecoderOutOfMemory(ServerError):
+    """A decoder worker ran out of memory on a clip: the clip may be fine, the server was short."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class DeadlineExpired(ServerError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -1,0 +1,322 @@
+"""Clip decoding off the event loop: in sandboxed worker processes (default) or in threads.
+
+A hostile clip may crash FFmpeg (segfault, abort) or make it loop forever. In a
+thread that takes the whole server down or stalls a worker for good; in a child
+process it costs only that request: the worker is killed (SIGKILL) and replaced.
+
+Protocol with one worker (a ``multiprocessing`` pipe, "spawn" context: never fork,
+the server runs gRPC threads):
+
+* worker -> parent ``("ready",)`` once ``stadapter.video`` is imported;
+* parent -> worker ``(sampling, limits, shm_name)`` then the clip as raw bytes;
+* worker -> parent ``("ok", shape, dtype, decode_s)`` with the frames written to a
+  new ``SharedMemory`` block named ``shm_name`` (frames are never pickled), or
+  ``("error", exc)`` / ``("oom", message)``.
+
+The parent picks the block's name, so it can unlink it on every path (worker
+killed half-way included); a worker that dies shows up as EOF on the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, Optional, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stadapter.config import SamplingConfig
+from stadapter.video import VideoError, VideoLimits, decode_clip
+
+from .errors import BadRequest, DeadlineExpired, DecoderOutOfMemory, Draining
+
+log = logging.getLogger("server")
+
+# TEST ONLY: with this env var set to "crash-on-magic" and/or "hang-on-magic" (comma-separated; in the server's
+# environment, read by the workers at start) a clip starting with the matching magic aborts / hangs the worker. Without the env var
+# these bytes are an ordinary (invalid) clip, so clients cannot trigger anything in production.
+TEST_HOOK_ENV = "STADAPTER_DECODE_TEST_HOOK"
+CRASH_MAGIC = b"STADAPTER-TEST-CRASH"
+HANG_MAGIC = b"STADAPTER-TEST-HANG"
+
+
+class Decoder(Protocol):
+    """What the pipeline needs from a decoding backend."""
+
+    async def decode(self, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+                     deadline: Optional[float] = None) -> tuple[Tensor, float]: ...
+
+    def close(self) -> None: ...
+
+
+class DecodeTimeout(BadRequest):
+    """The clip's decode ran past the per-clip budget (``--decode-timeout-s``)."""
+
+
+class DecoderCrashed(BadRequest):
+    """The worker died while decoding this clip (segfault, abort, killed)."""
+
+
+class ThreadDecoder:
+    """The in-process backend (``--decode-backend thread``): no sandbox, no timeouts; for benches and debugging."""
+
+    def __init__(self, workers: int):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+
+    async def decode(self, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+                     deadline: Optional[float] = None) -> tuple[Tensor, float]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, _decode_timed, clip, sampling, limits)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)  # a stuck thread cannot be stopped; do not wait for it
+
+
+def _decode_timed(clip: bytes, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
+    """The time is the decode alone, not the wait for a free worker."""
+    t0 = time.perf_counter()
+    views = decode_clip(clip, sampling, limits)  # [V, T, 3, S, S]
+    return views, time.perf_counter() - t0
+
+
+def _worker_main(conn: Connection) -> None:
+    """A decoder process: decode one clip per message until the pipe closes."""
+    import stadapter.video  # noqa: F401 - already imported via this module; the point is the first request is fast
+
+    hooks = set(os.environ.get(TEST_HOOK_ENV, "").split(","))
+    conn.send(("ready",))
+    while True:
+        try:
+            sampling, limits, shm_name = conn.recv()
+            clip = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if "crash-on-magic" in hooks and clip.startswith(CRASH_MAGIC):
+            os.abort()
+        if "hang-on-magic" in hooks and clip.startswith(HANG_MAGIC):
+            while True:
+                time.sleep(3600)
+        try:
+            views, decode_s = _decode_timed(clip, sampling, limits)
+            arr = np.ascontiguousarray(views.numpy())
+            shm = SharedMemory(name=shm_name, create=True, size=max(arr.nbytes, 1))
+            try:
+                np.ndarray(arr.shape, arr.dtype, buffer=shm.buf)[...] = arr
+            finally:
+                shm.close()
+            reply: tuple = ("ok", arr.shape, arr.dtype.str, decode_s)
+        except MemoryError as e:
+            reply = ("oom", str(e))
+        except VideoError as e:
+            reply = ("error", e)
+        except Exception as e:  # noqa: BLE001 - any failure on clip content is the clip's, not INTERNAL
+            reply = ("error", VideoError(f"the decoder failed on this clip ({type(e).__name__}: {e})"[:500]))
+        try:
+            conn.send(reply)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: keep its message
+            conn.send(("error", VideoError(str(reply[1]))))
+
+
+@dataclass(eq=False)
+class _Worker:
+    proc: Any  # multiprocessing.context.SpawnProcess
+    conn: Connection
+    reply: Optional[asyncio.Future] = field(default=None)
+
+    def expect(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        """A future for the worker's next message (None on EOF: the worker died)."""
+        fut = loop.create_future()
+        fd = self.conn.fileno()
+
+        def readable() -> None:
+            loop.remove_reader(fd)
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                msg = None
+            except Exception:  # noqa: BLE001 - a reply that does not unpickle
+                msg = ("error", VideoError("the decoder failed on this clip"))
+            if not fut.done():
+                fut.set_result(msg)
+
+        loop.add_reader(fd, readable)
+        self.reply = fut
+        return fut
+
+    def kill(self) -> None:
+        try:
+            asyncio.get_running_loop().remove_reader(self.conn.fileno())
+        except (RuntimeError, OSError, ValueError):
+            pass
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(1.0)  # SIGKILL cannot be ignored: this reaps it at once
+        self.conn.close()
+
+
+class ProcessDecodePool:
+    """``workers`` decoder processes; at most that many decodes at once (``await decode(...)``).
+
+    Call ``await start()`` in the event loop before use; ``close()`` kills every worker at once.
+    """
+
+    def __init__(self, workers: int, context: str = "spawn"):
+        self.workers = workers
+        self.ctx = multiprocessing.get_context(context)
+        self.shm_prefix = f"stadapter-dec-{os.getpid()}-{id(self):x}-"
+        self._names = itertools.count()
+        self._free: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._all: set[_Worker] = set()
+        self._tasks: set[asyncio.Task] = set()  # background work (startups, waits after a cancel)
+        self.closed = False
+
+    async def start(self, timeout_s: float = 120.0) -> None:
+        """Start all workers and wait until each has imported the decoder."""
+        ok = await asyncio.wait_for(asyncio.gather(*(self._spawn() for _ in range(self.workers))), timeout_s)
+        if not all(ok):
+            self.close()
+            raise RuntimeError("decoder worker processes failed to start; see the log")
+
+    async def _spawn(self) -> bool:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child,), name="stadapter-decode", daemon=True)
+        proc.start()
+        child.close()  # only the worker holds it now: its death is EOF here
+        w = _Worker(proc, parent)
+        self._all.add(w)
+        msg = await w.expect(asyncio.get_running_loop())
+        if msg != ("ready",) or self.closed:
+            self._drop(w)
+            if not self.closed:
+                log.error("a decoder worker exited before ready (exit code %s)", proc.exitcode)
+            return False
+        self._free.put_nowait(w)
+        return True
+
+    def _drop(self, w: _Worker) -> None:
+        w.kill()
+        self._all.discard(w)
+
+    def _replace(self, w: _Worker) -> None:
+        """Kill ``w`` and start a fresh worker in the background (it joins the free queue once ready)."""
+        self._drop(w)
+        if not self.closed:
+            self._background(self._respawn())
+
+    async def _respawn(self) -> None:
+        while not self.closed and not await self._spawn():
+            await asyncio.sleep(1.0)  # a worker that cannot start: do not spin
+
+    def _background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def decode(self, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+                     deadline: Optional[float] = None) -> tuple[Tensor, float]:
+        """Decode ``clip`` in a worker: ``(views [V,T,3,S,S] float32, decode seconds)``.
+
+        ``timeout_s`` bounds the decode itself (from when a worker takes the clip); ``deadline``
+        (``time.monotonic()``) bounds it too, and past it the error is DEADLINE_EXCEEDED.
+        """
+        if self.closed:
+            raise RuntimeError("the decode pool is closed")
+        w = await self._free.get()
+        budget, by_deadline = timeout_s, False
+        if deadline is not None and deadline - time.monotonic() < timeout_s:
+            budget, by_deadline = deadline - time.monotonic(), True
+        if budget <= 0:
+            self._free.put_nowait(w)
+            raise DeadlineExpired("deadline passed before decode; dropped")
+        name = f"{self.shm_prefix}{next(self._names)}"
+        reply = w.expect(asyncio.get_running_loop())
+        try:
+            # the worker is idle and blocked on recv, so this costs a copy through the pipe
+            w.conn.send((sampling, limits, name))
+            w.conn.send_bytes(clip)
+        except OSError:
+            pass  # the worker died while idle: the reply future sees EOF
+        try:
+            done, _ = await asyncio.wait({reply}, timeout=budget)
+        except asyncio.CancelledError:  # the caller gave up: let the decode finish, then reuse the worker
+            self._background(self._finish_later(w, reply, name, budget))
+            raise
+        if not done:
+            self._replace(w)
+            _unlink(name)
+            if by_deadline:
+                raise DeadlineExpired(f"deadline passed during decode (after {budget:.2f} s); dropped")
+            raise DecodeTimeout(f"decoding took longer than {timeout_s:g} s; the clip was dropped")
+        return self._result(w, reply.result(), name)
+
+    async def _finish_later(self, w: _Worker, reply: asyncio.Future, name: str, budget: float) -> None:
+        done, _ = await asyncio.wait({reply}, timeout=budget)
+        if not done:
+            self._replace(w)
+            _unlink(name)
+            return
+        try:
+            self._result(w, reply.result(), name)
+        except Exception:  # noqa: BLE001 - nobody is waiting for this answer any more
+            pass
+
+    def _result(self, w: _Worker, msg: Optional[tuple], name: str) -> tuple[Tensor, float]:
+        """Turn the worker's reply into the answer; the shm block is gone and ``w`` freed or replaced after."""
+        try:
+            if msg is None and self.closed:
+                raise Draining("server is shutting down; the decode was stopped")
+            if msg is None:
+                self._replace(w)
+                raise DecoderCrashed(f"the decoder crashed on this clip (worker exit code {w.proc.exitcode}); "
+                                     "it is probably corrupt or hostile")
+            if self.closed:
+                self._drop(w)
+            else:
+                self._free.put_nowait(w)
+            if msg[0] == "ok":
+                _, shape, dtype, decode_s = msg
+                shm = SharedMemory(name=name)
+                try:
+                    out = np.empty(shape, np.dtype(dtype))
+                    out[...] = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)
+                finally:
+                    shm.close()
+                return torch.from_numpy(out), decode_s
+            if msg[0] == "oom":
+                raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({msg[1]}); retry later")
+            exc = msg[1]
+            raise exc if isinstance(exc, VideoError) else VideoError(str(exc))
+        finally:
+            _unlink(name)
+
+    def close(self) -> None:
+        """Kill every worker at once (SIGKILL first, then reap): never waits on a stuck decode."""
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        workers = list(self._all)
+        for w in workers:
+            if w.proc.is_alive():
+                w.proc.kill()
+        for w in workers:
+            self._drop(w)
+            if w.reply is not None and not w.reply.done():
+                w.reply.set_result(None)  # a request still waiting on it fails at once
+
+
+def _unlink(name: str) -> None:
+    try:
+        shm = SharedMemory(name=name)
+    except FileNotFoundError:
+        return
+    shm.close()
+    shm.unlink()
