@@ -26,6 +26,7 @@ from .auth import Auth
 from .batcher import Batcher
 from .cache import DeviceCache
 from .config import ServerConfig
+from .decode_pool import Decoder, ProcessDecodePool, ThreadDecoder
 from .metrics import Metrics, remove_label
 from .model import ModelRunner, cache_key, resolve_device, resolve_dtype
 from .pipeline import Pipeline
@@ -88,8 +89,15 @@ class Server:
             t0 = time.monotonic()
             runs = await batcher.warmup(list(registry.tasks.values()))
             log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
+        decoder: Decoder
+        if cfg.decode_backend == "process":
+            decoder = ProcessDecodePool(cfg.decode_workers)
+            await decoder.start()  # eagerly: the first request does not pay for the imports
+        else:
+            decoder = ThreadDecoder(cfg.decode_workers)
         pipeline = Pipeline(registry, batcher, metrics, cfg.max_queue_size, cfg.decode_workers, cfg.default_top_k,
-                            cfg.max_clip_bytes, max_inflight_bytes=cfg.max_inflight_clip_bytes)
+                            cfg.max_clip_bytes, max_inflight_bytes=cfg.max_inflight_clip_bytes, decoder=decoder,
+                            decode_timeout_s=cfg.decode_timeout_s)
         metrics.queue_depth.set_function(lambda: pipeline.pending)
         metrics.clip_bytes_in_flight.set_function(lambda: pipeline.held_bytes)
 

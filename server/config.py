@@ -21,7 +21,12 @@ class ServerConfig:
         max_queue_delay_ms: longest time the first queued clip waits for company.
         max_queue_size: requests admitted but not yet computed (decoding + queued);
             one more is refused with RESOURCE_EXHAUSTED at once.
-        decode_workers: threads decoding clips (PyAV releases the GIL).
+        decode_workers: decoder worker processes (``decode_backend=process``: a clip that crashes or
+            hangs FFmpeg costs only its request; the worker is killed and replaced), or threads
+            (``decode_backend=thread``).
+        decode_timeout_s: longest decode of one clip (the request deadline may cut it shorter); past it
+            the worker is killed and the request fails with INVALID_ARGUMENT (process backend only).
+        decode_backend: ``process`` (sandboxed, default) or ``thread`` (in-process, no timeout; benches, debugging).
         device: ``auto`` = cuda when available, else cpu.
         dtype: ``auto`` = bfloat16 (or float16) on cuda, float32 on cpu.
         cache_bytes: device budget for resident task adapters (LRU beyond it).
@@ -46,6 +51,8 @@ class ServerConfig:
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
     decode_workers: int = 2
+    decode_timeout_s: float = 30.0
+    decode_backend: str = "process"
     device: str = "auto"
     dtype: str = "auto"
     cache_bytes: int = 1 << 30
@@ -75,6 +82,10 @@ class ServerConfig:
         for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.decode_timeout_s > 0:
+            raise ValueError(f"ServerConfig.decode_timeout_s must be > 0, got {self.decode_timeout_s!r}")
+        if self.decode_backend not in ("process", "thread"):
+            raise ValueError(f"ServerConfig.decode_backend must be process|thread, got {self.decode_backend!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"ServerConfig.dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}")
         if self.max_inflight_clip_bytes < self.max_clip_bytes:
@@ -102,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-batch-size", type=int, default=d.max_batch_size, help="rows (clip views) per forward")
     a("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     a("--max-queue-size", type=int, default=d.max_queue_size, help="admitted, not yet computed requests")
-    a("--decode-workers", type=int, default=d.decode_workers)
+    a("--decode-workers", type=int, default=d.decode_workers,
+      help="decoder worker processes (threads with --decode-backend thread)")
+    a("--decode-timeout-s", type=float, default=d.decode_timeout_s,
+      help="longest decode of one clip; past it the worker is killed (process backend)")
+    a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),
+      help="process: sandboxed workers (default); thread: in-process, for benches and debugging")
     a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"))
     a("--cache-bytes", type=int, default=d.cache_bytes, help="device budget for task adapters")

@@ -1,4 +1,4 @@
-"""One classification from bytes to top-k: admit, decode (worker pool), batch, answer.
+"""One classification from bytes to top-k: admit, decode (worker processes, see decode_pool), batch, answer.
 
 Admission happens before any work: a draining server answers UNAVAILABLE, a
 full queue (``max_queue_size`` requests admitted and not yet computed)
@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional
 
-from torch import Tensor
-
 from stadapter.config import ConfigError, SamplingConfig
-from stadapter.video import VideoLimits, decode_clip
+from stadapter.video import VideoLimits
 
 from .batcher import Batcher
+from .decode_pool import Decoder, ThreadDecoder
 from .errors import BadRequest, DeadlineExpired, Draining, QueueFull
 from .metrics import Metrics
 from .registry import TaskRegistry, TaskVersion
@@ -47,7 +45,9 @@ class Classification:
 class Pipeline:
     def __init__(self, registry: TaskRegistry, batcher: Batcher, metrics: Metrics, max_queue_size: int,
                  decode_workers: int, default_top_k: int = 5, max_clip_bytes: int = 1 << 28,
-                 video_limits: Optional[VideoLimits] = None, max_inflight_bytes: int = 1 << 30):
+                 video_limits: Optional[VideoLimits] = None, max_inflight_bytes: int = 1 << 30,
+                 decoder: Optional[Decoder] = None, decode_timeout_s: float = 30.0):
+        """``decoder``: the decoding backend (default: ``decode_workers`` threads in this process)."""
         self.registry = registry
         self.batcher = batcher
         self.metrics = metrics
@@ -55,7 +55,8 @@ class Pipeline:
         self.default_top_k = default_top_k
         self.max_clip_bytes = max_clip_bytes
         self.video_limits = video_limits or VideoLimits(max_bytes=max_clip_bytes)
-        self.decode_pool = ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="decode")
+        self.decoder: Decoder = decoder if decoder is not None else ThreadDecoder(decode_workers)
+        self.decode_timeout_s = decode_timeout_s
         self.max_inflight_bytes = max_inflight_bytes
         self.held_bytes = 0  # encoded clip bytes held by requests in progress
         self.pending = 0  # admitted, not yet computed
@@ -133,9 +134,8 @@ class Pipeline:
             self.batcher.check_rows(sampling.num_views)  # before any decoding
             self.check_clip_size(len(clip))
             _check_deadline(deadline, "before decode")
-            loop = asyncio.get_running_loop()
-            views, decode_s = await loop.run_in_executor(self.decode_pool, _decode_timed, clip, sampling,
-                                                         self.video_limits)
+            views, decode_s = await self.decoder.decode(clip, sampling, self.video_limits, self.decode_timeout_s,
+                                                        deadline)
             self.metrics.decode_seconds.observe(decode_s)
             _check_deadline(deadline, "after decode")
             res = await self.batcher.submit(tv, views, deadline)
@@ -148,14 +148,8 @@ class Pipeline:
             tv.release()
 
     def close(self) -> None:
-        self.decode_pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _decode_timed(clip: bytes, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
-    """Decode in a worker thread; the time is the decode alone, not the wait for a free worker."""
-    t0 = time.perf_counter()
-    views = decode_clip(clip, sampling, limits)  # [V, T, 3, S, S]
-    return views, time.perf_counter() - t0
+        """Stop the decoders without waiting for a stuck decode."""
+        self.decoder.close()
 
 
 def _check_deadline(deadline: Optional[float], where: str) -> None:
