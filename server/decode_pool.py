@@ -13,20 +13,21 @@ the server runs gRPC threads):
   new ``SharedMemory`` block named ``shm_name`` (frames are never pickled), or
   ``("error", exc)`` / ``("oom", message)``.
 
-The parent picks the block's name, so it can unlink it on every path (worker
-killed half-way included); a worker that dies shows up as EOF on the pipe.
+The parent picks the block's name, so it unlinks it on every path (worker killed
+half-way included); a worker that dies shows up as EOF on the pipe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Optional, Protocol
@@ -38,13 +39,13 @@ from torch import Tensor
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, VideoLimits, decode_clip
 
-from .errors import BadRequest, DeadlineExpired, DecoderOutOfMemory, Draining
+from .errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining
 
 log = logging.getLogger("server")
 
-# TEST ONLY: with this env var set to "crash-on-magic" and/or "hang-on-magic" (comma-separated; in the server's
-# environment, read by the workers at start) a clip starting with the matching magic aborts / hangs the worker. Without the env var
-# these bytes are an ordinary (invalid) clip, so clients cannot trigger anything in production.
+# TEST ONLY: with this env var set to "crash-on-magic" and/or "hang-on-magic" (comma-separated, in the server's
+# environment, read by the workers at start) a clip starting with the matching magic aborts / hangs the worker.
+# Without the env var these bytes are an ordinary (invalid) clip: clients cannot trigger anything in production.
 TEST_HOOK_ENV = "STADAPTER_DECODE_TEST_HOOK"
 CRASH_MAGIC = b"STADAPTER-TEST-CRASH"
 HANG_MAGIC = b"STADAPTER-TEST-HANG"
@@ -57,14 +58,6 @@ class Decoder(Protocol):
                      deadline: Optional[float] = None) -> tuple[Tensor, float]: ...
 
     def close(self) -> None: ...
-
-
-class DecodeTimeout(BadRequest):
-    """The clip's decode ran past the per-clip budget (``--decode-timeout-s``)."""
-
-
-class DecoderCrashed(BadRequest):
-    """The worker died while decoding this clip (segfault, abort, killed)."""
 
 
 class ThreadDecoder:
@@ -89,9 +82,10 @@ def _decode_timed(clip: bytes, sampling: SamplingConfig, limits: VideoLimits) ->
 
 
 def _worker_main(conn: Connection) -> None:
-    """A decoder process: decode one clip per message until the pipe closes."""
-    import stadapter.video  # noqa: F401 - already imported via this module; the point is the first request is fast
+    """A decoder process: decode one clip per message until the pipe closes.
 
+    Unpickling this function imported this module, hence ``stadapter.video``: "ready" means the first clip is fast.
+    """
     hooks = set(os.environ.get(TEST_HOOK_ENV, "").split(","))
     conn.send(("ready",))
     while True:
@@ -102,17 +96,12 @@ def _worker_main(conn: Connection) -> None:
             return
         if "crash-on-magic" in hooks and clip.startswith(CRASH_MAGIC):
             os.abort()
-        if "hang-on-magic" in hooks and clip.startswith(HANG_MAGIC):
-            while True:
-                time.sleep(3600)
+        while "hang-on-magic" in hooks and clip.startswith(HANG_MAGIC):
+            time.sleep(3600)
         try:
             views, decode_s = _decode_timed(clip, sampling, limits)
             arr = np.ascontiguousarray(views.numpy())
-            shm = SharedMemory(name=shm_name, create=True, size=max(arr.nbytes, 1))
-            try:
-                np.ndarray(arr.shape, arr.dtype, buffer=shm.buf)[...] = arr
-            finally:
-                shm.close()
+            _write_shm(shm_name, arr)
             reply: tuple = ("ok", arr.shape, arr.dtype.str, decode_s)
         except MemoryError as e:
             reply = ("oom", str(e))
@@ -126,11 +115,20 @@ def _worker_main(conn: Connection) -> None:
             conn.send(("error", VideoError(str(reply[1]))))
 
 
+def _write_shm(name: str, arr: np.ndarray) -> None:
+    try:
+        shm = SharedMemory(name=name, create=True, size=max(arr.nbytes, 1))
+    except OSError as e:  # /dev/shm is full: the server is short, the clip is not bad
+        raise MemoryError(f"no room for the frames in shared memory: {e}") from e
+    np.ndarray(arr.shape, arr.dtype, buffer=shm.buf)[...] = arr
+    shm.close()
+
+
 @dataclass(eq=False)
 class _Worker:
     proc: Any  # multiprocessing.context.SpawnProcess
     conn: Connection
-    reply: Optional[asyncio.Future] = field(default=None)
+    reply: Optional[asyncio.Future] = None  # the next message, once asked for
 
     def expect(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
         """A future for the worker's next message (None on EOF: the worker died)."""
@@ -153,10 +151,8 @@ class _Worker:
         return fut
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, OSError, ValueError):  # no loop, or the pipe already closed
             asyncio.get_running_loop().remove_reader(self.conn.fileno())
-        except (RuntimeError, OSError, ValueError):
-            pass
         if self.proc.is_alive():
             self.proc.kill()
         self.proc.join(1.0)  # SIGKILL cannot be ignored: this reaps it at once
@@ -180,7 +176,7 @@ class ProcessDecodePool:
         self.closed = False
 
     async def start(self, timeout_s: float = 120.0) -> None:
-        """Start all workers and wait until each has imported the decoder."""
+        """Start all workers; return once each has imported the decoder."""
         ok = await asyncio.wait_for(asyncio.gather(*(self._spawn() for _ in range(self.workers))), timeout_s)
         if not all(ok):
             self.close()
@@ -206,9 +202,11 @@ class ProcessDecodePool:
         w.kill()
         self._all.discard(w)
 
-    def _replace(self, w: _Worker) -> None:
-        """Kill ``w`` and start a fresh worker in the background (it joins the free queue once ready)."""
+    def _replace(self, w: _Worker, shm_name: Optional[str] = None) -> None:
+        """Kill ``w`` (then unlink the block it may have been writing); a fresh worker joins the queue once ready."""
         self._drop(w)
+        if shm_name is not None:
+            _unlink(shm_name)
         if not self.closed:
             self._background(self._respawn())
 
@@ -251,8 +249,7 @@ class ProcessDecodePool:
             self._background(self._finish_later(w, reply, name, budget))
             raise
         if not done:
-            self._replace(w)
-            _unlink(name)
+            self._replace(w, name)
             if by_deadline:
                 raise DeadlineExpired(f"deadline passed during decode (after {budget:.2f} s); dropped")
             raise DecodeTimeout(f"decoding took longer than {timeout_s:g} s; the clip was dropped")
@@ -261,13 +258,10 @@ class ProcessDecodePool:
     async def _finish_later(self, w: _Worker, reply: asyncio.Future, name: str, budget: float) -> None:
         done, _ = await asyncio.wait({reply}, timeout=budget)
         if not done:
-            self._replace(w)
-            _unlink(name)
+            self._replace(w, name)
             return
-        try:
+        with contextlib.suppress(Exception):  # nobody is waiting for this answer any more
             self._result(w, reply.result(), name)
-        except Exception:  # noqa: BLE001 - nobody is waiting for this answer any more
-            pass
 
     def _result(self, w: _Worker, msg: Optional[tuple], name: str) -> tuple[Tensor, float]:
         """Turn the worker's reply into the answer; the shm block is gone and ``w`` freed or replaced after."""
@@ -303,20 +297,16 @@ class ProcessDecodePool:
         self.closed = True
         for task in list(self._tasks):
             task.cancel()
-        workers = list(self._all)
-        for w in workers:
-            if w.proc.is_alive():
-                w.proc.kill()
-        for w in workers:
+        for w in list(self._all):
+            w.proc.kill()  # all at once, before any reaping
+        for w in list(self._all):
             self._drop(w)
             if w.reply is not None and not w.reply.done():
                 w.reply.set_result(None)  # a request still waiting on it fails at once
 
 
 def _unlink(name: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         shm = SharedMemory(name=name)
-    except FileNotFoundError:
-        return
-    shm.close()
-    shm.unlink()
+        shm.close()
+        shm.unlink()

@@ -21,6 +21,14 @@ class BadRequest(ServerError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class DecodeTimeout(BadRequest):
+    """A clip's decode ran past the per-clip budget (``--decode-timeout-s``); its worker was killed."""
+
+
+class DecoderCrashed(BadRequest):
+    """The decoder worker died on this clip (segfault, abort); it was replaced."""
+
+
 class TaskNotFound(ServerError):
     code = grpc.StatusCode.NOT_FOUND
 

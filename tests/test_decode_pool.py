@@ -16,9 +16,8 @@ import torch
 
 import media
 from serverproc import ServerProcess, make_repository
-from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, DecoderCrashed, DecodeTimeout, \
-    ProcessDecodePool
-from server.errors import DeadlineExpired, status_for
+from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool
+from server.errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, status_for
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, VideoLimits, decode_clip
 from stadapter_api.v1 import inference_pb2 as pb
@@ -96,6 +95,14 @@ def test_crashed_worker_fails_only_its_request_and_is_replaced(loop, pool, clip)
     now = {w.proc.pid for w in pool._all}
     assert len(now) == 2 and len(now - pids) == 1
     assert shm_blocks(pool) == []
+
+
+def test_out_of_memory_in_a_worker_is_resource_exhausted():
+    pool = ProcessDecodePool(1)  # not started: only the reply mapping is used
+    with pytest.raises(DecoderOutOfMemory) as e:
+        pool._result(object(), ("oom", "frames"), pool.shm_prefix + "none")
+    assert status_for(e.value)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert pool._free.get_nowait() is not None  # the worker was fine: back in the free queue
 
 
 def test_cancelled_requests_leak_no_worker_and_no_shm(loop, pool, clip):
