@@ -295,8 +295,12 @@ class TaskRegistry:
 
     # --- register / unregister -------------------------------------------------------------------
 
+    def upload_path(self) -> Path:
+        """A fresh name for an upload folder (not created: the caller creates it inside its cleanup scope)."""
+        return self.tasks_dir / f".upload-{uuid.uuid4().hex}"
+
     def new_upload_dir(self) -> Path:
-        d = self.tasks_dir / f".upload-{uuid.uuid4().hex}"
+        d = self.upload_path()
         d.mkdir()
         return d
 

@@ -12,6 +12,7 @@ import contextvars
 import functools
 import json
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -200,23 +201,30 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
 
     @rpc("RegisterTask", "admin")
     async def RegisterTask(self, request_iterator, context) -> pb.RegisterTaskResponse:
-        upload = await asyncio.to_thread(self.registry.new_upload_dir)
-        handed_over = False  # register_upload consumes the folder itself, even if this coroutine is cancelled
+        upload = self.registry.upload_path()
+        owner = _UploadOwner()
         try:
+            await asyncio.to_thread(upload.mkdir)  # a cancellation during it still reaches the finally below
             await self._receive(request_iterator, upload)
-            handed_over = True
-            tv = await asyncio.to_thread(self.registry.register_upload, upload)
+            tv = await asyncio.to_thread(self._register_owned, upload, owner)
         except BaseException as e:  # CancelledError too: a client that hangs up mid-upload
             code = grpc.StatusCode.CANCELLED if isinstance(e, asyncio.CancelledError) else status_for(e)[0]
             self.metrics.registrations.labels(code.name.lower()).inc()
             raise
         finally:
-            if not handed_over:  # shielded: a second cancellation cannot stop the removal
+            if owner.claim("cleanup"):  # shielded: a second cancellation cannot stop the removal
                 await asyncio.shield(asyncio.to_thread(_rmtree, upload))
         _task_label.set(tv.name)
         self.metrics.registrations.labels("ok").inc()
         log.info("registered task %s version %d", tv.name, tv.version)
         return pb.RegisterTaskResponse(task=task_info(tv))
+
+    def _register_owned(self, upload: Path, owner: "_UploadOwner"):
+        """register_upload consumes the folder; it may only start if the cleanup has not taken it (a
+        cancellation can drop this job before its thread starts, or race the cleanup)."""
+        if not owner.claim("register"):
+            raise BadRequest("the upload was cancelled")
+        return self.registry.register_upload(upload)
 
     async def _receive(self, request_iterator, upload: Path) -> None:
         limits = {TASK_FILE: self.limits.max_json_bytes, ADAPTER_FILE: self.limits.max_tensor_bytes}
@@ -253,6 +261,20 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         self.metrics.unregistrations.labels("ok").inc()
         log.info("unregistered task %s (was version %d)", tv.name, tv.version)
         return pb.UnregisterTaskResponse(task=tv.name, version=tv.version)
+
+
+class _UploadOwner:
+    """Exactly one party takes an upload folder: registration (in its thread) or the cleanup."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: Optional[str] = None
+
+    def claim(self, who: str) -> bool:
+        with self._lock:
+            if self._owner is None:
+                self._owner = who
+            return self._owner == who
 
 
 def _rmtree(path: Path) -> None:
