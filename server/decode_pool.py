@@ -227,7 +227,7 @@ class ProcessDecodePool:
         (``time.monotonic()``) bounds it too, and past it the error is DEADLINE_EXCEEDED.
         """
         if self.closed:
-            raise RuntimeError("the decode pool is closed")
+            raise Draining("server is shutting down; the decoders are stopped")
         w = await self._free.get()
         budget, by_deadline = timeout_s, False
         if deadline is not None and deadline - time.monotonic() < timeout_s:

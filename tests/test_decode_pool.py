@@ -16,7 +16,7 @@ import torch
 
 import media
 from serverproc import ServerProcess, make_repository
-from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool
+from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
 from server.errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, status_for
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, VideoLimits, decode_clip
@@ -65,6 +65,15 @@ def test_good_clip_equals_in_process_decode(loop, pool, clip):
     got, decode_s = run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
     assert got.dtype == torch.float32 and torch.equal(got, want) and decode_s > 0
     assert shm_blocks(pool) == []
+
+
+def test_thread_backend_decodes_the_same(loop, clip):
+    dec = ThreadDecoder(1)
+    try:
+        got, _ = run(loop, dec.decode(clip, SAMPLING, LIMITS, 30.0))
+        assert torch.equal(got, decode_clip(clip, SAMPLING, LIMITS))
+    finally:
+        dec.close()
 
 
 @pytest.mark.parametrize("bad", [media.garbage(3000), media.make_audio_only()], ids=["garbage", "audio-only"])
