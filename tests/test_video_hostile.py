@@ -39,8 +39,9 @@ def test_a_pts_jump_of_1e9_seconds_costs_no_work_per_timestamp(tmp_path):
         ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x64:rate=25:duration=2", "-vf", r"setpts=PTS+gte(N\,30)*1e9/TB",
                "-c:v", "libx264", "-g", "10", "-bf", "0", "-f", "matroska", "-", stdout=f)
     assert out.stat().st_size < 20_000
-    with pytest.raises(VideoError, match="did not decode|over the limit"):
-        decode_clip(out.read_bytes(), SamplingConfig(num_frames=8, input_size=32))
+    # the jump is a hole in the frame grid: the frames are found by counting, as for variable frame rates
+    views = decode_clip(out.read_bytes(), SamplingConfig(num_frames=8, input_size=32))
+    assert views.shape == (1, 8, 3, 32, 32)
 
 
 def test_every_prefix_of_a_clip_is_a_clean_error():

@@ -249,7 +249,20 @@ class IndexedReader:
             self.feed(buffer, convert)
         self.drain(convert)
         self.res.eof = len(self.got) < len(self.want)
+        if self.res.eof:
+            self.check_no_holes()
         return self.finish(needed, iter(()))
+
+    def check_no_holes(self) -> None:
+        """A stream that ends before a needed frame is truly short only if every slot up to its last packet
+        had one: a hole means timestamps that skip (variable frame rate), where a slot is not a frame count.
+        The bound is checked first, so a pts jump of 1e9 s allocates nothing."""
+        if not self.seen:
+            return
+        highest = max(self.seen)
+        if highest + 1 > len(self.seen) + sum(b - a for a, b in self.skipped):
+            raise Irregular(f"the stream ends at slot {highest} with fewer packets: its timestamps skip")
+        self.verify(highest)
 
     def finish(self, needed: list[int], packets) -> tuple[dict[int, np.ndarray], ReadResult]:
         if len(self.got) == len(self.want):
