@@ -80,7 +80,6 @@ class Server:
 
         limits = BundleLimits(max_tensor_bytes=cfg.max_bundle_bytes)
         registry = TaskRegistry(cfg.model_repository, trunk, limits, cfg.keep_versions, on_change)
-        registry.cleanup_temp()
         registry.sync()
         metrics.tasks_loaded.set(len(registry.tasks))
 

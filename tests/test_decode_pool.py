@@ -190,3 +190,11 @@ def test_server_process_backend_survives_crashing_and_hanging_clips(tmp_path: Pa
                 classify(bad, timeout)
             assert e.value.code() == code and says in (e.value.details() or ""), (e.value.code(), e.value.details())
             assert classify(clip).predictions  # the one worker was replaced and serves again
+
+
+def test_the_pool_bench_runs():
+    from bench.decode_pool import main
+
+    result = main(["--clips", "4", "--size", "64x48", "--workers", "1"])
+    (row,) = result["rows"]
+    assert row["thread_clips_per_s"] > 0 and row["process_clips_per_s"] > 0
