@@ -120,6 +120,9 @@ class SamplingConfig:
         input_size: square side of the model input (pixels).
         resize: short side before the crop; 0 means ``input_size``.
         mean / std: per-channel normalisation of [0, 1] RGB.
+        autorotate: decode frames as a viewer sees them: the display matrix (rotation by
+            multiples of 90 degrees, flips) and the sample aspect ratio applied before the
+            resize and crop, as players and ffmpeg do. False: the coded picture as stored.
     """
 
     num_frames: int = 8
@@ -131,8 +134,11 @@ class SamplingConfig:
     resize: int = 0
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    autorotate: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.autorotate, bool):
+            raise ConfigError(f"SamplingConfig.autorotate must be true or false, got {self.autorotate!r}")
         for name in ("num_frames", "stride", "temporal_views", "input_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

@@ -75,7 +75,7 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
         raise VideoError(f"the sampling asks for {cfg.num_views} view(s) x {cfg.num_frames} frames = {wanted} frames, "
                          f"over the limit of {limits.max_output_frames}")
     with guard("decode"), Clip(source, limits) as clip:
-        convert = FrameConverter(limits, cfg.short_side)
+        convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
         views, got = _read_sampled(clip, lambda n: [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)],
                                    convert)
     return views_to_tensor(views, got, cfg)
@@ -125,10 +125,12 @@ def _stack(frames: list[np.ndarray]) -> np.ndarray:
     return np.stack(frames)
 
 
-def decode_frames(source: Source, indices: Sequence[int], limits: VideoLimits = VideoLimits()) -> np.ndarray:
+def decode_frames(source: Source, indices: Sequence[int], limits: VideoLimits = VideoLimits(),
+                  autorotate: bool = True) -> np.ndarray:
     """Raw RGB frames at ``indices`` (any order, repeats allowed): uint8 [N, H, W, 3].
 
-    Strict: raises :class:`VideoError` if any requested frame does not decode.
+    Strict: raises :class:`VideoError` if any requested frame does not decode. With ``autorotate``
+    (default) frames are as a viewer sees them: display matrix and sample aspect ratio applied.
     """
     idx = [int(i) for i in indices]
     if any(i < 0 for i in idx):
@@ -136,7 +138,7 @@ def decode_frames(source: Source, indices: Sequence[int], limits: VideoLimits = 
     with guard("decode"), Clip(source, limits) as clip:
         if not idx:
             return np.zeros((0, clip.info.height, clip.info.width, 3), np.uint8)
-        got, read = clip.read(sorted(set(idx)), FrameConverter(limits))
+        got, read = clip.read(sorted(set(idx)), FrameConverter.for_clip(clip, autorotate=autorotate))
         missing = sorted(set(idx) - set(got))
         if missing:
             raise VideoError(_shortfall(missing, len(set(idx)), clip.info, read))
