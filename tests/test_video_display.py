@@ -280,3 +280,20 @@ def test_motion_task_answers_the_direction_a_viewer_sees(motion_classifier, tmp_
     assert answer(src, sampling) == coded
     assert answer(clip, sampling) == shown
     assert answer(clip, sampling.replace(autorotate=False)) == coded
+
+
+@needs_ffmpeg
+def test_training_frames_are_what_serving_shows(tmp_path):
+    """Training reads raw frames through decode_sampled_frames: turned and stretched as decode_frames shows them."""
+    from stadapter.video import decode_sampled_frames
+    from training.frames import read_all
+
+    src = make_clip(tmp_path / "coded.mp4", num_frames=4, size=(64, 48))
+    wide = tmp_path / "sar2.mp4"
+    ffmpeg("-i", str(src), "-c", "copy", "-bsf:v", "h264_metadata=sample_aspect_ratio=2/1", str(wide))
+    both = with_display(wide, tmp_path / "sar2_r90.mp4", "rotate=90")
+    served = decode_frames(both, [0, 1, 2, 3])
+    assert served.shape == (4, 128, 48, 3)
+    assert np.array_equal(decode_sampled_frames(both, lambda n: [0, 2]), served[[0, 2]])
+    assert np.array_equal(read_all(both), served)
+    assert read_all(both, autorotate=False).shape == (4, 48, 64, 3)

@@ -176,7 +176,7 @@ class VideoDataset(Dataset):
             raise BrokenVideoError(f"{s.path}: known broken")
         try:
             if self.train:
-                data = torch.from_numpy(fio.read_all(s.path)) if self.cache is not None else None
+                data = torch.from_numpy(fio.read_all(s.path, self.sampling.autorotate)) if self.cache is not None else None
             else:
                 data = fio.eval_views(s.path, self.sampling)  # [V, T, 3, S, S]
         except (fio.VideoError, OSError) as e:
@@ -191,7 +191,8 @@ class VideoDataset(Dataset):
         data = self._load(i)
         if data is None:  # no cache: decode only the sampled frames
             try:
-                frames = torch.from_numpy(fio.read_sampled(s.path, lambda n: train_indices(n, self.sampling, rng)))
+                frames = torch.from_numpy(fio.read_sampled(s.path, lambda n: train_indices(n, self.sampling, rng),
+                                                            self.sampling.autorotate))
             except (fio.VideoError, OSError) as e:
                 self.broken.add(str(s.path))
                 raise BrokenVideoError(f"cannot decode {s.path}: {e}") from e

@@ -23,15 +23,15 @@ def read_frames(path: Path, indices: Sequence[int]) -> np.ndarray:
     return sv.decode_frames(path, list(indices))
 
 
-def read_sampled(path: Path, pick: Callable[[int], Sequence[int]]) -> np.ndarray:
+def read_sampled(path: Path, pick: Callable[[int], Sequence[int]], autorotate: bool = True) -> np.ndarray:
     """uint8 frames at ``pick(num_frames)``; a clip that ends before its header says is re-sampled
     against the frames it really holds, exactly as the server does (so it is not dropped as broken)."""
-    return sv.decode_sampled_frames(path, pick)
+    return sv.decode_sampled_frames(path, pick, autorotate=autorotate)
 
 
-def read_all(path: Path) -> np.ndarray:
+def read_all(path: Path, autorotate: bool = True) -> np.ndarray:
     """Every frame that decodes, uint8 [N, H, W, 3] (the in-memory cache of small data sets)."""
-    return read_sampled(path, range)
+    return read_sampled(path, range, autorotate)
 
 
 def eval_views(path: Path, sampling: SamplingConfig) -> Tensor:

@@ -82,7 +82,7 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
 
 
 def decode_sampled_frames(source: Source, pick: Callable[[int], Sequence[int]],
-                          limits: VideoLimits = VideoLimits()) -> np.ndarray:
+                          limits: VideoLimits = VideoLimits(), autorotate: bool = True) -> np.ndarray:
     """Raw RGB frames at ``pick(num_frames)``: uint8 [N, H, W, 3], with decode_clip's handling of short clips.
 
     ``pick`` maps a frame count to the indices to read. It is called with the header's count and, when
@@ -91,7 +91,7 @@ def decode_sampled_frames(source: Source, pick: Callable[[int], Sequence[int]],
     the server classifies is never dropped as broken by the trainer.
     """
     with guard("decode"), Clip(source, limits) as clip:
-        convert = FrameConverter(limits)
+        convert = FrameConverter.for_clip(clip, autorotate=autorotate)  # displayed as decode_clip shows it
         (idx,), got = _read_sampled(clip, lambda n: [[int(i) for i in pick(n)]], convert)
         return _stack([got[i] for i in idx])
 
