@@ -128,10 +128,15 @@ def bundle_digest(folder: Path) -> str:
 
 def stored_digest(folder: Path) -> str:
     """The digest recorded at register (computed from the files for folders stored without one)."""
+    return _digest_or_none(folder) or bundle_digest(folder)
+
+
+def _digest_or_none(folder: Path) -> str | None:
+    """The digest recorded at register, or None for a folder stored without one."""
     try:
         return (folder / DIGEST_FILE).read_text().strip()
-    except FileNotFoundError:
-        return bundle_digest(folder)
+    except OSError:
+        return None
 
 
 SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers
@@ -145,13 +150,6 @@ def _last_write(folder: Path) -> float:
     except OSError:
         return time.time()  # vanished or unreadable mid-scan: leave it for the next sweep
     return max(times)
-
-
-def _digest_or_none(folder: Path) -> str | None:
-    try:
-        return (folder / DIGEST_FILE).read_text().strip()
-    except OSError:
-        return None
 
 
 def remove_in_background(path: Path) -> None:
