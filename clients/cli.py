@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 
 import grpc
 
-from .core import DEFAULT_ADDRESS, TOKEN_ENV, ClassifyResult, ClientError, ClientOptions, RetryPolicy
+from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClassifyResult, ClientError, ClientOptions, RetryPolicy
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 Row = tuple[str, Union[ClassifyResult, ClientError]]
@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stride", type=int)
     s.add_argument("--temporal-views", type=int)
     s.add_argument("--spatial-views", type=int, choices=(1, 3))
+    s.add_argument("--autorotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="apply the clip's display rotation and sample aspect ratio (the task's default: on)")
+    s.add_argument("--seek", choices=("exact", "keyframe"),
+                   help="keyframe: move each sampled frame to the cheapest one of its segment (faster, approximate)")
 
     r = sub.add_parser("register", parents=[common], help="upload a task bundle folder (admin token)")
     r.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
@@ -156,8 +160,7 @@ def options_from(ns: argparse.Namespace) -> ClientOptions:
 
 
 def _classify(ns: argparse.Namespace, client) -> int:
-    sampling = {k: getattr(ns, k) for k in ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
-                if getattr(ns, k) is not None}
+    sampling = {k: getattr(ns, k) for k in SAMPLING_FIELDS if getattr(ns, k) is not None}
     rows: list[Row] = []
     if ns.batch:
         results = client.batch_classify(ns.clips, ns.task, ns.top_k, sampling)

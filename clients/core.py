@@ -15,12 +15,12 @@ from typing import Any, Iterator, Mapping, Optional, Union
 import grpc
 
 from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.wire import ADMIN_TOKEN_ENV, BUNDLE_FILES, SAMPLING_OVERRIDE_FIELDS
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-TOKEN_ENV = "STADAPTER_ADMIN_TOKEN"
+TOKEN_ENV = ADMIN_TOKEN_ENV
 MiB = 1 << 20
-BUNDLE_FILES = ("task.json", "adapter.safetensors")
-SAMPLING_FIELDS = ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
+SAMPLING_FIELDS = SAMPLING_OVERRIDE_FIELDS
 
 Clip = Union[str, os.PathLike, bytes, bytearray, memoryview]
 

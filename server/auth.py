@@ -9,9 +9,10 @@ from typing import Optional
 
 import grpc
 
+from stadapter_api.wire import ADMIN_TOKEN_ENV
+
 from .errors import PermissionDenied, Unauthenticated
 
-ADMIN_TOKEN_ENV = "STADAPTER_ADMIN_TOKEN"
 
 
 def read_token(path: Optional[Path]) -> Optional[str]:

@@ -23,6 +23,7 @@ import grpc
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleLimits
 from stadapter.config import brief
 from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.wire import SAMPLING_OVERRIDE_FIELDS
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .auth import Auth
@@ -34,7 +35,7 @@ from .registry import UPLOAD_FILES, TaskRegistry, TaskVersion
 log = logging.getLogger("server.service")
 
 _task_label: contextvars.ContextVar[str] = contextvars.ContextVar("task_label", default="")
-OVERRIDE_FIELDS = ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
+OVERRIDE_FIELDS = SAMPLING_OVERRIDE_FIELDS
 
 
 def rpc(method: str, kind: str):

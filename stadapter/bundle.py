@@ -19,12 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from stadapter_api.wire import ADAPTER_FILE, TASK_FILE
+
 from .bank import AdapterStack, TaskAdapters, expected_shapes
 from .config import ConfigError, TaskSpec, brief
 from .fsutil import atomic_dir
 
-ADAPTER_FILE = "adapter.safetensors"
-TASK_FILE = "task.json"
 ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -7,18 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SamplingOverrides(_message.Message):
-    __slots__ = ("num_frames", "mode", "stride", "temporal_views", "spatial_views")
+    __slots__ = ("num_frames", "mode", "stride", "temporal_views", "spatial_views", "autorotate", "seek")
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     TEMPORAL_VIEWS_FIELD_NUMBER: _ClassVar[int]
     SPATIAL_VIEWS_FIELD_NUMBER: _ClassVar[int]
+    AUTOROTATE_FIELD_NUMBER: _ClassVar[int]
+    SEEK_FIELD_NUMBER: _ClassVar[int]
     num_frames: int
     mode: str
     stride: int
     temporal_views: int
     spatial_views: int
-    def __init__(self, num_frames: _Optional[int] = ..., mode: _Optional[str] = ..., stride: _Optional[int] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ...) -> None: ...
+    autorotate: bool
+    seek: str
+    def __init__(self, num_frames: _Optional[int] = ..., mode: _Optional[str] = ..., stride: _Optional[int] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., autorotate: _Optional[bool] = ..., seek: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
     __slots__ = ("task", "clip", "top_k", "sampling", "request_id")
@@ -169,12 +173,14 @@ class TaskInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., num_frames: _Optional[int] = ..., input_size: _Optional[int] = ..., sampling_mode: _Optional[str] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., adapter_config_json: _Optional[str] = ..., adapter_bytes: _Optional[int] = ..., created: _Optional[str] = ..., metrics_json: _Optional[str] = ..., trunk_fingerprint: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskChunk(_message.Message):
-    __slots__ = ("filename", "data")
+    __slots__ = ("filename", "data", "upload_id")
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     filename: str
     data: bytes
-    def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    upload_id: str
+    def __init__(self, filename: _Optional[str] = ..., data: _Optional[bytes] = ..., upload_id: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskResponse(_message.Message):
     __slots__ = ("task",)
