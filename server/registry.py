@@ -19,6 +19,7 @@ with ``.`` are temp or tombstoned folders and are ignored.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -49,7 +50,9 @@ class TaskVersion:
     """One loaded version of one task: its spec and its host-memory adapter stack.
 
     ``inflight`` counts admitted requests still running on this version; ``retired``
-    is set when the version leaves the table (replaced or unregistered).
+    is set when the version leaves the table (replaced or unregistered). ``uid`` is
+    given once, at construction: it names this loaded version (a task unregistered
+    and registered again is another version) in the device slots.
     """
 
     spec: TaskSpec
@@ -61,6 +64,7 @@ class TaskVersion:
     retired: bool = False
     _on_idle: list[Callable[[], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    uid: int = field(default_factory=lambda: _new_uid(), init=False)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -98,6 +102,15 @@ class TaskVersion:
             return []
         run, self._on_idle = self._on_idle, []
         return run
+
+
+_uids = itertools.count(1)
+_uid_lock = threading.Lock()
+
+
+def _new_uid() -> int:
+    with _uid_lock:
+        return next(_uids)
 
 
 def _version_dirs(task_dir: Path) -> dict[int, Path]:
