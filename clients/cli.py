@@ -11,63 +11,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import grpc
 
-from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClassifyResult, ClientError, ClientOptions, RetryPolicy
-
-EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
-Row = tuple[str, Union[ClassifyResult, ClientError]]
-
-
-def one_line(err: ClientError, address: str = "") -> str:
-    """A clear single-line message for an error, with a hint where one helps."""
-    msg = " ".join(err.message.split())
-    if err.code == grpc.StatusCode.UNAVAILABLE:
-        return f"cannot reach the server at {address or 'the given address'} (UNAVAILABLE): {msg}"
-    if err.code == grpc.StatusCode.UNAUTHENTICATED:
-        return f"UNAUTHENTICATED: {msg} (pass --token-file FILE, set {TOKEN_ENV} or --token)"
-    if err.local:
-        return msg
-    return f"{err.code.name}: {msg}"
-
-
-def exit_code(err: ClientError) -> int:
-    return EXIT_UNREACHABLE if err.code == grpc.StatusCode.UNAVAILABLE else EXIT_FAILED
-
-
-# ----------------------------------------------------------------------------- output
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Plain left-aligned columns (no dependency)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def render_classify(rows: Sequence[Row], as_json: bool) -> str:
-    """The classify output shared by the native and the Triton CLI."""
-    if as_json:
-        out = []
-        for clip, r in rows:
-            if isinstance(r, ClientError):
-                out.append({"clip": clip, "error": {"code": r.code.name, "message": r.message}})
-            else:
-                out.append({"clip": clip, **r.to_dict()})
-        return json.dumps(out, indent=2)
-    body = []
-    for clip, r in rows:
-        if isinstance(r, ClientError):
-            body.append([clip, "-", "-", "ERROR", "-", r.code.name, "-"])
-            continue
-        rest = ", ".join(f"{p.label} {p.score:.3f}" for p in r.predictions[1:])
-        total = r.timings.get("total_ms")
-        body.append([clip, r.task, r.task_version, r.top.label, f"{r.top.score:.3f}", rest or "-",
-                     f"{total:.1f}" if total else "-"])
-    return table(["CLIP", "TASK", "VERSION", "TOP-1", "SCORE", "NEXT", "MS"], body)
-
+from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClientError, ClientOptions, RetryPolicy
+from .output import EXIT_FAILED, EXIT_USAGE, Row, classify_each, exit_code, one_line, print_classify, table
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -161,23 +110,24 @@ def options_from(ns: argparse.Namespace) -> ClientOptions:
 
 def _classify(ns: argparse.Namespace, client) -> int:
     sampling = {k: getattr(ns, k) for k in SAMPLING_FIELDS if getattr(ns, k) is not None}
-    rows: list[Row] = []
     if ns.batch:
-        results = client.batch_classify(ns.clips, ns.task, ns.top_k, sampling)
-        rows = [(str(c), r) for c, r in zip(ns.clips, results)]
+        rows: list[Row] = [(str(c), r) for c, r in zip(ns.clips, client.batch_classify(ns.clips, ns.task, ns.top_k,
+                                                                                        sampling))]
     else:
-        for clip in ns.clips:
-            try:
-                rows.append((str(clip), client.classify(clip, ns.task, ns.top_k, sampling)))
-            except ClientError as e:
-                if e.code == grpc.StatusCode.UNAVAILABLE:
-                    raise
-                rows.append((str(clip), e))
-    print(render_classify(rows, ns.json))
-    errors = [(c, r) for c, r in rows if isinstance(r, ClientError)]
-    for clip, err in errors:
-        print(f"error: {clip}: {one_line(err)}", file=sys.stderr)
-    return EXIT_FAILED if errors else 0
+        rows = classify_each(lambda clip: client.classify(clip, ns.task, ns.top_k, sampling), ns.clips)
+    return print_classify(rows, ns.json)
+
+
+def _triton_classify(ns: argparse.Namespace) -> int:
+    from .triton import TritonClassifier
+
+    clf = TritonClassifier(ns.url, ns.model, ns.timeout)
+    try:
+        clf.task(ns.task)
+        rows = classify_each(lambda clip: clf.classify(clip, ns.task, ns.top_k), ns.clips)
+    finally:
+        clf.close()
+    return print_classify(rows, ns.json)
 
 
 def _tasks(ns: argparse.Namespace, client) -> int:
@@ -198,9 +148,7 @@ def _short_labels(labels: Sequence[str], n: int = 4) -> str:
 
 def run(ns: argparse.Namespace) -> int:
     if ns.command == "triton-classify":
-        from .triton import main_triton
-
-        return main_triton(ns)
+        return _triton_classify(ns)
     from .sync import Client
 
     with Client(options=options_from(ns)) as client:

@@ -129,7 +129,8 @@ class ClientOptions:
             try:
                 roots = Path(self.tls_ca).read_bytes()
             except OSError as e:
-                raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read the TLS CA file: {e}", local=True) from e
+                raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot read the TLS CA file: {e}",
+                                  local=True) from e
             return grpc.ssl_channel_credentials(root_certificates=roots)
         if self.tls:
             return grpc.ssl_channel_credentials()

@@ -32,7 +32,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli import table
+from .output import table
 from .core import ClassifyResult, ClientError
 from .sync import Client
 
@@ -85,7 +85,8 @@ class DemoServer:
                 except json.JSONDecodeError:
                     pass
             if self.proc.poll() is not None:
-                raise DemoError(f"the server exited with {self.proc.returncode} before it was ready:\n{self.log_tail()}")
+                raise DemoError(f"the server exited with {self.proc.returncode} before it was ready:\n"
+                                f"{self.log_tail()}")
             time.sleep(0.05)
         raise DemoError(f"the server was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
@@ -168,15 +169,15 @@ def scrape(url: str) -> list[tuple[str, dict[str, str], float]]:
 
 def metric_lines(samples: list[tuple[str, dict[str, str], float]]) -> list[str]:
     def total(name: str, **want: str) -> float:
-        return sum(v for n, l, v in samples if n == name and all(l.get(k) == x for k, x in want.items()))
+        return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in want.items()))
 
     lines = []
     codes: dict[str, float] = {}
-    for n, l, v in samples:
+    for n, lab, v in samples:
         if n == "stadapter_requests_total" and v:
-            codes[l.get("code", "?")] = codes.get(l.get("code", "?"), 0) + v
+            codes[lab.get("code", "?")] = codes.get(lab.get("code", "?"), 0) + v
     lines.append("stadapter_requests_total by code: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(codes.items())))
-    clips = {l.get("task"): v for n, l, v in samples if n == "stadapter_clips_total"}
+    clips = {lab.get("task"): v for n, lab, v in samples if n == "stadapter_clips_total"}
     lines.append("stadapter_clips_total by task: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(clips.items())))
     for hist, unit in (("stadapter_batch_size", "clips"), ("stadapter_batch_tasks", "tasks"),
                        ("stadapter_request_seconds", "s")):
@@ -185,7 +186,8 @@ def metric_lines(samples: list[tuple[str, dict[str, str], float]]) -> list[str]:
             mean = f"{s / n * 1e3:.1f} ms" if unit == "s" else f"{s / n:.2f} {unit}"
             lines.append(f"{hist}: {n:.0f} observations, mean {mean}")
     lines.append(f"stadapter_tasks_loaded: {total('stadapter_tasks_loaded'):.0f}")
-    lines.append(f"stadapter_registrations_total{{result=\"ok\"}}: {total('stadapter_registrations_total', result='ok'):.0f}")
+    ok = total("stadapter_registrations_total", result="ok")
+    lines.append(f"stadapter_registrations_total{{result=\"ok\"}}: {ok:.0f}")
     return lines
 
 

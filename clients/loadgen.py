@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 
-from .cli import table
+from .output import table
 from .core import DEFAULT_ADDRESS, NO_RETRY, ClientError, ClientOptions, read_clip
 
 MAX_DURATION_S = 3600.0

@@ -74,7 +74,8 @@ def softmax_views(logits: np.ndarray, num_classes: np.ndarray) -> np.ndarray:
 
 def top_predictions(probs: np.ndarray, labels: Sequence[str], top_k: int) -> tuple[Prediction, ...]:
     if len(probs) != len(labels):
-        raise ClientError(grpc.StatusCode.INTERNAL, f"the model returned {len(probs)} classes, the task has {len(labels)}")
+        raise ClientError(grpc.StatusCode.INTERNAL,
+                          f"the model returned {len(probs)} classes, the task has {len(labels)}")
     k = len(labels) if top_k <= 0 else min(top_k, len(labels))
     order = np.argsort(-probs, kind="stable")[:k]
     return tuple(Prediction(labels[i], float(probs[i]), int(i)) for i in order)
@@ -158,29 +159,3 @@ def _status(text: Optional[str]) -> grpc.StatusCode:
     """tritonclient reports statuses as strings such as 'StatusCode.UNAVAILABLE'."""
     name = (text or "").rsplit(".", 1)[-1]
     return getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
-
-
-def main_triton(ns) -> int:
-    """The ``triton-classify`` CLI command (arguments from :mod:`clients.cli`)."""
-    import sys
-
-    from .cli import EXIT_FAILED, one_line, render_classify
-
-    clf = TritonClassifier(ns.url, ns.model, ns.timeout)
-    try:
-        clf.task(ns.task)
-        rows = []
-        for clip in ns.clips:
-            try:
-                rows.append((str(clip), clf.classify(clip, ns.task, ns.top_k)))
-            except ClientError as e:
-                if e.code == grpc.StatusCode.UNAVAILABLE:
-                    raise
-                rows.append((str(clip), e))
-    finally:
-        clf.close()
-    print(render_classify(rows, ns.json))
-    errors = [(c, r) for c, r in rows if isinstance(r, ClientError)]
-    for clip, err in errors:
-        print(f"error: {clip}: {one_line(err)}", file=sys.stderr)
-    return EXIT_FAILED if errors else 0

@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from clients import Client, ClientError, RetryPolicy
-from clients.cli import one_line, render_classify
+from clients.output import one_line, render_classify
 from clients.core import (
     ClassifyResult,
     Prediction,
