@@ -125,7 +125,8 @@ def bench_shape(name: str, args, work: Path) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    rows = ["| shape | batch x T | torch clips/s | ort clips/s | ort/torch | max abs diff | export K / K+1 tasks (s) | model.onnx K / K+1 (MB) |",
+    rows = ["| shape | batch x T | torch clips/s | ort clips/s | ort/torch | max abs diff | export K / K+1 tasks (s) "
+            "| model.onnx K / K+1 (MB) |",
             "|---|---|---|---|---|---|---|---|"]
     for name, r in results["shapes"].items():
         th, rp = r["throughput"], list(r["repository"].values())

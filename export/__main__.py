@@ -109,13 +109,13 @@ def run(args) -> dict:
             raise ExportError(f"{root}: no model folders with a config.pbtxt")
         return {"root": str(root), "valid": [validate_model_dir(d).name for d in dirs]}
     from .check import graph_info
-    from .runtime import trtexec_command
+    from .tensorrt import TensorRTSettings
 
     info = graph_info(args.onnx)
     shapes = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
     if info.multi:
         shapes["task_index"] = ()
-    return {"command": trtexec_command(args.onnx, shapes, args.max_batch, args.opt_batch)}
+    return {"command": TensorRTSettings().trtexec_command(args.onnx, shapes, args.max_batch, args.opt_batch)}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -28,10 +28,8 @@ from .onnx_export import (
     example_inputs,
     load_tasks,
 )
-from .runtime import Provider, make_session, tensorrt_options, time_calls
-
-# Default parity tolerances per provider: CUDA may use TF32 matmuls; TensorRT builds fp16 engines.
-DEFAULT_TOL = {"cpu": 1e-4, "cuda": 1e-3, "tensorrt": 5e-2}
+from .runtime import Provider, make_session, parity_tolerance, time_calls
+from .tensorrt import TensorRTSettings
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,8 @@ def check_graph(
         shapes = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
         if info.multi:
             shapes["task_index"] = ()
-        trt = tensorrt_options(shapes, max_batch=batch, fp16=trt_fp16, cache_dir=trt_cache)
+        trt = TensorRTSettings(fp16=trt_fp16, cache_dir=None if trt_cache is None else str(trt_cache)
+                               ).onnxruntime_options(shapes, max_batch=batch)
     sess = make_session(path, provider, threads=threads, trt_options=trt, fp16_graph=info.fp16)
     got = sess.run(None, feeds)
     ort_time = time_calls(lambda: sess.run(None, feeds), repeats)
@@ -113,7 +112,7 @@ def check_graph(
     else:
         ref = None
         result["reference"] = "none (give --trunk and --tasks for a PyTorch reference)"
-    tol = tolerance if tolerance is not None else DEFAULT_TOL[provider]
+    tol = tolerance if tolerance is not None else parity_tolerance(provider, info.fp16)
     if ref is not None:
         diff = max(float(np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64)).max())
                    for r, g in zip(ref, got) if np.asarray(r).dtype.kind == "f")

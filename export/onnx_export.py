@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,10 @@ from stadapter.bundle import BundleError, TaskBundle, load_bundle
 from stadapter.trunk import VideoTrunk
 
 from .modules import MultiTaskModel, SingleTaskModel
+from .runtime import parity_tolerance
 
 Exporter = Literal["dynamo", "legacy"]
 DEFAULT_OPSET = {"dynamo": 20, "legacy": 17}
-FP32_TOL = 1e-4
-FP16_TOL = 2e-2
 METADATA_KEY = "stadapter.tasks_json"
 
 SINGLE_INPUTS, SINGLE_OUTPUTS = ("frames",), ("logits",)
@@ -93,7 +93,7 @@ class ExportOptions:
 
     @property
     def tol(self) -> float:
-        return self.tolerance if self.tolerance is not None else (FP16_TOL if self.fp16 else FP32_TOL)
+        return self.tolerance if self.tolerance is not None else parity_tolerance("cpu", self.fp16)
 
 
 @dataclass(frozen=True)
@@ -355,32 +355,42 @@ def run_parity(
 def _export_checked(
     trunk: VideoTrunk, bundles: Sequence[TaskBundle], out: str | os.PathLike, options: ExportOptions, multi: bool
 ) -> ExportReport:
+    """Export to a staging file beside ``out``, check it, and only then rename it to ``out``.
+
+    A graph that fails the checker or the parity check leaves nothing at ``out``
+    (an older file there stays as it was).
+    """
     T, S = common_shape(bundles, options.num_frames)
     names_in, names_out = (MULTI_INPUTS, MULTI_OUTPUTS) if multi else (SINGLE_INPUTS, SINGLE_OUTPUTS)
     k = len(bundles) if multi else None
     model = build_model(trunk, bundles, multi, options.fp16)
     manifest = tasks_manifest(trunk, bundles, T)
-    t0 = time.perf_counter()
-    path, opset = export_graph(
-        model, example_inputs(options.example_batch, T, S, k), out, names_in, names_out, options,
-        metadata={METADATA_KEY: json.dumps(manifest), "stadapter.graph": "multitask" if multi else "single",
-                  "stadapter.precision": "fp16" if options.fp16 else "fp32"},
-    )
-    seconds = time.perf_counter() - t0
-    # Parity against the fp32 PyTorch model, on a batch size the export did not see.
-    reference = build_model(trunk, bundles, multi, fp16=False) if options.fp16 else model
-    check_in = example_inputs(options.check_batch, T, S, k, seed=1)
-    diff, _ = run_parity(path, reference, check_in, names_in, fp16_graph=options.fp16)
-    report = ExportReport(
-        path=path, tasks=tuple(b.spec.name for b in bundles), num_frames=T, input_size=S, exporter=options.exporter,
-        opset=opset, fp16=options.fp16, export_seconds=seconds, onnx_bytes=path.stat().st_size,
+    out = Path(out)
+    staged = out.parent / f".staged-{uuid.uuid4().hex[:8]}-{out.name}"
+    try:
+        t0 = time.perf_counter()
+        _, opset = export_graph(
+            model, example_inputs(options.example_batch, T, S, k), staged, names_in, names_out, options,
+            metadata={METADATA_KEY: json.dumps(manifest), "stadapter.graph": "multitask" if multi else "single",
+                      "stadapter.precision": "fp16" if options.fp16 else "fp32"},
+        )
+        seconds = time.perf_counter() - t0
+        # Parity against the fp32 PyTorch model, on a batch size the export did not see.
+        reference = build_model(trunk, bundles, multi, fp16=False) if options.fp16 else model
+        check_in = example_inputs(options.check_batch, T, S, k, seed=1)
+        diff, _ = run_parity(staged, reference, check_in, names_in, fp16_graph=options.fp16)
+        if not diff <= options.tol:  # also catches NaN
+            raise ExportError(f"{out}: onnxruntime and PyTorch differ by {diff:.3g} (tolerance {options.tol:g}); "
+                              "the graph is not trustworthy and was not written")
+        onnx_bytes = staged.stat().st_size
+        os.replace(staged, out)
+    finally:
+        staged.unlink(missing_ok=True)
+    return ExportReport(
+        path=out, tasks=tuple(b.spec.name for b in bundles), num_frames=T, input_size=S, exporter=options.exporter,
+        opset=opset, fp16=options.fp16, export_seconds=seconds, onnx_bytes=onnx_bytes,
         max_abs_diff=diff, tolerance=options.tol, parity_batch=options.check_batch,
     )
-    if not diff <= options.tol:  # also catches NaN
-        raise ExportError(
-            f"{path}: onnxruntime and PyTorch differ by {diff:.3g} (tolerance {options.tol:g}); the graph is not trustworthy"
-        )
-    return report
 
 
 def export_single(

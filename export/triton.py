@@ -15,12 +15,14 @@ Shapes in the config leave out the batch axis (``max_batch_size > 0``). A
 per-clip scalar such as ``task_index`` is ``[batch]`` in the graph, so Triton's
 API shape is ``dims: [1]`` with ``reshape: { shape: [ ] }`` (clients send
 ``[batch, 1]``; the backend hands the model ``[batch]``), and likewise for the
-``num_classes`` output. Every config is parsed back into Triton's ModelConfig
-protobuf (shipped with tritonclient) and checked against its ONNX graph.
+``num_classes`` output. Every config is built as Triton's ModelConfig protobuf
+(shipped with tritonclient), printed in text format, then read back and checked
+against its ONNX graph.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from stadapter.bundle import TaskBundle
 from stadapter.fsutil import atomic_dir
 from stadapter.trunk import VideoTrunk
 
+from .tensorrt import TRITON_TENSORRT
 from .onnx_export import (
     ExportError,
     ExportOptions,
@@ -122,23 +125,40 @@ def single_tensors(num_frames: int, size: int, num_classes: int) -> tuple[list[T
     )
 
 
-# ----------------------------------------------------------------------------- config text
+# ----------------------------------------------------------------------------- config
 
 
-def _q(s: str) -> str:
-    """A protobuf text-format string literal (UTF-8 kept, quotes and control characters escaped)."""
-    from google.protobuf import text_encoding
-
-    return '"' + text_encoding.CEscape(s, as_utf8=True) + '"'
-
-
-def _tensor_block(t: TensorSpec) -> str:
-    lines = [f"    name: {_q(t.name)}", f"    data_type: {t.data_type}", f"    dims: [ {', '.join(map(str, t.dims))} ]"]
-    if t.batch_only:
-        lines.append("    reshape: { shape: [ ] }")
-    if t.label_filename:
-        lines.append(f"    label_filename: {_q(t.label_filename)}")
-    return "  {\n" + "\n".join(lines) + "\n  }"
+def build_config(
+    name: str,
+    inputs: Sequence[TensorSpec],
+    outputs: Sequence[TensorSpec],
+    options: TritonOptions,
+    parameters: Optional[dict[str, str]] = None,
+):
+    """Triton's ModelConfig protobuf for an onnxruntime_onnx model with a dynamic batch axis."""
+    pb2 = model_config_pb2()
+    cfg = pb2.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=options.max_batch_size,
+                          default_model_filename=MODEL_FILE)
+    for specs, field in ((inputs, cfg.input), (outputs, cfg.output)):
+        for t in specs:
+            entry = field.add(name=t.name, data_type=pb2.DataType.Value(t.data_type), dims=list(t.dims))
+            if t.batch_only:
+                entry.reshape.SetInParent()  # shape [ ]: the model sees [batch]
+            if t.label_filename:
+                entry.label_filename = t.label_filename
+    cfg.dynamic_batching.preferred_batch_size.extend(options.batch_sizes())
+    cfg.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    cfg.instance_group.add(count=options.instances, kind=pb2.ModelInstanceGroup.Kind.Value(KINDS[options.kind]))
+    if options.tensorrt:
+        trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        trt.parameters.update(TRITON_TENSORRT.triton_parameters())
+        warmup = cfg.model_warmup.add(name="max_batch_zeros", batch_size=options.max_batch_size)
+        for t in inputs:  # one zero-data request at max batch: TensorRT builds its engine while the model loads
+            warmup.inputs[t.name].CopyFrom(
+                pb2.ModelWarmup.Input(data_type=pb2.DataType.Value(t.data_type), dims=list(t.dims), zero_data=True))
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = value
+    return cfg
 
 
 def render_config(
@@ -148,45 +168,10 @@ def render_config(
     options: TritonOptions,
     parameters: Optional[dict[str, str]] = None,
 ) -> str:
-    """config.pbtxt text for an onnxruntime_onnx model with a dynamic batch axis."""
-    parts = [
-        f"name: {_q(name)}",
-        'platform: "onnxruntime_onnx"',
-        f"max_batch_size: {options.max_batch_size}",
-        f'default_model_filename: "{MODEL_FILE}"',
-        "input [\n" + ",\n".join(_tensor_block(t) for t in inputs) + "\n]",
-        "output [\n" + ",\n".join(_tensor_block(t) for t in outputs) + "\n]",
-        "dynamic_batching {\n"
-        f"  preferred_batch_size: [ {', '.join(map(str, options.batch_sizes()))} ]\n"
-        f"  max_queue_delay_microseconds: {options.max_queue_delay_us}\n"
-        "}",
-        f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {KINDS[options.kind]}\n  }}\n]",
-    ]
-    if options.tensorrt:
-        parts.append(
-            "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n"
-            '        name: "tensorrt"\n'
-            '        parameters { key: "precision_mode" value: "FP16" }\n'
-            '        parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
-            '        parameters { key: "trt_engine_cache_enable" value: "1" }\n'
-            '        parameters { key: "trt_engine_cache_path" value: "/tmp/stadapter_trt_cache" }\n'
-            "      }\n    ]\n  }\n}"
-        )
-        parts.append(_warmup_block(inputs, options.max_batch_size))
-    for key, value in (parameters or {}).items():
-        parts.append(f"parameters {{\n  key: {_q(key)}\n  value: {{ string_value: {_q(value)} }}\n}}")
-    return "\n".join(parts) + "\n"
+    """config.pbtxt text: :func:`build_config` printed in protobuf text format."""
+    from google.protobuf import text_format
 
-
-def _warmup_block(inputs: Sequence[TensorSpec], batch: int) -> str:
-    """One zero-data request at max batch: TensorRT builds its engine while the model loads."""
-    entries = []
-    for t in inputs:
-        entries.append(
-            f"    inputs {{\n      key: {_q(t.name)}\n      value {{\n        data_type: {t.data_type}\n"
-            f"        dims: [ {', '.join(map(str, t.dims))} ]\n        zero_data: true\n      }}\n    }}"
-        )
-    return "model_warmup [\n  {\n" f'    name: "max_batch_zeros"\n    batch_size: {batch}\n' + "\n".join(entries) + "\n  }\n]"
+    return text_format.MessageToString(build_config(name, inputs, outputs, options, parameters), as_utf8=True)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -299,10 +284,10 @@ def _write_model(
         (tmp / "config.pbtxt").write_text(config_text, encoding="utf-8")
         for rel, lines in labels.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_text("".join(f"{l}\n" for l in lines), encoding="utf-8")
+            (tmp / rel).write_text("".join(f"{label}\n" for label in lines), encoding="utf-8")
         validate_model_dir(tmp, expected_name=name)
     final = out / name / "1" / MODEL_FILE
-    return ExportReport(**{**report.__dict__, "path": final})
+    return dataclasses.replace(report, path=final)
 
 
 def write_repository(
@@ -317,7 +302,7 @@ def write_repository(
     T, S = common_shape(bundles, export_options.num_frames)
     names = [b.spec.name for b in bundles]
     for b in bundles:
-        bad = [l for l in b.spec.labels if "\n" in l or "\r" in l]
+        bad = [label for label in b.spec.labels if "\n" in label or "\r" in label]
         if bad:
             raise ExportError(f"task {b.spec.name!r}: label {bad[0]!r} holds a line break; Triton label files are one label per line")
     if options.single_task_models and MULTITASK_MODEL in names:

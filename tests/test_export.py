@@ -156,8 +156,10 @@ def test_failed_parity_fails_the_export(tiny_trunk, tasks, tmp_path, monkeypatch
     import export.onnx_export as ox
 
     monkeypatch.setattr(ox, "run_parity", lambda *a, **k: (0.5, []))
-    with pytest.raises(ExportError, match=r"differ by 0.5 \(tolerance 0.0001\)"):
-        export_single(tiny_trunk, load_tasks(tiny_trunk, tasks[:1])[0], tmp_path / "bad.onnx", LEGACY)
+    out = tmp_path / "graphs" / "bad.onnx"
+    with pytest.raises(ExportError, match=r"differ by 0.5 \(tolerance 0.0001\).*not written"):
+        export_single(tiny_trunk, load_tasks(tiny_trunk, tasks[:1])[0], out, LEGACY)
+    assert list(out.parent.iterdir()) == []  # nothing at --out, no staging file left behind
 
 
 def test_check_command_cpu_parity_and_unavailable_provider(tiny_trunk_dir, tiny_trunk, tasks, tmp_path, capsys):

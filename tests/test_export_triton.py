@@ -109,15 +109,24 @@ def test_validation_catches_configs_that_do_not_fit(repo, tmp_path):
 
     bad = tmp_path / MULTITASK_MODEL
     shutil.copytree(root / MULTITASK_MODEL, bad)
-    text = (bad / "config.pbtxt").read_text(encoding="utf-8")
-    (bad / "config.pbtxt").write_text(text.replace("dims: [ 4, 3, 32, 32 ]", "dims: [ 8, 3, 32, 32 ]"), encoding="utf-8")
+    from google.protobuf import text_format
+
+    good = parse_config((bad / "config.pbtxt").read_text(encoding="utf-8"))
+
+    def write_changed(change) -> None:
+        cfg = type(good)()
+        cfg.CopyFrom(good)
+        change({t.name: t for t in (*cfg.input, *cfg.output)})
+        (bad / "config.pbtxt").write_text(text_format.MessageToString(cfg), encoding="utf-8")
+
+    write_changed(lambda t: t["frames"].dims.__setitem__(0, 8))
     with pytest.raises(ExportError, match=r"input 'frames': config gives the model shape \[8, 3, 32, 32\]"):
         validate_model_dir(bad)
-    no_reshape = text.replace("    reshape: { shape: [ ] }\n", "", 1)
-    (bad / "config.pbtxt").write_text(no_reshape, encoding="utf-8")
+    write_changed(lambda t: t["task_index"].ClearField("reshape"))
     with pytest.raises(ExportError, match=r"'task_index': config gives the model shape \[1\].*graph has \[\]"):
         validate_model_dir(bad)
-    (bad / "config.pbtxt").write_text(text.replace("TYPE_INT64", "TYPE_INT32", 1), encoding="utf-8")
+    write_changed(lambda t: setattr(t["task_index"], "data_type", type(good).DESCRIPTOR.file.enum_types_by_name[
+        "DataType"].values_by_name["TYPE_INT32"].number))
     with pytest.raises(ExportError, match="'task_index' is TYPE_INT32 in config but TYPE_INT64"):
         validate_model_dir(bad)
 
