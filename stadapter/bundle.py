@@ -14,7 +14,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping, Optional
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -24,8 +23,8 @@ from stadapter_api.wire import ADAPTER_FILE, TASK_FILE
 from .bank import AdapterStack, TaskAdapters, expected_shapes
 from .config import ConfigError, TaskSpec, brief
 from .fsutil import atomic_dir
+from .weights import BUNDLE_DTYPES, WeightsError, check_tensors
 
-ALLOWED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class BundleError(ValueError):
@@ -107,11 +106,10 @@ def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimi
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise BundleError(f"{path} is not a readable safetensors file: {e}") from e
-    for name, t in tensors.items():
-        if t.dtype not in ALLOWED_DTYPES:
-            raise BundleError(f"{path}: tensor {name!r} has dtype {t.dtype}; allowed: float32, float16, bfloat16")
-        if not bool(torch.isfinite(t).all()):
-            raise BundleError(f"{path}: tensor {name!r} holds NaN or Inf values")
+    try:
+        check_tensors(tensors, dtypes=BUNDLE_DTYPES)
+    except WeightsError as e:
+        raise BundleError(f"{path}: {e}") from e
     head = tensors.get("fc.weight")
     if head is None:
         raise BundleError(f"{path}: the classification head 'fc.weight' is missing")
@@ -138,15 +136,10 @@ def check_fits_trunk(bundle: TaskBundle, trunk) -> None:
         shapes = expected_shapes(spec.adapter, trunk.dim, trunk.num_blocks, spec.num_classes)
     except ConfigError as e:
         raise BundleError(f"{where}: {e}") from e
-    have = bundle.tensors
-    missing = sorted(set(shapes) - set(have))
-    unexpected = sorted(set(have) - set(shapes))
-    if missing or unexpected:
-        raise BundleError(f"{where}: tensors do not match the adapter config: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    wrong = [(k, tuple(have[k].shape), s) for k, s in shapes.items() if tuple(have[k].shape) != s]
-    if wrong:
-        k, got, want = wrong[0]
-        raise BundleError(f"{where}: tensor {k!r} has shape {got}, expected {want} ({len(wrong)} mismatched)")
+    try:
+        check_tensors(bundle.tensors, shapes, finite=False, what="the adapter config")
+    except WeightsError as e:
+        raise BundleError(f"{where}: {e}") from e
 
 
 def load_bundle(bundle_dir: str | os.PathLike, trunk, limits: BundleLimits = BundleLimits()) -> TaskBundle:

@@ -34,8 +34,9 @@ from torch import Tensor
 from .bank import expected_shapes
 from .bundle import BundleError, save_bundle
 from .config import Activation, AdapterConfig, ConfigError, SamplingConfig, TaskSpec
-from .factory import load_error_reason, load_trunk
+from .factory import load_trunk
 from .trunk import TrunkError
+from .weights import FLOAT_DTYPES, WeightsError, check_tensors, read_weights
 
 ADAPTER_KEY_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.adapter_(pre_attn|pre_mlp)\.(fc1|conv|fc2)\.(weight|bias)$")
 HEAD_KEYS = ("fc.weight", "fc.bias")
@@ -57,16 +58,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise ConvertError(f"checkpoint {path} does not exist or is not a file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - untrusted bytes: the loaders raise many kinds (pickle, zip, EOF, ...)
+        obj = read_weights(path)
+    except WeightsError as e:
         raise ConvertError(
-            f"{path} is not a readable PyTorch checkpoint (loaded with weights_only=True, no arbitrary objects): "
-            f"{load_error_reason(e)}"
+            f"{path} is not a readable PyTorch checkpoint (loaded with weights_only=True, no arbitrary objects): {e}"
         ) from e
     return extract_model_state(obj, str(path))
 
@@ -162,21 +157,11 @@ def infer_adapter_config(
 def check_state(state: Mapping[str, Tensor], cfg: AdapterConfig, dim: int, num_blocks: int, num_classes: int) -> None:
     """Every tensor has the shape the config and trunk imply, a float dtype and finite values."""
     shapes = expected_shapes(cfg, dim, num_blocks, num_classes)
-    missing = sorted(set(shapes) - set(state))
-    unexpected = sorted(set(state) - set(shapes))
-    if missing or unexpected:
-        raise ConvertError(f"tensors do not match the inferred config: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    for key, want in shapes.items():
-        t = state[key]
-        if tuple(t.shape) != want:
-            raise ConvertError(
-                f"tensor {key!r} has shape {tuple(t.shape)}, expected {want} (trunk width d={dim}, "
-                f"adapter width r={cfg.width}, kernel {cfg.kernel}, {num_classes} classes)"
-            )
-        if not t.is_floating_point():
-            raise ConvertError(f"tensor {key!r} has dtype {t.dtype}; expected a floating point tensor")
-        if not bool(torch.isfinite(t).all()):
-            raise ConvertError(f"tensor {key!r} holds NaN or Inf values")
+    try:
+        check_tensors(state, shapes, FLOAT_DTYPES, what="the inferred config")
+    except WeightsError as e:
+        raise ConvertError(f"{e} (trunk width d={dim}, adapter width r={cfg.width}, kernel {cfg.kernel}, "
+                           f"{num_classes} classes)") from e
 
 
 def convert_state(

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ConfigError, TrunkSpec
 from .fsutil import atomic_dir
 from .trunk import TrunkError, VideoTrunk, trunk_fingerprint
+from .weights import WeightsError, read_weights
 
 TRUNK_JSON = "trunk.json"
 VISUAL_WEIGHTS = "visual.safetensors"
@@ -71,38 +72,22 @@ def build_visual(model_cfg: Mapping[str, Any], quick_gelu: bool) -> nn.Module:
     return _build_vision_tower(model_cfg.get("embed_dim", 512), dict(model_cfg["vision_cfg"]), quick_gelu=quick_gelu)
 
 
-def load_error_reason(e: BaseException) -> str:
-    """Short reason why ``torch.load`` / safetensors refused a file (without torch's advice to unpickle anyway)."""
-    text = " ".join(str(e).split())
-    if "WeightsUnpickler error:" in text:  # the one useful line, e.g. "Unsupported global: GLOBAL builtins.open ..."
-        text = "refused to unpickle: " + text.split("WeightsUnpickler error:")[1].split(" Please use")[0].strip()
-        text = text.split(" Check the documentation of torch.load")[0]
-    else:
-        text = text.split(" This file can still be loaded")[0].split(" In PyTorch 2.6")[0]
-    return f"{type(e).__name__}: {text[:300]}"
-
-
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors from a safetensors file or a torch checkpoint (``weights_only``: never unpickles objects)."""
     path = Path(path)
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - untrusted bytes: the loaders raise many kinds (pickle, zip, EOF, ...)
+        obj = read_weights(path)
+    except WeightsError as e:
         raise TrunkError(
             f"{path} is not a readable weights file (safetensors, or a torch state dict loaded with "
-            f"weights_only=True; OpenAI's TorchScript .pt files are not read: use --pretrained openai): {load_error_reason(e)}"
+            f"weights_only=True; OpenAI's TorchScript .pt files are not read: use --pretrained openai): {e}"
         ) from e
-    if path.suffix != ".safetensors":
-        for key in ("state_dict", "model"):
-            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-                obj = obj[key]
-        if not isinstance(obj, dict):
-            raise TrunkError(f"{path}: expected a state dict, got {type(obj).__name__}")
-        state = obj
-    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise TrunkError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    state = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, Tensor)}
     if any(k.startswith("visual.") for k in state):  # a whole CLIP checkpoint: keep the image tower
         state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
     return state

@@ -1,0 +1,78 @@
+"""Reading weight files that may be hostile, and checking the tensors they hold: one place for each.
+
+Trunk weights (:mod:`stadapter.factory`), public checkpoints (:mod:`stadapter.convert`)
+and task bundles (:mod:`stadapter.bundle`) all come from outside. They are read
+only as safetensors or with ``torch.load(weights_only=True)``, which never
+unpickles arbitrary objects, and their tensors are checked by one routine. Each
+caller wraps :class:`WeightsError` into its own error type with its own context.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Collection, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+# What a bundle may store; a checkpoint may also hold float64, which convert narrows.
+BUNDLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (*BUNDLE_DTYPES, torch.float64)
+
+
+class WeightsError(ValueError):
+    """A weights file or its tensors are unusable; the message says what is wrong (callers add where)."""
+
+
+def load_error_reason(e: BaseException) -> str:
+    """Short reason why ``torch.load`` / safetensors refused a file (without torch's advice to unpickle anyway)."""
+    text = " ".join(str(e).split())
+    if "WeightsUnpickler error:" in text:  # the one useful line, e.g. "Unsupported global: GLOBAL builtins.open ..."
+        text = "refused to unpickle: " + text.split("WeightsUnpickler error:")[1].split(" Please use")[0].strip()
+        text = text.split(" Check the documentation of torch.load")[0]
+    else:
+        text = text.split(" This file can still be loaded")[0].split(" In PyTorch 2.6")[0]
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def read_weights(path: str | os.PathLike) -> object:
+    """A ``.safetensors`` file (name -> tensor) or a torch checkpoint loaded with ``weights_only=True``.
+
+    Raises :class:`WeightsError` with :func:`load_error_reason` for anything the loaders refuse.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: the loaders raise many kinds (pickle, zip, EOF, ...)
+        raise WeightsError(load_error_reason(e)) from e
+
+
+def check_tensors(
+    tensors: Mapping[str, Tensor],
+    shapes: Optional[Mapping[str, tuple[int, ...]]] = None,
+    dtypes: Optional[Collection[torch.dtype]] = None,
+    finite: bool = True,
+    what: str = "the expected layout",
+) -> None:
+    """Refuse tensors whose names or shapes differ from ``shapes``, whose dtype is not in ``dtypes``, or (with
+    ``finite``) that hold NaN or Inf. ``None`` skips that check; ``what`` names the layout in the message."""
+    if shapes is not None:
+        missing = sorted(set(shapes) - set(tensors))
+        unexpected = sorted(set(tensors) - set(shapes))
+        if missing or unexpected:
+            raise WeightsError(f"tensors do not match {what}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        wrong = [(k, tuple(tensors[k].shape), s) for k, s in shapes.items() if tuple(tensors[k].shape) != tuple(s)]
+        if wrong:
+            k, got, want = wrong[0]
+            raise WeightsError(f"tensor {k!r} has shape {got}, expected {want} ({len(wrong)} mismatched)")
+    for name, t in tensors.items():
+        if dtypes is not None and t.dtype not in dtypes:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            raise WeightsError(f"tensor {name!r} has dtype {t.dtype}; allowed: {allowed}")
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"tensor {name!r} holds NaN or Inf values")

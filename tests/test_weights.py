@@ -1,0 +1,47 @@
+"""The one safe weights reader and tensor validator that trunks, checkpoints and bundles share."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from stadapter.weights import BUNDLE_DTYPES, WeightsError, check_tensors, read_weights
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_read_weights_reads_both_formats_and_never_unpickles_objects(tmp_path, capsys):
+    t = {"w": torch.ones(2, 3)}
+    save_file(t, str(tmp_path / "a.safetensors"))
+    torch.save({"model": t}, tmp_path / "b.pth")
+    assert torch.equal(read_weights(tmp_path / "a.safetensors")["w"], t["w"])
+    assert torch.equal(read_weights(tmp_path / "b.pth")["model"]["w"], t["w"])
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Evil(), protocol=2))
+    with pytest.raises(WeightsError, match="UnpicklingError"):
+        read_weights(tmp_path / "evil.pth")
+    assert "unpickled!" not in capsys.readouterr().out
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(WeightsError):
+        read_weights(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("tensors,kwargs,message", [
+    ({"a": torch.zeros(2)}, {"shapes": {"a": (2,), "b": (1,)}}, r"missing \['b'\], unexpected \[\]"),
+    ({"a": torch.zeros(3)}, {"shapes": {"a": (2,)}}, r"'a' has shape \(3,\), expected \(2,\) \(1 mismatched\)"),
+    ({"a": torch.zeros(2, dtype=torch.int64)}, {"dtypes": BUNDLE_DTYPES}, "dtype torch.int64; allowed: float32"),
+    ({"a": torch.tensor([1.0, float("inf")])}, {}, "'a' holds NaN or Inf"),
+])
+def test_check_tensors_names_what_is_wrong(tensors, kwargs, message):
+    with pytest.raises(WeightsError, match=message):
+        check_tensors(tensors, **kwargs)
+
+
+def test_check_tensors_accepts_what_fits():
+    check_tensors({"a": torch.zeros(2, 3)}, {"a": (2, 3)}, BUNDLE_DTYPES)
+    check_tensors({"a": torch.tensor([float("nan")])}, finite=False)
