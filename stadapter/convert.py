@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .bank import expected_shapes
+from . import labels as labels_file
 from .bundle import BundleError, save_bundle
 from .config import Activation, AdapterConfig, ConfigError, SamplingConfig, TaskSpec
 from .factory import load_trunk
@@ -41,7 +42,6 @@ from .weights import FLOAT_DTYPES, WeightsError, check_tensors, read_weights
 ADAPTER_KEY_RE = re.compile(r"^transformer\.resblocks\.(\d+)\.adapter_(pre_attn|pre_mlp)\.(fc1|conv|fc2)\.(weight|bias)$")
 HEAD_KEYS = ("fc.weight", "fc.bias")
 SLOT_TENSORS = ("fc1.weight", "fc1.bias", "conv.weight", "conv.bias", "fc2.weight", "fc2.bias")
-MAX_LABELS_BYTES = 4 << 20
 
 
 class ConvertError(ValueError):
@@ -178,22 +178,11 @@ def convert_state(
 
 
 def read_labels(path: str | os.PathLike) -> tuple[str, ...]:
-    """One label per line, in class-index order; trailing blank lines are ignored."""
-    path = Path(path)
+    """One label per line, in class-index order (:func:`stadapter.labels.read_labels`, the reader training uses)."""
     try:
-        if path.stat().st_size > MAX_LABELS_BYTES:
-            raise ConvertError(f"labels file {path} is larger than {MAX_LABELS_BYTES} bytes")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"cannot read labels file {path}: {e}") from e
-    while lines and not lines[-1]:
-        lines.pop()
-    blank = [i + 1 for i, line in enumerate(lines) if not line]
-    if blank:
-        raise ConvertError(f"labels file {path}: line(s) {blank[:5]} are blank; one label per line, in class order")
-    if not lines:
-        raise ConvertError(f"labels file {path} is empty")
-    return tuple(lines)
+        return labels_file.read_labels(path)
+    except labels_file.LabelsError as e:
+        raise ConvertError(str(e)) from e
 
 
 def convert_checkpoint(

@@ -1,4 +1,4 @@
-"""Atomic folder writes: build in a temp folder beside the target, fsync, rename."""
+"""Atomic writes: build a file or folder under a temp name beside the target, fsync, rename, fsync the parent."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 
 def fsync_tree(path: Path) -> None:
@@ -55,3 +55,37 @@ def atomic_dir(target: str | os.PathLike, replace: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yield a binary file open for writing; on success it becomes ``target`` in one rename.
+
+    The data are fsynced before the rename and the parent folder after it, so after
+    a crash ``target`` holds either the old bytes or all the new ones. On an error
+    the temp file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``target`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(target) as f:
+        f.write(data)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``target`` atomically (see :func:`atomic_file`)."""
+    atomic_write_bytes(target, text.encode("utf-8"))

@@ -4,7 +4,7 @@ Formats (the public ST-Adapter code's):
 
 * list file: one ``<relative/path> <label-int>`` per line, paths relative to a root
   folder (a path may contain spaces; the label is the last field);
-* labels file: one class name per line, line ``i`` names label ``i``;
+* labels file: one class name per line, line ``i`` names label ``i`` (no blank lines between);
 * or a class-per-subfolder tree: ``root/<class>/<clip>``.
 
 Training clips are decoded with :mod:`stadapter.video` (only the sampled frames)
@@ -17,19 +17,17 @@ task's test views ``[V, T, 3, S, S]``.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from stadapter import SamplingConfig
+from stadapter import labels as labels_file
 
 from . import frames as fio
 from .transforms import AugmentConfig, augment_frames, normalise, train_indices
@@ -52,18 +50,12 @@ class Sample:
 
 
 def read_labels(path: str | Path) -> list[str]:
-    path = Path(path)
+    """Class names in index order, read by :func:`stadapter.labels.read_labels` (the converter's reader):
+    a blank line inside the file is refused with its number rather than skipped (that shifted every later class)."""
     try:
-        names = [l.strip() for l in path.read_text(encoding="utf-8").splitlines()]
-    except OSError as e:
-        raise DataError(f"cannot read labels file {path}: {e}") from e
-    names = [n for n in names if n]
-    if not names:
-        raise DataError(f"labels file {path} lists no classes")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise DataError(f"labels file {path} repeats {dupes[:5]}")
-    return names
+        return list(labels_file.read_labels(path))
+    except labels_file.LabelsError as e:
+        raise DataError(str(e)) from e
 
 
 def read_list(path: str | Path, root: str | Path, num_classes: int) -> list[Sample]:

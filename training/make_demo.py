@@ -4,7 +4,7 @@ For each demo task this runs, in order, the exact commands it prints:
 
 1. ``python -m training.synthetic`` (seeded clips + list files) into ``--data``;
 2. ``python -m training.train`` on the embedded trunk into
-   ``model_repository/tasks/<task>/1`` (the metrics land in its task.json);
+   ``model_repository/tasks/<task>/1`` (``--force``: it replaces the shipped bundle; the metrics land in its task.json);
 3. copies one validation clip per class (never seen in training) to
    ``samples/<task>/`` with ``labels.json`` (file -> true label).
 
@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
+
+from stadapter.fsutil import atomic_write_bytes, atomic_write_text
+
+from .data import read_labels, read_list
 
 # One entry per demo task: synthetic data size and the training recipe.
 DEMO_TASKS: dict[str, dict] = {
@@ -51,26 +54,25 @@ def commands(task: str, data: Path, repo: Path, trunk: Path, workers: int) -> li
          "--train-list", str(d / "train.txt"), "--val-list", str(d / "val.txt"), "--labels", str(d / "labels.txt"),
          "--method", "st-adapter", *spec["train"], "--cache", "--workers", str(workers), "--seed", "0",
          "--description", spec["description"], "--run-dir", str(data / f"run-{task}"),
-         "--out", str(repo / "tasks" / task / "1")],
+         "--out", str(repo / "tasks" / task / "1"), "--force"],  # rebuilding the shipped bundle is the point
     ]
 
 
 def copy_samples(task: str, data: Path, samples: Path) -> dict[str, str]:
     """One validation clip per class -> samples/<task>/<label>.mp4, plus labels.json."""
     d = data / task
-    labels = (d / "labels.txt").read_text().split()
-    chosen: dict[int, str] = {}
-    for line in (d / "val.txt").read_text().splitlines():
-        rel, lab = line.rsplit(maxsplit=1)
-        chosen.setdefault(int(lab), rel)
+    labels = read_labels(d / "labels.txt")  # the trainer's readers: the same classes, whatever the names hold
+    chosen: dict[int, Path] = {}
+    for sample in read_list(d / "val.txt", d, len(labels)):
+        chosen.setdefault(sample.label, sample.path)
     out = samples / task
     out.mkdir(parents=True, exist_ok=True)
     truth = {}
-    for lab, rel in sorted(chosen.items()):
+    for lab, path in sorted(chosen.items()):
         name = f"{labels[lab]}.mp4"
-        shutil.copyfile(d / rel, out / name)
+        atomic_write_bytes(out / name, path.read_bytes())
         truth[name] = labels[lab]
-    (out / "labels.json").write_text(json.dumps(truth, indent=2) + "\n")
+    atomic_write_text(out / "labels.json", json.dumps(truth, indent=2) + "\n")
     return truth
 
 

@@ -25,17 +25,19 @@ Example::
 from __future__ import annotations
 
 import argparse
-from fractions import Fraction
+import io
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional
 
 import av
 import numpy as np
+
+from stadapter.fsutil import atomic_write_bytes, atomic_write_text
 
 from .render import COLOURS, SHAPES, TEXTURES, background, object_colour, paint, shape_mask
 
@@ -112,9 +114,8 @@ def encode_mp4(frames: np.ndarray, path: Path, fps: int = 8, qscale: int = 2) ->
     FFmpeg's own ``mpeg4`` encoder, single-threaded, gives the same bytes on every run;
     libx264 did not (about 1 clip in 100 differed between identical runs here).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.mp4")
-    with av.open(str(tmp), mode="w") as container:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.time_base = Fraction(1, fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
@@ -128,7 +129,7 @@ def encode_mp4(frames: np.ndarray, path: Path, fps: int = 8, qscale: int = 2) ->
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class SyntheticConfig:
         if self.num_train < 0 or self.num_val < 0:
             raise ValueError(f"clip counts must be >= 0, got train={self.num_train} val={self.num_val}")
         if self.size < 16 or self.size % 2:
-            raise ValueError(f"--size must be an even number >= 16 (H.264 with 4:2:0), got {self.size}")
+            raise ValueError(f"--size must be an even number >= 16 (MPEG-4 video with 4:2:0 chroma), got {self.size}")
         if self.frames < 2:
             raise ValueError(f"--frames must be >= 2, got {self.frames}")
 
@@ -165,10 +166,10 @@ def generate(cfg: SyntheticConfig, out: Path, progress: bool = False) -> dict:
             lines.append(f"{rel} {label}")
             if progress and (i + 1) % 200 == 0:
                 print(f"{cfg.task} {split}: {i + 1}/{n}", file=sys.stderr)
-        (out / f"{split}.txt").write_text("".join(l + "\n" for l in lines))
-    (out / "labels.txt").write_text("".join(l + "\n" for l in task.labels))
+        atomic_write_text(out / f"{split}.txt", "".join(line + "\n" for line in lines))
+    atomic_write_text(out / "labels.txt", "".join(name + "\n" for name in task.labels))
     info = {**asdict(cfg), "kind": task.kind, "flip_ok": task.flip_ok, "labels": list(task.labels)}
-    (out / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -1,0 +1,43 @@
+"""stadapter.fsutil's file helpers: the bytes land whole under the target name, fsynced, or not at all."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from stadapter import fsutil
+
+
+@pytest.fixture()
+def fsynced(monkeypatch) -> list[str]:
+    """Paths (or folders) passed to os.fsync during the test."""
+    seen: list[str] = []
+    real = os.fsync
+
+    def spy(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(fsutil.os, "fsync", spy)
+    return seen
+
+
+def test_atomic_write_replaces_the_file_and_fsyncs_it_and_its_folder(tmp_path, fsynced):
+    target = tmp_path / "sub" / "a.json"
+    fsutil.atomic_write_text(target, "one\n")
+    fsutil.atomic_write_bytes(target, b"two\n")
+    assert target.read_bytes() == b"two\n"
+    assert os.listdir(tmp_path / "sub") == ["a.json"]  # no temp file left behind
+    files = [p for p in fsynced if os.path.basename(p).startswith(".tmp-a.json-")]
+    assert len(files) == 2 and fsynced.count(str(tmp_path / "sub")) == 2  # the data before the rename, the folder after
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with fsutil.atomic_file(target) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("disk on fire")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
