@@ -22,6 +22,7 @@ from .core import (
     TaskList,
     classify_chunks,
     classify_request,
+    new_upload_id,
     read_bundle_files,
     read_clip,
     register_chunks,
@@ -93,9 +94,12 @@ class AsyncClient:
         r = await self._call(self._classifier.DescribeTask, lambda: pb.DescribeTaskRequest(task=task), timeout)
         return TaskInfo.from_pb(r)
 
-    async def register(self, bundle_dir: Union[str, os.PathLike], timeout: Optional[float] = None) -> TaskInfo:
+    async def register(self, bundle_dir: Union[str, os.PathLike], timeout: Optional[float] = None,
+                       upload_id: Optional[str] = None) -> TaskInfo:
+        """See :meth:`clients.Client.register`: one upload id per call, the same on every retry."""
         files = read_bundle_files(bundle_dir)
-        r = await self._call(self._admin.RegisterTask, lambda: register_chunks(files, self.options.chunk_bytes),
+        uid = upload_id or new_upload_id()
+        r = await self._call(self._admin.RegisterTask, lambda: register_chunks(files, self.options.chunk_bytes, uid),
                              timeout)
         return TaskInfo.from_pb(r.task)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -281,10 +282,20 @@ def read_bundle_files(bundle_dir: Union[str, os.PathLike]) -> dict[str, bytes]:
     return {n: (root / n).read_bytes() for n in BUNDLE_FILES}
 
 
-def register_chunks(files: Mapping[str, bytes], chunk_bytes: int) -> Iterator[pb.RegisterTaskChunk]:
+def new_upload_id() -> str:
+    """One id per register call, sent again by each of its retries: the server publishes it at most once."""
+    return uuid.uuid4().hex
+
+
+def register_chunks(files: Mapping[str, bytes], chunk_bytes: int,
+                    upload_id: str = "") -> Iterator[pb.RegisterTaskChunk]:
+    """The upload stream of one bundle; the first chunk carries ``upload_id``."""
+    first = True
     for name, data in files.items():
         for i in range(0, max(len(data), 1), chunk_bytes):
-            yield pb.RegisterTaskChunk(filename=name, data=data[i:i + chunk_bytes])
+            yield pb.RegisterTaskChunk(filename=name, data=data[i:i + chunk_bytes],
+                                       upload_id=upload_id if first else "")
+            first = False
 
 
 HEALTH_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}

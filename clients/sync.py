@@ -21,6 +21,7 @@ from .core import (
     TaskList,
     classify_chunks,
     classify_request,
+    new_upload_id,
     read_bundle_files,
     read_clip,
     register_chunks,
@@ -106,10 +107,16 @@ class Client:
 
     # -- administration (bearer token) ---------------------------------------------------------
 
-    def register(self, bundle_dir: Union[str, os.PathLike], timeout: Optional[float] = None) -> TaskInfo:
-        """Upload a bundle folder (task.json + adapter.safetensors); returns the task as published."""
+    def register(self, bundle_dir: Union[str, os.PathLike], timeout: Optional[float] = None,
+                 upload_id: Optional[str] = None) -> TaskInfo:
+        """Upload a bundle folder (task.json + adapter.safetensors); returns the task as published.
+
+        Every retry sends the same ``upload_id`` (a fresh one per call unless given), so a register the
+        server published just before the connection broke is returned by the retry, not published twice."""
         files = read_bundle_files(bundle_dir)
-        r = self._call(self._admin.RegisterTask, lambda: register_chunks(files, self.options.chunk_bytes), timeout)
+        uid = upload_id or new_upload_id()
+        r = self._call(self._admin.RegisterTask, lambda: register_chunks(files, self.options.chunk_bytes, uid),
+                       timeout)
         return TaskInfo.from_pb(r.task)
 
     def unregister(self, task: str, timeout: Optional[float] = None) -> tuple[str, int]:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from stadapter.bundle import BundleLimits
+from stadapter.video import VideoLimits
+
+from .limits import ServerLimits
+
 MiB = 1 << 20
+_VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,11 @@ class ServerConfig:
         max_clip_bytes: largest clip accepted (whole or streamed).
         max_inflight_clip_bytes: encoded clip bytes all requests together may hold (streams
             being received, clips waiting for decode); past it, RESOURCE_EXHAUSTED at once.
+        max_clip_duration_s / max_frame_pixels / max_decoded_pixels / max_decode_seconds: the decoder's
+            bounds on one clip (``stadapter.video.VideoLimits`` fields, same defaults).
+        max_num_frames: frames per view a sampling override may ask for (INVALID_ARGUMENT above it).
+        stream_idle_timeout_s: a client stream (ClassifyStream, RegisterTask) that sends nothing for this
+            long is ended with DEADLINE_EXCEEDED and what it held is freed.
         admin_token_file: file holding the admin bearer token (else env ``STADAPTER_ADMIN_TOKEN``).
         allow_insecure_admin: accept admin calls without any token configured (development only).
         classify_token_file: if set, classification needs this bearer token too.
@@ -60,6 +72,12 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB
     max_clip_bytes: int = 256 * MiB
     max_inflight_clip_bytes: int = 1024 * MiB
+    max_clip_duration_s: float = _VIDEO.max_duration_s
+    max_frame_pixels: int = _VIDEO.max_pixels
+    max_decoded_pixels: int = _VIDEO.max_decoded_pixels
+    max_decode_seconds: float = _VIDEO.max_decode_seconds
+    max_num_frames: int = 64
+    stream_idle_timeout_s: float = 30.0
     max_bundle_bytes: int = 1 << 30
     admin_token_file: Optional[Path] = None
     allow_insecure_admin: bool = False
@@ -74,7 +92,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_size", "decode_workers", "max_message_bytes", "max_clip_bytes",
-                    "max_inflight_clip_bytes", "max_bundle_bytes", "keep_versions", "default_top_k")
+                    "max_inflight_clip_bytes", "max_bundle_bytes", "keep_versions", "default_top_k",
+                    "max_frame_pixels", "max_decoded_pixels", "max_num_frames")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -82,8 +101,9 @@ class ServerConfig:
         for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.decode_timeout_s > 0:
-            raise ValueError(f"ServerConfig.decode_timeout_s must be > 0, got {self.decode_timeout_s!r}")
+        for name in ("decode_timeout_s", "max_clip_duration_s", "max_decode_seconds", "stream_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.decode_backend not in ("process", "thread"):
             raise ValueError(f"ServerConfig.decode_backend must be process|thread, got {self.decode_backend!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
@@ -100,6 +120,18 @@ class ServerConfig:
 
     def replace(self, **changes) -> "ServerConfig":
         return dataclasses.replace(self, **changes)
+
+    @functools.cached_property
+    def limits(self) -> ServerLimits:
+        """The one limits object the services, pipeline, batcher and decoder share."""
+        video = dataclasses.replace(_VIDEO, max_bytes=self.max_clip_bytes, max_duration_s=self.max_clip_duration_s,
+                                    max_pixels=self.max_frame_pixels, max_decoded_pixels=self.max_decoded_pixels,
+                                    max_decode_seconds=self.max_decode_seconds)
+        return ServerLimits(video=video, max_inflight_clip_bytes=self.max_inflight_clip_bytes,
+                            max_queue_size=self.max_queue_size, max_batch_rows=self.max_batch_size,
+                            max_num_frames=self.max_num_frames, stream_idle_timeout_s=self.stream_idle_timeout_s,
+                            decode_timeout_s=self.decode_timeout_s,
+                            bundle=BundleLimits(max_tensor_bytes=self.max_bundle_bytes))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-clip-bytes", type=int, default=d.max_clip_bytes)
     a("--max-inflight-clip-bytes", type=int, default=d.max_inflight_clip_bytes,
       help="encoded clip bytes held by all requests together (streams, clips awaiting decode)")
+    a("--max-clip-duration-s", type=float, default=d.max_clip_duration_s, help="longest clip (from its header)")
+    a("--max-frame-pixels", type=int, default=d.max_frame_pixels, help="width x height of one frame")
+    a("--max-decoded-pixels", type=int, default=d.max_decoded_pixels,
+      help="pixels of all frames the decoder outputs for one clip (bounds decode time)")
+    a("--max-decode-seconds", type=float, default=d.max_decode_seconds,
+      help="wall clock the decoder itself allows one clip (checked per packet; --decode-timeout-s kills the worker)")
+    a("--max-num-frames", type=int, default=d.max_num_frames, help="frames per view a sampling override may ask for")
+    a("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s,
+      help="a client stream silent this long is ended (DEADLINE_EXCEEDED) and its bytes freed")
     a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes)
     a("--admin-token-file", type=Path, help="file with the admin token (else env STADAPTER_ADMIN_TOKEN)")
     a("--allow-insecure-admin", action="store_true", help="admin calls without a token (development only)")

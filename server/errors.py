@@ -51,6 +51,11 @@ class DeadlineExpired(ServerError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class StreamIdle(DeadlineExpired):
+    """A client stream sent nothing for ``--stream-idle-timeout-s``. DEADLINE_EXCEEDED, not INVALID_ARGUMENT:
+    nothing is wrong with what was sent, it did not arrive in time (the same call, sent promptly, works)."""
+
+
 class Unauthenticated(ServerError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

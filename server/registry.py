@@ -126,6 +126,7 @@ def _version_dirs(task_dir: Path) -> dict[int, Path]:
 
 
 DIGEST_FILE = "content.sha256"  # beside a stored bundle's files: written at register, read by every replica
+UPLOAD_ID_FILE = "upload.id"  # beside a stored bundle's files: the client's upload id, for idempotent retries
 HIGH_WATER_DIR = ".versions"  # tasks/.versions/<task>: the highest version ever given, kept past unregister
 
 
@@ -315,10 +316,12 @@ class TaskRegistry:
         d.mkdir()
         return d
 
-    def register_upload(self, upload: Path) -> TaskVersion:
+    def register_upload(self, upload: Path, upload_id: str = "") -> TaskVersion:
         """Validate an uploaded bundle folder, store it as the task's next version, publish it.
 
-        The upload folder is consumed (moved into place or deleted).
+        ``upload_id`` (the client's, one per register call and reused by its retries) is stored in the
+        version folder; an upload whose id a stored version of the task already has is that version
+        again: it is returned and nothing is published. The upload folder is consumed (moved or deleted).
         """
         try:
             for fname in UPLOAD_FILES:
@@ -330,6 +333,10 @@ class TaskRegistry:
             with self._write_lock:
                 task_dir = self.tasks_dir / name
                 task_dir.mkdir(exist_ok=True)
+                if upload_id:
+                    done = self._published_upload(task_dir, upload, bundle.spec, upload_id)
+                    if done is not None:
+                        return done
                 cur = self._table.get(name)
                 version = max([0, cur.version if cur else 0, self._high_water(name), *_version_dirs(task_dir)]) + 1
                 while True:
@@ -337,6 +344,8 @@ class TaskRegistry:
                     (upload / TASK_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
                     digest = bundle_digest(upload)
                     (upload / DIGEST_FILE).write_text(digest + "\n")
+                    if upload_id:  # on disk before the folder is published: a retry after a crash finds it
+                        (upload / UPLOAD_ID_FILE).write_text(upload_id + "\n")
                     fsync_tree(upload)
                     target = task_dir / str(version)
                     try:
@@ -362,6 +371,27 @@ class TaskRegistry:
         finally:
             if upload.exists():
                 shutil.rmtree(upload, ignore_errors=True)
+
+    def _published_upload(self, task_dir: Path, upload: Path, spec: TaskSpec, upload_id: str) -> Optional[TaskVersion]:
+        """The stored version of this task that ``upload_id`` published, if any (under the write lock).
+
+        The same id with other content is refused: an id names one bundle, not a slot to overwrite."""
+        for version, folder in sorted(_version_dirs(task_dir).items(), reverse=True):
+            try:
+                stored_id = (folder / UPLOAD_ID_FILE).read_text().strip()
+            except OSError:
+                continue
+            if stored_id != upload_id:
+                continue
+            (upload / TASK_FILE).write_text(json.dumps(spec.replace(version=version).to_dict(), indent=2) + "\n")
+            if bundle_digest(upload) != stored_digest(folder):
+                raise BadRequest(f"upload id {brief(upload_id)} already published {spec.name} version {version} "
+                                 "with other content; use a new upload id for each bundle")
+            cur = self._table.get(spec.name)
+            log.info("upload id %s is %s version %d already: returned, not published again",
+                     brief(upload_id), spec.name, version)
+            return cur if cur is not None and cur.version == version else self.load_version(folder)
+        return None
 
     def _high_water(self, name: str) -> int:
         try:
