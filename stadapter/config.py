@@ -14,6 +14,8 @@ from typing import Any, Literal, Mapping, TypeVar
 
 Activation = Literal["none", "gelu", "quickgelu", "relu"]
 SamplingMode = Literal["uniform", "stride"]
+SeekMode = Literal["exact", "keyframe"]
+SEEK_MODES = ("exact", "keyframe")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -123,6 +125,13 @@ class SamplingConfig:
         autorotate: decode frames as a viewer sees them: the display matrix (rotation by
             multiples of 90 degrees, flips) and the sample aspect ratio applied before the
             resize and crop, as players and ffmpeg do. False: the coded picture as stored.
+        seek: ``exact`` (default): the frames the sampling names, each decoded from its
+            keyframe. ``keyframe``: the fast mode; each sampled index moves to the cheapest
+            frame to decode inside its segment (a keyframe if the segment holds one, else
+            the segment's first frame) and only those are read. Keyframes are found from the
+            demuxer's packet flags, without decoding; see ``stadapter.video.sampling.keyframe_indices``
+            for what a segment is. Faster where samples sit far from keyframes, at the cost of
+            frames that are up to a segment away from the exact ones.
     """
 
     num_frames: int = 8
@@ -135,10 +144,14 @@ class SamplingConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     autorotate: bool = True
+    seek: SeekMode = "exact"
 
     def __post_init__(self) -> None:
         if not isinstance(self.autorotate, bool):
             raise ConfigError(f"SamplingConfig.autorotate must be true or false, got {self.autorotate!r}")
+        if not isinstance(self.seek, str) or self.seek not in SEEK_MODES:
+            raise ConfigError(f"SamplingConfig.seek must be one of {', '.join(map(repr, SEEK_MODES))}, "
+                              f"got {brief(self.seek)}")
         for name in ("num_frames", "stride", "temporal_views", "input_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

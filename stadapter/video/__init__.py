@@ -47,11 +47,12 @@ from .container import ClipInfo, Clip, guard
 from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits, VideoOutOfMemory
 from .preprocess import FrameConverter, crop_offsets, views_to_tensor
 from .readers import ReadResult
-from .sampling import missing_indices, sample_indices, unique_indices
+from .sampling import keyframe_indices, missing_indices, sample_indices, unique_indices, view_indices
 
 __all__ = [
     "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "VideoOutOfMemory", "crop_offsets", "decode_clip",
-    "decode_frames", "decode_sampled_frames", "probe", "sample_indices", "views_to_tensor",
+    "decode_frames", "decode_sampled_frames", "decode_views", "keyframe_indices", "keyframes", "probe", "sample_indices",
+    "sample_plan", "views_to_tensor",
 ]
 
 
@@ -70,15 +71,56 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
     [0, 1] is normalised with ``cfg.mean`` / ``cfg.std``. See the module docstring
     for how a clip that ends early is handled.
     """
+    _check_output(cfg, limits)
+    with guard("decode"), Clip(source, limits) as clip:
+        convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
+        keys = clip.keyframes() if cfg.seek == "keyframe" else None
+        views, got = _read_sampled(clip, lambda n: view_indices(n, cfg, keys), convert)
+    return views_to_tensor(views, got, cfg)
+
+
+def decode_views(source: Source, views: Sequence[Sequence[int]], cfg: SamplingConfig,
+                 limits: VideoLimits = VideoLimits()) -> torch.Tensor:
+    """Model input for frames chosen by the caller: ``views[v]`` holds temporal view v's ``cfg.num_frames``
+    indices; preprocessed exactly as :func:`decode_clip` does (``cfg``'s size, crops, normalisation and
+    autorotate; its ``mode`` and ``seek`` are not used). Strict: every index must decode."""
+    idx = [[int(i) for i in v] for v in views]
+    if len(idx) != cfg.temporal_views or any(len(v) != cfg.num_frames for v in idx):
+        raise ValueError(f"views must be {cfg.temporal_views} list(s) of {cfg.num_frames} indices, "
+                         f"got {[len(v) for v in idx]}")
+    if any(i < 0 for v in idx for i in v):
+        raise ValueError("frame indices must be >= 0")
+    _check_output(cfg, limits)
+    with guard("decode"), Clip(source, limits) as clip:
+        convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
+        got, read = clip.read(unique_indices(idx), convert)
+        missing = missing_indices(idx, got)
+        if missing:
+            raise VideoError(_shortfall(missing, len(unique_indices(idx)), clip.info, read))
+    return views_to_tensor(idx, got, cfg)
+
+
+def sample_plan(source: Source, cfg: SamplingConfig, limits: VideoLimits = VideoLimits()) -> list[list[int]]:
+    """The frame indices :func:`decode_clip` reads for each temporal view, from the header's frame count
+    (a clip that ends early is re-sampled by ``decode_clip``); in ``seek="keyframe"`` mode, the moved
+    ones. Reads packets only, no decoding."""
+    with guard("probe"), Clip(source, limits) as clip:
+        keys = clip.keyframes() if cfg.seek == "keyframe" else None
+        return view_indices(clip.info.num_frames, cfg, keys)
+
+
+def keyframes(source: Source, limits: VideoLimits = VideoLimits()) -> list[int] | None:
+    """Frame indices of the clip's keyframes from the demuxer's packet flags (no decoding); None when
+    packets carry no timestamps to place them."""
+    with guard("probe"), Clip(source, limits) as clip:
+        return clip.keyframes()
+
+
+def _check_output(cfg: SamplingConfig, limits: VideoLimits) -> None:
     wanted = cfg.num_views * cfg.num_frames
     if wanted > limits.max_output_frames:
         raise VideoError(f"the sampling asks for {cfg.num_views} view(s) x {cfg.num_frames} frames = {wanted} frames, "
                          f"over the limit of {limits.max_output_frames}")
-    with guard("decode"), Clip(source, limits) as clip:
-        convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
-        views, got = _read_sampled(clip, lambda n: [sample_indices(n, cfg, v) for v in range(cfg.temporal_views)],
-                                   convert)
-    return views_to_tensor(views, got, cfg)
 
 
 def decode_sampled_frames(source: Source, pick: Callable[[int], Sequence[int]],

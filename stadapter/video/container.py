@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import math
 import os
 from collections import Counter
@@ -15,6 +16,7 @@ import numpy as np
 
 from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
 from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
+from .sampling import presentation_ranks
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class Clip:
         if size > limits.max_bytes:
             raise VideoError(f"clip is {size} bytes, over the limit of {limits.max_bytes}")
         self.source, self.limits = source, limits
+        self._lead = None  # the packet a verified rewind demuxed: the next read starts with it
         self.budget = Budget(limits)
         self.container = _open_container(source, limits)
         try:
@@ -219,6 +222,7 @@ class Clip:
             self.container = None
 
     def _reopen(self) -> av.video.stream.VideoStream:
+        self._lead = None
         self.close()
         self.container = _open_container(self.source, self.limits)
         return self.container.streams[self.stream_index]
@@ -235,6 +239,53 @@ class Clip:
             raise VideoError("no decodable video frames: the video stream holds no packets")
         return n
 
+    def keyframes(self) -> list[int] | None:
+        """Frame indices of the keyframes, from the demuxer's packet flags and timestamps: no decoding.
+
+        One demux pass over the clip (counted against ``max_packets`` and the time budget); a frame's
+        index is the rank of its packet's pts, as a decoder outputs frames in pts order (packets the
+        demuxer marks discard, e.g. before an edit list's start, give no frame). None when a packet has
+        no pts: then keyframes cannot be placed. The clip is rewound for the next :meth:`read`.
+        """
+        stream = self.container.streams[self.stream_index]
+        pts: list[int] = []
+        keys: list[int] = []
+        first = None
+        placed = True
+        for packet in self.container.demux(stream):
+            self.budget.packet()
+            if packet.size == 0 or packet.is_discard:
+                continue
+            if first is None:
+                first = packet
+            if packet.pts is None:
+                placed = False
+                break
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                keys.append(packet.pts)
+        self._rewind(first)
+        return presentation_ranks(pts, keys) if placed and pts else None
+
+    def _rewind(self, first) -> None:
+        """Back to the start after a scan: a seek to the first packet, checked by demuxing one packet
+        (handed to the next read first), so the next read sees the packets a fresh open gives. Where
+        the seek fails or lands elsewhere (formats without an index), the clip is reopened instead."""
+        stream = self.container.streams[self.stream_index]
+        target = None if first is None else (first.dts if first.dts is not None else first.pts)
+        if target is not None:
+            try:
+                self.container.seek(target, backward=True, any_frame=False, stream=stream)
+                lead = next(self.container.demux(stream), None)
+            except (av.FFmpegError, OSError, EOFError, ValueError):
+                lead = None
+            same = lead is not None and all(getattr(lead, a) == getattr(first, a)
+                                            for a in ("pts", "dts", "pos", "size", "is_keyframe", "is_discard"))
+            if same and bytes(lead) == bytes(first):
+                self._lead = lead
+                return
+        self._reopen()
+
     def read(self, needed: list[int], convert: Callable[[av.VideoFrame], np.ndarray],
              restart: bool = False, seek_gap: int | None = None) -> tuple[dict[int, np.ndarray], "ReadResult"]:
         """Frames at the sorted, unique ``needed`` indices, converted; plus how the read ended.
@@ -247,7 +298,7 @@ class Clip:
         gap = seek_gap if seek_gap is not None else max(64, int(5 * fps))
         if fps > 0 and stream.time_base:
             try:
-                return IndexedReader(self.container, stream, fps, self.budget, gap).run(needed, convert)
+                return IndexedReader(self._demuxer(), stream, fps, self.budget, gap).run(needed, convert)
             except SeekMissed:
                 stream = self._reopen()
                 try:
@@ -256,10 +307,30 @@ class Clip:
                     stream = self._reopen()
             except Irregular:
                 stream = self._reopen()
-        return SequentialReader(self.container, stream, self.budget).run(needed, convert)
+        return SequentialReader(self._demuxer(), stream, self.budget).run(needed, convert)
+
+    def _demuxer(self):
+        """The container, or after a checked rewind the container that first yields the packet the check read."""
+        lead, self._lead = self._lead, None
+        return self.container if lead is None else _Resumed(self.container, lead)
 
 
 def _with_counted_frames(info: ClipInfo, n: int) -> ClipInfo:
     fps = info.fps
     return ClipInfo(n, fps, info.duration_s or (n / fps if fps > 0 else 0.0), info.width, info.height,
                     info.codec, info.container)
+
+
+class _Resumed:
+    """The container after a checked rewind: its first ``demux`` yields the packet the check read."""
+
+    def __init__(self, container: av.container.InputContainer, lead: av.Packet) -> None:
+        self.container, self.lead = container, lead
+
+    def demux(self, stream):
+        lead, self.lead = self.lead, None
+        return itertools.chain([] if lead is None else [lead], self.container.demux(stream))
+
+    def seek(self, *args, **kwargs) -> None:
+        self.lead = None
+        self.container.seek(*args, **kwargs)

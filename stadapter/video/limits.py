@@ -18,10 +18,6 @@ DEFAULT_FORMATS = (
     "ogg", "ivf", "h264", "hevc", "m4v", "gif",
 )  # fmt: skip
 
-_NONREF_SKIPPABLE = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
-_FRAME_GRID_TOLERANCE = 0.25
-_REORDER_DEPTH = 32  # frames a packet may come ahead of its display slot (B-pyramids are <= 16)  # in frames: how far a pts may sit from its grid slot
-
 
 class VideoError(ValueError):
     """A clip cannot be used: corrupt, empty, no video stream, truncated, or over a limit.
