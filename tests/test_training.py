@@ -6,6 +6,7 @@ Everything runs on the tiny test trunk (32 px, 2 blocks) and 32 px / 8-frame cli
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,7 @@ def test_resume_continues_at_the_same_step(tiny_trunk_dir, motion_data, tmp_path
     straight = train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "a", epochs=2))
     first = train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "b", epochs=2, max_steps=2))
     assert first["steps"] == 2 and first["epochs"] == 1
-    resumed = train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "b", epochs=2, resume="auto"))
+    resumed = train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "b", epochs=2, resume="auto", force=True))
     assert resumed["steps"] == straight["steps"] == 4
     assert [h["step"] for h in resumed["history"]] == [2, 4]
     a = torch.load(tmp_path / "a/run/checkpoint.pt", weights_only=True)["trainable"]
@@ -200,3 +201,137 @@ def test_demo_bundles_classify_their_sample_clips(task):
     for name, label in truth.items():
         probs = clf.predict_views(eval_views(REPO / "samples" / task / name, clf.spec.sampling))
         assert clf.labels[int(probs.argmax())] == label, (name, probs)
+
+
+# --- outputs, checkpoints and refusals -------------------------------------------------------------
+
+
+def test_an_existing_out_is_refused_before_training_unless_forced(tiny_trunk_dir, motion_data, tmp_path, capsys):
+    """The README's command overwrote the shipped demo bundle; now --out must be new, or --force given."""
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "task.json").write_text("{}")
+    cfg = _cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=1)
+    with pytest.raises(FileExistsError, match="already exists"):
+        train(cfg)
+    assert (out / "task.json").read_text() == "{}" and not (tmp_path / "run").exists()  # refused before any work
+    argv = ["--trunk", str(tiny_trunk_dir), "--task", "motion", "--data-root", str(motion_data), "--train-list",
+            str(motion_data / "train.txt"), "--labels", str(motion_data / "labels.txt"), "--out", str(out),
+            "--run-dir", str(tmp_path / "run"), "--num-frames", "4", "--workers", "0", "--epochs", "1", "--no-progress"]
+    assert train_main(argv) == 2
+    assert "already exists (pass --force to replace it)" in capsys.readouterr().err
+    assert train_main(argv + ["--force"]) == 0
+    assert read_bundle(out).spec.name == "motion"
+    assert f"run folder {tmp_path / 'run'}" in capsys.readouterr().err  # where the checkpoint and curves are
+
+
+def test_a_bad_task_name_is_refused_before_training(tiny_trunk_dir, motion_data, tmp_path):
+    with pytest.raises(ValueError, match="task"):
+        train(_cfg(tiny_trunk_dir, motion_data, tmp_path, task="Motion Task!", epochs=1))
+    assert not (tmp_path / "run").exists()
+
+
+def _scripted_evaluation(monkeypatch, top1: list[float]) -> None:
+    """Validation top-1 per epoch as given (the model's real accuracy on 8 clips hardly moves in 3 tiny epochs)."""
+    scores = iter(top1)
+    monkeypatch.setattr("training.train.evaluate", lambda *a, **k: {"val_top1": next(scores), "val_clips": 8, "val_broken": 0})
+
+
+def _saved_states(monkeypatch) -> list[dict]:
+    """The trained tensors of every checkpoint written, per epoch (copies: the model keeps training)."""
+    from training import checkpoint
+
+    saved, real = [], checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, state: (real(path, state), saved.append(
+        {k: v.clone() for k, v in state["trainable"].items()})))
+    return saved
+
+
+def _bundle_equals(bundle_dir: Path, trainable: dict) -> bool:
+    tensors = read_bundle(bundle_dir).tensors
+    return all(torch.equal(v, trainable["adapters." + k]) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("keep,epoch", [("best", 2), ("last", 3)])
+def test_bundle_holds_the_best_epoch_unless_keep_last(tiny_trunk_dir, motion_data, tmp_path, monkeypatch, keep, epoch):
+    _scripted_evaluation(monkeypatch, [0.25, 0.75, 0.5])
+    saved = _saved_states(monkeypatch)
+    kw = {} if keep == "best" else {"keep": keep}
+    metrics = train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=3, **kw))
+    other = 3 if keep == "best" else 2
+    assert len(saved) == 3 and _bundle_equals(tmp_path / "bundle", saved[epoch - 1])
+    assert not _bundle_equals(tmp_path / "bundle", saved[other - 1])  # the epochs' tensors really differ
+    spec = read_bundle(tmp_path / "bundle").spec
+    assert spec.metrics["kept_epoch"] == metrics["kept_epoch"] == epoch
+    assert spec.metrics["val_top1"] == metrics["val_top1"] == [0.25, 0.75, 0.5][epoch - 1]
+    assert metrics["best_val_top1"] == 0.75 and metrics["epochs"] == 3
+
+
+def test_the_bundle_is_written_without_matplotlib(tiny_trunk_dir, motion_data, tmp_path, monkeypatch, capsys):
+    """With only the server extra installed, the plot import fails; the trained task must not be lost with it."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=1))
+    assert read_bundle(tmp_path / "bundle").spec.name == "motion"
+    assert (tmp_path / "run/metrics.json").is_file() and not (tmp_path / "run/curve.png").exists()
+    assert "no " + str(tmp_path / "run/curve.png") in capsys.readouterr().err
+
+
+def test_checkpoint_holds_the_config_and_every_rng_state(tiny_trunk_dir, motion_data, tmp_path, monkeypatch):
+    import random
+
+    from training import checkpoint
+
+    def draws() -> tuple:
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    after_save, real = [], checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, state: (real(path, state), after_save.append(draws())))
+    cfg = _cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=2, max_steps=2)
+    train(cfg)
+    ck = torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)
+    assert ck["config"] == cfg.to_dict() and ck["epoch"] == 1 and ck["step"] == 2
+    assert {"torch", "cuda", "python", "numpy"} <= set(ck["rng"])
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)
+    checkpoint.restore_rng_states(ck["rng"])
+    assert draws() == after_save[-1]  # the numbers the saving process drew next
+
+
+def test_resume_with_dropout_matches_a_straight_run(tiny_trunk_dir, motion_data, tmp_path):
+    """Dropout draws from torch's generator: the restored state gives the straight run's masks."""
+    straight = train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "a", epochs=2, dropout=0.5))
+    train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "b", epochs=2, dropout=0.5, max_steps=2))
+    resumed = train(_cfg(tiny_trunk_dir, motion_data, tmp_path / "b", epochs=2, dropout=0.5, resume="auto", force=True))
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx([h["train_loss"] for h in straight["history"]])
+    assert _bundle_equals(tmp_path / "b/bundle", {"adapters." + k: v for k, v in read_bundle(tmp_path / "a/bundle").tensors.items()})
+
+
+def test_resuming_past_the_schedule_warns(tiny_trunk_dir, motion_data, tmp_path, capsys):
+    first = train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=1))
+    capsys.readouterr()
+    again = train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=1, resume="auto", force=True))
+    err = capsys.readouterr().err
+    assert "past the end of the schedule (1 epochs): nothing is left to train" in err
+    assert again["steps"] == first["steps"] == 2 and again["val_top1"] == first["val_top1"]
+    longer = train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=2, resume="auto", force=True))
+    assert "--epochs 1 -> 2" in capsys.readouterr().err and longer["steps"] == 4  # the schedule changed: said so
+
+
+@pytest.mark.parametrize("classes", [4, 6])
+def test_top5_is_reported_only_with_more_than_five_classes(tiny_trunk_dir, motion_data, tmp_path, capsys, classes):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{name}\n" for name in [*MOTION_LABELS, "spin", "stop"][:classes]))
+    metrics = train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=1, labels=str(labels)))
+    err, spec = capsys.readouterr().err, read_bundle(tmp_path / "bundle").spec
+    if classes > 5:
+        assert 0 <= metrics["val_top5"] <= 1 and "val_top5" in spec.metrics and "top-5" in err
+    else:
+        assert metrics["val_top5"] is None and "val_top5" not in spec.metrics and "top-5" not in err
+        assert "val_top5" not in metrics["history"][0]
+
+
+def test_flag_defaults_are_the_config_defaults(tmp_path):
+    from training.train import parse_args
+
+    got = parse_args(["--trunk", "t", "--task", "x", "--train-dir", "d", "--out", "o"])
+    assert got == TrainConfig(trunk="t", task="x", train_dir="d", out="o")
