@@ -43,7 +43,7 @@ test: $(STAMP) $(TEST_DEPS) ffmpeg
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/python -m clients.demo
+	$(BIN)/python -m server.demo
 
 # A Triton model repository for the demo tasks (generated, not committed).
 triton: $(STAMP)

@@ -7,7 +7,8 @@ SIGTERM drain), ``service`` (gRPC servicers, the one error-to-status wrapper), `
 (admission, decode pool, top-k), ``batcher`` (dynamic batching), ``model`` (the batched
 forward on the model thread), ``registry`` (task versions on disk, register/unregister,
 polling), ``cache`` (device LRU of adapters), ``metrics`` (Prometheus), ``auth`` (tokens),
-``errors`` (exceptions and their status codes).
+``errors`` (exceptions and their status codes), ``process`` (the server as a child process, for the
+demo, benches and tests), ``demo`` (``make demo``).
 """
 
 from .config import ServerConfig

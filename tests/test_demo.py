@@ -1,4 +1,4 @@
-"""``make demo``'s end-to-end path: ``python -m clients.demo`` on a tiny repository and on the committed one."""
+"""``make demo``'s end-to-end path: ``python -m server.demo`` on a tiny repository and on the committed one."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def tree(root: Path) -> dict[str, int]:
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clients.demo", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "server.demo", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
 
 

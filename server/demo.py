@@ -1,4 +1,4 @@
-"""``python -m clients.demo`` (``make demo``): the whole product in a minute, on the committed files.
+"""``python -m server.demo`` (``make demo``): the whole product in a minute, on the committed files.
 
 1. copies ``model_repository/`` (trunk + task bundles) to a temporary folder, so the
    committed one is never modified, and starts ``python -m server`` on it (127.0.0.1,
@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import secrets
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +30,11 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .output import table
-from .core import ClassifyResult, ClientError
-from .sync import Client
+from clients.core import ClassifyResult, ClientError
+from clients.output import table
+from clients.sync import Client
 
-ROOT = Path(__file__).resolve().parent.parent
+from .process import ROOT, ServerProcess, ServerStartError
 LIVE_SUFFIX = "-live"
 
 
@@ -50,63 +48,6 @@ def say(text: str = "") -> None:
 
 def step(n: int, text: str) -> None:
     say(f"\n== {n}. {text}")
-
-
-# ----------------------------------------------------------------------------- server process
-
-
-class DemoServer:
-    """``python -m server`` as a child process on 127.0.0.1 with OS-picked ports."""
-
-    def __init__(self, repository: Path, workdir: Path, token_file: Path, timeout_s: float = 120.0):
-        self.ready_file = workdir / "ready.json"
-        self.log_path = workdir / "server.log"
-        cmd = [sys.executable, "-m", "server", "--model-repository", str(repository), "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", "0", "--ready-file", str(self.ready_file),
-               "--admin-token-file", str(token_file)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        try:
-            info = self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop(signal.SIGKILL)
-            raise
-        self.address = f"127.0.0.1:{info['grpc_port']}"
-        self.metrics_url = f"http://127.0.0.1:{info['metrics_port']}/metrics"
-
-    def _wait_ready(self, timeout_s: float) -> dict:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.ready_file.exists():
-                try:
-                    return json.loads(self.ready_file.read_text())
-                except json.JSONDecodeError:
-                    pass
-            if self.proc.poll() is not None:
-                raise DemoError(f"the server exited with {self.proc.returncode} before it was ready:\n"
-                                f"{self.log_tail()}")
-            time.sleep(0.05)
-        raise DemoError(f"the server was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -215,7 +156,7 @@ def run_demo(repository: Path, samples: Path, keep: bool = False) -> int:
         token_file.write_text(secrets.token_urlsafe(24))
         token_file.chmod(0o600)
         t0 = time.monotonic()
-        server = DemoServer(repo, work, token_file)
+        server = ServerProcess(repo, "--admin-token-file", str(token_file), timeout=120, workdir=work)
         stack.callback(server.stop, signal.SIGKILL, 5)  # no-op once stopped cleanly below
         say(f"server ready at {server.address} (metrics {server.metrics_url}) in {time.monotonic() - t0:.1f} s")
         client = stack.enter_context(Client(server.address, token=token_file.read_text()))
@@ -272,7 +213,7 @@ def run_demo(repository: Path, samples: Path, keep: bool = False) -> int:
 
         step(5, "stop the server (SIGTERM: health NOT_SERVING, in-flight work drains, exit)")
         client.close()
-        code = server.stop(signal.SIGTERM)
+        code = server.stop(signal.SIGTERM, 60)
         say(f"server exited with {code}" + ("" if code == 0 else f"; log tail:\n{server.log_tail()}"))
         if keep:
             say(f"work folder kept: {work}")
@@ -282,7 +223,7 @@ def run_demo(repository: Path, samples: Path, keep: bool = False) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clients.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m server.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository",
                    help="model repository to copy and serve (default: the committed one)")
     p.add_argument("--samples", type=Path, default=ROOT / "samples", help="folder of <task>/labels.json + clips")
@@ -290,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = p.parse_args(argv)
     try:
         return run_demo(ns.repository, ns.samples, ns.keep)
-    except (DemoError, ClientError, OSError) as e:
+    except (DemoError, ServerStartError, ClientError, OSError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
 
