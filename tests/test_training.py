@@ -6,6 +6,7 @@ Everything runs on the tiny test trunk (32 px, 2 blocks) and 32 px / 8-frame cli
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -335,3 +336,14 @@ def test_flag_defaults_are_the_config_defaults(tmp_path):
 
     got = parse_args(["--trunk", "t", "--task", "x", "--train-dir", "d", "--out", "o"])
     assert got == TrainConfig(trunk="t", task="x", train_dir="d", out="o")
+
+
+def test_the_checkpoint_is_fsynced_before_it_replaces_the_last_one(tiny_trunk_dir, motion_data, tmp_path, monkeypatch):
+    from stadapter import fsutil
+
+    synced, real = [], os.fsync
+    monkeypatch.setattr(fsutil.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=2))
+    run = tmp_path / "run"
+    assert sum(Path(p).name.startswith(".tmp-checkpoint.pt-") for p in synced) == 2  # once per epoch
+    assert str(run) in synced and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "curve.png", "metrics.json"]
