@@ -7,7 +7,7 @@ For each trunk (the tiny test trunk, and ViT-B/16's shape with random weights):
 * forward (decode excluded, frames are random tensors, 8 tasks):
   - ``single``: one task, a batch of ``batch`` clips (the library's fast path);
   - ``mixed``: 8 tasks in one batch of ``batch`` clips (the server's forward: device
-    cache + ``AdapterStack.concat`` + task index), ratio mixed/single (goal >= 0.9);
+    slot bank + per-row slot index), ratio mixed/single (goal >= 0.9);
   - ``per_task``: the same clips as one forward per task (8 smaller batches);
   - ``swap``: one model, adapter weights loaded into it per request, one clip per forward;
     ratio mixed/swap (goal >= 3).
@@ -17,8 +17,10 @@ For each trunk (the tiny test trunk, and ViT-B/16's shape with random weights):
   once, during warm-up), so it and the raw forward both leave decode out; ratio
   e2e/raw (goal >= 0.8). With ``decode=included`` it decodes every request; the decode
   share is decode time / (decode + compute) from the server's own metrics.
-* memory: the device-cache bytes of one more task vs the bundle's tensor bytes, and the
+* memory: the device bytes of one more slot vs the bundle's tensor bytes, and the
   process RSS growth per task loaded.
+* slot bank (:mod:`bench.slot_bank`): per-row gather vs segments, a changing task mix
+  over 64 registered tasks, cold tasks on a full bank of 64 slots.
 
 The machine this runs on matters: on a 2-core CPU the client, gRPC and the model
 share two cores. Prints a table to stderr and JSON to stdout (and ``--out``).
@@ -113,16 +115,16 @@ def timed_rounds(fns: dict[str, Callable[[], object]], iters: int, warmup: int =
 
 
 def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: bool = False) -> dict:
-    from server.cache import DeviceCache
     from server.model import ModelRunner
     from server.registry import TaskRegistry
+    from server.slots import AdapterSlots
     from stadapter import TaskAdapters, load_trunk
 
     trunk = load_trunk(repo / "trunk")
     reg = TaskRegistry(repo, trunk)
     reg.sync()
     tvs = [reg.tasks[f"task{k}"] for k in range(NUM_TASKS)]
-    runner = ModelRunner(trunk, DeviceCache(1 << 40, torch.device("cpu"), torch.float32))
+    runner = ModelRunner(trunk, AdapterSlots(1 << 40, torch.device("cpu"), torch.float32))
     S = trunk.image_size
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(1, frames, 3, S, S, generator=g) for _ in range(batch)]  # one view per clip
@@ -164,23 +166,23 @@ def read_tensors(path: Path):
 
 
 def bench_memory(repo: Path) -> dict:
-    from server.cache import DeviceCache
-    from server.registry import TaskRegistry
     from server.metrics import _rss_bytes
-    from server.model import cache_key
+    from server.registry import TaskRegistry
+    from server.slots import AdapterSlots
     from stadapter import load_trunk, read_bundle
 
     trunk = load_trunk(repo / "trunk")
     bundle_bytes = read_bundle(repo / "tasks" / "task0" / "1").nbytes
-    cache = DeviceCache(1 << 40, torch.device("cpu"), torch.float32)
+    slots = AdapterSlots(1 << 40, torch.device("cpu"), torch.float32, chunk=1)
     reg = TaskRegistry(repo, trunk)
     rss0 = _rss_bytes()
     reg.sync()
     rss1 = _rss_bytes()
-    before = cache.bytes
+    before = slots.bytes
     tvs = list(reg.tasks.values())
-    cache.get_many([(cache_key(tvs[0]), tvs[0].host_stack)])
-    per_task_cache = cache.bytes - before
+    with slots.lease([tvs[0]]):  # one task activated into a one-slot bank
+        pass
+    per_task_cache = slots.bytes - before
     return {
         "bundle_tensor_bytes": bundle_bytes,
         "cache_bytes_per_task": per_task_cache,

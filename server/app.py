@@ -24,14 +24,14 @@ from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .auth import Auth
 from .batcher import Batcher
-from .cache import DeviceCache
 from .config import ServerConfig
 from .decode_pool import Decoder, ProcessDecodePool, ThreadDecoder
 from .metrics import Metrics, remove_label
-from .model import ModelRunner, cache_key, resolve_device, resolve_dtype
+from .model import ModelRunner, resolve_device, resolve_dtype
 from .pipeline import Pipeline
 from .registry import TaskRegistry, TaskVersion
 from .service import TaskAdminService, VideoClassifierService
+from .slots import AdapterSlots
 
 log = logging.getLogger("server")
 
@@ -48,7 +48,7 @@ class Server:
     pipeline: Pipeline
     batcher: Batcher
     registry: TaskRegistry
-    cache: DeviceCache
+    slots: AdapterSlots
     metrics: Metrics
     grpc_port: int
     metrics_port: int
@@ -65,11 +65,12 @@ class Server:
         log.info("trunk %s (%s…) on %s as %s", trunk.spec.model, trunk.fingerprint[:12], device, dtype)
 
         metrics = Metrics(device)
-        cache = DeviceCache(cfg.cache_bytes, device, dtype, on_event=metrics.cache_event)
+        slots = AdapterSlots(cfg.cache_bytes, device, dtype, on_event=metrics.adapter_event)
+        metrics.watch_slots(lambda: slots.used, lambda: slots.free, lambda: slots.bytes)
 
         def on_change(published: list[TaskVersion], retired: list[TaskVersion]) -> None:
             for tv in retired:
-                cache.discard(cache_key(tv))
+                slots.retire(tv)  # leaves the device when its last request ends
                 if tv.name not in registry.tasks:
                     remove_label(metrics.task_bytes, tv.name)
                     remove_label(metrics.task_version, tv.name)
@@ -83,7 +84,7 @@ class Server:
         registry.sync()
         metrics.tasks_loaded.set(len(registry.tasks))
 
-        batcher = Batcher(ModelRunner(trunk, cache), cfg.max_batch_size, cfg.max_queue_delay_ms / 1e3, metrics)
+        batcher = Batcher(ModelRunner(trunk, slots), cfg.max_batch_size, cfg.max_queue_delay_ms / 1e3, metrics)
         if cfg.warmup and registry.tasks:
             t0 = time.monotonic()
             runs = await batcher.warmup(list(registry.tasks.values()))
@@ -124,7 +125,7 @@ class Server:
         batcher.start()
         await gs.start()
         metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
-        srv = cls(cfg, gs, health, pipeline, batcher, registry, cache, metrics, port, metrics_port)
+        srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port)
         if cfg.poll_interval_s > 0:
             srv._poller = asyncio.get_running_loop().create_task(srv._poll(), name="repository-poll")
         return srv

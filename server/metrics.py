@@ -62,10 +62,17 @@ class Metrics:
         self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served", registry=r)
         self.task_bytes = Gauge(f"{p}_task_bytes", "Adapter + head tensor bytes of the served version", ["task"], registry=r)
         self.task_version = Gauge(f"{p}_task_version", "Served version of each task", ["task"], registry=r)
-        self.cache_hits = Counter(f"{p}_adapter_cache_hits", "Device adapter cache hits", registry=r)
-        self.cache_misses = Counter(f"{p}_adapter_cache_misses", "Device adapter cache misses (loaded to the device)", registry=r)
-        self.cache_evictions = Counter(f"{p}_adapter_cache_evictions", "Adapters evicted from the device (LRU)", registry=r)
-        self.cache_bytes = Gauge(f"{p}_adapter_cache_bytes", "Adapter bytes resident on the device", registry=r)
+        self.adapter_hits = Counter(f"{p}_adapter_hits", "Batch tasks already in a device slot", registry=r)
+        self.adapter_activations = Counter(f"{p}_adapter_activations",
+                                           "Task versions copied from host memory into a device slot", registry=r)
+        self.adapter_evictions = Counter(f"{p}_adapter_evictions",
+                                         "Task versions evicted from their device slot (LRU; the host copy stays)", registry=r)
+        self.adapter_activation_seconds = Histogram(f"{p}_adapter_activation_seconds",
+                                                    "Time to copy one task version into a device slot",
+                                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_slots = Gauge(f"{p}_adapter_slots", "Device adapter slots by state", ["state"], registry=r)
+        self.adapter_device_bytes = Gauge(f"{p}_adapter_device_bytes",
+                                          "Device bytes of the adapter slot banks (used and free slots)", registry=r)
         self.registrations = Counter(f"{p}_registrations", "RegisterTask calls by result", ["result"], registry=r)
         self.unregistrations = Counter(f"{p}_unregistrations", "UnregisterTask calls by result", ["result"], registry=r)
         self.dropped = Counter(f"{p}_dropped", "Clips dropped before compute, by reason (deadline | cancelled)",
@@ -73,9 +80,18 @@ class Metrics:
         r.register(_DeviceMemoryCollector(device))
         self._http = None
 
-    def cache_event(self, event: str, resident: int) -> None:
-        {"hit": self.cache_hits, "miss": self.cache_misses, "eviction": self.cache_evictions}.get(event, _Null).inc()
-        self.cache_bytes.set(resident)
+    def adapter_event(self, event: str, seconds: float) -> None:
+        """The slots' ``on_event`` hook (``hit`` | ``activation`` | ``eviction`` | ``discard``)."""
+        if event == "activation":
+            self.adapter_activations.inc()
+            self.adapter_activation_seconds.observe(seconds)
+        else:
+            {"hit": self.adapter_hits, "eviction": self.adapter_evictions}.get(event, _Null).inc()
+
+    def watch_slots(self, used: Callable[[], float], free: Callable[[], float], device_bytes: Callable[[], float]) -> None:
+        self.adapter_slots.labels("used").set_function(used)
+        self.adapter_slots.labels("free").set_function(free)
+        self.adapter_device_bytes.set_function(device_bytes)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""

@@ -1,56 +1,46 @@
-"""The model side of serving: one trunk, the device cache, and the batched forward.
+"""The model side of serving: one trunk, the device slots, and the batched forward.
 
 :meth:`ModelRunner.forward` runs on the single model thread (never on the event
-loop). Clips of several tasks share one forward through
-``AdapterStack.concat`` + a per-row task index; a batch of one task takes the
-library's fast path (K=1 stack, no gather). A clip with V views is V rows; its
-answer is the softmax averaged over its rows.
+loop). Each task version of a batch is activated into a device slot
+(:class:`server.slots.AdapterSlots`; no per-batch concatenation). A one-task batch
+runs on narrow views of its slot (the library's K=1 fast path). A mixed batch runs
+either with a per-row slot index (``gather``: the weights are gathered per row and
+applied with batched GEMMs) or with its clips sorted by task (``segment``: one GEMM
+per task over its contiguous rows); :func:`mixed_mode_for` picks one per device
+type. A clip with V views is V rows; its answer is the softmax averaged over its rows.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from stadapter.bank import AdapterStack
+from stadapter.bank import AdapterStack, Segments
 from stadapter.trunk import VideoTrunk
 
-from .cache import DeviceCache
 from .registry import TaskVersion
+from .slots import AdapterSlots
+
+MixedMode = Literal["gather", "segment"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
+def mixed_mode_for(device: torch.device) -> MixedMode:
+    """How a mixed batch runs on this device type: ``gather`` on CPU and on CUDA.
 
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
-_serial = itertools.count()
-
-
-def cache_key(tv: TaskVersion) -> tuple:
-    """Unique per loaded version (a task removed and registered anew may reuse a version number)."""
-    key = getattr(tv, "_cache_key", None)
-    if key is None:
-        key = (tv.name, tv.version, next(_serial))
-        tv._cache_key = key  # type: ignore[attr-defined]
-    return key
+    CPU (measured, ``python -m bench.slot_bank``, 8 tasks in a batch, the shared 2-core
+    machine): gather ran 1.30x segment's clips/s on the tiny trunk (32 x 8 frames) and
+    1.26x on ViT-B/16 (8 x 2 frames): segments pay one small GEMM and a strided copy per
+    task and slot, the gather's weight copy is small next to the GEMMs. CUDA (not
+    measured, no GPU here): gather too, by reasoning: it launches one batched GEMM per
+    adapter linear whatever the number of tasks, where segments launch one per task and
+    per slot (a 32-task batch on 12 slots: hundreds of small launches), and the gathered
+    weights (B x 2 x r x d per slot) are small next to the GPU's memory bandwidth.
+    """
+    return "gather"
 
 
 @dataclass(frozen=True)
@@ -63,21 +53,12 @@ class BatchOutput:
 
 
 class ModelRunner:
-    def __init__(self, trunk: VideoTrunk, cache: DeviceCache):
+    def __init__(self, trunk: VideoTrunk, slots: AdapterSlots, mixed: Optional[MixedMode] = None):
         self.trunk = trunk
-        self.cache = cache
-        self.device = cache.device
-        self.dtype = cache.dtype
-        self._last_concat: Optional[tuple[tuple, AdapterStack]] = None
-
-    def _stack_for(self, keys: tuple, stacks: list[AdapterStack]) -> AdapterStack:
-        if len(stacks) == 1:
-            return stacks[0]
-        if self._last_concat is not None and self._last_concat[0] == keys:
-            return self._last_concat[1]
-        stack = AdapterStack.concat(stacks)
-        self._last_concat = (keys, stack)  # the same task mix often repeats batch after batch
-        return stack
+        self.slots = slots
+        self.device = slots.device
+        self.dtype = slots.dtype
+        self.mixed: MixedMode = mixed or mixed_mode_for(slots.device)
 
     def warmup(self, tvs: Sequence[TaskVersion]) -> int:
         """Run the served shapes once before traffic, so the first request pays no one-time costs.
@@ -104,23 +85,38 @@ class ModelRunner:
     def forward(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> BatchOutput:
         """clips: (task version, views [V, T, 3, S, S]) with equal T and S -> per-clip probabilities."""
         t0 = time.perf_counter()
-        tvs = sorted({cache_key(tv): tv for tv, _ in clips}.items())
-        keys = tuple(k for k, _ in tvs)
-        order = {k: i for i, k in enumerate(keys)}
-        stacks = self.cache.get_many((k, tv.host_stack) for k, tv in tvs)
-        stack = self._stack_for(keys, stacks)
-        rows = [v.shape[0] for _, v in clips]
-        frames = torch.cat([v for _, v in clips]).to(self.device, self.dtype, non_blocking=True)  # [N, T, 3, S, S]
-        if len(stacks) == 1:
-            task_index = None
-        else:
-            idx = [order[cache_key(tv)] for (tv, _), n in zip(clips, rows) for _ in range(n)]
-            task_index = torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
-        logits = self.trunk(frames, stack, task_index).float()  # [N, C_max]
-        probs, start = [], 0
-        for (tv, _), n in zip(clips, rows):
-            c = tv.spec.num_classes
-            probs.append(logits[start:start + n, :c].softmax(dim=-1).mean(dim=0))  # [C]
+        tvs = list({tv.uid: tv for tv, _ in clips}.values())
+        with self.slots.lease(tvs) as lease:
+            slot_of = [lease.slots[tv.uid] for tv, _ in clips]
+            order = sorted(range(len(clips)), key=slot_of.__getitem__) if self.mixed == "segment" else list(range(len(clips)))
+            rows = [clips[i][1].shape[0] for i in order]
+            frames = torch.cat([clips[i][1] for i in order]).to(self.device, self.dtype, non_blocking=True)  # [N, T, 3, S, S]
+            stack, task_index = self._adapters(lease.bank, [slot_of[i] for i in order], rows)
+            logits = self.trunk(frames, stack, task_index).float()  # [N, C_max]
+        for tv in tvs:
+            if tv.retired:  # admitted before the registry retired it: it leaves once its requests end
+                self.slots.retire(tv)
+        probs: list[Optional[Tensor]] = [None] * len(clips)
+        start = 0
+        for i, n in zip(order, rows):
+            c = clips[i][0].spec.num_classes
+            probs[i] = logits[start:start + n, :c].softmax(dim=-1).mean(dim=0)  # [C]
             start += n
-        probs = [p.cpu() for p in probs] if self.device.type != "cpu" else probs
-        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(rows), len(keys))
+        out = [p.cpu() for p in probs] if self.device.type != "cpu" else probs
+        return BatchOutput(out, time.perf_counter() - t0, len(clips), sum(rows), len(tvs))  # type: ignore[arg-type]
+
+    def _adapters(self, bank, slots: list[int], rows: list[int]) -> tuple[AdapterStack | Segments, Optional[Tensor]]:
+        """The adapters for rows in this order: a one-task view, the bank + per-row slots, or segments."""
+        distinct = sorted(set(slots))
+        if len(distinct) == 1:
+            return bank.view(distinct[0]), None
+        if self.mixed == "gather":
+            idx = [s for s, n in zip(slots, rows) for _ in range(n)]
+            return bank.stacked(), torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
+        seg_slots, bounds = [], [0]
+        for s, n in zip(slots, rows):  # clips are sorted by slot: each slot's rows are contiguous
+            if not seg_slots or seg_slots[-1] != s:
+                seg_slots.append(s)
+                bounds.append(bounds[-1])
+            bounds[-1] += n
+        return bank.segments(seg_slots, bounds), None

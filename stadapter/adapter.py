@@ -120,12 +120,7 @@ def apply_adapter(
     cls_tok, patches = x[:, :1], x[:, 1:]
     p = patches.reshape(B, T * h * w, d)  # [B, T*h*w, d]
     if task_index is None:
-        if weights.num_tasks != 1:
-            raise ValueError(f"apply_adapter: {weights.num_tasks} tasks stacked but no task_index given")
-        z = F.linear(p, weights.fc1_w[0], weights.fc1_b[0])  # [B, T*h*w, r]
-        z = _depthwise_conv_cl(z.reshape(B, T, h, w, -1), weights.conv_w[0], weights.conv_b[0])
-        z = _activation(z, activation).reshape(B, T * h * w, -1)
-        delta = F.linear(z, weights.fc2_w[0], weights.fc2_b[0])  # [B, T*h*w, d]
+        delta = adapter_delta(p, T, grid, weights, activation)
     else:
         fc1_w = weights.fc1_w[task_index]  # [B, r, d]
         z = torch.baddbmm(weights.fc1_b[task_index].unsqueeze(1), p, fc1_w.transpose(1, 2))
@@ -137,6 +132,22 @@ def apply_adapter(
         delta = torch.baddbmm(weights.fc2_b[task_index].unsqueeze(1), z, fc2_w.transpose(1, 2))
     patches = patches + delta.reshape(BT, h * w, d)
     return torch.cat([cls_tok, patches], dim=1)
+
+
+def adapter_delta(p: Tensor, num_frames: int, grid: tuple[int, int], weights: SlotWeights, activation: str) -> Tensor:
+    """One task's adapter output (without the residual) for patch tokens ``p`` [B, T*h*w, d] -> [B, T*h*w, d].
+
+    ``weights`` holds one task (K == 1); its tensors may be strided views (a slot of a bank).
+    """
+    if weights.num_tasks != 1:
+        raise ValueError(f"apply_adapter: {weights.num_tasks} tasks stacked but no task_index given")
+    B, _, d = p.shape
+    h, w = grid
+    T = num_frames
+    z = F.linear(p, weights.fc1_w[0], weights.fc1_b[0])  # [B, T*h*w, r]
+    z = _depthwise_conv_cl(z.reshape(B, T, h, w, -1), weights.conv_w[0], weights.conv_b[0])
+    z = _activation(z, activation).reshape(B, T * h * w, -1)
+    return F.linear(z, weights.fc2_w[0], weights.fc2_b[0])  # [B, T*h*w, d]
 
 
 class STAdapter(nn.Module):

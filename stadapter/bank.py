@@ -9,18 +9,21 @@
   kernel, placement or depth by zero-padding: a zero adapter is exactly the
   identity, so padding changes no logit. Heads of different class counts are
   padded to the widest; ``num_classes`` says how many columns are real.
+* :class:`SlotBank` is the serving form: S task slots preallocated on the device,
+  written once per activation, read as narrow views (one task), with a per-row slot
+  index (:meth:`SlotBank.stacked`) or as :class:`Segments` (rows grouped by task).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter import STAdapter, SlotWeights, slot_weights_from_state
+from .adapter import STAdapter, SlotWeights, adapter_delta, slot_weights_from_state
 from .config import AdapterConfig
 
 SlotKey = tuple[int, str]  # (block index, "pre_attn" | "pre_mlp")
@@ -182,24 +185,219 @@ class TaskAdapters(nn.Module):
         )
 
 
-@dataclass
-class TaskTable:
-    """Name -> K=1 stack, with a cached concatenation for a fixed set of tasks.
+# --- the device slot bank ---------------------------------------------------------------------------
 
-    Useful offline (and for export): build once, then route clips by name.
+
+@dataclass(frozen=True)
+class TaskShape:
+    """One task's adapter geometry: (width, kernel) per slot key, and its class count."""
+
+    slots: Mapping[SlotKey, tuple[int, tuple[int, int, int]]]
+    num_classes: int
+
+    @classmethod
+    def of(cls, stack: AdapterStack) -> "TaskShape":
+        if stack.num_tasks != 1:
+            raise ValueError(f"TaskShape.of: a one-task stack is needed, got {stack.num_tasks} tasks")
+        return cls({k: (s.width, s.kernel) for k, s in stack.slots.items()}, stack.num_classes[0])
+
+
+def _region(w: SlotWeights, rows: slice, width: int, kernel: tuple[int, int, int]) -> SlotWeights:
+    """The view of ``w``'s rows that an adapter of this width and kernel occupies (kernel centred, width first)."""
+    (KT, KH, KW), (kt, kh, kw) = w.kernel, kernel
+    ot, oh, ow = (KT - kt) // 2, (KH - kh) // 2, (KW - kw) // 2
+    return SlotWeights(
+        fc1_w=w.fc1_w[rows, :width],
+        fc1_b=w.fc1_b[rows, :width],
+        conv_w=w.conv_w[rows, ot:ot + kt, oh:oh + kh, ow:ow + kw, :width],
+        conv_b=w.conv_b[rows, :width],
+        fc2_w=w.fc2_w[rows, :, :width],
+        fc2_b=w.fc2_b[rows],
+    )
+
+
+class SlotBank:
+    """Adapters and heads of up to ``capacity`` tasks in preallocated tensors on one device.
+
+    Every slot key any resident task uses has tensors ``[capacity, ...]`` padded to the
+    widest width and kernel seen; heads are ``[capacity, C_max, d]``. A task is
+    written into a slot (zeros where it has no adapter or narrower weights: zero weights
+    are exactly the identity adapter), read back as narrow views (:meth:`view`, the
+    one-task fast path: no copy), or used by many rows at once through :meth:`stacked`
+    (per-row slot index) or :meth:`segments` (rows grouped by slot). Tasks of one bank
+    share one adapter activation. The bank only stores; which task lives in which
+    slot, and when to grow, is the caller's policy. Not thread-safe.
     """
 
-    stacks: dict[str, AdapterStack] = field(default_factory=dict)
+    def __init__(self, dim: int, device: torch.device | str, dtype: torch.dtype, activation: str = "none"):
+        self.dim = dim
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.activation = activation
+        self.capacity = 0
+        self._geometry: dict[SlotKey, tuple[int, tuple[int, int, int]]] = {}
+        self._classes = 0
+        self._slots: dict[SlotKey, SlotWeights] = {}
+        self._head_w = self._zeros(0, 0, dim)  # [S, C_max, d]
+        self._head_b = self._zeros(0, 0)  # [S, C_max]
+        self._shapes: list[Optional[TaskShape]] = []
 
-    def names(self) -> list[str]:
-        return list(self.stacks)
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(*shape, device=self.device, dtype=self.dtype)
 
-    def combined(self) -> AdapterStack:
-        return AdapterStack.concat(list(self.stacks.values()))
+    # --- geometry and bytes ---
 
-    def index_of(self, names: Sequence[str]) -> Tensor:
-        order = {n: i for i, n in enumerate(self.stacks)}
-        missing = [n for n in names if n not in order]
-        if missing:
-            raise KeyError(f"unknown tasks {missing}; known: {list(order)}")
-        return torch.tensor([order[n] for n in names], dtype=torch.long)
+    def _widened(self, shapes: Iterable[TaskShape]) -> tuple[dict[SlotKey, tuple[int, tuple[int, int, int]]], int]:
+        geo, classes = dict(self._geometry), self._classes
+        for sh in shapes:
+            for key, (r, k) in sh.slots.items():
+                r0, k0 = geo.get(key, (0, (1, 1, 1)))
+                geo[key] = (max(r0, r), tuple(max(a, b) for a, b in zip(k0, k)))  # type: ignore[assignment]
+            classes = max(classes, sh.num_classes)
+        return geo, classes
+
+    def fits(self, shape: TaskShape) -> bool:
+        return self._widened([shape]) == (self._geometry, self._classes)
+
+    def slot_bytes(self, also_fit: Sequence[TaskShape] = ()) -> int:
+        """Device bytes of one slot at the current geometry (widened to also fit ``also_fit``)."""
+        geo, classes = self._widened(also_fit)
+        d = self.dim
+        per = sum(2 * r * d + r * kt * kh * kw + 2 * r + d for r, (kt, kh, kw) in geo.values()) + classes * (d + 1)
+        return per * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes held by the bank's tensors (every slot, used or not)."""
+        ts = [t for s in self._slots.values() for t in s.tensors()] + [self._head_w, self._head_b]
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def reserve(self, capacity: int, also_fit: Sequence[TaskShape] = ()) -> None:
+        """Reallocate for ``capacity`` slots at a geometry that also fits ``also_fit``; contents are kept."""
+        geo, classes = self._widened(also_fit)
+        if capacity < self.capacity:
+            raise ValueError(f"SlotBank.reserve: cannot shrink from {self.capacity} to {capacity} slots")
+        if capacity == self.capacity and (geo, classes) == (self._geometry, self._classes):
+            return
+        old, n, d = self._slots, self.capacity, self.dim
+        slots = {}
+        for key, (r, k) in geo.items():
+            new = SlotWeights(self._zeros(capacity, r, d), self._zeros(capacity, r), self._zeros(capacity, *k, r),
+                              self._zeros(capacity, r), self._zeros(capacity, d, r), self._zeros(capacity, d))
+            if key in old and n:
+                for dst, src in zip(_region(new, slice(0, n), *self._geometry[key]).tensors(), old[key].tensors()):
+                    dst.copy_(src)
+            slots[key] = new
+        head_w, head_b = self._zeros(capacity, classes, d), self._zeros(capacity, classes)
+        head_w[:n, : self._classes] = self._head_w
+        head_b[:n, : self._classes] = self._head_b
+        self._slots, self._head_w, self._head_b = slots, head_w, head_b
+        self._geometry, self._classes = geo, classes
+        self._shapes += [None] * (capacity - n)
+        self.capacity = capacity
+
+    def shrink(self, keep: Sequence[int], capacity: int) -> dict[int, int]:
+        """Reallocate for ``capacity`` slots holding only the slots ``keep`` (moved to 0, 1, ...); returns old -> new."""
+        if capacity < len(keep):
+            raise ValueError(f"SlotBank.shrink: {len(keep)} slots to keep do not fit {capacity}")
+        idx = torch.tensor(list(keep), dtype=torch.long, device=self.device)
+        n = len(keep)
+
+        def moved(t: Tensor) -> Tensor:
+            out = torch.zeros((capacity, *t.shape[1:]), device=self.device, dtype=self.dtype)
+            out[:n] = t.index_select(0, idx)
+            return out
+
+        self._slots = {key: w.map(moved) for key, w in self._slots.items()}
+        self._head_w, self._head_b = moved(self._head_w), moved(self._head_b)
+        self._shapes = [self._shapes[i] for i in keep] + [None] * (capacity - n)
+        self.capacity = capacity
+        return {old: new for new, old in enumerate(keep)}
+
+    # --- writing ---
+
+    def write(self, slot: int, stack: AdapterStack) -> None:
+        """Copy one task's weights into ``slot`` (converted to the bank's dtype); the bank must fit it."""
+        shape = TaskShape.of(stack)
+        if not self.fits(shape):
+            raise ValueError("SlotBank.write: the task does not fit the bank's geometry; reserve() it first")
+        if stack.activation != self.activation:
+            raise ValueError(f"SlotBank.write: adapter activation {stack.activation!r}, the bank's is {self.activation!r}")
+        rows = slice(slot, slot + 1)
+        for key, bank in self._slots.items():
+            geo = self._geometry[key]
+            mine = shape.slots.get(key)
+            if mine != geo:
+                for t in _region(bank, rows, *geo).tensors():
+                    t.zero_()
+            if mine is not None:
+                for dst, src in zip(_region(bank, rows, *mine).tensors(), stack.slots[key].tensors()):
+                    dst.copy_(src, non_blocking=True)
+        c = shape.num_classes
+        self._head_w[slot, c:].zero_()
+        self._head_b[slot, c:].zero_()
+        self._head_w[slot, :c].copy_(stack.head_w[0], non_blocking=True)
+        self._head_b[slot, :c].copy_(stack.head_b[0], non_blocking=True)
+        self._shapes[slot] = shape
+
+    def clear(self, slot: int) -> None:
+        """Mark ``slot`` empty (its tensors are overwritten by the next write)."""
+        self._shapes[slot] = None
+
+    # --- reading ---
+
+    def view(self, slot: int) -> AdapterStack:
+        """One task's K=1 stack as narrow views of its slot (no copy; for a one-task batch)."""
+        shape = self._shapes[slot]
+        if shape is None:
+            raise ValueError(f"SlotBank.view: slot {slot} is empty")
+        rows, c = slice(slot, slot + 1), shape.num_classes
+        slots = {key: _region(self._slots[key], rows, *geo) for key, geo in shape.slots.items()}
+        return AdapterStack(slots, self._head_w[rows, :c], self._head_b[rows, :c], (c,), self.activation)
+
+    def stacked(self) -> AdapterStack:
+        """Every slot, padded: run with ``task_index`` = each row's slot (the per-row gather path)."""
+        classes = tuple(s.num_classes if s is not None else 0 for s in self._shapes)
+        return AdapterStack(dict(self._slots), self._head_w, self._head_b, classes, self.activation)
+
+    def segments(self, slots: Sequence[int], bounds: Sequence[int]) -> "Segments":
+        """Rows grouped by slot: clips ``bounds[i]:bounds[i+1]`` of the batch run on ``slots[i]``."""
+        return Segments(tuple(self.view(s) for s in slots), tuple(bounds), self.activation)
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A batch sorted by task: clips ``bounds[i]:bounds[i+1]`` use ``stacks[i]`` (one task each).
+
+    The segment-grouped alternative to a per-row task index: one GEMM per task over its
+    contiguous rows, at the task's own width, and no per-row weight gather.
+    """
+
+    stacks: tuple[AdapterStack, ...]
+    bounds: tuple[int, ...]  # K + 1 ascending clip offsets, from 0 to B
+    activation: str = "none"
+
+    def __post_init__(self):
+        if len(self.bounds) != len(self.stacks) + 1 or list(self.bounds) != sorted(self.bounds) or self.bounds[0] != 0:
+            raise ValueError(f"Segments: bounds {self.bounds} do not delimit {len(self.stacks)} segments")
+
+    def apply(self, key: SlotKey, x: Tensor, num_frames: int, grid: tuple[int, int]) -> Tensor:
+        """The adapters at ``key`` over tokens [B*T, 1 + h*w, d]; segments lacking it pass unchanged."""
+        T, (h, w) = num_frames, grid
+        out = None
+        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:]):
+            s = st.slots.get(key)
+            if s is None or a == b:
+                continue
+            if out is None:
+                out = x.clone()
+            p = x[a * T:b * T, 1:].reshape(b - a, T * h * w, -1)  # [b-a, T*h*w, d]
+            out[a * T:b * T, 1:] += adapter_delta(p, T, grid, s, self.activation).reshape((b - a) * T, h * w, -1)
+        return x if out is None else out
+
+    def head(self, feats: Tensor) -> Tensor:
+        """feats [B, d] -> logits [B, C_max] (zero-padded past each task's classes)."""
+        out = feats.new_zeros(feats.shape[0], max(s.num_classes[0] for s in self.stacks))
+        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:]):
+            out[a:b, : st.num_classes[0]] = st.head(feats[a:b], None)
+        return out

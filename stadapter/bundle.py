@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from stadapter_api.wire import ADAPTER_FILE, TASK_FILE
@@ -23,7 +23,7 @@ from stadapter_api.wire import ADAPTER_FILE, TASK_FILE
 from .bank import AdapterStack, TaskAdapters, expected_shapes
 from .config import ConfigError, TaskSpec, brief
 from .fsutil import atomic_dir
-from .weights import BUNDLE_DTYPES, WeightsError, check_tensors
+from .weights import BUNDLE_DTYPES, WeightsError, check_tensors, write_safetensors
 
 
 
@@ -70,7 +70,7 @@ def save_bundle(
     if not spec.created:
         spec = spec.replace(created=now_iso())
     with atomic_dir(out_dir, replace=replace) as tmp:
-        save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "stadapter-task-v1", "task": spec.name})
+        write_safetensors(state, tmp / ADAPTER_FILE, metadata={"format": "stadapter-task-v1", "task": spec.name})
         (tmp / TASK_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
     return Path(out_dir)
 

@@ -208,6 +208,8 @@ class TrunkSpec:
         fingerprint: sha256 over the trunk's architecture and tensors.
         model_config: optional open_clip model-config JSON file (relative path)
             describing a custom ViT.
+        source: where the stored weights came from (a named tag such as ``openai``, copied
+            into the folder at ``init`` so the trunk loads offline); informational.
     """
 
     model: str
@@ -216,6 +218,7 @@ class TrunkSpec:
     fingerprint: str = ""
     model_config: str = ""
     format_version: int = 1
+    source: str = ""
 
     def __post_init__(self) -> None:
         if not self.model or not isinstance(self.model, str):

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .config import ConfigError, TrunkSpec
 from .fsutil import atomic_dir
 from .trunk import TrunkError, VideoTrunk, trunk_fingerprint
-from .weights import WeightsError, read_weights
+from .weights import WeightsError, read_weights, write_safetensors
 
 TRUNK_JSON = "trunk.json"
 VISUAL_WEIGHTS = "visual.safetensors"
@@ -135,18 +134,18 @@ def write_trunk(
     pretrained_tag: str = "",
     replace: bool = False,
 ) -> TrunkSpec:
-    """Write a trunk folder atomically; weights are stored unless they come from a named tag."""
+    """Write a trunk folder atomically, weights included (also those of a named tag: a server then starts offline)."""
     state = {k: v.detach().cpu().contiguous() for k, v in visual.state_dict().items()}
     spec = TrunkSpec(
         model=model,
-        pretrained=pretrained_tag or VISUAL_WEIGHTS,
+        pretrained=VISUAL_WEIGHTS,
         quick_gelu=bool(quick_gelu),
         fingerprint=trunk_fingerprint(state, arch_record(model_cfg, quick_gelu)),
         model_config=MODEL_CONFIG if custom_config else "",
+        source=pretrained_tag,
     )
     with atomic_dir(out_dir, replace=replace) as tmp:
-        if not pretrained_tag:
-            save_file(state, str(tmp / VISUAL_WEIGHTS))
+        write_safetensors(state, tmp / VISUAL_WEIGHTS)
         if custom_config:
             (tmp / MODEL_CONFIG).write_text(json.dumps(dict(model_cfg), indent=2) + "\n")
         (tmp / TRUNK_JSON).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")

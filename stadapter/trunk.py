@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import apply_adapter
-from .bank import AdapterStack
+from .bank import AdapterStack, Segments, SlotKey
 
 
 class TrunkError(ValueError):
@@ -79,12 +79,13 @@ class VideoTrunk(nn.Module):
         return v.ln_pre(x)
 
     def forward_features(
-        self, frames: Tensor, stack: Optional[AdapterStack] = None, task_index: Optional[Tensor] = None
+        self, frames: Tensor, stack: Optional[AdapterStack | Segments] = None, task_index: Optional[Tensor] = None
     ) -> Tensor:
         """frames [B, T, 3, H, W] (normalised) -> pooled features [B, d].
 
         ``stack`` holds the adapters (None = the plain image model, frame-mean);
-        ``task_index`` [B] picks each clip's task in a mixed stack.
+        ``task_index`` [B] picks each clip's task in a mixed stack. A :class:`Segments`
+        (clips sorted by task) runs each task's adapters over its own rows.
         """
         if frames.dim() != 5:
             raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
@@ -93,24 +94,30 @@ class VideoTrunk(nn.Module):
             raise ValueError(
                 f"frames {tuple(frames.shape)} do not fit the trunk: expected [B, T, 3, {self.image_size}, {self.image_size}]"
             )
+        if isinstance(stack, Segments) and (task_index is not None or stack.bounds[-1] != B):
+            raise ValueError(f"segments {stack.bounds} need no task_index and must cover the batch of {B} clips")
         x = self.embed(frames.reshape(B * T, C, H, W))
-        slots = stack.slots if stack is not None else {}
-        act = stack.activation if stack is not None else "none"
         for i, blk in enumerate(self.blocks):
-            s = slots.get((i, "pre_attn"))
-            if s is not None:
-                x = apply_adapter(x, T, self.grid, s, task_index, act)
+            x = self._adapt(x, T, stack, (i, "pre_attn"), task_index)
             x = x + blk.ls_1(blk.attention(q_x=blk.ln_1(x)))
-            s = slots.get((i, "pre_mlp"))
-            if s is not None:
-                x = apply_adapter(x, T, self.grid, s, task_index, act)
+            x = self._adapt(x, T, stack, (i, "pre_mlp"), task_index)
             x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
         cls_tok = x[:, 0].reshape(B, T, -1).mean(dim=1)  # [B, d]
         return self.visual.ln_post(cls_tok)
 
-    def forward(self, frames: Tensor, stack: AdapterStack, task_index: Optional[Tensor] = None) -> Tensor:
-        """frames [B, T, 3, H, W] -> logits [B, C] (one task) or [B, C_max] (mixed)."""
-        return stack.head(self.forward_features(frames, stack, task_index), task_index)
+    def _adapt(self, x: Tensor, T: int, stack: Optional[AdapterStack | Segments], key: SlotKey,
+               task_index: Optional[Tensor]) -> Tensor:
+        if stack is None:
+            return x
+        if isinstance(stack, Segments):
+            return stack.apply(key, x, T, self.grid)
+        s = stack.slots.get(key)
+        return x if s is None else apply_adapter(x, T, self.grid, s, task_index, stack.activation)
+
+    def forward(self, frames: Tensor, stack: AdapterStack | Segments, task_index: Optional[Tensor] = None) -> Tensor:
+        """frames [B, T, 3, H, W] -> logits [B, C] (one task) or [B, C_max] (mixed, zero-padded)."""
+        feats = self.forward_features(frames, stack, task_index)
+        return stack.head(feats) if isinstance(stack, Segments) else stack.head(feats, task_index)
 
 
 def _check_supported(visual: nn.Module) -> None:

@@ -52,6 +52,32 @@ def read_weights(path: str | os.PathLike) -> object:
         raise WeightsError(load_error_reason(e)) from e
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``os.umask`` alone must set one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read by setting, then restore at once
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
+                      metadata: Optional[Mapping[str, str]] = None) -> None:
+    """``safetensors.torch.save_file``, then the mode any new file of this process gets (0666 less the umask).
+
+    safetensors creates its files 0600 whatever the umask, so a trunk or bundle made by one user could not be
+    read by the container user that serves it.
+    """
+    from safetensors.torch import save_file
+
+    save_file(dict(tensors), str(path), metadata=dict(metadata) if metadata else None)
+    os.chmod(path, 0o666 & ~current_umask())
+
+
 def check_tensors(
     tensors: Mapping[str, Tensor],
     shapes: Optional[Mapping[str, tuple[int, ...]]] = None,

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.cache import DeviceCache
 from server.model import ModelRunner, resolve_dtype
 from server.registry import TaskRegistry
+from server.slots import AdapterSlots
 from stadapter import AdapterStack, load_bundle, load_trunk
 from training.synthetic import SyntheticConfig, generate
 from training.train import TrainConfig, train
@@ -28,7 +28,7 @@ def _runner_probs(repo, trunk_dir, device: torch.device, dtype: torch.dtype, vie
     trunk = load_trunk(trunk_dir, device=device, dtype=dtype)
     reg = TaskRegistry(repo, trunk)
     reg.sync()
-    runner = ModelRunner(trunk, DeviceCache(1 << 20, device, dtype))
+    runner = ModelRunner(trunk, AdapterSlots(1 << 20, device, dtype))
     return runner.forward([(reg.tasks["alpha"], views), (reg.tasks["beta"], views[:1])]).probs
 
 

@@ -282,22 +282,23 @@ def test_metrics_parse_and_counters_move(main, clips):
     assert d("stadapter_clips_total", task="alpha") == 1
     assert d("stadapter_decode_seconds_count") == 1 and d("stadapter_compute_seconds_count") == 1
     assert d("stadapter_request_seconds_count", method="Classify") == 2
-    assert d("stadapter_adapter_cache_hits_total") + d("stadapter_adapter_cache_misses_total") == 1
+    assert d("stadapter_adapter_hits_total") + d("stadapter_adapter_activations_total") == 1
     assert metric(after, "stadapter_tasks_loaded") == 2
     assert metric(after, "stadapter_task_bytes", task="alpha") > 0
     assert metric(after, "stadapter_queue_depth") == 0
-    assert metric(after, "stadapter_adapter_cache_bytes") > 0
+    assert metric(after, "stadapter_adapter_device_bytes") > 0
+    assert metric(after, "stadapter_adapter_slots", state="used") + metric(after, "stadapter_adapter_slots", state="free") == 1
     assert metric(after, "stadapter_device_memory_bytes", device="cpu", kind="resident") > 0
     for name in ("stadapter_queue_wait_seconds_count", "stadapter_batch_size_count"):
         assert d(name) == 1, name
-    # the device cache holds one task: alternating tasks miss and evict, repeating one hits
+    # the device budget holds one slot: alternating tasks activate and evict, repeating one hits
     before = scrape(main.metrics_url)
     for task in ("alpha", "beta", "alpha", "alpha"):
         main.stubs.classify(task, clips[0])
     after = scrape(main.metrics_url)
-    assert d("stadapter_adapter_cache_misses_total") >= 2 and d("stadapter_adapter_cache_evictions_total") >= 2
-    assert d("stadapter_adapter_cache_hits_total") >= 1
-    assert metric(after, "stadapter_adapter_cache_bytes") <= 12000
+    assert d("stadapter_adapter_activations_total") >= 2 and d("stadapter_adapter_evictions_total") >= 2
+    assert d("stadapter_adapter_hits_total") >= 1 and d("stadapter_adapter_activation_seconds_count") >= 2
+    assert metric(after, "stadapter_adapter_device_bytes") <= 12000
 
 
 # --- replicas and restart --------------------------------------------------------------------------

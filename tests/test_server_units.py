@@ -15,13 +15,12 @@ import torch
 from factories import make_bundle, make_trunk_dir
 from server.auth import Auth
 from server.batcher import Batcher
-from server.cache import DeviceCache
 from server.config import ServerConfig, parse_args
 from server.errors import BadRequest, Draining, QueueFull, TaskNotFound, Unauthenticated, status_for
-from server.model import ModelRunner, cache_key
+from server.model import ModelRunner
 from server.pipeline import Pipeline
 from server.registry import TaskRegistry
-from stadapter import load_bundle
+from server.slots import AdapterSlots
 from stadapter.bundle import BundleError
 from stadapter.config import ConfigError
 from stadapter.video import VideoError, VideoOutOfMemory
@@ -122,41 +121,11 @@ def test_sync_picks_up_another_replicas_changes(repo, tiny_trunk, tmp_path):
     assert sorted(b.tasks) == ["alpha", "gamma"]
 
 
-def _stack(trunk, tmp_path, name, seed):
-    return load_bundle(make_bundle(trunk, tmp_path / name, name=name, seed=seed), trunk).stack(trunk.num_blocks)
-
-
-def test_device_cache_lru_evicts_and_reloads(tiny_trunk, tmp_path):
-    stacks = {n: _stack(tiny_trunk, tmp_path, n, i) for i, n in enumerate("abc")}
-    one = stacks["a"].nbytes
-    events = []
-    cache = DeviceCache(2 * one, torch.device("cpu"), torch.float32, on_event=lambda e, b: events.append(e))
-    for n in "ab":
-        cache.get_many([((n,), stacks[n])])
-    cache.get_many([(("a",), stacks["a"])])  # a is now most recent
-    cache.get_many([(("c",), stacks["c"])])  # evicts b
-    assert cache.keys() == [("a",), ("c",)] and cache.evictions == 1
-    cache.get_many([(("b",), stacks["b"])])
-    assert (cache.hits, cache.misses, cache.evictions) == (1, 4, 2)
-    assert cache.bytes <= 2 * one
-    # a batch needing more than the budget still gets all its stacks
-    out = cache.get_many([((n,), stacks[n]) for n in "abc"])
-    assert len(out) == 3
-    assert events.count("eviction") == cache.evictions
-
-
-def test_device_cache_converts_dtype(tiny_trunk, tmp_path):
-    s = _stack(tiny_trunk, tmp_path, "a", 0)
-    cache = DeviceCache(1 << 20, torch.device("cpu"), torch.bfloat16)
-    (dev,) = cache.get_many([(("a",), s)])
-    assert dev.head_w.dtype == torch.bfloat16 and cache.bytes == s.nbytes // 2
-
-
 def test_batcher_mixes_tasks_groups_by_frames_and_matches_single_runs(repo, tiny_trunk):
     reg = TaskRegistry(repo, tiny_trunk)
     reg.sync()
     alpha, beta = reg.tasks["alpha"], reg.tasks["beta"]
-    runner = ModelRunner(tiny_trunk, DeviceCache(1 << 20, torch.device("cpu"), torch.float32))
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, torch.device("cpu"), torch.float32))
     g = torch.Generator().manual_seed(0)
     clips = [(alpha, torch.randn(1, 4, 3, 32, 32, generator=g)), (beta, torch.randn(2, 4, 3, 32, 32, generator=g)),
              (alpha, torch.randn(1, 4, 3, 32, 32, generator=g)), (beta, torch.randn(1, 2, 3, 32, 32, generator=g))]
@@ -183,7 +152,7 @@ def test_batcher_splits_at_max_rows_and_drops_expired(repo, tiny_trunk):
     reg = TaskRegistry(repo, tiny_trunk)
     reg.sync()
     alpha = reg.tasks["alpha"]
-    runner = ModelRunner(tiny_trunk, DeviceCache(1 << 20, torch.device("cpu"), torch.float32))
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, torch.device("cpu"), torch.float32))
     v = torch.zeros(1, 4, 3, 32, 32)
 
     async def go():
@@ -197,7 +166,6 @@ def test_batcher_splits_at_max_rows_and_drops_expired(repo, tiny_trunk):
     res = asyncio.run(go())
     assert sorted(r.batch_clips for r in res[:5]) == [1, 2, 2, 2, 2]
     assert type(res[5]).__name__ == "DeadlineExpired"
-    assert cache_key(alpha) == cache_key(alpha)
 
 
 class _Ctx:
@@ -262,10 +230,10 @@ def test_warmup_runs_each_served_shape_once_per_path(repo, tiny_trunk):
                 sampling=SamplingConfig(num_frames=2, input_size=32))
     reg = TaskRegistry(repo, tiny_trunk)
     reg.sync()
-    cache = DeviceCache(1 << 20, torch.device("cpu"), torch.float32)
-    runner = ModelRunner(tiny_trunk, cache)
+    slots = AdapterSlots(1 << 20, torch.device("cpu"), torch.float32)
+    runner = ModelRunner(tiny_trunk, slots)
     assert runner.warmup(list(reg.tasks.values())) == 3
-    assert cache.misses == 3 and cache.bytes > 0  # all three tasks' adapters are now resident
+    assert slots.activations == 3 and slots.used == 3 and slots.bytes > 0  # all three tasks are now in slots
     assert runner.warmup([]) == 0
 
 
@@ -296,7 +264,7 @@ def test_runner_in_bfloat16_agrees_with_float32(repo, tiny_trunk_dir):
         trunk = load_trunk(tiny_trunk_dir, dtype=dtype)
         reg = TaskRegistry(repo, trunk)
         reg.sync()
-        runner = ModelRunner(trunk, DeviceCache(1 << 20, torch.device("cpu"), dtype))
+        runner = ModelRunner(trunk, AdapterSlots(1 << 20, torch.device("cpu"), dtype))
         res = runner.forward([(reg.tasks["alpha"], views), (reg.tasks["beta"], views[:1])])
         out[dtype] = res.probs
     for a, b in zip(out[torch.float32], out[torch.bfloat16]):
