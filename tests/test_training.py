@@ -347,3 +347,17 @@ def test_the_checkpoint_is_fsynced_before_it_replaces_the_last_one(tiny_trunk_di
     run = tmp_path / "run"
     assert sum(Path(p).name.startswith(".tmp-checkpoint.pt-") for p in synced) == 2  # once per epoch
     assert str(run) in synced and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "curve.png", "metrics.json"]
+
+
+def test_the_loss_is_read_back_only_when_logged(tiny_trunk_dir, motion_data, tmp_path, monkeypatch):
+    """Each ``loss.item()`` waits for the device; without a progress bar no step reads its loss back."""
+    reads, real = [], torch.nn.functional.cross_entropy
+
+    def counted(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        loss.item = lambda: (reads.append(1), torch.Tensor.item(loss))[1]
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", counted)
+    metrics = train(_cfg(tiny_trunk_dir, motion_data, tmp_path, epochs=1, batch_size=2, progress=False))
+    assert metrics["steps"] == 8 and reads == [] and metrics["history"][0]["train_loss"] > 0
