@@ -4,6 +4,7 @@
                            [--frames 8] [--mode uniform] [--content texture pan] [--out bench_decode.json]
                            [--libraries [--lib-sizes 320x240 1280x720] [--lib-gops 30 60] [--lib-repeats 7]
                             [--lib-modes uniform stride] [--lib-content pan] [--skip-naive]]
+                           [--fast-seek [--fast-content pan texture]]
 
 Encodes (in a temp dir) h264 mp4 clips with the given length, rate, size and
 keyframe interval, one per ``--content``, then times, in memory (the clip as
@@ -51,6 +52,14 @@ and 60; ``--seconds`` / ``--fps``, content ``--lib-content``), each sampled with
 checked against stadapter's: ``max |diff|`` 0 means pixel-identical. A library that
 is not installed gets a row saying so (``pip install .[bench]``), one that fails the
 error it raised.
+
+The fast sampling mode (``--fast-seek``)
+----------------------------------------
+With ``--fast-seek`` the bench also times, on clips of every ``--lib-sizes`` x ``--lib-gops`` and
+each ``--fast-content``, ``decode_clip`` exact vs ``seek="keyframe"`` (each sample moved to the
+cheapest frame of its segment, see ``stadapter.video.sampling``) and the floor (only the keyframes
+the moved frames hang from), through :func:`bench.fast_seek.run_clips`; ``python -m bench.fast_seek``
+runs the same rows alone and adds top-1 on the demo tasks in both modes.
 """
 
 from __future__ import annotations
@@ -300,7 +309,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lib-content", choices=("texture", "pan"), default="pan")
     ap.add_argument("--lib-repeats", type=int, default=7, help="runs per row; the median is reported")
     ap.add_argument("--lib-progress", action="store_true", help="print each clip's rows as they are done")
-    ap.add_argument("--skip-naive", action="store_true", help="only the --libraries comparison")
+    ap.add_argument("--skip-naive", action="store_true", help="only the --libraries / --fast-seek comparisons")
+    ap.add_argument("--fast-seek", action="store_true", help="also time the keyframe sampling mode (see the docstring)")
+    ap.add_argument("--fast-content", nargs="+", choices=("texture", "pan"), default=["pan", "texture"])
     args = ap.parse_args(argv)
     w, h = (int(v) for v in args.size.lower().split("x"))
     cfg = SamplingConfig(num_frames=args.frames, mode=args.mode)
@@ -328,6 +339,13 @@ def main(argv: list[str] | None = None) -> dict:
         result["libraries"] = {"repeats": args.lib_repeats, "seconds": args.seconds, "fps": args.fps,
                                "threads": 1, "versions": _versions(), "clips": run_libraries(args, cfg.num_frames)}
         print_library_table(result["libraries"]["clips"], args.lib_repeats)
+    if args.fast_seek:
+        from bench.fast_seek import run_clips
+
+        print(f"\nfast sampling mode: decode_clip exact vs seek='keyframe', median of {args.lib_repeats}", file=sys.stderr)
+        result["fast_seek"] = run_clips(argparse.Namespace(
+            seconds=args.seconds, fps=args.fps, sizes=args.lib_sizes, gops=args.lib_gops, content=args.fast_content,
+            repeats=args.lib_repeats))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

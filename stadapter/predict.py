@@ -36,13 +36,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--temporal-views", type=int, help="override the task's temporal views")
     p.add_argument("--spatial-views", type=int, choices=(1, 3), help="override the task's spatial views")
+    p.add_argument("--seek", choices=("exact", "keyframe"),
+                   help="override the task's seek: keyframe = the fast sampling mode (each sample moves to the "
+                        "cheapest frame of its segment)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", action="store_true", help="one JSON object per clip on stdout")
     args = p.parse_args(argv)
     if args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
     overrides = {
-        k: v for k, v in (("temporal_views", args.temporal_views), ("spatial_views", args.spatial_views)) if v is not None
+        k: v for k, v in (("temporal_views", args.temporal_views), ("spatial_views", args.spatial_views),
+                          ("seek", args.seek)) if v is not None
     }
     try:
         clf = load_classifier(args.trunk, args.task, device=args.device)

@@ -322,3 +322,39 @@ def test_autorotate_override_over_grpc_changes_what_the_model_sees(demo_server):
         ref = c.classify(plain, "motion", top_k=4)
         assert [(p.label, round(p.score, 4)) for p in off.predictions] == [(p.label, round(p.score, 4)) for p in ref.predictions]
         assert c.classify(shown, "motion", sampling={"autorotate": True}).predictions[0].label == "right"
+
+
+def test_the_fast_seek_bench_runs_on_a_tiny_clip():
+    """bench/fast_seek.py: its rows check the fast mode against exact decoding of the moved frames."""
+    from bench.fast_seek import bench_clip, eval_set, evaluate, floor_views
+
+    clip = make_clip(num_frames=90, gop=30)
+    r = bench_clip(clip, SamplingConfig(num_frames=8, input_size=32), repeats=1)
+    assert r["max_abs_diff_vs_exact_decoding_of_moved"] == 0 and r["keyframes"] == [0, 30, 60]
+    assert r["keyframe_indices"] == [0, 11, 30, 33, 45, 60, 67, 78] and r["speedup_cpu"] > 0
+    assert floor_views(clip, [r["keyframe_indices"]]) == [[0, 0, 30, 30, 30, 60, 60, 60]]
+    if (REPO / "model_repository/trunk").is_dir():
+        from stadapter.api import load_classifier
+
+        clf = load_classifier(REPO / "model_repository/trunk", REPO / "model_repository/tasks/motion/1")
+        e = evaluate(clf, eval_set("motion", 4, 16, 60, seed=1000))
+        assert e["clips"] == 4 and e["moved_share"] == 1.0 and 0 <= e["top1_keyframe"] <= 1
+
+
+def test_offline_predict_takes_seek(capsys):
+    if not (REPO / "model_repository/trunk").is_dir():
+        pytest.skip("no committed demo model_repository")
+    import json
+
+    from stadapter.api import load_classifier
+    from stadapter.predict import main, predict_clip
+
+    trunk, task = REPO / "model_repository/trunk", REPO / "model_repository/tasks/motion/1"
+    clip = REPO / "samples/motion/left.mp4"
+    assert main(["--trunk", str(trunk), "--task", str(task), str(clip), "--seek", "keyframe", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["top"]
+    want = predict_clip(load_classifier(trunk, task), clip, 5, seek="keyframe")
+    assert [t["label"] for t in got] == [t["label"] for t in want]
+    assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(got, want))
+    with pytest.raises(SystemExit):
+        main(["--trunk", str(trunk), "--task", str(task), str(clip), "--seek", "fast"])

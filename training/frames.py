@@ -35,5 +35,6 @@ def read_all(path: Path, autorotate: bool = True) -> np.ndarray:
 
 
 def eval_views(path: Path, sampling: SamplingConfig) -> Tensor:
-    """[V, T, 3, S, S] normalised test views, exactly as the server decodes them."""
+    """[V, T, 3, S, S] normalised test views, exactly as the server decodes them (``sampling.seek`` included:
+    a task set to the fast ``keyframe`` mode is validated on the frames it will be served)."""
     return sv.decode_clip(path, sampling)
