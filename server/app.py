@@ -17,7 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from stadapter.bundle import BundleLimits
 from stadapter.factory import load_trunk
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
@@ -79,12 +78,12 @@ class Server:
                 metrics.task_version.labels(tv.name).set(tv.version)
             metrics.tasks_loaded.set(len(registry.tasks))
 
-        limits = BundleLimits(max_tensor_bytes=cfg.max_bundle_bytes)
-        registry = TaskRegistry(cfg.model_repository, trunk, limits, cfg.keep_versions, on_change)
+        limits = cfg.limits  # the one limits object (services, pipeline, batcher, decoder, registry)
+        registry = TaskRegistry(cfg.model_repository, trunk, limits.bundle, cfg.keep_versions, on_change)
         registry.sync()
         metrics.tasks_loaded.set(len(registry.tasks))
 
-        batcher = Batcher(ModelRunner(trunk, slots), cfg.max_batch_size, cfg.max_queue_delay_ms / 1e3, metrics)
+        batcher = Batcher(ModelRunner(trunk, slots), limits, cfg.max_queue_delay_ms / 1e3, metrics)
         if cfg.warmup and registry.tasks:
             t0 = time.monotonic()
             runs = await batcher.warmup(list(registry.tasks.values()))
@@ -95,19 +94,15 @@ class Server:
             await decoder.start()  # eagerly: the first request does not pay for the imports
         else:
             decoder = ThreadDecoder(cfg.decode_workers)
-        pipeline = Pipeline(registry, batcher, metrics, cfg.max_queue_size, cfg.decode_workers, cfg.default_top_k,
-                            cfg.max_clip_bytes, max_inflight_bytes=cfg.max_inflight_clip_bytes, decoder=decoder,
-                            decode_timeout_s=cfg.decode_timeout_s)
-        metrics.queue_depth.set_function(lambda: pipeline.pending)
-        metrics.clip_bytes_in_flight.set_function(lambda: pipeline.held_bytes)
+        pipeline = Pipeline(registry, batcher, metrics, limits, decoder, cfg.default_top_k)
 
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         gs = grpc.aio.server(options=options)
         pb_grpc.add_VideoClassifierServicer_to_server(
-            VideoClassifierService(pipeline, registry, metrics, auth, max_clip_bytes=cfg.max_clip_bytes), gs)
-        pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(pipeline, registry, metrics, auth, limits=limits), gs)
+            VideoClassifierService(pipeline, registry, metrics, auth), gs)
+        pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(pipeline, registry, metrics, auth), gs)
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, gs)
         for name in ("", *SERVICE_NAMES):

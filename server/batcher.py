@@ -21,7 +21,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from .errors import BadRequest, DeadlineExpired, Draining
+from .errors import DeadlineExpired, Draining
+from .limits import ServerLimits
 from .metrics import Metrics
 from .model import ModelRunner
 from .registry import TaskVersion
@@ -55,9 +56,11 @@ class ClipResult:
 
 
 class Batcher:
-    def __init__(self, runner: ModelRunner, max_batch_rows: int, max_delay_s: float, metrics: Optional[Metrics] = None):
+    def __init__(self, runner: ModelRunner, limits: ServerLimits, max_delay_s: float,
+                 metrics: Optional[Metrics] = None):
+        """``limits.max_batch_rows`` closes a batch (and bounds one request's rows)."""
         self.runner = runner
-        self.max_rows = max_batch_rows
+        self.limits = limits
         self.max_delay = max_delay_s
         self.metrics = metrics
         self._groups: dict[tuple, deque[WorkItem]] = {}
@@ -74,23 +77,21 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     @property
+    def max_rows(self) -> int:
+        return self.limits.max_batch_rows
+
+    @property
     def queued(self) -> int:
         return sum(len(q) for q in self._groups.values())
 
     async def submit(self, tv: TaskVersion, views: Tensor, deadline: Optional[float]) -> ClipResult:
         if self._closed:
             raise Draining("server is shutting down")
-        self.check_rows(views.shape[0])
+        self.limits.check_rows(int(views.shape[0]))
         item = WorkItem(tv, views, deadline, asyncio.get_running_loop().create_future())
         self._groups.setdefault(item.group, deque()).append(item)
         self._wake.set()
         return await item.future
-
-    def check_rows(self, rows: int) -> None:
-        """One request's rows (its views) must fit one forward: ``max_batch_rows`` bounds every forward."""
-        if rows > self.max_rows:
-            raise BadRequest(f"the request needs {rows} rows (views) in one forward pass, above the server's "
-                             f"--max-batch-size of {self.max_rows}; ask for fewer temporal or spatial views")
 
     def _take_batch(self, key: tuple) -> list[WorkItem]:
         q = self._groups[key]

@@ -54,7 +54,7 @@ HANG_MAGIC = b"STADAPTER-TEST-HANG"
 class Decoder(Protocol):
     """What the pipeline needs from a decoding backend."""
 
-    async def decode(self, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+    async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]: ...
 
     def close(self) -> None: ...
@@ -66,7 +66,7 @@ class ThreadDecoder:
     def __init__(self, workers: int):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
 
-    async def decode(self, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+    async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, _decode_timed, clip, sampling, limits)
 
@@ -74,7 +74,7 @@ class ThreadDecoder:
         self.pool.shutdown(wait=False, cancel_futures=True)  # a stuck thread cannot be stopped; do not wait for it
 
 
-def _decode_timed(clip: bytes, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
+def _decode_timed(clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
     """The time is the decode alone, not the wait for a free worker."""
     t0 = time.perf_counter()
     views = decode_clip(clip, sampling, limits)  # [V, T, 3, S, S]
@@ -219,7 +219,7 @@ class ProcessDecodePool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def decode(self, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+    async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]:
         """Decode ``clip`` in a worker: ``(views [V,T,3,S,S] float32, decode seconds)``.
 

@@ -1,34 +1,35 @@
 """One classification from bytes to top-k: admit, decode (worker processes, see decode_pool), batch, answer.
 
-Admission happens before any work: a draining server answers UNAVAILABLE, a
-full queue (``max_queue_size`` requests admitted and not yet computed)
-RESOURCE_EXHAUSTED, an unknown task NOT_FOUND. The task version is captured
-at admission and the request runs on it to the end.
+Admission happens before any work, through the request's :class:`~server.admission.Ticket`:
+a draining server answers UNAVAILABLE, a full queue (``--max-queue-size`` requests
+admitted and not yet computed) RESOURCE_EXHAUSTED, an unknown task NOT_FOUND. The
+task version is captured at admission and the request runs on it to the end.
 
-Encoded clip bytes are a second budget (``max_inflight_bytes``): the services
-hold a clip's bytes from the moment they arrive (chunk by chunk for a stream)
-until the request ends, so many large uploads at once get RESOURCE_EXHAUSTED
-instead of exhausting memory.
+Encoded clip bytes are a second budget (``--max-inflight-clip-bytes``): the services
+hold a clip's bytes on the ticket from the moment they arrive (as a stream's buffer
+grows) until the request ends, so many large uploads at once get RESOURCE_EXHAUSTED
+instead of exhausting memory. Every bound comes from one :class:`ServerLimits`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
+
+from prometheus_client import Gauge
 
 from stadapter.config import ConfigError, SamplingConfig
-from stadapter.video import VideoLimits
 
+from .admission import Admission, Ticket
 from .batcher import Batcher
 from .decode_pool import Decoder, ThreadDecoder
-from .errors import BadRequest, DeadlineExpired, Draining, QueueFull
+from .errors import BadRequest, DeadlineExpired
+from .limits import ServerLimits
 from .metrics import Metrics
 from .registry import TaskRegistry, TaskVersion
 
-MAX_TOP_K = 1000
+ClipBytes = Union[bytes, bytearray]  # a stream's clip is the buffer it was received into (no joined copy)
 
 
 @dataclass(frozen=True)
@@ -43,109 +44,85 @@ class Classification:
 
 
 class Pipeline:
-    def __init__(self, registry: TaskRegistry, batcher: Batcher, metrics: Metrics, max_queue_size: int,
-                 decode_workers: int, default_top_k: int = 5, max_clip_bytes: int = 1 << 28,
-                 video_limits: Optional[VideoLimits] = None, max_inflight_bytes: int = 1 << 30,
-                 decoder: Optional[Decoder] = None, decode_timeout_s: float = 30.0):
-        """``decoder``: the decoding backend (default: ``decode_workers`` threads in this process)."""
+    """Classification on top of the shared :class:`Admission` counters and :class:`ServerLimits`.
+
+    ``decoder``: the decoding backend (default: ``decode_workers`` threads in this process).
+    """
+
+    def __init__(self, registry: TaskRegistry, batcher: Batcher, metrics: Optional[Metrics], limits: ServerLimits,
+                 decoder: Optional[Decoder] = None, default_top_k: int = 5, decode_workers: int = 2):
         self.registry = registry
         self.batcher = batcher
         self.metrics = metrics
-        self.max_queue_size = max_queue_size
+        self.limits = limits
         self.default_top_k = default_top_k
-        self.max_clip_bytes = max_clip_bytes
-        self.video_limits = video_limits or VideoLimits(max_bytes=max_clip_bytes)
         self.decoder: Decoder = decoder if decoder is not None else ThreadDecoder(decode_workers)
-        self.decode_timeout_s = decode_timeout_s
-        self.max_inflight_bytes = max_inflight_bytes
-        self.held_bytes = 0  # encoded clip bytes held by requests in progress
-        self.pending = 0  # admitted, not yet computed
-        self.inflight = 0  # every RPC in progress (for draining)
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.draining = False
+        self.admission = Admission(registry, limits)
+        if metrics is not None:
+            a = self.admission
+            metrics.queue_depth.set_function(lambda: a.pending)
+            metrics.clip_bytes_in_flight.set_function(lambda: a.held_bytes)
+            # here, not in Metrics: the gauge is the admission's, registered in the server's own registry
+            Gauge("stadapter_requests_in_flight", "RPCs in progress (drain waits for 0)",
+                  registry=metrics.registry).set_function(lambda: a.inflight)
 
-    # --- RPC bookkeeping used by the services (drain waits for inflight == 0) ---
+    # --- what drain and the metrics read ---
 
-    def enter(self) -> None:
-        if self.draining:
-            raise Draining("server is draining (shutting down); retry on another replica")
-        self.inflight += 1
-        self._idle.clear()
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
 
-    def leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self._idle.set()
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.admission.draining = value
 
-    def check_clip_size(self, n: int) -> None:
-        if not n:
-            raise BadRequest("the clip is empty (0 bytes)")
-        if n > self.max_clip_bytes:
-            raise BadRequest(f"the clip is {n} bytes, above the limit of {self.max_clip_bytes}")
+    @property
+    def inflight(self) -> int:
+        return self.admission.inflight
 
-    def hold_bytes(self, n: int) -> None:
-        """Count ``n`` more clip bytes against the budget, or refuse them (nothing is held then)."""
-        if n > self.max_inflight_bytes:
-            raise BadRequest(f"one request carries {n} bytes of clips, above the server's limit of "
-                             f"{self.max_inflight_bytes} bytes in flight; send fewer or smaller clips per call")
-        if self.held_bytes + n > self.max_inflight_bytes:
-            raise QueueFull(f"clips in flight already hold {self.held_bytes} bytes; {n} more would pass the limit "
-                            f"of {self.max_inflight_bytes}; retry later")
-        self.held_bytes += n
+    @property
+    def pending(self) -> int:
+        return self.admission.pending
 
-    def free_bytes(self, n: int) -> None:
-        self.held_bytes -= n
-
-    @contextmanager
-    def holding(self, n: int) -> Iterator[None]:
-        """Hold ``n`` clip bytes for the duration of the block (see :meth:`hold_bytes`)."""
-        self.hold_bytes(n)
-        try:
-            yield
-        finally:
-            self.free_bytes(n)
+    @property
+    def held_bytes(self) -> int:
+        return self.admission.held_bytes
 
     async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        return await self.admission.wait_idle(timeout)
 
     # --- classification ---
 
-    async def classify(self, task: str, clip: bytes, top_k: int = 0, overrides: Optional[Mapping[str, Any]] = None,
+    async def classify(self, ticket: Ticket, task: str, clip: ClipBytes, top_k: int = 0,
+                       overrides: Optional[Mapping[str, Any]] = None,
                        deadline: Optional[float] = None) -> Classification:
+        """Classify ``clip`` for ``task``; the queue slot and task version are the ticket's (given back when
+        the clip is computed, or when the request ends, whichever comes first)."""
         t0 = time.monotonic()
-        if self.draining:
-            raise Draining("server is draining (shutting down); retry on another replica")
-        if not task:
-            raise BadRequest("the request names no task")
-        if self.pending >= self.max_queue_size:
-            raise QueueFull(f"queue is full ({self.max_queue_size} requests waiting); retry later")
-        tv = self.registry.acquire(task)
-        self.pending += 1
+        slot = ticket.take_slot(task)
+        tv = slot.tv
         try:
             k = top_k or self.default_top_k
-            if k > MAX_TOP_K:
-                raise BadRequest(f"top_k={top_k} is above the limit of {MAX_TOP_K}")
+            self.limits.check_top_k(k)
+            self.limits.check_overrides(overrides)
             sampling = _apply_overrides(tv.spec.sampling, overrides)
-            self.batcher.check_rows(sampling.num_views)  # before any decoding
-            self.check_clip_size(len(clip))
+            self.limits.check_rows(sampling.num_views)  # before any decoding
+            self.limits.check_clip_size(len(clip))
             _check_deadline(deadline, "before decode")
-            views, decode_s = await self.decoder.decode(clip, sampling, self.video_limits, self.decode_timeout_s,
-                                                        deadline)
-            self.metrics.decode_seconds.observe(decode_s)
+            views, decode_s = await self.decoder.decode(clip, sampling, self.limits.video,
+                                                        self.limits.decode_timeout_s, deadline)
+            del clip  # the caller may still hold it; this frame does not
+            if self.metrics is not None:
+                self.metrics.decode_seconds.observe(decode_s)
             _check_deadline(deadline, "after decode")
             res = await self.batcher.submit(tv, views, deadline)
             values, idx = res.probs.topk(min(k, tv.spec.num_classes))
-            self.metrics.clips.labels(tv.name).inc()
+            if self.metrics is not None:
+                self.metrics.clips.labels(tv.name).inc()
             return Classification(tv, list(zip(idx.tolist(), values.tolist())), decode_s, res.queue_s, res.compute_s,
                                   time.monotonic() - t0, res.batch_clips)
         finally:
-            self.pending -= 1
-            tv.release()
+            slot.release()
 
     def close(self) -> None:
         """Stop the decoders without waiting for a stuck decode."""

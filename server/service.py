@@ -12,45 +12,48 @@ import contextvars
 import functools
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 import grpc
 
-from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleLimits
+from stadapter.bundle import ADAPTER_FILE, TASK_FILE
 from stadapter.config import brief
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.wire import SAMPLING_OVERRIDE_FIELDS
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .auth import Auth
-from .errors import BadRequest, TaskNotFound, status_for
+from .admission import Ticket
+from .errors import BadRequest, StreamIdle, TaskNotFound, status_for
+from .limits import ServerLimits
 from .metrics import Metrics
-from .pipeline import Classification, Pipeline
+from .pipeline import Classification, ClipBytes, Pipeline
 from .registry import UPLOAD_FILES, TaskRegistry, TaskVersion
 
 log = logging.getLogger("server.service")
 
 _task_label: contextvars.ContextVar[str] = contextvars.ContextVar("task_label", default="")
 OVERRIDE_FIELDS = SAMPLING_OVERRIDE_FIELDS
+T = TypeVar("T")
 
 
 def rpc(method: str, kind: str):
-    """Wrap a servicer method: auth (``kind`` = admin | classify | public), metrics, error mapping."""
+    """Wrap a servicer method: auth (``kind`` = admin | classify | public), the request's ticket, metrics,
+    error mapping. The method gets the :class:`~server.admission.Ticket` as a third argument; everything it
+    holds is given back when the ``async with`` ends, before the status is counted or sent."""
 
     def deco(fn):
         @functools.wraps(fn)
         async def wrapper(self, request, context: grpc.aio.ServicerContext):
             _task_label.set("")
             t0 = time.monotonic()
-            entered = False
 
             def record(code: grpc.StatusCode) -> None:
-                if entered:
-                    self.pipeline.leave()
                 self.metrics.requests.labels(method, self._task_metric_label(_task_label.get()), code.name).inc()
                 if kind == "classify" and method != "BatchClassify":
                     self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
@@ -60,9 +63,8 @@ def rpc(method: str, kind: str):
                     self.auth.check_admin(context)
                 elif kind == "classify":
                     self.auth.check_classify(context)
-                self.pipeline.enter()
-                entered = True
-                response = await fn(self, request, context)
+                async with self.pipeline.admission.request() as ticket:
+                    response = await fn(self, request, context, ticket)
             except asyncio.CancelledError:
                 left = context.time_remaining()
                 record(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED)
@@ -77,6 +79,21 @@ def rpc(method: str, kind: str):
         return wrapper
 
     return deco
+
+
+async def idle_bounded(iterator: AsyncIterator[T], idle_s: float, held: Callable[[], int]) -> AsyncIterator[T]:
+    """``iterator``'s messages; a gap of more than ``idle_s`` seconds ends the call with :class:`StreamIdle`
+    (``held()``: the bytes received so far, for the message; the caller's ticket frees them)."""
+    it = iterator.__aiter__()
+    while True:
+        try:
+            item = await asyncio.wait_for(it.__anext__(), idle_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise StreamIdle(f"the stream sent nothing for {idle_s:g} s (--stream-idle-timeout-s) after "
+                             f"{held()} bytes; it was ended and its bytes freed") from None
+        yield item
 
 
 def _overrides(msg: pb.SamplingOverrides) -> dict[str, Any]:
@@ -116,6 +133,10 @@ class _Base:
         self.metrics = metrics
         self.auth = auth
 
+    @property
+    def limits(self) -> ServerLimits:
+        return self.pipeline.limits
+
     def _task_metric_label(self, name: str) -> str:
         # Only served task names become label values: clients cannot blow up the series count.
         if not name:
@@ -124,53 +145,53 @@ class _Base:
 
 
 class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
-    def __init__(self, *args, max_clip_bytes: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.max_clip_bytes = max_clip_bytes
-
-    async def _classify(self, req: pb.ClassifyRequest, deadline: Optional[float]) -> pb.ClassifyResponse:
-        c = await self.pipeline.classify(req.task, req.clip, req.top_k, _overrides(req.sampling), deadline)
-        return _response(c, req.request_id or uuid.uuid4().hex)
+    async def _classify(self, ticket: Ticket, task: str, clip: ClipBytes, top_k: int, sampling: pb.SamplingOverrides,
+                        request_id: str, deadline: Optional[float]) -> pb.ClassifyResponse:
+        c = await self.pipeline.classify(ticket, task, clip, top_k, _overrides(sampling), deadline)
+        return _response(c, request_id or uuid.uuid4().hex)
 
     @rpc("Classify", "classify")
-    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+    async def Classify(self, request: pb.ClassifyRequest, context, ticket: Ticket) -> pb.ClassifyResponse:
         _task_label.set(request.task)
-        n = len(request.clip)
-        if n > self.max_clip_bytes:
-            self.pipeline.check_clip_size(n)  # too big is INVALID_ARGUMENT, whatever the budget
-        with self.pipeline.holding(n):
-            return await self._classify(request, _deadline(context))
+        clip = request.clip  # a copy out of the message (protobuf): taken once
+        if len(clip) > self.limits.max_clip_bytes:
+            self.limits.check_clip_size(len(clip))  # too big is INVALID_ARGUMENT, whatever the budget
+        ticket.hold(len(clip))
+        return await self._classify(ticket, request.task, clip, request.top_k, request.sampling, request.request_id,
+                                    _deadline(context))
 
     @rpc("ClassifyStream", "classify")
-    async def ClassifyStream(self, request_iterator, context) -> pb.ClassifyResponse:
+    async def ClassifyStream(self, request_iterator, context, ticket: Ticket) -> pb.ClassifyResponse:
+        """Chunks are appended to one buffer as they arrive (no list of chunks, no joined copy); the ticket
+        holds the buffer's length against the budget, and the buffer is what the decoder gets."""
         first: Optional[pb.ClassifyChunk] = None
-        parts, size = [], 0
-        try:
-            async for chunk in request_iterator:
-                if first is None:
-                    first = chunk
-                    _task_label.set(chunk.task)
-                if size + len(chunk.data) > self.max_clip_bytes:
-                    raise BadRequest(f"the streamed clip exceeds the limit of {self.max_clip_bytes} bytes")
-                self.pipeline.hold_bytes(len(chunk.data))
-                size += len(chunk.data)
-                parts.append(chunk.data)
+        buf = bytearray()
+        limit = self.limits.max_clip_bytes
+        async for chunk in idle_bounded(request_iterator, self.limits.stream_idle_timeout_s, lambda: len(buf)):
             if first is None:
-                raise BadRequest("the stream carried no chunks")
-            clip, parts = b"".join(parts), None
-            req = pb.ClassifyRequest(task=first.task, clip=clip, top_k=first.top_k,
-                                     sampling=first.sampling, request_id=first.request_id)
-            return await self._classify(req, _deadline(context))
-        finally:
-            self.pipeline.free_bytes(size)
+                first = chunk
+                _task_label.set(chunk.task)
+            data = chunk.data  # a copy out of the message: taken once
+            if len(buf) + len(data) > limit:
+                raise BadRequest(f"the streamed clip exceeds the server's --max-clip-bytes of {limit} bytes")
+            ticket.hold(len(data))
+            buf += data
+            del data
+        if first is None:
+            raise BadRequest("the stream carried no chunks")
+        return await self._classify(ticket, first.task, buf, first.top_k, first.sampling, first.request_id,
+                                    _deadline(context))
 
     @rpc("BatchClassify", "classify")
-    async def BatchClassify(self, request: pb.BatchClassifyRequest, context) -> pb.BatchClassifyResponse:
+    async def BatchClassify(self, request: pb.BatchClassifyRequest, context,
+                            ticket: Ticket) -> pb.BatchClassifyResponse:
         deadline = _deadline(context)
+        ticket.hold(sum(len(r.clip) for r in request.requests))
 
         async def one(req: pb.ClassifyRequest) -> pb.BatchClassifyResult:
             try:
-                resp = await self._classify(req, deadline)
+                resp = await self._classify(ticket, req.task, req.clip, req.top_k, req.sampling, req.request_id,
+                                            deadline)
                 self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), "OK").inc()
                 return pb.BatchClassifyResult(response=resp)
             except Exception as e:  # noqa: BLE001 - each item gets its own status
@@ -178,36 +199,31 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
                 self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), code.name).inc()
                 return pb.BatchClassifyResult(error=pb.ItemError(code=code.value[0], message=message))
 
-        with self.pipeline.holding(sum(len(r.clip) for r in request.requests)):
-            results = await asyncio.gather(*(one(r) for r in request.requests))
+        results = await asyncio.gather(*(one(r) for r in request.requests))
         return pb.BatchClassifyResponse(results=results)
 
     @rpc("ListTasks", "classify")
-    async def ListTasks(self, request, context) -> pb.ListTasksResponse:
+    async def ListTasks(self, request, context, ticket: Ticket) -> pb.ListTasksResponse:
         trunk = self.registry.trunk
         tasks = [task_info(tv) for _, tv in sorted(self.registry.tasks.items())]
         model = trunk.spec.model if getattr(trunk, "spec", None) is not None else ""
         return pb.ListTasksResponse(tasks=tasks, trunk_model=model, trunk_fingerprint=trunk.fingerprint)
 
     @rpc("DescribeTask", "classify")
-    async def DescribeTask(self, request: pb.DescribeTaskRequest, context) -> pb.TaskInfo:
+    async def DescribeTask(self, request: pb.DescribeTaskRequest, context, ticket: Ticket) -> pb.TaskInfo:
         _task_label.set(request.task)
         return task_info(self.registry.get(request.task))
 
 
 class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
-    def __init__(self, *args, limits: BundleLimits, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.limits = limits
-
     @rpc("RegisterTask", "admin")
-    async def RegisterTask(self, request_iterator, context) -> pb.RegisterTaskResponse:
+    async def RegisterTask(self, request_iterator, context, ticket: Ticket) -> pb.RegisterTaskResponse:
         upload = self.registry.upload_path()
         owner = _UploadOwner()
         try:
             await asyncio.to_thread(upload.mkdir)  # a cancellation during it still reaches the finally below
-            await self._receive(request_iterator, upload)
-            tv = await asyncio.to_thread(self._register_owned, upload, owner)
+            upload_id = await self._receive(request_iterator, upload)
+            tv = await asyncio.to_thread(self._register_owned, upload, owner, upload_id)
         except BaseException as e:  # CancelledError too: a client that hangs up mid-upload
             code = grpc.StatusCode.CANCELLED if isinstance(e, asyncio.CancelledError) else status_for(e)[0]
             self.metrics.registrations.labels(code.name.lower()).inc()
@@ -220,37 +236,49 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         log.info("registered task %s version %d", tv.name, tv.version)
         return pb.RegisterTaskResponse(task=task_info(tv))
 
-    def _register_owned(self, upload: Path, owner: "_UploadOwner"):
+    def _register_owned(self, upload: Path, owner: "_UploadOwner", upload_id: str):
         """register_upload consumes the folder; it may only start if the cleanup has not taken it (a
         cancellation can drop this job before its thread starts, or race the cleanup)."""
         if not owner.claim("register"):
             raise BadRequest("the upload was cancelled")
-        return self.registry.register_upload(upload)
+        return self.registry.register_upload(upload, upload_id=upload_id)
 
-    async def _receive(self, request_iterator, upload: Path) -> None:
-        limits = {TASK_FILE: self.limits.max_json_bytes, ADAPTER_FILE: self.limits.max_tensor_bytes}
+    async def _receive(self, request_iterator, upload: Path) -> str:
+        """Write the upload's files; returns its upload id (from the first chunk, "" when the client sent none)."""
+        bundle = self.limits.bundle
+        limits = {TASK_FILE: bundle.max_json_bytes, ADAPTER_FILE: bundle.max_tensor_bytes}
         sizes = {name: 0 for name in UPLOAD_FILES}
         handles = {}
+        upload_id: Optional[str] = None
         try:
-            async for chunk in request_iterator:
+            async for chunk in idle_bounded(request_iterator, self.limits.stream_idle_timeout_s,
+                                            lambda: sum(sizes.values())):
+                if upload_id is None:
+                    upload_id = _check_upload_id(chunk.upload_id)
+                elif chunk.upload_id and chunk.upload_id != upload_id:
+                    raise BadRequest(f"chunk with upload id {brief(chunk.upload_id)} inside upload "
+                                     f"{brief(upload_id)}; the first chunk names the upload")
                 name = chunk.filename
                 if name not in sizes:
                     raise BadRequest(f"unexpected file {brief(name)} in the upload; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
-                sizes[name] += len(chunk.data)
+                data = chunk.data  # a copy out of the message: taken once
+                sizes[name] += len(data)
                 if sizes[name] > limits[name]:
                     raise BadRequest(f"{name} exceeds the limit of {limits[name]} bytes")
                 if name not in handles:
                     handles[name] = open(upload / name, "wb")
-                await asyncio.to_thread(handles[name].write, chunk.data)
+                await asyncio.to_thread(handles[name].write, data)
         finally:
             for h in handles.values():
                 h.close()
         missing = [n for n in UPLOAD_FILES if n not in handles]
         if missing:
             raise BadRequest(f"the upload lacks {missing}; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
+        return upload_id or ""
 
     @rpc("UnregisterTask", "admin")
-    async def UnregisterTask(self, request: pb.UnregisterTaskRequest, context) -> pb.UnregisterTaskResponse:
+    async def UnregisterTask(self, request: pb.UnregisterTaskRequest, context,
+                             ticket: Ticket) -> pb.UnregisterTaskResponse:
         _task_label.set(request.task)
         if not request.task:
             raise BadRequest("the request names no task")
@@ -276,6 +304,15 @@ class _UploadOwner:
             if self._owner is None:
                 self._owner = who
             return self._owner == who
+
+
+_UPLOAD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _check_upload_id(upload_id: str) -> str:
+    if upload_id and not _UPLOAD_ID.fullmatch(upload_id):
+        raise BadRequest(f"upload id {brief(upload_id)} is not 1-128 characters of A-Z a-z 0-9 . _ : -")
+    return upload_id
 
 
 def _rmtree(path: Path) -> None:

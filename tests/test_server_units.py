@@ -18,7 +18,6 @@ from server.batcher import Batcher
 from server.config import ServerConfig, parse_args
 from server.errors import BadRequest, Draining, QueueFull, TaskNotFound, Unauthenticated, status_for
 from server.model import ModelRunner
-from server.pipeline import Pipeline
 from server.registry import TaskRegistry
 from server.slots import AdapterSlots
 from stadapter.bundle import BundleError
@@ -131,7 +130,7 @@ def test_batcher_mixes_tasks_groups_by_frames_and_matches_single_runs(repo, tiny
              (alpha, torch.randn(1, 4, 3, 32, 32, generator=g)), (beta, torch.randn(1, 2, 3, 32, 32, generator=g))]
 
     async def go():
-        b = Batcher(runner, max_batch_rows=8, max_delay_s=0.2)
+        b = Batcher(runner, ServerConfig(model_repository=repo, max_batch_size=8).limits, max_delay_s=0.2)
         b.start()
         res = await asyncio.gather(*(b.submit(tv, v, None) for tv, v in clips))
         await b.close()
@@ -156,7 +155,7 @@ def test_batcher_splits_at_max_rows_and_drops_expired(repo, tiny_trunk):
     v = torch.zeros(1, 4, 3, 32, 32)
 
     async def go():
-        b = Batcher(runner, max_batch_rows=2, max_delay_s=0.05)
+        b = Batcher(runner, ServerConfig(model_repository=repo, max_batch_size=2).limits, max_delay_s=0.05)
         b.start()
         res = await asyncio.gather(*(b.submit(alpha, v, None) for _ in range(5)),
                                    b.submit(alpha, v, time.monotonic() - 1), return_exceptions=True)
@@ -235,22 +234,6 @@ def test_warmup_runs_each_served_shape_once_per_path(repo, tiny_trunk):
     assert runner.warmup(list(reg.tasks.values())) == 3
     assert slots.activations == 3 and slots.used == 3 and slots.bytes > 0  # all three tasks are now in slots
     assert runner.warmup([]) == 0
-
-
-def test_clip_byte_budget_refuses_without_holding():
-    p = Pipeline(None, None, None, max_queue_size=1, decode_workers=1, max_inflight_bytes=100)  # only the budget is used
-    try:
-        p.hold_bytes(60)
-        with pytest.raises(QueueFull, match="already hold 60 bytes; 50 more would pass the limit of 100"):
-            p.hold_bytes(50)
-        assert p.held_bytes == 60
-        with pytest.raises(BadRequest, match="carries 101 bytes of clips, above the server's limit of 100"):
-            p.hold_bytes(101)
-        p.free_bytes(60)
-        p.hold_bytes(100)
-        assert p.held_bytes == 100
-    finally:
-        p.close()
 
 
 def test_runner_in_bfloat16_agrees_with_float32(repo, tiny_trunk_dir):
