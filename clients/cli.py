@@ -119,7 +119,11 @@ def _classify(ns: argparse.Namespace, client) -> int:
 
 
 def _triton_classify(ns: argparse.Namespace) -> int:
-    from .triton import TritonClassifier
+    try:
+        from .triton import TritonClassifier
+    except ImportError as e:  # the client-only install has no numpy / tritonclient / stadapter
+        raise ClientError(grpc.StatusCode.FAILED_PRECONDITION, f"triton-classify decodes clips locally and needs the "
+                          f"full install (numpy, tritonclient, stadapter): {e}", local=True) from e
 
     clf = TritonClassifier(ns.url, ns.model, ns.timeout)
     try:
