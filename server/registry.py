@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Optional
 from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
 from stadapter.config import TaskSpec, brief
-from stadapter.fsutil import fsync_tree
+from stadapter.fsutil import atomic_write_text, fsync_tree
 from stadapter.trunk import VideoTrunk
 
 from .errors import BadRequest, TaskNotFound
@@ -406,11 +406,7 @@ class TaskRegistry:
         folder.mkdir(exist_ok=True)
         if self._high_water(name) >= version:
             return
-        tmp = folder / f".{name}-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(f"{version}\n")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / name)
+        atomic_write_text(folder / name, f"{version}\n")
 
     def _prune_old_versions(self, task_dir: Path, keep: int) -> None:
         versions = _version_dirs(task_dir)
