@@ -26,6 +26,8 @@ from .batcher import Batcher
 from .config import ServerConfig
 from .decode_pool import Decoder, ProcessDecodePool, ThreadDecoder
 from .metrics import Metrics, remove_label
+from .oip import OIP_SERVICE_NAME, InferenceService
+from .oip import add_to_server as add_oip_to_server
 from .model import ModelRunner, resolve_device, resolve_dtype
 from .pipeline import Pipeline
 from .registry import TaskRegistry, TaskVersion
@@ -34,7 +36,7 @@ from .slots import AdapterSlots
 
 log = logging.getLogger("server")
 
-SERVICE_NAMES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+SERVICE_NAMES = (*(s.full_name for s in pb.DESCRIPTOR.services_by_name.values()), OIP_SERVICE_NAME)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Server:
         pb_grpc.add_VideoClassifierServicer_to_server(
             VideoClassifierService(pipeline, registry, metrics, auth), gs)
         pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(pipeline, registry, metrics, auth), gs)
+        add_oip_to_server(InferenceService(pipeline, registry, metrics, auth), gs)  # KServe v2, same port
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, gs)
         for name in ("", *SERVICE_NAMES):

@@ -16,3 +16,8 @@ ADMIN_TOKEN_ENV = "STADAPTER_ADMIN_TOKEN"
 TASK_FILE = "task.json"
 ADAPTER_FILE = "adapter.safetensors"
 BUNDLE_FILES = (TASK_FILE, ADAPTER_FILE)
+
+# The Open Inference Protocol (KServe v2) model of every task: its input and outputs.
+OIP_CLIP_INPUT = "CLIP"  # BYTES [N]: one encoded video file per element
+OIP_LABELS_OUTPUT = "LABELS"  # BYTES [N, k]: top-k labels, best first
+OIP_SCORES_OUTPUT = "SCORES"  # FP32 [N, k]: their probabilities
