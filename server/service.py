@@ -206,7 +206,7 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
     async def ListTasks(self, request, context, ticket: Ticket) -> pb.ListTasksResponse:
         trunk = self.registry.trunk
         tasks = [task_info(tv) for _, tv in sorted(self.registry.tasks.items())]
-        model = trunk.spec.model if getattr(trunk, "spec", None) is not None else ""
+        model = trunk.spec.model if trunk.spec is not None else ""
         return pb.ListTasksResponse(tasks=tasks, trunk_model=model, trunk_fingerprint=trunk.fingerprint)
 
     @rpc("DescribeTask", "classify")

@@ -3,7 +3,7 @@
 Pure torch + PyAV: no server code, no global state. See README.md for usage.
 
 The public names are imported lazily (PEP 562): ``python -m stadapter.trunk``
-then runs ``stadapter/trunk.py`` without the package having imported it first,
+then runs ``stadapter/trunk/__main__.py`` without the package having imported anything first,
 which would make runpy warn on every CLI call.
 """
 

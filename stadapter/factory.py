@@ -234,8 +234,7 @@ def load_trunk(
     fp = trunk_fingerprint(visual.state_dict(), arch)
     if verify and spec.fingerprint and fp != spec.fingerprint:
         raise TrunkError(f"trunk {trunk_dir}: weights fingerprint {fp[:12]}… differs from trunk.json's {spec.fingerprint[:12]}…")
-    trunk = VideoTrunk(visual, arch, fp)
-    trunk.spec = spec
+    trunk = VideoTrunk(visual, arch, fp, spec=spec)
     return trunk.to(device=device, dtype=dtype)
 
 
@@ -260,6 +259,7 @@ def trunk_cli(argv: Optional[list[str]] = None) -> None:
             print(json.dumps(spec.to_dict(), indent=2))
         else:
             trunk = load_trunk(args.dir)
+            assert trunk.spec is not None  # load_trunk records the folder's spec
             print(json.dumps({**trunk.spec.to_dict(), "parameters": trunk.num_parameters, "verified": True}, indent=2))
     except (TrunkError, ConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

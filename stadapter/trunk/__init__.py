@@ -19,8 +19,9 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from .adapter import apply_adapter
-from .bank import AdapterStack, Segments, SlotKey
+from ..adapter import apply_adapter
+from ..bank import AdapterStack, Segments, SlotKey
+from ..config import TrunkSpec
 
 
 class TrunkError(ValueError):
@@ -45,10 +46,13 @@ class VideoTrunk(nn.Module):
         visual: an open_clip ``VisionTransformer`` (class-token pooling).
         arch: architecture record (vision config + ``quick_gelu``), part of the fingerprint.
         fingerprint: precomputed fingerprint, or None to compute it now.
+        spec: the trunk folder's record (``trunk.json``) when loaded from one (None for a bare module).
     """
 
-    def __init__(self, visual: nn.Module, arch: Mapping[str, Any], fingerprint: Optional[str] = None):
+    def __init__(self, visual: nn.Module, arch: Mapping[str, Any], fingerprint: Optional[str] = None,
+                 spec: Optional[TrunkSpec] = None):
         super().__init__()
+        self.spec = spec
         _check_supported(visual)
         self.visual = visual.eval().requires_grad_(False)
         self.arch = dict(arch)
@@ -133,8 +137,3 @@ def _check_supported(visual: nn.Module) -> None:
     if not all(hasattr(blk, n) for n in ("ln_1", "attention", "ls_1", "ln_2", "mlp", "ls_2")):
         raise TrunkError(f"unsupported block type {type(blk).__name__}: need open_clip's ResidualAttentionBlock")
 
-
-if __name__ == "__main__":  # python -m stadapter.trunk init ...
-    from .factory import trunk_cli
-
-    trunk_cli()

@@ -1,0 +1,165 @@
+"""Structure the project keeps: no import cycles, no oversized source files, rooms importing one way.
+
+Static checks over the source tree (no module is imported): every ``import`` of a
+project module is an edge, wherever it sits (a function body or a ``__main__``
+block still runs), except under ``if TYPE_CHECKING:``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("stadapter", "stadapter_api", "server", "clients", "export", "training", "bench")
+GENERATED = ("stadapter_api/v1/",)
+MAX_LINES = 450
+
+
+def _sources() -> dict[str, Path]:
+    """module name -> file, for every project module (generated stubs left out)."""
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith(GENERATED):
+                continue
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = path
+    return mods
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(module: str, path: Path, known: set[str]) -> set[str]:
+    """Project modules that ``module`` imports."""
+    is_pkg = path.name == "__init__.py"
+    package = module if is_pkg else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def add(name: str) -> None:
+        while name and name not in known:  # `import a.b.c` of a name inside a module: the module
+            name = name.rpartition(".")[0]
+        if name and name != module:
+            found.add(name)
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:  # `from pkg import submodule`
+                if f"{target}.{alias.name}" in known:
+                    add(f"{target}.{alias.name}")
+                else:
+                    add(target)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = _sources()
+    known = set(mods)
+    return {m: _imports(m, p, known) for m, p in mods.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                comp = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    comp.append(m)
+                    if m == node:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_a_module_that_imports_it_back():
+    found = cycles(import_graph())
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_stadapter_imports_no_other_room():
+    graph = import_graph()
+    rooms = ("server", "clients", "export", "training", "bench")
+    bad = sorted((m, d) for m, deps in graph.items() if m.split(".")[0] == "stadapter"
+                 for d in deps if d.split(".")[0] in rooms)
+    assert not bad, f"stadapter must stay pure; it imports {bad}"
+
+
+def test_clients_import_only_the_generated_stubs_and_themselves():
+    graph = import_graph()
+    bad = sorted((m, d) for m, deps in graph.items() if m.split(".")[0] == "clients"
+                 for d in deps if d.split(".")[0] not in ("clients", "stadapter_api")
+                 and not (m == "clients.triton" and d.startswith("stadapter")))  # local decode for Triton
+    assert not bad, f"clients import {bad}"
+
+
+@pytest.mark.parametrize("pkg", PACKAGES + ("tests",))
+def test_no_source_file_is_over_the_line_limit(pkg):
+    long = {p.relative_to(ROOT).as_posix(): n for p in (ROOT / pkg).rglob("*.py")
+            if not p.relative_to(ROOT).as_posix().startswith(GENERATED)
+            and (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    if pkg == "tests":  # test modules may grow larger, but not without bound
+        long = {k: v for k, v in long.items() if v > 2 * MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines: {long}"
