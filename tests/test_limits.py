@@ -230,3 +230,12 @@ def test_a_streamed_clip_over_max_clip_bytes_names_the_flag(limited):
     err = _refused(lambda: limited.clf.ClassifyStream(iter(chunks), timeout=60))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-clip-bytes of 200000" in err.details()
     assert _held_bytes(limited.metrics_url) == 0
+
+
+def test_the_stalled_streams_bench_runs():
+    """The bench behind the RSS figure in README (its ratio is a bench figure, not asserted here)."""
+    from bench.stalled_streams import main
+
+    res = main(["--streams", "2", "--mb", "2", "--chunk-kb", "256", "--phase", "decoding"])["decoding"]
+    assert res["held_bytes_gauge"] == res["budget_bytes"] == 4 << 20 and not res["refused"]
+    assert res["held_after_cancel"] == 0 and res["rss_growth_mb"] > 0
