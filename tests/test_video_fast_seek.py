@@ -226,6 +226,27 @@ def test_a_variable_frame_rate_clip_reads_by_counting_in_fast_mode():
     assert torch.equal(decode_clip(clip, KF), decode_views(clip, plan, KF))
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line tool (apt-get install ffmpeg)")
+def test_an_edit_list_that_starts_mid_gop(tmp_path):
+    """``ffmpeg -ss 0.4 -c copy``: the packets from the keyframe before the cut are kept but marked discard
+    (decoded as references, never shown). They give no frame index, and the rewind must keep them."""
+    import subprocess
+
+    src = make_clip(tmp_path / "src.mp4", num_frames=90, gop=30)
+    cut = tmp_path / "cut.mp4"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-ss", "0.4", "-i", str(src), "-c", "copy",
+                    str(cut)], check=True)
+    data = cut.read_bytes()
+    reference = decode_all(data)
+    assert indices_of(reference[:1]) == [12] and len(reference) == 78
+    keys = key_frames_by_decoding(data)
+    assert keyframes(data) == keys == [18, 48]
+    plan = view_indices(len(reference), KF, keys)
+    assert plan[0][0] == 4  # no keyframe at or before its segment: the exact index stays
+    assert np.array_equal(decode_frames(data, plan[0]), reference[plan[0]])
+    assert torch.equal(decode_clip(data, KF), decode_views(data, plan, KF))
+
+
 def _hflip(data: bytes) -> bytes:
     """The mp4 with a horizontal-flip display matrix in its tkhd box (see tests/test_video_display.py)."""
     u, w1 = 1 << 16, 1 << 30

@@ -254,10 +254,12 @@ class Clip:
         placed = True
         for packet in self.container.demux(stream):
             self.budget.packet()
-            if packet.size == 0 or packet.is_discard:
+            if packet.size == 0:
                 continue
             if first is None:
-                first = packet
+                first = packet  # discarded or not: the rewind must give the reader every packet from the start
+            if packet.is_discard:
+                continue
             if packet.pts is None:
                 placed = False
                 break
