@@ -33,6 +33,14 @@ or a duration-based estimate that was high) it re-samples once against the
 number of frames the stream actually holds, which the first pass learnt while
 reaching the end, and reuses the frames already decoded. It raises when even
 that misses frames (a corrupt frame in the middle).
+
+The fast sampling mode
+----------------------
+With ``SamplingConfig.seek == "keyframe"`` :func:`decode_clip` first reads the keyframe positions
+from the demuxer (``Clip.keyframes``: one demux pass, no decoding, then a checked rewind), moves
+each sample to the cheapest frame of its segment (``sampling.keyframe_indices``, where the
+segments are defined) and reads those with the same exact reader, so the result is exact decoding
+of the moved indices (:func:`sample_plan` names them, :func:`decode_views` decodes given ones).
 """
 
 from __future__ import annotations
