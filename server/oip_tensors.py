@@ -55,8 +55,10 @@ class ParamSpec:
     kind: str  # "int64_param" | "string_param" | "bool_param"
 
 
-# Triton's own request parameters (tritonclient sets them); accepted and ignored.
+# Triton's own request parameters (tritonclient and perf_analyzer set them); accepted and ignored, as are
+# all ``triton_*`` keys (e.g. perf_analyzer's ``triton_enable_empty_final_response``).
 RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"})
+RESERVED_PREFIX = "triton_"
 
 
 def read_parameters(params, specs: Sequence[ParamSpec]) -> dict[str, object]:
@@ -67,7 +69,7 @@ def read_parameters(params, specs: Sequence[ParamSpec]) -> dict[str, object]:
     by_name = {s.name: s for s in specs}
     out: dict[str, object] = {}
     for key in sorted(params):
-        if key in RESERVED_PARAMETERS:
+        if key in RESERVED_PARAMETERS or key.startswith(RESERVED_PREFIX):
             continue
         spec = by_name.get(key)
         if spec is None:

@@ -84,7 +84,8 @@ def test_model_infer_answers_as_the_native_api(server, triton, clips):
             assert np.allclose([p.score for p in r.predictions], scores[i], atol=1e-6)
     only = _infer(triton, "alpha", clips[:1], outputs=["SCORES"])
     assert only.as_numpy("LABELS") is None and only.as_numpy("SCORES").shape == (1, 3)  # default top_k 5, 3 classes
-    changed = _infer(triton, "alpha", clips[:1], params={"num_frames": 2, "spatial_views": 3, "seek": "keyframe"})
+    changed = _infer(triton, "alpha", clips[:1], params={"num_frames": 2, "spatial_views": 3, "seek": "keyframe",
+                                                         "triton_enable_empty_final_response": True})  # as perf_analyzer
     assert changed.as_numpy("SCORES").shape == (1, 3)
 
 
