@@ -285,7 +285,10 @@ def serve_with_memoised_decode(argv: list[str]) -> int:
 
 
 def run_model(name: str, model: str, adapter, input_size: int, batch: int, frames: int, iters: int,
-              e2e_requests: int, concurrency: int, threads: int, work: Path) -> dict:
+              e2e_requests: int, concurrency: int, threads: int, work: Path, cold_tasks: int, cold_iters: int) -> dict:
+    from bench import slot_bank
+    from stadapter import load_trunk
+
     t0 = time.perf_counter()
     torch.set_num_threads(threads)
     repo = build_repository(work / name, model, adapter, frames, input_size)
@@ -301,6 +304,7 @@ def run_model(name: str, model: str, adapter, input_size: int, batch: int, frame
     raw_after = bench_forward(repo, batch, frames, iters, only_mixed=True)["raw_mixed_clips_per_s"]
     raw = (fwd["raw_mixed_clips_per_s"] + raw_after) / 2
     mem = bench_memory(repo)
+    slots = slot_bank.run(name, load_trunk(repo / "trunk"), adapter, batch, frames, iters, 64, cold_tasks, 64, cold_iters)
     return {
         "model": model, "adapter": adapter.to_dict(), "input_size": input_size,
         "forward": fwd,
@@ -309,6 +313,7 @@ def run_model(name: str, model: str, adapter, input_size: int, batch: int, frame
         "raw_mixed_clips_per_s": {"before": fwd["raw_mixed_clips_per_s"], "after": raw_after, "mean": raw},
         "e2e_over_raw": e2e["clips_per_s"] / raw,
         "memory": mem,
+        "slot_bank": slots,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -348,6 +353,8 @@ def main(argv=None) -> int:
     p.add_argument("--vitb-frames", type=int, default=2)
     p.add_argument("--vitb-iters", type=int, default=2)
     p.add_argument("--vitb-requests", type=int, default=16)
+    p.add_argument("--vitb-cold-tasks", type=int, default=72, help="ViT-B/16 tasks for the cold-task test (27 MB each)")
+    p.add_argument("--vitb-cold-iters", type=int, default=10)
     args = p.parse_args(argv)
     results = {"host": {"cpus": os.cpu_count(), "torch_threads": {"tiny": args.tiny_threads, "vit-b-16": args.threads},
                         "cuda": torch.cuda.is_available(),
@@ -357,14 +364,18 @@ def main(argv=None) -> int:
         tiny_adapter = AdapterConfig(width=8, pre_attn=True, pre_mlp=True)
         results["runs"]["tiny"] = run_model("tiny", "test-vit-tiny", tiny_adapter, 32, args.tiny_batch, args.tiny_frames,
                                             args.tiny_iters, args.tiny_requests, 2 * args.tiny_batch, args.tiny_threads,
-                                            work)
+                                            work, 1000, 200)
         if not args.skip_vitb:
             vitb_adapter = AdapterConfig(width=384, pre_attn=True, pre_mlp=False)  # the paper's 12 x 384
             results["runs"]["vit-b-16"] = run_model("vit-b-16", "ViT-B-16", vitb_adapter, 224, args.vitb_batch,
                                                     args.vitb_frames, args.vitb_iters, args.vitb_requests,
-                                                    2 * args.vitb_batch, args.threads, work)
+                                                    2 * args.vitb_batch, args.threads, work, args.vitb_cold_tasks,
+                                                    args.vitb_cold_iters)
     text = json.dumps(results, indent=2)
+    from bench import slot_bank
+
     print(table(results), file=sys.stderr)
+    print(slot_bank.table({k: r["slot_bank"] for k, r in results["runs"].items()}), file=sys.stderr)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

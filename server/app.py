@@ -85,7 +85,8 @@ class Server:
         registry.sync()
         metrics.tasks_loaded.set(len(registry.tasks))
 
-        batcher = Batcher(ModelRunner(trunk, slots), limits, cfg.max_queue_delay_ms / 1e3, metrics)
+        runner = ModelRunner(trunk, slots, max_rows=limits.max_batch_rows)  # warm-up covers each batch-size bucket
+        batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)
         if cfg.warmup and registry.tasks:
             t0 = time.monotonic()
             runs = await batcher.warmup(list(registry.tasks.values()))

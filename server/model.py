@@ -70,31 +70,59 @@ class BatchOutput:
 
 
 class ModelRunner:
-    def __init__(self, trunk: VideoTrunk, slots: AdapterSlots, mixed: Optional[MixedMode] = None):
+    """The batched forward over the device slots.
+
+    Args:
+        trunk: the loaded trunk.
+        slots: the device slots (device and dtype are theirs).
+        mixed: how mixed batches run (default: :func:`mixed_mode_for` the device).
+        max_rows: the most rows a forward gets (``--max-batch-size``); warm-up covers every
+            batch-size bucket up to it.
+    """
+
+    def __init__(self, trunk: VideoTrunk, slots: AdapterSlots, mixed: Optional[MixedMode] = None,
+                 max_rows: Optional[int] = None):
         self.trunk = trunk
         self.slots = slots
         self.device = slots.device
         self.dtype = slots.dtype
         self.mixed: MixedMode = mixed or mixed_mode_for(slots.device)
+        self.max_rows = max_rows
+        self._staging: Optional[Tensor] = None  # pinned host buffer for the one copy back per batch (CUDA)
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Row counts the warm-up runs: powers of two below ``max_rows``, then ``max_rows`` (1 when unknown)."""
+        if not self.max_rows:
+            return (1,)
+        sizes = [1]
+        while sizes[-1] * 2 < self.max_rows:
+            sizes.append(sizes[-1] * 2)
+        return tuple(sizes + [self.max_rows] if self.max_rows > 1 else sizes)
 
     def warmup(self, tvs: Sequence[TaskVersion]) -> int:
         """Run the served shapes once before traffic, so the first request pays no one-time costs.
 
-        Clips batch by (frames, input size, adapter activation); for each such group
-        this runs a one-task forward (the fast path) and, when the group has several
-        tasks, a two-task one (the gathered path), on a blank clip. First forwards
-        are slow everywhere (allocator, kernel choice; on CUDA the context and library
-        handles too). Returns the number of forwards run.
+        Clips batch by (frames, input size, adapter activation); for each such group this
+        runs, at every batch-size bucket (:meth:`batch_buckets`), a one-task forward (the
+        fast path) and, when the group has several tasks, a two-task one (the mixed path),
+        on blank clips (without ``max_rows``: one row, and two rows mixed). First forwards
+        of a shape are slow everywhere (allocator; on CUDA the context, library handles
+        and kernel choice per shape). Returns the number of forwards run.
         """
         groups: dict[tuple, list[TaskVersion]] = {}
         for tv in tvs:
             s = tv.spec.sampling
             groups.setdefault((s.num_frames, s.input_size, tv.host_stack.activation), []).append(tv)
+        sizes = self.batch_buckets()
+        mixed_sizes = [n for n in sizes if n >= 2] or ([2] if self.max_rows is None else [])
         runs = 0
         for (frames, size, _), members in groups.items():
             blank = torch.zeros(1, frames, 3, size, size)
-            for n in (1, 2) if len(members) > 1 else (1,):  # the fast path, then the gathered one
-                self.forward([(tv, blank) for tv in members[:n]])
+            for n in sizes:
+                self.forward([(members[0], blank)] * n)
+                runs += 1
+            for n in mixed_sizes if len(members) > 1 else ():
+                self.forward([(members[i % 2], blank) for i in range(n)])
                 runs += 1
         return runs
 
@@ -113,14 +141,35 @@ class ModelRunner:
         for tv in tvs:
             if tv.retired:  # admitted before the registry retired it: it leaves once its requests end
                 self.slots.retire(tv)
+        host = self._to_host(self._clip_probs(logits, rows, [clips[i][0].spec.num_classes for i in order]))
         probs: list[Optional[Tensor]] = [None] * len(clips)
-        start = 0
-        for i, n in zip(order, rows):
-            c = clips[i][0].spec.num_classes
-            probs[i] = logits[start:start + n, :c].softmax(dim=-1).mean(dim=0)  # [C]
-            start += n
-        out = [p.cpu() for p in probs] if self.device.type != "cpu" else probs
-        return BatchOutput(out, time.perf_counter() - t0, len(clips), sum(rows), len(tvs))  # type: ignore[arg-type]
+        for j, i in enumerate(order):
+            probs[i] = host[j, : clips[i][0].spec.num_classes]  # [C]
+        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(rows), len(tvs))  # type: ignore[arg-type]
+
+    def _clip_probs(self, logits: Tensor, rows: list[int], classes: list[int]) -> Tensor:
+        """logits [N, C_max] -> [clips, C_max]: each clip's softmax over its own classes, averaged over its rows."""
+        n, c_max = len(rows), logits.shape[1]
+        meta = torch.tensor([j for j, r in enumerate(rows) for _ in range(r)] + classes + rows, dtype=torch.long)
+        meta = meta.to(logits.device, non_blocking=True)  # one small copy: [N] row -> clip | [n] classes | [n] rows
+        row_clip, n_classes, n_rows = meta[:-2 * n], meta[-2 * n:-n], meta[-n:]
+        cols = torch.arange(c_max, device=logits.device)
+        p = logits.masked_fill(cols >= n_classes[row_clip].unsqueeze(1), float("-inf")).softmax(dim=-1)  # [N, C_max]
+        sums = torch.zeros(n, c_max, device=logits.device, dtype=p.dtype).index_add_(0, row_clip, p)
+        return sums / n_rows.unsqueeze(1).to(p.dtype)
+
+    def _to_host(self, t: Tensor) -> Tensor:
+        """The batch's one device-to-host copy (through a reused pinned buffer on CUDA)."""
+        if self.device.type == "cpu":
+            return t
+        if self.device.type != "cuda":
+            return t.cpu()
+        if self._staging is None or self._staging.numel() < t.numel():
+            self._staging = torch.empty(max(t.numel(), 1 << 12), dtype=t.dtype, pin_memory=True)
+        buf = self._staging[: t.numel()].view(t.shape)
+        buf.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return buf.clone()  # the callers keep it; the buffer serves the next batch
 
     def _adapters(self, bank, slots: list[int], rows: list[int]) -> tuple[AdapterStack | Segments, Optional[Tensor]]:
         """The adapters for rows in this order: a one-task view, the bank + per-row slots, or segments."""

@@ -260,3 +260,45 @@ def test_slot_metrics_move(tiny_trunk, tmp_path):
     assert got[("stadapter_adapter_slots", (("state", "used"),))] == 2
     assert got[("stadapter_adapter_slots", (("state", "free"),))] == 0
     assert got[("stadapter_adapter_device_bytes", ())] == 2 * tvs[0].host_stack.nbytes
+
+
+def test_warmup_runs_every_batch_size_bucket_up_to_the_maximum(tiny_trunk, tmp_path):
+    tvs = _versions(tiny_trunk, tmp_path, [(HETERO[0][0], 3)] * 2)
+    seen = []
+    for max_rows, want in ((6, (1, 2, 4, 6)), (8, (1, 2, 4, 8)), (1, (1,))):
+        runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), max_rows=max_rows)
+        assert runner.batch_buckets() == want
+        real, seen = runner.forward, []
+        runner.forward = lambda clips: seen.append((len(clips), len({tv.uid for tv, _ in clips}))) or real(clips)
+        assert runner.warmup(tvs) == len(seen)
+        assert seen == [(n, 1) for n in want] + [(n, 2) for n in want if n >= 2]
+
+
+def test_one_copy_back_per_batch_and_probabilities_per_clip(tiny_trunk, tmp_path):
+    tvs = _versions(tiny_trunk, tmp_path)
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32))
+    copies = []
+    real = runner._to_host
+    runner._to_host = lambda t: copies.append(tuple(t.shape)) or real(t)
+    g = torch.Generator().manual_seed(3)
+    clips = [(tvs[k], torch.randn(v, 4, 3, 32, 32, generator=g)) for k, v in ((0, 3), (2, 1), (1, 2), (0, 1))]
+    out = runner.forward(clips)
+    assert copies == [(4, 7)]  # one [clips, C_max] tensor for the whole batch
+    for (tv, views), p in zip(clips, out.probs):
+        assert p.dtype == torch.float32 and p.shape == (tv.spec.num_classes,)
+        torch.testing.assert_close(p.sum(), torch.tensor(1.0), atol=1e-6, rtol=0)
+        with torch.no_grad():
+            torch.testing.assert_close(p, tiny_trunk(views, tv.host_stack).softmax(-1).mean(0), atol=1e-5, rtol=0)
+
+
+def test_the_slot_bank_bench_runs(tiny_trunk):
+    from bench import slot_bank
+
+    r = slot_bank.run("tiny", tiny_trunk, AdapterConfig(width=8, pre_attn=True, pre_mlp=True), batch=4, frames=4,
+                      iters=1, mix_tasks=10, cold_tasks=12, cold_slots=4, cold_iters=3)
+    assert set(r["modes"]["clips_per_s"]) == {"single", "gather", "segment"}
+    assert r["changing_mix"]["registered"] == 10 and r["changing_mix"]["changing_over_single"] > 0
+    cold = r["cold"]
+    assert cold["slots"] == 4 and cold["device_bytes"] == cold["device_bytes_expected"] == 4 * cold["slot_bytes"]
+    assert cold["host_equals_tensor_bytes"] and cold["evictions"] == 3
+    assert "segment/gather" in slot_bank.table({"tiny": r})
