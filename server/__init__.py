@@ -11,6 +11,14 @@ polling), ``cache`` (device LRU of adapters), ``metrics`` (Prometheus), ``auth``
 demo, benches and tests), ``demo`` (``make demo``).
 """
 
-from .config import ServerConfig
+from typing import Any
 
 __all__ = ["ServerConfig"]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: `import server.demo` / `server.process` stay free of torch
+    if name == "ServerConfig":
+        from .config import ServerConfig
+
+        return ServerConfig
+    raise AttributeError(f"module 'server' has no attribute {name!r}")

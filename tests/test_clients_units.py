@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sdk_cli_loadgen_and_demo_do_not_import_torch():
-    code = ("import sys, clients, clients.cli, clients.loadgen, server.demo; "
+    code = ("import sys, clients, clients.cli, clients.loadgen, server.demo, server.process; "
             "bad = [m for m in ('torch', 'av', 'numpy', 'stadapter') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
