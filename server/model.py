@@ -19,7 +19,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from stadapter.bank import AdapterStack, Segments
+from stadapter.bank import AdapterStack, Segments, SlotBank
 from stadapter.trunk import VideoTrunk
 
 from .registry import TaskVersion
@@ -171,7 +171,7 @@ class ModelRunner:
         torch.cuda.current_stream(self.device).synchronize()
         return buf.clone()  # the callers keep it; the buffer serves the next batch
 
-    def _adapters(self, bank, slots: list[int], rows: list[int]) -> tuple[AdapterStack | Segments, Optional[Tensor]]:
+    def _adapters(self, bank: SlotBank, slots: list[int], rows: list[int]) -> tuple[AdapterStack | Segments, Optional[Tensor]]:
         """The adapters for rows in this order: a one-task view, the bank + per-row slots, or segments."""
         distinct = sorted(set(slots))
         if len(distinct) == 1:
@@ -179,7 +179,8 @@ class ModelRunner:
         if self.mixed == "gather":
             idx = [s for s, n in zip(slots, rows) for _ in range(n)]
             return bank.stacked(), torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
-        seg_slots, bounds = [], [0]
+        seg_slots: list[int] = []
+        bounds = [0]
         for s, n in zip(slots, rows):  # clips are sorted by slot: each slot's rows are contiguous
             if not seg_slots or seg_slots[-1] != s:
                 seg_slots.append(s)
