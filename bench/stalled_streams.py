@@ -5,7 +5,7 @@
 A real server (``--max-clip-bytes`` = one stream's size, ``--max-inflight-clip-bytes`` =
 all of them) gets ``streams`` ClassifyStream calls that each send ``mb`` MiB in
 ``chunk_kb`` chunks and then stop sending. Once the server's own gauge
-``stadapter_clip_bytes_in_flight`` shows every byte held, the bench reads the server
+``stadapter_clip_in_flight_bytes`` shows every byte held, the bench reads the server
 process's RSS (``/proc/<pid>/status`` VmRSS, and VmHWM for the peak) and reports the
 growth over the idle server as a multiple of the bytes held (goal: <= 1.5). Then the
 streams are cancelled and the gauge must return to 0. Decoder workers are separate
@@ -89,7 +89,7 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
             futures = [stub.ClassifyStream.future(chunks(), timeout=600) for _ in range(streams)]
             held = 0.0
             while time.monotonic() - t0 < 300:
-                held = _gauge(srv.metrics_url, "stadapter_clip_bytes_in_flight")
+                held = _gauge(srv.metrics_url, "stadapter_clip_in_flight_bytes")
                 if held >= budget or any(f.done() for f in futures):
                     break
                 time.sleep(0.2)
@@ -103,7 +103,7 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
             end = time.monotonic() + 30
             after = held
             while time.monotonic() < end:
-                after = _gauge(srv.metrics_url, "stadapter_clip_bytes_in_flight")
+                after = _gauge(srv.metrics_url, "stadapter_clip_in_flight_bytes")
                 if after == 0:
                     break
                 time.sleep(0.1)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -14,32 +13,31 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class _DeviceMemoryCollector:
-    """``stadapter_device_memory_bytes``: CUDA allocated/reserved, or the process RSS on CPU."""
+    """``stadapter_device_memory_bytes{device,kind}``: CUDA allocated/reserved (nothing on a CPU device: the
+    process's own memory is ``process_resident_memory_bytes``, from prometheus_client's process collector)."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
     def collect(self):
-        g = GaugeMetricFamily("stadapter_device_memory_bytes", "Memory held on the serving device",
+        g = GaugeMetricFamily("stadapter_device_memory_bytes", "Memory held on the CUDA serving device",
                               labels=["device", "kind"])
         if self.device.type == "cuda":
             g.add_metric([str(self.device), "allocated"], float(torch.cuda.memory_allocated(self.device)))
             g.add_metric([str(self.device), "reserved"], float(torch.cuda.memory_reserved(self.device)))
-        else:
-            g.add_metric([str(self.device), "resident"], float(_rss_bytes()))
         yield g
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+# Label values each labelled counter knows from the start: their series exist, at 0, before the first event.
+KNOWN_LABELS = {
+    "dropped": ("deadline", "cancelled"),
+    "registrations": ("ok",),
+    "unregistrations": ("ok", "not_found"),
+}
 
 
 class Metrics:
-    def __init__(self, device: torch.device, queue_depth: Callable[[], float] = lambda: 0.0):
+    def __init__(self, device: torch.device):
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "stadapter"
         self.requests = Counter(f"{p}_requests", "RPCs answered, by method, task and gRPC status code",
@@ -56,8 +54,7 @@ class Metrics:
         self.batch_tasks = Histogram(f"{p}_batch_tasks", "Distinct tasks per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.clips = Counter(f"{p}_clips", "Clips classified, by task", ["task"], registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests admitted and not yet computed", registry=r)
-        self.queue_depth.set_function(queue_depth)
-        self.clip_bytes_in_flight = Gauge(f"{p}_clip_bytes_in_flight",
+        self.clip_in_flight_bytes = Gauge(f"{p}_clip_in_flight_bytes",
                                           "Encoded clip bytes held by requests in progress", registry=r)
         self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served", registry=r)
         self.task_bytes = Gauge(f"{p}_task_bytes", "Adapter + head tensor bytes of the served version", ["task"], registry=r)
@@ -78,6 +75,10 @@ class Metrics:
         self.dropped = Counter(f"{p}_dropped", "Clips dropped before compute, by reason (deadline | cancelled)",
                                ["reason"], registry=r)
         r.register(_DeviceMemoryCollector(device))
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
+        for name, values in KNOWN_LABELS.items():
+            for value in values:
+                getattr(self, name).labels(value)
         self._http = None
 
     def adapter_event(self, event: str, seconds: float) -> None:

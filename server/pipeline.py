@@ -61,7 +61,7 @@ class Pipeline:
         if metrics is not None:
             a = self.admission
             metrics.queue_depth.set_function(lambda: a.pending)
-            metrics.clip_bytes_in_flight.set_function(lambda: a.held_bytes)
+            metrics.clip_in_flight_bytes.set_function(lambda: a.held_bytes)
             # here, not in Metrics: the gauge is the admission's, registered in the server's own registry
             Gauge("stadapter_requests_in_flight", "RPCs in progress (drain waits for 0)",
                   registry=metrics.registry).set_function(lambda: a.inflight)

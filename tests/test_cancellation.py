@@ -28,7 +28,7 @@ from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
-GAUGES = ("stadapter_requests_in_flight", "stadapter_queue_depth", "stadapter_clip_bytes_in_flight")
+GAUGES = ("stadapter_requests_in_flight", "stadapter_queue_depth", "stadapter_clip_in_flight_bytes")
 
 
 def gauges(url: str) -> dict[str, float]:
@@ -98,8 +98,8 @@ def _holding(srv, method: str) -> bool:
     if method == "RegisterTask":
         return any(srv.repo.glob("tasks/.upload-*/adapter.safetensors"))
     if method == "ClassifyStream":
-        return g["stadapter_clip_bytes_in_flight"] >= 5000
-    return g["stadapter_queue_depth"] >= 1 and g["stadapter_clip_bytes_in_flight"] >= len(HANG_CLIP)
+        return g["stadapter_clip_in_flight_bytes"] >= 5000
+    return g["stadapter_queue_depth"] >= 1 and g["stadapter_clip_in_flight_bytes"] >= len(HANG_CLIP)
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline", "close"])

@@ -146,7 +146,7 @@ def test_ticket_gives_everything_back_on_every_exit(two_task_repo, tiny_trunk):
 def _held_bytes(url: str) -> float:
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "stadapter_clip_bytes_in_flight")
+                if s.name == "stadapter_clip_in_flight_bytes")
 
 
 @pytest.fixture(scope="module")

@@ -288,7 +288,7 @@ def test_metrics_parse_and_counters_move(main, clips):
     assert metric(after, "stadapter_queue_depth") == 0
     assert metric(after, "stadapter_adapter_device_bytes") > 0
     assert metric(after, "stadapter_adapter_slots", state="used") + metric(after, "stadapter_adapter_slots", state="free") == 1
-    assert metric(after, "stadapter_device_memory_bytes", device="cpu", kind="resident") > 0
+    assert metric(after, "process_resident_memory_bytes") > 0
     for name in ("stadapter_queue_wait_seconds_count", "stadapter_batch_size_count"):
         assert d(name) == 1, name
     # the device budget holds one slot: alternating tasks activate and evict, repeating one hits
@@ -442,7 +442,7 @@ def test_clip_bytes_in_flight_are_bounded(tmp_path, clips):
         stubs = Stubs(srv.address)
         stream = stubs.clf.ClassifyStream.future(chunks(), timeout=30)
         end = time.monotonic() + 20
-        while metric(scrape(srv.metrics_url), "stadapter_clip_bytes_in_flight") != held:
+        while metric(scrape(srv.metrics_url), "stadapter_clip_in_flight_bytes") != held:
             assert time.monotonic() < end, "the first chunk never arrived"
             time.sleep(0.05)
         t0 = time.monotonic()
@@ -453,6 +453,6 @@ def test_clip_bytes_in_flight_are_bounded(tmp_path, clips):
         release.set()
         assert stream.result().task == "alpha"
         assert stubs.classify("alpha", a).predictions  # the budget is free again
-        assert metric(scrape(srv.metrics_url), "stadapter_clip_bytes_in_flight") == 0
+        assert metric(scrape(srv.metrics_url), "stadapter_clip_in_flight_bytes") == 0
         two = pb.BatchClassifyRequest(requests=[pb.ClassifyRequest(task="alpha", clip=a)] * 2)
         assert code_of(lambda: stubs.clf.BatchClassify(two, timeout=30)) == grpc.StatusCode.INVALID_ARGUMENT
