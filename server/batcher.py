@@ -80,10 +80,6 @@ class Batcher:
     def max_rows(self) -> int:
         return self.limits.max_batch_rows
 
-    @property
-    def queued(self) -> int:
-        return sum(len(q) for q in self._groups.values())
-
     async def submit(self, tv: TaskVersion, views: Tensor, deadline: Optional[float]) -> ClipResult:
         if self._closed:
             raise Draining("server is shutting down")

@@ -64,10 +64,6 @@ class PermissionDenied(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
-class Conflict(ServerError):
-    code = grpc.StatusCode.ABORTED
-
-
 _INVALID = (VideoError, BundleError, ConfigError)
 
 

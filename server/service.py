@@ -105,14 +105,14 @@ def _deadline(context: grpc.aio.ServicerContext) -> Optional[float]:
     return None if left is None else time.monotonic() + left
 
 
-def task_info(tv: TaskVersion, state: str = "ready") -> pb.TaskInfo:
+def task_info(tv: TaskVersion) -> pb.TaskInfo:
     s = tv.spec
     return pb.TaskInfo(
         name=s.name, version=s.version, labels=list(s.labels), description=s.description,
         num_frames=s.sampling.num_frames, input_size=s.sampling.input_size, sampling_mode=s.sampling.mode,
         temporal_views=s.sampling.temporal_views, spatial_views=s.sampling.spatial_views,
         adapter_config_json=json.dumps(s.adapter.to_dict()), adapter_bytes=tv.nbytes, created=s.created,
-        metrics_json=json.dumps(dict(s.metrics)), trunk_fingerprint=s.trunk_fingerprint, state=state,
+        metrics_json=json.dumps(dict(s.metrics)), trunk_fingerprint=s.trunk_fingerprint, state="ready",
     )
 
 
