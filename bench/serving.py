@@ -33,16 +33,16 @@ import asyncio
 import io
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
+
+from bench.timing import timed_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_TASKS = 8
@@ -92,23 +92,6 @@ def synthetic_clips(n: int, frames: int = 16, w: int = 96, h: int = 72) -> list[
                 c.mux(pkt)
         clips.append(buf.getvalue())
     return clips
-
-
-def timed_rounds(fns: dict[str, Callable[[], object]], iters: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, the functions interleaved round by round.
-
-    Interleaving spreads the drift of a shared machine evenly over the methods compared.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # --- forward-level comparisons -----------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _runner(trunk, budget: int, mixed=None, on_event=None):
 
 
 def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
-    from bench.serving import timed_rounds
+    from bench.timing import timed_rounds
 
     S = trunk.image_size
     g = torch.Generator().manual_seed(0)
