@@ -14,10 +14,10 @@ from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .core import (
     HEALTH_STATUS,
-    Clip,
     ClassifyResult,
     ClientError,
     ClientOptions,
+    Clip,
     TaskInfo,
     TaskList,
     classify_chunks,
@@ -26,6 +26,7 @@ from .core import (
     read_bundle_files,
     read_clip,
     register_chunks,
+    resolve_options,
 )
 from .sync import batch_request, batch_results
 
@@ -37,10 +38,7 @@ class AsyncClient:
     """
 
     def __init__(self, address: Optional[str] = None, *, options: Optional[ClientOptions] = None, **kwargs: Any):
-        if options is None:
-            options = ClientOptions(**({"address": address} if address else {}), **kwargs)
-        elif address or kwargs:
-            raise TypeError("pass either options= or address/keyword options, not both")
+        options = resolve_options(address, options, kwargs)
         self.options = options
         creds = options.credentials()
         if creds is None:

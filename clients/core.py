@@ -141,6 +141,16 @@ class ClientOptions:
 # ----------------------------------------------------------------------------- results
 
 
+def resolve_options(address: Optional[str], options: Optional[ClientOptions], kwargs: Mapping[str, Any]) -> ClientOptions:
+    """The options of a client built as ``Client(address, **fields)`` or ``Client(options=...)`` (not both)."""
+    if options is None:
+        fields: dict[str, Any] = {"address": address} if address else {}
+        return ClientOptions(**fields, **kwargs)
+    if address or kwargs:
+        raise TypeError("pass either options= or address/keyword options, not both")
+    return options
+
+
 @dataclass(frozen=True)
 class Prediction:
     label: str

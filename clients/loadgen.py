@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-
-from .output import table
 from .core import DEFAULT_ADDRESS, NO_RETRY, ClientError, ClientOptions, read_clip
+from .output import table
 
 MAX_DURATION_S = 3600.0
 MAX_REQUESTS = 1_000_000

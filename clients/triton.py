@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import grpc
 import numpy as np
 
-from .core import Clip, ClassifyResult, ClientError, Prediction, read_clip
+from .core import ClassifyResult, ClientError, Clip, Prediction, read_clip
 
 TASKS_PARAM = "tasks_json"
 DEFAULT_MODEL = "stadapter_multitask"

@@ -63,7 +63,8 @@ class Server:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
-        log.info("trunk %s (%s…) on %s as %s", trunk.spec.model, trunk.fingerprint[:12], device, dtype)
+        log.info("trunk %s (%s…) on %s as %s", trunk.spec.model if trunk.spec else "?", trunk.fingerprint[:12], device,
+                 dtype)
 
         metrics = Metrics(device)
         slots = AdapterSlots(cfg.cache_bytes, device, dtype, on_event=metrics.adapter_event)
@@ -114,7 +115,7 @@ class Server:
         reflection.enable_server_reflection((*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                              reflection.SERVICE_NAME), gs)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
+        if cfg.tls_cert and cfg.tls_key:  # ServerConfig refuses one without the other
             creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
             port = gs.add_secure_port(address, creds)
         else:

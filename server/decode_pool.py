@@ -167,7 +167,7 @@ class ProcessDecodePool:
 
     def __init__(self, workers: int, context: str = "spawn"):
         self.workers = workers
-        self.ctx = multiprocessing.get_context(context)
+        self.ctx: Any = multiprocessing.get_context(context)  # SpawnContext etc.: typeshed's BaseContext lacks Process
         self.shm_prefix = f"stadapter-dec-{os.getpid()}-{id(self):x}-"
         self._names = itertools.count()
         self._free: asyncio.Queue[_Worker] = asyncio.Queue()

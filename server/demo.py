@@ -122,10 +122,10 @@ def metric_lines(samples: list[tuple[str, dict[str, str], float]]) -> list[str]:
     lines.append("stadapter_clips_total by task: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(clips.items())))
     for hist, unit in (("stadapter_batch_size", "clips"), ("stadapter_batch_tasks", "tasks"),
                        ("stadapter_request_seconds", "s")):
-        n, s = total(f"{hist}_count"), total(f"{hist}_sum")
-        if n:
-            mean = f"{s / n * 1e3:.1f} ms" if unit == "s" else f"{s / n:.2f} {unit}"
-            lines.append(f"{hist}: {n:.0f} observations, mean {mean}")
+        count, summed = total(f"{hist}_count"), total(f"{hist}_sum")
+        if count:
+            mean = f"{summed / count * 1e3:.1f} ms" if unit == "s" else f"{summed / count:.2f} {unit}"
+            lines.append(f"{hist}: {count:.0f} observations, mean {mean}")
     lines.append(f"stadapter_tasks_loaded: {total('stadapter_tasks_loaded'):.0f}")
     ok = total("stadapter_registrations_total", result="ok")
     lines.append(f"stadapter_registrations_total{{result=\"ok\"}}: {ok:.0f}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
@@ -79,7 +79,7 @@ class Metrics:
         for name, values in KNOWN_LABELS.items():
             for value in values:
                 getattr(self, name).labels(value)
-        self._http = None
+        self._http: Optional[Any] = None  # prometheus_client's WSGI server, once serving
 
     def adapter_event(self, event: str, seconds: float) -> None:
         """The slots' ``on_event`` hook (``hit`` | ``activation`` | ``eviction`` | ``discard``)."""
@@ -96,8 +96,9 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return int(self._http.server_address[1])
+        http, _ = start_http_server(port, addr=host, registry=self.registry)
+        self._http = http
+        return int(http.server_address[1])
 
     def shutdown(self) -> None:
         if self._http is not None:

@@ -117,7 +117,8 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         _task_label.set(request.model_name)
         tv = self._model(request.model_name, request.model_version)
         params = read_parameters(request.parameters, PARAMETERS)
-        top_k = int(params.pop("top_k", 0))
+        top_k = params.pop("top_k", 0)
+        assert isinstance(top_k, int)  # read_parameters took it from int64_param
         if top_k < 0:
             raise BadRequest(f"request parameter top_k must be >= 0, got {top_k}")
         wanted = self._requested_outputs(request)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import BadRequest
 
@@ -61,7 +61,7 @@ RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end"
 RESERVED_PREFIX = "triton_"
 
 
-def read_parameters(params, specs: Sequence[ParamSpec]) -> dict[str, object]:
+def read_parameters(params, specs: Sequence[ParamSpec]) -> dict[str, Any]:
     """``{name: value}`` from a request's ``parameters`` map, each in the field its spec names.
 
     An unknown key, or a value in another field (e.g. ``top_k`` as a string), is INVALID_ARGUMENT.

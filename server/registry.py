@@ -114,7 +114,7 @@ def _new_uid() -> int:
 
 
 def _version_dirs(task_dir: Path) -> dict[int, Path]:
-    out = {}
+    out: dict[int, Path] = {}
     try:
         entries = list(task_dir.iterdir())
     except OSError:
@@ -245,7 +245,7 @@ class TaskRegistry:
 
     def scan(self) -> dict[str, tuple[int, Path]]:
         """Latest version folder per task on disk."""
-        out = {}
+        out: dict[str, tuple[int, Path]] = {}
         try:
             task_dirs = [p for p in self.tasks_dir.iterdir() if not p.name.startswith(".") and p.is_dir()]
         except OSError:

@@ -49,7 +49,10 @@ class VideoTrunk(nn.Module):
         spec: the trunk folder's record (``trunk.json``) when loaded from one (None for a bare module).
     """
 
-    def __init__(self, visual: nn.Module, arch: Mapping[str, Any], fingerprint: Optional[str] = None,
+    visual: Any  # open_clip's VisionTransformer (open_clip has no type information)
+    blocks: Any
+
+    def __init__(self, visual: Any, arch: Mapping[str, Any], fingerprint: Optional[str] = None,
                  spec: Optional[TrunkSpec] = None):
         super().__init__()
         self.spec = spec
@@ -57,7 +60,7 @@ class VideoTrunk(nn.Module):
         self.visual = visual.eval().requires_grad_(False)
         self.arch = dict(arch)
         self.fingerprint = fingerprint or trunk_fingerprint(self.visual.state_dict(), self.arch)
-        self.grid: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
+        self.grid: tuple[int, int] = (int(visual.grid_size[0]), int(visual.grid_size[1]))
         self.image_size: int = int(visual.image_size[0])
         self.dim: int = int(visual.class_embedding.shape[0])
         self.blocks = visual.transformer.resblocks
@@ -124,7 +127,7 @@ class VideoTrunk(nn.Module):
         return stack.head(feats) if isinstance(stack, Segments) else stack.head(feats, task_index)
 
 
-def _check_supported(visual: nn.Module) -> None:
+def _check_supported(visual: Any) -> None:
     needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post", "transformer", "grid_size")
     missing = [n for n in needed if not hasattr(visual, n)]
     if missing:
