@@ -257,10 +257,10 @@ class TaskSpec:
         labels = tuple(self.labels)
         if not labels:
             raise ConfigError(f"task {self.name!r}: labels are empty")
-        bad = [l for l in labels if not isinstance(l, str) or not l.strip() or len(l) > 256]
+        bad = [label for label in labels if not isinstance(label, str) or not label.strip() or len(label) > 256]
         if bad:
             raise ConfigError(f"task {self.name!r}: labels must be non-empty strings of <= 256 chars, got {bad[:3]!r}")
-        dupes = sorted({l for l in labels if labels.count(l) > 1})
+        dupes = sorted({label for label in labels if labels.count(label) > 1})
         if dupes:
             raise ConfigError(f"task {self.name!r}: duplicate labels {dupes[:5]!r}")
         object.__setattr__(self, "labels", labels)

@@ -20,7 +20,7 @@ from stadapter import (
     init_trunk,
     load_trunk,
 )
-from stadapter.adapter import STAdapter, _depthwise_conv_cl, apply_adapter
+from stadapter.adapter import STAdapter, _depthwise_conv_cl
 
 DIM, GRID, T = 16, (2, 3), 6
 

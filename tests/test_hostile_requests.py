@@ -115,7 +115,8 @@ def test_a_cancelled_upload_leaves_no_folder(bundle):
             deadline = time.monotonic() + 10
             while _uploads(repo) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert not _uploads(repo), f"a cancelled upload left its folder behind: {[sorted(p.name for p in (repo / 'tasks' / u).iterdir()) for u in _uploads(repo)]}\n{srv.log()[-3000:]}"
+            left = [sorted(p.name for p in (repo / "tasks" / u).iterdir()) for u in _uploads(repo)]
+            assert not left, f"a cancelled upload left its folder behind: {left}\n{srv.log()[-3000:]}"
         listing = pb_grpc.VideoClassifierStub(channel).ListTasks(pb.ListTasksRequest(), timeout=5)
         assert {t.name for t in listing.tasks} == {"alpha", "beta"}
         channel.close()

@@ -276,7 +276,7 @@ def test_metrics_parse_and_counters_move(main, clips):
     main.stubs.classify("alpha", clips[2])
     code_of(lambda: main.stubs.classify("nope", clips[2]))
     after = scrape(main.metrics_url)
-    d = lambda name, **l: metric(after, name, **l) - metric(before, name, **l)  # noqa: E731
+    d = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)  # noqa: E731
     assert d("stadapter_requests_total", method="Classify", task="alpha", code="OK") == 1
     assert d("stadapter_requests_total", method="Classify", task="_other", code="NOT_FOUND") == 1
     assert d("stadapter_clips_total", task="alpha") == 1

@@ -135,7 +135,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.pretrain_trunk", description="Pre-train the embedded demo trunk.")
     p.add_argument("--out", required=True, type=Path, help="trunk folder to write (e.g. model_repository/trunk)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="name recorded in trunk.json")
-    p.add_argument("--model-config", type=Path, default=None, help=f"open_clip model config (default training/configs/{DEFAULT_MODEL}.json)")
+    p.add_argument("--model-config", type=Path, default=None,
+                   help=f"open_clip model config (default training/configs/{DEFAULT_MODEL}.json)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
