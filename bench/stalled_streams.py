@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+TASK = "motion"  # a task of the committed model_repository/ (the embedded trunk)
 
 MiB = 1 << 20
 
@@ -51,7 +51,8 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
     decoder that hangs through the test hook, so the whole clip sits in the server as a request)."""
     import grpc
 
-    from serverproc import ServerProcess, make_repository
+    from server.demo import copy_repository
+    from server.process import ServerProcess
     from stadapter_api.v1 import inference_pb2 as pb
     from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
@@ -63,7 +64,7 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
     first = HANG_MAGIC + chunk[len(HANG_MAGIC):] if phase == "decoding" else chunk
     env = {TEST_HOOK_ENV: "hang-on-magic"} if phase == "decoding" else {}
     with tempfile.TemporaryDirectory() as tmp:
-        repo = make_repository(Path(tmp) / "repo")
+        repo = copy_repository(ROOT / "model_repository", Path(tmp) / "repo")
         args = ["--max-clip-bytes", str(per_stream), "--max-inflight-clip-bytes", str(budget), "--no-warmup",
                 "--poll-interval-s", "0", "--decode-workers", "1", "--decode-timeout-s", "600"]
         if idle_timeout_s > 0:
@@ -78,7 +79,7 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
                 sent = 0
                 while sent < per_stream:
                     n = min(len(chunk), per_stream - sent)
-                    yield pb.ClassifyChunk(task="alpha", data=first[:n]) if sent == 0 else pb.ClassifyChunk(data=chunk[:n])
+                    yield pb.ClassifyChunk(task=TASK, data=first[:n]) if sent == 0 else pb.ClassifyChunk(data=chunk[:n])
                     sent += n
                 if phase == "stalled":
                     gate.wait(600)  # everything sent but the end of the stream
