@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.timing import timed_rounds
+from bench.timing import rss_bytes, timed_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_TASKS = 8
@@ -149,7 +149,6 @@ def read_tensors(path: Path):
 
 
 def bench_memory(repo: Path) -> dict:
-    from server.metrics import _rss_bytes
     from server.registry import TaskRegistry
     from server.slots import AdapterSlots
     from stadapter import load_trunk, read_bundle
@@ -158,9 +157,9 @@ def bench_memory(repo: Path) -> dict:
     bundle_bytes = read_bundle(repo / "tasks" / "task0" / "1").nbytes
     slots = AdapterSlots(1 << 40, torch.device("cpu"), torch.float32, chunk=1)
     reg = TaskRegistry(repo, trunk)
-    rss0 = _rss_bytes()
+    rss0 = rss_bytes()
     reg.sync()
-    rss1 = _rss_bytes()
+    rss1 = rss_bytes()
     before = slots.bytes
     tvs = list(reg.tasks.values())
     with slots.lease([tvs[0]]):  # one task activated into a one-slot bank
@@ -242,23 +241,22 @@ def serve_with_memoised_decode(argv: list[str]) -> int:
     """``python -m bench.serving --serve SERVER_ARGS``: the server, decoding each distinct clip once if asked."""
     if os.environ.get("STADAPTER_BENCH_MEMO_DECODE") == "1":
         import hashlib
-        import threading
 
-        import server.pipeline as pipeline
+        import server.decode_pool as decode_pool
 
-        real, memo, lock = pipeline.decode_clip, {}, threading.Lock()
+        memo: dict = {}
 
-        def decode_once(data: bytes, sampling, limits):
-            key = (hashlib.blake2b(data, digest_size=16).digest(), sampling)
-            with lock:
-                hit = memo.get(key)
-            if hit is None:
-                hit = real(data, sampling, limits)
-                with lock:
-                    memo[key] = hit
-            return hit
+        def memoised(real):
+            async def decode_once(self, clip, sampling, limits, timeout_s, deadline=None):
+                key = (hashlib.blake2b(bytes(clip), digest_size=16).digest(), sampling)
+                hit = memo.get(key)  # the event loop's thread only: no lock needed
+                if hit is None:
+                    hit = memo[key] = await real(self, clip, sampling, limits, timeout_s, deadline)
+                return hit
+            return decode_once
 
-        pipeline.decode_clip = decode_once
+        for backend in (decode_pool.ThreadDecoder, decode_pool.ProcessDecodePool):  # whichever the server picks
+            backend.decode = memoised(backend.decode)  # type: ignore[method-assign]
     from server.__main__ import main as server_main
 
     return server_main(argv)

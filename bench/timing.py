@@ -1,7 +1,8 @@
-"""Timing helpers shared by the benches."""
+"""Timing and memory helpers shared by the benches."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -22,3 +23,12 @@ def timed_rounds(fns: dict[str, Callable[[], object]], iters: int, warmup: int =
             fn()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux ``/proc/self/statm``; 0 where unreadable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
