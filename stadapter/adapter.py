@@ -164,20 +164,26 @@ class STAdapter(nn.Module):
         r = cfg.width
         self.activation = cfg.activation
         self.fc1 = nn.Linear(dim, r)
-        self.conv = nn.Conv3d(r, r, kernel_size=cfg.kernel, padding=tuple(k // 2 for k in cfg.kernel), groups=r)
+        kt, kh, kw = cfg.kernel
+        self.conv = nn.Conv3d(r, r, kernel_size=(kt, kh, kw), padding=(kt // 2, kh // 2, kw // 2), groups=r)
         self.fc2 = nn.Linear(r, dim)
-        for t in (self.conv.weight, self.conv.bias, self.fc1.bias, self.fc2.bias):
+        for t in (self.conv.weight, self._bias(self.conv), self._bias(self.fc1), self._bias(self.fc2)):
             nn.init.zeros_(t)
+
+    @staticmethod
+    def _bias(layer: nn.Linear | nn.Conv3d) -> Tensor:
+        assert layer.bias is not None  # built with bias=True
+        return layer.bias
 
     def slot_weights(self) -> SlotWeights:
         """K=1 view of the parameters (differentiable, no copy)."""
         return SlotWeights(
             fc1_w=self.fc1.weight.unsqueeze(0),
-            fc1_b=self.fc1.bias.unsqueeze(0),
+            fc1_b=self._bias(self.fc1).unsqueeze(0),
             conv_w=self.conv.weight[:, 0].permute(1, 2, 3, 0).unsqueeze(0),
-            conv_b=self.conv.bias.unsqueeze(0),
+            conv_b=self._bias(self.conv).unsqueeze(0),
             fc2_w=self.fc2.weight.unsqueeze(0),
-            fc2_b=self.fc2.bias.unsqueeze(0),
+            fc2_b=self._bias(self.fc2).unsqueeze(0),
         )
 
     def forward(self, x: Tensor, num_frames: int, grid: tuple[int, int]) -> Tensor:

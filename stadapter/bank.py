@@ -116,7 +116,8 @@ class AdapterStack:
         for key in keys:
             present = [s.slots[key] for s in stacks if key in s.slots]
             width = max(p.width for p in present)
-            kernel = tuple(max(p.kernel[i] for p in present) for i in range(3))
+            kernel = (max(p.kernel[0] for p in present), max(p.kernel[1] for p in present),
+                      max(p.kernel[2] for p in present))
             dim = present[0].fc2_w.shape[1]
             parts = [
                 _pad_slot(s.slots[key], width, kernel) if key in s.slots else _zero_slot(s.num_tasks, dim, width, kernel, ref)
@@ -173,7 +174,9 @@ class TaskAdapters(nn.Module):
         return self.fc.out_features
 
     def adapters(self) -> Iterable[tuple[SlotKey, STAdapter]]:
-        for i, block in self.transformer.resblocks.items():
+        blocks = self.transformer.resblocks
+        assert isinstance(blocks, nn.ModuleDict)  # set in __init__
+        for i, block in blocks.items():
             for pos in self.config.positions():
                 yield (int(i), pos), getattr(block, f"adapter_{pos}")
 
