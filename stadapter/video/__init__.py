@@ -58,9 +58,9 @@ from .readers import ReadResult
 from .sampling import keyframe_indices, missing_indices, sample_indices, unique_indices, view_indices
 
 __all__ = [
-    "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "VideoOutOfMemory", "crop_offsets", "decode_clip",
-    "decode_frames", "decode_sampled_frames", "decode_views", "keyframe_indices", "keyframes", "probe", "sample_indices",
-    "sample_plan", "views_to_tensor",
+    "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "VideoOutOfMemory",
+    "crop_offsets", "decode_clip", "decode_frames", "decode_sampled_frames", "decode_views", "keyframe_indices",
+    "keyframes", "probe", "sample_indices", "sample_plan", "views_to_tensor",
 ]
 
 

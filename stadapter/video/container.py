@@ -41,15 +41,15 @@ class guard:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, tp, exc, tb) -> bool:
+    def __exit__(self, tp, exc, tb) -> None:  # never swallows: re-raises as VideoError or lets it through
         if exc is None or isinstance(exc, VideoError) or not isinstance(exc, Exception):
-            return False
+            return None
         if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
             raise VideoOutOfMemory(f"cannot {self.what} clip: out of memory ({describe(exc)})") from exc
         if isinstance(exc, (av.FFmpegError, OSError, EOFError, ValueError, IndexError, KeyError,
                             AssertionError, RuntimeError, OverflowError, MemoryError, UnicodeError)):
             raise VideoError(f"cannot {self.what} clip: {describe(exc)}") from exc
-        return False
+        return None
 
 
 def describe(exc: BaseException) -> str:
@@ -192,7 +192,7 @@ class Clip:
         if size > limits.max_bytes:
             raise VideoError(f"clip is {size} bytes, over the limit of {limits.max_bytes}")
         self.source, self.limits = source, limits
-        self._lead = None  # the packet a verified rewind demuxed: the next read starts with it
+        self._lead: av.Packet | None = None  # the packet a checked rewind demuxed: the next read starts with it
         self.budget = Budget(limits)
         self.container = _open_container(source, limits)
         try:
@@ -281,9 +281,9 @@ class Clip:
                 lead = next(self.container.demux(stream), None)
             except (av.FFmpegError, OSError, EOFError, ValueError):
                 lead = None
-            same = lead is not None and all(getattr(lead, a) == getattr(first, a)
-                                            for a in ("pts", "dts", "pos", "size", "is_keyframe", "is_discard"))
-            if same and bytes(lead) == bytes(first):
+            if lead is not None and first is not None and all(
+                    getattr(lead, a) == getattr(first, a) for a in ("pts", "dts", "pos", "size", "is_keyframe", "is_discard")
+            ) and bytes(lead) == bytes(first):
                 self._lead = lead
                 return
         self._reopen()
@@ -327,7 +327,8 @@ class _Resumed:
     """The container after a checked rewind: its first ``demux`` yields the packet the check read."""
 
     def __init__(self, container: av.container.InputContainer, lead: av.Packet) -> None:
-        self.container, self.lead = container, lead
+        self.container = container
+        self.lead: av.Packet | None = lead
 
     def demux(self, stream):
         lead, self.lead = self.lead, None
