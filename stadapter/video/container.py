@@ -195,6 +195,7 @@ class Clip:
         self._lead: av.Packet | None = None  # the packet a checked rewind demuxed: the next read starts with it
         self.budget = Budget(limits)
         self.container = _open_container(source, limits)
+        self._closed = False
         try:
             if len(self.container.streams) > limits.max_streams:
                 # the demuxer stops at max_streams + 1 (see _open_options): the real count may be higher
@@ -217,15 +218,18 @@ class Clip:
         self.close()
 
     def close(self) -> None:
-        if self.container is not None:
+        if not self._closed:
+            self._closed = True
             self.container.close()
-            self.container = None
 
     def _reopen(self) -> av.video.stream.VideoStream:
         self._lead = None
         self.close()
         self.container = _open_container(self.source, self.limits)
-        return self.container.streams[self.stream_index]
+        self._closed = False
+        stream = self.container.streams[self.stream_index]
+        assert isinstance(stream, av.video.stream.VideoStream)  # the index was chosen among video streams
+        return stream
 
     def _count_packets(self) -> int:
         """Frame count for a header without frames or duration: count packets, then rewind."""

@@ -92,6 +92,8 @@ class IndexedReader:
         self.ticks_per_frame = 1.0 / self.frames_per_tick
         self.seek_gap = seek_gap
         self.anchor: int | None = None  # pts of frame 0
+        self.want: set[int] = set()
+        self.got: dict[int, np.ndarray] = {}
         self.early_pts: list[tuple[int, bool]] = []  # (pts, keyframe) of packets before the anchor was known
         self.seen: set[int] = set()  # grid slots of demuxed packets
         self.frontier = 0  # lowest slot not seen yet
@@ -113,6 +115,7 @@ class IndexedReader:
     def slot(self, pts: int | None, what: str) -> int:
         if pts is None:
             raise Irregular(f"a {what} has no pts")
+        assert self.anchor is not None  # slots are asked for only once frame 0 fixed the grid
         x = (pts - self.anchor) * self.frames_per_tick
         i = round(x)
         if abs(x - i) > _FRAME_GRID_TOLERANCE:
@@ -190,7 +193,7 @@ class IndexedReader:
     def run(self, needed: list[int], convert) -> tuple[dict[int, np.ndarray], ReadResult]:
         self.want, self.got = set(needed), {}
         todo = iter(needed)
-        target = next(todo)
+        target: int = next(todo)
         buffer: list = []  # demuxed, not yet decoded packets (continuing the decoder, or from a keyframe)
         fresh = False  # buffer starts at a keyframe: flush the decoder before feeding it
         seeked_for: int | None = None
@@ -235,11 +238,12 @@ class IndexedReader:
                     self.seek(target)
                     packets, buffer, fresh = self.container.demux(self.stream), [], False
             while target in self.got or target in self.fed:  # its packet is in: look further
-                target = next(todo, None)
-                if target is None:
+                following = next(todo, None)
+                if following is None:
                     if self.fed - self.got.keys():
                         self.drain(convert)  # rather than feeding more packets to push them out
                     return self.finish(needed, packets)
+                target = following
         if landing is not None:
             raise SeekMissed(f"seek for frame {landing[-1]} found no keyframe before the end")
         # end of stream: decode what is held back, then drain the decoder
@@ -297,6 +301,7 @@ class IndexedReader:
             self.seek_gap = None
 
     def seek(self, target: int) -> None:
+        assert self.anchor is not None  # seeks happen only once frame 0 fixed the grid
         pts = self.anchor + int(round((target + _FRAME_GRID_TOLERANCE) * self.ticks_per_frame))
         self.container.seek(pts, backward=True, any_frame=False, stream=self.stream)
         self.res.seeks += 1
