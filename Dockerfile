@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
-# GPU image of the ST-Adapter video inference server (gRPC + Prometheus metrics).
+# GPU image of the ST-Adapter video inference server (gRPC, HTTP + Prometheus metrics).
 #
 #   docker build -t stadapter-serve .
-#   docker run --gpus all -p 127.0.0.1:50051:50051 -p 127.0.0.1:9090:9090 \
+#   docker run --gpus all -p 127.0.0.1:50051:50051 -p 127.0.0.1:8000:8000 -p 127.0.0.1:9090:9090 \
 #       -v "$PWD/model_repository:/models" -e STADAPTER_ADMIN_TOKEN="$(cat admin.token)" stadapter-serve
 #
 # Anything after the image name is appended to the server's flags (e.g. --max-batch-size 64).
@@ -46,13 +46,14 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin stadapter \
 USER 10001:10001
 
 VOLUME ["/models"]
-# gRPC (stadapter.v1, grpc.health.v1, reflection) and Prometheus metrics (HTTP /metrics)
-EXPOSE 50051 9090
+# gRPC (stadapter.v1, grpc.health.v1, reflection), HTTP (OIP v2 REST, /v2/health/{live,ready}, multipart
+# upload) and Prometheus metrics (HTTP /metrics)
+EXPOSE 50051 8000 9090
 
 # grpc.health.v1 Check through the client CLI: exit 0 only while SERVING (NOT_SERVING while draining).
 # With --tls-cert, also set STADAPTER_TLS_CA to a CA file in the container (its cert must name 127.0.0.1).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["python", "-m", "clients", "health", "--timeout", "5", "--retries", "0"]
 
-ENTRYPOINT ["python", "-m", "server", "--model-repository", "/models", "--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9090"]
+ENTRYPOINT ["python", "-m", "server", "--model-repository", "/models", "--host", "0.0.0.0", "--port", "50051", "--http-port", "8000", "--metrics-port", "9090"]
 CMD []

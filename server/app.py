@@ -25,6 +25,7 @@ from .auth import Auth
 from .batcher import Batcher
 from .config import ServerConfig
 from .decode_pool import Decoder, ProcessDecodePool, ThreadDecoder
+from .http import HttpServer, HttpService
 from .metrics import Metrics, remove_label
 from .oip import OIP_SERVICE_NAME, InferenceService
 from .oip import add_to_server as add_oip_to_server
@@ -53,6 +54,7 @@ class Server:
     metrics: Metrics
     grpc_port: int
     metrics_port: int
+    http: Optional[HttpServer] = None  # None with --http-port -1
     _poller: Optional[asyncio.Task] = None
 
     @classmethod
@@ -124,8 +126,12 @@ class Server:
             raise OSError(f"cannot bind gRPC on {address}")
         batcher.start()
         await gs.start()
+        http = None
+        if cfg.http_port >= 0:  # same tokens, TLS, admission and metrics; on this event loop
+            http = await HttpServer.start(HttpService(pipeline, registry, metrics, auth), cfg.host, cfg.http_port,
+                                          cfg.tls_cert, cfg.tls_key)
         metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
-        srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port)
+        srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port, http)
         if cfg.poll_interval_s > 0:
             srv._poller = asyncio.get_running_loop().create_task(srv._poll(), name="repository-poll")
         return srv
@@ -139,10 +145,11 @@ class Server:
                 log.exception("repository poll failed")
 
     def ready_info(self) -> dict:
-        return {"event": "ready", "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        return {"event": "ready", "grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+                "http_port": self.http.port if self.http is not None else None}
 
     async def drain(self) -> None:
-        """Health NOT_SERVING, refuse new work (UNAVAILABLE), let in-flight work finish, stop."""
+        """Health NOT_SERVING (gRPC; HTTP ready 503), refuse new work (UNAVAILABLE), let in-flight work finish, stop."""
         log.info("draining: %d requests in flight", self.pipeline.inflight)
         self.pipeline.draining = True
         await self.health.enter_graceful_shutdown()
@@ -151,6 +158,8 @@ class Server:
         if self._poller is not None:
             self._poller.cancel()
         await self.grpc_server.stop(grace=1.0)
+        if self.http is not None:  # /v2/health/ready answered 503 until here
+            await self.http.stop()
         await self.batcher.close()
         self.pipeline.close()
         self.metrics.shutdown()

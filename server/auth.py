@@ -30,11 +30,17 @@ def read_token(path: Optional[Path]) -> Optional[str]:
 def _bearer(context: grpc.aio.ServicerContext) -> Optional[str]:
     for key, value in context.invocation_metadata() or ():
         if key == "authorization":
-            if isinstance(value, bytes):
-                value = value.decode("latin-1")
-            scheme, _, token = value.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
+            return bearer_token(value.decode("latin-1") if isinstance(value, bytes) else value)
     return None
+
+
+def bearer_token(authorization: Optional[str]) -> Optional[str]:
+    """The token of an ``authorization: Bearer <token>`` value (gRPC metadata or HTTP header); "" for another
+    scheme, None when there is no such value."""
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _matches(given: str, expected: str) -> bool:
@@ -68,10 +74,18 @@ class Auth:
         if self.classify_token is not None:
             self._check(context, self.classify_token, "classify")
 
+    def check_classify_header(self, authorization: Optional[str]) -> None:
+        """The HTTP form of :meth:`check_classify` (the ``Authorization`` header's value, None when absent)."""
+        if self.classify_token is not None:
+            check_token(bearer_token(authorization), self.classify_token, "classify", "requests", "header")
+
     @staticmethod
     def _check(context: grpc.aio.ServicerContext, expected: str, what: str) -> None:
-        token = _bearer(context)
-        if token is None:
-            raise Unauthenticated(f"{what} RPCs need 'authorization: Bearer <token>' metadata")
-        if not _matches(token, expected):
-            raise Unauthenticated(f"the {what} bearer token is not valid")
+        check_token(_bearer(context), expected, what, "RPCs", "metadata")
+
+
+def check_token(token: Optional[str], expected: str, what: str, calls: str, carrier: str) -> None:
+    if token is None:
+        raise Unauthenticated(f"{what} {calls} need 'authorization: Bearer <token>' {carrier}")
+    if not _matches(token, expected):
+        raise Unauthenticated(f"the {what} bearer token is not valid")

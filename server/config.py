@@ -24,6 +24,8 @@ class ServerConfig:
 
     Args:
         model_repository: folder with ``trunk/`` and ``tasks/<task>/<version>/``.
+        http_port: OIP v2 REST, health probes and the multipart upload (``server.http``); 0 = any free port,
+            -1 = no HTTP.
         max_batch_size: rows (clip views) per forward pass.
         max_queue_delay_ms: longest time the first queued clip waits for company.
         max_queue_size: requests admitted but not yet computed (decoding + queued);
@@ -59,6 +61,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090
+    http_port: int = 8000
     max_batch_size: int = 32
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
@@ -117,6 +120,8 @@ class ServerConfig:
             v = getattr(self, name)
             if not 0 <= v <= 65535:
                 raise ValueError(f"ServerConfig.{name} must be 0..65535, got {v!r}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"ServerConfig.http_port must be 0..65535 (or -1: no HTTP), got {self.http_port!r}")
 
     def replace(self, **changes) -> "ServerConfig":
         return dataclasses.replace(self, **changes)
@@ -142,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", default=d.host)
     a("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port (0 = any free port)")
+    a("--http-port", type=int, default=d.http_port,
+      help="HTTP: OIP v2 REST, /v2/health/{live,ready}, multipart upload (0 = any free port, -1 = off)")
     a("--max-batch-size", type=int, default=d.max_batch_size, help="rows (clip views) per forward")
     a("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
     a("--max-queue-size", type=int, default=d.max_queue_size, help="admitted, not yet computed requests")

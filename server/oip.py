@@ -20,43 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+
 import grpc
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from stadapter_api.wire import OIP_CLIP_INPUT, OIP_LABELS_OUTPUT, OIP_SCORES_OUTPUT
-
 from .admission import Ticket
-from .errors import BadRequest, TaskNotFound
-from .oip_tensors import ParamSpec, element_count, fp32_bytes, join_bytes_elements, read_parameters, split_bytes_elements
+from .errors import BadRequest
+from .oip_model import (INPUT_SIGNATURE, OUTPUT_SIGNATURE, PARAMETERS, PLATFORM, SERVER_NAME, check_clip_sizes,
+                        check_input, classify_clips, model_ready, output_tensors, requested_outputs, served_model,
+                        server_version, split_top_k)
+from .oip_tensors import read_parameters, split_bytes_elements
 from .pipeline import Classification
 from .registry import TaskVersion
 from .service import _Base, _deadline, _task_label, rpc
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
-SERVER_NAME = "stadapter"
-PLATFORM = "stadapter"
-OUTPUTS = (OIP_LABELS_OUTPUT, OIP_SCORES_OUTPUT)
-PARAMETERS = (
-    ParamSpec("top_k", "int64_param"),
-    ParamSpec("num_frames", "int64_param"),
-    ParamSpec("mode", "string_param"),
-    ParamSpec("stride", "int64_param"),
-    ParamSpec("temporal_views", "int64_param"),
-    ParamSpec("spatial_views", "int64_param"),
-    ParamSpec("autorotate", "bool_param"),
-    ParamSpec("seek", "string_param"),
-)
-
-
-def _server_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("stadapter-serve")
-    except PackageNotFoundError:
-        return "0"
+_CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32}
 
 
 class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
@@ -71,16 +52,14 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerReadyResponse(ready=not self.pipeline.admission.draining)
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
-        tv = self.registry.tasks.get(request.name)
-        ready = (tv is not None and not self.pipeline.admission.draining
-                 and request.version in ("", str(tv.version)))
-        return oip.ModelReadyResponse(ready=ready)
+        return oip.ModelReadyResponse(ready=model_ready(self.registry, self.pipeline.admission.draining,
+                                                        request.name, request.version))
 
     # --- metadata ---
 
     @rpc("ServerMetadata", "public")
     async def ServerMetadata(self, request, context, ticket: Ticket) -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(),
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=server_version(),
                                           extensions=["model_repository", "model_configuration"])
 
     @rpc("ModelMetadata", "classify")
@@ -89,9 +68,8 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         T = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=tv.name, versions=[str(tv.version)], platform=PLATFORM,
-            inputs=[T(name=OIP_CLIP_INPUT, datatype="BYTES", shape=[-1])],
-            outputs=[T(name=OIP_LABELS_OUTPUT, datatype="BYTES", shape=[-1, -1]),
-                     T(name=OIP_SCORES_OUTPUT, datatype="FP32", shape=[-1, -1])],
+            inputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in INPUT_SIGNATURE],
+            outputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in OUTPUT_SIGNATURE],
         )
 
     @rpc("ModelConfig", "classify")
@@ -100,9 +78,8 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         s = tv.spec
         cfg = mc.ModelConfig(
             name=tv.name, platform=PLATFORM, max_batch_size=0,
-            input=[mc.ModelInput(name=OIP_CLIP_INPUT, data_type=mc.TYPE_STRING, dims=[-1])],
-            output=[mc.ModelOutput(name=OIP_LABELS_OUTPUT, data_type=mc.TYPE_STRING, dims=[-1, -1]),
-                    mc.ModelOutput(name=OIP_SCORES_OUTPUT, data_type=mc.TYPE_FP32, dims=[-1, -1])],
+            input=[mc.ModelInput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in INPUT_SIGNATURE],
+            output=[mc.ModelOutput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in OUTPUT_SIGNATURE],
         )
         cfg.version_policy.specific.versions.append(tv.version)
         for key, value in (("labels", json.dumps(list(s.labels))), ("sampling", json.dumps(s.sampling.to_dict())),
@@ -117,46 +94,20 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         _task_label.set(request.model_name)
         tv = self._model(request.model_name, request.model_version)
         params = read_parameters(request.parameters, PARAMETERS)
-        top_k = params.pop("top_k", 0)
-        assert isinstance(top_k, int)  # read_parameters took it from int64_param
-        if top_k < 0:
-            raise BadRequest(f"request parameter top_k must be >= 0, got {top_k}")
-        wanted = self._requested_outputs(request)
+        top_k = split_top_k(params)
+        wanted = requested_outputs([o.name for o in request.outputs])
         clips = self._clips(request)
         ticket.hold(sum(len(c) for c in clips))
-        deadline = _deadline(context)
-        results = await asyncio.gather(
-            *(self.pipeline.classify(ticket, tv.name, clip, top_k, params, deadline) for clip in clips),
-            return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return self._answer(request, tv, [r for r in results if isinstance(r, Classification)], wanted)
+        results = await classify_clips(self.pipeline, ticket, tv, clips, top_k, params, _deadline(context))
+        return self._answer(request, tv, results, wanted)
 
     def _model(self, name: str, version: str) -> TaskVersion:
-        tv = self.registry.get(name)  # TaskNotFound: NOT_FOUND, naming the served tasks
-        if version not in ("", str(tv.version)):
-            raise TaskNotFound(f"model {name!r} is served at version {tv.version}; version {version[:32]!r} is not")
-        return tv
-
-    def _requested_outputs(self, request: oip.ModelInferRequest) -> tuple[str, ...]:
-        names = tuple(o.name for o in request.outputs) or OUTPUTS
-        unknown = sorted(set(names) - set(OUTPUTS))
-        if unknown:
-            raise BadRequest(f"unknown output(s) {[n[:64] for n in unknown]}; the outputs are {list(OUTPUTS)}")
-        return names
+        return served_model(self.registry, name, version)
 
     def _clips(self, request: oip.ModelInferRequest) -> list[bytes]:
-        if len(request.inputs) != 1 or request.inputs[0].name != OIP_CLIP_INPUT:
-            got = [i.name[:64] for i in request.inputs]
-            raise BadRequest(f"the model takes one input, {OIP_CLIP_INPUT!r} (BYTES [N], one encoded clip per "
-                             f"element); got inputs {got}")
-        t = request.inputs[0]
-        if t.datatype != "BYTES":
-            raise BadRequest(f"input {OIP_CLIP_INPUT!r} must be BYTES, got {t.datatype[:32]!r}")
-        n = element_count(t.shape)
-        if n is None or n == 0:
-            raise BadRequest(f"input {OIP_CLIP_INPUT!r} must have shape [N] with N >= 1 clips, got {list(t.shape)}")
+        t = request.inputs[0] if request.inputs else None
+        n = check_input([i.name for i in request.inputs], t.datatype if t else "", t.shape if t else ())
+        assert t is not None
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
                 raise BadRequest(f"raw_input_contents holds {len(request.raw_input_contents)} buffers for 1 input")
@@ -164,26 +115,18 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         else:
             clips = list(t.contents.bytes_contents)
             if len(clips) != n:
-                raise BadRequest(f"input {OIP_CLIP_INPUT!r} has shape [{n}] but holds {len(clips)} clip(s)")
-        for i, clip in enumerate(clips):
-            if len(clip) > self.limits.max_clip_bytes:
-                raise BadRequest(f"clip {i} is {len(clip)} bytes, above the server's --max-clip-bytes of "
-                                 f"{self.limits.max_clip_bytes}")
+                raise BadRequest(f"input {t.name!r} has shape [{n}] but holds {len(clips)} clip(s)")
+        check_clip_sizes(clips, self.limits)
         return clips
 
     @staticmethod
     def _answer(request: oip.ModelInferRequest, tv: TaskVersion, results: list[Classification],
                 wanted: tuple[str, ...]) -> oip.ModelInferResponse:
-        k = min(len(r.top) for r in results)
-        labels = tv.spec.labels
-        tensors = {
-            OIP_LABELS_OUTPUT: ("BYTES", join_bytes_elements([labels[i].encode() for r in results for i, _ in r.top[:k]])),
-            OIP_SCORES_OUTPUT: ("FP32", fp32_bytes([p for r in results for _, p in r.top[:k]])),
-        }
+        tensors = output_tensors(tv, results)
         resp = oip.ModelInferResponse(model_name=tv.name, model_version=str(tv.version), id=request.id)
         for name in wanted:
-            datatype, raw = tensors[name]
-            resp.outputs.add(name=name, datatype=datatype, shape=[len(results), k])
+            datatype, shape, raw = tensors[name]
+            resp.outputs.add(name=name, datatype=datatype, shape=shape)
             resp.raw_output_contents.append(raw)
         return resp
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .errors import BadRequest
 
@@ -57,15 +57,46 @@ class ParamSpec:
 
 # Triton's own request parameters (tritonclient and perf_analyzer set them); accepted and ignored, as are
 # all ``triton_*`` keys (e.g. perf_analyzer's ``triton_enable_empty_final_response``).
-RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout"})
+# ``binary_data_output`` is the HTTP binary-data extension's (read by server.http, not a model parameter).
+RESERVED_PARAMETERS = frozenset({"sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
+                                 "binary_data_output"})
 RESERVED_PREFIX = "triton_"
 
 
 def read_parameters(params, specs: Sequence[ParamSpec]) -> dict[str, Any]:
-    """``{name: value}`` from a request's ``parameters`` map, each in the field its spec names.
+    """``{name: value}`` from a gRPC request's ``parameters`` map, each in the field its spec names.
 
     An unknown key, or a value in another field (e.g. ``top_k`` as a string), is INVALID_ARGUMENT.
     """
+    def kind(p) -> tuple[Optional[str], Any]:
+        got = p.WhichOneof("parameter_choice")
+        return got, getattr(p, got) if got else None
+
+    return _read(params, specs, kind)
+
+
+def read_json_parameters(params: Any, specs: Sequence[ParamSpec]) -> dict[str, Any]:
+    """The same from the HTTP/REST form (a JSON object: ``{"top_k": 2, "mode": "uniform"}``)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"the request's parameters must be a JSON object, got {type(params).__name__}")
+
+    def kind(v: Any) -> tuple[Optional[str], Any]:
+        if isinstance(v, bool):
+            return "bool_param", v
+        if isinstance(v, int):
+            return "int64_param", v
+        if isinstance(v, str):
+            return "string_param", v
+        if isinstance(v, float):
+            return "double_param", v
+        return None, v
+
+    return _read(params, specs, kind)
+
+
+def _read(params, specs: Sequence[ParamSpec], kind: Callable[[Any], tuple[Optional[str], Any]]) -> dict[str, Any]:
     by_name = {s.name: s for s in specs}
     out: dict[str, object] = {}
     for key in sorted(params):
@@ -74,12 +105,11 @@ def read_parameters(params, specs: Sequence[ParamSpec]) -> dict[str, Any]:
         spec = by_name.get(key)
         if spec is None:
             raise BadRequest(f"unknown request parameter {key[:64]!r}; known: {sorted(by_name)}")
-        p = params[key]
-        got = p.WhichOneof("parameter_choice")
+        got, value = kind(params[key])
         if got != spec.kind:
             raise BadRequest(f"request parameter {key!r} must be a {spec.kind.removesuffix('_param')}, "
                              f"got {got.removesuffix('_param') if got else 'nothing'}")
-        out[key] = getattr(p, got)
+        out[key] = value
     return out
 
 

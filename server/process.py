@@ -1,6 +1,6 @@
 """``python -m server`` as a child process on 127.0.0.1: the one launcher the demo, the benches and the tests share.
 
-The child binds OS-picked ports (``--port 0 --metrics-port 0``) and reports the
+The child binds OS-picked ports (``--port 0 --metrics-port 0 --http-port 0``) and reports the
 ports it really bound in ``--ready-file`` (the JSON line it also prints); this
 waits for that file, then exposes :attr:`ServerProcess.address` and
 :attr:`ServerProcess.metrics_url`. Only the standard library is used here.
@@ -46,7 +46,7 @@ class ServerProcess:
         self.ready_file = folder / "ready.json"
         self.log_path = folder / "server.log"
         cmd = [*(launcher or (sys.executable, "-m", "server")), "--model-repository", str(self.repository),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0",
                "--ready-file", str(self.ready_file), *args]
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for key, value in (env or {}).items():
@@ -67,6 +67,9 @@ class ServerProcess:
         self.metrics_port: int = int(self.info["metrics_port"])
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        http = self.info.get("http_port")  # None when the flags turn HTTP off (--http-port -1)
+        self.http_port: Optional[int] = int(http) if http is not None else None
+        self.http_url = f"http://127.0.0.1:{http}" if http is not None else ""
 
     def _wait_ready(self, timeout: float) -> dict:
         end = time.monotonic() + timeout
