@@ -20,7 +20,9 @@ from .core import (
     Clip,
     TaskInfo,
     TaskList,
+    Tasks,
     classify_chunks,
+    classify_outcome,
     classify_request,
     new_upload_id,
     read_bundle_files,
@@ -66,8 +68,10 @@ class AsyncClient:
                     raise err from None
                 await asyncio.sleep(wait)
 
-    async def classify(self, clip: Clip, task: str, top_k: int = 5, sampling: Optional[Mapping[str, Any]] = None,
-                       timeout: Optional[float] = None, request_id: str = "") -> ClassifyResult:
+    async def classify(self, clip: Clip, task: Tasks, top_k: int = 5, sampling: Optional[Mapping[str, Any]] = None,
+                       timeout: Optional[float] = None,
+                       request_id: str = "") -> Union[ClassifyResult, list[Union[ClassifyResult, ClientError]]]:
+        """See :meth:`clients.Client.classify`: a list of task names gives a list of results/errors."""
         data = read_clip(clip)
         o = self.options
         if len(data) > o.stream_threshold_bytes:
@@ -76,7 +80,7 @@ class AsyncClient:
         else:
             req = classify_request(task, data, top_k, sampling, request_id)
             resp = await self._call(self._classifier.Classify, lambda: req, timeout)
-        return ClassifyResult.from_pb(resp)
+        return classify_outcome(task, resp)
 
     async def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 5,
                              sampling: Optional[Mapping[str, Any]] = None,

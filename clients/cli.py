@@ -16,7 +16,8 @@ from typing import Optional, Sequence
 import grpc
 
 from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClientError, ClientOptions, RetryPolicy
-from .output import EXIT_FAILED, EXIT_USAGE, Row, classify_each, exit_code, one_line, print_classify, table
+from .output import (EXIT_FAILED, EXIT_USAGE, Row, classify_each, classify_each_tasks, exit_code, one_line,
+                     print_classify, table)
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -40,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stadapter", description="Client of the ST-Adapter video inference server.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("classify", parents=[common], help="classify clips with one task")
+    c = sub.add_parser("classify", parents=[common], help="classify clips with one task or several")
     c.add_argument("clips", nargs="+", type=Path, metavar="CLIP")
-    c.add_argument("--task", required=True)
+    c.add_argument("--task", required=True, action="append", metavar="TASK[,TASK...]",
+                   help="task name; several (a comma list, or --task again) classify each clip for each task "
+                        "with one upload and one decode per clip")
     c.add_argument("--top-k", type=int, default=3)
     c.add_argument("--json", action="store_true", help="JSON instead of a table")
     c.add_argument("--batch", action="store_true", help="send all clips in one BatchClassify call")
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("clips", nargs="+", type=Path, metavar="CLIP")
     x.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port")
     x.add_argument("--model", default="stadapter_multitask")
-    x.add_argument("--task", required=True)
+    x.add_argument("--task", required=True, help="one task name")
     x.add_argument("--top-k", type=int, default=3)
     x.add_argument("--json", action="store_true")
     x.add_argument("--timeout", type=float, default=60.0)
@@ -108,13 +111,33 @@ def options_from(ns: argparse.Namespace) -> ClientOptions:
 # ----------------------------------------------------------------------------- commands
 
 
+def task_names(values: Sequence[str]) -> list[str]:
+    """``--task a,b --task c`` -> ["a", "b", "c"]; an empty name or one given twice is a usage error."""
+    names = [t.strip() for v in values for t in v.split(",")]
+    if any(not t for t in names):
+        raise UsageError(f"--task {','.join(values)!r} has an empty task name")
+    twice = sorted({t for t in names if names.count(t) > 1})
+    if twice:
+        raise UsageError(f"--task names {twice} more than once")
+    return names
+
+
+class UsageError(ValueError):
+    """A bad combination of arguments (exit status 2)."""
+
+
 def _classify(ns: argparse.Namespace, client) -> int:
     sampling = {k: getattr(ns, k) for k in SAMPLING_FIELDS if getattr(ns, k) is not None}
+    names = task_names(ns.task)
     if ns.batch:
-        rows: list[Row] = [(str(c), r) for c, r in zip(ns.clips, client.batch_classify(ns.clips, ns.task, ns.top_k,
+        if len(names) > 1:
+            raise UsageError("--batch takes one --task (each clip of a BatchClassify call names its own task)")
+        rows: list[Row] = [(str(c), r) for c, r in zip(ns.clips, client.batch_classify(ns.clips, names[0], ns.top_k,
                                                                                         sampling))]
+    elif len(names) == 1:
+        rows = classify_each(lambda clip: client.classify(clip, names[0], ns.top_k, sampling), ns.clips)
     else:
-        rows = classify_each(lambda clip: client.classify(clip, ns.task, ns.top_k, sampling), ns.clips)
+        rows = classify_each_tasks(lambda clip: client.classify(clip, names, ns.top_k, sampling), ns.clips, names)
     return print_classify(rows, ns.json)
 
 

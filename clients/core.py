@@ -11,7 +11,7 @@ import random
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import grpc
 
@@ -30,14 +30,22 @@ class ClientError(Exception):
     """Any failed call: the gRPC status ``code`` (a ``grpc.StatusCode``) and the server's ``message``.
 
     Local problems (a clip file that cannot be read, a bundle folder without its files)
-    use ``INVALID_ARGUMENT`` with ``local=True``: nothing was sent.
+    use ``INVALID_ARGUMENT`` with ``local=True``: nothing was sent. ``task``: the task whose item
+    failed, in the answer of a several-task request ("" otherwise).
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, local: bool = False):
+    def __init__(self, code: grpc.StatusCode, message: str, local: bool = False, task: str = ""):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.local = local
+        self.task = task
+
+    @classmethod
+    def from_item(cls, e: pb.ItemError, task: str = "") -> "ClientError":
+        """The error of one item (a BatchClassify clip, one task of a several-task request)."""
+        code = next((c for c in grpc.StatusCode if c.value[0] == e.code), grpc.StatusCode.UNKNOWN)
+        return cls(code, e.message, task=task)
 
     @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> "ClientError":
@@ -183,6 +191,28 @@ class ClassifyResult:
         return cls(r.task, r.task_version, preds, timings, r.request_id)
 
 
+TaskOutcome = Union[ClassifyResult, ClientError]
+Tasks = Union[str, Sequence[str]]  # one task name, or several for one clip
+
+
+def task_results(r: pb.ClassifyResponse) -> list[TaskOutcome]:
+    """The answer of a several-task request: one result or error per task, in the request's order."""
+    out: list[TaskOutcome] = []
+    for t in r.results:
+        if t.HasField("error"):
+            out.append(ClientError.from_item(t.error, t.task))
+        else:
+            out.append(ClassifyResult.from_pb(pb.ClassifyResponse(task=t.task, task_version=t.task_version,
+                                                                  predictions=t.predictions, timings=t.timings,
+                                                                  request_id=r.request_id)))
+    return out
+
+
+def classify_outcome(task: Tasks, r: pb.ClassifyResponse) -> Union[ClassifyResult, list[TaskOutcome]]:
+    """What ``classify`` returns: a result for one task name (a str), a list for a list of names."""
+    return ClassifyResult.from_pb(r) if isinstance(task, str) else task_results(r)
+
+
 @dataclass(frozen=True)
 class TaskInfo:
     name: str
@@ -261,19 +291,32 @@ def sampling_overrides(sampling: Optional[Mapping[str, Any]]) -> Optional[pb.Sam
     return pb.SamplingOverrides(**{k: v for k, v in sampling.items() if v is not None})
 
 
-def classify_request(task: str, data: bytes, top_k: int, sampling: Optional[Mapping[str, Any]],
+def task_fields(task: Tasks) -> dict[str, Any]:
+    """``task=`` for one name (the request and response of one task), ``tasks=`` for a list of names."""
+    if isinstance(task, str):
+        return {"task": task}
+    names = list(task)
+    if not names or not all(isinstance(t, str) for t in names):
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"task must be a name or a non-empty list of names, got {names!r}", local=True)
+    return {"tasks": names}
+
+
+def classify_request(task: Tasks, data: bytes, top_k: int, sampling: Optional[Mapping[str, Any]],
                      request_id: str = "") -> pb.ClassifyRequest:
-    return pb.ClassifyRequest(task=task, clip=data, top_k=top_k, sampling=sampling_overrides(sampling),
-                              request_id=request_id)
+    return pb.ClassifyRequest(clip=data, top_k=top_k, sampling=sampling_overrides(sampling),
+                              request_id=request_id, **task_fields(task))
 
 
-def classify_chunks(task: str, data: bytes, top_k: int, sampling: Optional[Mapping[str, Any]], chunk_bytes: int,
+def classify_chunks(task: Tasks, data: bytes, top_k: int, sampling: Optional[Mapping[str, Any]], chunk_bytes: int,
                     request_id: str = "") -> list[pb.ClassifyChunk]:
-    """The stream of one clip: the first chunk carries task, top_k, sampling and request id."""
+    """The stream of one clip: the first chunk carries task(s), top_k, sampling and request id."""
+    fields = task_fields(task)
     view = memoryview(data)
     chunks = [pb.ClassifyChunk(data=bytes(view[i:i + chunk_bytes])) for i in range(0, len(data), chunk_bytes)]
     first = chunks[0]
-    first.task, first.top_k, first.request_id = task, top_k, request_id
+    first.task, first.top_k, first.request_id = fields.get("task", ""), top_k, request_id
+    first.tasks.extend(fields.get("tasks", []))
     ov = sampling_overrides(sampling)
     if ov is not None:
         first.sampling.CopyFrom(ov)

@@ -46,14 +46,15 @@ def render_classify(rows: Sequence[Row], as_json: bool) -> str:
         out = []
         for clip, r in rows:
             if isinstance(r, ClientError):
-                out.append({"clip": clip, "error": {"code": r.code.name, "message": r.message}})
+                task = {"task": r.task} if r.task else {}
+                out.append({"clip": clip, **task, "error": {"code": r.code.name, "message": r.message}})
             else:
                 out.append({"clip": clip, **r.to_dict()})
         return json.dumps(out, indent=2)
     body = []
     for clip, r in rows:
         if isinstance(r, ClientError):
-            body.append([clip, "-", "-", "ERROR", "-", r.code.name, "-"])
+            body.append([clip, r.task or "-", "-", "ERROR", "-", r.code.name, "-"])
             continue
         rest = ", ".join(f"{p.label} {p.score:.3f}" for p in r.predictions[1:])
         total = r.timings.get("total_ms")
@@ -75,10 +76,25 @@ def classify_each(classify: Callable[[Any], ClassifyResult], clips: Iterable[Any
     return rows
 
 
+def classify_each_tasks(classify: Callable[[Any], list[Union[ClassifyResult, ClientError]]], clips: Iterable[Any],
+                        tasks: Sequence[str]) -> list[Row]:
+    """One row per clip and task (one call per clip); a failed call is an error row for each of its tasks."""
+    rows: list[Row] = []
+    for clip in clips:
+        try:
+            rows.extend((str(clip), r) for r in classify(clip))
+        except ClientError as e:
+            if e.code == grpc.StatusCode.UNAVAILABLE:
+                raise
+            rows.extend((str(clip), ClientError(e.code, e.message, e.local, task=t)) for t in tasks)
+    return rows
+
+
 def print_classify(rows: Sequence[Row], as_json: bool) -> int:
     """Print the rows (stdout) and one line per failed clip (stderr); the exit status."""
     print(render_classify(rows, as_json))
     errors = [(c, r) for c, r in rows if isinstance(r, ClientError)]
     for clip, err in errors:
-        print(f"error: {clip}: {one_line(err)}", file=sys.stderr)
+        where = f"{clip} ({err.task})" if err.task else clip
+        print(f"error: {where}: {one_line(err)}", file=sys.stderr)
     return EXIT_FAILED if errors else 0

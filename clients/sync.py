@@ -19,7 +19,9 @@ from .core import (
     Clip,
     TaskInfo,
     TaskList,
+    Tasks,
     classify_chunks,
+    classify_outcome,
     classify_request,
     new_upload_id,
     read_bundle_files,
@@ -72,10 +74,15 @@ class Client:
 
     # -- classification ------------------------------------------------------------------------
 
-    def classify(self, clip: Clip, task: str, top_k: int = 5, sampling: Optional[Mapping[str, Any]] = None,
-                 timeout: Optional[float] = None, request_id: str = "") -> ClassifyResult:
+    def classify(self, clip: Clip, task: Tasks, top_k: int = 5, sampling: Optional[Mapping[str, Any]] = None,
+                 timeout: Optional[float] = None,
+                 request_id: str = "") -> Union[ClassifyResult, list[Union[ClassifyResult, ClientError]]]:
         """Classify one clip (a path or the encoded bytes). Clips above ``stream_threshold_bytes`` are
-        streamed in chunks. ``sampling``: overrides such as ``{"num_frames": 8, "temporal_views": 3}``."""
+        streamed in chunks. ``sampling``: overrides such as ``{"num_frames": 8, "temporal_views": 3}``.
+
+        ``task``: a name (returns a :class:`ClassifyResult`) or a list of names: the clip is sent and
+        decoded once, and the answer is a list with one :class:`ClassifyResult` or :class:`ClientError`
+        per task, in order (an unknown task fails its item only)."""
         data = read_clip(clip)
         o = self.options
         if len(data) > o.stream_threshold_bytes:
@@ -84,7 +91,7 @@ class Client:
         else:
             req = classify_request(task, data, top_k, sampling, request_id)
             resp = self._call(self._classifier.Classify, lambda: req, timeout)
-        return ClassifyResult.from_pb(resp)
+        return classify_outcome(task, resp)
 
     def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 5,
                        sampling: Optional[Mapping[str, Any]] = None,
@@ -158,6 +165,5 @@ def batch_results(resp: pb.BatchClassifyResponse) -> list[Union[ClassifyResult, 
         if item.WhichOneof("result") == "response":
             out.append(ClassifyResult.from_pb(item.response))
         else:
-            code = next((c for c in grpc.StatusCode if c.value[0] == item.error.code), grpc.StatusCode.UNKNOWN)
-            out.append(ClientError(code, item.error.message))
+            out.append(ClientError.from_item(item.error))
     return out

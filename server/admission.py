@@ -13,8 +13,9 @@ is a no-op, so no path counts anything twice.
 from __future__ import annotations
 
 import asyncio
+from typing import Sequence, Union
 
-from .errors import BadRequest, Draining, QueueFull
+from .errors import BadRequest, Draining, QueueFull, TaskNotFound
 from .limits import ServerLimits
 from .registry import TaskRegistry, TaskVersion
 
@@ -102,6 +103,24 @@ class Ticket:
         slot = Slot(a, tv)
         self._slots.append(slot)
         return slot
+
+    def take_slots(self, tasks: Sequence[str]) -> list[Union[Slot, TaskNotFound]]:
+        """One queue slot per task of a several-task request, all or none: a draining server or a queue
+        without room for every task refuses the whole request; an unknown task is that item's NOT_FOUND
+        (it takes no slot). The caller has checked the names (``ServerLimits.check_tasks``)."""
+        a = self._admission
+        if a.draining:
+            raise Draining("server is draining (shutting down); retry on another replica")
+        if a.pending + len(tasks) > a.limits.max_queue_size:
+            raise QueueFull(f"queue has no room for {len(tasks)} tasks ({a.pending} of {a.limits.max_queue_size} "
+                            "slots taken, --max-queue-size; each task of a request takes one); retry later")
+        out: list[Union[Slot, TaskNotFound]] = []
+        for task in tasks:
+            try:
+                out.append(self.take_slot(task))
+            except TaskNotFound as e:
+                out.append(e)
+        return out
 
 
 class Admission:

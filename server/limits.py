@@ -9,14 +9,16 @@ that sets the bound, so an operator knows what to change and a client what to se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from stadapter.bundle import BundleLimits
+from stadapter.config import brief
 from stadapter.video import VideoLimits
 
 from .errors import BadRequest
 
 MAX_TOP_K = 1000  # a protocol bound, not an operator's knob: no model here has more classes
+MAX_TASKS_PER_REQUEST = 32  # tasks one clip may be classified for in one request (each takes a queue slot)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,21 @@ class ServerLimits:
         n = (overrides or {}).get("num_frames")
         if isinstance(n, int) and n > self.max_num_frames:
             raise BadRequest(f"num_frames={n} is above the server's --max-num-frames of {self.max_num_frames}")
+
+    def check_tasks(self, tasks: Sequence[str]) -> None:
+        """The task list of one request: 1..MAX_TASKS_PER_REQUEST names, none empty, none twice."""
+        if not tasks:
+            raise BadRequest("the request names no task")
+        if len(tasks) > MAX_TASKS_PER_REQUEST:
+            raise BadRequest(f"the request names {len(tasks)} tasks, above the limit of {MAX_TASKS_PER_REQUEST} "
+                             "tasks per request (MAX_TASKS_PER_REQUEST); split it")
+        if any(not t for t in tasks):
+            raise BadRequest(f"the request's task list has an empty name at position {list(tasks).index('')}")
+        seen: set[str] = set()
+        twice = [t for t in tasks if t in seen or seen.add(t)]  # type: ignore[func-returns-value]
+        if twice:
+            raise BadRequest(f"task {brief(twice[0])} is named twice in the request (task and tasks together "
+                             "name each task once)")
 
     def check_top_k(self, k: int) -> None:
         if k > MAX_TOP_K:

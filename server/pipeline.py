@@ -13,15 +13,17 @@ instead of exhausting memory. Every bound comes from one :class:`ServerLimits`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from prometheus_client import Gauge
+from torch import Tensor
 
 from stadapter.config import ConfigError, SamplingConfig
 
-from .admission import Admission, Ticket
+from .admission import Admission, Slot, Ticket
 from .batcher import Batcher
 from .decode_pool import Decoder, ThreadDecoder
 from .errors import BadRequest, DeadlineExpired
@@ -41,6 +43,18 @@ class Classification:
     compute_s: float
     total_s: float
     batch_clips: int
+
+
+Outcome = Union[Classification, Exception]  # one task's answer in a several-task request
+
+
+@dataclass(frozen=True)
+class TaskOutcomes:
+    """A several-task request's answer: one outcome per task (the request's order) and its decodes."""
+
+    items: list[Outcome]
+    decodes: int  # decodes run (one per distinct sampling among the tasks that got that far)
+    decode_s: float  # their time, summed
 
 
 class Pipeline:
@@ -100,29 +114,105 @@ class Pipeline:
         the clip is computed, or when the request ends, whichever comes first)."""
         t0 = time.monotonic()
         slot = ticket.take_slot(task)
-        tv = slot.tv
         try:
-            k = top_k or self.default_top_k
-            self.limits.check_top_k(k)
-            self.limits.check_overrides(overrides)
-            sampling = _apply_overrides(tv.spec.sampling, overrides)
-            self.limits.check_rows(sampling.num_views)  # before any decoding
+            k = self._top_k(top_k)
+            sampling = self._sampling(slot.tv, overrides)
             self.limits.check_clip_size(len(clip))
             _check_deadline(deadline, "before decode")
-            views, decode_s = await self.decoder.decode(clip, sampling, self.limits.video,
-                                                        self.limits.decode_timeout_s, deadline)
+            views, decode_s = await self._decode(clip, sampling, deadline)
             del clip  # the caller may still hold it; this frame does not
-            if self.metrics is not None:
-                self.metrics.decode_seconds.observe(decode_s)
-            _check_deadline(deadline, "after decode")
-            res = await self.batcher.submit(tv, views, deadline)
-            values, idx = res.probs.topk(min(k, tv.spec.num_classes))
-            if self.metrics is not None:
-                self.metrics.clips.labels(tv.name).inc()
-            return Classification(tv, list(zip(idx.tolist(), values.tolist())), decode_s, res.queue_s, res.compute_s,
-                                  time.monotonic() - t0, res.batch_clips)
+            return await self._compute(slot.tv, views, decode_s, k, deadline, t0)
         finally:
             slot.release()
+
+    async def classify_tasks(self, ticket: Ticket, tasks: Sequence[str], clip: ClipBytes, top_k: int = 0,
+                             overrides: Optional[Mapping[str, Any]] = None,
+                             deadline: Optional[float] = None) -> TaskOutcomes:
+        """Classify one clip for several tasks: one :class:`Classification` or exception per task, in order.
+
+        The request as a whole is refused (raised) for a bad task list, top-k or clip size, a draining
+        server, a queue without a slot for every task, or a deadline gone before decoding. Everything
+        else fails only the tasks it concerns: an unknown task, an override its sampling refuses, a
+        decode that failed (every task sharing it). Tasks whose sampling resolves equal share one decode;
+        their rows are submitted together, so they can share one forward.
+        """
+        t0 = time.monotonic()
+        self.limits.check_tasks(tasks)
+        k = self._top_k(top_k)
+        self.limits.check_clip_size(len(clip))
+        slots = ticket.take_slots(tasks)
+        out: list[Optional[Outcome]] = [None] * len(tasks)
+        groups: dict[SamplingConfig, list[int]] = {}
+        decoded: list[float] = []
+        try:
+            for i, s in enumerate(slots):
+                if isinstance(s, Exception):
+                    out[i] = s
+                    continue
+                try:
+                    groups.setdefault(self._sampling(s.tv, overrides), []).append(i)
+                except BadRequest as e:
+                    out[i] = e
+                    s.release()
+            _check_deadline(deadline, "before decode")
+
+            async def item(i: int, views: Tensor, decode_s: float) -> None:
+                slot = slots[i]
+                assert isinstance(slot, Slot)
+                try:
+                    out[i] = await self._compute(slot.tv, views, decode_s, k, deadline, t0)
+                except Exception as e:  # noqa: BLE001 - this task's error, reported in its item
+                    out[i] = e
+                finally:
+                    slot.release()
+
+            async def group(sampling: SamplingConfig, members: list[int]) -> None:
+                try:
+                    views, decode_s = await self._decode(clip, sampling, deadline)
+                except Exception as e:  # noqa: BLE001 - every task of this decode gets its error
+                    for i in members:
+                        out[i] = e
+                    return
+                decoded.append(decode_s)
+                await asyncio.gather(*(item(i, views, decode_s) for i in members))
+
+            await asyncio.gather(*(group(smp, members) for smp, members in groups.items()))
+        finally:
+            for s in slots:
+                if isinstance(s, Slot):
+                    s.release()
+        assert all(o is not None for o in out)
+        return TaskOutcomes(out, len(decoded), sum(decoded))  # type: ignore[arg-type]
+
+    def _top_k(self, top_k: int) -> int:
+        k = top_k or self.default_top_k
+        self.limits.check_top_k(k)
+        return k
+
+    def _sampling(self, tv: TaskVersion, overrides: Optional[Mapping[str, Any]]) -> SamplingConfig:
+        """The task's sampling with the request's overrides, checked before any decoding."""
+        self.limits.check_overrides(overrides)
+        sampling = _apply_overrides(tv.spec.sampling, overrides)
+        self.limits.check_rows(sampling.num_views)
+        return sampling
+
+    async def _decode(self, clip: ClipBytes, sampling: SamplingConfig,
+                      deadline: Optional[float]) -> tuple[Tensor, float]:
+        views, decode_s = await self.decoder.decode(clip, sampling, self.limits.video, self.limits.decode_timeout_s,
+                                                    deadline)
+        if self.metrics is not None:
+            self.metrics.decode_seconds.observe(decode_s)
+        return views, decode_s
+
+    async def _compute(self, tv: TaskVersion, views: Tensor, decode_s: float, k: int, deadline: Optional[float],
+                       t0: float) -> Classification:
+        _check_deadline(deadline, "after decode")
+        res = await self.batcher.submit(tv, views, deadline)
+        values, idx = res.probs.topk(min(k, tv.spec.num_classes))
+        if self.metrics is not None:
+            self.metrics.clips.labels(tv.name).inc()
+        return Classification(tv, list(zip(idx.tolist(), values.tolist())), decode_s, res.queue_s, res.compute_s,
+                              time.monotonic() - t0, res.batch_clips)
 
     def close(self) -> None:
         """Stop the decoders without waiting for a stuck decode."""

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
 
 import grpc
 
@@ -126,6 +126,16 @@ def _response(c: Classification, request_id: str) -> pb.ClassifyResponse:
     )
 
 
+def _task_result(c: Classification) -> pb.TaskResult:
+    r = _response(c, "")
+    return pb.TaskResult(task=r.task, task_version=r.task_version, predictions=r.predictions, timings=r.timings)
+
+
+def _label(task: str, tasks: Sequence[str]) -> str:
+    """The RPC's task label: its task when it names one; a several-task request counts its tasks per item."""
+    return task if not tasks else ""
+
+
 class _Base:
     def __init__(self, pipeline: Pipeline, registry: TaskRegistry, metrics: Metrics, auth: Auth):
         self.pipeline = pipeline
@@ -145,20 +155,40 @@ class _Base:
 
 
 class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
-    async def _classify(self, ticket: Ticket, task: str, clip: ClipBytes, top_k: int, sampling: pb.SamplingOverrides,
-                        request_id: str, deadline: Optional[float]) -> pb.ClassifyResponse:
-        c = await self.pipeline.classify(ticket, task, clip, top_k, _overrides(sampling), deadline)
-        return _response(c, request_id or uuid.uuid4().hex)
+    async def _classify(self, ticket: Ticket, task: str, tasks: Sequence[str], clip: ClipBytes, top_k: int,
+                        sampling: pb.SamplingOverrides, request_id: str, deadline: Optional[float],
+                        method: str) -> pb.ClassifyResponse:
+        """``tasks`` empty: the one-task request and response of before. Otherwise ``task`` (if set) and
+        ``tasks`` are the task list, answered in ``results``; each task is counted as ``<method>.task``."""
+        request_id = request_id or uuid.uuid4().hex
+        if not tasks:
+            c = await self.pipeline.classify(ticket, task, clip, top_k, _overrides(sampling), deadline)
+            return _response(c, request_id)
+        t0 = time.monotonic()
+        names = ([task] if task else []) + list(tasks)
+        outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, _overrides(sampling), deadline)
+        results = []
+        for name, o in zip(names, outcomes.items):
+            if isinstance(o, Classification):
+                code = "OK"
+                results.append(_task_result(o))
+            else:
+                status, message = status_for(o)
+                code = status.name
+                results.append(pb.TaskResult(task=name, error=pb.ItemError(code=status.value[0], message=message)))
+            self.metrics.requests.labels(f"{method}.task", self._task_metric_label(name), code).inc()
+        timings = pb.Timings(decode_ms=outcomes.decode_s * 1e3, total_ms=(time.monotonic() - t0) * 1e3)
+        return pb.ClassifyResponse(request_id=request_id, results=results, timings=timings)
 
     @rpc("Classify", "classify")
     async def Classify(self, request: pb.ClassifyRequest, context, ticket: Ticket) -> pb.ClassifyResponse:
-        _task_label.set(request.task)
+        _task_label.set(_label(request.task, request.tasks))
         clip = request.clip  # a copy out of the message (protobuf): taken once
         if len(clip) > self.limits.max_clip_bytes:
             self.limits.check_clip_size(len(clip))  # too big is INVALID_ARGUMENT, whatever the budget
         ticket.hold(len(clip))
-        return await self._classify(ticket, request.task, clip, request.top_k, request.sampling, request.request_id,
-                                    _deadline(context))
+        return await self._classify(ticket, request.task, request.tasks, clip, request.top_k, request.sampling,
+                                    request.request_id, _deadline(context), "Classify")
 
     @rpc("ClassifyStream", "classify")
     async def ClassifyStream(self, request_iterator, context, ticket: Ticket) -> pb.ClassifyResponse:
@@ -170,7 +200,7 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
         async for chunk in idle_bounded(request_iterator, self.limits.stream_idle_timeout_s, lambda: len(buf)):
             if first is None:
                 first = chunk
-                _task_label.set(chunk.task)
+                _task_label.set(_label(chunk.task, chunk.tasks))
             data = chunk.data  # a copy out of the message: taken once
             if len(buf) + len(data) > limit:
                 raise BadRequest(f"the streamed clip exceeds the server's --max-clip-bytes of {limit} bytes")
@@ -179,8 +209,8 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
             del data
         if first is None:
             raise BadRequest("the stream carried no chunks")
-        return await self._classify(ticket, first.task, buf, first.top_k, first.sampling, first.request_id,
-                                    _deadline(context))
+        return await self._classify(ticket, first.task, first.tasks, buf, first.top_k, first.sampling,
+                                    first.request_id, _deadline(context), "ClassifyStream")
 
     @rpc("BatchClassify", "classify")
     async def BatchClassify(self, request: pb.BatchClassifyRequest, context,
@@ -190,8 +220,8 @@ class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
 
         async def one(req: pb.ClassifyRequest) -> pb.BatchClassifyResult:
             try:
-                resp = await self._classify(ticket, req.task, req.clip, req.top_k, req.sampling, req.request_id,
-                                            deadline)
+                resp = await self._classify(ticket, req.task, req.tasks, req.clip, req.top_k, req.sampling,
+                                            req.request_id, deadline, "BatchClassify")
                 self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), "OK").inc()
                 return pb.BatchClassifyResult(response=resp)
             except Exception as e:  # noqa: BLE001 - each item gets its own status

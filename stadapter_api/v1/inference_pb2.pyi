@@ -25,32 +25,36 @@ class SamplingOverrides(_message.Message):
     def __init__(self, num_frames: _Optional[int] = ..., mode: _Optional[str] = ..., stride: _Optional[int] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., autorotate: _Optional[bool] = ..., seek: _Optional[str] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("task", "clip", "top_k", "sampling", "request_id")
+    __slots__ = ("task", "clip", "top_k", "sampling", "request_id", "tasks")
     TASK_FIELD_NUMBER: _ClassVar[int]
     CLIP_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     task: str
     clip: bytes
     top_k: int
     sampling: SamplingOverrides
     request_id: str
-    def __init__(self, task: _Optional[str] = ..., clip: _Optional[bytes] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task: _Optional[str] = ..., clip: _Optional[bytes] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ClassifyChunk(_message.Message):
-    __slots__ = ("task", "top_k", "sampling", "request_id", "data")
+    __slots__ = ("task", "top_k", "sampling", "request_id", "data", "tasks")
     TASK_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     task: str
     top_k: int
     sampling: SamplingOverrides
     request_id: str
     data: bytes
-    def __init__(self, task: _Optional[str] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task: _Optional[str] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ..., data: _Optional[bytes] = ..., tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "score", "index")
@@ -77,18 +81,34 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("task", "task_version", "predictions", "timings", "request_id")
+    __slots__ = ("task", "task_version", "predictions", "timings", "request_id", "results")
     TASK_FIELD_NUMBER: _ClassVar[int]
     TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     task: str
     task_version: int
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     timings: Timings
     request_id: str
-    def __init__(self, task: _Optional[str] = ..., task_version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    results: _containers.RepeatedCompositeFieldContainer[TaskResult]
+    def __init__(self, task: _Optional[str] = ..., task_version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[TaskResult, _Mapping]]] = ...) -> None: ...
+
+class TaskResult(_message.Message):
+    __slots__ = ("task", "task_version", "predictions", "timings", "error")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    task_version: int
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    timings: Timings
+    error: ItemError
+    def __init__(self, task: _Optional[str] = ..., task_version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
 
 class BatchClassifyRequest(_message.Message):
     __slots__ = ("requests",)
