@@ -35,7 +35,7 @@ import grpc
 from aiohttp import BodyPartReader, web
 
 from .admission import Ticket
-from .errors import BadRequest, StreamIdle, http_status_for
+from .errors import HTTP_STATUS, BadRequest, StreamIdle, http_status_for
 from .http_oip import HEADER_LENGTH, clips_of, encode_response, parse_header
 from .oip_model import (INPUT_SIGNATURE, OUTPUT_SIGNATURE, PARAMETERS, PLATFORM, SERVER_NAME, check_clip_sizes,
                         classify_clips, model_ready, output_tensors, requested_outputs, served_model, server_version,
@@ -81,9 +81,12 @@ def endpoint(method: str, kind: str) -> Callable[[Handler], Callable[[Any, web.R
                     self.auth.check_classify_header(request.headers.get("Authorization"))
                 async with self.pipeline.admission.request() as ticket:
                     response = await fn(self, request, ticket)
-            except asyncio.CancelledError:  # the client went away (aiohttp cancels the handler)
+            except asyncio.CancelledError:  # the server stops under a handler
                 record(grpc.StatusCode.CANCELLED)
                 raise
+            except ConnectionResetError:  # the client hung up mid-body: nobody to answer, nothing to log
+                record(grpc.StatusCode.CANCELLED)
+                return web.Response(status=HTTP_STATUS[grpc.StatusCode.CANCELLED])
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once
                 response, code = error_response(e)
                 record(code)

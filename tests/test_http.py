@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from server.config import parse_args
 
 pytestmark = pytest.mark.integration
 MAX_CLIP = 300_000
+IDLE_S = 2
 
 
 def request(url: str, body: Optional[bytes] = None, headers: Optional[dict] = None, method: Optional[str] = None,
@@ -80,8 +82,8 @@ def clips(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = make_repository(tmp_path_factory.mktemp("http") / "repo")
-    with ServerProcess(repo, "--poll-interval-s", "0", "--max-clip-bytes", str(MAX_CLIP),
-                       env={"STADAPTER_ADMIN_TOKEN": None}) as srv:
+    with ServerProcess(repo, "--poll-interval-s", "0", "--max-clip-bytes", str(MAX_CLIP), "--stream-idle-timeout-s",
+                       str(IDLE_S), env={"STADAPTER_ADMIN_TOKEN": None}) as srv:
         yield srv
 
 
@@ -214,6 +216,38 @@ def test_bad_infer_requests(server, clips, case, status, text):
     with pytest.raises(InferenceServerException) as e, thttp.InferenceServerClient(f"127.0.0.1:{server.http_port}") as h:
         h.infer("nope", [x])
     assert e.value.status() == "404"
+
+
+@pytest.mark.parametrize("how", ["hang up", "stall"])
+def test_a_body_that_stops_frees_what_it_held(server, clips, how):
+    """A client that hangs up mid-body is counted CANCELLED; one that stops sending gets 504 after
+    --stream-idle-timeout-s; either way its bytes and its in-flight slot are given back."""
+    code = "CANCELLED" if how == "hang up" else "DEADLINE_EXCEEDED"
+    before = counter(server, "HTTP ModelInfer", "alpha", code)
+    sent = b"x" * 50_000
+    s = socket.create_connection(("127.0.0.1", server.http_port), timeout=30)
+    try:
+        s.sendall(b"POST /v2/models/alpha/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n"
+                  b"Inference-Header-Content-Length: 100\r\n\r\n" + sent)
+        wait_until(lambda: counter_gauge(server, "stadapter_clip_in_flight_bytes") == len(sent), "the bytes held")
+        if how == "stall":
+            t0 = time.monotonic()
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 504") and b"--stream-idle-timeout-s" in reply
+            assert time.monotonic() - t0 < IDLE_S + 5
+    finally:
+        s.close()
+    wait_until(lambda: counter(server, "HTTP ModelInfer", "alpha", code) == before + 1, f"a {code} count")
+    wait_until(lambda: counter_gauge(server, "stadapter_clip_in_flight_bytes") == 0, "the bytes freed")
+    assert counter_gauge(server, "stadapter_requests_in_flight") == 0
+    assert classify(server, "alpha", clips[0])[0] == 200
+
+
+def wait_until(cond, what: str, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_http_port_flag():
