@@ -10,7 +10,8 @@ Routes:
 - ``POST /v1/tasks/{task}:classify``: ``multipart/form-data`` with a ``clip`` file part
   (``curl -F clip=@video.mp4``) and optional fields ``top_k``, ``request_id`` and the sampling
   overrides (``num_frames``, ``mode``, ...; also as query parameters); answers JSON (labels, scores,
-  task version, timings), as ``Classify`` over gRPC.
+  task version, timings), as ``Classify`` over gRPC; ``/v1/tasks/a,b:classify`` classifies the clip for
+  several tasks (one upload, one decode per distinct sampling) and answers one result or error per task.
 
 Every endpoint but health goes through :func:`endpoint`: the same bearer tokens (``Authorization``
 header), admission ticket (drain, queue, in-flight clip bytes), error mapping
@@ -70,6 +71,7 @@ def endpoint(method: str, kind: str) -> Callable[[Handler], Callable[[Any, web.R
         async def wrapper(self: "HttpService", request: web.Request) -> web.StreamResponse:
             t0 = time.monotonic()
             task = request.match_info.get("task", "")
+            task = "" if "," in task else task  # a several-task upload counts its tasks per item
 
             def record(code: grpc.StatusCode) -> None:
                 self.metrics.requests.labels(label, self._task_metric_label(task), code.name).inc()
@@ -113,7 +115,7 @@ class HttpService(_Base):
             r.add_get(base + "/ready", self.model_ready)
             r.add_get(base + "/config", self.model_config)
             r.add_post(base + "/infer", self.infer)
-        r.add_post("/v1/tasks/{task:[^/:]+}:classify", self.classify)
+        r.add_post("/v1/tasks/{task:[^/:]+}:classify", self.classify)  # {task}: a name, or names "a,b"
         return app
 
     # --- health: public, outside admission ---
@@ -225,8 +227,31 @@ class HttpService(_Base):
         top_k = _int_field(fields.pop("top_k", "0"), "top_k")
         request_id = fields.pop("request_id", "") or uuid.uuid4().hex
         overrides = {k: _typed_field(k, v) for k, v in fields.items()}
-        c = await self.pipeline.classify(ticket, task, clip, top_k, overrides, None)
-        return web.json_response(classification_json(c, request_id))
+        if "," not in task:
+            c = await self.pipeline.classify(ticket, task, clip, top_k, overrides, None)
+            return web.json_response(classification_json(c, request_id))
+        return web.json_response(await self._classify_tasks(ticket, task.split(","), clip, top_k, overrides,
+                                                            request_id))
+
+    async def _classify_tasks(self, ticket: Ticket, names: list[str], clip: bytearray, top_k: int,
+                              overrides: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Several tasks for one clip (``/v1/tasks/a,b:classify``): one upload, one decode per distinct sampling;
+        one result or error per task, in order, each counted as ``HTTP Classify.task``."""
+        t0 = time.monotonic()
+        outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, overrides, None)
+        results: list[dict[str, Any]] = []
+        for name, o in zip(names, outcomes.items):
+            if isinstance(o, Classification):
+                code = grpc.StatusCode.OK
+                results.append(classification_json(o, ""))
+                del results[-1]["request_id"]
+            else:
+                status, code, message = http_status_for(o)
+                results.append({"task": name, "error": {"code": code.name, "status": status, "message": message}})
+            self.metrics.requests.labels("HTTP Classify.task", self._task_metric_label(name), code.name).inc()
+        return {"request_id": request_id, "results": results,
+                "timings": {"decode_ms": outcomes.decode_s * 1e3, "total_ms": (time.monotonic() - t0) * 1e3,
+                            "decodes": outcomes.decodes}}
 
     # --- reading bodies: bounded, held on the ticket, idle-limited ---
 

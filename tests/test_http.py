@@ -148,6 +148,23 @@ def test_multipart_upload_answers_as_grpc(server, clips):
     assert counter(server, "HTTP Classify", "alpha", "OK") == before + 1
 
 
+def test_several_tasks_in_one_upload(server, clips):
+    before = {k: counter(server, "HTTP Classify.task", *k) for k in (("alpha", "OK"), ("_other", "NOT_FOUND"))}
+    status, got = classify(server, "alpha,beta,nope", clips[1], top_k=2)
+    assert status == 200, got
+    assert [r["task"] for r in got["results"]] == ["alpha", "beta", "nope"]
+    assert got["results"][2]["error"]["status"] == 404 and "nope" in got["results"][2]["error"]["message"]
+    assert got["timings"]["decodes"] == 1  # alpha and beta share their sampling, hence one decode
+    for r in got["results"][:2]:
+        one = classify(server, r["task"], clips[1], top_k=2)[1]
+        assert [p["label"] for p in r["predictions"]] == [p["label"] for p in one["predictions"]]
+        assert np.allclose([p["score"] for p in r["predictions"]], [p["score"] for p in one["predictions"]], atol=1e-6)
+    assert counter(server, "HTTP Classify.task", "alpha", "OK") == before[("alpha", "OK")] + 1
+    assert counter(server, "HTTP Classify.task", "_other", "NOT_FOUND") == before[("_other", "NOT_FOUND")] + 1
+    status, got = classify(server, "alpha,alpha", clips[1])
+    assert status == 400 and "alpha" in got["error"]
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_the_readme_curl_command(server, clips, tmp_path):
     f = tmp_path / "video.mp4"
