@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import ssl
 import time
@@ -154,8 +155,6 @@ class HttpService(_Base):
 
     @endpoint("ModelConfig", "classify")
     async def model_config(self, request: web.Request, ticket: Ticket) -> web.Response:
-        import json
-
         tv = served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
         s = tv.spec
         types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
