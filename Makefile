@@ -17,7 +17,7 @@ TEST_DEPS := $(TRITON_STAMP)
 TEST_ENV := STADAPTER_PYTRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python
 endif
 
-.PHONY: venv test demo triton clean protos ffmpeg
+.PHONY: venv test lint demo triton clean protos ffmpeg
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -39,7 +39,12 @@ ffmpeg:
 	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ffmpeg >/dev/null; } || \
 	  echo "ffmpeg is missing and could not be installed: the tests that need it will be skipped"
 
-test: $(STAMP) $(TEST_DEPS) ffmpeg
+# Lint and types first (ruff over the project, mypy on stadapter/ and server/; both configured in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: $(STAMP) $(TEST_DEPS) ffmpeg lint
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)

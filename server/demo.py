@@ -195,13 +195,14 @@ def run_demo(repository: Path, samples: Path, keep: bool = False) -> int:
         live_rows = []
         for clip, truth in sample_clips(samples, base):
             try:
-                r = client.classify(clip, live, top_k=1)
+                res = client.classify(clip, live, top_k=1)
             except ClientError as e:
                 failures += 1
                 live_rows.append([live, clip.name, truth, f"ERROR {e.code.name}", "-"])
                 continue
-            same += r.top.label == base_rows.get(clip.name)
-            live_rows.append([live, clip.name, truth, r.top.label, f"{r.top.score:.3f}"])
+            assert isinstance(res, ClassifyResult)  # one task named: one result
+            same += res.top.label == base_rows.get(clip.name)
+            live_rows.append([live, clip.name, truth, res.top.label, f"{res.top.score:.3f}"])
         say(table(["TASK", "CLIP", "TRUE", "PREDICTED", "SCORE"], live_rows))
         say(f"{live} agrees with {base} on {same}/{len(live_rows)} clips (same weights, new name)")
         name, version = client.unregister(live)
