@@ -262,28 +262,26 @@ class HttpService(_Base):
             raise StreamIdle(f"the request body sent nothing for {idle:g} s (--stream-idle-timeout-s) after "
                              f"{held} bytes; it was ended and its bytes freed") from None
 
-    async def _read(self, request: web.Request, ticket: Ticket, limit: int) -> bytearray:
+    async def _collect(self, read, ticket: Ticket, limit: int, too_big: str) -> bytearray:
+        """Chunks from ``read()`` until it returns none, each held on the ticket; past ``limit`` bytes, ``too_big``."""
         buf = bytearray()
         while True:
-            chunk = await self._idle(request.content.readany(), len(buf))
+            chunk = await self._idle(read(), len(buf))
             if not chunk:
                 return buf
             if len(buf) + len(chunk) > limit:
-                raise BadRequest(f"the request body exceeds the server's --max-inflight-clip-bytes of {limit}")
+                raise BadRequest(too_big)
             ticket.hold(len(chunk))
             buf += chunk
 
+    async def _read(self, request: web.Request, ticket: Ticket, limit: int) -> bytearray:
+        return await self._collect(request.content.readany, ticket, limit,
+                                   f"the request body exceeds the server's --max-inflight-clip-bytes of {limit}")
+
     async def _read_part(self, part: BodyPartReader, ticket: Ticket) -> bytearray:
         limit = self.limits.max_clip_bytes
-        buf = bytearray()
-        while True:
-            chunk = await self._idle(part.read_chunk(CHUNK), len(buf))
-            if not chunk:
-                return buf
-            if len(buf) + len(chunk) > limit:
-                raise BadRequest(f"the clip exceeds the server's --max-clip-bytes of {limit} bytes")
-            ticket.hold(len(chunk))
-            buf += chunk
+        return await self._collect(lambda: part.read_chunk(CHUNK), ticket, limit,
+                                   f"the clip exceeds the server's --max-clip-bytes of {limit} bytes")
 
     async def _read_field(self, part: BodyPartReader) -> str:
         buf = bytearray()
