@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from stadapter.factory import load_trunk
+from stadapter.fsutil import atomic_write_text
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
@@ -167,9 +167,7 @@ class Server:
 
 
 def write_ready_file(path: Path, info: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(info) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(info) + "\n")  # a reader never sees half a line
 
 
 async def serve(cfg: ServerConfig) -> int:
