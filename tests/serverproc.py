@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from server.process import ServerProcess as _ServerProcess
 from server.process import ServerStartError
 
-__all__ = ["ServerProcess", "ServerStartError", "make_repository"]
+__all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "self_signed_cert"]
 
 DEFAULT_TASKS: tuple[tuple[str, int], ...] = (("alpha", 3), ("beta", 4))
 
@@ -59,3 +59,30 @@ class ServerProcess(_ServerProcess):
                  launcher: Optional[Sequence[str]] = None):
         super().__init__(repository, *args, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})},
                          timeout=timeout, launcher=launcher)
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """(cert, key) PEM files of a one-day certificate for 127.0.0.1 / localhost; skips the test without openssl."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def code_of(fn):
+    """The gRPC status code ``fn()`` ends with (``grpc.StatusCode.OK`` when it returns)."""
+    import grpc
+
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK

@@ -22,7 +22,7 @@ import media
 
 from clients import AsyncClient, Client, ClientError, RetryPolicy  # noqa: E402
 from clients import cli, loadgen  # noqa: E402
-from serverproc import ServerProcess, make_repository  # noqa: E402
+from serverproc import ServerProcess, make_repository, self_signed_cert  # noqa: E402
 
 pytestmark = pytest.mark.integration
 TOKEN = "clients-test-token"
@@ -215,12 +215,7 @@ def test_cli_subprocess_health_and_server_down(server):
 
 
 def test_cli_over_tls(tmp_path, clips, capsys):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     repo = make_repository(tmp_path / "repo", tasks=(("alpha", 3),))
     with ServerProcess(repo, "--tls-cert", str(cert), "--tls-key", str(key), "--poll-interval-s", "0") as srv:
         a = ["--address", srv.address, "--tls-ca", str(cert)]

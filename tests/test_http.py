@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 import media
 from clients import Client
-from serverproc import ServerProcess, make_repository
+from serverproc import ServerProcess, make_repository, self_signed_cert
 from server.config import parse_args
 
 pytestmark = pytest.mark.integration
@@ -275,12 +275,7 @@ def test_http_port_flag():
 
 
 def test_tokens_and_tls_on_http(tmp_path, clips):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     (tmp_path / "classify.txt").write_text("classify-token\n")
     repo = make_repository(tmp_path / "repo")
     ctx = ssl.create_default_context(cafile=str(cert))

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import media
 from clients import AsyncClient, Client, ClientError, cli
 from factories import TINY_SAMPLING, make_bundle
-from serverproc import ServerProcess, make_repository
+from serverproc import ServerProcess, code_of, make_repository
 from stadapter import load_classifier, load_trunk
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb
@@ -71,13 +71,6 @@ def clip(tmp_path_factory) -> Path:
 def classify(srv, clip: bytes, *tasks: str, task: str = "", **kw) -> pb.ClassifyResponse:
     return srv.stub.Classify(pb.ClassifyRequest(task=task, tasks=list(tasks), clip=clip, **kw), timeout=30)
 
-
-def code_of(fn) -> grpc.StatusCode:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
 
 
 def same_predictions(a, b) -> None:

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import media
 from factories import make_bundle, make_trunk_dir
-from serverproc import ServerProcess, make_repository
+from serverproc import ServerProcess, code_of, make_repository, self_signed_cert
 from stadapter import load_classifier, load_trunk
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb
@@ -55,13 +55,6 @@ def bundle_chunks(bundle_dir: Path, size: int = 4096):
         for i in range(0, len(data), size):
             yield pb.RegisterTaskChunk(filename=fname, data=data[i:i + size])
 
-
-def code_of(fn) -> grpc.StatusCode:
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
 
 
 def expected(repo: Path, task: str, version: int, clip: bytes, k: int = 5) -> list[dict]:
@@ -397,15 +390,7 @@ def test_sigterm_drains(small, clips):
 
 
 def test_tls_with_token_files_and_a_classify_token(tmp_path, clips):
-    import shutil
-    import subprocess
-
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     (tmp_path / "admin.txt").write_text("file-admin-token\n")
     (tmp_path / "classify.txt").write_text("classify-token\n")
     repo = make_repository(tmp_path / "repo")
