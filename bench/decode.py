@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -85,6 +84,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from media import make_clip  # noqa: E402
+from bench.report import emit_json  # noqa: E402
 
 from stadapter.config import SamplingConfig  # noqa: E402
 from stadapter.video import (FrameConverter, VideoLimits, decode_clip, decode_frames, probe,  # noqa: E402
@@ -346,10 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["fast_seek"] = run_clips(argparse.Namespace(
             seconds=args.seconds, fps=args.fps, sizes=args.lib_sizes, gops=args.lib_gops, content=args.fast_content,
             repeats=args.lib_repeats))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(result, args.out)
     return result
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from media import make_clip  # noqa: E402
+from bench.report import emit_json  # noqa: E402
 
 from server.decode_pool import ProcessDecodePool, ThreadDecoder  # noqa: E402
 from stadapter.config import SamplingConfig  # noqa: E402
@@ -69,9 +69,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['workers']:>7}  {r['thread_clips_per_s']:>14.2f}  {r['process_clips_per_s']:>15.2f}  "
               f"{r['process_over_thread']:>14.3f}", file=sys.stderr)
-    print(json.dumps(result, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit_json(result, a.out)
     return result
 
 

@@ -22,7 +22,6 @@ it with ``--provider cuda`` or ``tensorrt`` (PyTorch then runs on CUDA too).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from bench.report import emit_json
 
 SHAPES = {
     # model, adapter config, head sizes of the tasks (K = len - 1 first, then all)
@@ -166,10 +167,7 @@ def main(argv=None) -> int:
             print(f"done {name}", file=sys.stderr)
     results["loadavg_end"] = list(os.getloadavg())
     print(table(results), file=sys.stderr)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(results, args.out)
     return 0
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from media import make_clip  # noqa: E402
+from bench.report import emit_json  # noqa: E402
 
 from stadapter.config import SamplingConfig  # noqa: E402
 from stadapter.video import decode_clip, decode_views, keyframes, probe, sample_plan  # noqa: E402
@@ -240,10 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.clips_only:
         print(f"eval: GOP {args.eval_gop}, seed {args.eval_seed}; decode CPU ms per clip exact / keyframe", file=sys.stderr)
         result["eval"] = run_eval(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(result, args.out)
     return result
 
 

@@ -20,7 +20,6 @@ table to stderr and JSON to stdout (and ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.timing import timed_rounds
+from bench.report import emit_json
 
 TASKS = tuple(f"task{i}" for i in range(4))
 CLIPS = {"64x48 1 s": dict(frames=30, size=(64, 48)), "320x240 10 s": dict(frames=300, size=(320, 240))}
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     r = run(args.rounds)
     print_table(r)
-    text = json.dumps(r, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(r, args.out)
     return r
 
 

@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from bench.report import emit_json
 from clients.loadgen import LoadConfig, run_load
 from server.demo import copy_repository
 from server.oip_tensors import join_bytes_elements
@@ -98,10 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            "errors": native["errors"]},
     }
     result["oip_over_native"] = round(perf["throughput_rps"] / native["throughput_rps"], 3)
-    if ns.out:
-        ns.out.parent.mkdir(parents=True, exist_ok=True)
-        ns.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    emit_json(result, ns.out)
     n = result["loadgen_native"]
     print(f"\n| tool (concurrency {ns.concurrency}) | clips/s | p50 ms | p99 ms |\n|---|---|---|---|")
     print(f"| perf_analyzer, ModelInfer (OIP) | {perf['throughput_rps']:.1f} | {perf['latency_ms'][50]:.1f} | "

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import sys
 import tempfile
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from bench.timing import rss_bytes, timed_rounds
+from bench.report import emit_json
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_TASKS = 8
@@ -352,14 +352,11 @@ def main(argv=None) -> int:
                                                     args.vitb_frames, args.vitb_iters, args.vitb_requests,
                                                     2 * args.vitb_batch, args.threads, work, args.vitb_cold_tasks,
                                                     args.vitb_cold_iters)
-    text = json.dumps(results, indent=2)
     from bench import slot_bank
 
     print(table(results), file=sys.stderr)
     print(slot_bank.table({k: r["slot_bank"] for k, r in results["runs"].items()}), file=sys.stderr)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(results, args.out)
     return 0
 
 

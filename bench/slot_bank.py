@@ -22,7 +22,6 @@ built in memory as the registry builds them (random weights, no files):
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench.report import emit_json
 
 MIX = 8  # tasks per mixed batch
 
@@ -206,10 +207,7 @@ def main(argv=None) -> int:
             runs["vit-b-16"] = run("vit-b-16", load_trunk(Path(tmp) / "vitb"), AdapterConfig(width=384, pre_attn=True),
                                    args.vitb_batch, 2, args.vitb_iters, 64, args.vitb_cold_tasks, 64, args.vitb_cold_iters)
     print(table(runs), file=sys.stderr)
-    text = json.dumps(runs, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit_json(runs, args.out)
     return 0
 
 

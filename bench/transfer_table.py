@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from bench.report import emit_json
+
 ADAPTER = ["--adapter-width", "32", "--pre-attn", "--pre-mlp"]
 ROWS: dict[str, list[str]] = {
     "linear": ["--method", "linear", "--lr", "1e-2"],
@@ -129,10 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     print(table(rows))
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    emit_json(result, args.out)
     return 0
 
 
