@@ -30,12 +30,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, Optional
+from typing import Callable, ContextManager, Mapping, Optional
 
 from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
 from stadapter.config import TaskSpec, brief
-from stadapter.fsutil import atomic_write_text, fsync_tree
+from stadapter.fsutil import atomic_write_text, exclusive_lock, fsync_tree
 from stadapter.trunk import VideoTrunk
 
 from .errors import BadRequest, TaskNotFound
@@ -128,6 +128,7 @@ def _version_dirs(task_dir: Path) -> dict[int, Path]:
 DIGEST_FILE = "content.sha256"  # beside a stored bundle's files: written at register, read by every replica
 UPLOAD_ID_FILE = "upload.id"  # beside a stored bundle's files: the client's upload id, for idempotent retries
 HIGH_WATER_DIR = ".versions"  # tasks/.versions/<task>: the highest version ever given, kept past unregister
+LOCKS_DIR = ".locks"  # tasks/.locks/<task>: the file every replica locks to change that task
 
 
 def bundle_digest(folder: Path) -> str:
@@ -330,7 +331,7 @@ class TaskRegistry:
             bundle = read_bundle(upload, self.limits)
             check_fits_trunk(bundle, self.trunk)
             name = bundle.spec.name
-            with self._write_lock:
+            with self._write_lock, self._replicas_lock(name):
                 task_dir = self.tasks_dir / name
                 task_dir.mkdir(exist_ok=True)
                 if upload_id:
@@ -393,6 +394,13 @@ class TaskRegistry:
             return cur if cur is not None and cur.version == version else self.load_version(folder)
         return None
 
+    def _replicas_lock(self, name: str) -> ContextManager[None]:
+        """One writer of task ``name`` at a time among all replicas on this repository (a retry that reached
+        another replica mid-publish then finds the version its upload id published, not a free number)."""
+        folder = self.tasks_dir / LOCKS_DIR
+        folder.mkdir(exist_ok=True)
+        return exclusive_lock(folder / name)
+
     def _high_water(self, name: str) -> int:
         try:
             return int((self.tasks_dir / HIGH_WATER_DIR / name).read_text())
@@ -417,7 +425,7 @@ class TaskRegistry:
 
     def unregister(self, name: str) -> TaskVersion:
         """Stop serving ``name`` now; its folders go once in-flight requests on it end."""
-        with self._write_lock:
+        with self._write_lock, self._replicas_lock(name):
             tv = self.get(name)
             table = dict(self._table)
             del table[name]

@@ -1,7 +1,9 @@
-"""Atomic writes: build a file or folder under a temp name beside the target, fsync, rename, fsync the parent."""
+"""Atomic writes (build a file or folder under a temp name beside the target, fsync, rename, fsync the parent),
+and the lock that serialises writers of one shared folder across processes."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
@@ -89,3 +91,19 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically (see :func:`atomic_file`)."""
     atomic_write_bytes(target, text.encode("utf-8"))
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (made if missing) for the ``with`` block.
+
+    For writers in several processes, or on several hosts, that share a folder: ``flock`` (on
+    NFS, Linux turns it into a byte-range lock that the server arbitrates). It is released when
+    the block ends or the process dies, so a crashed holder never leaves the folder locked.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock

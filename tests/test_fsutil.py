@@ -41,3 +41,23 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
             f.write(b"half of the new")
             raise RuntimeError("disk on fire")
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_exclusive_lock_excludes_another_holder_until_released(tmp_path):
+    import fcntl
+
+    path = tmp_path / "lock"
+
+    def try_lock() -> bool:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
+    with fsutil.exclusive_lock(path):
+        assert not try_lock()
+    assert try_lock()
