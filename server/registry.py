@@ -18,7 +18,6 @@ with ``.`` are temp or tombstoned folders and are ignored.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -39,10 +38,12 @@ from stadapter.fsutil import atomic_write_text, exclusive_lock, fsync_tree
 from stadapter.trunk import VideoTrunk
 
 from .errors import BadRequest, TaskNotFound
+from .task_folders import (DIGEST_FILE, HIGH_WATER_DIR, LEFTOVER_IDLE_S, LOCKS_DIR, SWEEP_INTERVAL_S, UPLOAD_FILES,
+                           UPLOAD_ID_FILE, bundle_digest, last_write, recorded_digest, remove_in_background, stored_digest,
+                           tombstone_dir, version_dirs)
 
 log = logging.getLogger("server.registry")
 
-UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
 
 
 @dataclass(eq=False)
@@ -113,77 +114,6 @@ def _new_uid() -> int:
         return next(_uids)
 
 
-def _version_dirs(task_dir: Path) -> dict[int, Path]:
-    out: dict[int, Path] = {}
-    try:
-        entries = list(task_dir.iterdir())
-    except OSError:
-        return out
-    for p in entries:
-        if p.name.isdigit() and not p.name.startswith(".") and p.is_dir() and int(p.name) >= 1:
-            out[int(p.name)] = p
-    return out
-
-
-DIGEST_FILE = "content.sha256"  # beside a stored bundle's files: written at register, read by every replica
-UPLOAD_ID_FILE = "upload.id"  # beside a stored bundle's files: the client's upload id, for idempotent retries
-HIGH_WATER_DIR = ".versions"  # tasks/.versions/<task>: the highest version ever given, kept past unregister
-LOCKS_DIR = ".locks"  # tasks/.locks/<task>: the file every replica locks to change that task
-
-
-def bundle_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for fname in UPLOAD_FILES:
-        h.update(fname.encode() + b"\0")
-        with open(folder / fname, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def stored_digest(folder: Path) -> str:
-    """The digest recorded at register (computed from the files for folders stored without one)."""
-    return _digest_or_none(folder) or bundle_digest(folder)
-
-
-def _digest_or_none(folder: Path) -> str | None:
-    """The digest recorded at register, or None for a folder stored without one."""
-    try:
-        return (folder / DIGEST_FILE).read_text().strip()
-    except OSError:
-        return None
-
-
-SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers
-LEFTOVER_IDLE_S = 600.0  # an upload or deletion folder untouched this long is a leftover
-
-
-def _last_write(folder: Path) -> float:
-    """The newest mtime of a folder and the files in it (now, when it vanished or cannot be read)."""
-    try:
-        times = [folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()]
-    except OSError:
-        return time.time()  # vanished or unreadable mid-scan: leave it for the next sweep
-    return max(times)
-
-
-def remove_in_background(path: Path) -> None:
-    """Delete a folder tree off the caller's thread (a large bundle takes a while to unlink). A delete cut
-    short by an exit leaves a ``.deleted-*`` folder, which the sweeper removes later."""
-    threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="rmtree",
-                     daemon=True).start()
-
-
-def _tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
-    """Rename ``path`` to ``tasks/.deleted-<label>-*`` (ignored by scans); None if it is already gone."""
-    dest = tasks_dir / f".deleted-{label}-{uuid.uuid4().hex[:8]}"
-    try:
-        os.replace(path, dest)
-    except FileNotFoundError:
-        return None
-    return dest
-
-
 class TaskRegistry:
     """Tasks served by one trunk, loaded from and written to ``<repo>/tasks``.
 
@@ -252,7 +182,7 @@ class TaskRegistry:
         except OSError:
             return out
         for tdir in task_dirs:
-            versions = _version_dirs(tdir)
+            versions = version_dirs(tdir)
             if versions:
                 v = max(versions)
                 out[tdir.name] = (v, versions[v])
@@ -273,7 +203,7 @@ class TaskRegistry:
             published, retired = [], []
             for name, (version, path) in on_disk.items():
                 cur = table.get(name)
-                if cur is not None and cur.version == version and _digest_or_none(path) in (None, cur.digest):
+                if cur is not None and cur.version == version and recorded_digest(path) in (None, cur.digest):
                     continue  # same number and content (folders stored without a digest: the number alone)
                 if (name, version) in self._failed:
                     continue
@@ -339,7 +269,7 @@ class TaskRegistry:
                     if done is not None:
                         return done
                 cur = self._table.get(name)
-                version = max([0, cur.version if cur else 0, self._high_water(name), *_version_dirs(task_dir)]) + 1
+                version = max([0, cur.version if cur else 0, self._high_water(name), *version_dirs(task_dir)]) + 1
                 while True:
                     spec = bundle.spec.replace(version=version)
                     (upload / TASK_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -377,7 +307,7 @@ class TaskRegistry:
         """The stored version of this task that ``upload_id`` published, if any (under the write lock).
 
         The same id with other content is refused: an id names one bundle, not a slot to overwrite."""
-        for version, folder in sorted(_version_dirs(task_dir).items(), reverse=True):
+        for version, folder in sorted(version_dirs(task_dir).items(), reverse=True):
             try:
                 stored_id = (folder / UPLOAD_ID_FILE).read_text().strip()
             except OSError:
@@ -417,9 +347,9 @@ class TaskRegistry:
         atomic_write_text(folder / name, f"{version}\n")
 
     def _prune_old_versions(self, task_dir: Path, keep: int) -> None:
-        versions = _version_dirs(task_dir)
+        versions = version_dirs(task_dir)
         for v in sorted(versions)[:-keep]:
-            dead = _tombstone_dir(self.tasks_dir, versions[v], f"{task_dir.name}-{v}")
+            dead = tombstone_dir(self.tasks_dir, versions[v], f"{task_dir.name}-{v}")
             if dead is not None:
                 shutil.rmtree(dead, ignore_errors=True)
 
@@ -429,7 +359,7 @@ class TaskRegistry:
             tv = self.get(name)
             table = dict(self._table)
             del table[name]
-            dead = _tombstone_dir(self.tasks_dir, self.tasks_dir / name, name)
+            dead = tombstone_dir(self.tasks_dir, self.tasks_dir / name, name)
             self._publish(table, [], [tv])
         if dead is not None:  # the last request may end on the event loop: delete in a thread of its own
             tv.when_idle(lambda: remove_in_background(dead))
@@ -440,5 +370,5 @@ class TaskRegistry:
         ``idle_s`` (an upload in progress keeps writing its files; a replica may be mid-upload)."""
         now = time.time()
         for p in self.tasks_dir.iterdir():
-            if p.name.startswith((".upload-", ".deleted-")) and now - _last_write(p) > idle_s:
+            if p.name.startswith((".upload-", ".deleted-")) and now - last_write(p) > idle_s:
                 shutil.rmtree(p, ignore_errors=True)

@@ -12,7 +12,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from server.registry import TaskRegistry, _version_dirs
+from server.registry import TaskRegistry
+from server.task_folders import version_dirs
 
 ROUNDS = 6
 
@@ -32,7 +33,7 @@ def test_one_upload_id_racing_on_two_replicas_is_one_version(two_task_repo, tiny
         r.sync()
     for round_ in range(ROUNDS):
         upload_id = f"race-{round_}"
-        before = set(_version_dirs(two_task_repo / "tasks" / "alpha"))
+        before = set(version_dirs(two_task_repo / "tasks" / "alpha"))
         barrier = threading.Barrier(2)
         got: list[int] = []
         errors: list[BaseException] = []
@@ -51,7 +52,7 @@ def test_one_upload_id_racing_on_two_replicas_is_one_version(two_task_repo, tiny
         for t in threads:
             t.join(60)
         assert not errors, errors
-        added = set(_version_dirs(two_task_repo / "tasks" / "alpha")) - before
+        added = set(version_dirs(two_task_repo / "tasks" / "alpha")) - before
         assert len(added) == 1, f"round {round_}: upload id {upload_id} published versions {sorted(added)}"
         assert got == [added.pop()] * 2
 
