@@ -9,13 +9,13 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import av
 import numpy as np
 
 from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
-from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
+from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader, decode_packet
 from .sampling import presentation_ranks
 
 
@@ -314,6 +314,18 @@ class Clip:
             except Irregular:
                 stream = self._reopen()
         return SequentialReader(self._demuxer(), stream, self.budget).run(needed, convert)
+
+    def frames(self) -> Iterator[av.VideoFrame]:
+        """Every frame of the video stream in the decoder's output order, front to back, each once: no seek,
+        no restart (the window mode; a frame's index is its rank here, the definition the readers keep).
+        Packets and frames are counted against the budget."""
+        stream = self.container.streams[self.stream_index]
+        codec = stream.codec_context
+        for packet in self._demuxer().demux(stream):
+            self.budget.packet()
+            if packet.size:
+                yield from decode_packet(codec, packet, self.budget)
+        yield from decode_packet(codec, None, self.budget)
 
     def _demuxer(self):
         """The container, or after a checked rewind the container that first yields the packet the check read."""

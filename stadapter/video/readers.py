@@ -33,7 +33,7 @@ class ReadResult:
     sequential: bool = False  # read by counting frames (the stream is not on a constant frame grid)
 
 
-def _decode(codec, packet, budget: Budget) -> list[av.VideoFrame]:
+def decode_packet(codec, packet, budget: Budget) -> list[av.VideoFrame]:
     """Decode one packet (None drains); a packet the decoder rejects just yields no frame."""
     try:
         frames = codec.decode(packet)
@@ -67,9 +67,9 @@ class SequentialReader:
             self.budget.packet()
             if packet.size == 0:
                 continue
-            if take(_decode(codec, packet, self.budget)):
+            if take(decode_packet(codec, packet, self.budget)):
                 return got, res
-        take(_decode(codec, None, self.budget))
+        take(decode_packet(codec, None, self.budget))
         res.eof = len(got) < len(want)
         return got, res
 
@@ -142,12 +142,12 @@ class IndexedReader:
                     if needed == self.skipping:  # the decoder reads the setting for each packet
                         self.codec.skip_frame = "DEFAULT" if needed else "NONREF"
                         self.skipping = not needed
-            for f in _decode(self.codec, p, self.budget):
+            for f in decode_packet(self.codec, p, self.budget):
                 self.output(f, convert)
 
     def drain(self, convert) -> None:
         """Get out the frames the decoder holds back for reordering (it must be flushed after)."""
-        for f in _decode(self.codec, None, self.budget):
+        for f in decode_packet(self.codec, None, self.budget):
             self.output(f, convert)
 
     def output(self, frame: av.VideoFrame, convert) -> None:

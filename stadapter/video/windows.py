@@ -1,0 +1,241 @@
+"""Windows over a long clip: decoded once, front to back, each window sampled as :func:`decode_clip` samples a clip.
+
+Window k covers the frames ``[s_k, s_k + L)``: ``L = round(window_s * fps)`` frames and
+``s_k = round(k * stride_s * fps)`` (fps: the stream's average rate from the header; the
+times reported are ``s_k / fps`` and ``(s_k + L) / fps``). Inside a window the task's
+sampling picks its frames exactly as it would in a clip of ``L`` frames
+(``sampling.view_indices``, shifted by ``s_k``; the fast ``seek="keyframe"`` mode does not
+apply: every frame is decoded anyway), and the frames are converted (display rotation,
+sample aspect ratio, resize) by the same :class:`FrameConverter` as :func:`decode_clip`, so
+a window's tensor equals :func:`decode_views` of its indices.
+
+* Windows are whole: the last one is the last that fits inside the clip; the frames after
+  it (less than one stride) are in no window. A window is given out once its last frame has
+  decoded, so a stream that ends early (a cut download) simply has fewer windows.
+* A clip shorter than one window is refused (:class:`VideoError` naming both lengths): it
+  has no whole window, and ``Classify`` answers for a clip of any length.
+* The stream is decoded once (``Clip.frames``: no seek, no restart) and a frame is kept only
+  while a window that is open (started, not yet given out) needs it, so memory is bounded by
+  the windows in flight, ``ceil(L / stride) * frames per window``, not by the clip's length
+  (``WindowLimits.max_held_frames`` bounds it before decoding starts).
+* A long video is not one clip: :class:`WindowLimits` replaces the per-clip bounds on
+  duration, frames and pixels decoded, packets and decode time (:meth:`WindowLimits.video_limits`);
+  the others (bytes, frame size, streams, formats, aspect ratio) stay. The decode-time budget
+  counts decoding only, not the time the consumer holds a window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..config import SamplingConfig
+from .container import Clip, guard
+from .limits import Source, VideoError, VideoLimits
+from .preprocess import FrameConverter, views_to_tensor
+from .sampling import unique_indices, view_indices
+
+
+@dataclass(frozen=True)
+class WindowLimits:
+    """Bounds on one windowed decode (they replace the per-clip ones that a long video would break).
+
+    Args:
+        max_duration_s: longest video, from its header.
+        max_windows: windows one video may have (checked on the header's frame count, then while decoding).
+        max_frames_decoded: frames the decoder may output for the whole video (packets: twice this).
+        max_decoded_pixels: pixels of all those frames (an hour of 1080p at 30 fps is 2.2e11).
+        max_decode_seconds: wall clock spent decoding (not waiting for the consumer).
+        max_held_frames: frames kept at once for the open windows (overlap depth x frames per window).
+    """
+
+    max_duration_s: float = 4 * 3600.0
+    max_windows: int = 20_000
+    max_frames_decoded: int = 2_000_000
+    max_decoded_pixels: int = 2**40
+    max_decode_seconds: float = 1800.0
+    max_held_frames: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_windows", "max_frames_decoded", "max_decoded_pixels", "max_held_frames"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"WindowLimits.{name} must be a positive int, got {v!r}")
+        for name in ("max_duration_s", "max_decode_seconds"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"WindowLimits.{name} must be a positive number, got {v!r}")
+
+    def video_limits(self, per_clip: VideoLimits) -> VideoLimits:
+        """``per_clip`` with this record's bounds in place of those a long video would break."""
+        return dataclasses.replace(per_clip, max_duration_s=self.max_duration_s,
+                                   max_frames_decoded=self.max_frames_decoded, max_packets=2 * self.max_frames_decoded,
+                                   max_decoded_pixels=self.max_decoded_pixels, max_decode_seconds=self.max_decode_seconds)
+
+
+class WindowError(VideoError):
+    """Window arguments that cannot work (for this clip): the message names the value and the bound."""
+
+
+def check_window_args(window_s: float, stride_s: float, limits: WindowLimits = WindowLimits()) -> None:
+    """Window length and stride in seconds, before any clip is opened: finite, > 0, stride <= window (the
+    timeline has no gaps), window within the longest video. :class:`WindowError` names the bad value."""
+    for name, v in (("window_s", window_s), ("stride_s", stride_s)):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise WindowError(f"{name} must be a positive number of seconds, got {v!r}")
+    if stride_s > window_s:
+        raise WindowError(f"stride_s={stride_s:g} is longer than window_s={window_s:g}: the video between windows "
+                         "would be classified by none; use a stride up to the window length")
+    if window_s > limits.max_duration_s:
+        raise WindowError(f"window_s={window_s:g} is longer than the longest video of {limits.max_duration_s:g} s "
+                         "(max_duration_s)")
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where the windows of a stream at ``fps`` lie, and which frames each takes (pure arithmetic)."""
+
+    fps: float
+    stride_s: float
+    length: int  # frames per window (L)
+    offsets: tuple[tuple[int, ...], ...]  # per temporal view: the sampled frames, relative to the window start
+
+    def start(self, k: int) -> int:
+        return int(math.floor(k * self.stride_s * self.fps + 0.5))
+
+    def end(self, k: int) -> int:
+        return self.start(k) + self.length
+
+    def indices(self, k: int) -> list[list[int]]:
+        s = self.start(k)
+        return [[s + i for i in view] for view in self.offsets]
+
+    def count(self, num_frames: int) -> int:
+        """Whole windows in a stream of ``num_frames`` frames."""
+        if num_frames < self.length:
+            return 0
+        k = int((num_frames - self.length) / (self.stride_s * self.fps)) + 2
+        while k > 0 and self.end(k - 1) > num_frames:
+            k -= 1
+        return k
+
+
+def plan_windows(cfg: SamplingConfig, fps: float, window_s: float, stride_s: float,
+                 limits: WindowLimits = WindowLimits()) -> WindowPlan:
+    """The plan for a stream at ``fps``; :class:`WindowError` if the windows are too short for the sampling, the stride
+    is under one frame, or holding the open windows' frames would pass ``limits.max_held_frames``."""
+    check_window_args(window_s, stride_s, limits)
+    if not fps > 0:
+        raise VideoError("the clip's frame rate is unknown: windows in seconds cannot be placed")
+    length = max(1, int(math.floor(window_s * fps + 0.5)))
+    step = stride_s * fps
+    if step < 1:
+        raise WindowError(f"stride_s={stride_s:g} is shorter than one frame at {fps:g} fps")
+    needs = cfg.num_frames if cfg.mode == "uniform" else (cfg.num_frames - 1) * cfg.stride + 1
+    if length < needs:
+        raise WindowError(f"a window of {window_s:g} s is {length} frames at {fps:g} fps, shorter than the "
+                         f"{needs} frames the task's sampling takes ({cfg.mode}, {cfg.num_frames} frames"
+                         f"{f' stride {cfg.stride}' if cfg.mode == 'stride' else ''}); use a longer window")
+    offsets = tuple(tuple(v) for v in view_indices(length, cfg.replace(seek="exact")))
+    depth = math.ceil(length / math.floor(step))
+    held = min(length, depth * len(unique_indices([list(v) for v in offsets])))
+    if held > limits.max_held_frames:
+        raise WindowError(f"windows of {window_s:g} s every {stride_s:g} s overlap {depth} deep: their frames need "
+                         f"{held} frames held at once, over the limit of {limits.max_held_frames} (max_held_frames); "
+                         "use a longer stride")
+    return WindowPlan(fps, float(stride_s), length, offsets)
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int  # k, from 0
+    start_frame: int
+    end_frame: int  # exclusive
+    start_s: float
+    end_s: float
+    indices: tuple[tuple[int, ...], ...]  # the frames taken, per temporal view
+    frames: torch.Tensor  # float32 [V, T, 3, S, S], as decode_clip gives for a clip
+
+
+@dataclass
+class DecodeStats:
+    """What one windowed decode did, updated as it goes."""
+
+    packets: int = 0
+    frames: int = 0  # frames the decoder output
+    windows: int = 0
+    decode_s: float = 0.0  # time spent decoding, converting and sampling (not waiting for the consumer)
+    held_max: int = 0  # most frames kept at once
+
+
+def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_s: float,
+                   limits: VideoLimits = VideoLimits(), window_limits: WindowLimits = WindowLimits(),
+                   stats: Optional[DecodeStats] = None) -> Iterator[Window]:
+    """Every whole window of the clip, in time order, as soon as its last frame has decoded (see the module
+    docstring). Raises :class:`VideoError` for a bad clip, one over the limits or shorter than a window;
+    :class:`WindowError` (a VideoError) for window arguments that cannot work, before decoding."""
+    check_window_args(window_s, stride_s, window_limits)
+    stats = stats if stats is not None else DecodeStats()
+    vlimits = window_limits.video_limits(limits)
+    t0 = time.perf_counter()
+    with guard("decode"), Clip(source, vlimits) as clip:
+        plan = plan_windows(cfg, clip.info.fps, window_s, stride_s, window_limits)
+        _check_frames(cfg, vlimits)
+        expected = plan.count(clip.info.num_frames)
+        if expected > window_limits.max_windows:
+            raise VideoError(f"the clip has {expected} windows of {window_s:g} s every {stride_s:g} s, over the limit "
+                             f"of {window_limits.max_windows} (max_windows); use a longer stride")
+        convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
+        held: dict[int, np.ndarray] = {}
+        need: Counter[int] = Counter()  # frame -> open windows that take it
+        pending: deque[int] = deque()  # open windows, oldest first
+        opened = 0
+        for i, frame in enumerate(clip.frames()):
+            stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
+            while plan.start(opened) <= i:
+                need.update(unique_indices(plan.indices(opened)))
+                pending.append(opened)
+                opened += 1
+            if i in need:
+                held[i] = convert(frame)
+                stats.held_max = max(stats.held_max, len(held))
+            while pending and plan.end(pending[0]) - 1 <= i:
+                k = pending.popleft()
+                if k >= window_limits.max_windows:
+                    raise VideoError(f"the clip has more than {window_limits.max_windows} windows (max_windows; its "
+                                     f"header said {expected}); use a longer stride")
+                idx = plan.indices(k)
+                window = Window(k, plan.start(k), plan.end(k), plan.start(k) / plan.fps, plan.end(k) / plan.fps,
+                                tuple(tuple(v) for v in idx), views_to_tensor(idx, held, cfg))
+                for j in unique_indices(idx):
+                    need[j] -= 1
+                    if not need[j]:
+                        del need[j]
+                        held.pop(j, None)
+                stats.windows += 1
+                stats.decode_s += time.perf_counter() - t0
+                paused = time.monotonic()
+                yield window
+                clip.budget.deadline += time.monotonic() - paused  # the budget counts decoding only
+                t0 = time.perf_counter()
+        stats.decode_s += time.perf_counter() - t0
+        stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
+        if stats.windows == 0:
+            n = stats.frames
+            raise VideoError(f"the clip holds {n} frame(s) ({n / plan.fps:.2f} s at {plan.fps:g} fps), shorter than "
+                             f"one window of {window_s:g} s ({plan.length} frames); use a shorter window, or "
+                             "classify the clip whole")
+
+
+def _check_frames(cfg: SamplingConfig, limits: VideoLimits) -> None:
+    wanted = cfg.num_views * cfg.num_frames
+    if wanted > limits.max_output_frames:
+        raise VideoError(f"the sampling asks for {cfg.num_views} view(s) x {cfg.num_frames} frames = {wanted} frames "
+                         f"per window, over the limit of {limits.max_output_frames}")
