@@ -1,6 +1,6 @@
 """Decode bench: stadapter.video.decode_clip vs "decode every frame, then sample".
 
-    python bench/decode.py [--repeats 20] [--seconds 10] [--fps 30] [--size 320x240] [--gop 30]
+    python -m bench.decode [--repeats 20] [--seconds 10] [--fps 30] [--size 320x240] [--gop 30]
                            [--frames 8] [--mode uniform] [--content texture pan] [--out bench_decode.json]
                            [--libraries [--lib-sizes 320x240 1280x720] [--lib-gops 30 60] [--lib-repeats 7]
                             [--lib-modes uniform stride] [--lib-content pan] [--skip-naive]]
@@ -65,13 +65,13 @@ runs the same rows alone and adds top-1 on the demo tasks in both modes.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import av
@@ -79,16 +79,11 @@ import numpy as np
 import torch
 from av.video.reformatter import VideoReformatter
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from media import make_clip  # noqa: E402
-from bench.report import emit_json  # noqa: E402
-
-from stadapter.config import SamplingConfig  # noqa: E402
-from stadapter.video import (FrameConverter, VideoLimits, decode_clip, decode_frames, probe,  # noqa: E402
-                             sample_indices, views_to_tensor)
+from bench.report import emit_json
+from bench.timing import timed_samples
+from stadapter.config import SamplingConfig
+from stadapter.video import FrameConverter, VideoLimits, decode_clip, decode_frames, probe, sample_indices, views_to_tensor
+from stadapter.video.synthetic import make_clip
 
 
 def naive_clip(data: bytes, cfg: SamplingConfig, to_ndarray: bool = False) -> torch.Tensor:
@@ -105,27 +100,12 @@ def naive_clip(data: bytes, cfg: SamplingConfig, to_ndarray: bool = False) -> to
     return views_to_tensor(views, {i: convert(frames[i]) for i in set(sum(views, []))}, cfg)
 
 
-def timed(fns: dict, repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall-clock and process CPU seconds per call of each function, run alternately."""
-    for fn in fns.values():
-        fn()  # warm up (codec init, allocator)
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
-    return wall, cpu
-
-
 def bench_one(data: bytes, cfg: SamplingConfig, repeats: int) -> dict:
     """Times of ours / naive / naive_to_ndarray on one clip, and the speedups."""
     info = probe(data)
     diff = float((decode_clip(data, cfg) - naive_clip(data, cfg)).abs().max())
-    wall, cpu = timed({"ours": lambda: decode_clip(data, cfg), "naive": lambda: naive_clip(data, cfg),
-                       "naive_to_ndarray": lambda: naive_clip(data, cfg, to_ndarray=True)}, repeats)
+    wall, cpu = timed_samples({"ours": lambda: decode_clip(data, cfg), "naive": lambda: naive_clip(data, cfg),
+                               "naive_to_ndarray": lambda: naive_clip(data, cfg, to_ndarray=True)}, repeats)
     mean = {name: statistics.mean(t) for name, t in wall.items()}
     out: dict = {"bytes": len(data), "num_frames": info.num_frames}
     for name, t in wall.items():
@@ -223,12 +203,8 @@ def bench_libraries(data: bytes, idx: list[int], repeats: int) -> dict:
             diff = int(np.abs(frames.astype(np.int16) - ref).max())
         rows[name] = {"status": "ok", "shape": list(frames.shape), "max_abs_diff_vs_stadapter": diff}
         runs[name] = fn
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            t = time.perf_counter()
-            fn(data, idx)
-            times[name].append(time.perf_counter() - t)
+    times, _ = timed_samples({name: functools.partial(fn, data, idx) for name, fn in runs.items()}, repeats,
+                             warmup=0)  # the check above was the warm-up
     for name, t in times.items():
         rows[name].update(ms_median=1e3 * statistics.median(t), ms_runs=[1e3 * x for x in t])
     base = rows["stadapter"].get("ms_median")

@@ -18,13 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from media import make_clip  # noqa: E402
-from bench.report import emit_json  # noqa: E402
-
-from server.decode_pool import ProcessDecodePool, ThreadDecoder  # noqa: E402
-from stadapter.config import SamplingConfig  # noqa: E402
-from stadapter.video import VideoLimits  # noqa: E402
+from bench.report import emit_json
+from server.decode_pool import ProcessDecodePool, ThreadDecoder
+from stadapter.config import SamplingConfig
+from stadapter.video import VideoLimits
+from stadapter.video.synthetic import make_clip
 
 
 async def _clips_per_s(decoder, clips: list[bytes], cfg: SamplingConfig) -> float:

@@ -26,44 +26,31 @@ agree. Prints tables to stderr and JSON to stdout (and ``--out``).
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from bench.report import emit_json
+from bench.timing import timed_samples
+from stadapter.config import SamplingConfig
+from stadapter.video import decode_clip, decode_views, keyframes, probe, sample_plan
+from stadapter.video.synthetic import encode_frames, make_clip
 
-from media import make_clip  # noqa: E402
-from bench.report import emit_json  # noqa: E402
-
-from stadapter.config import SamplingConfig  # noqa: E402
-from stadapter.video import decode_clip, decode_views, keyframes, probe, sample_plan  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the demo model_repository/ and samples/
 
 
-def _median_ms(fns: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """Median wall-clock and process-CPU ms of each function, run alternately after one warm-up call each.
-    On a shared machine CPU time is the steadier of the two (decoding is single-threaded here)."""
-    for fn in fns.values():
-        fn()
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t, c = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - t)
-            cpu[name].append(time.process_time() - c)
+def median_ms(fns: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Median wall-clock and process-CPU ms of each function, run alternately after one warm-up call each
+    (:func:`bench.timing.timed_samples`; decoding is single-threaded here, so CPU time is the steadier)."""
+    wall, cpu = timed_samples(fns, repeats)
     return {name: {"wall_ms": 1e3 * statistics.median(wall[name]), "cpu_ms": 1e3 * statistics.median(cpu[name])}
             for name in fns}
 
@@ -79,7 +66,7 @@ def bench_clip(data: bytes, cfg: SamplingConfig, repeats: int) -> dict:
     plan, exact_plan = sample_plan(data, fast), sample_plan(data, cfg)
     floor = floor_views(data, plan)
     diff = float((decode_clip(data, fast) - decode_views(data, plan, cfg)).abs().max())
-    ms = _median_ms({"exact": lambda: decode_clip(data, cfg), "keyframe": lambda: decode_clip(data, fast),
+    ms = median_ms({"exact": lambda: decode_clip(data, cfg), "keyframe": lambda: decode_clip(data, fast),
                      "floor": lambda: decode_views(data, floor, cfg)}, repeats)
     return {"exact_indices": exact_plan[0], "keyframe_indices": plan[0], "keyframes": keyframes(data), "ms": ms,
             "speedup_cpu": ms["exact"]["cpu_ms"] / ms["keyframe"]["cpu_ms"],
@@ -122,20 +109,7 @@ def print_clip_rows(rows: list[dict], file=sys.stderr) -> None:
 
 def encode_mpeg4(frames: np.ndarray, gop: int, fps: int = 8) -> bytes:
     """uint8 [F, S, S, 3] -> MPEG-4 Part 2 in mp4 bytes, as training.synthetic writes, with keyframe interval ``gop``."""
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="mp4") as c:
-        s = c.add_stream("mpeg4", rate=fps, options={"qscale": "2"})
-        s.time_base = Fraction(1, fps)
-        s.width, s.height = frames.shape[2], frames.shape[1]
-        s.pix_fmt = "yuv420p"
-        s.codec_context.gop_size = gop
-        s.codec_context.thread_count = 1
-        for i, f in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
-            vf.pts = i
-            c.mux(s.encode(vf))
-        c.mux(s.encode(None))
-    return out.getvalue()
+    return encode_frames(frames, fps=fps, codec="mpeg4", options={"qscale": "2"}, gop=gop, threads=1)
 
 
 def eval_set(task: str, clips: int, frames: int, gop: int, seed: int) -> list[tuple[bytes, int]]:

@@ -36,25 +36,15 @@ CLIPS = {"64x48 1 s": dict(frames=30, size=(64, 48)), "320x240 10 s": dict(frame
 
 def encode_clip(frames: int, size: tuple[int, int], fps: int = 30, gop: int = 30) -> bytes:
     """An h264 mp4 of a pattern that moves one pixel per frame (PyAV, in memory)."""
-    import io
-
-    import av
     import numpy as np
+
+    from stadapter.video.synthetic import encode_frames
 
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w]
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        st = out.add_stream("libx264", rate=fps)
-        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-        st.codec_context.gop_size = gop
-        for i in range(frames):
-            img = np.stack([(xx + i) % 256, (yy * 2 + i) % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
-            for packet in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(packet)
-        for packet in st.encode():
-            out.mux(packet)
-    return buf.getvalue()
+    pictures = (np.stack([(xx + i) % 256, (yy * 2 + i) % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
+                for i in range(frames))
+    return encode_frames(pictures, fps=fps, gop=gop)
 
 
 def build_repository(root: Path) -> Path:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import sys
 import tempfile
@@ -44,7 +43,6 @@ import torch
 from bench.timing import rss_bytes, timed_rounds
 from bench.report import emit_json
 
-ROOT = Path(__file__).resolve().parent.parent
 NUM_TASKS = 8
 
 
@@ -72,26 +70,17 @@ def build_repository(root: Path, model: str, adapter, num_frames: int, input_siz
 
 def synthetic_clips(n: int, frames: int = 16, w: int = 96, h: int = 72) -> list[bytes]:
     """Small MPEG-4 clips (a square moving over noise), distinct per index."""
-    import av
+    from stadapter.video.synthetic import encode_frames
 
-    clips = []
-    for s in range(n):
-        rng = np.random.default_rng(s)
-        buf = io.BytesIO()
-        with av.open(buf, "w", format="mp4") as c:
-            st = c.add_stream("mpeg4", rate=15)
-            st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-            base = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-            for i in range(frames):
-                img = base.copy()
-                x = (i * 4 + s * 7) % (w - 16)
-                img[20:36, x:x + 16] = 255
-                for pkt in st.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                    c.mux(pkt)
-            for pkt in st.encode():
-                c.mux(pkt)
-        clips.append(buf.getvalue())
-    return clips
+    def pictures(s: int):
+        base = np.random.default_rng(s).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        for i in range(frames):
+            img = base.copy()
+            x = (i * 4 + s * 7) % (w - 16)
+            img[20:36, x:x + 16] = 255
+            yield img
+
+    return [encode_frames(pictures(s), fps=15, codec="mpeg4") for s in range(n)]
 
 
 # --- forward-level comparisons -----------------------------------------------------------------------
@@ -215,8 +204,7 @@ def _server_stats(metrics_url: str) -> dict:
 
 
 def bench_e2e(repo: Path, clips: list[bytes], batch: int, n: int, concurrency: int, threads: int, memo: bool) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from serverproc import ServerProcess
+    from server.process import ServerProcess
 
     env = {"OMP_NUM_THREADS": str(threads), "STADAPTER_BENCH_MEMO_DECODE": "1" if memo else None}
     args = ("--max-batch-size", str(batch), "--max-queue-delay-ms", "20", "--max-queue-size", "4096",

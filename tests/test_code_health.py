@@ -163,3 +163,37 @@ def test_no_source_file_is_over_the_line_limit(pkg):
     if pkg == "tests":  # test modules may grow larger, but not without bound
         long = {k: v for k, v in long.items() if v > 2 * MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}"
+
+
+def _sys_path_edits_and_test_imports(path: Path, test_modules: set[str]) -> list[str]:
+    """``sys.path`` changes (``sys.path.insert(...)``, ``sys.path = ...``, ``site.addsitedir``) and imports of
+    test modules in one source file, as ``line: what`` strings."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name) \
+                and node.value.id == "sys":
+            found.append(f"{node.lineno}: uses sys.path")
+        elif isinstance(node, ast.Attribute) and node.attr == "addsitedir":
+            found.append(f"{node.lineno}: site.addsitedir")
+        elif isinstance(node, ast.Import):
+            found += [f"{node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] in test_modules]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in test_modules:
+            found.append(f"{node.lineno}: from {node.module} import ...")
+    return sorted(found, key=lambda hit: int(hit.split(":")[0]))
+
+
+def test_the_sys_path_check_sees_inserts_and_test_imports(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import sys\nsys.path.insert(0, 'tests')\nfrom media import make_clip\nimport serverproc as s\n"
+                   "import site\nsite.addsitedir('tests')\nfrom stadapter.video.synthetic import make_clip\n")
+    assert _sys_path_edits_and_test_imports(bad, {"media", "serverproc", "tests"}) == [
+        "2: uses sys.path", "3: from media import ...", "4: import serverproc", "6: site.addsitedir"]
+
+
+def test_no_room_edits_sys_path_or_imports_the_tests():
+    """Benches and the rest run as ``python -m room.module`` from the checkout; what they share with the tests
+    (clip makers, the server process) lives in the rooms (stadapter.video.synthetic, server.process)."""
+    test_modules = {p.stem for p in (ROOT / "tests").glob("*.py")} | {"tests"}
+    bad = {path.relative_to(ROOT).as_posix(): hits for path in _sources().values()
+           if (hits := _sys_path_edits_and_test_imports(path, test_modules))}
+    assert not bad, f"sys.path edits or imports of tests/ modules: {bad}"
