@@ -21,6 +21,7 @@ from .core import (
     RetryPolicy,
     TaskInfo,
     TaskList,
+    WindowResult,
 )
 from .sync import Client
 
@@ -35,4 +36,5 @@ __all__ = [
     "RetryPolicy",
     "TaskInfo",
     "TaskList",
+    "WindowResult",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Mapping, Optional, Sequence, Union
 
 import grpc
 
@@ -21,6 +21,7 @@ from .core import (
     TaskInfo,
     TaskList,
     Tasks,
+    WindowResult,
     classify_chunks,
     classify_outcome,
     classify_request,
@@ -29,6 +30,8 @@ from .core import (
     read_clip,
     register_chunks,
     resolve_options,
+    windows_chunks,
+    windows_request,
 )
 from .sync import batch_request, batch_results
 
@@ -81,6 +84,28 @@ class AsyncClient:
             req = classify_request(task, data, top_k, sampling, request_id)
             resp = await self._call(self._classifier.Classify, lambda: req, timeout)
         return classify_outcome(task, resp)
+
+    def windows(self, clip: Clip, task: str, window_s: float, stride_s: float, top_k: int = 5,
+                sampling: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None,
+                request_id: str = "") -> AsyncIterator[WindowResult]:
+        """See :meth:`clients.Client.windows`: ``async for w in client.windows(...)``; leaving early cancels."""
+        data = read_clip(clip)
+        o = self.options
+        if len(data) > o.stream_threshold_bytes:
+            chunks = windows_chunks(task, data, window_s, stride_s, top_k, sampling, o.chunk_bytes, request_id)
+            return self._stream(self._classifier.ClassifyWindowsStream, iter(chunks), timeout)
+        req = windows_request(task, data, window_s, stride_s, top_k, sampling, request_id)
+        return self._stream(self._classifier.ClassifyWindows, req, timeout)
+
+    async def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float]) -> AsyncIterator[WindowResult]:
+        call = fn(request, timeout=timeout or self.options.timeout_s, metadata=self.options.metadata())
+        try:
+            async for r in call:
+                yield WindowResult.from_pb(r)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+        finally:
+            call.cancel()
 
     async def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 5,
                              sampling: Optional[Mapping[str, Any]] = None,

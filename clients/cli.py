@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 import grpc
 
 from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClientError, ClientOptions, RetryPolicy
-from .output import (EXIT_FAILED, EXIT_USAGE, Row, classify_each, classify_each_tasks, exit_code, one_line,
-                     print_classify, table)
+from .output import (EXIT_FAILED, EXIT_USAGE, WINDOW_HEADER, Row, classify_each, classify_each_tasks, exit_code,
+                     one_line, print_classify, table, window_line)
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the clip's display rotation and sample aspect ratio (the task's default: on)")
     s.add_argument("--seek", choices=("exact", "keyframe"),
                    help="keyframe: move each sampled frame to the cheapest one of its segment (faster, approximate)")
+
+    w = sub.add_parser("windows", parents=[common], help="a long clip as a timeline: one result per window")
+    w.add_argument("clip", type=Path, metavar="CLIP")
+    w.add_argument("--task", required=True, help="one task name")
+    w.add_argument("--window-s", type=float, required=True, help="window length in seconds")
+    w.add_argument("--stride-s", type=float, help="seconds from one window's start to the next (default: the window)")
+    w.add_argument("--top-k", type=int, default=3)
+    w.add_argument("--json", action="store_true", help="one JSON object per window, one per line")
+    w.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw the top label and its score over time "
+                   "(needs matplotlib)")
+    w.add_argument("--frames", type=int, dest="num_frames", help="frames per window (default: the task's)")
 
     r = sub.add_parser("register", parents=[common], help="upload a task bundle folder (admin token)")
     r.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
@@ -141,6 +152,28 @@ def _classify(ns: argparse.Namespace, client) -> int:
     return print_classify(rows, ns.json)
 
 
+def _windows(ns: argparse.Namespace, client) -> int:
+    """Print each window as it arrives; with --plot draw the timeline once the stream has ended."""
+    if ns.plot is not None:
+        from .plot import require_matplotlib
+
+        require_matplotlib()  # before the upload: a missing package is said at once
+    sampling = {"num_frames": ns.num_frames} if ns.num_frames is not None else None
+    stride = ns.stride_s if ns.stride_s is not None else ns.window_s
+    got = []
+    if not ns.json:
+        print(WINDOW_HEADER, flush=True)
+    for w in client.windows(ns.clip, ns.task, ns.window_s, stride, ns.top_k, sampling):
+        got.append(w)
+        print(window_line(w, ns.json), flush=True)
+    if ns.plot is not None:
+        from .plot import plot_timeline
+
+        plot_timeline(got, ns.plot, f"{ns.task}: {ns.clip.name}, {ns.window_s:g} s windows every {stride:g} s")
+        print(f"timeline written to {ns.plot}", file=sys.stderr)
+    return 0
+
+
 def _triton_classify(ns: argparse.Namespace) -> int:
     try:
         from .triton import TritonClassifier
@@ -181,6 +214,8 @@ def run(ns: argparse.Namespace) -> int:
     with Client(options=options_from(ns)) as client:
         if ns.command == "classify":
             return _classify(ns, client)
+        if ns.command == "windows":
+            return _windows(ns, client)
         if ns.command == "tasks":
             return _tasks(ns, client)
         if ns.command == "describe":

@@ -191,6 +191,41 @@ class ClassifyResult:
         return cls(r.task, r.task_version, preds, timings, r.request_id)
 
 
+@dataclass(frozen=True)
+class WindowResult:
+    """One window of a timeline (``windows``): frames ``[start_frame, end_frame)``, ``start_s`` to ``end_s``."""
+
+    index: int
+    start_s: float
+    end_s: float
+    start_frame: int
+    end_frame: int
+    task: str
+    task_version: int
+    predictions: tuple[Prediction, ...]
+    timings: Mapping[str, float]
+    request_id: str
+
+    @property
+    def top(self) -> Prediction:
+        return self.predictions[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "start_s": self.start_s, "end_s": self.end_s, "start_frame": self.start_frame,
+                "end_frame": self.end_frame, "task": self.task, "task_version": self.task_version,
+                "request_id": self.request_id, "predictions": [p.__dict__ for p in self.predictions],
+                "timings": dict(self.timings)}
+
+    @classmethod
+    def from_pb(cls, r: pb.WindowResult) -> "WindowResult":
+        t = r.timings
+        timings = {"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
+                   "total_ms": t.total_ms, "batch_size": t.batch_size}
+        preds = tuple(Prediction(p.label, float(p.score), int(p.index)) for p in r.predictions)
+        return cls(r.index, r.start_s, r.end_s, r.start_frame, r.end_frame, r.task, r.task_version, preds, timings,
+                   r.request_id)
+
+
 TaskOutcome = Union[ClassifyResult, ClientError]
 Tasks = Union[str, Sequence[str]]  # one task name, or several for one clip
 
@@ -317,6 +352,37 @@ def classify_chunks(task: Tasks, data: bytes, top_k: int, sampling: Optional[Map
     first = chunks[0]
     first.task, first.top_k, first.request_id = fields.get("task", ""), top_k, request_id
     first.tasks.extend(fields.get("tasks", []))
+    ov = sampling_overrides(sampling)
+    if ov is not None:
+        first.sampling.CopyFrom(ov)
+    return chunks
+
+
+def check_windows(task: str, window_s: float, stride_s: float) -> None:
+    """The client's own checks of a timeline request (the server checks again, against the clip)."""
+    if not isinstance(task, str) or not task:
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"windows takes one task name, got {task!r}", local=True)
+    if not (window_s > 0 and stride_s > 0):
+        raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"window_s and stride_s must be > 0 seconds, got {window_s!r} and {stride_s!r}", local=True)
+
+
+def windows_request(task: str, data: bytes, window_s: float, stride_s: float, top_k: int,
+                    sampling: Optional[Mapping[str, Any]], request_id: str = "") -> pb.ClassifyWindowsRequest:
+    check_windows(task, window_s, stride_s)
+    return pb.ClassifyWindowsRequest(task=task, clip=data, window_s=window_s, stride_s=stride_s, top_k=top_k,
+                                     sampling=sampling_overrides(sampling), request_id=request_id)
+
+
+def windows_chunks(task: str, data: bytes, window_s: float, stride_s: float, top_k: int,
+                   sampling: Optional[Mapping[str, Any]], chunk_bytes: int,
+                   request_id: str = "") -> list[pb.ClassifyWindowsChunk]:
+    """The stream of one long clip: the first chunk carries the request's fields."""
+    check_windows(task, window_s, stride_s)
+    view = memoryview(data)
+    chunks = [pb.ClassifyWindowsChunk(data=bytes(view[i:i + chunk_bytes])) for i in range(0, len(data), chunk_bytes)]
+    first = chunks[0]
+    first.task, first.window_s, first.stride_s, first.top_k, first.request_id = task, window_s, stride_s, top_k, request_id
     ov = sampling_overrides(sampling)
     if ov is not None:
         first.sampling.CopyFrom(ov)

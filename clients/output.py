@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence, Union
 
 import grpc
 
-from .core import TOKEN_ENV, ClassifyResult, ClientError
+from .core import TOKEN_ENV, ClassifyResult, ClientError, WindowResult
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 Row = tuple[str, Union[ClassifyResult, ClientError]]
@@ -98,3 +98,15 @@ def print_classify(rows: Sequence[Row], as_json: bool) -> int:
         where = f"{clip} ({err.task})" if err.task else clip
         print(f"error: {where}: {one_line(err)}", file=sys.stderr)
     return EXIT_FAILED if errors else 0
+
+
+WINDOW_HEADER = f"{'START':>8}  {'END':>8}  {'TOP-1':<16} {'SCORE':>5}  NEXT"
+
+
+def window_line(w: WindowResult, as_json: bool) -> str:
+    """One timeline line: a JSON object (``--json``) or a fixed-width row under :data:`WINDOW_HEADER`
+    (printed as each window arrives, so the columns cannot be sized from all rows)."""
+    if as_json:
+        return json.dumps(w.to_dict())
+    rest = ", ".join(f"{p.label} {p.score:.3f}" for p in w.predictions[1:])
+    return f"{w.start_s:8.2f}  {w.end_s:8.2f}  {w.top.label:<16} {w.top.score:5.3f}  {rest or '-'}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 
@@ -20,6 +20,7 @@ from .core import (
     TaskInfo,
     TaskList,
     Tasks,
+    WindowResult,
     classify_chunks,
     classify_outcome,
     classify_request,
@@ -28,6 +29,8 @@ from .core import (
     read_clip,
     register_chunks,
     resolve_options,
+    windows_chunks,
+    windows_request,
 )
 
 T = TypeVar("T")
@@ -92,6 +95,32 @@ class Client:
             req = classify_request(task, data, top_k, sampling, request_id)
             resp = self._call(self._classifier.Classify, lambda: req, timeout)
         return classify_outcome(task, resp)
+
+    def windows(self, clip: Clip, task: str, window_s: float, stride_s: float, top_k: int = 5,
+                sampling: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None,
+                request_id: str = "") -> Iterator[WindowResult]:
+        """A long clip as a timeline: an iterator of :class:`WindowResult`, one per window (``window_s`` long, one
+        every ``stride_s``), in time order, as the server computes them. The clip is read and checked here, at
+        the call; it is sent on the first ``next``. Clips above ``stream_threshold_bytes`` are streamed in
+        chunks. Leaving the loop early cancels the call (the server stops decoding). Not retried: a timeline
+        may have been half given. ``timeout`` bounds the whole stream."""
+        data = read_clip(clip)
+        o = self.options
+        if len(data) > o.stream_threshold_bytes:
+            chunks = windows_chunks(task, data, window_s, stride_s, top_k, sampling, o.chunk_bytes, request_id)
+            return self._stream(self._classifier.ClassifyWindowsStream, iter(chunks), timeout)
+        req = windows_request(task, data, window_s, stride_s, top_k, sampling, request_id)
+        return self._stream(self._classifier.ClassifyWindows, req, timeout)
+
+    def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float]) -> Iterator[WindowResult]:
+        call = fn(request, timeout=timeout or self.options.timeout_s, metadata=self.options.metadata())
+        try:
+            for r in call:
+                yield WindowResult.from_pb(r)
+        except grpc.RpcError as e:
+            raise ClientError.from_rpc(e) from None
+        finally:
+            call.cancel()  # a no-op once the stream ended; stops the server's work if the caller left early
 
     def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 5,
                        sampling: Optional[Mapping[str, Any]] = None,

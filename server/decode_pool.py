@@ -15,6 +15,18 @@ the server runs gRPC threads):
 
 The parent picks the block's name, so it unlinks it on every path (worker killed
 half-way included); a worker that dies shows up as EOF on the pipe.
+
+Window mode (``windows``: a long clip decoded once, front to back; ``server.window_jobs``):
+
+* parent -> worker ``("windows", sampling, limits, job, prefix)`` then the clip;
+* worker -> parent ``("batch", seq, spans, shape, dtype, decode_s)`` with the batch in block
+  ``prefix + seq``; the parent copies it out, unlinks it and answers ``("next",)`` at once (the
+  worker decodes the next batch while the model computes this one) or ``("stop",)``
+  (answered ``("stopped",)``);
+* worker -> parent ``("done", frames, decode_s)``, or ``("error", exc)`` / ``("oom", message)``.
+
+A batch must come within ``timeout_s`` of the last (a hung decode is killed as in one-clip
+mode); a caller that goes away stops the job in the background and the worker is reused.
 """
 
 from __future__ import annotations
@@ -29,17 +41,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Optional, Protocol
+from typing import Any, AsyncGenerator, Optional, Protocol
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, VideoLimits, decode_clip
 
 from .errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining
+from .shm_blocks import read_block, unlink_block, write_block
+from .window_jobs import WindowBatch, WindowJob, run_window_job, window_batches
 
 log = logging.getLogger("server")
 
@@ -57,6 +69,11 @@ class Decoder(Protocol):
     async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]: ...
 
+    def windows(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+                timeout_s: float, deadline: Optional[float] = None) -> AsyncGenerator[WindowBatch, None]:
+        """The clip's windows in batches, in time order; closing the iterator early stops the decode."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -69,6 +86,23 @@ class ThreadDecoder:
     async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, _decode_timed, clip, sampling, limits)
+
+    async def windows(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+                      timeout_s: float, deadline: Optional[float] = None) -> AsyncGenerator[WindowBatch, None]:
+        batches = window_batches(clip, sampling, limits, job)
+        step = None
+        try:
+            while True:
+                step = self.pool.submit(next, batches, None)
+                batch = await asyncio.wrap_future(step)
+                if batch is None:
+                    return
+                yield batch
+        finally:  # close the generator on a pool thread once no step of it runs (it holds the open clip)
+            if step is None:
+                batches.close()
+            else:
+                step.add_done_callback(lambda _: batches.close())
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)  # a stuck thread cannot be stopped; do not wait for it
@@ -90,7 +124,7 @@ def _worker_main(conn: Connection) -> None:
     conn.send(("ready",))
     while True:
         try:
-            sampling, limits, shm_name = conn.recv()
+            job = conn.recv()
             clip = conn.recv_bytes()
         except (EOFError, OSError):
             return
@@ -98,10 +132,17 @@ def _worker_main(conn: Connection) -> None:
             os.abort()
         while "hang-on-magic" in hooks and clip.startswith(HANG_MAGIC):
             time.sleep(3600)
+        if job[0] == "windows":
+            try:
+                run_window_job(conn, clip, *job[1:])
+            except (EOFError, OSError):
+                return
+            continue
+        sampling, limits, shm_name = job
         try:
             views, decode_s = _decode_timed(clip, sampling, limits)
             arr = np.ascontiguousarray(views.numpy())
-            _write_shm(shm_name, arr)
+            write_block(shm_name, arr)
             reply: tuple = ("ok", arr.shape, arr.dtype.str, decode_s)
         except MemoryError as e:
             reply = ("oom", str(e))
@@ -113,15 +154,6 @@ def _worker_main(conn: Connection) -> None:
             conn.send(reply)
         except Exception:  # noqa: BLE001 - an exception that does not pickle: keep its message
             conn.send(("error", VideoError(str(reply[1]))))
-
-
-def _write_shm(name: str, arr: np.ndarray) -> None:
-    try:
-        shm = SharedMemory(name=name, create=True, size=max(arr.nbytes, 1))
-    except OSError as e:  # /dev/shm is full: the server is short, the clip is not bad
-        raise MemoryError(f"no room for the frames in shared memory: {e}") from e
-    np.ndarray(arr.shape, arr.dtype, buffer=shm.buf)[...] = arr
-    shm.close()
 
 
 @dataclass(eq=False)
@@ -206,7 +238,7 @@ class ProcessDecodePool:
         """Kill ``w`` (then unlink the block it may have been writing); a fresh worker joins the queue once ready."""
         self._drop(w)
         if shm_name is not None:
-            _unlink(shm_name)
+            unlink_block(shm_name)
         if not self.closed:
             self._background(self._respawn())
 
@@ -263,6 +295,92 @@ class ProcessDecodePool:
         with contextlib.suppress(Exception):  # nobody is waiting for this answer any more
             self._result(w, reply.result(), name)
 
+    async def windows(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+                      timeout_s: float, deadline: Optional[float] = None) -> AsyncGenerator[WindowBatch, None]:
+        """The clip's windows in batches from one worker (see the module docstring). ``timeout_s`` bounds the wait
+        for each batch, ``deadline`` all of them. Leaving early (cancel, close) stops the job in the background."""
+        if self.closed:
+            raise Draining("server is shutting down; the decoders are stopped")
+        w = await self._free.get()
+        loop = asyncio.get_running_loop()
+        prefix = f"{self.shm_prefix}{next(self._names)}-"
+        reply = w.expect(loop)
+        try:
+            w.conn.send(("windows", sampling, limits, job, prefix))
+            w.conn.send_bytes(clip)
+        except OSError:
+            pass  # the worker died while idle: the reply future sees EOF
+        seq, running = 0, True
+        try:
+            while True:
+                budget, by_deadline = timeout_s, False
+                if deadline is not None and deadline - time.monotonic() < timeout_s:
+                    budget, by_deadline = deadline - time.monotonic(), True
+                done, _ = await asyncio.wait({reply}, timeout=max(budget, 0.0))
+                if not done:
+                    running = False
+                    self._replace(w, f"{prefix}{seq}")
+                    if by_deadline:
+                        raise DeadlineExpired(f"deadline passed during the windowed decode (after {seq} batches)")
+                    raise DecodeTimeout(f"no window decoded for {timeout_s:g} s; the clip was dropped")
+                msg = reply.result()
+                if msg is None or msg[0] != "batch":
+                    running = False
+                    self._end_job(w, msg, f"{prefix}{seq}")
+                    return
+                _, _, spans, shape, dtype, decode_s = msg
+                batch = WindowBatch(tuple(spans), read_block(f"{prefix}{seq}", shape, dtype), decode_s)
+                seq += 1
+                reply = w.expect(loop)
+                try:
+                    w.conn.send(("next",))
+                except OSError:
+                    pass
+                yield batch
+        finally:
+            if running:
+                self._background(self._stop_job(w, reply, prefix, seq, timeout_s))
+
+    async def _stop_job(self, w: _Worker, reply: asyncio.Future, prefix: str, seq: int, timeout_s: float) -> None:
+        """Stop a window job nobody reads any more: let the batch in progress finish, drop it, say stop."""
+        while True:
+            done, _ = await asyncio.wait({reply}, timeout=timeout_s)
+            if not done:
+                self._replace(w, f"{prefix}{seq}")
+                return
+            msg = reply.result()
+            unlink_block(f"{prefix}{seq}")
+            if msg is None or msg[0] != "batch":
+                with contextlib.suppress(Exception):  # nobody is waiting for this answer any more
+                    self._end_job(w, msg, f"{prefix}{seq}")
+                return
+            seq += 1
+            reply = w.expect(asyncio.get_running_loop())
+            try:
+                w.conn.send(("stop",))
+            except OSError:
+                pass
+
+    def _end_job(self, w: _Worker, msg: Optional[tuple], name: str) -> None:
+        """The last message of a window job: the worker freed (or replaced); its error raised."""
+        unlink_block(name)
+        if msg is None and self.closed:
+            raise Draining("server is shutting down; the decode was stopped")
+        if msg is None:
+            self._replace(w)
+            raise DecoderCrashed(f"the decoder crashed on this clip (worker exit code {w.proc.exitcode}); "
+                                 "it is probably corrupt or hostile")
+        if self.closed:
+            self._drop(w)
+        else:
+            self._free.put_nowait(w)
+        if msg[0] in ("done", "stopped"):
+            return
+        if msg[0] == "oom":
+            raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({msg[1]}); retry later")
+        exc = msg[1]
+        raise exc if isinstance(exc, VideoError) else VideoError(str(exc))
+
     def _result(self, w: _Worker, msg: Optional[tuple], name: str) -> tuple[Tensor, float]:
         """Turn the worker's reply into the answer; the shm block is gone and ``w`` freed or replaced after."""
         try:
@@ -278,19 +396,13 @@ class ProcessDecodePool:
                 self._free.put_nowait(w)
             if msg[0] == "ok":
                 _, shape, dtype, decode_s = msg
-                shm = SharedMemory(name=name)
-                try:
-                    out = np.empty(shape, np.dtype(dtype))
-                    out[...] = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)
-                finally:
-                    shm.close()
-                return torch.from_numpy(out), decode_s
+                return read_block(name, shape, dtype), decode_s
             if msg[0] == "oom":
                 raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({msg[1]}); retry later")
             exc = msg[1]
             raise exc if isinstance(exc, VideoError) else VideoError(str(exc))
         finally:
-            _unlink(name)
+            unlink_block(name)
 
     def close(self) -> None:
         """Kill every worker at once (SIGKILL first, then reap): never waits on a stuck decode."""
@@ -303,10 +415,3 @@ class ProcessDecodePool:
             self._drop(w)
             if w.reply is not None and not w.reply.done():
                 w.reply.set_result(None)  # a request still waiting on it fails at once
-
-
-def _unlink(name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        shm = SharedMemory(name=name)
-        shm.close()
-        shm.unlink()

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from stadapter.bundle import BundleLimits
 from stadapter.config import brief
-from stadapter.video import VideoLimits
+from stadapter.video import VideoLimits, WindowLimits, check_window_args
 
 from .errors import BadRequest
 
@@ -34,6 +34,9 @@ class ServerLimits:
         stream_idle_timeout_s: longest silence inside a client stream (``--stream-idle-timeout-s``).
         decode_timeout_s: longest decode of one clip before its worker is killed (``--decode-timeout-s``).
         bundle: sizes of an uploaded task bundle (``--max-bundle-bytes``).
+        windows: ClassifyWindows' bounds, in place of the one-clip ones a long video would break: longest
+            video (``max_duration_s``), windows per request (``max_windows``), frames and pixels decoded,
+            decode time, frames held for overlapping windows (``stadapter.video.WindowLimits``).
     """
 
     video: VideoLimits
@@ -44,6 +47,7 @@ class ServerLimits:
     stream_idle_timeout_s: float
     decode_timeout_s: float
     bundle: BundleLimits
+    windows: WindowLimits = WindowLimits()
 
     def __post_init__(self) -> None:
         for name in ("max_inflight_clip_bytes", "max_queue_size", "max_batch_rows", "max_num_frames"):
@@ -94,6 +98,11 @@ class ServerLimits:
         if twice:
             raise BadRequest(f"task {brief(twice[0])} is named twice in the request (task and tasks together "
                              "name each task once)")
+
+    def check_windows(self, window_s: float, stride_s: float) -> None:
+        """Window length and stride of a ClassifyWindows request, before anything is decoded (INVALID_ARGUMENT:
+        ``WindowError`` is a ``VideoError``); what depends on the clip (its frame rate) is checked on decode."""
+        check_window_args(window_s, stride_s, self.windows)
 
     def check_top_k(self, k: int) -> None:
         if k > MAX_TOP_K:

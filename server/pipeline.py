@@ -14,9 +14,10 @@ instead of exhausting memory. Every bound comes from one :class:`ServerLimits`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
 
 from prometheus_client import Gauge
 from torch import Tensor
@@ -30,6 +31,7 @@ from .errors import BadRequest, DeadlineExpired
 from .limits import ServerLimits
 from .metrics import Metrics
 from .registry import TaskRegistry, TaskVersion
+from .window_jobs import WindowJob, WindowSpan
 
 ClipBytes = Union[bytes, bytearray]  # a stream's clip is the buffer it was received into (no joined copy)
 
@@ -43,6 +45,14 @@ class Classification:
     compute_s: float
     total_s: float
     batch_clips: int
+
+
+@dataclass(frozen=True)
+class WindowClassification:
+    """One window of a long clip: where it lies and its answer (``decode_s``: its batch's decode)."""
+
+    span: WindowSpan
+    result: Classification
 
 
 Outcome = Union[Classification, Exception]  # one task's answer in a several-task request
@@ -183,6 +193,43 @@ class Pipeline:
                     s.release()
         assert all(o is not None for o in out)
         return TaskOutcomes(out, len(decoded), sum(decoded))  # type: ignore[arg-type]
+
+    async def classify_windows(self, ticket: Ticket, task: str, clip: ClipBytes, window_s: float, stride_s: float,
+                               top_k: int = 0, overrides: Optional[Mapping[str, Any]] = None,
+                               deadline: Optional[float] = None) -> AsyncIterator[WindowClassification]:
+        """Classify ``clip`` window by window, in time order, batch by batch as they complete.
+
+        The clip is decoded once, front to back, in one decoder (``Decoder.windows``); each batch of
+        windows (one forward's rows) goes to the batcher as rows of the task while the decoder goes on
+        with the next. One queue slot and one task version for the whole request; the decode is counted
+        once (``stadapter_decode_seconds``: the request's decoding time), each window as a clip. Leaving
+        early (the client cancels, an error) stops the decode.
+        """
+        t0 = time.monotonic()
+        slot = ticket.take_slot(task)
+        try:
+            k = self._top_k(top_k)
+            sampling = self._sampling(slot.tv, overrides)
+            self.limits.check_clip_size(len(clip))
+            self.limits.check_windows(window_s, stride_s)
+            _check_deadline(deadline, "before decode")
+            job = WindowJob(window_s, stride_s, max(1, self.limits.max_batch_rows // sampling.num_views),
+                            self.limits.windows)
+            decode_s, decoded = 0.0, False
+            batches = self.decoder.windows(clip, sampling, self.limits.video, job, self.limits.decode_timeout_s, deadline)
+            try:
+                async with contextlib.aclosing(batches):
+                    async for batch in batches:
+                        decode_s, decoded = decode_s + batch.decode_s, True
+                        done = await asyncio.gather(*(self._compute(slot.tv, batch.frames[i], batch.decode_s, k,
+                                                                    deadline, t0) for i in range(len(batch.spans))))
+                        for span, c in zip(batch.spans, done):
+                            yield WindowClassification(span, c)
+            finally:
+                if decoded and self.metrics is not None:
+                    self.metrics.decode_seconds.observe(decode_s)
+        finally:
+            slot.release()
 
     def _top_k(self, top_k: int) -> int:
         k = top_k or self.default_top_k

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Optional, Sequence, TypeVar
+from typing import Optional, Sequence
 
 import grpc
 
@@ -29,17 +29,20 @@ from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .auth import Auth
 from .admission import Ticket
-from .errors import BadRequest, StreamIdle, TaskNotFound, status_for
+from .errors import BadRequest, TaskNotFound, status_for
 from .limits import ServerLimits
 from .metrics import Metrics
 from .pipeline import Classification, ClipBytes, Pipeline
 from .registry import UPLOAD_FILES, TaskRegistry, TaskVersion
+from .rpc_helpers import deadline_of as _deadline
+from .rpc_helpers import idle_bounded
+from .rpc_helpers import overrides_of as _overrides
+from .window_service import WindowsServicer
 
 log = logging.getLogger("server.service")
 
 _task_label: contextvars.ContextVar[str] = contextvars.ContextVar("task_label", default="")
 OVERRIDE_FIELDS = SAMPLING_OVERRIDE_FIELDS
-T = TypeVar("T")
 
 
 def rpc(method: str, kind: str):
@@ -79,30 +82,6 @@ def rpc(method: str, kind: str):
         return wrapper
 
     return deco
-
-
-async def idle_bounded(iterator: AsyncIterator[T], idle_s: float, held: Callable[[], int]) -> AsyncIterator[T]:
-    """``iterator``'s messages; a gap of more than ``idle_s`` seconds ends the call with :class:`StreamIdle`
-    (``held()``: the bytes received so far, for the message; the caller's ticket frees them)."""
-    it = iterator.__aiter__()
-    while True:
-        try:
-            item = await asyncio.wait_for(it.__anext__(), idle_s)
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise StreamIdle(f"the stream sent nothing for {idle_s:g} s (--stream-idle-timeout-s) after "
-                             f"{held()} bytes; it was ended and its bytes freed") from None
-        yield item
-
-
-def _overrides(msg: pb.SamplingOverrides) -> dict[str, Any]:
-    return {f: getattr(msg, f) for f in OVERRIDE_FIELDS if msg.HasField(f)}
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> Optional[float]:
-    left = context.time_remaining()
-    return None if left is None else time.monotonic() + left
 
 
 def task_info(tv: TaskVersion) -> pb.TaskInfo:
@@ -154,7 +133,7 @@ class _Base:
         return name if name in self.registry.tasks else "_other"
 
 
-class VideoClassifierService(_Base, pb_grpc.VideoClassifierServicer):
+class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServicer):
     async def _classify(self, ticket: Ticket, task: str, tasks: Sequence[str], clip: ClipBytes, top_k: int,
                         sampling: pb.SamplingOverrides, request_id: str, deadline: Optional[float],
                         method: str) -> pb.ClassifyResponse:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n stadapter_api/v1/inference.proto\x12\x0cstadapter.v1\"\x99\x02\n\x11SamplingOverrides\x12\x17\n\nnum_frames\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x11\n\x04mode\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06stride\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0etemporal_views\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\rspatial_views\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x17\n\nautorotate\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x11\n\x04seek\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\r\n\x0b_num_framesB\x07\n\x05_modeB\t\n\x07_strideB\x11\n\x0f_temporal_viewsB\x10\n\x0e_spatial_viewsB\r\n\x0b_autorotateB\x07\n\x05_seek\"\x92\x01\n\x0f\x43lassifyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.stadapter.v1.SamplingOverrides\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05tasks\x18\x06 \x03(\t\"\x90\x01\n\rClassifyChunk\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.stadapter.v1.SamplingOverrides\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05tasks\x18\x06 \x03(\t\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"h\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"\xcc\x01\n\x10\x43lassifyResponse\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x14\n\x0ctask_version\x18\x02 \x01(\r\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.stadapter.v1.Prediction\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.stadapter.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x07results\x18\x06 \x03(\x0b\x32\x18.stadapter.v1.TaskResult\"\xaf\x01\n\nTaskResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x14\n\x0ctask_version\x18\x02 \x01(\r\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.stadapter.v1.Prediction\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.stadapter.v1.Timings\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.stadapter.v1.ItemError\"G\n\x14\x42\x61tchClassifyRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.stadapter.v1.ClassifyRequest\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"}\n\x13\x42\x61tchClassifyResult\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32\x1e.stadapter.v1.ClassifyResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.stadapter.v1.ItemErrorH\x00\x42\x08\n\x06result\"K\n\x15\x42\x61tchClassifyResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.stadapter.v1.BatchClassifyResult\"\x12\n\x10ListTasksRequest\"j\n\x11ListTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.stadapter.v1.TaskInfo\x12\x13\n\x0btrunk_model\x18\x02 \x01(\t\x12\x19\n\x11trunk_fingerprint\x18\x03 \x01(\t\"#\n\x13\x44\x65scribeTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"\xc1\x02\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x12\n\nnum_frames\x18\x05 \x01(\r\x12\x12\n\ninput_size\x18\x06 \x01(\r\x12\x15\n\rsampling_mode\x18\x07 \x01(\t\x12\x16\n\x0etemporal_views\x18\x08 \x01(\r\x12\x15\n\rspatial_views\x18\t \x01(\r\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\n \x01(\t\x12\x15\n\radapter_bytes\x18\x0b \x01(\x04\x12\x0f\n\x07\x63reated\x18\x0c \x01(\t\x12\x14\n\x0cmetrics_json\x18\r \x01(\t\x12\x19\n\x11trunk_fingerprint\x18\x0e \x01(\t\x12\r\n\x05state\x18\x0f \x01(\t\"F\n\x11RegisterTaskChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tupload_id\x18\x03 \x01(\t\"<\n\x14RegisterTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.stadapter.v1.TaskInfo\"%\n\x15UnregisterTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"7\n\x16UnregisterTaskResponse\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r2\xa0\x03\n\x0fVideoClassifier\x12I\n\x08\x43lassify\x12\x1d.stadapter.v1.ClassifyRequest\x1a\x1e.stadapter.v1.ClassifyResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.stadapter.v1.ClassifyChunk\x1a\x1e.stadapter.v1.ClassifyResponse(\x01\x12X\n\rBatchClassify\x12\".stadapter.v1.BatchClassifyRequest\x1a#.stadapter.v1.BatchClassifyResponse\x12L\n\tListTasks\x12\x1e.stadapter.v1.ListTasksRequest\x1a\x1f.stadapter.v1.ListTasksResponse\x12I\n\x0c\x44\x65scribeTask\x12!.stadapter.v1.DescribeTaskRequest\x1a\x16.stadapter.v1.TaskInfo2\xbf\x01\n\tTaskAdmin\x12U\n\x0cRegisterTask\x12\x1f.stadapter.v1.RegisterTaskChunk\x1a\".stadapter.v1.RegisterTaskResponse(\x01\x12[\n\x0eUnregisterTask\x12#.stadapter.v1.UnregisterTaskRequest\x1a$.stadapter.v1.UnregisterTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n stadapter_api/v1/inference.proto\x12\x0cstadapter.v1\"\x99\x02\n\x11SamplingOverrides\x12\x17\n\nnum_frames\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x11\n\x04mode\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x13\n\x06stride\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x1b\n\x0etemporal_views\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x1a\n\rspatial_views\x18\x05 \x01(\rH\x04\x88\x01\x01\x12\x17\n\nautorotate\x18\x06 \x01(\x08H\x05\x88\x01\x01\x12\x11\n\x04seek\x18\x07 \x01(\tH\x06\x88\x01\x01\x42\r\n\x0b_num_framesB\x07\n\x05_modeB\t\n\x07_strideB\x11\n\x0f_temporal_viewsB\x10\n\x0e_spatial_viewsB\r\n\x0b_autorotateB\x07\n\x05_seek\"\x92\x01\n\x0f\x43lassifyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.stadapter.v1.SamplingOverrides\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05tasks\x18\x06 \x03(\t\"\x90\x01\n\rClassifyChunk\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x31\n\x08sampling\x18\x03 \x01(\x0b\x32\x1f.stadapter.v1.SamplingOverrides\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\r\n\x05tasks\x18\x06 \x03(\t\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"h\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\x12\x12\n\nbatch_size\x18\x05 \x01(\r\"\xcc\x01\n\x10\x43lassifyResponse\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x14\n\x0ctask_version\x18\x02 \x01(\r\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.stadapter.v1.Prediction\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.stadapter.v1.Timings\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\x07results\x18\x06 \x03(\x0b\x32\x18.stadapter.v1.TaskResult\"\xaf\x01\n\nTaskResult\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x14\n\x0ctask_version\x18\x02 \x01(\r\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.stadapter.v1.Prediction\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.stadapter.v1.Timings\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.stadapter.v1.ItemError\"\xae\x01\n\x16\x43lassifyWindowsRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x0c\x12\x10\n\x08window_s\x18\x03 \x01(\x01\x12\x10\n\x08stride_s\x18\x04 \x01(\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x31\n\x08sampling\x18\x06 \x01(\x0b\x32\x1f.stadapter.v1.SamplingOverrides\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\xac\x01\n\x14\x43lassifyWindowsChunk\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x10\n\x08window_s\x18\x02 \x01(\x01\x12\x10\n\x08stride_s\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x31\n\x08sampling\x18\x05 \x01(\x0b\x32\x1f.stadapter.v1.SamplingOverrides\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\"\xf4\x01\n\x0cWindowResult\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07start_s\x18\x02 \x01(\x01\x12\r\n\x05\x65nd_s\x18\x03 \x01(\x01\x12\x13\n\x0bstart_frame\x18\x04 \x01(\x04\x12\x11\n\tend_frame\x18\x05 \x01(\x04\x12-\n\x0bpredictions\x18\x06 \x03(\x0b\x32\x18.stadapter.v1.Prediction\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x14\n\x0ctask_version\x18\x08 \x01(\r\x12\x12\n\nrequest_id\x18\t \x01(\t\x12&\n\x07timings\x18\n \x01(\x0b\x32\x15.stadapter.v1.Timings\"G\n\x14\x42\x61tchClassifyRequest\x12/\n\x08requests\x18\x01 \x03(\x0b\x32\x1d.stadapter.v1.ClassifyRequest\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"}\n\x13\x42\x61tchClassifyResult\x12\x32\n\x08response\x18\x01 \x01(\x0b\x32\x1e.stadapter.v1.ClassifyResponseH\x00\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.stadapter.v1.ItemErrorH\x00\x42\x08\n\x06result\"K\n\x15\x42\x61tchClassifyResponse\x12\x32\n\x07results\x18\x01 \x03(\x0b\x32!.stadapter.v1.BatchClassifyResult\"\x12\n\x10ListTasksRequest\"j\n\x11ListTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.stadapter.v1.TaskInfo\x12\x13\n\x0btrunk_model\x18\x02 \x01(\t\x12\x19\n\x11trunk_fingerprint\x18\x03 \x01(\t\"#\n\x13\x44\x65scribeTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"\xc1\x02\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x12\n\nnum_frames\x18\x05 \x01(\r\x12\x12\n\ninput_size\x18\x06 \x01(\r\x12\x15\n\rsampling_mode\x18\x07 \x01(\t\x12\x16\n\x0etemporal_views\x18\x08 \x01(\r\x12\x15\n\rspatial_views\x18\t \x01(\r\x12\x1b\n\x13\x61\x64\x61pter_config_json\x18\n \x01(\t\x12\x15\n\radapter_bytes\x18\x0b \x01(\x04\x12\x0f\n\x07\x63reated\x18\x0c \x01(\t\x12\x14\n\x0cmetrics_json\x18\r \x01(\t\x12\x19\n\x11trunk_fingerprint\x18\x0e \x01(\t\x12\r\n\x05state\x18\x0f \x01(\t\"F\n\x11RegisterTaskChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x11\n\tupload_id\x18\x03 \x01(\t\"<\n\x14RegisterTaskResponse\x12$\n\x04task\x18\x01 \x01(\x0b\x32\x16.stadapter.v1.TaskInfo\"%\n\x15UnregisterTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"7\n\x16UnregisterTaskResponse\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r2\xd4\x04\n\x0fVideoClassifier\x12I\n\x08\x43lassify\x12\x1d.stadapter.v1.ClassifyRequest\x1a\x1e.stadapter.v1.ClassifyResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.stadapter.v1.ClassifyChunk\x1a\x1e.stadapter.v1.ClassifyResponse(\x01\x12X\n\rBatchClassify\x12\".stadapter.v1.BatchClassifyRequest\x1a#.stadapter.v1.BatchClassifyResponse\x12U\n\x0f\x43lassifyWindows\x12$.stadapter.v1.ClassifyWindowsRequest\x1a\x1a.stadapter.v1.WindowResult0\x01\x12[\n\x15\x43lassifyWindowsStream\x12\".stadapter.v1.ClassifyWindowsChunk\x1a\x1a.stadapter.v1.WindowResult(\x01\x30\x01\x12L\n\tListTasks\x12\x1e.stadapter.v1.ListTasksRequest\x1a\x1f.stadapter.v1.ListTasksResponse\x12I\n\x0c\x44\x65scribeTask\x12!.stadapter.v1.DescribeTaskRequest\x1a\x16.stadapter.v1.TaskInfo2\xbf\x01\n\tTaskAdmin\x12U\n\x0cRegisterTask\x12\x1f.stadapter.v1.RegisterTaskChunk\x1a\".stadapter.v1.RegisterTaskResponse(\x01\x12[\n\x0eUnregisterTask\x12#.stadapter.v1.UnregisterTaskRequest\x1a$.stadapter.v1.UnregisterTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,32 +45,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_end=1000
   _globals['_TASKRESULT']._serialized_start=1003
   _globals['_TASKRESULT']._serialized_end=1178
-  _globals['_BATCHCLASSIFYREQUEST']._serialized_start=1180
-  _globals['_BATCHCLASSIFYREQUEST']._serialized_end=1251
-  _globals['_ITEMERROR']._serialized_start=1253
-  _globals['_ITEMERROR']._serialized_end=1295
-  _globals['_BATCHCLASSIFYRESULT']._serialized_start=1297
-  _globals['_BATCHCLASSIFYRESULT']._serialized_end=1422
-  _globals['_BATCHCLASSIFYRESPONSE']._serialized_start=1424
-  _globals['_BATCHCLASSIFYRESPONSE']._serialized_end=1499
-  _globals['_LISTTASKSREQUEST']._serialized_start=1501
-  _globals['_LISTTASKSREQUEST']._serialized_end=1519
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1521
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1627
-  _globals['_DESCRIBETASKREQUEST']._serialized_start=1629
-  _globals['_DESCRIBETASKREQUEST']._serialized_end=1664
-  _globals['_TASKINFO']._serialized_start=1667
-  _globals['_TASKINFO']._serialized_end=1988
-  _globals['_REGISTERTASKCHUNK']._serialized_start=1990
-  _globals['_REGISTERTASKCHUNK']._serialized_end=2060
-  _globals['_REGISTERTASKRESPONSE']._serialized_start=2062
-  _globals['_REGISTERTASKRESPONSE']._serialized_end=2122
-  _globals['_UNREGISTERTASKREQUEST']._serialized_start=2124
-  _globals['_UNREGISTERTASKREQUEST']._serialized_end=2161
-  _globals['_UNREGISTERTASKRESPONSE']._serialized_start=2163
-  _globals['_UNREGISTERTASKRESPONSE']._serialized_end=2218
-  _globals['_VIDEOCLASSIFIER']._serialized_start=2221
-  _globals['_VIDEOCLASSIFIER']._serialized_end=2637
-  _globals['_TASKADMIN']._serialized_start=2640
-  _globals['_TASKADMIN']._serialized_end=2831
+  _globals['_CLASSIFYWINDOWSREQUEST']._serialized_start=1181
+  _globals['_CLASSIFYWINDOWSREQUEST']._serialized_end=1355
+  _globals['_CLASSIFYWINDOWSCHUNK']._serialized_start=1358
+  _globals['_CLASSIFYWINDOWSCHUNK']._serialized_end=1530
+  _globals['_WINDOWRESULT']._serialized_start=1533
+  _globals['_WINDOWRESULT']._serialized_end=1777
+  _globals['_BATCHCLASSIFYREQUEST']._serialized_start=1779
+  _globals['_BATCHCLASSIFYREQUEST']._serialized_end=1850
+  _globals['_ITEMERROR']._serialized_start=1852
+  _globals['_ITEMERROR']._serialized_end=1894
+  _globals['_BATCHCLASSIFYRESULT']._serialized_start=1896
+  _globals['_BATCHCLASSIFYRESULT']._serialized_end=2021
+  _globals['_BATCHCLASSIFYRESPONSE']._serialized_start=2023
+  _globals['_BATCHCLASSIFYRESPONSE']._serialized_end=2098
+  _globals['_LISTTASKSREQUEST']._serialized_start=2100
+  _globals['_LISTTASKSREQUEST']._serialized_end=2118
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2120
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2226
+  _globals['_DESCRIBETASKREQUEST']._serialized_start=2228
+  _globals['_DESCRIBETASKREQUEST']._serialized_end=2263
+  _globals['_TASKINFO']._serialized_start=2266
+  _globals['_TASKINFO']._serialized_end=2587
+  _globals['_REGISTERTASKCHUNK']._serialized_start=2589
+  _globals['_REGISTERTASKCHUNK']._serialized_end=2659
+  _globals['_REGISTERTASKRESPONSE']._serialized_start=2661
+  _globals['_REGISTERTASKRESPONSE']._serialized_end=2721
+  _globals['_UNREGISTERTASKREQUEST']._serialized_start=2723
+  _globals['_UNREGISTERTASKREQUEST']._serialized_end=2760
+  _globals['_UNREGISTERTASKRESPONSE']._serialized_start=2762
+  _globals['_UNREGISTERTASKRESPONSE']._serialized_end=2817
+  _globals['_VIDEOCLASSIFIER']._serialized_start=2820
+  _globals['_VIDEOCLASSIFIER']._serialized_end=3416
+  _globals['_TASKADMIN']._serialized_start=3419
+  _globals['_TASKADMIN']._serialized_end=3610
 # @@protoc_insertion_point(module_scope)

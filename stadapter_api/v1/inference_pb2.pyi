@@ -110,6 +110,66 @@ class TaskResult(_message.Message):
     error: ItemError
     def __init__(self, task: _Optional[str] = ..., task_version: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
 
+class ClassifyWindowsRequest(_message.Message):
+    __slots__ = ("task", "clip", "window_s", "stride_s", "top_k", "sampling", "request_id")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_S_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    clip: bytes
+    window_s: float
+    stride_s: float
+    top_k: int
+    sampling: SamplingOverrides
+    request_id: str
+    def __init__(self, task: _Optional[str] = ..., clip: _Optional[bytes] = ..., window_s: _Optional[float] = ..., stride_s: _Optional[float] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ClassifyWindowsChunk(_message.Message):
+    __slots__ = ("task", "window_s", "stride_s", "top_k", "sampling", "request_id", "data")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_S_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    window_s: float
+    stride_s: float
+    top_k: int
+    sampling: SamplingOverrides
+    request_id: str
+    data: bytes
+    def __init__(self, task: _Optional[str] = ..., window_s: _Optional[float] = ..., stride_s: _Optional[float] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WindowResult(_message.Message):
+    __slots__ = ("index", "start_s", "end_s", "start_frame", "end_frame", "predictions", "task", "task_version", "request_id", "timings")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
+    END_S_FIELD_NUMBER: _ClassVar[int]
+    START_FRAME_FIELD_NUMBER: _ClassVar[int]
+    END_FRAME_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    start_s: float
+    end_s: float
+    start_frame: int
+    end_frame: int
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    task: str
+    task_version: int
+    request_id: str
+    timings: Timings
+    def __init__(self, index: _Optional[int] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., start_frame: _Optional[int] = ..., end_frame: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., task: _Optional[str] = ..., task_version: _Optional[int] = ..., request_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
 class BatchClassifyRequest(_message.Message):
     __slots__ = ("requests",)
     REQUESTS_FIELD_NUMBER: _ClassVar[int]

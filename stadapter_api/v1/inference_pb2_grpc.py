@@ -50,6 +50,16 @@ class VideoClassifierStub:
                 request_serializer=stadapter__api_dot_v1_dot_inference__pb2.BatchClassifyRequest.SerializeToString,
                 response_deserializer=stadapter__api_dot_v1_dot_inference__pb2.BatchClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyWindows = channel.unary_stream(
+                '/stadapter.v1.VideoClassifier/ClassifyWindows',
+                request_serializer=stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsRequest.SerializeToString,
+                response_deserializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
+                _registered_method=True)
+        self.ClassifyWindowsStream = channel.stream_stream(
+                '/stadapter.v1.VideoClassifier/ClassifyWindowsStream',
+                request_serializer=stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsChunk.SerializeToString,
+                response_deserializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
+                _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/stadapter.v1.VideoClassifier/ListTasks',
                 request_serializer=stadapter__api_dot_v1_dot_inference__pb2.ListTasksRequest.SerializeToString,
@@ -88,6 +98,22 @@ class VideoClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClassifyWindows(self, request, context):
+        """One long clip as a timeline: one WindowResult per window (window_s long, one every stride_s), in time
+        order, sent as each batch of windows is computed. The clip is decoded once, front to back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyWindowsStream(self, request_iterator, context):
+        """The same with the clip streamed in chunks (the first chunk carries the request's fields). The clip is
+        gathered whole before decoding (an mp4's index may sit at its end); the results then stream as above.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTasks(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -117,6 +143,16 @@ def add_VideoClassifierServicer_to_server(servicer, server):
                     servicer.BatchClassify,
                     request_deserializer=stadapter__api_dot_v1_dot_inference__pb2.BatchClassifyRequest.FromString,
                     response_serializer=stadapter__api_dot_v1_dot_inference__pb2.BatchClassifyResponse.SerializeToString,
+            ),
+            'ClassifyWindows': grpc.unary_stream_rpc_method_handler(
+                    servicer.ClassifyWindows,
+                    request_deserializer=stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsRequest.FromString,
+                    response_serializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.SerializeToString,
+            ),
+            'ClassifyWindowsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyWindowsStream,
+                    request_deserializer=stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsChunk.FromString,
+                    response_serializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
@@ -211,6 +247,60 @@ class VideoClassifier:
             '/stadapter.v1.VideoClassifier/BatchClassify',
             stadapter__api_dot_v1_dot_inference__pb2.BatchClassifyRequest.SerializeToString,
             stadapter__api_dot_v1_dot_inference__pb2.BatchClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyWindows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stadapter.v1.VideoClassifier/ClassifyWindows',
+            stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsRequest.SerializeToString,
+            stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyWindowsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stadapter.v1.VideoClassifier/ClassifyWindowsStream',
+            stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsChunk.SerializeToString,
+            stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
             options,
             channel_credentials,
             insecure,

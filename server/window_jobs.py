@@ -1,0 +1,117 @@
+"""Window mode in the decoders: a long clip decoded once, front to back, its windows handed over in batches.
+
+:func:`window_batches` groups :func:`stadapter.video.decode_windows`' windows into batches of
+``WindowJob.per_batch`` (one forward's rows), handing a batch over early once its first window
+has waited ``flush_s``, so results stream while a slow video decodes. The thread backend
+iterates it directly; a worker process runs :func:`run_window_job`, which writes each batch to
+a shared-memory block and waits for the parent's word before decoding on (see
+``server.decode_pool`` for the protocol): at most one batch is in shared memory and one in the
+parent, whatever the video's length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Generator, Optional
+
+import numpy as np
+import torch
+
+from stadapter.config import SamplingConfig
+from stadapter.video import DecodeStats, VideoError, VideoLimits, Window, WindowLimits, decode_windows
+
+from .shm_blocks import write_block
+
+FLUSH_S = 0.5  # longest a decoded window waits for the rest of its batch
+
+
+@dataclass(frozen=True)
+class WindowJob:
+    """What a windowed decode needs besides the clip and the sampling."""
+
+    window_s: float
+    stride_s: float
+    per_batch: int  # windows handed over together (their rows fit one forward)
+    limits: WindowLimits = field(default_factory=WindowLimits)
+    flush_s: float = FLUSH_S
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.per_batch, int) or self.per_batch < 1:
+            raise ValueError(f"WindowJob.per_batch must be a positive int, got {self.per_batch!r}")
+
+
+@dataclass(frozen=True)
+class WindowSpan:
+    index: int
+    start_frame: int
+    end_frame: int  # exclusive
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    spans: tuple[WindowSpan, ...]
+    frames: torch.Tensor  # float32 [N, V, T, 3, S, S], one entry per span
+    decode_s: float  # decoding time of this batch alone
+
+
+def window_batches(clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+                   stats: Optional[DecodeStats] = None) -> Generator[WindowBatch, None, None]:
+    stats = stats if stats is not None else DecodeStats()
+    batch: list[Window] = []
+    first_at = 0.0
+    counted = 0.0
+    for w in decode_windows(clip, sampling, job.window_s, job.stride_s, limits, job.limits, stats):
+        if not batch:
+            first_at = time.monotonic()
+        batch.append(w)
+        if len(batch) >= job.per_batch or time.monotonic() - first_at >= job.flush_s:
+            yield _batch(batch, stats.decode_s - counted)
+            counted, batch = stats.decode_s, []
+    if batch:
+        yield _batch(batch, stats.decode_s - counted)
+
+
+def _batch(windows: list[Window], decode_s: float) -> WindowBatch:
+    spans = tuple(WindowSpan(w.index, w.start_frame, w.end_frame, w.start_s, w.end_s) for w in windows)
+    return WindowBatch(spans, torch.stack([w.frames for w in windows]), decode_s)
+
+
+def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+                   prefix: str) -> None:
+    """In a decoder process: send each batch (block ``prefix + seq``), wait for ``("next",)``; any other word
+    stops the job (answered ``("stopped",)``). Ends with ``("done", frames decoded, decode seconds)``, or the
+    error. A closed pipe (EOFError/OSError) propagates: the parent is gone."""
+    stats = DecodeStats()
+    batches = window_batches(clip, sampling, limits, job, stats)
+    seq = 0
+    try:
+        for b in batches:
+            arr = np.ascontiguousarray(b.frames.numpy())
+            write_block(f"{prefix}{seq}", arr)
+            conn.send(("batch", seq, b.spans, arr.shape, arr.dtype.str, b.decode_s))
+            seq += 1
+            del arr, b
+            if conn.recv() != ("next",):
+                conn.send(("stopped",))
+                return
+        reply: tuple = ("done", stats.frames, stats.decode_s)
+    except (EOFError, OSError):
+        raise
+    except MemoryError as e:
+        reply = ("oom", str(e))
+    except VideoError as e:
+        reply = ("error", e)
+    except Exception as e:  # noqa: BLE001 - any failure on clip content is the clip's, not INTERNAL
+        reply = ("error", VideoError(f"the decoder failed on this clip ({type(e).__name__}: {e})"[:500]))
+    finally:
+        batches.close()
+    try:
+        conn.send(reply)
+    except (EOFError, OSError):
+        raise
+    except Exception:  # noqa: BLE001 - an exception that does not pickle: keep its message
+        conn.send(("error", VideoError(str(reply[1]))))

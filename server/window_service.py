@@ -1,0 +1,124 @@
+"""The timeline RPCs of ``stadapter.v1.VideoClassifier``: ClassifyWindows (clip whole) and ClassifyWindowsStream.
+
+Server-streaming handlers are async generators; :func:`rpc_stream` is their form of
+``server.service.rpc``: the token, the request's ticket around the whole stream (a client that
+cancels mid-stream raises CancelledError through it, so the decode stops and everything held is
+given back), the count in ``stadapter_requests_total`` and one status per error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+import grpc
+
+from stadapter_api.v1 import inference_pb2 as pb
+
+from .admission import Ticket
+from .errors import BadRequest, status_for
+from .pipeline import ClipBytes, WindowClassification
+from .rpc_helpers import deadline_of, idle_bounded, overrides_of
+
+
+def rpc_stream(method: str):
+    """Wrap a server-streaming classify method ``fn(self, request, context, ticket, label)``; ``label`` is a
+    one-item list the method sets to its task name for the metrics."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(self, request, context: grpc.aio.ServicerContext):
+            t0, label = time.monotonic(), [""]
+
+            def record(code: grpc.StatusCode) -> None:
+                self.metrics.requests.labels(method, self._task_metric_label(label[0]), code.name).inc()
+                self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
+
+            try:
+                self.auth.check_classify(context)
+                async with self.pipeline.admission.request() as ticket:
+                    async for item in fn(self, request, context, ticket, label):
+                        yield item
+            except (asyncio.CancelledError, GeneratorExit):  # grpc closes the generator of a cancelled call
+                left = context.time_remaining()
+                record(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
+                code, message = status_for(e)
+                record(code)
+                await context.abort(code, message)
+            record(grpc.StatusCode.OK)
+
+        return wrapper
+
+    return deco
+
+
+def _result(w: WindowClassification, request_id: str) -> pb.WindowResult:
+    c, s = w.result, w.span
+    labels = c.tv.spec.labels
+    return pb.WindowResult(
+        index=s.index, start_s=s.start_s, end_s=s.end_s, start_frame=s.start_frame, end_frame=s.end_frame,
+        predictions=[pb.Prediction(label=labels[i], score=p, index=i) for i, p in c.top],
+        task=c.tv.name, task_version=c.tv.version, request_id=request_id,
+        timings=pb.Timings(decode_ms=c.decode_s * 1e3, queue_ms=c.queue_s * 1e3, compute_ms=c.compute_s * 1e3,
+                           total_ms=c.total_s * 1e3, batch_size=c.batch_clips),
+    )
+
+
+class WindowsServicer:
+    """Mixed into ``server.service.VideoClassifierService`` (which has pipeline, metrics, auth, limits)."""
+
+    pipeline: Any
+    metrics: Any
+    auth: Any
+    limits: Any
+
+    def _task_metric_label(self, name: str) -> str:  # pragma: no cover - the service's own is used
+        raise NotImplementedError
+
+    async def _windows(self, ticket: Ticket, task: str, clip: ClipBytes, window_s: float, stride_s: float, top_k: int,
+                       sampling: pb.SamplingOverrides, request_id: str,
+                       deadline: Optional[float]) -> AsyncIterator[pb.WindowResult]:
+        request_id = request_id or uuid.uuid4().hex
+        async for w in self.pipeline.classify_windows(ticket, task, clip, window_s, stride_s, top_k,
+                                                      overrides_of(sampling), deadline):
+            yield _result(w, request_id)
+
+    @rpc_stream("ClassifyWindows")
+    async def ClassifyWindows(self, request: pb.ClassifyWindowsRequest, context, ticket: Ticket,
+                              label: list) -> AsyncIterator[pb.WindowResult]:
+        label[0] = request.task
+        clip = request.clip  # a copy out of the message (protobuf): taken once
+        if len(clip) > self.limits.max_clip_bytes:
+            self.limits.check_clip_size(len(clip))
+        ticket.hold(len(clip))
+        async for r in self._windows(ticket, request.task, clip, request.window_s, request.stride_s, request.top_k,
+                                     request.sampling, request.request_id, deadline_of(context)):
+            yield r
+
+    @rpc_stream("ClassifyWindowsStream")
+    async def ClassifyWindowsStream(self, request_iterator, context, ticket: Ticket,
+                                    label: list) -> AsyncIterator[pb.WindowResult]:
+        """Chunks go into one buffer held on the ticket (as ClassifyStream); the windows start once it is whole."""
+        first: Optional[pb.ClassifyWindowsChunk] = None
+        buf = bytearray()
+        limit = self.limits.max_clip_bytes
+        async for chunk in idle_bounded(request_iterator, self.limits.stream_idle_timeout_s, lambda: len(buf)):
+            if first is None:
+                first = chunk
+                label[0] = chunk.task
+            data = chunk.data  # a copy out of the message: taken once
+            if len(buf) + len(data) > limit:
+                raise BadRequest(f"the streamed clip exceeds the server's --max-clip-bytes of {limit} bytes")
+            ticket.hold(len(data))
+            buf += data
+            del data
+        if first is None:
+            raise BadRequest("the stream carried no chunks")
+        async for r in self._windows(ticket, first.task, buf, first.window_s, first.stride_s, first.top_k,
+                                     first.sampling, first.request_id, deadline_of(context)):
+            yield r
