@@ -22,6 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 import media
 from clients import AsyncClient, Client, ClientError, cli
 from serverproc import ServerProcess, code_of
+from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
+from server.errors import DecoderCrashed, DecodeTimeout
+from server.window_jobs import WindowJob
+from stadapter.config import SamplingConfig
+from stadapter.video import VideoLimits
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 from training.synthetic import MOTION_LABELS, draw_motion, encode_mp4
@@ -202,3 +207,50 @@ def test_plot_without_matplotlib_is_a_clear_error_before_any_upload(srv, clip, t
     after = scrape(srv.metrics_url)
     assert metric(after, "stadapter_requests_total", method="ClassifyWindows", task="motion", code="OK") == \
         metric(before, "stadapter_requests_total", method="ClassifyWindows", task="motion", code="OK")
+
+
+def test_an_hour_long_clip_and_the_deadline(srv, long_clip):
+    hour = media.make_clip(num_frames=3600 * 8 + 4, fps=8, size=(64, 48), pattern="grey", gop=240)  # 28,804 frames
+    n0 = metric(scrape(srv.metrics_url), "stadapter_decode_seconds_count")
+    got = list(Client(srv.address).windows(hour, "motion", window_s=60.0, stride_s=60.0))
+    assert [w.index for w in got] == list(range(60)) and got[-1].end_s == pytest.approx(3600.0)
+    assert metric(scrape(srv.metrics_url), "stadapter_decode_seconds_count") == n0 + 1
+    with pytest.raises(ClientError) as e:  # 600 windows do not fit in half a second
+        list(Client(srv.address).windows(long_clip, "motion", 1.0, 1.0, timeout=0.5))
+    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    served(srv)
+
+
+def test_the_pool_streams_windows_in_the_sandbox(clip, monkeypatch):
+    """Process and thread backends give the same batches; a hung or crashing window decode costs its worker only;
+    leaving early gives the worker back; no shared-memory block is left."""
+    monkeypatch.setenv(TEST_HOOK_ENV, "hang-on-magic,crash-on-magic")
+    data, cfg = clip.read_bytes(), SamplingConfig(num_frames=8, input_size=48)
+    job = WindowJob(2.0, 2.0, per_batch=4)
+
+    async def collect(decoder, clip_bytes, timeout_s=10.0, j=job):
+        return [b async for b in decoder.windows(clip_bytes, cfg, VideoLimits(), j, timeout_s)]
+
+    async def run():
+        pool, thread = ProcessDecodePool(1), ThreadDecoder(1)
+        await pool.start()
+        try:
+            a, b = await collect(pool, data), await collect(thread, data)
+            assert [len(x.spans) for x in a] == [len(x.spans) for x in b] == [4, 2]
+            for x, y in zip(a, b):
+                assert x.spans == y.spans and x.frames.shape == (len(x.spans), 1, 8, 3, 48, 48)
+                assert bool((x.frames == y.frames).all())
+            with pytest.raises(DecodeTimeout, match="no window decoded for 0.5 s"):
+                await collect(pool, HANG_MAGIC + data, timeout_s=0.5)
+            with pytest.raises(DecoderCrashed):
+                await collect(pool, CRASH_MAGIC + data)
+            stream = pool.windows(data, cfg, VideoLimits(), WindowJob(2.0, 2.0, per_batch=1), 10.0)
+            assert (await stream.__anext__()).spans[0].index == 0
+            await stream.aclose()  # the job is stopped in the background and the worker reused
+            assert [len(x.spans) for x in await collect(pool, data)] == [4, 2]
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(pool.shm_prefix)]
+        finally:
+            pool.close()
+            thread.close()
+
+    asyncio.run(run())
