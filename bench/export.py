@@ -43,25 +43,16 @@ SHAPES = {
 
 
 def make_tasks(root: Path, trunk, adapter: dict, heads, num_frames: int, size: int) -> list[Path]:
-    from stadapter import AdapterConfig, SamplingConfig, TaskAdapters, TaskSpec, save_bundle
+    from bench.tasks import random_bundle
+    from stadapter import AdapterConfig, SamplingConfig
 
-    cfg = AdapterConfig(**adapter)
-    out = []
-    for k, c in enumerate(heads):
-        g = torch.Generator().manual_seed(100 + k)
-        ta = TaskAdapters(cfg, trunk.dim, trunk.num_blocks, c)
-        with torch.no_grad():
-            for p in ta.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        spec = TaskSpec(name=f"task{k}", labels=tuple(f"c{i}" for i in range(c)), adapter=cfg,
-                        sampling=SamplingConfig(num_frames=num_frames, input_size=size), trunk_fingerprint=trunk.fingerprint)
-        out.append(save_bundle(root / f"task{k}", spec, ta))
-    return out
+    cfg, sampling = AdapterConfig(**adapter), SamplingConfig(num_frames=num_frames, input_size=size)
+    return [random_bundle(trunk, root / f"task{k}", f"task{k}", cfg, sampling, c, seed=100 + k) for k, c in enumerate(heads)]
 
 
 def bench_shape(name: str, args, work: Path) -> dict[str, Any]:
     from export.onnx_export import ExportOptions, build_model, example_inputs, load_tasks
-    from export.runtime import make_session, time_calls
+    from export.runtime import make_session, time_calls, torch_device, torch_runner
     from export.triton import MULTITASK_MODEL, TritonOptions, write_repository
     from stadapter import init_trunk, load_trunk
 
@@ -89,17 +80,8 @@ def bench_shape(name: str, args, work: Path) -> dict[str, Any]:
     inputs = example_inputs(batch, frames, size, len(bundles), seed=3)
     feeds = {"frames": inputs[0].numpy(), "task_index": inputs[1].numpy()}
     torch.set_num_threads(args.threads)
-    device = "cuda" if args.provider != "cpu" and torch.cuda.is_available() else "cpu"
-    model = model.to(device)
-    dev_inputs = tuple(t.to(device) for t in inputs)
-
-    def torch_run():
-        with torch.no_grad():
-            out = model(*dev_inputs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
+    device = torch_device(args.provider)
+    torch_run = torch_runner(model.to(device), inputs, device)
     t2 = time.perf_counter()
     sess = make_session(onnx_path, args.provider, threads=args.threads)
     session_s = time.perf_counter() - t2  # what a Triton (re)load spends in onnxruntime, before warm-up

@@ -48,23 +48,16 @@ def encode_clip(frames: int, size: tuple[int, int], fps: int = 30, gop: int = 30
 
 
 def build_repository(root: Path) -> Path:
-    import torch
-
-    from stadapter import AdapterConfig, SamplingConfig, TaskAdapters, TaskSpec, init_trunk, load_trunk, save_bundle
+    from bench.tasks import random_bundle
+    from stadapter import AdapterConfig, SamplingConfig, init_trunk, load_trunk
 
     init_trunk("test-vit-tiny", "random", root / "trunk", seed=0)
     trunk = load_trunk(root / "trunk")
     cfg = AdapterConfig(width=8, pre_attn=True, pre_mlp=True)  # every block (layers = all), both places
     sampling = SamplingConfig(num_frames=8, input_size=32)
     for i, name in enumerate(TASKS):
-        ta = TaskAdapters(cfg, trunk.dim, trunk.num_blocks, 5)
-        g = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for p in ta.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        spec = TaskSpec(name=name, labels=tuple(f"{name}-{c}" for c in range(5)), adapter=cfg, sampling=sampling,
-                        trunk_fingerprint=trunk.fingerprint, version=1)
-        save_bundle(root / "tasks" / name / "1", spec, ta)
+        random_bundle(trunk, root / "tasks" / name / "1", name, cfg, sampling, 5, seed=i, std=0.1,
+                      labels=[f"{name}-{c}" for c in range(5)])
     return root
 
 

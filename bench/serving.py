@@ -51,20 +51,14 @@ NUM_TASKS = 8
 
 def build_repository(root: Path, model: str, adapter, num_frames: int, input_size: int, num_classes: int = 10) -> Path:
     """A repository with a random trunk of ``model`` and NUM_TASKS random task bundles."""
-    from stadapter import SamplingConfig, TaskAdapters, TaskSpec, init_trunk, load_trunk, save_bundle
+    from bench.tasks import random_bundle
+    from stadapter import SamplingConfig, init_trunk, load_trunk
 
     init_trunk(model, "random", root / "trunk", seed=0)
     trunk = load_trunk(root / "trunk")
     sampling = SamplingConfig(num_frames=num_frames, input_size=input_size)
     for k in range(NUM_TASKS):
-        g = torch.Generator().manual_seed(100 + k)
-        ta = TaskAdapters(adapter, trunk.dim, trunk.num_blocks, num_classes)
-        with torch.no_grad():
-            for p in ta.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        spec = TaskSpec(name=f"task{k}", labels=tuple(f"c{i}" for i in range(num_classes)), adapter=adapter,
-                        sampling=sampling, trunk_fingerprint=trunk.fingerprint)
-        save_bundle(root / "tasks" / spec.name / "1", spec, ta)
+        random_bundle(trunk, root / "tasks" / f"task{k}" / "1", f"task{k}", adapter, sampling, num_classes, seed=100 + k)
     return root
 
 

@@ -28,7 +28,7 @@ from .onnx_export import (
     example_inputs,
     load_tasks,
 )
-from .runtime import Provider, make_session, parity_tolerance, time_calls
+from .runtime import Provider, make_session, parity_tolerance, time_calls, torch_device, torch_runner
 from .tensorrt import TensorRTSettings
 
 
@@ -126,7 +126,7 @@ def check_graph(
 def _torch_reference(info: GraphInfo, trunk_dir, task_dirs, inputs, provider: str, repeats: int, threads=None):
     from stadapter import load_trunk
 
-    device = "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
+    device = torch_device(provider)
     if threads:
         torch.set_num_threads(threads)
     trunk = load_trunk(trunk_dir)
@@ -139,16 +139,7 @@ def _torch_reference(info: GraphInfo, trunk_dir, task_dirs, inputs, provider: st
     names, want = [b.spec.name for b in bundles], [t["name"] for t in info.manifest["tasks"]]
     if names != want:
         raise ExportError(f"--tasks {names} must be the graph's tasks in its order: {want}")
-    model = build_model(trunk, bundles, info.multi, fp16=False).to(device)
-    args = tuple(t.to(device) for t in inputs)
-
-    def run():
-        with torch.no_grad():
-            out = model(*args)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
+    run = torch_runner(build_model(trunk, bundles, info.multi, fp16=False).to(device), inputs, device)
     out = run()
     out = out if isinstance(out, tuple) else (out,)
     return [o.cpu().numpy() for o in out], time_calls(run, repeats), device

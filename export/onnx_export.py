@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import Tensor, nn
 
 from stadapter.bank import AdapterStack
 from stadapter.bundle import BundleError, TaskBundle, load_bundle
+from stadapter.fsutil import atomic_file
 from stadapter.trunk import VideoTrunk
 
 from .modules import MultiTaskModel, SingleTaskModel
@@ -254,9 +256,11 @@ def export_graph(
     options: ExportOptions,
     metadata: Optional[dict[str, str]] = None,
 ) -> tuple[Path, int]:
-    """torch -> ONNX file (written atomically), batch axis named ``batch``, then onnx.checker.
+    """torch -> ONNX file at ``out``, batch axis named ``batch``, then onnx.checker.
 
-    Returns the path and the opset the file really has.
+    ``out`` is written in place (a failure can leave part of a file there): callers stage it,
+    as :func:`export_single` and :func:`export_multitask` do. Returns the path and the opset
+    the file really has.
     """
     import onnx
 
@@ -266,8 +270,6 @@ def export_graph(
             import onnxscript  # noqa: F401  (torch's dynamo exporter is built on it)
         except ImportError:
             raise ExportError("the dynamo exporter needs onnxscript (pip install onnxscript); or use --exporter legacy") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{os.getpid()}-{out.name}"
     try:
         with torch.no_grad(), mha_fastpath_disabled(), warnings.catch_warnings():
             # The tracer warns about every Python-level shape check in the trunk; they guard
@@ -281,32 +283,28 @@ def export_graph(
 
                 batch = Dim("batch", min=1, max=4096)
                 torch.onnx.export(
-                    model, inputs, str(tmp), input_names=list(input_names), output_names=list(output_names),
+                    model, inputs, str(out), input_names=list(input_names), output_names=list(output_names),
                     opset_version=options.opset_version, dynamo=True, external_data=False, optimize=True,
                     dynamic_shapes=tuple({0: batch} for _ in input_names), verbose=False,
                 )
             else:
                 torch.onnx.export(
-                    model, inputs, str(tmp), input_names=list(input_names), output_names=list(output_names),
+                    model, inputs, str(out), input_names=list(input_names), output_names=list(output_names),
                     opset_version=options.opset_version, dynamo=False,
                     dynamic_axes={n: {0: "batch"} for n in (*input_names, *output_names)},
                 )
-        proto = onnx.load(str(tmp))
+        proto = onnx.load(str(out))
         opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
         _name_batch_axis(proto, input_names, output_names)
         for k, v in (metadata or {}).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
-        onnx.save(proto, str(tmp))
-        onnx.checker.check_model(str(tmp), full_check=True)
-        os.replace(tmp, out)
+        onnx.save(proto, str(out))
+        onnx.checker.check_model(str(out), full_check=True)
     except ExportError:
         raise
     except Exception as e:  # exporter and checker errors come in many types
         raise ExportError(f"ONNX export to {out} failed ({options.exporter} exporter): {type(e).__name__}: {e}") from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out, opset
 
 
@@ -355,10 +353,11 @@ def run_parity(
 def _export_checked(
     trunk: VideoTrunk, bundles: Sequence[TaskBundle], out: str | os.PathLike, options: ExportOptions, multi: bool
 ) -> ExportReport:
-    """Export to a staging file beside ``out``, check it, and only then rename it to ``out``.
+    """Export to a staging folder beside ``out``, check the graph there, and only then write it to ``out``.
 
-    A graph that fails the checker or the parity check leaves nothing at ``out``
-    (an older file there stays as it was).
+    A graph that fails the checker or the parity check leaves nothing at ``out`` (an older
+    file there stays as it was); one that passes reaches ``out`` through
+    :func:`stadapter.fsutil.atomic_file` (fsynced, one rename).
     """
     T, S = common_shape(bundles, options.num_frames)
     names_in, names_out = (MULTI_INPUTS, MULTI_OUTPUTS) if multi else (SINGLE_INPUTS, SINGLE_OUTPUTS)
@@ -366,8 +365,9 @@ def _export_checked(
     model = build_model(trunk, bundles, multi, options.fp16)
     manifest = tasks_manifest(trunk, bundles, T)
     out = Path(out)
-    staged = out.parent / f".staged-{uuid.uuid4().hex[:8]}-{out.name}"
-    try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".staged-{out.name}-", dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
         t0 = time.perf_counter()
         _, opset = export_graph(
             model, example_inputs(options.example_batch, T, S, k), staged, names_in, names_out, options,
@@ -383,9 +383,8 @@ def _export_checked(
             raise ExportError(f"{out}: onnxruntime and PyTorch differ by {diff:.3g} (tolerance {options.tol:g}); "
                               "the graph is not trustworthy and was not written")
         onnx_bytes = staged.stat().st_size
-        os.replace(staged, out)
-    finally:
-        staged.unlink(missing_ok=True)
+        with open(staged, "rb") as src, atomic_file(out) as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
     return ExportReport(
         path=out, tasks=tuple(b.spec.name for b in bundles), num_frames=T, input_size=S, exporter=options.exporter,
         opset=opset, fp16=options.fp16, export_seconds=seconds, onnx_bytes=onnx_bytes,

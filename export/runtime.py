@@ -1,4 +1,4 @@
-"""onnxruntime sessions on a named provider (cpu, cuda, tensorrt), and a timing helper.
+"""onnxruntime sessions on a named provider (cpu, cuda, tensorrt), the PyTorch reference they are timed against, and a timer.
 
 The GPU image installs ``onnxruntime-gpu`` (same API); this machine has the CPU
 build, so ``cuda`` and ``tensorrt`` raise :class:`ProviderUnavailable` here
@@ -11,7 +11,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
 ORT_PROVIDERS = {
@@ -91,3 +91,27 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict[
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "mean_s": statistics.fmean(times)}
+
+
+def torch_device(provider: str) -> str:
+    """Where the PyTorch reference runs for an onnxruntime ``provider``: CUDA for a GPU provider if there is one."""
+    import torch
+
+    return "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_runner(model: Any, inputs: Sequence[Any], device: str) -> Callable[[], Any]:
+    """A call of ``model`` on ``inputs`` moved to ``device``, under ``no_grad``, that returns only once CUDA is done
+    (so :func:`time_calls` times the compute, not the kernel launches). ``model`` must already be on ``device``."""
+    import torch
+
+    args = tuple(t.to(device) for t in inputs)
+
+    def run() -> Any:
+        with torch.no_grad():
+            out = model(*args)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run

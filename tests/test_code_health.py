@@ -197,3 +197,33 @@ def test_no_room_edits_sys_path_or_imports_the_tests():
     bad = {path.relative_to(ROOT).as_posix(): hits for path in _sources().values()
            if (hits := _sys_path_edits_and_test_imports(path, test_modules))}
     assert not bad, f"sys.path edits or imports of tests/ modules: {bad}"
+
+
+# Renames that are not atomic writes, each with its reason; every other file or folder is written through
+# stadapter.fsutil (temp beside the target, fsync, one rename, fsync the folder).
+RENAMES_ALLOWED = {
+    "stadapter/fsutil.py": "the atomic-write helpers themselves",
+    "server/registry.py": "publishes an already fsynced upload folder; the rename fails when another replica took the version",
+    "server/task_folders.py": "moves a retired version aside (a tombstone) before it is deleted",
+}
+
+
+def _hand_renames(path: Path) -> list[int]:
+    """Lines of ``os.replace`` / ``os.rename`` / ``shutil.move`` calls in one source file."""
+    return sorted(node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
+                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and isinstance(node.func.value, ast.Name)
+                  and (node.func.value.id, node.func.attr) in {("os", "replace"), ("os", "rename"), ("shutil", "move")})
+
+
+def test_the_rename_finder_finds_renames(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text("import os, shutil\nos.replace('a', 'b')\n'a'.replace('a', 'b')\nos.rename('a', 'b')\n"
+                   "shutil.move('a', 'b')\n")
+    assert _hand_renames(src) == [2, 4, 5]
+
+
+def test_files_are_published_through_fsutil_not_renamed_by_hand():
+    found = {rel: lines for path in _sources().values()
+             if (rel := path.relative_to(ROOT).as_posix()) not in RENAMES_ALLOWED and (lines := _hand_renames(path))}
+    assert not found, f"hand-written renames (use stadapter.fsutil.atomic_file / atomic_dir / atomic_write_*): {found}"
