@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from stadapter import AdapterConfig, SamplingConfig
-from stadapter.config import CLIP_MEAN, CLIP_STD
+from stadapter.config import CLIP_MEAN, CLIP_STD, Activation, SamplingMode
 
 from .methods import METHODS
 
@@ -20,6 +20,9 @@ MODEL_FIELDS = ("method", "adapter_width", "adapter_kernel", "pre_attn", "pre_ml
                 "partial_blocks")
 # Fields that shape the learning-rate schedule: resuming under other values changes it from the resumed step on.
 SCHEDULE_FIELDS = ("epochs", "batch_size", "lr", "warmup_epochs")
+# The adapter flags are AdapterConfig's fields, flat on the command line (and in a checkpoint's record);
+# their defaults and choices are the library's, except the width (64 trains fast; the paper's ViT-B uses 384).
+_ADAPTER = AdapterConfig()
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,11 @@ class TrainConfig:
     val_dir: str = ""
     method: str = "st-adapter"
     adapter_width: int = 64
-    adapter_kernel: tuple[int, int, int] = (3, 1, 1)
-    pre_attn: bool = True
-    pre_mlp: bool = False
-    layers: int = 0
-    adapter_activation: str = "none"
+    adapter_kernel: tuple[int, int, int] = _ADAPTER.kernel
+    pre_attn: bool = _ADAPTER.pre_attn
+    pre_mlp: bool = _ADAPTER.pre_mlp
+    layers: int = _ADAPTER.layers
+    adapter_activation: Activation = _ADAPTER.activation
     partial_blocks: int = 1
     epochs: int = 10
     batch_size: int = 32
@@ -52,7 +55,7 @@ class TrainConfig:
     dropout: float = 0.5
     label_smoothing: float = 0.0
     num_frames: int = 8
-    sampling_mode: str = "uniform"
+    sampling_mode: SamplingMode = "uniform"
     stride: int = 4
     temporal_views: int = 1
     spatial_views: int = 1
@@ -99,13 +102,13 @@ class TrainConfig:
             pre_attn=self.pre_attn,
             pre_mlp=self.pre_mlp,
             layers=self.layers,
-            activation=self.adapter_activation,  # type: ignore[arg-type]
+            activation=self.adapter_activation,
         )
 
     def sampling(self, input_size: int) -> SamplingConfig:
         return SamplingConfig(
             num_frames=self.num_frames,
-            mode=self.sampling_mode,  # type: ignore[arg-type]
+            mode=self.sampling_mode,
             stride=self.stride,
             temporal_views=self.temporal_views,
             spatial_views=self.spatial_views,
@@ -154,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pre-attn", action=argparse.BooleanOptionalAction, default=d["pre_attn"])
     a("--pre-mlp", action=argparse.BooleanOptionalAction, default=d["pre_mlp"])
     a("--layers", type=int, default=d["layers"], help="adapt the last N blocks (0 = all)")
-    a("--adapter-activation", default=d["adapter_activation"], choices=("none", "gelu", "quickgelu", "relu"))
+    a("--adapter-activation", default=d["adapter_activation"], choices=get_args(Activation))
     a("--partial-blocks", type=int, default=d["partial_blocks"], help="trunk blocks fine-tuned by --method partial")
     a("--epochs", type=int, default=d["epochs"])
     a("--batch-size", type=int, default=d["batch_size"], help="clips per process and step")
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dropout", type=float, default=d["dropout"])
     a("--label-smoothing", type=float, default=d["label_smoothing"])
     a("--num-frames", type=int, default=d["num_frames"])
-    a("--sampling-mode", default=d["sampling_mode"], choices=("uniform", "stride"))
+    a("--sampling-mode", default=d["sampling_mode"], choices=get_args(SamplingMode))
     a("--stride", type=int, default=d["stride"])
     a("--temporal-views", type=int, default=d["temporal_views"], help="test views along time")
     a("--spatial-views", type=int, default=d["spatial_views"], choices=(1, 3))
