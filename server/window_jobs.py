@@ -24,7 +24,7 @@ from stadapter.video import DecodeStats, VideoError, VideoLimits, Window, Window
 
 from .shm_blocks import write_block
 
-FLUSH_S = 0.5  # longest a decoded window waits for the rest of its batch
+FLUSH_S = 0.1  # longest a decoded window waits for the rest of its batch
 
 
 @dataclass(frozen=True)

@@ -196,18 +196,20 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
         held: dict[int, np.ndarray] = {}
         need: Counter[int] = Counter()  # frame -> open windows that take it
         pending: deque[int] = deque()  # open windows, oldest first
-        opened = 0
+        opened, next_start, due = 0, 0, -1  # next window to open and its first frame; last frame of the oldest open
         for i, frame in enumerate(clip.frames()):
-            stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
-            while plan.start(opened) <= i:
+            while next_start <= i:
                 need.update(unique_indices(plan.indices(opened)))
                 pending.append(opened)
                 opened += 1
+                next_start = plan.start(opened)
+                due = plan.end(pending[0]) - 1
             if i in need:
                 held[i] = convert(frame)
                 stats.held_max = max(stats.held_max, len(held))
-            while pending and plan.end(pending[0]) - 1 <= i:
+            while pending and due <= i:
                 k = pending.popleft()
+                due = plan.end(pending[0]) - 1 if pending else -1
                 if k >= window_limits.max_windows:
                     raise VideoError(f"the clip has more than {window_limits.max_windows} windows (max_windows; its "
                                      f"header said {expected}); use a longer stride")
@@ -220,6 +222,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
                         del need[j]
                         held.pop(j, None)
                 stats.windows += 1
+                stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
                 stats.decode_s += time.perf_counter() - t0
                 paused = time.monotonic()
                 yield window
