@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncGenerator, Mapping, Optional, Sequence, Union
 
 from prometheus_client import Gauge
 from torch import Tensor
@@ -196,7 +196,7 @@ class Pipeline:
 
     async def classify_windows(self, ticket: Ticket, task: str, clip: ClipBytes, window_s: float, stride_s: float,
                                top_k: int = 0, overrides: Optional[Mapping[str, Any]] = None,
-                               deadline: Optional[float] = None) -> AsyncIterator[WindowClassification]:
+                               deadline: Optional[float] = None) -> AsyncGenerator[WindowClassification, None]:
         """Classify ``clip`` window by window, in time order, batch by batch as they complete.
 
         The clip is decoded once, front to back, in one decoder (``Decoder.windows``); each batch of

@@ -9,10 +9,11 @@ given back), the count in ``stadapter_requests_total`` and one status per error.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncGenerator, Optional
 
 import grpc
 
@@ -40,8 +41,9 @@ def rpc_stream(method: str):
             try:
                 self.auth.check_classify(context)
                 async with self.pipeline.admission.request() as ticket:
-                    async for item in fn(self, request, context, ticket, label):
-                        yield item
+                    async with contextlib.aclosing(fn(self, request, context, ticket, label)) as items:
+                        async for item in items:  # closed at once when grpc closes this generator
+                            yield item
             except (asyncio.CancelledError, GeneratorExit):  # grpc closes the generator of a cancelled call
                 left = context.time_remaining()
                 record(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED)
@@ -82,27 +84,31 @@ class WindowsServicer:
 
     async def _windows(self, ticket: Ticket, task: str, clip: ClipBytes, window_s: float, stride_s: float, top_k: int,
                        sampling: pb.SamplingOverrides, request_id: str,
-                       deadline: Optional[float]) -> AsyncIterator[pb.WindowResult]:
+                       deadline: Optional[float]) -> AsyncGenerator[pb.WindowResult, None]:
         request_id = request_id or uuid.uuid4().hex
-        async for w in self.pipeline.classify_windows(ticket, task, clip, window_s, stride_s, top_k,
-                                                      overrides_of(sampling), deadline):
-            yield _result(w, request_id)
+        windows = self.pipeline.classify_windows(ticket, task, clip, window_s, stride_s, top_k, overrides_of(sampling),
+                                                 deadline)
+        async with contextlib.aclosing(windows):
+            async for w in windows:
+                yield _result(w, request_id)
 
     @rpc_stream("ClassifyWindows")
     async def ClassifyWindows(self, request: pb.ClassifyWindowsRequest, context, ticket: Ticket,
-                              label: list) -> AsyncIterator[pb.WindowResult]:
+                              label: list) -> AsyncGenerator[pb.WindowResult, None]:
         label[0] = request.task
         clip = request.clip  # a copy out of the message (protobuf): taken once
         if len(clip) > self.limits.max_clip_bytes:
             self.limits.check_clip_size(len(clip))
         ticket.hold(len(clip))
-        async for r in self._windows(ticket, request.task, clip, request.window_s, request.stride_s, request.top_k,
-                                     request.sampling, request.request_id, deadline_of(context)):
-            yield r
+        results = self._windows(ticket, request.task, clip, request.window_s, request.stride_s, request.top_k,
+                                request.sampling, request.request_id, deadline_of(context))
+        async with contextlib.aclosing(results):
+            async for r in results:
+                yield r
 
     @rpc_stream("ClassifyWindowsStream")
     async def ClassifyWindowsStream(self, request_iterator, context, ticket: Ticket,
-                                    label: list) -> AsyncIterator[pb.WindowResult]:
+                                    label: list) -> AsyncGenerator[pb.WindowResult, None]:
         """Chunks go into one buffer held on the ticket (as ClassifyStream); the windows start once it is whole."""
         first: Optional[pb.ClassifyWindowsChunk] = None
         buf = bytearray()
@@ -119,6 +125,8 @@ class WindowsServicer:
             del data
         if first is None:
             raise BadRequest("the stream carried no chunks")
-        async for r in self._windows(ticket, first.task, buf, first.window_s, first.stride_s, first.top_k,
-                                     first.sampling, first.request_id, deadline_of(context)):
-            yield r
+        results = self._windows(ticket, first.task, buf, first.window_s, first.stride_s, first.top_k, first.sampling,
+                                first.request_id, deadline_of(context))
+        async with contextlib.aclosing(results):
+            async for r in results:
+                yield r

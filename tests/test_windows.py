@@ -163,7 +163,8 @@ def test_leaving_mid_stream_stops_the_decode_and_frees_everything(srv, long_clip
     stream.close()  # leaves the loop: the call is cancelled
     deadline = time.monotonic() + 10
     m = scrape(srv.metrics_url)
-    while metric(m, "stadapter_requests_in_flight") and time.monotonic() < deadline:
+    held = ("stadapter_requests_in_flight", "stadapter_queue_depth", "stadapter_clip_in_flight_bytes")
+    while any(metric(m, n) for n in held) and time.monotonic() < deadline:  # gauges are read one by one: wait for all
         time.sleep(0.05)
         m = scrape(srv.metrics_url)
     assert metric(m, "stadapter_requests_in_flight") == 0 and metric(m, "stadapter_queue_depth") == 0
