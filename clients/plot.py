@@ -28,23 +28,29 @@ def require_matplotlib() -> Any:
 
 
 def plot_timeline(windows: Sequence[WindowResult], out: Path, title: str = "") -> Path:
-    """Each window as a bar from its start to its end at the height of its top score, coloured by its top label."""
+    """Top score at each window's centre (markers coloured by top label), and below it a band showing the
+    top label from each window's centre to the next one's."""
     plt = require_matplotlib()
     labels = sorted({w.top.label for w in windows})
     colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    centres = [(w.start_s + w.end_s) / 2 for w in windows]
     fig, ax = plt.subplots(figsize=(7, 2.6), dpi=80)
     try:
-        for w in windows:
-            ax.hlines(w.top.score, w.start_s, w.end_s, colors=[colours[w.top.label]], linewidth=4, alpha=0.75)
-            ax.plot([(w.start_s + w.end_s) / 2], [w.top.score], "o", color=colours[w.top.label], markersize=3)
+        ax.plot(centres, [w.top.score for w in windows], color="0.7", linewidth=1, zorder=1)
         for label in labels:
-            ax.plot([], [], color=colours[label], linewidth=4, label=label)
+            xs = [c for c, w in zip(centres, windows) if w.top.label == label]
+            ax.scatter(xs, [w.top.score for w in windows if w.top.label == label], color=colours[label], s=18,
+                       label=label, zorder=2)
+        for i, (c, w) in enumerate(zip(centres, windows)):
+            right = centres[i + 1] if i + 1 < len(windows) else w.end_s
+            left = c if i else w.start_s
+            ax.fill_between([left, right], -0.12, -0.04, color=colours[w.top.label], linewidth=0)
         ax.set_xlabel("time (s)")
         ax.set_ylabel("top score")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(-0.15, 1.05)
         if windows:
-            ax.set_xlim(min(w.start_s for w in windows), max(w.end_s for w in windows))
-        ax.legend(loc="lower right", fontsize="small", ncol=max(1, len(labels)))
+            ax.set_xlim(windows[0].start_s, max(w.end_s for w in windows))
+        ax.legend(loc="center right", fontsize="small", ncol=max(1, len(labels)))
         ax.set_title(title, fontsize="medium")
         fig.tight_layout()
         fig.savefig(out)
