@@ -21,11 +21,13 @@ from stadapter.fsutil import atomic_write_text
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
+from .access_log import AccessLogInterceptor
 from .auth import Auth
 from .batcher import Batcher
 from .config import ServerConfig
 from .decode_pool import Decoder, ProcessDecodePool, ThreadDecoder
 from .http import HttpServer, HttpService
+from .logs import configure_logging
 from .metrics import Metrics, remove_label
 from .oip import OIP_SERVICE_NAME, InferenceService
 from .oip import add_to_server as add_oip_to_server
@@ -105,7 +107,7 @@ class Server:
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        gs = grpc.aio.server(options=options)
+        gs = grpc.aio.server(options=options, interceptors=[AccessLogInterceptor()])  # access lines, request ids
         pb_grpc.add_VideoClassifierServicer_to_server(
             VideoClassifierService(pipeline, registry, metrics, auth), gs)
         pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(pipeline, registry, metrics, auth), gs)
@@ -171,6 +173,7 @@ def write_ready_file(path: Path, info: dict) -> None:
 
 
 async def serve(cfg: ServerConfig) -> int:
+    configure_logging(cfg.log_level, cfg.log_format)
     srv = await Server.start(cfg)
     info = srv.ready_info()
     print(json.dumps(info), flush=True)

@@ -13,6 +13,7 @@ from stadapter.bundle import BundleLimits
 from stadapter.video import VideoLimits
 
 from .limits import ServerLimits
+from .logs import LOG_FORMATS, LOG_LEVELS
 
 MiB = 1 << 20
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
@@ -55,6 +56,8 @@ class ServerConfig:
         keep_versions: task versions kept on disk per task (older ones are deleted after a register).
         drain_timeout_s: on SIGTERM, longest wait for in-flight requests.
         warmup: run each served input shape once before accepting traffic.
+        log_level: ``debug`` | ``info`` (access lines) | ``warning`` | ``error`` (``server.logs``).
+        log_format: ``text`` (for people) or ``json`` (one object per line, for log shippers).
     """
 
     model_repository: Path
@@ -92,6 +95,8 @@ class ServerConfig:
     default_top_k: int = 5
     drain_timeout_s: float = 30.0
     warmup: bool = True
+    log_level: str = "info"
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_size", "decode_workers", "max_message_bytes", "max_clip_bytes",
@@ -109,6 +114,10 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.decode_backend not in ("process", "thread"):
             raise ValueError(f"ServerConfig.decode_backend must be process|thread, got {self.decode_backend!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"ServerConfig.log_level must be {'|'.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"ServerConfig.log_format must be {'|'.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"ServerConfig.dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}")
         if self.max_inflight_clip_bytes < self.max_clip_bytes:
@@ -187,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--drain-timeout-s", type=float, default=d.drain_timeout_s)
     a("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
       help="run each served input shape once before accepting traffic (default on)")
+    a("--log-level", default=d.log_level, choices=tuple(LOG_LEVELS),
+      help="info logs one access line per request; warning leaves them out")
+    a("--log-format", default=d.log_format, choices=LOG_FORMATS, help="json: one JSON object per line")
     return p
 
 

@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 from aiohttp import BodyPartReader, web
 
+from .access_log import access_middleware
 from .admission import Ticket
 from .errors import HTTP_STATUS, BadRequest, StreamIdle, http_status_for
 from .http_oip import HEADER_LENGTH, clips_of, encode_response, parse_header
@@ -106,7 +107,7 @@ class HttpService(_Base):
     """The handlers, on the pipeline, registry, metrics and tokens the gRPC services use."""
 
     def application(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[access_middleware])  # access lines, X-Request-Id
         r = app.router
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
