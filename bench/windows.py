@@ -1,6 +1,6 @@
 """Windows over a long clip: one ClassifyWindows call vs each window sent as its own clip through Classify.
 
-    python -m bench.windows [--seconds 60] [--rounds 5] [--out bench_windows.json]
+    python -m bench.windows [--seconds 60] [--rounds 5] [--in-flight 8] [--out bench_windows.json]
 
 A repository with a random tiny trunk (``test-vit-tiny``: 2 blocks, width 32, 32 px) and one
 task (8 frames, uniform sampling, adapters in every block). The server runs in a subprocess on
@@ -10,8 +10,9 @@ task (8 frames, uniform sampling, adapters in every block). The server runs in a
 * ``windows``: one ``ClassifyWindows`` call; the clip is uploaded once and decoded once, front to
   back, and its windows are computed in batches;
 * ``per_window``: every window cut beforehand (not timed) into its own clip of the same frames,
-  encoded the same way, sent as ``Classify`` calls, 8 in flight at once (so they can share forwards
-  too): one upload, one worker round trip and one decode per window.
+  encoded the same way, sent as ``Classify`` calls, ``--in-flight`` at once (default 8, so they can
+  share forwards and both decoder workers; 1 = one after the other): one upload, one worker round
+  trip and one decode per window.
 
 Rounds alternate the two (:func:`bench.timing.timed_rounds`); the figure is seconds of video
 classified per second of wall time (the clip's covered seconds / the median round time), and
@@ -86,21 +87,21 @@ def build_repository(root: Path) -> Path:
     return root
 
 
-def run(seconds: int, rounds: int) -> dict:
+def run(seconds: int, rounds: int, in_flight: int = IN_FLIGHT) -> dict:
     from clients import Client
     from server.process import ServerProcess
 
     total = seconds * FPS
     out: dict = {"clip": f"{seconds} s, {SIZE[0]}x{SIZE[1]} h264 at {FPS} fps, GOP {FPS}", "rounds": rounds,
                  "trunk": "test-vit-tiny (2 blocks, width 32, 32 px)", "frames_per_window": 8,
-                 "per_window_in_flight": IN_FLIGHT, "cases": []}
+                 "per_window_in_flight": in_flight, "cases": []}
     clip = encode(0, total)
     out["clip_bytes"] = len(clip)
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(Path(tmp) / "repo")
         with ServerProcess(repo, "--poll-interval-s", "0",
                            env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}) as srv, \
-                Client(srv.address, stream_threshold_bytes=64 << 20) as c, ThreadPoolExecutor(IN_FLIGHT) as pool:
+                Client(srv.address, stream_threshold_bytes=64 << 20) as c, ThreadPoolExecutor(in_flight) as pool:
             for window_s, stride_s in CASES:
                 length, step = round(window_s * FPS), round(stride_s * FPS)
                 starts = list(range(0, total - length + 1, step))
@@ -151,11 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=60, help="length of the clip")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--in-flight", type=int, default=IN_FLIGHT, help="per-window Classify calls at once")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.seconds < math.ceil(max(w for w, _ in CASES)):
         ap.error(f"--seconds must hold one window ({max(w for w, _ in CASES):g} s)")
-    r = run(args.seconds, args.rounds)
+    r = run(args.seconds, args.rounds, max(1, args.in_flight))
     print_table(r)
     emit_json(r, args.out)
     return r
