@@ -90,6 +90,18 @@ def safe_text(value: str, limit: int = MAX_TASK_CHARS) -> str:
     return text if len(value) <= limit else f"{text}...({len(value)} chars)"
 
 
+def adopt_request_id(value: str) -> str:
+    """Offer the request being served its message's own id (e.g. a form field): taken when it is valid and the
+    client sent no valid ``x-request-id``. Returns the id in force, "" outside a request. (gRPC calls do
+    this themselves with the first request message; see ``ID_FIELDS``.)"""
+    rec = request_scope.get()
+    if not isinstance(rec, AccessRecord):
+        return ""
+    if not rec.client_id:
+        rec.request_id = valid_request_id(value) or rec.request_id
+    return rec.request_id
+
+
 class AccessRecord(RequestScope):
     """One request's access line, filled in while it is served."""
 
@@ -123,9 +135,11 @@ class AccessRecord(RequestScope):
             else:
                 self.more_tasks += 1
 
+    def task_list(self) -> list[str]:
+        return self.tasks + [f"+{self.more_tasks}"] if self.more_tasks else self.tasks
+
     def fields(self) -> dict[str, Any]:
-        tasks = self.tasks + ([f"+{self.more_tasks}"] if self.more_tasks else [])
-        return {"protocol": self.protocol, "method": self.method, "tasks": tasks, "code": self.code,
+        return {"protocol": self.protocol, "method": self.method, "tasks": self.task_list(), "code": self.code,
                 "http_status": self.http_status, "ms": round(self.ms, 3), "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out}
 
@@ -134,11 +148,15 @@ class AccessRecord(RequestScope):
         self.code = code
         self.http_status = http_status
         if log.isEnabledFor(self.level):
-            tasks = ",".join(self.fields()["tasks"]) or "-"
             status = f" status={http_status}" if http_status is not None else ""
-            log.log(self.level, "%s %s tasks=%s code=%s%s ms=%.1f in=%d out=%d", self.protocol, self.method, tasks,
-                    code, status, self.ms, self.bytes_in, self.bytes_out,
-                    extra={"access": self, "request_id": self.request_id})
+            args = (self.protocol, self.method, ",".join(self.task_list()) or "-", code, status, self.ms, self.bytes_in,
+                    self.bytes_out)
+            # makeRecord + handle: Logger.log without the caller lookup (a stack walk per line; no format prints it)
+            log.handle(log.makeRecord(log.name, self.level, __file__, 0, _LINE, args, None,
+                                      extra={"access": self, "request_id": self.request_id}))
+
+
+_LINE = "%s %s tasks=%s code=%s%s ms=%.1f in=%d out=%d"
 
 
 # --- gRPC ------------------------------------------------------------------------------------------------

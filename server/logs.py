@@ -77,9 +77,15 @@ _SPACE = re.compile(r"\s+")
 MAX_DETAIL_CHARS = 300
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted (one tuple: a thread reads a consistent pair)
+
+
 def _timestamp(created: float) -> str:
-    t = time.gmtime(created)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', t)}.{int(created * 1000) % 1000:03d}Z"
+    global _second
+    sec = int(created)
+    if _second[0] != sec:
+        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+    return f"{_second[1]}.{int(created * 1000) % 1000:03d}Z"
 
 
 class TextFormatter(logging.Formatter):
@@ -132,6 +138,8 @@ def configure_logging(level: str, fmt: str, stream: Optional[TextIO] = None) -> 
         old.close()
     root.addHandler(handler)
     root.setLevel(LOG_LEVELS[level])
+    # Neither format prints thread or process names: not looked up for every record (the logging HOWTO's advice).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     aiohttp_server = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequestFilter) for f in aiohttp_server.filters):
         aiohttp_server.addFilter(MalformedRequestFilter())

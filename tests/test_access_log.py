@@ -114,6 +114,18 @@ def test_access_record_fields_and_both_formats():
     assert TextFormatter().format(record).endswith(" ERROR t [rid-1]: line")
 
 
+def test_a_message_id_is_adopted_only_without_a_client_header():
+    assert access_log.adopt_request_id("form-1") == ""  # outside a request
+    for header, offered, expected in ((None, "form-1", "form-1"), (None, "bad id", None), ("hdr-1", "form-1", "hdr-1")):
+        rec = AccessRecord("http", "POST /x", logging.INFO, header)
+        token = request_scope.set(rec)
+        try:
+            got = access_log.adopt_request_id(offered)
+        finally:
+            request_scope.reset(token)
+        assert got == rec.request_id and (HEX_ID.fullmatch(got) if expected is None else got == expected)
+
+
 def test_records_made_inside_a_request_carry_its_id():
     token = request_scope.set(AccessRecord("http", "GET /x", logging.INFO, None))
     try:
