@@ -48,16 +48,21 @@ def server_version() -> str:
 
 
 def served_model(registry: TaskRegistry, name: str, version: str) -> TaskVersion:
-    """The served version of task ``name``; NOT_FOUND for an unknown task or another version."""
-    tv = registry.get(name)  # TaskNotFound: NOT_FOUND, naming the served tasks
-    if version not in ("", str(tv.version)):
-        raise TaskNotFound(f"model {name!r} is served at version {tv.version}; version {version[:32]!r} is not")
-    return tv
+    """Task ``name`` at ``version`` (empty: the served one; else a servable version, as ``name@N`` pins it);
+    NOT_FOUND for an unknown task or a version that is not servable."""
+    tv = registry.get(name)  # TaskNotFound: NOT_FOUND, naming the served tasks (``name@N``: that version)
+    if version in ("", str(tv.version)):
+        return tv
+    if not version.isdigit() or int(version) not in registry.servable_versions(tv.name):
+        raise TaskNotFound(f"model {tv.name!r} is served at version {tv.version}; version {version[:32]!r} is not "
+                           f"servable (servable versions: {registry.servable_versions(tv.name)})")
+    return registry.get(f"{tv.name}@{int(version)}")
 
 
 def model_ready(registry: TaskRegistry, draining: bool, name: str, version: str) -> bool:
     tv = registry.tasks.get(name)
-    return tv is not None and not draining and version in ("", str(tv.version))
+    servable = version == "" or (version.isdigit() and int(version) in registry.servable_versions(name))
+    return tv is not None and not draining and servable
 
 
 def split_top_k(params: dict[str, Any]) -> int:
@@ -101,8 +106,9 @@ def check_clip_sizes(clips: Sequence[bytes], limits: ServerLimits) -> None:
 async def classify_clips(pipeline: Pipeline, ticket: Ticket, tv: TaskVersion, clips: Sequence[bytes], top_k: int,
                          overrides: Mapping[str, Any], deadline: Optional[float]) -> list[Classification]:
     """Every clip on the request's ticket (the caller holds their bytes); the first failure is the answer."""
+    task = tv.name if pipeline.registry.tasks.get(tv.name) is tv else f"{tv.name}@{tv.version}"  # a pinned version
     results = await asyncio.gather(
-        *(pipeline.classify(ticket, tv.name, clip, top_k, overrides, deadline) for clip in clips),
+        *(pipeline.classify(ticket, task, clip, top_k, overrides, deadline) for clip in clips),
         return_exceptions=True)
     for r in results:
         if isinstance(r, BaseException):

@@ -142,6 +142,7 @@ class TaskRegistry:
         self.keep_versions = keep_versions
         self.on_change = on_change
         self._table: Mapping[str, TaskVersion] = MappingProxyType({})
+        self._pinned: Mapping[tuple[str, int], TaskVersion] = MappingProxyType({})  # older versions requests pinned
         self._write_lock = threading.Lock()  # one structural change at a time in this process
         self._failed: dict[tuple[str, int], str] = {}  # bad folders seen on disk: not retried
         self._next_sweep = 0.0  # monotonic time of the next sweep of leftovers (see sync)
@@ -153,18 +154,64 @@ class TaskRegistry:
         """The current table (an immutable snapshot)."""
         return self._table
 
-    def get(self, name: str) -> TaskVersion:
+    def get(self, task: str) -> TaskVersion:
+        """``name``: the served (newest) version; ``name@N``: version N, while it is servable (a pin)."""
+        name, pinned, number = task.partition("@")
         tv = self._table.get(name)
         if tv is None:
             known = sorted(self._table)
             raise TaskNotFound(f"unknown task {brief(name)}; served tasks: {known[:20]}{' …' if len(known) > 20 else ''}")
-        return tv
+        if not pinned:
+            return tv
+        version = _version_number(task, number)
+        return tv if version == tv.version else self._pinned_version(name, version)
 
-    def acquire(self, name: str) -> TaskVersion:
-        """Capture the task's current version for one request (pair with ``tv.release()``)."""
-        tv = self.get(name)
+    def acquire(self, task: str) -> TaskVersion:
+        """Capture a version for one request, as :meth:`get` names it (pair with ``tv.release()``)."""
+        tv = self.get(task)
         tv.acquire()
         return tv
+
+    def servable_versions(self, name: str) -> list[int]:
+        """The versions of a served task a request may pin, oldest first: the newest ``keep_versions`` stored
+        folders up to the served version."""
+        tv = self._table.get(name)
+        if tv is None:
+            return []
+        return sorted(v for v in version_dirs(self.tasks_dir / name) if v <= tv.version)[-self.keep_versions:]
+
+    def _pinned_version(self, name: str, version: int) -> TaskVersion:
+        """An older servable version, loaded on its first pinned request and kept while it stays servable."""
+        tv = self._pinned.get((name, version))
+        if tv is not None:
+            return tv
+        servable = self.servable_versions(name)
+        if version not in servable:
+            raise TaskNotFound(f"task {name} version {version} is not servable; servable versions: {servable}")
+        try:  # outside the write lock: a register holding it (fsync) must not stall this request's loop
+            loaded = self.load_version(self.tasks_dir / name / str(version))
+        except (BundleError, OSError, ValueError) as e:
+            raise TaskNotFound(f"task {name} version {version} cannot be loaded: {e}") from e
+        with self._write_lock:
+            tv = self._pinned.get((name, version))
+            if tv is None:  # else another request loaded it meanwhile: that copy is the one
+                tv = loaded
+                self._pinned = MappingProxyType({**self._pinned, (name, version): tv})
+                log.info("serving pinned task %s version %d (%d adapter bytes)", name, version, tv.nbytes)
+        return tv
+
+    def _retire_unservable_pins(self) -> None:
+        """Drop pinned versions that left the servable set (pruned, unregistered, or now the served one)."""
+        keep, gone = {}, []
+        for (name, version), tv in self._pinned.items():
+            served = self._table.get(name)
+            if served is not None and version < served.version and version in self.servable_versions(name):
+                keep[(name, version)] = tv
+            else:
+                gone.append(tv)
+        if gone:
+            self._pinned = MappingProxyType(keep)
+            self._publish(dict(self._table), [], gone)
 
     def load_version(self, path: Path) -> TaskVersion:
         bundle = read_bundle(path, self.limits)
@@ -225,6 +272,7 @@ class TaskRegistry:
                     retired.append(table.pop(name))
             if published or retired:
                 self._publish(table, published, retired)
+            self._retire_unservable_pins()
             return published, retired
 
     def _publish(self, table: dict[str, TaskVersion], published: list[TaskVersion], retired: list[TaskVersion]) -> None:
@@ -298,6 +346,7 @@ class TaskRegistry:
                 table[name] = tv
                 self._publish(table, [tv], [old] if old else [])
                 self._prune_old_versions(task_dir, keep=self.keep_versions)
+                self._retire_unservable_pins()
             return tv
         finally:
             if upload.exists():
@@ -353,17 +402,35 @@ class TaskRegistry:
             if dead is not None:
                 shutil.rmtree(dead, ignore_errors=True)
 
-    def unregister(self, name: str) -> TaskVersion:
-        """Stop serving ``name`` now; its folders go once in-flight requests on it end."""
+    def unregister(self, task: str) -> tuple[str, int]:
+        """Stop serving ``name`` (every version) or ``name@N`` (that version: when it is the served one, the
+        newest older servable version is served instead) now; folders go once requests on them end.
+        Returns the task's name and the version removed (the served one, for a whole task)."""
+        name, one, number = task.partition("@")
         with self._write_lock, self._replicas_lock(name):
-            tv = self.get(name)
-            table = dict(self._table)
-            del table[name]
-            dead = tombstone_dir(self.tasks_dir, self.tasks_dir / name, name)
-            self._publish(table, [], [tv])
+            served = self.get(name)
+            version = _version_number(task, number) if one else served.version
+            if one and version not in self.servable_versions(name):
+                raise TaskNotFound(f"task {name} version {version} is not servable; "
+                                   f"servable versions: {self.servable_versions(name)}")
+            owner = served if version == served.version else self._pinned.get((name, version))
+            folder = self.tasks_dir / name / str(version) if one else self.tasks_dir / name
+            dead = tombstone_dir(self.tasks_dir, folder, f"{name}-{version}" if one else name)
+            if owner is served:  # else a pinned version (or one never pinned): the pins' sweep retires it
+                table, published = dict(self._table), []
+                del table[name]
+                older = version_dirs(self.tasks_dir / name) if one else {}
+                if older:
+                    published = [self.load_version(older[max(older)])]
+                    table[name] = published[0]
+                self._publish(table, published, [served])
+            self._retire_unservable_pins()
         if dead is not None:  # the last request may end on the event loop: delete in a thread of its own
-            tv.when_idle(lambda: remove_in_background(dead))
-        return tv
+            if owner is None:
+                remove_in_background(dead)
+            else:
+                owner.when_idle(lambda: remove_in_background(dead))
+        return name, version
 
     def cleanup_temp(self, idle_s: float = LEFTOVER_IDLE_S) -> None:
         """Remove leftovers of interrupted uploads and deletions: folders in which nothing was written for
@@ -372,3 +439,9 @@ class TaskRegistry:
         for p in self.tasks_dir.iterdir():
             if p.name.startswith((".upload-", ".deleted-")) and now - last_write(p) > idle_s:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+def _version_number(task: str, number: str) -> int:
+    if not number.isdigit() or not 0 < int(number) < 1 << 31:
+        raise BadRequest(f"bad task version in {brief(task)}: a pin is name@N with N a version number")
+    return int(number)

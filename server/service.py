@@ -130,6 +130,7 @@ class _Base:
         # Only served task names become label values: clients cannot blow up the series count.
         if not name:
             return ""
+        name = name.partition("@")[0]  # a pinned version counts under its task
         return name if name in self.registry.tasks else "_other"
 
 
@@ -292,13 +293,13 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         if not request.task:
             raise BadRequest("the request names no task")
         try:
-            tv = await asyncio.to_thread(self.registry.unregister, request.task)
+            name, version = await asyncio.to_thread(self.registry.unregister, request.task)
         except TaskNotFound:
             self.metrics.unregistrations.labels("not_found").inc()
             raise
         self.metrics.unregistrations.labels("ok").inc()
-        log.info("unregistered task %s (was version %d)", tv.name, tv.version)
-        return pb.UnregisterTaskResponse(task=tv.name, version=tv.version)
+        log.info("unregistered %s %s version %d", "one version of task" if "@" in request.task else "task", name, version)
+        return pb.UnregisterTaskResponse(task=name, version=version)
 
 
 class _UploadOwner:
