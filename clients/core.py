@@ -171,7 +171,7 @@ class ClassifyResult:
     task: str
     task_version: int
     predictions: tuple[Prediction, ...]
-    timings: Mapping[str, float]  # decode_ms, queue_ms, compute_ms, total_ms, batch_size
+    timings: Mapping[str, float]  # decode_ms, queue_ms, compute_ms, total_ms, batch_size, cached (from the cache)
     request_id: str
 
     @property
@@ -186,7 +186,7 @@ class ClassifyResult:
     def from_pb(cls, r: pb.ClassifyResponse) -> "ClassifyResult":
         t = r.timings
         timings = {"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
-                   "total_ms": t.total_ms, "batch_size": t.batch_size}
+                   "total_ms": t.total_ms, "batch_size": t.batch_size, "cached": t.cached}
         preds = tuple(Prediction(p.label, float(p.score), int(p.index)) for p in r.predictions)
         return cls(r.task, r.task_version, preds, timings, r.request_id)
 
@@ -220,7 +220,7 @@ class WindowResult:
     def from_pb(cls, r: pb.WindowResult) -> "WindowResult":
         t = r.timings
         timings = {"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
-                   "total_ms": t.total_ms, "batch_size": t.batch_size}
+                   "total_ms": t.total_ms, "batch_size": t.batch_size, "cached": t.cached}
         preds = tuple(Prediction(p.label, float(p.score), int(p.index)) for p in r.predictions)
         return cls(r.index, r.start_s, r.end_s, r.start_frame, r.end_frame, r.task, r.task_version, preds, timings,
                    r.request_id)
@@ -265,10 +265,11 @@ class TaskInfo:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     trunk_fingerprint: str = ""
     state: str = ""
+    servable_versions: tuple[int, ...] = ()  # versions a request may pin as name@N
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["labels"] = list(self.labels)
+        d["labels"], d["servable_versions"] = list(self.labels), list(self.servable_versions)
         d["adapter"], d["metrics"] = dict(self.adapter), dict(self.metrics)
         return d
 
@@ -276,7 +277,7 @@ class TaskInfo:
     def from_pb(cls, t: pb.TaskInfo) -> "TaskInfo":
         return cls(t.name, t.version, tuple(t.labels), t.description, t.num_frames, t.input_size, t.sampling_mode,
                    t.temporal_views, t.spatial_views, _json(t.adapter_config_json), t.adapter_bytes, t.created,
-                   _json(t.metrics_json), t.trunk_fingerprint, t.state)
+                   _json(t.metrics_json), t.trunk_fingerprint, t.state, tuple(t.servable_versions))
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,9 @@ class Metrics:
         self.batch_size = Histogram(f"{p}_batch_size", "Clips per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.batch_rows = Histogram(f"{p}_batch_rows", "Rows (clip views) per forward pass", buckets=BATCH_BUCKETS, registry=r)
         self.batch_tasks = Histogram(f"{p}_batch_tasks", "Distinct tasks per forward pass", buckets=BATCH_BUCKETS, registry=r)
+        self.shared_prefix_rows = Counter(f"{p}_shared_prefix_rows",
+                                          "Rows that reused another row's patch embedding and unadapted blocks "
+                                          "(same clip, other task)", registry=r)
         self.clips = Counter(f"{p}_clips", "Clips classified, by task", ["task"], registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests admitted and not yet computed", registry=r)
         self.clip_in_flight_bytes = Gauge(f"{p}_clip_in_flight_bytes",
@@ -72,6 +75,14 @@ class Metrics:
                                           "Device bytes of the adapter slot banks (used and free slots)", registry=r)
         self.registrations = Counter(f"{p}_registrations", "RegisterTask calls by result", ["result"], registry=r)
         self.unregistrations = Counter(f"{p}_unregistrations", "UnregisterTask calls by result", ["result"], registry=r)
+        self.response_cache_hits = Counter(f"{p}_response_cache_hits",
+                                           "Classifications answered from the response cache", registry=r)
+        self.response_cache_misses = Counter(f"{p}_response_cache_misses",
+                                             "Response cache lookups that found no answer (the clip was computed)",
+                                             registry=r)
+        self.response_cache_bytes = Gauge(f"{p}_response_cache_bytes", "Bytes held by the response cache", registry=r)
+        self.response_cache_entries = Gauge(f"{p}_response_cache_entries", "Answers held by the response cache",
+                                            registry=r)
         self.dropped = Counter(f"{p}_dropped", "Clips dropped before compute, by reason (deadline | cancelled)",
                                ["reason"], registry=r)
         r.register(_DeviceMemoryCollector(device))
@@ -88,6 +99,14 @@ class Metrics:
             self.adapter_activation_seconds.observe(seconds)
         else:
             {"hit": self.adapter_hits, "eviction": self.adapter_evictions}.get(event, _Null).inc()
+
+    def response_cache_event(self, event: str) -> None:
+        """The response cache's ``on_event`` hook (``hit`` | ``miss``)."""
+        (self.response_cache_hits if event == "hit" else self.response_cache_misses).inc()
+
+    def watch_response_cache(self, nbytes: Callable[[], float], entries: Callable[[], float]) -> None:
+        self.response_cache_bytes.set_function(nbytes)
+        self.response_cache_entries.set_function(entries)
 
     def watch_slots(self, used: Callable[[], float], free: Callable[[], float], device_bytes: Callable[[], float]) -> None:
         self.adapter_slots.labels("used").set_function(used)

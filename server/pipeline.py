@@ -31,6 +31,7 @@ from .errors import BadRequest, DeadlineExpired
 from .limits import ServerLimits
 from .metrics import Metrics
 from .registry import TaskRegistry, TaskVersion
+from .response_cache import CacheKey, ResponseCache, clip_digest
 from .window_jobs import WindowJob, WindowSpan
 
 ClipBytes = Union[bytes, bytearray]  # a stream's clip is the buffer it was received into (no joined copy)
@@ -45,6 +46,7 @@ class Classification:
     compute_s: float
     total_s: float
     batch_clips: int
+    cached: bool = False  # answered from the response cache (no decode, no forward)
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,14 @@ class Pipeline:
     """Classification on top of the shared :class:`Admission` counters and :class:`ServerLimits`.
 
     ``decoder``: the decoding backend (default: ``decode_workers`` threads in this process).
+    ``response_cache``: answers kept by clip digest, task version and sampling (None: every clip is computed).
     """
 
     def __init__(self, registry: TaskRegistry, batcher: Batcher, metrics: Optional[Metrics], limits: ServerLimits,
-                 decoder: Optional[Decoder] = None, default_top_k: int = 5, decode_workers: int = 2):
+                 decoder: Optional[Decoder] = None, default_top_k: int = 5, decode_workers: int = 2,
+                 response_cache: Optional[ResponseCache] = None):
         self.registry = registry
+        self.response_cache = response_cache
         self.batcher = batcher
         self.metrics = metrics
         self.limits = limits
@@ -128,10 +133,14 @@ class Pipeline:
             k = self._top_k(top_k)
             sampling = self._sampling(slot.tv, overrides)
             self.limits.check_clip_size(len(clip))
+            key = self._cache_key(await self._digest(clip), slot.tv, sampling)
+            hit = self._cached(key, slot.tv, k, t0)
+            if hit is not None:
+                return hit
             _check_deadline(deadline, "before decode")
             views, decode_s = await self._decode(clip, sampling, deadline)
             del clip  # the caller may still hold it; this frame does not
-            return await self._compute(slot.tv, views, decode_s, k, deadline, t0)
+            return await self._compute(slot.tv, views, decode_s, k, deadline, t0, key)
         finally:
             slot.release()
 
@@ -164,13 +173,27 @@ class Pipeline:
                 except BadRequest as e:
                     out[i] = e
                     s.release()
-            _check_deadline(deadline, "before decode")
+            digest = await self._digest(clip)
+            keys: dict[int, Optional[CacheKey]] = {}
+            for sampling, members in groups.items():
+                for i in list(members):
+                    slot = slots[i]
+                    assert isinstance(slot, Slot)
+                    keys[i] = self._cache_key(digest, slot.tv, sampling)
+                    hit = self._cached(keys[i], slot.tv, k, t0)
+                    if hit is not None:  # answered: this task needs neither the decode nor a row
+                        out[i] = hit
+                        members.remove(i)
+                        slot.release()
+            groups = {smp: members for smp, members in groups.items() if members}
+            if groups:
+                _check_deadline(deadline, "before decode")
 
             async def item(i: int, views: Tensor, decode_s: float) -> None:
                 slot = slots[i]
                 assert isinstance(slot, Slot)
                 try:
-                    out[i] = await self._compute(slot.tv, views, decode_s, k, deadline, t0)
+                    out[i] = await self._compute(slot.tv, views, decode_s, k, deadline, t0, keys[i])
                 except Exception as e:  # noqa: BLE001 - this task's error, reported in its item
                     out[i] = e
                 finally:
@@ -252,14 +275,37 @@ class Pipeline:
         return views, decode_s
 
     async def _compute(self, tv: TaskVersion, views: Tensor, decode_s: float, k: int, deadline: Optional[float],
-                       t0: float) -> Classification:
+                       t0: float, key: Optional[CacheKey] = None) -> Classification:
         _check_deadline(deadline, "after decode")
         res = await self.batcher.submit(tv, views, deadline)
+        if key is not None and self.response_cache is not None:
+            self.response_cache.put(key, res.probs)
         values, idx = res.probs.topk(min(k, tv.spec.num_classes))
         if self.metrics is not None:
             self.metrics.clips.labels(tv.name).inc()
         return Classification(tv, list(zip(idx.tolist(), values.tolist())), decode_s, res.queue_s, res.compute_s,
                               time.monotonic() - t0, res.batch_clips)
+
+    # --- the response cache (all no-ops without one) ---
+
+    async def _digest(self, clip: ClipBytes) -> Optional[bytes]:
+        return await clip_digest(clip) if self.response_cache is not None else None
+
+    def _cache_key(self, digest: Optional[bytes], tv: TaskVersion, sampling: SamplingConfig) -> Optional[CacheKey]:
+        return CacheKey(digest, tv.uid, sampling) if digest is not None else None
+
+    def _cached(self, key: Optional[CacheKey], tv: TaskVersion, k: int, t0: float) -> Optional[Classification]:
+        """The answer the cache holds for ``key``, as this request's top-k; None on a miss (or no cache)."""
+        if key is None or self.response_cache is None:
+            return None
+        probs = self.response_cache.get(key)
+        if probs is None:
+            return None
+        values, idx = probs.topk(min(k, tv.spec.num_classes))
+        if self.metrics is not None:
+            self.metrics.clips.labels(tv.name).inc()
+        return Classification(tv, list(zip(idx.tolist(), values.tolist())), 0.0, 0.0, 0.0, time.monotonic() - t0, 0,
+                              cached=True)
 
     def close(self) -> None:
         """Stop the decoders without waiting for a stuck decode."""

@@ -84,7 +84,7 @@ def rpc(method: str, kind: str):
     return deco
 
 
-def task_info(tv: TaskVersion) -> pb.TaskInfo:
+def task_info(tv: TaskVersion, servable_versions: Sequence[int] = ()) -> pb.TaskInfo:
     s = tv.spec
     return pb.TaskInfo(
         name=s.name, version=s.version, labels=list(s.labels), description=s.description,
@@ -92,6 +92,7 @@ def task_info(tv: TaskVersion) -> pb.TaskInfo:
         temporal_views=s.sampling.temporal_views, spatial_views=s.sampling.spatial_views,
         adapter_config_json=json.dumps(s.adapter.to_dict()), adapter_bytes=tv.nbytes, created=s.created,
         metrics_json=json.dumps(dict(s.metrics)), trunk_fingerprint=s.trunk_fingerprint, state="ready",
+        servable_versions=list(servable_versions),
     )
 
 
@@ -101,7 +102,7 @@ def _response(c: Classification, request_id: str) -> pb.ClassifyResponse:
         task=c.tv.name, task_version=c.tv.version, request_id=request_id,
         predictions=[pb.Prediction(label=labels[i], score=p, index=i) for i, p in c.top],
         timings=pb.Timings(decode_ms=c.decode_s * 1e3, queue_ms=c.queue_s * 1e3, compute_ms=c.compute_s * 1e3,
-                           total_ms=c.total_s * 1e3, batch_size=c.batch_clips),
+                           total_ms=c.total_s * 1e3, batch_size=c.batch_clips, cached=c.cached),
     )
 
 
@@ -125,6 +126,9 @@ class _Base:
     @property
     def limits(self) -> ServerLimits:
         return self.pipeline.limits
+
+    def _task_info(self, tv: TaskVersion) -> pb.TaskInfo:
+        return task_info(tv, self.registry.servable_versions(tv.name))
 
     def _task_metric_label(self, name: str) -> str:
         # Only served task names become label values: clients cannot blow up the series count.
@@ -215,14 +219,14 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
     @rpc("ListTasks", "classify")
     async def ListTasks(self, request, context, ticket: Ticket) -> pb.ListTasksResponse:
         trunk = self.registry.trunk
-        tasks = [task_info(tv) for _, tv in sorted(self.registry.tasks.items())]
+        tasks = [self._task_info(tv) for _, tv in sorted(self.registry.tasks.items())]
         model = trunk.spec.model if trunk.spec is not None else ""
         return pb.ListTasksResponse(tasks=tasks, trunk_model=model, trunk_fingerprint=trunk.fingerprint)
 
     @rpc("DescribeTask", "classify")
     async def DescribeTask(self, request: pb.DescribeTaskRequest, context, ticket: Ticket) -> pb.TaskInfo:
         _task_label.set(request.task)
-        return task_info(self.registry.get(request.task))
+        return self._task_info(self.registry.get(request.task))
 
 
 class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
@@ -244,7 +248,7 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         _task_label.set(tv.name)
         self.metrics.registrations.labels("ok").inc()
         log.info("registered task %s version %d", tv.name, tv.version)
-        return pb.RegisterTaskResponse(task=task_info(tv))
+        return pb.RegisterTaskResponse(task=self._task_info(tv))
 
     def _register_owned(self, upload: Path, owner: "_UploadOwner", upload_id: str):
         """register_upload consumes the folder; it may only start if the cleanup has not taken it (a

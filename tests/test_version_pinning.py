@@ -246,3 +246,16 @@ def test_unregister_one_version_over_grpc(tmp_path, clip_bytes):
             admin.UnregisterTask(pb.UnregisterTaskRequest(task="alpha@2"), timeout=30)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "servable versions: [1]" in e.value.details()
         assert sorted(p.name for p in (root / "tasks" / "alpha").iterdir()) == ["1"]
+
+
+def test_list_and_describe_show_the_servable_versions(pinned_srv, capsys):
+    from clients import Client, cli
+
+    with Client(pinned_srv.address) as c:
+        alpha = {t.name: t for t in c.list_tasks().tasks}["alpha"]
+        assert (alpha.version, alpha.servable_versions) == (2, (1, 2))
+        assert c.describe_task("alpha@1").version == 1 and c.describe_task("alpha@1").servable_versions == (1, 2)
+    assert cli.main(["tasks", "--address", pinned_srv.address]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["TASK", "VERSION", "SERVABLE"]
+    assert next(line for line in lines if line.startswith("alpha")).split()[:3] == ["alpha", "2", "1,2"]

@@ -67,18 +67,20 @@ class Prediction(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("decode_ms", "queue_ms", "compute_ms", "total_ms", "batch_size")
+    __slots__ = ("decode_ms", "queue_ms", "compute_ms", "total_ms", "batch_size", "cached")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     queue_ms: float
     compute_ms: float
     total_ms: float
     batch_size: int
-    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    cached: bool
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("task", "task_version", "predictions", "timings", "request_id", "results")
@@ -219,7 +221,7 @@ class DescribeTaskRequest(_message.Message):
     def __init__(self, task: _Optional[str] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("name", "version", "labels", "description", "num_frames", "input_size", "sampling_mode", "temporal_views", "spatial_views", "adapter_config_json", "adapter_bytes", "created", "metrics_json", "trunk_fingerprint", "state")
+    __slots__ = ("name", "version", "labels", "description", "num_frames", "input_size", "sampling_mode", "temporal_views", "spatial_views", "adapter_config_json", "adapter_bytes", "created", "metrics_json", "trunk_fingerprint", "state", "servable_versions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +237,7 @@ class TaskInfo(_message.Message):
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     TRUNK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    SERVABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -250,7 +253,8 @@ class TaskInfo(_message.Message):
     metrics_json: str
     trunk_fingerprint: str
     state: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., num_frames: _Optional[int] = ..., input_size: _Optional[int] = ..., sampling_mode: _Optional[str] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., adapter_config_json: _Optional[str] = ..., adapter_bytes: _Optional[int] = ..., created: _Optional[str] = ..., metrics_json: _Optional[str] = ..., trunk_fingerprint: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
+    servable_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., num_frames: _Optional[int] = ..., input_size: _Optional[int] = ..., sampling_mode: _Optional[str] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., adapter_config_json: _Optional[str] = ..., adapter_bytes: _Optional[int] = ..., created: _Optional[str] = ..., metrics_json: _Optional[str] = ..., trunk_fingerprint: _Optional[str] = ..., state: _Optional[str] = ..., servable_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterTaskChunk(_message.Message):
     __slots__ = ("filename", "data", "upload_id")
