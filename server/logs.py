@@ -102,6 +102,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)  # made once, not per line
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {"ts": _timestamp(record.created), "level": record.levelname, "logger": record.name,
@@ -116,7 +119,7 @@ class JsonFormatter(logging.Formatter):
             doc["exc"] = record.exc_text
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(doc, ensure_ascii=True, separators=(",", ":"), default=str)
+        return _ENCODER.encode(doc)
 
 
 def formatter(fmt: str) -> logging.Formatter:
