@@ -146,7 +146,8 @@ class Batcher:
             self.metrics.batch_size.observe(out.clips)
             self.metrics.batch_rows.observe(out.rows)
             self.metrics.batch_tasks.observe(out.tasks)
-        for it, p in zip(batch, out.probs):
+            self.metrics.shared_prefix_rows.inc(out.shared_rows)
+        for it, p in zip(batch, out.probs, strict=True):
             wait = max(0.0, started - it.enqueued)
             if self.metrics is not None:
                 self.metrics.queue_wait_seconds.observe(wait)

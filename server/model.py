@@ -8,6 +8,13 @@ either with a per-row slot index (``gather``: the weights are gathered per row a
 applied with batched GEMMs) or with its clips sorted by task (``segment``: one GEMM
 per task over its contiguous rows); :func:`mixed_mode_for` picks one per device
 type. A clip with V views is V rows; its answer is the softmax averaged over its rows.
+
+Clips of one batch that hand in the same views tensor (one request's decode, submitted
+once per task) share one input: when their tasks adapt only the last blocks, the patch
+embedding and the blocks below the lowest adapted one run once for that input, and
+their tokens fan out to the task rows (``VideoTrunk.forward(..., row_input=...)``).
+Inputs are matched by object identity, never by content: every views tensor of a
+batch is alive during its forward, so two distinct clips cannot share an identity.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class BatchOutput:
     clips: int
     rows: int
     tasks: int
+    shared_rows: int = 0  # rows whose embedding and unadapted blocks another row's computation gave
 
 
 class ModelRunner:
@@ -135,9 +143,10 @@ class ModelRunner:
             slot_of = [lease.slots[tv.uid] for tv, _ in clips]
             order = sorted(range(len(clips)), key=slot_of.__getitem__) if self.mixed == "segment" else list(range(len(clips)))
             rows = [clips[i][1].shape[0] for i in order]
-            frames = torch.cat([clips[i][1] for i in order]).to(self.device, self.dtype, non_blocking=True)  # [N, T, 3, S, S]
             stack, task_index = self._adapters(lease.bank, [slot_of[i] for i in order], rows)
-            logits = self.trunk(frames, stack, task_index).float()  # [N, C_max]
+            inputs, row_input = self._inputs(stack, [clips[i][1] for i in order])
+            frames = torch.cat(inputs).to(self.device, self.dtype, non_blocking=True)  # [inputs' rows, T, 3, S, S]
+            logits = self.trunk(frames, stack, task_index, row_input).float()  # [N, C_max]
         for tv in tvs:
             if tv.retired:  # admitted before the registry retired it: it leaves once its requests end
                 self.slots.retire(tv)
@@ -145,7 +154,8 @@ class ModelRunner:
         probs: list[Optional[Tensor]] = [None] * len(clips)
         for j, i in enumerate(order):
             probs[i] = host[j, : clips[i][0].spec.num_classes]  # [C]
-        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(rows), len(tvs))  # type: ignore[arg-type]
+        shared = 0 if row_input is None else sum(rows) - frames.shape[0]
+        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(rows), len(tvs), shared)  # type: ignore[arg-type]
 
     def _clip_probs(self, logits: Tensor, rows: list[int], classes: list[int]) -> Tensor:
         """logits [N, C_max] -> [clips, C_max]: each clip's softmax over its own classes, averaged over its rows."""
@@ -171,17 +181,36 @@ class ModelRunner:
         torch.cuda.current_stream(self.device).synchronize()
         return buf.clone()  # the callers keep it; the buffer serves the next batch
 
+    def _inputs(self, stack: AdapterStack | Segments, views: list[Tensor]) -> tuple[list[Tensor], Optional[Tensor]]:
+        """The distinct inputs of these clips (in order) and, when rows can share a prefix, the row -> input index.
+
+        None (every clip its own rows, today's path) when no two clips hand in the same
+        views tensor or when some task adapts block 0 (nothing to share).
+        """
+        first: dict[int, int] = {}  # id(views) -> index in distinct; the tensors are alive in ``views``
+        distinct: list[Tensor] = []
+        for v in views:
+            if first.setdefault(id(v), len(distinct)) == len(distinct):
+                distinct.append(v)
+        if len(distinct) == len(views) or self.trunk.prefix_blocks(stack) == 0:
+            return views, None
+        offset = [0]
+        for v in distinct:
+            offset.append(offset[-1] + v.shape[0])
+        idx = [offset[first[id(v)]] + j for v in views for j in range(v.shape[0])]
+        return distinct, torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
+
     def _adapters(self, bank: SlotBank, slots: list[int], rows: list[int]) -> tuple[AdapterStack | Segments, Optional[Tensor]]:
         """The adapters for rows in this order: a one-task view, the bank + per-row slots, or segments."""
         distinct = sorted(set(slots))
         if len(distinct) == 1:
             return bank.view(distinct[0]), None
         if self.mixed == "gather":
-            idx = [s for s, n in zip(slots, rows) for _ in range(n)]
-            return bank.stacked(), torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
+            idx = [s for s, n in zip(slots, rows, strict=True) for _ in range(n)]
+            return bank.stacked(distinct), torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
         seg_slots: list[int] = []
         bounds = [0]
-        for s, n in zip(slots, rows):  # clips are sorted by slot: each slot's rows are contiguous
+        for s, n in zip(slots, rows, strict=True):  # clips are sorted by slot: each slot's rows are contiguous
             if not seg_slots or seg_slots[-1] != s:
                 seg_slots.append(s)
                 bounds.append(bounds[-1])

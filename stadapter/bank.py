@@ -70,6 +70,11 @@ class AdapterStack:
         ts = [t for s in self.slots.values() for t in s.tensors()] + [self.head_w, self.head_b]
         return sum(t.numel() * t.element_size() for t in ts)
 
+    @property
+    def first_block(self) -> Optional[int]:
+        """The lowest block holding an adapter slot (None: no adapter); the blocks below it run unadapted."""
+        return min((block for block, _ in self.slots), default=None)
+
     def to(self, device: Optional[torch.device | str] = None, dtype: Optional[torch.dtype] = None) -> "AdapterStack":
         fn = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return AdapterStack(
@@ -358,10 +363,23 @@ class SlotBank:
         slots = {key: _region(self._slots[key], rows, *geo) for key, geo in shape.slots.items()}
         return AdapterStack(slots, self._head_w[rows, :c], self._head_b[rows, :c], (c,), self.activation)
 
-    def stacked(self) -> AdapterStack:
-        """Every slot, padded: run with ``task_index`` = each row's slot (the per-row gather path)."""
+    def stacked(self, used_by: Optional[Sequence[int]] = None) -> AdapterStack:
+        """Every slot, padded: run with ``task_index`` = each row's slot (the per-row gather path).
+
+        ``used_by``: the slots the rows will index; only the slot keys one of their tasks has
+        are kept (the others hold zeros for those rows: the identity, skipped), so the stack's
+        :attr:`AdapterStack.first_block` is the lowest block those tasks adapt.
+        """
         classes = tuple(s.num_classes if s is not None else 0 for s in self._shapes)
-        return AdapterStack(dict(self._slots), self._head_w, self._head_b, classes, self.activation)
+        if used_by is None:
+            slots = dict(self._slots)
+        else:
+            shapes = [self._shapes[i] for i in used_by]
+            if any(sh is None for sh in shapes):
+                raise ValueError(f"SlotBank.stacked: slots {[i for i in used_by if self._shapes[i] is None]} are empty")
+            keys = {key for sh in shapes if sh is not None for key in sh.slots}
+            slots = {key: w for key, w in self._slots.items() if key in keys}
+        return AdapterStack(slots, self._head_w, self._head_b, classes, self.activation)
 
     def segments(self, slots: Sequence[int], bounds: Sequence[int]) -> "Segments":
         """Rows grouped by slot: clips ``bounds[i]:bounds[i+1]`` of the batch run on ``slots[i]``."""
@@ -383,6 +401,11 @@ class Segments:
     def __post_init__(self):
         if len(self.bounds) != len(self.stacks) + 1 or list(self.bounds) != sorted(self.bounds) or self.bounds[0] != 0:
             raise ValueError(f"Segments: bounds {self.bounds} do not delimit {len(self.stacks)} segments")
+
+    @property
+    def first_block(self) -> Optional[int]:
+        """The lowest block any segment's task adapts (None: none does)."""
+        return min((b for b in (s.first_block for s in self.stacks) if b is not None), default=None)
 
     def apply(self, key: SlotKey, x: Tensor, num_frames: int, grid: tuple[int, int]) -> Tensor:
         """The adapters at ``key`` over tokens [B*T, 1 + h*w, d]; segments lacking it pass unchanged."""

@@ -85,14 +85,30 @@ class VideoTrunk(nn.Module):
         x = v.patch_dropout(x)
         return v.ln_pre(x)
 
+    def prefix_blocks(self, stack: Optional[AdapterStack | Segments]) -> int:
+        """How many blocks run before the first adapter of ``stack``: its lowest adapted block (all without one).
+
+        These blocks (and the patch embedding before them) see no adapter, so their output
+        depends on the input alone: rows that share an input can share it (``row_input``).
+        """
+        first = None if stack is None else stack.first_block
+        return self.num_blocks if first is None else first
+
     def forward_features(
-        self, frames: Tensor, stack: Optional[AdapterStack | Segments] = None, task_index: Optional[Tensor] = None
+        self, frames: Tensor, stack: Optional[AdapterStack | Segments] = None, task_index: Optional[Tensor] = None,
+        row_input: Optional[Tensor] = None,
     ) -> Tensor:
-        """frames [B, T, 3, H, W] (normalised) -> pooled features [B, d].
+        """frames [B, T, 3, H, W] (normalised) -> pooled features [B, d] (or [N, d] with ``row_input``).
 
         ``stack`` holds the adapters (None = the plain image model, frame-mean);
         ``task_index`` [B] picks each clip's task in a mixed stack. A :class:`Segments`
         (clips sorted by task) runs each task's adapters over its own rows.
+
+        ``row_input`` [N] (long, values in [0, B)) makes ``frames`` the distinct inputs of N
+        rows: row n is input ``row_input[n]``. The patch embedding and the
+        :meth:`prefix_blocks` blocks run once per input, their tokens are copied out to the
+        rows (``index_select``), and the adapted blocks run per row; ``task_index`` and the
+        segments then count rows. Each row gets what running its input alone would give.
         """
         if frames.dim() != 5:
             raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
@@ -101,16 +117,29 @@ class VideoTrunk(nn.Module):
             raise ValueError(
                 f"frames {tuple(frames.shape)} do not fit the trunk: expected [B, T, 3, {self.image_size}, {self.image_size}]"
             )
-        if isinstance(stack, Segments) and (task_index is not None or stack.bounds[-1] != B):
-            raise ValueError(f"segments {stack.bounds} need no task_index and must cover the batch of {B} clips")
-        x = self.embed(frames.reshape(B * T, C, H, W))
-        for i, blk in enumerate(self.blocks):
+        N = B if row_input is None else _check_rows(row_input, B)
+        if isinstance(stack, Segments) and (task_index is not None or stack.bounds[-1] != N):
+            raise ValueError(f"segments {stack.bounds} need no task_index and must cover the batch of {N} rows")
+        if task_index is not None and task_index.shape != (N,):
+            raise ValueError(f"task_index {tuple(task_index.shape)} must have one entry per row ({N})")
+        split = 0 if row_input is None else self.prefix_blocks(stack)
+        x = self.embed(frames.reshape(B * T, C, H, W))  # [B*T, 1+h*w, d]
+        for blk in self.blocks[:split]:
+            x = x + blk.ls_1(blk.attention(q_x=blk.ln_1(x)))
+            x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        if row_input is not None and split < self.num_blocks:
+            x = x.unflatten(0, (B, T)).index_select(0, row_input).flatten(0, 1)  # [N*T, 1+h*w, d]
+        for i in range(split, self.num_blocks):
+            blk = self.blocks[i]
             x = self._adapt(x, T, stack, (i, "pre_attn"), task_index)
             x = x + blk.ls_1(blk.attention(q_x=blk.ln_1(x)))
             x = self._adapt(x, T, stack, (i, "pre_mlp"), task_index)
             x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-        cls_tok = x[:, 0].reshape(B, T, -1).mean(dim=1)  # [B, d]
-        return self.visual.ln_post(cls_tok)
+        cls_tok = x[:, 0].reshape(-1, T, x.shape[-1]).mean(dim=1)  # [B or N, d]
+        feats = self.visual.ln_post(cls_tok)
+        if row_input is not None and split == self.num_blocks:
+            feats = feats.index_select(0, row_input)  # no adapter at all: the features fan out
+        return feats
 
     def _adapt(self, x: Tensor, T: int, stack: Optional[AdapterStack | Segments], key: SlotKey,
                task_index: Optional[Tensor]) -> Tensor:
@@ -121,10 +150,24 @@ class VideoTrunk(nn.Module):
         s = stack.slots.get(key)
         return x if s is None else apply_adapter(x, T, self.grid, s, task_index, stack.activation)
 
-    def forward(self, frames: Tensor, stack: AdapterStack | Segments, task_index: Optional[Tensor] = None) -> Tensor:
-        """frames [B, T, 3, H, W] -> logits [B, C] (one task) or [B, C_max] (mixed, zero-padded)."""
-        feats = self.forward_features(frames, stack, task_index)
+    def forward(self, frames: Tensor, stack: AdapterStack | Segments, task_index: Optional[Tensor] = None,
+                row_input: Optional[Tensor] = None) -> Tensor:
+        """frames [B, T, 3, H, W] -> logits [B, C] (one task) or [B, C_max] (mixed, zero-padded).
+
+        With ``row_input`` [N], ``frames`` are the distinct inputs and the logits are per row
+        ([N, ...]); see :meth:`forward_features`.
+        """
+        feats = self.forward_features(frames, stack, task_index, row_input)
         return stack.head(feats) if isinstance(stack, Segments) else stack.head(feats, task_index)
+
+
+def _check_rows(row_input: Tensor, inputs: int) -> int:
+    """The row count of a row -> input index (shape and dtype only: reading its values would sync a GPU;
+    ``index_select`` refuses an index out of range)."""
+    if row_input.dim() != 1 or row_input.dtype != torch.long:
+        raise ValueError(f"row_input must be a 1-D long tensor of input indices in [0, {inputs}), "
+                         f"got {row_input.dtype} {tuple(row_input.shape)}")
+    return int(row_input.shape[0])
 
 
 def _check_supported(visual: Any) -> None:
