@@ -154,7 +154,7 @@ def test_malformed_requests_are_one_warning_line():
 
 def test_configure_logging_sets_level_and_format():
     root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
+    saved = (list(root.handlers), root.level, logging.logThreads, logging.logProcesses, logging.logMultiprocessing)
     out = io.StringIO()
     try:
         configure_logging("warning", "json", out)
@@ -168,6 +168,7 @@ def test_configure_logging_sets_level_and_format():
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+        logging.logThreads, logging.logProcesses, logging.logMultiprocessing = saved[2:]
 
 
 def test_log_flags():
