@@ -219,29 +219,36 @@ def bench_e2e(repo: Path, clips: list[bytes], batch: int, n: int, concurrency: i
     return out
 
 
-def serve_with_memoised_decode(argv: list[str]) -> int:
-    """``python -m bench.serving --serve SERVER_ARGS``: the server, decoding each distinct clip once if asked."""
-    if os.environ.get("STADAPTER_BENCH_MEMO_DECODE") == "1":
+class MemoisedDecoder:
+    """A server decoding backend that decodes each distinct (clip, sampling) once and then answers from memory
+    (through ``server.app``'s ``wrap_decoder`` hook): the server's time is then the model's."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.memo: dict = {}  # the event loop's thread only: no lock needed
+
+    async def decode(self, clip, sampling, limits, timeout_s, deadline=None):
         import hashlib
 
-        import server.decode_pool as decode_pool
+        key = (hashlib.blake2b(bytes(clip), digest_size=16).digest(), sampling)
+        hit = self.memo.get(key)
+        if hit is None:
+            hit = self.memo[key] = await self.inner.decode(clip, sampling, limits, timeout_s, deadline)
+        return hit
 
-        memo: dict = {}
+    def windows(self, clip, sampling, limits, job, timeout_s, deadline=None):
+        return self.inner.windows(clip, sampling, limits, job, timeout_s, deadline)
 
-        def memoised(real):
-            async def decode_once(self, clip, sampling, limits, timeout_s, deadline=None):
-                key = (hashlib.blake2b(bytes(clip), digest_size=16).digest(), sampling)
-                hit = memo.get(key)  # the event loop's thread only: no lock needed
-                if hit is None:
-                    hit = memo[key] = await real(self, clip, sampling, limits, timeout_s, deadline)
-                return hit
-            return decode_once
+    def close(self) -> None:
+        self.inner.close()
 
-        for backend in (decode_pool.ThreadDecoder, decode_pool.ProcessDecodePool):  # whichever the server picks
-            backend.decode = memoised(backend.decode)  # type: ignore[method-assign]
+
+def serve_with_memoised_decode(argv: list[str]) -> int:
+    """``python -m bench.serving --serve SERVER_ARGS``: the server, decoding each distinct clip once if asked."""
     from server.__main__ import main as server_main
 
-    return server_main(argv)
+    memo = os.environ.get("STADAPTER_BENCH_MEMO_DECODE") == "1"
+    return server_main(argv, wrap_decoder=MemoisedDecoder if memo else None)
 
 
 # --- report ------------------------------------------------------------------------------------------

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .config import parse_args
 
+if TYPE_CHECKING:
+    from .app import DecoderHook
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+
+def main(argv: Optional[Sequence[str]] = None, wrap_decoder: Optional["DecoderHook"] = None) -> int:
+    """Serve until SIGTERM/SIGINT; ``wrap_decoder``: see :meth:`server.app.Server.start` (benches, tests)."""
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -20,7 +24,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .app import serve
 
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, wrap_decoder))
     except (TrunkError, ConfigError, ValueError, OSError) as e:
         logging.getLogger("server").error("cannot start: %s", e)
         return 2

@@ -52,6 +52,8 @@ QUIET_HTTP_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready"})
 TASK_FIELDS: dict[str, tuple[str, ...]] = {
     pb.ClassifyRequest.DESCRIPTOR.full_name: ("task", "tasks"),
     pb.ClassifyChunk.DESCRIPTOR.full_name: ("task", "tasks"),  # the first chunk
+    pb.ClassifyWindowsRequest.DESCRIPTOR.full_name: ("task",),
+    pb.ClassifyWindowsChunk.DESCRIPTOR.full_name: ("task",),  # the first chunk
     pb.DescribeTaskRequest.DESCRIPTOR.full_name: ("task",),
     pb.UnregisterTaskRequest.DESCRIPTOR.full_name: ("task",),
     "inference.ModelInferRequest": ("model_name",),
@@ -66,6 +68,8 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
 ID_FIELDS: dict[str, str] = {
     pb.ClassifyRequest.DESCRIPTOR.full_name: "request_id",
     pb.ClassifyChunk.DESCRIPTOR.full_name: "request_id",
+    pb.ClassifyWindowsRequest.DESCRIPTOR.full_name: "request_id",
+    pb.ClassifyWindowsChunk.DESCRIPTOR.full_name: "request_id",
     "inference.ModelInferRequest": "id",
 }
 _BATCH = pb.BatchClassifyRequest.DESCRIPTOR.full_name

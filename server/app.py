@@ -9,7 +9,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,10 +34,13 @@ from .oip import add_to_server as add_oip_to_server
 from .model import ModelRunner, resolve_device, resolve_dtype
 from .pipeline import Pipeline
 from .registry import TaskRegistry, TaskVersion
+from .response_cache import ResponseCache
 from .service import TaskAdminService, VideoClassifierService
 from .slots import AdapterSlots
 
 log = logging.getLogger("server")
+
+DecoderHook = Callable[[Decoder], Decoder]  # given the configured decoding backend, returns the one to serve with
 
 SERVICE_NAMES = (*(s.full_name for s in pb.DESCRIPTOR.services_by_name.values()), OIP_SERVICE_NAME)
 
@@ -60,7 +63,9 @@ class Server:
     _poller: Optional[asyncio.Task] = None
 
     @classmethod
-    async def start(cls, cfg: ServerConfig) -> "Server":
+    async def start(cls, cfg: ServerConfig, wrap_decoder: Optional[DecoderHook] = None) -> "Server":
+        """Load, warm up, bind and serve. ``wrap_decoder`` is given the decoding backend ``cfg`` asks for and
+        returns the one to use (benches measure without decode this way; tests inject faults)."""
         auth = Auth.from_config(cfg)
         if auth.admin_token is None and not cfg.allow_insecure_admin:
             log.warning("no admin token configured: RegisterTask/UnregisterTask are refused")
@@ -74,9 +79,15 @@ class Server:
         slots = AdapterSlots(cfg.cache_bytes, device, dtype, on_event=metrics.adapter_event)
         metrics.watch_slots(lambda: slots.used, lambda: slots.free, lambda: slots.bytes)
 
+        cache = ResponseCache(cfg.response_cache_bytes, metrics.response_cache_event) if cfg.response_cache_bytes else None
+        if cache is not None:
+            metrics.watch_response_cache(lambda: cache.nbytes, lambda: len(cache))
+
         def on_change(published: list[TaskVersion], retired: list[TaskVersion]) -> None:
             for tv in retired:
                 slots.retire(tv)  # leaves the device when its last request ends
+                if cache is not None:
+                    cache.drop_version(tv.uid)
                 if tv.name not in registry.tasks:
                     remove_label(metrics.task_bytes, tv.name)
                     remove_label(metrics.task_version, tv.name)
@@ -96,13 +107,10 @@ class Server:
             t0 = time.monotonic()
             runs = await batcher.warmup(list(registry.tasks.values()))
             log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
-        decoder: Decoder
-        if cfg.decode_backend == "process":
-            decoder = ProcessDecodePool(cfg.decode_workers)
-            await decoder.start()  # eagerly: the first request does not pay for the imports
-        else:
-            decoder = ThreadDecoder(cfg.decode_workers)
-        pipeline = Pipeline(registry, batcher, metrics, limits, decoder, cfg.default_top_k)
+        decoder = await make_decoder(cfg)
+        if wrap_decoder is not None:
+            decoder = wrap_decoder(decoder)
+        pipeline = Pipeline(registry, batcher, metrics, limits, decoder, cfg.default_top_k, response_cache=cache)
 
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -168,13 +176,22 @@ class Server:
         log.info("stopped")
 
 
+async def make_decoder(cfg: ServerConfig) -> Decoder:
+    """The decoding backend ``cfg`` names: sandboxed worker processes, or threads in this process."""
+    if cfg.decode_backend == "process":
+        pool = ProcessDecodePool(cfg.decode_workers)
+        await pool.start()  # eagerly: the first request does not pay for the imports
+        return pool
+    return ThreadDecoder(cfg.decode_workers)
+
+
 def write_ready_file(path: Path, info: dict) -> None:
     atomic_write_text(path, json.dumps(info) + "\n")  # a reader never sees half a line
 
 
-async def serve(cfg: ServerConfig) -> int:
+async def serve(cfg: ServerConfig, wrap_decoder: Optional[DecoderHook] = None) -> int:
     configure_logging(cfg.log_level, cfg.log_format)
-    srv = await Server.start(cfg)
+    srv = await Server.start(cfg, wrap_decoder)
     info = srv.ready_info()
     print(json.dumps(info), flush=True)
     if cfg.ready_file:

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from stadapter.bundle import BundleLimits
-from stadapter.video import VideoLimits
+from stadapter.video import VideoLimits, WindowLimits
 
 from .limits import ServerLimits
 from .logs import LOG_FORMATS, LOG_LEVELS
 
 MiB = 1 << 20
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
+_WINDOWS = WindowLimits()
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class ServerConfig:
         max_clip_duration_s / max_frame_pixels / max_decoded_pixels / max_decode_seconds: the decoder's
             bounds on one clip (``stadapter.video.VideoLimits`` fields, same defaults).
         max_num_frames: frames per view a sampling override may ask for (INVALID_ARGUMENT above it).
+        max_window_video_s / max_windows: ClassifyWindows' longest video and most windows per request (they
+            replace max_clip_duration_s there; ``stadapter.video.WindowLimits`` fields, same defaults).
+        response_cache_bytes: budget of the response cache (``server.response_cache``: the same clip, task
+            version and sampling answered without a decode or forward); 0 = no cache (default).
         stream_idle_timeout_s: a client stream (ClassifyStream, RegisterTask) that sends nothing for this
             long is ended with DEADLINE_EXCEEDED and what it held is freed.
         admin_token_file: file holding the admin bearer token (else env ``STADAPTER_ADMIN_TOKEN``).
@@ -83,6 +88,9 @@ class ServerConfig:
     max_decoded_pixels: int = _VIDEO.max_decoded_pixels
     max_decode_seconds: float = _VIDEO.max_decode_seconds
     max_num_frames: int = 64
+    max_window_video_s: float = _WINDOWS.max_duration_s
+    max_windows: int = _WINDOWS.max_windows
+    response_cache_bytes: int = 0
     stream_idle_timeout_s: float = 30.0
     max_bundle_bytes: int = 1 << 30
     admin_token_file: Optional[Path] = None
@@ -101,15 +109,16 @@ class ServerConfig:
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_size", "decode_workers", "max_message_bytes", "max_clip_bytes",
                     "max_inflight_clip_bytes", "max_bundle_bytes", "keep_versions", "default_top_k",
-                    "max_frame_pixels", "max_decoded_pixels", "max_num_frames")
+                    "max_frame_pixels", "max_decoded_pixels", "max_num_frames", "max_windows")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServerConfig.{name} must be a positive int, got {v!r}")
-        for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes"):
+        for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes", "response_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("decode_timeout_s", "max_clip_duration_s", "max_decode_seconds", "stream_idle_timeout_s"):
+        for name in ("decode_timeout_s", "max_clip_duration_s", "max_decode_seconds", "stream_idle_timeout_s",
+                     "max_window_video_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.decode_backend not in ("process", "thread"):
@@ -145,12 +154,16 @@ class ServerConfig:
                             max_queue_size=self.max_queue_size, max_batch_rows=self.max_batch_size,
                             max_num_frames=self.max_num_frames, stream_idle_timeout_s=self.stream_idle_timeout_s,
                             decode_timeout_s=self.decode_timeout_s,
+                            windows=dataclasses.replace(_WINDOWS, max_duration_s=self.max_window_video_s,
+                                                        max_windows=self.max_windows),
                             bundle=BundleLimits(max_tensor_bytes=self.max_bundle_bytes))
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig(model_repository=Path("."))
-    p = argparse.ArgumentParser(prog="python -m server", description="Serve ST-Adapter video tasks over gRPC.")
+    # allow_abbrev=False: a shortened flag (--drain-timeout) would silently mean whichever flag it prefixes today
+    p = argparse.ArgumentParser(prog="python -m server", description="Serve ST-Adapter video tasks over gRPC.",
+                                allow_abbrev=False)
     a = p.add_argument
     a("--model-repository", required=True, type=Path, help="folder with trunk/ and tasks/")
     a("--host", default=d.host)
@@ -182,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-decode-seconds", type=float, default=d.max_decode_seconds,
       help="wall clock the decoder itself allows one clip (checked per packet; --decode-timeout-s kills the worker)")
     a("--max-num-frames", type=int, default=d.max_num_frames, help="frames per view a sampling override may ask for")
+    a("--max-window-video-s", type=float, default=d.max_window_video_s,
+      help="ClassifyWindows: longest video (from its header; replaces --max-clip-duration-s there)")
+    a("--max-windows", type=int, default=d.max_windows, help="ClassifyWindows: most windows one request may have")
+    a("--response-cache-bytes", type=int, default=d.response_cache_bytes,
+      help="answers kept by clip sha256, task version and sampling (LRU within this budget); 0 = off")
     a("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s,
       help="a client stream silent this long is ended (DEADLINE_EXCEEDED) and its bytes freed")
     a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes)

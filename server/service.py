@@ -31,6 +31,7 @@ from .auth import Auth
 from .admission import Ticket
 from .errors import BadRequest, TaskNotFound, status_for
 from .limits import ServerLimits
+from .logs import current_request_id
 from .metrics import Metrics
 from .pipeline import Classification, ClipBytes, Pipeline
 from .registry import UPLOAD_FILES, TaskRegistry, TaskVersion
@@ -144,7 +145,7 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
                         method: str) -> pb.ClassifyResponse:
         """``tasks`` empty: the one-task request and response of before. Otherwise ``task`` (if set) and
         ``tasks`` are the task list, answered in ``results``; each task is counted as ``<method>.task``."""
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or current_request_id() or uuid.uuid4().hex  # the id logged and echoed
         if not tasks:
             c = await self.pipeline.classify(ticket, task, clip, top_k, _overrides(sampling), deadline)
             return _response(c, request_id)

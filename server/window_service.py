@@ -21,6 +21,7 @@ from stadapter_api.v1 import inference_pb2 as pb
 
 from .admission import Ticket
 from .errors import BadRequest, status_for
+from .logs import current_request_id
 from .pipeline import ClipBytes, WindowClassification
 from .rpc_helpers import deadline_of, idle_bounded, overrides_of
 
@@ -85,7 +86,7 @@ class WindowsServicer:
     async def _windows(self, ticket: Ticket, task: str, clip: ClipBytes, window_s: float, stride_s: float, top_k: int,
                        sampling: pb.SamplingOverrides, request_id: str,
                        deadline: Optional[float]) -> AsyncGenerator[pb.WindowResult, None]:
-        request_id = request_id or uuid.uuid4().hex
+        request_id = request_id or current_request_id() or uuid.uuid4().hex  # the id logged and echoed
         windows = self.pipeline.classify_windows(ticket, task, clip, window_s, stride_s, top_k, overrides_of(sampling),
                                                  deadline)
         async with contextlib.aclosing(windows):

@@ -239,3 +239,29 @@ def test_the_stalled_streams_bench_runs():
     res = main(["--streams", "2", "--mb", "2", "--chunk-kb", "256", "--phase", "decoding"])["decoding"]
     assert res["held_bytes_gauge"] == res["budget_bytes"] == 4 << 20 and not res["refused"]
     assert res["held_after_cancel"] == 0 and res["rss_growth_mb"] > 0
+
+
+# --- the flags that own these limits -------------------------------------------------------------
+
+
+def test_window_and_response_cache_flags_reach_the_limits():
+    from server.config import parse_args
+
+    cfg = parse_args(["--model-repository", "r", "--max-windows", "7", "--max-window-video-s", "90",
+                      "--response-cache-bytes", "4096"])
+    assert (cfg.limits.windows.max_windows, cfg.limits.windows.max_duration_s) == (7, 90.0)
+    assert cfg.response_cache_bytes == 4096
+    default = parse_args(["--model-repository", "r"])
+    assert default.response_cache_bytes == 0  # off unless asked for
+    assert default.limits.windows.max_windows == 20_000
+
+
+@pytest.mark.parametrize("argv", [["--max-windows", "0"], ["--max-window-video-s", "0"],
+                                  ["--response-cache-bytes", "-1"],
+                                  ["--drain-timeout", "7"]])  # an abbreviation is not a flag
+def test_bad_or_abbreviated_flags_are_usage_errors(argv, capsys):
+    from server.config import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model-repository", "r", *argv])
+    assert e.value.code == 2 and capsys.readouterr().err
