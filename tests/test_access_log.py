@@ -439,19 +439,12 @@ def test_debug_logs_probes_as_text_and_warning_logs_no_access_lines(repo, clip):
 
 
 @integration
-def test_without_any_client_id_the_body_the_trailer_and_the_line_agree(server, clip):
+def test_without_a_client_id_body_trailer_and_line_agree_and_windows_lines_name_their_task(server, clip):
     stub = pb_grpc.VideoClassifierStub(grpc.insecure_channel(server.address))
     resp, call = stub.Classify.with_call(pb.ClassifyRequest(task="alpha", clip=clip), timeout=60)
     assert HEX_ID.fullmatch(resp.request_id) and trailing_id(call) == resp.request_id
-    [line] = access_lines(server, resp.request_id)
-    assert line["tasks"] == ["alpha"]
-
-
-@integration
-def test_classify_windows_line_names_its_task_and_id(server, clip):
-    stub = pb_grpc.VideoClassifierStub(grpc.insecure_channel(server.address))
+    assert access_lines(server, resp.request_id)[0]["tasks"] == ["alpha"]
     call = stub.ClassifyWindows(pb.ClassifyWindowsRequest(task="beta", clip=clip, window_s=0.2, stride_s=0.1), timeout=60)
-    results = list(call)
-    assert results and {r.request_id for r in results} == {trailing_id(call)}
+    assert {r.request_id for r in call} == {trailing_id(call)}
     [line] = access_lines(server, trailing_id(call))
     assert (line["method"], line["tasks"], line["code"]) == ("stadapter.v1.VideoClassifier/ClassifyWindows", ["beta"], "OK")
