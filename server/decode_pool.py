@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, AsyncGenerator, Optional, Protocol
+from typing import Any, AsyncGenerator, NoReturn, Optional, Protocol
 
 import numpy as np
 from torch import Tensor
@@ -52,6 +52,7 @@ from stadapter.video import VideoError, VideoLimits, decode_clip
 from .errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining
 from .shm_blocks import read_block, unlink_block, write_block
 from .window_jobs import WindowBatch, WindowJob, run_window_job, window_batches
+from .worker_replies import failure_reply, send_reply
 
 log = logging.getLogger("server")
 
@@ -144,16 +145,9 @@ def _worker_main(conn: Connection) -> None:
             arr = np.ascontiguousarray(views.numpy())
             write_block(shm_name, arr)
             reply: tuple = ("ok", arr.shape, arr.dtype.str, decode_s)
-        except MemoryError as e:
-            reply = ("oom", str(e))
-        except VideoError as e:
-            reply = ("error", e)
         except Exception as e:  # noqa: BLE001 - any failure on clip content is the clip's, not INTERNAL
-            reply = ("error", VideoError(f"the decoder failed on this clip ({type(e).__name__}: {e})"[:500]))
-        try:
-            conn.send(reply)
-        except Exception:  # noqa: BLE001 - an exception that does not pickle: keep its message
-            conn.send(("error", VideoError(str(reply[1]))))
+            reply = failure_reply(e)
+        send_reply(conn, reply)
 
 
 @dataclass(eq=False)
@@ -364,6 +358,23 @@ class ProcessDecodePool:
     def _end_job(self, w: _Worker, msg: Optional[tuple], name: str) -> None:
         """The last message of a window job: the worker freed (or replaced); its error raised."""
         unlink_block(name)
+        reply = self._settle(w, msg)
+        if reply[0] not in ("done", "stopped"):
+            _raise_failure(reply)
+
+    def _result(self, w: _Worker, msg: Optional[tuple], name: str) -> tuple[Tensor, float]:
+        """Turn the worker's reply into the answer; the shm block is gone and ``w`` freed or replaced after."""
+        try:
+            reply = self._settle(w, msg)
+            if reply[0] == "ok":
+                _, shape, dtype, decode_s = reply
+                return read_block(name, shape, dtype), decode_s
+            _raise_failure(reply)
+        finally:
+            unlink_block(name)
+
+    def _settle(self, w: _Worker, msg: Optional[tuple]) -> tuple:
+        """After a worker's last reply (None: it died or was stopped): free, drop or replace it; the reply."""
         if msg is None and self.closed:
             raise Draining("server is shutting down; the decode was stopped")
         if msg is None:
@@ -374,35 +385,7 @@ class ProcessDecodePool:
             self._drop(w)
         else:
             self._free.put_nowait(w)
-        if msg[0] in ("done", "stopped"):
-            return
-        if msg[0] == "oom":
-            raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({msg[1]}); retry later")
-        exc = msg[1]
-        raise exc if isinstance(exc, VideoError) else VideoError(str(exc))
-
-    def _result(self, w: _Worker, msg: Optional[tuple], name: str) -> tuple[Tensor, float]:
-        """Turn the worker's reply into the answer; the shm block is gone and ``w`` freed or replaced after."""
-        try:
-            if msg is None and self.closed:
-                raise Draining("server is shutting down; the decode was stopped")
-            if msg is None:
-                self._replace(w)
-                raise DecoderCrashed(f"the decoder crashed on this clip (worker exit code {w.proc.exitcode}); "
-                                     "it is probably corrupt or hostile")
-            if self.closed:
-                self._drop(w)
-            else:
-                self._free.put_nowait(w)
-            if msg[0] == "ok":
-                _, shape, dtype, decode_s = msg
-                return read_block(name, shape, dtype), decode_s
-            if msg[0] == "oom":
-                raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({msg[1]}); retry later")
-            exc = msg[1]
-            raise exc if isinstance(exc, VideoError) else VideoError(str(exc))
-        finally:
-            unlink_block(name)
+        return msg
 
     def close(self) -> None:
         """Kill every worker at once (SIGKILL first, then reap): never waits on a stuck decode."""
@@ -415,3 +398,11 @@ class ProcessDecodePool:
             self._drop(w)
             if w.reply is not None and not w.reply.done():
                 w.reply.set_result(None)  # a request still waiting on it fails at once
+
+
+def _raise_failure(reply: tuple) -> NoReturn:
+    """A worker's failure reply (see :mod:`server.worker_replies`) as the exception the services map."""
+    if reply[0] == "oom":
+        raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({reply[1]}); retry later")
+    exc = reply[1]
+    raise exc if isinstance(exc, VideoError) else VideoError(str(exc))

@@ -36,7 +36,7 @@ from .metrics import Metrics
 from .pipeline import Classification, ClipBytes, Pipeline
 from .registry import UPLOAD_FILES, TaskRegistry, TaskVersion
 from .rpc_helpers import deadline_of as _deadline
-from .rpc_helpers import idle_bounded
+from .rpc_helpers import gather_clip, idle_bounded
 from .rpc_helpers import overrides_of as _overrides
 from .window_service import WindowsServicer
 
@@ -179,21 +179,8 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
     async def ClassifyStream(self, request_iterator, context, ticket: Ticket) -> pb.ClassifyResponse:
         """Chunks are appended to one buffer as they arrive (no list of chunks, no joined copy); the ticket
         holds the buffer's length against the budget, and the buffer is what the decoder gets."""
-        first: Optional[pb.ClassifyChunk] = None
-        buf = bytearray()
-        limit = self.limits.max_clip_bytes
-        async for chunk in idle_bounded(request_iterator, self.limits.stream_idle_timeout_s, lambda: len(buf)):
-            if first is None:
-                first = chunk
-                _task_label.set(_label(chunk.task, chunk.tasks))
-            data = chunk.data  # a copy out of the message: taken once
-            if len(buf) + len(data) > limit:
-                raise BadRequest(f"the streamed clip exceeds the server's --max-clip-bytes of {limit} bytes")
-            ticket.hold(len(data))
-            buf += data
-            del data
-        if first is None:
-            raise BadRequest("the stream carried no chunks")
+        first, buf = await gather_clip(request_iterator, ticket, self.limits,
+                                       lambda c: _task_label.set(_label(c.task, c.tasks)))
         return await self._classify(ticket, first.task, first.tasks, buf, first.top_k, first.sampling,
                                     first.request_id, _deadline(context), "ClassifyStream")
 

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from stadapter.config import SamplingConfig
-from stadapter.video import DecodeStats, VideoError, VideoLimits, Window, WindowLimits, decode_windows
+from stadapter.video import DecodeStats, VideoLimits, Window, WindowLimits, decode_windows
 
 from .shm_blocks import write_block
+from .worker_replies import failure_reply, send_reply
 
 FLUSH_S = 0.1  # longest a decoded window waits for the rest of its batch
 
@@ -101,17 +102,8 @@ def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limi
         reply: tuple = ("done", stats.frames, stats.decode_s)
     except (EOFError, OSError):
         raise
-    except MemoryError as e:
-        reply = ("oom", str(e))
-    except VideoError as e:
-        reply = ("error", e)
     except Exception as e:  # noqa: BLE001 - any failure on clip content is the clip's, not INTERNAL
-        reply = ("error", VideoError(f"the decoder failed on this clip ({type(e).__name__}: {e})"[:500]))
+        reply = failure_reply(e)
     finally:
         batches.close()
-    try:
-        conn.send(reply)
-    except (EOFError, OSError):
-        raise
-    except Exception:  # noqa: BLE001 - an exception that does not pickle: keep its message
-        conn.send(("error", VideoError(str(reply[1]))))
+    send_reply(conn, reply)

@@ -20,10 +20,10 @@ import grpc
 from stadapter_api.v1 import inference_pb2 as pb
 
 from .admission import Ticket
-from .errors import BadRequest, status_for
+from .errors import status_for
 from .logs import current_request_id
 from .pipeline import ClipBytes, WindowClassification
-from .rpc_helpers import deadline_of, idle_bounded, overrides_of
+from .rpc_helpers import deadline_of, gather_clip, overrides_of
 
 
 def rpc_stream(method: str):
@@ -111,21 +111,7 @@ class WindowsServicer:
     async def ClassifyWindowsStream(self, request_iterator, context, ticket: Ticket,
                                     label: list) -> AsyncGenerator[pb.WindowResult, None]:
         """Chunks go into one buffer held on the ticket (as ClassifyStream); the windows start once it is whole."""
-        first: Optional[pb.ClassifyWindowsChunk] = None
-        buf = bytearray()
-        limit = self.limits.max_clip_bytes
-        async for chunk in idle_bounded(request_iterator, self.limits.stream_idle_timeout_s, lambda: len(buf)):
-            if first is None:
-                first = chunk
-                label[0] = chunk.task
-            data = chunk.data  # a copy out of the message: taken once
-            if len(buf) + len(data) > limit:
-                raise BadRequest(f"the streamed clip exceeds the server's --max-clip-bytes of {limit} bytes")
-            ticket.hold(len(data))
-            buf += data
-            del data
-        if first is None:
-            raise BadRequest("the stream carried no chunks")
+        first, buf = await gather_clip(request_iterator, ticket, self.limits, lambda c: label.__setitem__(0, c.task))
         results = self._windows(ticket, first.task, buf, first.window_s, first.stride_s, first.top_k, first.sampling,
                                 first.request_id, deadline_of(context))
         async with contextlib.aclosing(results):
