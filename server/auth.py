@@ -60,15 +60,22 @@ class Auth:
         return cls(admin, cfg.allow_insecure_admin, read_token(cfg.classify_token_file))
 
     def check_admin(self, context: grpc.aio.ServicerContext) -> None:
+        self._check_admin(_bearer(context), "RPCs", "metadata")
+
+    def check_admin_header(self, authorization: Optional[str]) -> None:
+        """The HTTP form of :meth:`check_admin` (the ``Authorization`` header's value, None when absent)."""
+        self._check_admin(bearer_token(authorization), "requests", "header")
+
+    def _check_admin(self, token: Optional[str], calls: str, carrier: str) -> None:
         if self.admin_token is None:
             if self.allow_insecure_admin:
                 return
             raise PermissionDenied(
-                f"admin RPCs are disabled: no admin token is configured. Set {ADMIN_TOKEN_ENV} or pass "
+                f"admin {calls} are disabled: no admin token is configured. Set {ADMIN_TOKEN_ENV} or pass "
                 "--admin-token-file on the server (or --allow-insecure-admin for local development), then send "
-                "'authorization: Bearer <token>' metadata"
+                f"'authorization: Bearer <token>' {carrier}"
             )
-        self._check(context, self.admin_token, "admin")
+        check_token(token, self.admin_token, "admin", calls, carrier)
 
     def check_classify(self, context: grpc.aio.ServicerContext) -> None:
         if self.classify_token is not None:

@@ -7,6 +7,8 @@ Routes:
 - ``GET /v2`` (server metadata), ``GET /v2/models/{task}[/versions/{v}]`` (model metadata),
   ``.../ready``, ``.../config``, ``POST .../infer``: the Open Inference Protocol's REST form, with
   Triton's binary-data extension (``server.http_oip``), so ``tritonclient.http`` works as with Triton.
+- ``POST /v2/repository/index``, ``POST /v2/repository/models/{task}/load``, ``.../unload``: OIP's repository
+  extension on the task registry, behind the admin token, as over gRPC (``server.oip``).
 - ``POST /v1/tasks/{task}:classify``: ``multipart/form-data`` with a ``clip`` file part
   (``curl -F clip=@video.mp4``) and optional fields ``top_k``, ``request_id`` and the sampling
   overrides (``num_frames``, ``mode``, ...; also as query parameters); answers JSON (labels, scores,
@@ -15,7 +17,8 @@ Routes:
 
 Every endpoint but health goes through :func:`endpoint`: the same bearer tokens (``Authorization``
 header), admission ticket (drain, queue, in-flight clip bytes), error mapping
-(:func:`server.errors.http_status_for`, body ``{"error": ...}``) and metrics
+(:func:`server.errors.http_status_for`, body ``{"error": ...}``; aiohttp's own 404 and 405 too,
+``server.http_errors``) and metrics
 (``stadapter_requests_total{method="HTTP <name>"}``) as gRPC. Bodies are read in chunks: each chunk is
 held on the ticket as it arrives, a declared size above the bound is refused before reading, and a
 body that stops arriving for ``--stream-idle-timeout-s`` is ended.
@@ -34,12 +37,15 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 import grpc
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 
-from .access_log import access_middleware
+from .access_log import access_middleware, adopt_request_id
 from .admission import Ticket
-from .errors import HTTP_STATUS, BadRequest, StreamIdle, http_status_for
-from .http_oip import HEADER_LENGTH, clips_of, encode_response, parse_header
+from .errors import HTTP_STATUS, BadRequest, StreamIdle, TaskNotFound, http_status_for
+from .http_errors import error_response, json_errors
+from .http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, int_field, set_field, typed_field
+from .http_oip import HEADER_LENGTH, clips_of, encode_response, header_length, parse_header
+from .logs import current_request_id
 from .oip_model import (INPUT_SIGNATURE, OUTPUT_SIGNATURE, PARAMETERS, PLATFORM, SERVER_NAME, check_clip_sizes,
                         classify_clips, model_ready, output_tensors, requested_outputs, served_model, server_version,
                         split_top_k)
@@ -50,21 +56,13 @@ from .service import _Base
 log = logging.getLogger("server.http")
 
 CHUNK = 1 << 16
-MAX_FORM_PARTS = 32  # a clip and a handful of options; more is not a classify form
-MAX_FIELD_BYTES = 1024
-FORM_FIELDS = {s.name: s.kind for s in PARAMETERS}
 _JSON = "application/json"
 
 Handler = Callable[[Any, web.Request, Ticket], Awaitable[web.StreamResponse]]
 
 
-def error_response(exc: BaseException) -> tuple[web.Response, grpc.StatusCode]:
-    status, code, message = http_status_for(exc)
-    return web.json_response({"error": message}, status=status), code
-
-
 def endpoint(method: str, kind: str) -> Callable[[Handler], Callable[[Any, web.Request], Awaitable[web.StreamResponse]]]:
-    """The HTTP form of :func:`server.service.rpc`: auth (``kind`` = classify | public), the ticket, metrics
+    """The HTTP form of :func:`server.service.rpc`: auth (``kind`` = admin | classify | public), the ticket, metrics
     under ``method="HTTP <method>"``, errors as ``{"error": ...}`` with the status of the gRPC code."""
     label = f"HTTP {method}"
 
@@ -81,8 +79,10 @@ def endpoint(method: str, kind: str) -> Callable[[Handler], Callable[[Any, web.R
                     self.metrics.request_seconds.labels(label).observe(time.monotonic() - t0)
 
             try:
-                if kind == "classify":
-                    self.auth.check_classify_header(request.headers.get("Authorization"))
+                if kind == "admin":
+                    self.auth.check_admin_header(request.headers.get(hdrs.AUTHORIZATION))
+                elif kind == "classify":
+                    self.auth.check_classify_header(request.headers.get(hdrs.AUTHORIZATION))
                 async with self.pipeline.admission.request() as ticket:
                     response = await fn(self, request, ticket)
             except asyncio.CancelledError:  # the server stops under a handler
@@ -107,7 +107,8 @@ class HttpService(_Base):
     """The handlers, on the pipeline, registry, metrics and tokens the gRPC services use."""
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[access_middleware])  # access lines, X-Request-Id
+        # access lines and X-Request-Id around everything; aiohttp's own errors (404, 405) as JSON inside
+        app = web.Application(middlewares=[access_middleware, json_errors])
         r = app.router
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
@@ -117,6 +118,9 @@ class HttpService(_Base):
             r.add_get(base + "/ready", self.model_ready)
             r.add_get(base + "/config", self.model_config)
             r.add_post(base + "/infer", self.infer)
+        r.add_post("/v2/repository/index", self.repository_index)
+        r.add_post("/v2/repository/models/{task}/load", self.repository_load)
+        r.add_post("/v2/repository/models/{task}/unload", self.repository_unload)
         r.add_post("/v1/tasks/{task:[^/:]+}:classify", self.classify)  # {task}: a name, or names "a,b"
         return app
 
@@ -179,7 +183,7 @@ class HttpService(_Base):
         if declared is not None and declared > limit:
             raise BadRequest(f"the request body is {declared} bytes, above the server's --max-inflight-clip-bytes "
                              f"of {limit}; send fewer or smaller clips per call")
-        json_len = _header_length(request.headers.get(HEADER_LENGTH))
+        json_len = header_length(request.headers.get(HEADER_LENGTH))
         body = await self._read(request, ticket, limit)
         if json_len is not None and json_len > len(body):
             raise BadRequest(f"{HEADER_LENGTH} is {json_len} but the body has only {len(body)} bytes")
@@ -205,7 +209,7 @@ class HttpService(_Base):
                              f"...); got Content-Type {request.content_type[:64]!r}")
         fields: dict[str, str] = {}
         for key, value in request.query.items():
-            _set_field(fields, key, value)
+            set_field(fields, key, value)
         clip: Optional[bytearray] = None
         reader = await request.multipart()
         for _ in range(MAX_FORM_PARTS + 1):
@@ -219,14 +223,15 @@ class HttpService(_Base):
                     raise BadRequest("the form has more than one 'clip' part; one clip per request")
                 clip = await self._read_part(part, ticket)
             else:
-                _set_field(fields, part.name or "", await self._read_field(part))
+                set_field(fields, part.name or "", await self._read_field(part))
         else:
             raise BadRequest(f"the form has more than {MAX_FORM_PARTS} parts")
         if clip is None:
             raise BadRequest("the form has no 'clip' part; send the video as a file field: curl -F clip=@video.mp4")
-        top_k = _int_field(fields.pop("top_k", "0"), "top_k")
-        request_id = fields.pop("request_id", "") or uuid.uuid4().hex
-        overrides = {k: _typed_field(k, v) for k, v in fields.items()}
+        top_k = int_field(fields.pop("top_k", "0"), "top_k")
+        request_id = fields.pop("request_id", "") or current_request_id() or uuid.uuid4().hex
+        adopt_request_id(request_id)  # a form field's id is the logged and echoed one, unless a header gave one
+        overrides = {k: typed_field(k, v) for k, v in fields.items()}
         if "," not in task:
             c = await self.pipeline.classify(ticket, task, clip, top_k, overrides, None)
             return web.json_response(classification_json(c, request_id))
@@ -252,6 +257,35 @@ class HttpService(_Base):
         return {"request_id": request_id, "results": results,
                 "timings": {"decode_ms": outcomes.decode_s * 1e3, "total_ms": (time.monotonic() - t0) * 1e3,
                             "decodes": outcomes.decodes}}
+
+    # --- repository extension (admin token), as RepositoryIndex / RepositoryModelLoad / ...Unload over gRPC ---
+
+    @endpoint("RepositoryIndex", "admin")
+    async def repository_index(self, request: web.Request, ticket: Ticket) -> web.Response:
+        """Every served task with its served version (tritonclient.http's ``get_model_repository_index`` list)."""
+        return web.json_response([{"name": name, "version": str(tv.version), "state": "READY"}
+                                  for name, tv in sorted(self.registry.tasks.items())])
+
+    @endpoint("RepositoryModelLoad", "admin")
+    async def repository_load(self, request: web.Request, ticket: Ticket) -> web.Response:
+        """Re-read the repository (a task copied in is picked up); 200 when the task (or ``task@N``) is served."""
+        await asyncio.to_thread(self.registry.sync)
+        tv = self.registry.get(request.match_info["task"])  # NOT_FOUND when it is not there (or does not load)
+        return web.json_response({"name": tv.name, "version": str(tv.version), "state": "READY"})
+
+    @endpoint("RepositoryModelUnload", "admin")
+    async def repository_unload(self, request: web.Request, ticket: Ticket) -> web.Response:
+        """Unregister the task (every version; ``task@N``: that one), as ``UnregisterTask``: its files go."""
+        task = request.match_info["task"]
+        try:
+            name, version = await asyncio.to_thread(self.registry.unregister, task)
+        except TaskNotFound:
+            self.metrics.unregistrations.labels("not_found").inc()
+            raise
+        self.metrics.unregistrations.labels("ok").inc()
+        log.info("unregistered %s %s version %d (HTTP repository unload)",
+                 "one version of task" if "@" in task else "task", name, version)
+        return web.json_response({"name": name, "version": str(version)})
 
     # --- reading bodies: bounded, held on the ticket, idle-limited ---
 
@@ -305,50 +339,8 @@ def classification_json(c: Classification, request_id: str) -> dict[str, Any]:
         "task": c.tv.name, "task_version": c.tv.version, "request_id": request_id,
         "predictions": [{"label": labels[i], "score": p, "index": i} for i, p in c.top],
         "timings": {"decode_ms": c.decode_s * 1e3, "queue_ms": c.queue_s * 1e3, "compute_ms": c.compute_s * 1e3,
-                    "total_ms": c.total_s * 1e3, "batch_size": c.batch_clips},
+                    "total_ms": c.total_s * 1e3, "batch_size": c.batch_clips, "cached": c.cached},
     }
-
-
-def _header_length(value: Optional[str]) -> Optional[int]:
-    if value is None:
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {value[:32]!r}")
-    return n
-
-
-def _set_field(fields: dict[str, str], key: str, value: str) -> None:
-    if key != "top_k" and key != "request_id" and key not in FORM_FIELDS:
-        raise BadRequest(f"unknown form field {key[:64]!r}; the form takes 'clip' (the file), 'top_k', "
-                         f"'request_id' and the sampling overrides {sorted(k for k in FORM_FIELDS if k != 'top_k')}")
-    if key in fields:
-        raise BadRequest(f"form field {key!r} is given twice")
-    fields[key] = value
-
-
-def _int_field(value: str, key: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise BadRequest(f"form field {key!r} must be an integer, got {value[:32]!r}") from None
-    if key == "top_k" and n < 0:
-        raise BadRequest(f"top_k must be >= 0, got {n}")
-    return n
-
-
-def _typed_field(key: str, value: str) -> Any:
-    kind = FORM_FIELDS[key]
-    if kind == "int64_param":
-        return _int_field(value, key)
-    if kind == "bool_param":
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise BadRequest(f"form field {key!r} must be true or false, got {value[:32]!r}")
-        return value.lower() in ("true", "1")
-    return value
 
 
 class HttpServer:

@@ -40,6 +40,19 @@ class InferHeader:
     outputs: tuple[tuple[str, Optional[bool]], ...]  # (name, binary_data or None = the request's default)
 
 
+def header_length(value: Optional[str]) -> Optional[int]:
+    """The JSON's length from the ``Inference-Header-Content-Length`` header's value (None: absent, all JSON)."""
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {value[:32]!r}")
+    return n
+
+
 def parse_header(raw: bytes | bytearray) -> InferHeader:
     try:
         doc = json.loads(raw)

@@ -33,9 +33,6 @@ from serverproc import ServerProcess, make_repository
 pytestmark = pytest.mark.integration
 TOKEN = "probe-test-admin-token"
 DEPLOYMENT = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes" / "deployment.yaml"
-HTTP_REPOSITORY = pytest.mark.xfail(
-    strict=True, reason="server.http has no /v2/repository routes (index, load, unload) although /v2 advertises the "
-                        "model_repository extension; remove this mark once they exist")
 
 
 def probe_timeouts() -> dict[str, int]:
@@ -121,7 +118,7 @@ BAD_HEADERS = {
     "wrong token": ("Bearer not-the-token", "the admin bearer token is not valid"),
     "another scheme": (f"Basic {TOKEN}", "the admin bearer token is not valid"),
 }
-PROTOCOLS = ["grpc", pytest.param("http", marks=HTTP_REPOSITORY)]
+PROTOCOLS = ["grpc", "http"]
 
 
 def repository_calls(task: str) -> dict:
