@@ -184,11 +184,16 @@ class ClassifyResult:
 
     @classmethod
     def from_pb(cls, r: pb.ClassifyResponse) -> "ClassifyResult":
-        t = r.timings
-        timings = {"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
-                   "total_ms": t.total_ms, "batch_size": t.batch_size, "cached": t.cached}
-        preds = tuple(Prediction(p.label, float(p.score), int(p.index)) for p in r.predictions)
-        return cls(r.task, r.task_version, preds, timings, r.request_id)
+        return cls(r.task, r.task_version, _predictions(r), _timings(r.timings), r.request_id)
+
+
+def _predictions(r: pb.ClassifyResponse | pb.WindowResult) -> tuple[Prediction, ...]:
+    return tuple(Prediction(p.label, float(p.score), int(p.index)) for p in r.predictions)
+
+
+def _timings(t: pb.Timings) -> dict[str, float]:
+    return {"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms, "total_ms": t.total_ms,
+            "batch_size": t.batch_size, "cached": t.cached}
 
 
 @dataclass(frozen=True)
@@ -218,12 +223,8 @@ class WindowResult:
 
     @classmethod
     def from_pb(cls, r: pb.WindowResult) -> "WindowResult":
-        t = r.timings
-        timings = {"decode_ms": t.decode_ms, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
-                   "total_ms": t.total_ms, "batch_size": t.batch_size, "cached": t.cached}
-        preds = tuple(Prediction(p.label, float(p.score), int(p.index)) for p in r.predictions)
-        return cls(r.index, r.start_s, r.end_s, r.start_frame, r.end_frame, r.task, r.task_version, preds, timings,
-                   r.request_id)
+        return cls(r.index, r.start_s, r.end_s, r.start_frame, r.end_frame, r.task, r.task_version, _predictions(r),
+                   _timings(r.timings), r.request_id)
 
 
 TaskOutcome = Union[ClassifyResult, ClientError]
