@@ -306,3 +306,16 @@ def test_several_tasks_on_one_clip_share_the_prefix_and_equal_one_task_requests(
     assert bad.results[0].predictions and bad.results[2].predictions
     assert _shared_rows(srv) - n1 == 1
     assert classify(tasks=tasks).results[2].predictions  # still serving
+
+
+@pytest.mark.integration
+def test_the_multi_task_bench_runs_and_shares_the_prefix_for_last_half_adapters_only(monkeypatch):
+    from bench import multi_task
+
+    monkeypatch.setitem(multi_task.TRUNKS, "tiny", (*multi_task.TRUNKS["tiny"][:3], ("64x48 1 s",)))
+    r = multi_task.run(rounds=1)
+    rows = {e["depth"]: e for e in r["clips"]}
+    assert set(rows) == {"full", "half"} and all(e["speedup"] > 0 for e in rows.values())
+    assert (rows["half"]["shared_prefix_rows_one_request"], rows["full"]["shared_prefix_rows_one_request"]) == (3, 0)
+    assert rows["half"]["shared_prefix_rows_four_requests"] == 0  # four uploads: four inputs, nothing shared
+    assert (rows["half"]["decodes_one_request"], rows["half"]["decodes_four_requests"]) == (1, 4)
