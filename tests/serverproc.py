@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from server.process import ServerProcess as _ServerProcess
 from server.process import ServerStartError
 
-__all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "self_signed_cert"]
+__all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert"]
 
 DEFAULT_TASKS: tuple[tuple[str, int], ...] = (("alpha", 3), ("beta", 4))
 
@@ -86,3 +86,19 @@ def code_of(fn):
     except grpc.RpcError as e:
         return e.code()
     return grpc.StatusCode.OK
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """A server's /metrics as ``{(sample name, sorted labels): value}`` (read it with :func:`metric`)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(m: dict, name: str, **labels) -> float:
+    """One sample of a :func:`scrape` (0 when the series does not exist)."""
+    return m.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)

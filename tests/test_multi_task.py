@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import media
 from clients import AsyncClient, Client, ClientError, cli
 from factories import TINY_SAMPLING, make_bundle
-from serverproc import ServerProcess, code_of, make_repository
+from serverproc import ServerProcess, code_of, make_repository, metric, scrape
 from stadapter import load_classifier, load_trunk
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb
@@ -29,15 +27,6 @@ from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.integration
 NOT_FOUND, INVALID = grpc.StatusCode.NOT_FOUND.value[0], grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def metric(m: dict, name: str, **labels) -> float:
-    return m.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
 
 
 def decodes(srv) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,11 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 import media
 from factories import make_bundle, make_trunk_dir
-from serverproc import ServerProcess, code_of, make_repository, self_signed_cert
+from serverproc import ServerProcess, code_of, make_repository, metric, scrape, self_signed_cert
 from stadapter import load_classifier, load_trunk
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb
@@ -35,18 +33,6 @@ ADMIN_MD = (("authorization", f"Bearer {TOKEN}"),)
 
 # --- helpers -------------------------------------------------------------------------------------
 
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(m: dict, name: str, **labels) -> float:
-    return m.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
 
 
 def bundle_chunks(bundle_dir: Path, size: int = 4096):

@@ -11,17 +11,15 @@ import asyncio
 import json
 import os
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import media
 from clients import AsyncClient, Client, ClientError, cli
-from serverproc import ServerProcess, code_of
+from serverproc import ServerProcess, code_of, metric, scrape
 from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
 from server.errors import DecoderCrashed, DecodeTimeout
 from server.window_jobs import WindowJob
@@ -43,15 +41,6 @@ def left_then_right(path: Path, seed: int = 0) -> Path:
     encode_mp4(np.concatenate(segments), path, fps=8)
     return path
 
-
-def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def metric(m: dict, name: str, **labels) -> float:
-    return m.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
 
 
 @pytest.fixture(scope="module")
