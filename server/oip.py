@@ -27,7 +27,7 @@ from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from .admission import Ticket
-from .errors import BadRequest
+from .errors import BadRequest, TaskNotFound
 from .oip_model import (INPUT_SIGNATURE, OUTPUT_SIGNATURE, PARAMETERS, PLATFORM, SERVER_NAME, check_clip_sizes,
                         check_input, classify_clips, model_ready, output_tensors, requested_outputs, served_model,
                         server_version, split_top_k)
@@ -150,7 +150,11 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         _task_label.set(request.model_name)
         if not request.model_name:
             raise BadRequest("the request names no model")
-        await asyncio.to_thread(self.registry.unregister, request.model_name)
+        try:
+            await asyncio.to_thread(self.registry.unregister, request.model_name)
+        except TaskNotFound:
+            self.metrics.unregistrations.labels("not_found").inc()  # as UnregisterTask and the HTTP unload count it
+            raise
         self.metrics.unregistrations.labels("ok").inc()
         return oip.RepositoryModelUnloadResponse()
 

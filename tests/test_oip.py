@@ -158,5 +158,9 @@ def test_repository_extension_needs_the_admin_token(server, triton, clips):
     with pytest.raises(InferenceServerException) as e:
         _infer(triton, "gamma", clips[:1])
     assert _code(e.value) == "NOT_FOUND"
+    with pytest.raises(InferenceServerException) as e:
+        triton.unload_model("gamma", headers=AUTH)  # gone: NOT_FOUND, counted as such
+    assert _code(e.value) == "NOT_FOUND"
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     assert 'method="ModelInfer"' in text and 'method="RepositoryModelUnload"' in text
+    assert 'stadapter_unregistrations_total{result="not_found"} 1.0' in text
