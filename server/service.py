@@ -236,7 +236,7 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         _task_label.set(tv.name)
         self.metrics.registrations.labels("ok").inc()
         log.info("registered task %s version %d", tv.name, tv.version)
-        return pb.RegisterTaskResponse(task=self._task_info(tv))
+        return pb.RegisterTaskResponse(task=task_info(tv))  # this version's facts: a retry's answer is the same
 
     def _register_owned(self, upload: Path, owner: "_UploadOwner", upload_id: str):
         """register_upload consumes the folder; it may only start if the cleanup has not taken it (a
