@@ -259,3 +259,19 @@ def test_list_and_describe_show_the_servable_versions(pinned_srv, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:3] == ["TASK", "VERSION", "SERVABLE"]
     assert next(line for line in lines if line.startswith("alpha")).split()[:3] == ["alpha", "2", "1,2"]
+
+
+def test_http_upload_and_oip_rest_pin_a_version(pinned_srv, clip_bytes):
+    from test_http import classify as http_classify
+    from test_http import request
+
+    status, body = http_classify(pinned_srv, "alpha@1", clip_bytes)
+    assert status == 200 and (body["task"], body["task_version"]) == ("alpha", 1)
+    status, body = http_classify(pinned_srv, "alpha@1,alpha", clip_bytes)
+    assert status == 200 and [r["task_version"] for r in body["results"]] == [1, 2]
+    status, body = http_classify(pinned_srv, "alpha@7", clip_bytes)
+    assert status == 404 and "servable versions: [1, 2]" in body["error"]
+    status, _, _ = request(f"{pinned_srv.http_url}/v2/models/alpha/versions/1/ready")
+    assert status == 200
+    status, _, _ = request(f"{pinned_srv.http_url}/v2/models/alpha/versions/7/ready")
+    assert status == 404  # not servable: NOT_FOUND, as an unknown model
