@@ -9,6 +9,8 @@ appearance task (``shapes``) and a temporal task (``motion``):
 * ``partial``         last trunk block + ln_post + head (frame mean), lr 1e-3
 * ``st-adapter``      ST-Adapters (width 32, before MHSA and MLP, kernel 3,1,1) + head, trunk frozen, lr 1e-2
 * ``st-adapter-k1``   the same with temporal kernel 1 (no temporal mixing)
+* ``st-adapter-last2`` / ``st-adapter-last1``  ST-Adapters in the last 2 / last 1 of the 4 blocks only
+  (``--layers``): the blocks below run once per clip for several tasks in serving (the shared prefix)
 
 Prints a table (trainable parameters and % of the trunk, top-1 on each task,
 seconds per training epoch on the temporal task, peak memory) and writes JSON.
@@ -37,6 +39,9 @@ ROWS: dict[str, list[str]] = {
     "partial": ["--method", "partial", "--partial-blocks", "1", "--lr", "1e-3"],
     "st-adapter": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "3,1,1", "--lr", "1e-2"],
     "st-adapter-k1": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "1,1,1", "--lr", "1e-2"],
+    # adapters in the last half / last quarter of the 4 blocks only: what a shared trunk prefix saves in serving
+    "st-adapter-last2": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "3,1,1", "--layers", "2", "--lr", "1e-2"],
+    "st-adapter-last1": ["--method", "st-adapter", *ADAPTER, "--adapter-kernel", "3,1,1", "--layers", "1", "--lr", "1e-2"],
 }
 TASKS = {"shapes": "appearance", "motion": "temporal"}
 
