@@ -30,8 +30,7 @@ from .core import (
     read_clip,
     register_chunks,
     resolve_options,
-    windows_chunks,
-    windows_request,
+    windows_call,
 )
 from .sync import batch_request, batch_results
 
@@ -89,13 +88,9 @@ class AsyncClient:
                 sampling: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None,
                 request_id: str = "") -> AsyncIterator[WindowResult]:
         """See :meth:`clients.Client.windows`: ``async for w in client.windows(...)``; leaving early cancels."""
-        data = read_clip(clip)
-        o = self.options
-        if len(data) > o.stream_threshold_bytes:
-            chunks = windows_chunks(task, data, window_s, stride_s, top_k, sampling, o.chunk_bytes, request_id)
-            return self._stream(self._classifier.ClassifyWindowsStream, iter(chunks), timeout)
-        req = windows_request(task, data, window_s, stride_s, top_k, sampling, request_id)
-        return self._stream(self._classifier.ClassifyWindows, req, timeout)
+        fn, request = windows_call(self._classifier, self.options, clip, task, window_s, stride_s, top_k, sampling,
+                                   request_id)
+        return self._stream(fn, request, timeout)
 
     async def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float]) -> AsyncIterator[WindowResult]:
         call = fn(request, timeout=timeout or self.options.timeout_s, metadata=self.options.metadata())

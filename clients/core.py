@@ -391,6 +391,17 @@ def windows_chunks(task: str, data: bytes, window_s: float, stride_s: float, top
     return chunks
 
 
+def windows_call(classifier: Any, options: ClientOptions, clip: Clip, task: str, window_s: float, stride_s: float,
+                 top_k: int, sampling: Optional[Mapping[str, Any]], request_id: str) -> tuple[Any, Any]:
+    """The stub method and the request of a ``windows`` call (sync and async clients): the clip read and checked
+    here; above ``stream_threshold_bytes`` the chunk stream, else one request."""
+    data = read_clip(clip)
+    if len(data) > options.stream_threshold_bytes:
+        chunks = windows_chunks(task, data, window_s, stride_s, top_k, sampling, options.chunk_bytes, request_id)
+        return classifier.ClassifyWindowsStream, iter(chunks)
+    return classifier.ClassifyWindows, windows_request(task, data, window_s, stride_s, top_k, sampling, request_id)
+
+
 def read_bundle_files(bundle_dir: Union[str, os.PathLike]) -> dict[str, bytes]:
     """task.json + adapter.safetensors of a bundle folder (read once, so a retry resends the same bytes)."""
     root = Path(bundle_dir)

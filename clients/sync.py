@@ -29,8 +29,7 @@ from .core import (
     read_clip,
     register_chunks,
     resolve_options,
-    windows_chunks,
-    windows_request,
+    windows_call,
 )
 
 T = TypeVar("T")
@@ -104,13 +103,9 @@ class Client:
         the call; it is sent on the first ``next``. Clips above ``stream_threshold_bytes`` are streamed in
         chunks. Leaving the loop early cancels the call (the server stops decoding). Not retried: a timeline
         may have been half given. ``timeout`` bounds the whole stream."""
-        data = read_clip(clip)
-        o = self.options
-        if len(data) > o.stream_threshold_bytes:
-            chunks = windows_chunks(task, data, window_s, stride_s, top_k, sampling, o.chunk_bytes, request_id)
-            return self._stream(self._classifier.ClassifyWindowsStream, iter(chunks), timeout)
-        req = windows_request(task, data, window_s, stride_s, top_k, sampling, request_id)
-        return self._stream(self._classifier.ClassifyWindows, req, timeout)
+        fn, request = windows_call(self._classifier, self.options, clip, task, window_s, stride_s, top_k, sampling,
+                                   request_id)
+        return self._stream(fn, request, timeout)
 
     def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float]) -> Iterator[WindowResult]:
         call = fn(request, timeout=timeout or self.options.timeout_s, metadata=self.options.metadata())
