@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncGenerator, Iterator, Mapping, Optional, Sequence, Union
 
 from prometheus_client import Gauge
 from torch import Tensor
@@ -128,11 +128,7 @@ class Pipeline:
         """Classify ``clip`` for ``task``; the queue slot and task version are the ticket's (given back when
         the clip is computed, or when the request ends, whichever comes first)."""
         t0 = time.monotonic()
-        slot = ticket.take_slot(task)
-        try:
-            k = self._top_k(top_k)
-            sampling = self._sampling(slot.tv, overrides)
-            self.limits.check_clip_size(len(clip))
+        with self._one_task(ticket, task, top_k, overrides, len(clip)) as (slot, k, sampling):
             key = self._cache_key(await self._digest(clip), slot.tv, sampling)
             hit = self._cached(key, slot.tv, k, t0)
             if hit is not None:
@@ -141,8 +137,6 @@ class Pipeline:
             views, decode_s = await self._decode(clip, sampling, deadline)
             del clip  # the caller may still hold it; this frame does not
             return await self._compute(slot.tv, views, decode_s, k, deadline, t0, key)
-        finally:
-            slot.release()
 
     async def classify_tasks(self, ticket: Ticket, tasks: Sequence[str], clip: ClipBytes, top_k: int = 0,
                              overrides: Optional[Mapping[str, Any]] = None,
@@ -229,11 +223,7 @@ class Pipeline:
         early (the client cancels, an error) stops the decode.
         """
         t0 = time.monotonic()
-        slot = ticket.take_slot(task)
-        try:
-            k = self._top_k(top_k)
-            sampling = self._sampling(slot.tv, overrides)
-            self.limits.check_clip_size(len(clip))
+        with self._one_task(ticket, task, top_k, overrides, len(clip)) as (slot, k, sampling):
             self.limits.check_windows(window_s, stride_s)
             _check_deadline(deadline, "before decode")
             job = WindowJob(window_s, stride_s, max(1, self.limits.max_batch_rows // sampling.num_views),
@@ -251,6 +241,18 @@ class Pipeline:
             finally:
                 if decoded and self.metrics is not None:
                     self.metrics.decode_seconds.observe(decode_s)
+
+    @contextlib.contextmanager
+    def _one_task(self, ticket: Ticket, task: str, top_k: int, overrides: Optional[Mapping[str, Any]],
+                  clip_bytes: int) -> Iterator[tuple[Slot, int, SamplingConfig]]:
+        """A one-task request's admission: its queue slot (given back when the block ends), its top-k and its
+        resolved sampling, the clip's size checked (the size only: the clip itself is not held here)."""
+        slot = ticket.take_slot(task)
+        try:
+            k = self._top_k(top_k)
+            sampling = self._sampling(slot.tv, overrides)
+            self.limits.check_clip_size(clip_bytes)
+            yield slot, k, sampling
         finally:
             slot.release()
 
@@ -280,11 +282,16 @@ class Pipeline:
         res = await self.batcher.submit(tv, views, deadline)
         if key is not None and self.response_cache is not None:
             self.response_cache.put(key, res.probs)
-        values, idx = res.probs.topk(min(k, tv.spec.num_classes))
+        return self._answer(tv, res.probs, k, t0, decode_s, res.queue_s, res.compute_s, res.batch_clips)
+
+    def _answer(self, tv: TaskVersion, probs: Tensor, k: int, t0: float, decode_s: float, queue_s: float,
+                compute_s: float, batch_clips: int, cached: bool = False) -> Classification:
+        """One clip's probabilities as its top-k answer (counted as a clip classified for ``tv``'s task)."""
+        values, idx = probs.topk(min(k, tv.spec.num_classes))
         if self.metrics is not None:
             self.metrics.clips.labels(tv.name).inc()
-        return Classification(tv, list(zip(idx.tolist(), values.tolist())), decode_s, res.queue_s, res.compute_s,
-                              time.monotonic() - t0, res.batch_clips)
+        return Classification(tv, list(zip(idx.tolist(), values.tolist())), decode_s, queue_s, compute_s,
+                              time.monotonic() - t0, batch_clips, cached)
 
     # --- the response cache (all no-ops without one) ---
 
@@ -299,13 +306,7 @@ class Pipeline:
         if key is None or self.response_cache is None:
             return None
         probs = self.response_cache.get(key)
-        if probs is None:
-            return None
-        values, idx = probs.topk(min(k, tv.spec.num_classes))
-        if self.metrics is not None:
-            self.metrics.clips.labels(tv.name).inc()
-        return Classification(tv, list(zip(idx.tolist(), values.tolist())), 0.0, 0.0, 0.0, time.monotonic() - t0, 0,
-                              cached=True)
+        return None if probs is None else self._answer(tv, probs, k, t0, 0.0, 0.0, 0.0, 0, cached=True)
 
     def close(self) -> None:
         """Stop the decoders without waiting for a stuck decode."""
