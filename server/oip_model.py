@@ -53,10 +53,11 @@ def served_model(registry: TaskRegistry, name: str, version: str) -> TaskVersion
     tv = registry.get(name)  # TaskNotFound: NOT_FOUND, naming the served tasks (``name@N``: that version)
     if version in ("", str(tv.version)):
         return tv
-    if not version.isdigit() or int(version) not in registry.servable_versions(tv.name):
+    try:
+        return registry.get(f"{tv.name}@{version}")  # the registry's pin: it decides what is servable
+    except (TaskNotFound, BadRequest) as e:  # a malformed version names no model: NOT_FOUND, as in the protocol
         raise TaskNotFound(f"model {tv.name!r} is served at version {tv.version}; version {version[:32]!r} is not "
-                           f"servable (servable versions: {registry.servable_versions(tv.name)})")
-    return registry.get(f"{tv.name}@{int(version)}")
+                           f"servable (servable versions: {registry.servable_versions(tv.name)})") from e
 
 
 def model_ready(registry: TaskRegistry, draining: bool, name: str, version: str) -> bool:
