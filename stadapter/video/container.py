@@ -9,13 +9,14 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Container, Iterator
 
 import av
 import numpy as np
 
 from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
-from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader, decode_packet
+from .readers import (Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader, Taken, WindowWalk,
+                      count_frames)
 from .sampling import presentation_ranks
 
 
@@ -315,17 +316,19 @@ class Clip:
                 stream = self._reopen()
         return SequentialReader(self._demuxer(), stream, self.budget).run(needed, convert)
 
-    def frames(self) -> Iterator[av.VideoFrame]:
-        """Every frame of the video stream in the decoder's output order, front to back, each once: no seek,
-        no restart (the window mode; a frame's index is its rank here, the definition the readers keep).
-        Packets and frames are counted against the budget."""
+    def frames(self, takes: Container[int], convert: Callable[[av.VideoFrame], np.ndarray]) -> Iterator[Taken]:
+        """The window mode: the video stream front to back, each packet once, no seek; the frames ``takes`` takes,
+        converted, with how far they are settled (see :meth:`WindowWalk.walk`). Non-reference frames it does not take
+        are not decoded; an irregular stream is read again from the start, counting frames (the readers' definition
+        of an index either way). Packets and frames are counted against the budget."""
         stream = self.container.streams[self.stream_index]
-        codec = stream.codec_context
-        for packet in self._demuxer().demux(stream):
-            self.budget.packet()
-            if packet.size:
-                yield from decode_packet(codec, packet, self.budget)
-        yield from decode_packet(codec, None, self.budget)
+        if self.info.fps > 0 and stream.time_base:
+            try:
+                yield from WindowWalk(self._demuxer(), stream, self.info.fps, self.budget, takes).walk(convert)
+                return
+            except Irregular:
+                stream = self._reopen()
+        yield from count_frames(self._demuxer(), stream, self.budget, takes, convert)
 
     def _demuxer(self):
         """The container, or after a checked rewind the container that first yields the packet the check read."""

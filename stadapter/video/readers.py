@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Container, Iterator
 
 import av
 import numpy as np
@@ -314,3 +315,75 @@ class IndexedReader:
             covered[a:b] = True
         if not covered.all():
             raise Irregular(f"no packet for frame slot {int(np.argmin(covered))}")
+
+
+Taken = tuple[dict[int, np.ndarray], int]  # (frames converted so far, by index; settled: see WindowWalk.walk)
+
+
+class WindowWalk(IndexedReader):
+    """The window mode's indexed reader: every packet once, front to back, no seek and no restart.
+
+    Packets and frames are placed on the frame grid as :class:`IndexedReader` places them, and a
+    non-reference frame that ``takes`` does not take is dropped by the decoder (its ``feed``), so
+    a frame's index is its slot, as for :func:`decode_views`. A stream off the grid, or with a
+    slot that never gets a packet (a hole: packets come at most ``_REORDER_DEPTH`` ahead of their
+    slot), raises :class:`Irregular`; the caller counts frames instead.
+    """
+
+    def __init__(self, container, stream, fps: float, budget: Budget, takes: Container[int]) -> None:
+        super().__init__(container, stream, fps, budget, None)
+        self.want = takes  # type: ignore[assignment]  # the walk reads it only with `in`
+
+    def walk(self, convert) -> Iterator[Taken]:
+        """After each packet: (the taken frames, ``settled``): every frame below ``settled`` that ``takes`` takes
+        is in the dict (the caller may delete entries it is done with). The last item follows the drain."""
+        for n, packet in enumerate(self.container.demux(self.stream)):
+            self.budget.packet()
+            if packet.size == 0:
+                continue
+            if self.anchor is None:  # decode from the start until frame 0 fixes the grid
+                if packet.pts is None:
+                    raise Irregular("a packet has no pts")
+                self.early_pts.append((packet.pts, packet.is_keyframe))
+            else:
+                slot = self.slot(packet.pts, "packet")
+                self.see(slot, packet.is_keyframe)
+                if slot > self.frontier + _REORDER_DEPTH:
+                    raise Irregular(f"no packet for frame slot {self.frontier}")
+            self.feed([packet], convert)
+            if n % 64 == 63:
+                self.forget()
+            yield self.got, min(self.frontier, self.expect)
+        self.drain(convert)
+        if any(i > self.frontier for i in self.seen):
+            raise Irregular(f"the stream ends with no packet for frame slot {self.frontier}: its timestamps skip")
+        yield self.got, self.frontier
+
+    def forget(self) -> None:
+        """Drop the bookkeeping of slots behind the decoder's output (it is never read again), so a long video's
+        walk holds as much as a short one's."""
+        self.seen = {i for i in self.seen if i > self.frontier}
+        self.maybe_dropped = {i for i in self.maybe_dropped if i >= self.expect}
+        self.fed = {i for i in self.fed if i >= self.expect}
+        del self.must_output[:bisect.bisect_left(self.must_output, self.expect)]
+
+
+def count_frames(container, stream, budget: Budget, takes: Container[int], convert) -> Iterator[Taken]:
+    """The window mode's sequential reader (for irregular streams): index = count of frames output so far; yields
+    as :meth:`WindowWalk.walk` does (every frame decoded)."""
+    got: dict[int, np.ndarray] = {}
+    codec, n = stream.codec_context, 0
+    packets = iter(container.demux(stream))
+    while True:
+        packet = next(packets, None)
+        if packet is not None:
+            budget.packet()
+            if packet.size == 0:
+                continue
+        for f in decode_packet(codec, packet, budget):
+            if n in takes:
+                got[n] = convert(f)
+            n += 1
+        yield got, n
+        if packet is None:
+            return

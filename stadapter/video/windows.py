@@ -5,7 +5,7 @@ Window k covers the frames ``[s_k, s_k + L)``: ``L = round(window_s * fps)`` fra
 times reported are ``s_k / fps`` and ``(s_k + L) / fps``). Inside a window the task's
 sampling picks its frames exactly as it would in a clip of ``L`` frames
 (``sampling.view_indices``, shifted by ``s_k``; the fast ``seek="keyframe"`` mode does not
-apply: every frame is decoded anyway), and the frames are converted (display rotation,
+apply: no frame is sought), and the frames are converted (display rotation,
 sample aspect ratio, resize) by the same :class:`FrameConverter` as :func:`decode_clip`, so
 a window's tensor equals :func:`decode_views` of its indices.
 
@@ -14,8 +14,12 @@ a window's tensor equals :func:`decode_views` of its indices.
   decoded, so a stream that ends early (a cut download) simply has fewer windows.
 * A clip shorter than one window is refused (:class:`VideoError` naming both lengths): it
   has no whole window, and ``Classify`` answers for a clip of any length.
-* The stream is decoded once (``Clip.frames``: no seek, no restart) and a frame is kept only
-  while a window that is open (started, not yet given out) needs it, so memory is bounded by
+* The stream is read once, front to back (``Clip.frames``: no seek), its packets placed on the
+  frame grid as the one-clip reader places them, and the decoder drops the non-reference frames
+  (B-frames of h264, hevc, mpeg2 ...) that no window takes; a stream off the grid (variable frame
+  rate) is read again from the start, counting every frame, the windows already given out not
+  repeated. A frame is kept only while a window that is open (started, not yet given out)
+  needs it, so memory is bounded by
   the windows in flight, ``ceil(L / stride) * frames per window``, not by the clip's length
   (``WindowLimits.max_held_frames`` bounds it before decoding starts).
 * A long video is not one clip: :class:`WindowLimits` replaces the per-clip bounds on
@@ -29,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -193,34 +196,21 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
             raise VideoError(f"the clip has {expected} windows of {window_s:g} s every {stride_s:g} s, over the limit "
                              f"of {window_limits.max_windows} (max_windows); use a longer stride")
         convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
+        takes = _Takes(plan)
+        k = 0  # the next window to give out
         held: dict[int, np.ndarray] = {}
-        need: Counter[int] = Counter()  # frame -> open windows that take it
-        pending: deque[int] = deque()  # open windows, oldest first
-        opened, next_start, due = 0, 0, -1  # next window to open and its first frame; last frame of the oldest open
-        for i, frame in enumerate(clip.frames()):
-            while next_start <= i:
-                need.update(unique_indices(plan.indices(opened)))
-                pending.append(opened)
-                opened += 1
-                next_start = plan.start(opened)
-                due = plan.end(pending[0]) - 1
-            if i in need:
-                held[i] = convert(frame)
-                stats.held_max = max(stats.held_max, len(held))
-            while pending and due <= i:
-                k = pending.popleft()
-                due = plan.end(pending[0]) - 1 if pending else -1
+        settled = 0  # frames known to be in the stream
+        for held, settled in clip.frames(takes, convert):
+            stats.held_max = max(stats.held_max, len(held))
+            while settled >= plan.end(k):
                 if k >= window_limits.max_windows:
                     raise VideoError(f"the clip has more than {window_limits.max_windows} windows (max_windows; its "
                                      f"header said {expected}); use a longer stride")
                 idx = plan.indices(k)
                 window = Window(k, plan.start(k), plan.end(k), plan.start(k) / plan.fps, plan.end(k) / plan.fps,
                                 tuple(tuple(v) for v in idx), views_to_tensor(idx, held, cfg))
-                for j in unique_indices(idx):
-                    need[j] -= 1
-                    if not need[j]:
-                        del need[j]
-                        held.pop(j, None)
+                k += 1
+                takes.forget_before(plan.start(k), held)
                 stats.windows += 1
                 stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
                 stats.decode_s += time.perf_counter() - t0
@@ -231,10 +221,34 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
         stats.decode_s += time.perf_counter() - t0
         stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
         if stats.windows == 0:
-            n = stats.frames
+            n = settled
             raise VideoError(f"the clip holds {n} frame(s) ({n / plan.fps:.2f} s at {plan.fps:g} fps), shorter than "
                              f"one window of {window_s:g} s ({plan.length} frames); use a shorter window, or "
                              "classify the clip whole")
+
+
+class _Takes:
+    """Whether a frame is taken by a window not yet given out: the frames of the windows opened so far (a window
+    opens when a frame at or past its start is asked about), less those before the next window to give out."""
+
+    def __init__(self, plan: WindowPlan) -> None:
+        self.plan, self.opened, self.frames = plan, 0, set[int]()
+        self.next_start = plan.start(0)
+
+    def __contains__(self, i: object) -> bool:
+        assert isinstance(i, int)
+        while self.next_start <= i:
+            self.frames.update(unique_indices(self.plan.indices(self.opened)))
+            self.opened += 1
+            self.next_start = self.plan.start(self.opened)
+        return i in self.frames
+
+    def forget_before(self, start: int, held: dict[int, np.ndarray]) -> None:
+        """The windows before the one starting at ``start`` are out: their frames are taken no more."""
+        for j in [j for j in self.frames if j < start]:
+            self.frames.discard(j)
+        for j in [j for j in held if j < start]:
+            del held[j]
 
 
 def _check_frames(cfg: SamplingConfig, limits: VideoLimits) -> None:
