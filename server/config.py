@@ -16,6 +16,7 @@ from .limits import ServerLimits
 from .logs import LOG_FORMATS, LOG_LEVELS
 
 MiB = 1 << 20
+DEFAULT_CACHE_BYTES = 1 << 30
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
 _WINDOWS = WindowLimits()
 
@@ -40,7 +41,15 @@ class ServerConfig:
         decode_backend: ``process`` (sandboxed, default) or ``thread`` (in-process, no timeout; benches, debugging).
         device: ``auto`` = cuda when available, else cpu.
         dtype: ``auto`` = bfloat16 (or float16) on cuda, float32 on cpu.
-        cache_bytes: device budget for resident task adapters (LRU beyond it).
+        cache_bytes: device budget for resident task adapters (LRU beyond it); sizes the device slot bank
+            unless ``adapter_slots`` is set.
+        adapter_slots: the device slot bank holds exactly this many task slots (one bank per adapter
+            activation), whatever their bytes: the slot count, not ``cache_bytes``, is then the one limit
+            (a ViT-B/16 12x384 slot is 27 MiB; ``stadapter_adapter_device_bytes`` shows the total). Size it for
+            the tasks that should stay resident; past it the least recently used one is evicted, and a
+            batch with more distinct tasks grows the bank for that batch only. 0 (default) = as many slots
+            as ``cache_bytes`` holds. Giving both is refused: two limits on one bank would leave the user
+            guessing which one holds.
         poll_interval_s: how often the repository is re-read for other replicas' changes (0 = never).
         max_message_bytes: gRPC receive/send limit (one clip in one message must fit).
         max_clip_bytes: largest clip accepted (whole or streamed).
@@ -78,7 +87,8 @@ class ServerConfig:
     decode_backend: str = "process"
     device: str = "auto"
     dtype: str = "auto"
-    cache_bytes: int = 1 << 30
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    adapter_slots: int = 0
     poll_interval_s: float = 2.0
     max_message_bytes: int = 64 * MiB
     max_clip_bytes: int = 256 * MiB
@@ -121,6 +131,13 @@ class ServerConfig:
                      "max_window_video_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.adapter_slots, int) or self.adapter_slots < 0:
+            raise ValueError(f"ServerConfig.adapter_slots must be an int >= 0 (0 = as many as cache_bytes holds), "
+                             f"got {self.adapter_slots!r}")
+        if self.adapter_slots and self.cache_bytes != DEFAULT_CACHE_BYTES:
+            raise ValueError(f"--adapter-slots {self.adapter_slots} and --cache-bytes {self.cache_bytes} both size the "
+                             f"device slot bank: give one (--adapter-slots: a fixed slot count; --cache-bytes: a byte "
+                             f"budget)")
         if self.decode_backend not in ("process", "thread"):
             raise ValueError(f"ServerConfig.decode_backend must be process|thread, got {self.decode_backend!r}")
         if self.log_level not in LOG_LEVELS:
@@ -182,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="process: sandboxed workers (default); thread: in-process, for benches and debugging")
     a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"))
-    a("--cache-bytes", type=int, default=d.cache_bytes, help="device budget for task adapters")
+    a("--cache-bytes", type=int, default=d.cache_bytes,
+      help="device byte budget for task adapters: as many slots as it holds, LRU beyond (unless --adapter-slots)")
+    a("--adapter-slots", type=int, default=d.adapter_slots,
+      help="the device slot bank holds exactly N task slots whatever their bytes (a ViT-B/16 12x384 task: 27 MiB); "
+           "LRU beyond N; 0 = as many as --cache-bytes holds; not with --cache-bytes")
     a("--poll-interval-s", type=float, default=d.poll_interval_s, help="re-read the repository (0 = off)")
     a("--max-message-bytes", type=int, default=d.max_message_bytes)
     a("--max-clip-bytes", type=int, default=d.max_clip_bytes)

@@ -6,12 +6,14 @@ tasks of different activations never share a forward). This module is the policy
 * a version is *activated* by copying its host stack (:attr:`TaskVersion.host_stack`,
   kept for the life of the version) into a free slot; a version already in a slot is
   a hit;
-* the bank grows in chunks of ``chunk`` slots up to what ``budget_bytes`` (the
-  ``--cache-bytes`` budget) allows; past that the least recently used version not
+* the bank's size limit has one owner: with ``slots`` (``--adapter-slots N``) it holds
+  exactly that many slots, allocated when its first task arrives, whatever their bytes;
+  without it (0) it grows in chunks of ``chunk`` slots up to what ``budget_bytes`` (the
+  ``--cache-bytes`` budget) allows. Past the limit the least recently used version not
   needed by the batch being prepared is *evicted* (its slot is reused; the host copy
   stays). A batch that needs more distinct tasks than that still runs: the bank then
-  grows past the budget by what it lacks, and shrinks back to the budget after that
-  batch (least recently used evicted, residents moved down);
+  grows past the limit by what it lacks, and shrinks back to it after that batch
+  (least recently used evicted, residents moved down);
 * a retired version (replaced or unregistered) leaves its slot when its last
   request ends (:meth:`retire`), also when a request admitted before the swap
   brought it back in after the registry retired it.
@@ -63,18 +65,24 @@ class AdapterSlots:
     """Device slots for task adapters, sized by a byte budget (see the module docstring).
 
     Args:
-        budget_bytes: device bytes the banks may hold together (exceeded only by a batch that needs more tasks).
+        budget_bytes: device bytes the banks may hold together (exceeded only by a batch that needs more tasks);
+            not used when ``slots`` is set.
         device, dtype: where and in which dtype adapters are served.
+        slots: the fixed number of slots of each bank (one bank per adapter activation); 0 = size by
+            ``budget_bytes``.
         chunk: slots added per growth step.
         on_event: ``(event, seconds)`` with event ``hit`` | ``activation`` | ``eviction`` | ``discard``
             (seconds: the copy time for an activation, else 0).
     """
 
     def __init__(self, budget_bytes: int, device: torch.device, dtype: torch.dtype, chunk: int = DEFAULT_CHUNK,
-                 on_event: Optional[Callable[[str, float], None]] = None):
+                 on_event: Optional[Callable[[str, float], None]] = None, slots: int = 0):
         if chunk < 1:
             raise ValueError(f"AdapterSlots: chunk must be >= 1, got {chunk}")
+        if not isinstance(slots, int) or slots < 0:
+            raise ValueError(f"AdapterSlots: slots must be an int >= 0 (0 = size by the byte budget), got {slots!r}")
         self.budget = int(budget_bytes)
+        self.fixed_slots = slots
         self.device = device
         self.dtype = dtype
         self.chunk = chunk
@@ -155,10 +163,14 @@ class AdapterSlots:
             dim = int(tv.host_stack.head_w.shape[2])  # [K, C, d]
             bank = self._banks[act] = SlotBank(dim, self.device, self.dtype, act)
             self._free[act] = []
+            if self.fixed_slots:
+                self._grow(act, self.fixed_slots)  # every slot at once; the first lease pads them to its tasks
         return bank
 
     def _limit(self, act: str) -> int:
-        """Slots of this bank that fit the budget beside the other banks (at least one)."""
+        """This bank's slots: the fixed count, else those that fit the budget beside the other banks (at least one)."""
+        if self.fixed_slots:
+            return self.fixed_slots
         others = sum(b.nbytes for a, b in self._banks.items() if a != act)
         return max(1, (self.budget - others) // max(self._banks[act].slot_bytes(), 1))
 
