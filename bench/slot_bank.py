@@ -10,9 +10,12 @@ built in memory as the registry builds them (random weights, no files):
   vs 8 tasks mixed with a per-row slot index (``gather``) vs clips sorted by task, one
   GEMM per task (``segment``); clips/s of each;
 * ``changing_mix``: ``mix_tasks`` (64) registered, every batch a fresh random mix of 8 of
-  them, vs a one-task batch of the same size, through the server's runner and its
-  default mixed mode and ``--cache-bytes`` default (1 GiB); ratio changing/single (goal
-  >= 0.95) and activations per batch;
+  them, vs a fixed mix of 8 and a one-task batch of the same size (rounds interleaved),
+  through the server's runner and its default mixed mode, twice: ``sized`` (the bank
+  holds every registered task: ``--adapter-slots 64``) and ``default_budget``
+  (``--cache-bytes`` default, 1 GiB: 37 ViT-B/16 slots); ratio changing/single (goal
+  >= 0.95), fixed/single (what mixing costs), changing/fixed (what a changing mix adds)
+  and activations per batch;
 * ``cold``: ``cold_tasks`` registered on ``cold_slots`` device slots (the budget set to
   exactly that many slots): host bytes per task vs its tensor bytes, device bytes vs
   slots x slot bytes, p50/p99 of a one-clip forward whose task is cold (activated by
@@ -54,11 +57,12 @@ def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0
     return out
 
 
-def _runner(trunk, budget: int, mixed=None, on_event=None):
+def _runner(trunk, budget: int, mixed=None, on_event=None, slots: int = 0):
     from server.model import ModelRunner
     from server.slots import AdapterSlots
 
-    return ModelRunner(trunk, AdapterSlots(budget, torch.device("cpu"), torch.float32, on_event=on_event), mixed)
+    return ModelRunner(trunk, AdapterSlots(budget, torch.device("cpu"), torch.float32, on_event=on_event, slots=slots),
+                       mixed)
 
 
 def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
@@ -78,11 +82,17 @@ def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
             "segment_over_gather": cps["segment"] / cps["gather"]}
 
 
-def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, budget: int = 1 << 30) -> dict:
+def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, budget: int = 1 << 30,
+                       slots: int = 0) -> dict:
+    """One task vs a fixed mix of 8 vs a fresh random mix of 8 of ``tvs`` every batch, rounds interleaved.
+
+    ``slots``: the bank's fixed slot count (``--adapter-slots``); 0 = sized by ``budget`` (``--cache-bytes``).
+    fixed/single is what mixing costs; changing/fixed what a changing mix adds (lookups, activations).
+    """
     S = trunk.image_size
     g = torch.Generator().manual_seed(1)
     views = [torch.randn(1, frames, 3, S, S, generator=g) for _ in range(batch)]
-    runner = _runner(trunk, budget)
+    runner = _runner(trunk, budget, slots=slots)
     rng = random.Random(0)
 
     def changing():
@@ -90,24 +100,36 @@ def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, bu
         return runner.forward([(mix[b % MIX], v) for b, v in enumerate(views)])
 
     single = [(tvs[0], v) for v in views]
-    for tv in tvs:  # steady state: every registered task activated once (those the budget holds stay)
+    fixed = [(tvs[b % MIX], v) for b, v in enumerate(views)]
+    for tv in tvs:  # steady state: every registered task activated once (those the bank holds stay)
         with runner.slots.lease([tv]):
             pass
-    runner.forward(single)  # warm-up: allocator, first-call costs
-    changing()
-    times: dict[str, list[float]] = {"single": [], "changing": []}
+    arms = {"single": lambda: runner.forward(single), "fixed": lambda: runner.forward(fixed), "changing": changing}
+    for fn in arms.values():  # warm-up: allocator, first-call costs
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in arms}
     act0 = runner.slots.activations
+    acts = {k: 0 for k in arms}
     for _ in range(iters):
-        for name, fn in (("single", lambda: runner.forward(single)), ("changing", changing)):
+        for name, fn in arms.items():
+            a0 = runner.slots.activations
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            acts[name] += runner.slots.activations - a0
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"batch": batch, "frames": frames, "registered": len(tvs), "tasks_per_batch": MIX, "budget_bytes": budget,
-            "mode": runner.mixed, "slots": runner.slots.used + runner.slots.free,
+    best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on the machine
+    return {"batch": batch, "frames": frames, "registered": len(tvs), "tasks_per_batch": MIX,
+            "budget_bytes": None if slots else budget, "adapter_slots": slots or None,
+            "mode": runner.mixed, "slots": runner.slots.used + runner.slots.free, "device_bytes": runner.slots.bytes,
             "clips_per_s": {k: batch / v for k, v in med.items()},
             "changing_over_single": med["single"] / med["changing"],
-            "activations_per_batch": (runner.slots.activations - act0) / iters}
+            "fixed_over_single": med["single"] / med["fixed"],
+            "changing_over_fixed": med["fixed"] / med["changing"],
+            "best_of_rounds": {"changing_over_single": best["single"] / best["changing"],
+                               "fixed_over_single": best["single"] / best["fixed"]},
+            "activations_per_batch": acts["changing"] / iters,
+            "activations_total": runner.slots.activations - act0}
 
 
 def bench_cold(trunk, tvs: list, slots: int, frames: int, iters: int) -> dict:
@@ -156,7 +178,9 @@ def run(name: str, trunk, adapter, batch: int, frames: int, iters: int, mix_task
     t0 = time.perf_counter()
     tvs = random_versions(trunk, adapter, max(mix_tasks, cold_tasks))
     out = {"modes": bench_modes(trunk, tvs, batch, frames, iters),
-           "changing_mix": bench_changing_mix(trunk, tvs[:mix_tasks], batch, frames, iters)}
+           "changing_mix": {  # a bank sized for the registered tasks (--adapter-slots) and the default budget
+               "sized": bench_changing_mix(trunk, tvs[:mix_tasks], batch, frames, iters, slots=mix_tasks),
+               "default_budget": bench_changing_mix(trunk, tvs[:mix_tasks], batch, frames, iters)}}
     print(f"[{name}] slot bank: modes and changing mix done", file=sys.stderr)
     out["cold"] = bench_cold(trunk, tvs[:cold_tasks], cold_slots, frames, cold_iters)
     out["seconds"] = time.perf_counter() - t0
@@ -164,14 +188,16 @@ def run(name: str, trunk, adapter, batch: int, frames: int, iters: int, mix_task
 
 
 def table(runs: dict) -> str:
-    rows = [("trunk", "batch x T", "single c/s", "gather c/s", "segment c/s", "segment/gather", "changing c/s",
-             "changing/single", "act/batch", "tasks/slots", "cold p50/p99 ms", "warm p50/p99 ms", "activation p50 ms")]
+    rows = [("trunk", "batch x T", "single c/s", "gather c/s", "segment c/s", "segment/gather",
+             "changing/single (fixed/single) act/batch: sized | 1 GiB", "tasks/slots", "cold p50/p99 ms",
+             "warm p50/p99 ms", "activation p50 ms")]
     for name, r in runs.items():
-        m, c, k = r["modes"], r["changing_mix"], r["cold"]
+        m, k = r["modes"], r["cold"]
+        mix = " | ".join(f"{c['changing_over_single']:.2f} ({c['fixed_over_single']:.2f}) {c['activations_per_batch']:.1f}"
+                         f" on {c['slots']}" for c in (r["changing_mix"]["sized"], r["changing_mix"]["default_budget"]))
         rows.append((name, f"{m['batch']}x{m['frames']}", f"{m['clips_per_s']['single']:.1f}",
                      f"{m['clips_per_s']['gather']:.1f}", f"{m['clips_per_s']['segment']:.1f}",
-                     f"{m['segment_over_gather']:.2f}", f"{c['clips_per_s']['changing']:.1f}",
-                     f"{c['changing_over_single']:.2f}", f"{c['activations_per_batch']:.1f}",
+                     f"{m['segment_over_gather']:.2f}", mix,
                      f"{k['registered']}/{k['slots']}",
                      f"{k['cold_forward_ms']['p50']:.1f}/{k['cold_forward_ms']['p99']:.1f}",
                      f"{k['warm_forward_ms']['p50']:.1f}/{k['warm_forward_ms']['p99']:.1f}",

@@ -297,7 +297,11 @@ def test_the_slot_bank_bench_runs(tiny_trunk):
     r = slot_bank.run("tiny", tiny_trunk, AdapterConfig(width=8, pre_attn=True, pre_mlp=True), batch=4, frames=4,
                       iters=1, mix_tasks=10, cold_tasks=12, cold_slots=4, cold_iters=3)
     assert set(r["modes"]["clips_per_s"]) == {"single", "gather", "segment"}
-    assert r["changing_mix"]["registered"] == 10 and r["changing_mix"]["changing_over_single"] > 0
+    sized, default = r["changing_mix"]["sized"], r["changing_mix"]["default_budget"]
+    assert sized["registered"] == default["registered"] == 10 and sized["changing_over_single"] > 0
+    assert set(sized["clips_per_s"]) == {"single", "fixed", "changing"}
+    assert (sized["adapter_slots"], sized["slots"], sized["activations_per_batch"]) == (10, 10, 0)  # all resident
+    assert (default["adapter_slots"], default["budget_bytes"]) == (None, 1 << 30)
     cold = r["cold"]
     assert cold["slots"] == 4 and cold["device_bytes"] == cold["device_bytes_expected"] == 4 * cold["slot_bytes"]
     assert cold["host_equals_tensor_bytes"] and cold["evictions"] == 3
