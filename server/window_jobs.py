@@ -1,8 +1,10 @@
 """Window mode in the decoders: a long clip decoded once, front to back, its windows handed over in batches.
 
 :func:`window_batches` groups :func:`stadapter.video.decode_windows`' windows into batches of
-``WindowJob.per_batch`` (one forward's rows), handing a batch over early once its first window
-has waited ``flush_s``, so results stream while a slow video decodes. The thread backend
+``WindowJob.per_batch`` (one forward's rows), the first ones smaller (``first_batch``, a third
+of a forward, tripling up to ``per_batch``) so the model computes the first windows while the decoder goes on with the
+next instead of waiting for a whole forward's worth; a batch is handed over early once its first
+window has waited ``flush_s``, so results stream while a slow video decodes. The thread backend
 iterates it directly; a worker process runs :func:`run_window_job`, which writes each batch to
 a shared-memory block and waits for the parent's word before decoding on (see
 ``server.decode_pool`` for the protocol): at most one batch is in shared memory and one in the
@@ -14,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Generator, Optional
+from typing import Generator, Iterator, Optional
 
 import numpy as np
 import torch
@@ -37,10 +39,19 @@ class WindowJob:
     per_batch: int  # windows handed over together (their rows fit one forward)
     limits: WindowLimits = field(default_factory=WindowLimits)
     flush_s: float = FLUSH_S
+    first_batch: Optional[int] = None  # windows in the first batch (x3 per batch up to per_batch); None: per_batch // 3
 
     def __post_init__(self) -> None:
-        if not isinstance(self.per_batch, int) or self.per_batch < 1:
-            raise ValueError(f"WindowJob.per_batch must be a positive int, got {self.per_batch!r}")
+        for name, v in (("per_batch", self.per_batch), ("first_batch", 1 if self.first_batch is None else self.first_batch)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"WindowJob.{name} must be a positive int, got {v!r}")
+
+    def batch_sizes(self) -> Iterator[int]:
+        """Windows per batch, batch after batch: small first, so the model starts while the decoder goes on."""
+        n = self.first_batch if self.first_batch is not None else max(1, self.per_batch // 3)
+        while True:
+            yield min(n, self.per_batch)
+            n *= 3  # few forwards: each has a cost of its own
 
 
 @dataclass(frozen=True)
@@ -65,13 +76,15 @@ def window_batches(clip: bytes | bytearray, sampling: SamplingConfig, limits: Vi
     batch: list[Window] = []
     first_at = 0.0
     counted = 0.0
+    sizes = job.batch_sizes()
+    size = next(sizes)
     for w in decode_windows(clip, sampling, job.window_s, job.stride_s, limits, job.limits, stats):
         if not batch:
             first_at = time.monotonic()
         batch.append(w)
-        if len(batch) >= job.per_batch or time.monotonic() - first_at >= job.flush_s:
+        if len(batch) >= size or time.monotonic() - first_at >= job.flush_s:
             yield _batch(batch, stats.decode_s - counted)
-            counted, batch = stats.decode_s, []
+            counted, batch, size = stats.decode_s, [], next(sizes)
     if batch:
         yield _batch(batch, stats.decode_s - counted)
 

@@ -226,7 +226,7 @@ def test_the_pool_streams_windows_in_the_sandbox(clip, monkeypatch):
         await pool.start()
         try:
             a, b = await collect(pool, data), await collect(thread, data)
-            assert [len(x.spans) for x in a] == [len(x.spans) for x in b] == [4, 2]
+            assert [len(x.spans) for x in a] == [len(x.spans) for x in b] == [1, 3, 2]  # small first, up to 4
             for x, y in zip(a, b):
                 assert x.spans == y.spans and x.frames.shape == (len(x.spans), 1, 8, 3, 48, 48)
                 assert bool((x.frames == y.frames).all())
@@ -237,10 +237,27 @@ def test_the_pool_streams_windows_in_the_sandbox(clip, monkeypatch):
             stream = pool.windows(data, cfg, VideoLimits(), WindowJob(2.0, 2.0, per_batch=1), 10.0)
             assert (await stream.__anext__()).spans[0].index == 0
             await stream.aclose()  # the job is stopped in the background and the worker reused
-            assert [len(x.spans) for x in await collect(pool, data)] == [4, 2]
+            assert [len(x.spans) for x in await collect(pool, data)] == [1, 3, 2]
             assert not [n for n in os.listdir("/dev/shm") if n.startswith(pool.shm_prefix)]
         finally:
             pool.close()
             thread.close()
 
     asyncio.run(run())
+
+
+def test_the_first_batches_are_small_so_compute_starts_early(clip):
+    """The first batch is handed over after its first window, not after a whole forward's worth: the decoder
+    goes on while the model computes; batches triple up to ``per_batch``."""
+    from server.window_jobs import window_batches
+    from stadapter.video import DecodeStats
+
+    data, cfg = clip.read_bytes(), SamplingConfig(num_frames=8, input_size=48)
+    stats = DecodeStats()
+    batches = window_batches(data, cfg, VideoLimits(), WindowJob(1.0, 0.5, per_batch=9), stats)
+    first = next(batches)
+    assert len(first.spans) == 3 and stats.windows == 3
+    assert [len(b.spans) for b in batches] == [9, 9, 2] and stats.windows == 23  # 12 s, every 0.5 s
+    assert [len(b.spans) for b in window_batches(data, cfg, VideoLimits(), WindowJob(1.0, 0.5, 8, first_batch=8))][0] == 8
+    with pytest.raises(ValueError, match="first_batch"):
+        WindowJob(1.0, 1.0, 8, first_batch=0)
