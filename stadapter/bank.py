@@ -89,8 +89,9 @@ class AdapterStack:
         """feats [B, d] -> logits [B, C] (one task) or [B, C_max] (mixed, zero-padded)."""
         if task_index is None:
             return F.linear(feats, self.head_w[0, : self.num_classes[0]], self.head_b[0, : self.num_classes[0]])
-        w = self.head_w[task_index]  # [B, C_max, d]
-        return torch.baddbmm(self.head_b[task_index].unsqueeze(1), feats.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
+        w = self.head_w.index_select(0, task_index)  # [B, C_max, d]
+        b = self.head_b.index_select(0, task_index)  # [B, C_max]
+        return torch.baddbmm(b.unsqueeze(1), feats.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
 
     @classmethod
     def from_state_dict(
