@@ -5,8 +5,10 @@ input size S and the adapter activation (``AdapterStack.concat`` refuses mixed
 activations). Tasks mix freely. A batch closes when its group has
 ``max_batch_rows`` rows (a V-view clip is V rows) or when its oldest clip has
 waited ``max_delay``. One forward runs at a time on the model thread; while it
-runs, the next batch fills up. Work whose deadline has passed, or whose caller
-went away, is dropped before compute.
+runs, the next batch fills up, and once it is full it is staged on a second
+thread (its slots activated, its input copied to the device: on CUDA from pinned
+memory on a side stream), so the copies overlap the forward in progress. Work
+whose deadline has passed, or whose caller went away, is dropped before compute.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from .errors import DeadlineExpired, Draining
 from .limits import ServerLimits
 from .metrics import Metrics
-from .model import ModelRunner
+from .model import BatchOutput, ModelRunner, StagedBatch
 from .registry import TaskVersion
 
 log = logging.getLogger("server.batcher")
@@ -68,6 +70,7 @@ class Batcher:
         self._closed = False
         self._task: Optional[asyncio.Task] = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # owns the model
+        self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")  # slots + input copies
 
     async def warmup(self, tvs: list[TaskVersion]) -> int:
         """:meth:`ModelRunner.warmup` on the model thread, whose thread-local pools it warms too."""
@@ -103,23 +106,58 @@ class Batcher:
     def _group_rows(self, key: tuple) -> int:
         return sum(it.rows for it in self._groups.get(key, ()))
 
+    def _full_key(self) -> Optional[tuple]:
+        """The group, oldest first, that has a whole batch's rows waiting."""
+        full = [k for k in self._groups if self._group_rows(k) >= self.max_rows]
+        return min(full, key=lambda k: self._groups[k][0].enqueued) if full else None
+
+    async def _until_woken_or(self, computing: asyncio.Task) -> None:
+        """Wait for a new clip or the end of the forward in progress."""
+        self._wake.clear()
+        woken = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({woken, computing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+
     async def _run(self) -> None:
+        """Form, stage and compute batches: one forward at a time on the model thread and, while it runs, the
+        next batch staged (slots activated, input copied to the device on a side stream) once it is full."""
+        computing: Optional[asyncio.Task] = None
         while True:
+            if computing is not None and computing.done():
+                computing = None
             if not self._groups:
+                if computing is not None:
+                    await self._until_woken_or(computing)
+                    continue
                 if self._closed:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if computing is not None and self._full_key() is None:
+                await self._until_woken_or(computing)  # a partial batch keeps filling while the model is busy
+                continue
             try:
-                await self._run_one()
+                step = await self._stage_next(busy=computing is not None)
             except Exception:  # noqa: BLE001 - the loop must survive anything one batch does
                 log.exception("batcher step failed")
+                continue
+            if step is None:
+                continue
+            if computing is not None:
+                await computing  # one forward at a time
+            computing = asyncio.get_running_loop().create_task(self._compute(*step), name="forward")
 
-    async def _run_one(self) -> None:
-        key = min(self._groups, key=lambda k: self._groups[k][0].enqueued)
+    async def _stage_next(self, busy: bool) -> Optional[tuple[list[WorkItem], StagedBatch]]:
+        """Take the next batch and stage it: while the model is busy only a full batch (so batches are as big
+        as before), else the oldest group once it is full or its oldest clip has waited ``max_delay``."""
+        key = self._full_key() if busy else min(self._groups, key=lambda k: self._groups[k][0].enqueued)
+        if key is None:
+            return None
         flush_at = self._groups[key][0].enqueued + self.max_delay
-        while not self._closed and self._group_rows(key) < self.max_rows:
+        while not busy and not self._closed and self._group_rows(key) < self.max_rows:
             left = flush_at - time.monotonic()
             if left <= 0:
                 break
@@ -130,16 +168,38 @@ class Batcher:
                 break
         batch = self._live(self._take_batch(key))
         if not batch:
-            return
-        loop = asyncio.get_running_loop()
+            return None
         try:
-            out = await loop.run_in_executor(self._executor, self.runner.forward, [(it.tv, it.views) for it in batch])
+            staged = await asyncio.get_running_loop().run_in_executor(
+                self._stager, self.runner.stage, [(it.tv, it.views) for it in batch])
         except Exception as e:  # noqa: BLE001 - every caller in the batch gets the error
-            log.exception("forward failed for a batch of %d clips", len(batch))
-            for it in batch:
-                if not it.future.done():
-                    it.future.set_exception(e)
-            return
+            self._fail(batch, e)
+            return None
+        return batch, staged
+
+    async def _compute(self, batch: list[WorkItem], staged: StagedBatch) -> None:
+        try:
+            now = time.monotonic()
+            if all(it.future.done() or (it.deadline is not None and now >= it.deadline) for it in batch):
+                staged.release()  # every caller left or expired while the batch waited for the model
+                self._live(batch)
+                return
+            try:
+                out = await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run, staged)
+            except Exception as e:  # noqa: BLE001 - every caller in the batch gets the error
+                self._fail(batch, e)
+                return
+            self._resolve(batch, out)
+        except Exception:  # noqa: BLE001 - the loop must survive anything one batch does
+            log.exception("batcher step failed")
+
+    def _fail(self, batch: list[WorkItem], e: Exception) -> None:
+        log.exception("forward failed for a batch of %d clips", len(batch), exc_info=e)
+        for it in batch:
+            if not it.future.done():
+                it.future.set_exception(e)
+
+    def _resolve(self, batch: list[WorkItem], out: BatchOutput) -> None:
         started = time.monotonic() - out.compute_s
         if self.metrics is not None:
             self.metrics.compute_seconds.observe(out.compute_s)
@@ -175,4 +235,5 @@ class Batcher:
         self._wake.set()
         if self._task is not None:
             await self._task
+        self._stager.shutdown(wait=True)
         self._executor.shutdown(wait=True)

@@ -19,6 +19,7 @@ batch is alive during its forward, so two distinct clips cannot share an identit
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
@@ -30,7 +31,7 @@ from stadapter.bank import AdapterStack, Segments, SlotBank
 from stadapter.trunk import VideoTrunk
 
 from .registry import TaskVersion
-from .slots import AdapterSlots
+from .slots import AdapterSlots, Lease
 
 MixedMode = Literal["gather", "segment"]
 
@@ -77,6 +78,27 @@ class BatchOutput:
     shared_rows: int = 0  # rows whose embedding and unadapted blocks another row's computation gave
 
 
+@dataclass(frozen=True)
+class StagedBatch:
+    """A batch ready to compute (:meth:`ModelRunner.stage`): its slots leased, its input on the device."""
+
+    clips: list[tuple[TaskVersion, Tensor]]
+    tvs: list[TaskVersion]  # distinct versions
+    order: list[int]  # clip indices in row order
+    rows: list[int]  # rows per clip, in that order
+    lease: Lease
+    stack: AdapterStack | Segments
+    task_index: Optional[Tensor]
+    frames: Tensor  # the distinct inputs on the device (float32), [inputs' rows, T, 3, S, S]
+    row_input: Optional[Tensor]
+    ready: Optional[torch.cuda.Event]  # recorded on the side stream after the copies (CUDA)
+    stage_s: float
+
+    def release(self) -> None:
+        """Give the slots back without computing (a staged batch that will not run)."""
+        self.lease.__exit__(None, None, None)
+
+
 class ModelRunner:
     """The batched forward over the device slots.
 
@@ -97,6 +119,7 @@ class ModelRunner:
         self.mixed: MixedMode = mixed or mixed_mode_for(slots.device)
         self.max_rows = max_rows
         self._staging: Optional[Tensor] = None  # pinned host buffer for the one copy back per batch (CUDA)
+        self._side: Optional[torch.cuda.Stream] = None  # the staging copies' stream (CUDA), made on first use
 
     def batch_buckets(self) -> tuple[int, ...]:
         """Row counts the warm-up runs: powers of two below ``max_rows``, then ``max_rows`` (1 when unknown)."""
@@ -134,28 +157,82 @@ class ModelRunner:
                 runs += 1
         return runs
 
-    @torch.inference_mode()
     def forward(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> BatchOutput:
         """clips: (task version, views [V, T, 3, S, S]) with equal T and S -> per-clip probabilities."""
+        return self.run(self.stage(clips))
+
+    @torch.inference_mode()
+    def stage(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> StagedBatch:
+        """Everything of a forward but the compute: the slots (activating what is cold), the row order, the
+        adapters' views and the input on the device (on CUDA: through pinned host memory, on a side stream).
+
+        May run on another thread while :meth:`run` computes the previous batch (the batcher stages a full
+        batch that way): the lease pins this batch's slots, so nothing it uses is evicted meanwhile. The
+        caller must hand the result to :meth:`run` (which ends the lease) or :meth:`StagedBatch.release` it.
+        """
         t0 = time.perf_counter()
         tvs = list({tv.uid: tv for tv, _ in clips}.values())
-        with self.slots.lease(tvs) as lease:
-            slot_of = [lease.slots[tv.uid] for tv, _ in clips]
-            order = sorted(range(len(clips)), key=slot_of.__getitem__) if self.mixed == "segment" else list(range(len(clips)))
-            rows = [clips[i][1].shape[0] for i in order]
-            stack, task_index = self._adapters(lease.bank, [slot_of[i] for i in order], rows)
-            inputs, row_input = self._inputs(stack, [clips[i][1] for i in order])
-            frames = torch.cat(inputs).to(self.device, self.dtype, non_blocking=True)  # [inputs' rows, T, 3, S, S]
-            logits = self.trunk(frames, stack, task_index, row_input).float()  # [N, C_max]
-        for tv in tvs:
+        lease = self.slots.lease(tvs)
+        try:
+            with self._copy_stream():
+                slot_of = [lease.slots[tv.uid] for tv, _ in clips]
+                order = (sorted(range(len(clips)), key=slot_of.__getitem__) if self.mixed == "segment"
+                         else list(range(len(clips))))
+                rows = [clips[i][1].shape[0] for i in order]
+                stack, task_index = self._adapters(lease.bank, [slot_of[i] for i in order], rows)
+                inputs, row_input = self._inputs(stack, [clips[i][1] for i in order])
+                frames = self._to_device(inputs)  # [inputs' rows, T, 3, S, S]
+                ready = None
+                if self._side is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(self._side)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
+        return StagedBatch(list(clips), tvs, order, rows, lease, stack, task_index, frames, row_input, ready,
+                           time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def run(self, staged: StagedBatch) -> BatchOutput:
+        """The forward of a staged batch (on the model thread); ends its lease."""
+        t0 = time.perf_counter()
+        s = staged
+        with s.lease:
+            if s.ready is not None:  # the side stream's copies come first
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(s.ready)
+                s.frames.record_stream(compute)
+            logits = self.trunk(s.frames.to(self.dtype), s.stack, s.task_index, s.row_input).float()  # [N, C_max]
+        for tv in s.tvs:
             if tv.retired:  # admitted before the registry retired it: it leaves once its requests end
                 self.slots.retire(tv)
-        host = self._to_host(self._clip_probs(logits, rows, [clips[i][0].spec.num_classes for i in order]))
+        clips, order = s.clips, s.order
+        host = self._to_host(self._clip_probs(logits, s.rows, [clips[i][0].spec.num_classes for i in order]))
         probs: list[Optional[Tensor]] = [None] * len(clips)
         for j, i in enumerate(order):
             probs[i] = host[j, : clips[i][0].spec.num_classes]  # [C]
-        shared = 0 if row_input is None else sum(rows) - frames.shape[0]
-        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(rows), len(tvs), shared)  # type: ignore[arg-type]
+        shared = 0 if s.row_input is None else sum(s.rows) - s.frames.shape[0]
+        return BatchOutput(probs, s.stage_s + time.perf_counter() - t0, len(clips), sum(s.rows), len(s.tvs),  # type: ignore[arg-type]
+                           shared)
+
+    def _copy_stream(self):
+        """The side stream the staging copies run on (CUDA), else no stream at all."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._side)
+
+    def _to_device(self, inputs: list[Tensor]) -> Tensor:
+        """One host tensor of the inputs and its copy on the device (float32 here; cast to the serving dtype
+        on the compute stream). On CUDA the host tensor is pinned, so the copy is asynchronous; the caching
+        host allocator keeps that block until the copy is done."""
+        if self.device.type == "cpu":
+            return torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+        n = sum(int(v.shape[0]) for v in inputs)
+        host = torch.empty((n, *inputs[0].shape[1:]), dtype=inputs[0].dtype, pin_memory=self.device.type == "cuda")
+        torch.cat(inputs, out=host)
+        return host.to(self.device, non_blocking=True)
 
     def _clip_probs(self, logits: Tensor, rows: list[int], classes: list[int]) -> Tensor:
         """logits [N, C_max] -> [clips, C_max]: each clip's softmax over its own classes, averaged over its rows."""

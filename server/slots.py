@@ -18,18 +18,21 @@ tasks of different activations never share a forward). This module is the policy
   request ends (:meth:`retire`), also when a request admitted before the swap
   brought it back in after the registry retired it.
 
-Leases run on the model thread; ``discard``/``retire`` and the metric reads may come
-from other threads, so the bookkeeping is under one lock, and a version in use by the
-forward in progress is discarded when that forward ends.
+Leases are taken where a batch is staged (the batcher's staging thread, or the model
+thread) and end on the model thread; two may be live at once, the computing batch's and
+the next one's, so a slot is pinned by a count of leases. ``discard``/``retire`` and the
+metric reads may come from other threads, so the bookkeeping is under one lock, and a
+version in use by a live lease is discarded when its last lease ends. A bank grown past
+the budget shrinks back when no lease is live (the model idle between batches).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence
 
 import torch
 
@@ -90,7 +93,7 @@ class AdapterSlots:
         self._banks: dict[str, SlotBank] = {}
         self._free: dict[str, list[int]] = {}
         self._where: "OrderedDict[int, Placement]" = OrderedDict()  # uid -> placement, least recently used first
-        self._pinned: set[int] = set()
+        self._pinned: Counter[int] = Counter()  # uid -> leases holding it (a staged batch and the one computing)
         self._doomed: set[int] = set()  # discarded while pinned: freed when the lease ends
         self._lock = threading.Lock()
         self.hits = self.activations = self.evictions = 0
@@ -133,7 +136,7 @@ class AdapterSlots:
         with self._lock:
             bank = self._bank(act, tvs[0])
             need = {tv.uid: tv for tv in tvs}
-            self._pinned |= need.keys()
+            self._pinned.update(need.keys())
             try:
                 missing = [tv for tv in need.values() if tv.uid not in self._where]
                 shapes = [TaskShape.of(tv.host_stack) for tv in missing]
@@ -153,7 +156,7 @@ class AdapterSlots:
                     self._emit("activation", time.perf_counter() - t0)
                 slots = {uid: self._where[uid].slot for uid in need}
             except BaseException:
-                self._pinned -= need.keys()
+                self._drop_pins(need.keys())
                 raise
         return Lease(self, bank, slots)
 
@@ -205,10 +208,15 @@ class AdapterSlots:
         self._banks[where.activation].clear(where.slot)
         self._free[where.activation].append(where.slot)
 
+    def _drop_pins(self, uids: Collection[int]) -> None:
+        self._pinned.subtract(uids)
+        for uid in [u for u in uids if self._pinned[u] <= 0]:
+            del self._pinned[uid]
+
     def _unpin(self, slots: dict[int, int]) -> None:
         with self._lock:
-            self._pinned -= slots.keys()
-            for uid in self._doomed - self._pinned:
+            self._drop_pins(slots.keys())
+            for uid in self._doomed - self._pinned.keys():
                 self._doomed.discard(uid)
                 if uid in self._where:
                     self._release(uid)

@@ -91,3 +91,24 @@ def test_slot_bank_mixed_batch_on_cuda_fp32_equals_each_task_alone(two_task_repo
                 alone = trunk(views.to(CUDA), tv.host_stack.to(CUDA)).softmax(-1).mean(0).cpu()
             torch.testing.assert_close(p, alone, atol=1e-5, rtol=1e-4)
         assert runner.slots.bytes > 0 and runner.slots.used == 2
+
+
+def test_staged_batches_on_the_side_stream_equal_cpu(two_task_repo, tiny_trunk_dir):
+    """The next batch staged (pinned input, side-stream copy, event) while the previous one is not yet run."""
+    cpu_trunk, trunk = load_trunk(tiny_trunk_dir), load_trunk(tiny_trunk_dir, device=CUDA)
+    cpu_reg, reg = TaskRegistry(two_task_repo, cpu_trunk), TaskRegistry(two_task_repo, trunk)
+    cpu_reg.sync()
+    reg.sync()
+    g = torch.Generator().manual_seed(5)
+    batches = [[("alpha", torch.randn(2, 4, 3, 32, 32, generator=g)), ("beta", torch.randn(1, 4, 3, 32, 32, generator=g))]
+               for _ in range(3)]
+    runner = ModelRunner(trunk, AdapterSlots(1 << 20, CUDA, torch.float32))
+    ref = ModelRunner(cpu_trunk, AdapterSlots(1 << 20, torch.device("cpu"), torch.float32))
+    staged = [runner.stage([(reg.tasks[n], v) for n, v in b]) for b in batches]  # all staged before any runs
+    assert all(s.ready is not None and s.frames.device.type == "cuda" for s in staged)
+    for s, b in zip(staged, batches):
+        out = runner.run(s)
+        want = ref.forward([(cpu_reg.tasks[n], v) for n, v in b])
+        for p, q in zip(out.probs, want.probs):
+            torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+    assert not runner.slots._pinned
