@@ -1,6 +1,6 @@
 """Memory of stalled streams: does the server's RSS stay near the clip bytes it counts as held?
 
-    python -m bench.stalled_streams [--streams 8] [--mb 32] [--chunk-kb 1024] [--phase both] [--out stalled.json]
+    python -m bench.stalled_streams [--streams 8] [--mb 32] [--chunk-kb 1024] [--phase both|all] [--out stalled.json]
 
 A real server (``--max-clip-bytes`` = one stream's size, ``--max-inflight-clip-bytes`` =
 all of them) gets ``streams`` ClassifyStream calls that each send ``mb`` MiB in
@@ -8,7 +8,8 @@ all of them) gets ``streams`` ClassifyStream calls that each send ``mb`` MiB in
 ``stadapter_clip_in_flight_bytes`` shows every byte held, the bench reads the server
 process's RSS (``/proc/<pid>/status`` VmRSS, and VmHWM for the peak) and reports the
 growth over the idle server as a multiple of the bytes held (goal: <= 1.5). Then the
-streams are cancelled and the gauge must return to 0. Decoder workers are separate
+streams are cancelled and the gauge must return to 0. Phase ``unary`` sends each clip
+whole in one ``Classify`` message instead, to a decoder that hangs. Decoder workers are separate
 processes and never see these clips (the streams never end).
 
 Prints a table to stderr and JSON to stdout (and ``--out``).
@@ -47,8 +48,9 @@ def _gauge(url: str, name: str) -> float:
 
 
 def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str = "stalled") -> dict:
-    """``phase``: ``stalled`` (streams stop before their end) or ``decoding`` (streams end; the clip waits on a
-    decoder that hangs through the test hook, so the whole clip sits in the server as a request)."""
+    """``phase``: ``stalled`` (streams stop before their end), ``decoding`` (streams end; the clip waits on a
+    decoder that hangs through the test hook, so the whole clip sits in the server as a request) or ``unary``
+    (the same wait, each clip sent whole in one ``Classify`` message)."""
     import grpc
 
     from server.demo import copy_repository
@@ -61,8 +63,8 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
     from server.decode_pool import HANG_MAGIC, TEST_HOOK_ENV
 
     chunk = os.urandom(chunk_kb << 10)
-    first = HANG_MAGIC + chunk[len(HANG_MAGIC):] if phase == "decoding" else chunk
-    env = {TEST_HOOK_ENV: "hang-on-magic"} if phase == "decoding" else {}
+    first = HANG_MAGIC + chunk[len(HANG_MAGIC):] if phase != "stalled" else chunk
+    env = {TEST_HOOK_ENV: "hang-on-magic"} if phase != "stalled" else {}
     with tempfile.TemporaryDirectory() as tmp:
         repo = copy_repository(ROOT / "model_repository", Path(tmp) / "repo")
         args = ["--max-clip-bytes", str(per_stream), "--max-inflight-clip-bytes", str(budget), "--no-warmup",
@@ -87,7 +89,13 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
             channel = grpc.insecure_channel(srv.address, options=[("grpc.max_send_message_length", 64 * MiB)])
             stub = pb_grpc.VideoClassifierStub(channel)
             t0 = time.monotonic()
-            futures = [stub.ClassifyStream.future(chunks(), timeout=600) for _ in range(streams)]
+            if phase == "unary":
+                whole = (first + chunk * (per_stream // len(chunk)))[:per_stream]
+                futures = [stub.Classify.future(pb.ClassifyRequest(task=TASK, clip=whole), timeout=600)
+                           for _ in range(streams)]
+                del whole
+            else:
+                futures = [stub.ClassifyStream.future(chunks(), timeout=600) for _ in range(streams)]
             held = 0.0
             while time.monotonic() - t0 < 300:
                 held = _gauge(srv.metrics_url, "stadapter_clip_in_flight_bytes")
@@ -129,10 +137,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--mb", type=int, default=32, help="MiB each stream sends before it stalls")
     ap.add_argument("--chunk-kb", type=int, default=1024)
     ap.add_argument("--idle-timeout-s", type=float, default=600.0, help="server flag (0: leave it out)")
-    ap.add_argument("--phase", choices=("stalled", "decoding", "both"), default="both")
+    ap.add_argument("--phase", choices=("stalled", "decoding", "unary", "both", "all"), default="both",
+                    help="both: stalled and decoding; all: the three")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    phases = ("stalled", "decoding") if a.phase == "both" else (a.phase,)
+    phases = {"both": ("stalled", "decoding"), "all": ("stalled", "decoding", "unary")}.get(a.phase, (a.phase,))
     res = {p: run(a.streams, a.mb, a.chunk_kb, a.idle_timeout_s, p) for p in phases}
     print(f"{'phase':>9} {'streams':>8} {'held MiB':>9} {'RSS growth MiB':>15} {'growth/held':>12} {'peak/held':>10} "
           f"{'held after cancel':>18}", file=sys.stderr)

@@ -37,6 +37,7 @@ from .registry import TaskRegistry, TaskVersion
 from .response_cache import ResponseCache
 from .service import TaskAdminService, VideoClassifierService
 from .slots import AdapterSlots
+from .wire_clip import ClipOnceInterceptor
 
 log = logging.getLogger("server")
 
@@ -115,7 +116,7 @@ class Server:
         options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        gs = grpc.aio.server(options=options, interceptors=[AccessLogInterceptor()])  # access lines, request ids
+        gs = grpc.aio.server(options=options, interceptors=[AccessLogInterceptor(), ClipOnceInterceptor()])
         pb_grpc.add_VideoClassifierServicer_to_server(
             VideoClassifierService(pipeline, registry, metrics, auth), gs)
         pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(pipeline, registry, metrics, auth), gs)

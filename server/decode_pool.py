@@ -67,10 +67,10 @@ HANG_MAGIC = b"STADAPTER-TEST-HANG"
 class Decoder(Protocol):
     """What the pipeline needs from a decoding backend."""
 
-    async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+    async def decode(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]: ...
 
-    def windows(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+    def windows(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
                 timeout_s: float, deadline: Optional[float] = None) -> AsyncGenerator[WindowBatch, None]:
         """The clip's windows in batches, in time order; closing the iterator early stops the decode."""
         ...
@@ -84,11 +84,11 @@ class ThreadDecoder:
     def __init__(self, workers: int):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
 
-    async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+    async def decode(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, _decode_timed, clip, sampling, limits)
 
-    async def windows(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+    async def windows(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
                       timeout_s: float, deadline: Optional[float] = None) -> AsyncGenerator[WindowBatch, None]:
         batches = window_batches(clip, sampling, limits, job)
         step = None
@@ -109,7 +109,7 @@ class ThreadDecoder:
         self.pool.shutdown(wait=False, cancel_futures=True)  # a stuck thread cannot be stopped; do not wait for it
 
 
-def _decode_timed(clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
+def _decode_timed(clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
     """The time is the decode alone, not the wait for a free worker."""
     t0 = time.perf_counter()
     views = decode_clip(clip, sampling, limits)  # [V, T, 3, S, S]
@@ -245,7 +245,7 @@ class ProcessDecodePool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def decode(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
+    async def decode(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]:
         """Decode ``clip`` in a worker: ``(views [V,T,3,S,S] float32, decode seconds)``.
 
@@ -289,7 +289,7 @@ class ProcessDecodePool:
         with contextlib.suppress(Exception):  # nobody is waiting for this answer any more
             self._result(w, reply.result(), name)
 
-    async def windows(self, clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+    async def windows(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
                       timeout_s: float, deadline: Optional[float] = None) -> AsyncGenerator[WindowBatch, None]:
         """The clip's windows in batches from one worker (see the module docstring). ``timeout_s`` bounds the wait
         for each batch, ``deadline`` all of them. Leaving early (cancel, close) stops the job in the background."""

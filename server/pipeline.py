@@ -34,7 +34,8 @@ from .registry import TaskRegistry, TaskVersion
 from .response_cache import CacheKey, ResponseCache, clip_digest
 from .window_jobs import WindowJob, WindowSpan
 
-ClipBytes = Union[bytes, bytearray]  # a stream's clip is the buffer it was received into (no joined copy)
+ClipBytes = Union[bytes, bytearray, memoryview]  # the buffer a stream was received into (no joined copy), or a view
+# of a unary request's wire bytes (server.wire_clip)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from .rpc_helpers import deadline_of as _deadline
 from .rpc_helpers import gather_clip, idle_bounded
 from .rpc_helpers import overrides_of as _overrides
 from .window_service import WindowsServicer
+from .wire_clip import clip_of
 
 log = logging.getLogger("server.service")
 
@@ -168,7 +169,7 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
     @rpc("Classify", "classify")
     async def Classify(self, request: pb.ClassifyRequest, context, ticket: Ticket) -> pb.ClassifyResponse:
         _task_label.set(_label(request.task, request.tasks))
-        clip = request.clip  # a copy out of the message (protobuf): taken once
+        clip = clip_of(request)  # over gRPC a view of the received bytes: the one copy
         if len(clip) > self.limits.max_clip_bytes:
             self.limits.check_clip_size(len(clip))  # too big is INVALID_ARGUMENT, whatever the budget
         ticket.hold(len(clip))

@@ -70,7 +70,7 @@ class WindowBatch:
     decode_s: float  # decoding time of this batch alone
 
 
-def window_batches(clip: bytes | bytearray, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
+def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
                    stats: Optional[DecodeStats] = None) -> Generator[WindowBatch, None, None]:
     stats = stats if stats is not None else DecodeStats()
     batch: list[Window] = []

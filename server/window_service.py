@@ -24,6 +24,7 @@ from .errors import status_for
 from .logs import current_request_id
 from .pipeline import ClipBytes, WindowClassification
 from .rpc_helpers import deadline_of, gather_clip, overrides_of
+from .wire_clip import clip_of
 
 
 def rpc_stream(method: str):
@@ -97,7 +98,7 @@ class WindowsServicer:
     async def ClassifyWindows(self, request: pb.ClassifyWindowsRequest, context, ticket: Ticket,
                               label: list) -> AsyncGenerator[pb.WindowResult, None]:
         label[0] = request.task
-        clip = request.clip  # a copy out of the message (protobuf): taken once
+        clip = clip_of(request)  # over gRPC a view of the received bytes: the one copy
         if len(clip) > self.limits.max_clip_bytes:
             self.limits.check_clip_size(len(clip))
         ticket.hold(len(clip))

@@ -1,0 +1,141 @@
+"""A unary request's clip held once: cut out of the wire bytes, not copied into the message and out again.
+
+With the upb protobuf runtime, parsing a ``ClassifyRequest`` copies its ``clip`` into the
+message's arena, and reading ``request.clip`` copies it again (clearing the field frees
+nothing: the arena lives as long as the message). With gRPC's own receive buffer that is
+three clips for one counted against ``--max-inflight-clip-bytes`` (``python -m
+bench.stalled_streams --phase unary``: RSS grew 3.6x the bytes held). For the unary clip
+methods this module's deserializer walks the message's top-level fields (a few, whatever
+the clip's size), parses everything but the clip with protobuf, and hands the handler a
+:class:`SplitRequest`: the parsed message plus the clip as a view of the wire bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Optional
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from stadapter_api.v1 import inference_pb2 as pb
+
+from .errors import BadRequest
+
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+
+class SplitRequest:
+    """A request message without its clip, and the clip (a view of the received bytes; ``b""`` if unset).
+    Every other attribute is the message's. ``decode_error``: why the bytes were not a valid message (then
+    the message is empty); :func:`clip_of` turns it into INVALID_ARGUMENT, where a deserializer that raises
+    would get grpc's UNKNOWN "Unexpected DecodeError"."""
+
+    __slots__ = ("message", "clip", "decode_error")
+
+    def __init__(self, message: Message, clip: memoryview | bytes, decode_error: str = ""):
+        self.message = message
+        self.clip = clip
+        self.decode_error = decode_error
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if i >= len(buf):
+            raise DecodeError("truncated varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint longer than 10 bytes")
+
+
+def split_field(raw: bytes, number: int) -> tuple[bytes, Optional[memoryview]]:
+    """``raw``'s top-level fields without the length-delimited field ``number``, and that field's value (the
+    last one, as protobuf keeps for a repeated scalar field) as a view of ``raw``; None if it is absent."""
+    view = memoryview(raw)
+    rest: list[memoryview] = []
+    value: Optional[memoryview] = None
+    i, n = 0, len(view)
+    while i < n:
+        start = i
+        key, i = _varint(view, i)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise DecodeError("field number 0")
+        if wire == _VARINT:
+            _, i = _varint(view, i)
+        elif wire == _FIXED64:
+            i += 8
+        elif wire == _FIXED32:
+            i += 4
+        elif wire == _LENGTH:
+            length, i = _varint(view, i)
+            i += length
+            if i <= n and field == number:
+                value = view[i - length:i]
+                continue
+        else:
+            raise DecodeError(f"wire type {wire} (groups are not used by this API)")
+        if i > n:
+            raise DecodeError("truncated message")
+        rest.append(view[start:i])
+    return b"".join(rest), value
+
+
+def clip_deserializer(message_type: type[Message]) -> Callable[[bytes], SplitRequest]:
+    number = message_type.DESCRIPTOR.fields_by_name["clip"].number
+
+    def deserialize(raw: bytes) -> SplitRequest:
+        try:
+            rest, clip = split_field(raw, number)
+            return SplitRequest(message_type.FromString(rest), clip if clip is not None else b"")
+        except DecodeError as e:
+            return SplitRequest(message_type(), b"", f"{e}"[:200] or "cannot parse")
+
+    return deserialize
+
+
+def clip_of(request: Any) -> memoryview | bytes:
+    """The clip of a unary request (a :class:`SplitRequest` over gRPC, a plain message otherwise);
+    :class:`BadRequest` (INVALID_ARGUMENT) for bytes that were not a valid message."""
+    if isinstance(request, SplitRequest) and request.decode_error:
+        name = type(request.message).DESCRIPTOR.full_name
+        raise BadRequest(f"the request is not a valid {name} message: {request.decode_error}")
+    return request.clip
+
+
+UNARY_CLIP_METHODS = {
+    "/stadapter.v1.VideoClassifier/Classify": pb.ClassifyRequest,
+    "/stadapter.v1.VideoClassifier/ClassifyWindows": pb.ClassifyWindowsRequest,
+}
+
+
+class ClipOnceInterceptor(grpc.aio.ServerInterceptor):
+    """Gives the unary clip methods :func:`clip_deserializer` (put after the access log, which counts the
+    wire bytes this deserializer is handed)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        message_type = UNARY_CLIP_METHODS.get(handler_call_details.method)
+        if handler is None or message_type is None:
+            return handler
+        cached = self._handlers.get(handler_call_details.method)
+        if cached is None or cached[0] is not handler:
+            factory = grpc.unary_unary_rpc_method_handler if not handler.response_streaming \
+                else grpc.unary_stream_rpc_method_handler
+            behaviour = handler.unary_unary if not handler.response_streaming else handler.unary_stream
+            cached = (handler, factory(behaviour, request_deserializer=clip_deserializer(message_type),
+                                       response_serializer=handler.response_serializer))
+            self._handlers[handler_call_details.method] = cached
+        return cached[1]
