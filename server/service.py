@@ -39,7 +39,7 @@ from .rpc_helpers import deadline_of as _deadline
 from .rpc_helpers import gather_clip, idle_bounded
 from .rpc_helpers import overrides_of as _overrides
 from .window_service import WindowsServicer
-from .wire_clip import clip_of
+from .wire_clip import clip_of, items_of
 
 log = logging.getLogger("server.service")
 
@@ -189,7 +189,8 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
     async def BatchClassify(self, request: pb.BatchClassifyRequest, context,
                             ticket: Ticket) -> pb.BatchClassifyResponse:
         deadline = _deadline(context)
-        ticket.hold(sum(len(r.clip) for r in request.requests))
+        items = items_of(request)  # over gRPC each clip a view of the received bytes
+        ticket.hold(sum(len(r.clip) for r in items))
 
         async def one(req: pb.ClassifyRequest) -> pb.BatchClassifyResult:
             try:
@@ -202,7 +203,7 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
                 self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), code.name).inc()
                 return pb.BatchClassifyResult(error=pb.ItemError(code=code.value[0], message=message))
 
-        results = await asyncio.gather(*(one(r) for r in request.requests))
+        results = await asyncio.gather(*(one(r) for r in items))
         return pb.BatchClassifyResponse(results=results)
 
     @rpc("ListTasks", "classify")

@@ -8,11 +8,12 @@ bench.stalled_streams --phase unary``: RSS grew 3.6x the bytes held). For the un
 methods this module's deserializer walks the message's top-level fields (a few, whatever
 the clip's size), parses everything but the clip with protobuf, and hands the handler a
 :class:`SplitRequest`: the parsed message plus the clip as a view of the wire bytes.
+BatchClassify's items get the same, one level down (:class:`SplitBatch`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -56,12 +57,12 @@ def _varint(buf: memoryview, i: int) -> tuple[int, int]:
             raise DecodeError("varint longer than 10 bytes")
 
 
-def split_field(raw: bytes, number: int) -> tuple[bytes, Optional[memoryview]]:
-    """``raw``'s top-level fields without the length-delimited field ``number``, and that field's value (the
-    last one, as protobuf keeps for a repeated scalar field) as a view of ``raw``; None if it is absent."""
+def split_field(raw: bytes | memoryview, number: int) -> tuple[bytes, list[memoryview]]:
+    """``raw``'s top-level fields without the length-delimited field ``number``, and that field's values in wire
+    order as views of ``raw`` (for a bytes field protobuf keeps the last)."""
     view = memoryview(raw)
     rest: list[memoryview] = []
-    value: Optional[memoryview] = None
+    values: list[memoryview] = []
     i, n = 0, len(view)
     while i < n:
         start = i
@@ -79,47 +80,88 @@ def split_field(raw: bytes, number: int) -> tuple[bytes, Optional[memoryview]]:
             length, i = _varint(view, i)
             i += length
             if i <= n and field == number:
-                value = view[i - length:i]
+                values.append(view[i - length:i])
                 continue
         else:
             raise DecodeError(f"wire type {wire} (groups are not used by this API)")
         if i > n:
             raise DecodeError("truncated message")
         rest.append(view[start:i])
-    return b"".join(rest), value
+    return b"".join(rest), values
+
+
+def _split(message_type: type[Message], raw: bytes | memoryview) -> SplitRequest:
+    rest, clips = split_field(raw, message_type.DESCRIPTOR.fields_by_name["clip"].number)
+    return SplitRequest(message_type.FromString(rest), clips[-1] if clips else b"")
+
+
+def _reason(e: DecodeError) -> str:
+    return f"{e}"[:200] or "cannot parse"
 
 
 def clip_deserializer(message_type: type[Message]) -> Callable[[bytes], SplitRequest]:
-    number = message_type.DESCRIPTOR.fields_by_name["clip"].number
-
     def deserialize(raw: bytes) -> SplitRequest:
         try:
-            rest, clip = split_field(raw, number)
-            return SplitRequest(message_type.FromString(rest), clip if clip is not None else b"")
+            return _split(message_type, raw)
         except DecodeError as e:
-            return SplitRequest(message_type(), b"", f"{e}"[:200] or "cannot parse")
+            return SplitRequest(message_type(), b"", _reason(e))
 
     return deserialize
+
+
+class SplitBatch:
+    """A BatchClassifyRequest as :class:`SplitRequest` items (each clip a view of the received bytes)."""
+
+    __slots__ = ("requests", "decode_error")
+    DESCRIPTOR = pb.BatchClassifyRequest.DESCRIPTOR  # what the access log reads the message type by
+
+    def __init__(self, requests: list[SplitRequest], decode_error: str = ""):
+        self.requests = requests
+        self.decode_error = decode_error
+
+
+def batch_deserializer(raw: bytes) -> SplitBatch:
+    try:
+        rest, items = split_field(raw, pb.BatchClassifyRequest.DESCRIPTOR.fields_by_name["requests"].number)
+        pb.BatchClassifyRequest.FromString(rest)  # any other field must parse (there is none today)
+        return SplitBatch([_split(pb.ClassifyRequest, item) for item in items])
+    except DecodeError as e:
+        return SplitBatch([], _reason(e))
 
 
 def clip_of(request: Any) -> memoryview | bytes:
     """The clip of a unary request (a :class:`SplitRequest` over gRPC, a plain message otherwise);
     :class:`BadRequest` (INVALID_ARGUMENT) for bytes that were not a valid message."""
-    if isinstance(request, SplitRequest) and request.decode_error:
-        name = type(request.message).DESCRIPTOR.full_name
-        raise BadRequest(f"the request is not a valid {name} message: {request.decode_error}")
+    _check(request)
     return request.clip
 
 
-UNARY_CLIP_METHODS = {
-    "/stadapter.v1.VideoClassifier/Classify": pb.ClassifyRequest,
-    "/stadapter.v1.VideoClassifier/ClassifyWindows": pb.ClassifyWindowsRequest,
+def items_of(request: Any) -> list[Any]:
+    """The items of a BatchClassifyRequest (a :class:`SplitBatch` over gRPC, a plain message otherwise)."""
+    _check(request)
+    return list(request.requests)
+
+
+def _check(request: Any) -> None:
+    if isinstance(request, SplitRequest) and request.decode_error:
+        name = type(request.message).DESCRIPTOR.full_name
+    elif isinstance(request, SplitBatch) and request.decode_error:
+        name = pb.BatchClassifyRequest.DESCRIPTOR.full_name
+    else:
+        return
+    raise BadRequest(f"the request is not a valid {name} message: {request.decode_error}")
+
+
+UNARY_CLIP_METHODS: dict[str, Callable[[bytes], Any]] = {
+    "/stadapter.v1.VideoClassifier/Classify": clip_deserializer(pb.ClassifyRequest),
+    "/stadapter.v1.VideoClassifier/ClassifyWindows": clip_deserializer(pb.ClassifyWindowsRequest),
+    "/stadapter.v1.VideoClassifier/BatchClassify": batch_deserializer,
 }
 
 
 class ClipOnceInterceptor(grpc.aio.ServerInterceptor):
-    """Gives the unary clip methods :func:`clip_deserializer` (put after the access log, which counts the
-    wire bytes this deserializer is handed)."""
+    """Gives the unary clip methods (and BatchClassify) the deserializers above (put after the access log,
+    which counts the wire bytes these deserializers are handed)."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -127,15 +169,15 @@ class ClipOnceInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        message_type = UNARY_CLIP_METHODS.get(handler_call_details.method)
-        if handler is None or message_type is None:
+        deserializer = UNARY_CLIP_METHODS.get(handler_call_details.method)
+        if handler is None or deserializer is None:
             return handler
         cached = self._handlers.get(handler_call_details.method)
         if cached is None or cached[0] is not handler:
             factory = grpc.unary_unary_rpc_method_handler if not handler.response_streaming \
                 else grpc.unary_stream_rpc_method_handler
             behaviour = handler.unary_unary if not handler.response_streaming else handler.unary_stream
-            cached = (handler, factory(behaviour, request_deserializer=clip_deserializer(message_type),
+            cached = (handler, factory(behaviour, request_deserializer=deserializer,
                                        response_serializer=handler.response_serializer))
             self._handlers[handler_call_details.method] = cached
         return cached[1]

@@ -11,7 +11,7 @@ import media
 from google.protobuf.message import DecodeError
 
 from server.errors import BadRequest
-from server.wire_clip import SplitRequest, clip_deserializer, clip_of, split_field
+from server.wire_clip import SplitBatch, SplitRequest, batch_deserializer, clip_deserializer, clip_of, items_of, split_field
 from serverproc import ServerProcess
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
@@ -76,17 +76,34 @@ def test_malformed_bytes_are_refused_where_protobuf_refuses_them(raw):
 
 def test_split_field_leaves_other_fields_byte_for_byte():
     raw = pb.ClassifyRequest(task="motion", clip=b"\x00" * 1000, top_k=3).SerializeToString()
-    rest, value = split_field(raw, CLIP)
-    assert rest == pb.ClassifyRequest(task="motion", top_k=3).SerializeToString() and value is not None
-    assert len(value) == 1000
+    rest, values = split_field(raw, CLIP)
+    assert rest == pb.ClassifyRequest(task="motion", top_k=3).SerializeToString()
+    assert [len(v) for v in values] == [1000]
+
+
+def test_a_batch_is_split_item_by_item():
+    rng = random.Random(1)
+    items = list(_requests(rng, 6))
+    raw = pb.BatchClassifyRequest(requests=items).SerializeToString()
+    got = batch_deserializer(raw)
+    assert isinstance(got, SplitBatch) and len(got.requests) == len(items)
+    for g, r in zip(items_of(got), items):
+        assert bytes(g.clip) == r.clip and g.message.clip == b""
+        assert (g.task, list(g.tasks), g.top_k) == (r.task, list(r.tasks), r.top_k)
+        if r.clip:
+            assert g.clip.obj is raw
+    assert items_of(pb.BatchClassifyRequest(requests=items))[0].clip == items[0].clip  # a plain message too
+    bad = batch_deserializer(pb.BatchClassifyRequest(requests=items[:1]).SerializeToString()[:-1])
+    with pytest.raises(BadRequest, match="not a valid stadapter.v1.BatchClassifyRequest message"):
+        items_of(bad)
 
 
 def test_over_grpc_a_malformed_request_fails_alone_and_the_next_is_served(two_task_repo):
     ok_clip = media.make_clip(num_frames=12, size=(48, 40))
     with ServerProcess(two_task_repo, "--no-warmup") as srv, grpc.insecure_channel(srv.address) as ch:
-        for method in ("Classify", "ClassifyWindows"):
+        for method in ("Classify", "ClassifyWindows", "BatchClassify"):
             path = f"/stadapter.v1.VideoClassifier/{method}"  # bytes in, bytes out
-            raw_call = ch.unary_unary(path) if method == "Classify" else ch.unary_stream(path)
+            raw_call = ch.unary_stream(path) if method == "ClassifyWindows" else ch.unary_unary(path)
             for raw in MALFORMED:
                 with pytest.raises(grpc.RpcError) as e:
                     call = raw_call(raw, timeout=30)
@@ -100,6 +117,12 @@ def test_over_grpc_a_malformed_request_fails_alone_and_the_next_is_served(two_ta
         w = list(stub.ClassifyWindows(pb.ClassifyWindowsRequest(task="alpha", clip=ok_clip, window_s=0.2, stride_s=0.2),
                                       timeout=60))
         assert w and all(x.predictions for x in w)
+        b = stub.BatchClassify(pb.BatchClassifyRequest(requests=[pb.ClassifyRequest(task="alpha", clip=ok_clip),
+                                                                 pb.ClassifyRequest(task="beta", clip=ok_clip)]), timeout=60)
+        assert [x.response.task for x in b.results] == ["alpha", "beta"]
+        got = b.results[0].response.predictions
+        assert [p.label for p in got] == [p.label for p in r.predictions]
+        assert [p.score for p in got] == pytest.approx([p.score for p in r.predictions], abs=1e-5)
 
 
 def test_unary_clips_waiting_on_a_decoder_grow_rss_by_about_the_bytes_held():
