@@ -117,7 +117,7 @@ def test_over_grpc_a_malformed_request_fails_alone_and_the_next_is_served(two_ta
         w = list(stub.ClassifyWindows(pb.ClassifyWindowsRequest(task="alpha", clip=ok_clip, window_s=0.2, stride_s=0.2),
                                       timeout=60))
         assert w and all(x.predictions for x in w)
-        b = stub.BatchClassify(pb.BatchClassifyRequest(requests=[pb.ClassifyRequest(task="alpha", clip=ok_clip),
+        b = stub.BatchClassify(pb.BatchClassifyRequest(requests=[pb.ClassifyRequest(task="alpha", clip=ok_clip, top_k=2),
                                                                  pb.ClassifyRequest(task="beta", clip=ok_clip)]), timeout=60)
         assert [x.response.task for x in b.results] == ["alpha", "beta"]
         got = b.results[0].response.predictions
