@@ -136,7 +136,7 @@ class HttpService(_Base):
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["task"], request.match_info.get("version", "")
         try:
-            served_model(self.registry, name, version)  # NOT_FOUND (404) for an unknown task or version
+            await served_model(self.registry, name, version)  # NOT_FOUND (404) for an unknown task or version
         except Exception as e:  # noqa: BLE001 - the error is the answer
             return error_response(e)[0]
         ready = model_ready(self.registry, self.pipeline.admission.draining, name, version)
@@ -151,7 +151,7 @@ class HttpService(_Base):
 
     @endpoint("ModelMetadata", "classify")
     async def model_metadata(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
         return web.json_response({
             "name": tv.name, "versions": [str(tv.version)], "platform": PLATFORM,
             "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in INPUT_SIGNATURE],
@@ -160,7 +160,7 @@ class HttpService(_Base):
 
     @endpoint("ModelConfig", "classify")
     async def model_config(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
         s = tv.spec
         types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
         return web.json_response({
@@ -177,7 +177,7 @@ class HttpService(_Base):
 
     @endpoint("ModelInfer", "classify")
     async def infer(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
         limit = self.limits.max_inflight_clip_bytes
         declared = request.content_length
         if declared is not None and declared > limit:

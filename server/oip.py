@@ -64,7 +64,7 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
 
     @rpc("ModelMetadata", "classify")
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context, ticket: Ticket):
-        tv = self._model(request.name, request.version)
+        tv = await self._model(request.name, request.version)
         T = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=tv.name, versions=[str(tv.version)], platform=PLATFORM,
@@ -74,7 +74,7 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
 
     @rpc("ModelConfig", "classify")
     async def ModelConfig(self, request: oip.ModelConfigRequest, context, ticket: Ticket):
-        tv = self._model(request.name, request.version)
+        tv = await self._model(request.name, request.version)
         s = tv.spec
         cfg = mc.ModelConfig(
             name=tv.name, platform=PLATFORM, max_batch_size=0,
@@ -92,7 +92,7 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelInfer", "classify")
     async def ModelInfer(self, request: oip.ModelInferRequest, context, ticket: Ticket) -> oip.ModelInferResponse:
         _task_label.set(request.model_name)
-        tv = self._model(request.model_name, request.model_version)
+        tv = await self._model(request.model_name, request.model_version)
         params = read_parameters(request.parameters, PARAMETERS)
         top_k = split_top_k(params)
         wanted = requested_outputs([o.name for o in request.outputs])
@@ -101,8 +101,8 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         results = await classify_clips(self.pipeline, ticket, tv, clips, top_k, params, _deadline(context))
         return self._answer(request, tv, results, wanted)
 
-    def _model(self, name: str, version: str) -> TaskVersion:
-        return served_model(self.registry, name, version)
+    async def _model(self, name: str, version: str) -> TaskVersion:
+        return await served_model(self.registry, name, version)
 
     def _clips(self, request: oip.ModelInferRequest) -> list[bytes]:
         t = request.inputs[0] if request.inputs else None

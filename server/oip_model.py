@@ -47,9 +47,11 @@ def server_version() -> str:
         return "0"
 
 
-def served_model(registry: TaskRegistry, name: str, version: str) -> TaskVersion:
-    """Task ``name`` at ``version`` (empty: the served one; else a servable version, as ``name@N`` pins it);
-    NOT_FOUND for an unknown task or a version that is not servable."""
+async def served_model(registry: TaskRegistry, name: str, version: str) -> TaskVersion:
+    """Task ``name`` at ``version`` (empty: the served one; else a servable version, as ``name@N`` pins it,
+    its first load off the event loop); NOT_FOUND for an unknown task or a version that is not servable."""
+    if version:
+        await registry.preload(f"{name}@{version}")
     tv = registry.get(name)  # TaskNotFound: NOT_FOUND, naming the served tasks (``name@N``: that version)
     if version in ("", str(tv.version)):
         return tv

@@ -129,6 +129,7 @@ class Pipeline:
         """Classify ``clip`` for ``task``; the queue slot and task version are the ticket's (given back when
         the clip is computed, or when the request ends, whichever comes first)."""
         t0 = time.monotonic()
+        await self.registry.preload(task)  # an older version's first pin loads off the event loop
         with self._one_task(ticket, task, top_k, overrides, len(clip)) as (slot, k, sampling):
             key = self._cache_key(await self._digest(clip), slot.tv, sampling)
             hit = self._cached(key, slot.tv, k, t0)
@@ -154,6 +155,8 @@ class Pipeline:
         self.limits.check_tasks(tasks)
         k = self._top_k(top_k)
         self.limits.check_clip_size(len(clip))
+        for task in tasks:
+            await self.registry.preload(task)
         slots = ticket.take_slots(tasks)
         out: list[Optional[Outcome]] = [None] * len(tasks)
         groups: dict[SamplingConfig, list[int]] = {}
@@ -224,6 +227,7 @@ class Pipeline:
         early (the client cancels, an error) stops the decode.
         """
         t0 = time.monotonic()
+        await self.registry.preload(task)
         with self._one_task(ticket, task, top_k, overrides, len(clip)) as (slot, k, sampling):
             self.limits.check_windows(window_s, stride_s)
             _check_deadline(deadline, "before decode")

@@ -18,7 +18,8 @@ with ``.`` are temp or tombstoned folders and are ignored.
 
 from __future__ import annotations
 
-import itertools
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -26,12 +27,10 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, ContextManager, Mapping, Optional
 
-from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
 from stadapter.config import TaskSpec, brief
 from stadapter.fsutil import atomic_write_text, exclusive_lock, fsync_tree
@@ -42,76 +41,12 @@ from .task_folders import (DIGEST_FILE, HIGH_WATER_DIR, LEFTOVER_IDLE_S, LOCKS_D
                            UPLOAD_ID_FILE, bundle_digest, last_write, recorded_digest, remove_in_background, stored_digest,
                            tombstone_dir, version_dirs)
 
+from .task_version import TaskVersion
+
+__all__ = ["TaskRegistry", "TaskVersion"]  # TaskVersion lives in server.task_version; imported from here too
+
 log = logging.getLogger("server.registry")
 
-
-
-@dataclass(eq=False)
-class TaskVersion:
-    """One loaded version of one task: its spec and its host-memory adapter stack.
-
-    ``inflight`` counts admitted requests still running on this version; ``retired``
-    is set when the version leaves the table (replaced or unregistered). ``uid`` is
-    given once, at construction: it names this loaded version (a task unregistered
-    and registered again is another version) in the device slots.
-    """
-
-    spec: TaskSpec
-    host_stack: AdapterStack
-    path: Path
-    nbytes: int
-    digest: str = ""  # sha256 of the bundle's files as stored: replicas compare content, not only numbers
-    inflight: int = 0
-    retired: bool = False
-    _on_idle: list[Callable[[], None]] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    uid: int = field(default_factory=lambda: _new_uid(), init=False)
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.spec.name, self.spec.version)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def version(self) -> int:
-        return self.spec.version
-
-    def acquire(self) -> None:
-        with self._lock:
-            self.inflight += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self.inflight -= 1
-            run = self._take_idle_callbacks()
-        for fn in run:
-            fn()
-
-    def when_idle(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once no request runs on this version (now, if none does)."""
-        with self._lock:
-            self._on_idle.append(fn)
-            run = self._take_idle_callbacks()
-        for f in run:
-            f()
-
-    def _take_idle_callbacks(self) -> list[Callable[[], None]]:
-        if self.inflight > 0 or not self._on_idle:
-            return []
-        run, self._on_idle = self._on_idle, []
-        return run
-
-
-_uids = itertools.count(1)
-_uid_lock = threading.Lock()
-
-
-def _new_uid() -> int:
-    with _uid_lock:
-        return next(_uids)
 
 
 class TaskRegistry:
@@ -165,6 +100,16 @@ class TaskRegistry:
             return tv
         version = _version_number(task, number)
         return tv if version == tv.version else self._pinned_version(name, version)
+
+    async def preload(self, task: str) -> None:
+        """Load the older version ``task`` pins (``name@N``) on a worker thread if no request has yet, so its first
+        request does not read a bundle on the event loop; errors are left to :meth:`get`, called next."""
+        name, pinned, number = task.partition("@")
+        served = self._table.get(name)
+        if pinned and number.isdigit() and served is not None and int(number) != served.version \
+                and (name, int(number)) not in self._pinned:
+            with contextlib.suppress(TaskNotFound, BadRequest):
+                await asyncio.to_thread(self.get, task)
 
     def acquire(self, task: str) -> TaskVersion:
         """Capture a version for one request, as :meth:`get` names it (pair with ``tv.release()``)."""

@@ -275,3 +275,75 @@ def test_http_upload_and_oip_rest_pin_a_version(pinned_srv, clip_bytes):
     assert status == 200
     status, _, _ = request(f"{pinned_srv.http_url}/v2/models/alpha/versions/7/ready")
     assert status == 404  # not servable: NOT_FOUND, as an unknown model
+
+
+def test_an_older_versions_first_pin_loads_off_the_event_loop(reg, tiny_trunk, tmp_path):
+    """The first request pinning alpha@1 reads its bundle on a worker thread, not on the event loop that serves
+    every other request; later pins find it loaded; a pin that cannot be served is get()'s NOT_FOUND, as before."""
+    import asyncio
+    import threading
+
+    register(reg, tiny_trunk, tmp_path, seed=11)
+    threads: list[str] = []
+    load = reg.load_version
+
+    def recording(path):
+        threads.append(threading.current_thread().name)
+        return load(path)
+
+    reg.load_version = recording
+
+    async def go():
+        loop_thread = threading.current_thread().name
+        await reg.preload("alpha@1")
+        first = reg.get("alpha@1")
+        await reg.preload("alpha@1")  # loaded: nothing read again
+        await reg.preload("alpha@2")  # the served version: nothing to load
+        await reg.preload("alpha@9")  # not servable: left to get()
+        with pytest.raises(TaskNotFound, match="version 9 is not servable"):
+            reg.get("alpha@9")
+        return loop_thread, first
+
+    loop_thread, first = asyncio.run(go())
+    assert first.version == 1 and reg.get("alpha@1") is first
+    assert len(threads) == 1 and threads[0] != loop_thread
+
+
+def test_a_pinned_classify_loads_the_version_off_the_event_loop(reg, tiny_trunk, tmp_path):
+    """Through the pipeline (admission, decode, batcher, model): the pinned request's bundle is read off the loop."""
+    import asyncio
+    import threading
+
+    import torch
+
+    import media
+    from server.batcher import Batcher
+    from server.config import ServerConfig
+    from server.model import ModelRunner
+    from server.pipeline import Pipeline
+    from server.slots import AdapterSlots
+
+    register(reg, tiny_trunk, tmp_path, seed=11)
+    threads: list[str] = []
+    load = reg.load_version
+    reg.load_version = lambda path: (threads.append(threading.current_thread().name), load(path))[1]
+    limits = ServerConfig(model_repository=tmp_path, max_batch_size=4).limits
+    clip = media.make_clip(num_frames=12, size=(48, 40))
+
+    async def go():
+        batcher = Batcher(ModelRunner(tiny_trunk, AdapterSlots(1 << 20, torch.device("cpu"), torch.float32)), limits, 0.01)
+        batcher.start()
+        p = Pipeline(reg, batcher, None, limits)
+        try:
+            async with p.admission.request() as ticket:
+                got = await p.classify(ticket, "alpha@1", clip)
+            async with p.admission.request() as ticket:
+                both = await p.classify_tasks(ticket, ["alpha@1", "alpha"], clip)
+            return threading.current_thread().name, got, both
+        finally:
+            await batcher.close()
+            p.close()
+
+    loop_thread, got, both = asyncio.run(go())
+    assert got.tv.version == 1 and [o.tv.version for o in both.items] == [1, 2]
+    assert len(threads) == 1 and threads[0] != loop_thread

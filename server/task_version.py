@@ -1,0 +1,80 @@
+"""One loaded version of one task (:class:`TaskVersion`): what the registry publishes and a request captures."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from stadapter.bank import AdapterStack
+from stadapter.config import TaskSpec
+
+
+@dataclass(eq=False)
+class TaskVersion:
+    """One loaded version of one task: its spec and its host-memory adapter stack.
+
+    ``inflight`` counts admitted requests still running on this version; ``retired``
+    is set when the version leaves the table (replaced or unregistered). ``uid`` is
+    given once, at construction: it names this loaded version (a task unregistered
+    and registered again is another version) in the device slots.
+    """
+
+    spec: TaskSpec
+    host_stack: AdapterStack
+    path: Path
+    nbytes: int
+    digest: str = ""  # sha256 of the bundle's files as stored: replicas compare content, not only numbers
+    inflight: int = 0
+    retired: bool = False
+    _on_idle: list[Callable[[], None]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    uid: int = field(default_factory=lambda: _new_uid(), init=False)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.spec.name, self.spec.version)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.inflight += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.inflight -= 1
+            run = self._take_idle_callbacks()
+        for fn in run:
+            fn()
+
+    def when_idle(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once no request runs on this version (now, if none does)."""
+        with self._lock:
+            self._on_idle.append(fn)
+            run = self._take_idle_callbacks()
+        for f in run:
+            f()
+
+    def _take_idle_callbacks(self) -> list[Callable[[], None]]:
+        if self.inflight > 0 or not self._on_idle:
+            return []
+        run, self._on_idle = self._on_idle, []
+        return run
+
+
+_uids = itertools.count(1)
+_uid_lock = threading.Lock()
+
+
+def _new_uid() -> int:
+    with _uid_lock:
+        return next(_uids)
