@@ -73,6 +73,8 @@ class Server:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
+        if device.type == "cpu":
+            trunk.chunk_frames = cfg.cpu_chunk_frames  # blocks over a few frames at a time: faster on a CPU
         log.info("trunk %s (%s…) on %s as %s", trunk.spec.model if trunk.spec else "?", trunk.fingerprint[:12], device,
                  dtype)
 

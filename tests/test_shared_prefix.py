@@ -319,3 +319,79 @@ def test_the_multi_task_bench_runs_and_shares_the_prefix_for_last_half_adapters_
     assert (rows["half"]["shared_prefix_rows_one_request"], rows["full"]["shared_prefix_rows_one_request"]) == (3, 0)
     assert rows["half"]["shared_prefix_rows_four_requests"] == 0  # four uploads: four inputs, nothing shared
     assert (rows["half"]["decodes_one_request"], rows["half"]["decodes_four_requests"]) == (1, 4)
+
+
+# --- blocks in chunks of frames (VideoTrunk.chunk_frames; the server sets it on CPU) ------------------
+
+
+@contextmanager
+def chunked(trunk: VideoTrunk, frames: int):
+    trunk.chunk_frames = frames
+    try:
+        yield
+    finally:
+        trunk.chunk_frames = 0
+
+
+@pytest.mark.parametrize("form", ["one task", "gather", "segments", "shared prefix"])
+def test_blocks_in_chunks_of_frames_give_every_row_the_same_logits(trunk4, form):
+    names = ["last2", "full", "last1"]
+    stacks = _stacks(trunk4, names)
+    bank = _bank(trunk4, stacks)
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randn(5, T, 3, 32, 32, generator=g)  # 5 clips (rows)
+    row_input = None
+    if form == "one task":
+        stack, task_index = stacks[1], None
+    elif form == "gather":
+        stack, task_index = bank.stacked([0, 1, 2]), torch.tensor([0, 1, 2, 1, 0])
+    elif form == "segments":
+        stack, task_index = bank.segments([0, 1, 2], [0, 2, 4, 5]), None
+    else:  # 2 inputs, each for tasks last2 and last1: the prefix (blocks 0-1) runs once per input
+        stack, task_index = bank.stacked([0, 2]), torch.tensor([0, 2, 0, 2])
+        frames, row_input = frames[:2], torch.tensor([0, 0, 1, 1])
+    with torch.no_grad():
+        whole = trunk4(frames, stack, task_index, row_input)
+        with chunked(trunk4, 2 * T), attention_batches(trunk4) as seen:  # two clips per block call
+            parts = trunk4(frames, stack, task_index, row_input)
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=0)
+    if form == "segments":  # segment bounds count the whole batch: it runs at once
+        assert seen == [[5 * T]] * 4
+    elif form == "shared prefix":
+        assert seen == [[2 * T]] * 2 + [[2 * T, 2 * T]] * 2  # 2 inputs in the prefix; 4 rows after, 2 a call
+    else:
+        assert seen == [[2 * T, 2 * T, T]] * 4
+
+
+def test_a_chunk_smaller_than_a_clip_still_takes_whole_clips(trunk4):
+    stack = _stacks(trunk4, ["full"])[0]
+    frames = torch.randn(3, T, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        whole = trunk4(frames, stack)
+        with chunked(trunk4, 1), attention_batches(trunk4) as seen:  # 1 frame: one clip (T frames) a call
+            parts = trunk4(frames, stack)
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=0)
+    assert seen == [[T, T, T]] * 4
+
+
+def test_the_server_chunks_blocks_on_cpu_by_its_flag(two_task_repo, tmp_path):
+    import asyncio
+
+    from server.app import Server
+    from server.config import ServerConfig, parse_args
+
+    assert ServerConfig(model_repository=tmp_path).cpu_chunk_frames == 8
+    assert parse_args(["--model-repository", str(tmp_path), "--cpu-chunk-frames", "0"]).cpu_chunk_frames == 0
+    with pytest.raises(ValueError, match="cpu_chunk_frames must be an int >= 0"):
+        ServerConfig(model_repository=tmp_path, cpu_chunk_frames=-1)
+
+    async def started_with(frames: int) -> int:
+        cfg = ServerConfig(model_repository=two_task_repo, host="127.0.0.1", port=0, metrics_port=0, http_port=-1,
+                           decode_backend="thread", warmup=False, poll_interval_s=0, cpu_chunk_frames=frames)
+        srv = await Server.start(cfg)
+        try:
+            return srv.batcher.runner.trunk.chunk_frames
+        finally:
+            await srv.drain()
+
+    assert asyncio.run(started_with(12)) == 12
