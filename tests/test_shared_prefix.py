@@ -363,6 +363,26 @@ def test_blocks_in_chunks_of_frames_give_every_row_the_same_logits(trunk4, form)
         assert seen == [[2 * T, 2 * T, T]] * 4
 
 
+def test_a_chunk_of_one_tasks_rows_runs_that_task_alone_without_a_gather(trunk4, monkeypatch):
+    """On CPU a mixed batch's chunk whose rows are one task's runs on that task's weights (no per-row gather)."""
+    import stadapter.adapter as adapter_mod
+
+    stacks = _stacks(trunk4, ["full", "last2"])
+    bank = _bank(trunk4, stacks)
+    frames = torch.randn(4, T, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    stack, task_index = bank.stacked([0, 1]), torch.tensor([0, 0, 1, 0])  # chunks of 2 rows: [0, 0], [1, 0]
+    with torch.no_grad():
+        whole = trunk4(frames, stack, task_index)
+        gathered: list[int] = []
+        real = adapter_mod.torch.baddbmm
+        monkeypatch.setattr(adapter_mod.torch, "baddbmm", lambda *a, **k: (gathered.append(a[1].shape[0]), real(*a, **k))[1])
+        with chunked(trunk4, 2 * T):
+            parts = trunk4(frames, stack, task_index)
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=0)
+    # per adapter slot 2 gathered GEMMs (down, up) for the mixed chunk [1, 0] only; the head gathers all 4 rows once
+    assert gathered.count(2) == 2 * len(stack.slots) and set(gathered) <= {2, 4}
+
+
 def test_a_chunk_smaller_than_a_clip_still_takes_whole_clips(trunk4):
     stack = _stacks(trunk4, ["full"])[0]
     frames = torch.randn(3, T, 3, 32, 32, generator=torch.Generator().manual_seed(6))

@@ -150,7 +150,8 @@ class VideoTrunk(nn.Module):
         if not rows or x.shape[0] <= rows * T or isinstance(stack, Segments):
             return self._block(i, x, T, stack, task_index)
         index = task_index.split(rows) if task_index is not None else [None] * -(-x.shape[0] // (rows * T))
-        return torch.cat([self._block(i, part, T, stack, ti) for part, ti in zip(x.split(rows * T), index, strict=True)])
+        return torch.cat([self._block(i, part, T, *_one_task(stack, ti)) for part, ti in
+                          zip(x.split(rows * T), index, strict=True)])
 
     def _block(self, i: int, x: Tensor, T: int, stack: Optional[AdapterStack | Segments],
                task_index: Optional[Tensor]) -> Tensor:
@@ -178,6 +179,18 @@ class VideoTrunk(nn.Module):
         """
         feats = self.forward_features(frames, stack, task_index, row_input)
         return stack.head(feats) if isinstance(stack, Segments) else stack.head(feats, task_index)
+
+
+def _one_task(stack: Optional[AdapterStack | Segments], task_index: Optional[Tensor]
+              ) -> tuple[Optional[AdapterStack | Segments], Optional[Tensor]]:
+    """A chunk of a mixed batch whose rows are all one task's runs as a one-task batch (narrow views of that
+    task's weights, no per-row gather); chunks exist on CPU only, where reading the index costs no sync."""
+    if task_index is None or not isinstance(stack, AdapterStack) or not bool((task_index == task_index[0]).all()):
+        return stack, task_index
+    k = int(task_index[0])
+    slots = {key: w.map(lambda t: t.narrow(0, k, 1)) for key, w in stack.slots.items()}
+    return AdapterStack(slots, stack.head_w.narrow(0, k, 1), stack.head_b.narrow(0, k, 1), (stack.num_classes[k],),
+                        stack.activation), None
 
 
 def _check_rows(row_input: Tensor, inputs: int) -> int:
