@@ -89,7 +89,7 @@ def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: b
     from server.config import ServerConfig
 
     trunk = load_trunk(repo / "trunk")
-    trunk.chunk_frames = ServerConfig.cpu_chunk_frames  # as the server runs it on a CPU: the raw side is the same forward
+    trunk.chunk_bytes = ServerConfig.cpu_chunk_bytes  # as the server runs it on a CPU: the raw side is the same forward
     reg = TaskRegistry(repo, trunk)
     reg.sync()
     tvs = [reg.tasks[f"task{k}"] for k in range(NUM_TASKS)]

@@ -74,7 +74,7 @@ class Server:
         dtype = resolve_dtype(cfg.dtype, device)
         trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
         if device.type == "cpu":
-            trunk.chunk_frames = cfg.cpu_chunk_frames  # blocks over a few frames at a time: faster on a CPU
+            trunk.chunk_bytes = cfg.cpu_chunk_bytes  # blocks over a few frames at a time: faster on a CPU
         log.info("trunk %s (%s…) on %s as %s", trunk.spec.model if trunk.spec else "?", trunk.fingerprint[:12], device,
                  dtype)
 

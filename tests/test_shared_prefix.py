@@ -321,16 +321,17 @@ def test_the_multi_task_bench_runs_and_shares_the_prefix_for_last_half_adapters_
     assert (rows["half"]["decodes_one_request"], rows["half"]["decodes_four_requests"]) == (1, 4)
 
 
-# --- blocks in chunks of frames (VideoTrunk.chunk_frames; the server sets it on CPU) ------------------
+# --- blocks in chunks of whole clips (VideoTrunk.chunk_bytes; the server sets it on CPU) ---------------
 
 
 @contextmanager
 def chunked(trunk: VideoTrunk, frames: int):
-    trunk.chunk_frames = frames
+    """Chunks of ``frames`` frames: trunk4's tokens are 17 x 32 floats a frame."""
+    trunk.chunk_bytes = frames * 17 * 32 * 4
     try:
         yield
     finally:
-        trunk.chunk_frames = 0
+        trunk.chunk_bytes = 0
 
 
 @pytest.mark.parametrize("form", ["one task", "gather", "segments", "shared prefix"])
@@ -400,18 +401,34 @@ def test_the_server_chunks_blocks_on_cpu_by_its_flag(two_task_repo, tmp_path):
     from server.app import Server
     from server.config import ServerConfig, parse_args
 
-    assert ServerConfig(model_repository=tmp_path).cpu_chunk_frames == 8
-    assert parse_args(["--model-repository", str(tmp_path), "--cpu-chunk-frames", "0"]).cpu_chunk_frames == 0
-    with pytest.raises(ValueError, match="cpu_chunk_frames must be an int >= 0"):
-        ServerConfig(model_repository=tmp_path, cpu_chunk_frames=-1)
+    assert ServerConfig(model_repository=tmp_path).cpu_chunk_bytes == 5 << 20
+    assert parse_args(["--model-repository", str(tmp_path), "--cpu-chunk-bytes", "0"]).cpu_chunk_bytes == 0
+    with pytest.raises(ValueError, match="cpu_chunk_bytes must be an int >= 0"):
+        ServerConfig(model_repository=tmp_path, cpu_chunk_bytes=-1)
 
-    async def started_with(frames: int) -> int:
+    async def started_with(chunk_bytes: int) -> int:
         cfg = ServerConfig(model_repository=two_task_repo, host="127.0.0.1", port=0, metrics_port=0, http_port=-1,
-                           decode_backend="thread", warmup=False, poll_interval_s=0, cpu_chunk_frames=frames)
+                           decode_backend="thread", warmup=False, poll_interval_s=0, cpu_chunk_bytes=chunk_bytes)
         srv = await Server.start(cfg)
         try:
-            return srv.batcher.runner.trunk.chunk_frames
+            return srv.batcher.runner.trunk.chunk_bytes
         finally:
             await srv.drain()
 
-    assert asyncio.run(started_with(12)) == 12
+    assert asyncio.run(started_with(12345)) == 12345
+
+
+def test_the_default_chunk_leaves_a_small_trunks_batch_whole(trunk4):
+    """5 MiB of tokens: 8 ViT-B/16 frames a call, but the tiny trunks' batches (2 KiB a frame) run at once."""
+    from server.config import ServerConfig
+
+    stack = _stacks(trunk4, ["full"])[0]
+    frames = torch.randn(5, T, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    trunk4.chunk_bytes = ServerConfig.cpu_chunk_bytes
+    try:
+        with torch.no_grad(), attention_batches(trunk4) as seen:
+            trunk4(frames, stack)
+    finally:
+        trunk4.chunk_bytes = 0
+    assert seen == [[5 * T]] * 4
+    assert (5 << 20) // (197 * 768 * 4) == 8  # ViT-B/16: 197 tokens of 768 floats a frame
