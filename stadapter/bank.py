@@ -85,6 +85,12 @@ class AdapterStack:
             activation=self.activation,
         )
 
+    def task(self, k: int) -> "AdapterStack":
+        """Task ``k`` alone (K=1) as narrow views of this stack's tensors (no copy)."""
+        slots = {key: w.map(lambda t: t.narrow(0, k, 1)) for key, w in self.slots.items()}
+        return AdapterStack(slots, self.head_w.narrow(0, k, 1), self.head_b.narrow(0, k, 1), (self.num_classes[k],),
+                            self.activation)
+
     def head(self, feats: Tensor, task_index: Optional[Tensor]) -> Tensor:
         """feats [B, d] -> logits [B, C] (one task) or [B, C_max] (mixed, zero-padded)."""
         if task_index is None:

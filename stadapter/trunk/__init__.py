@@ -132,29 +132,32 @@ class VideoTrunk(nn.Module):
             raise ValueError(f"task_index {tuple(task_index.shape)} must have one entry per row ({N})")
         split = 0 if row_input is None else self.prefix_blocks(stack)
         x = self.embed(frames.reshape(B * T, C, H, W))  # [B*T, 1+h*w, d]
-        for i in range(split):
-            x = self._in_chunks(i, x, T, None, None)
+        x = self._blocks(range(split), x, T, None, None)
         if row_input is not None and split < self.num_blocks:
             x = x.unflatten(0, (B, T)).index_select(0, row_input).flatten(0, 1)  # [N*T, 1+h*w, d]
-        for i in range(split, self.num_blocks):
-            x = self._in_chunks(i, x, T, stack, task_index)
+        x = self._blocks(range(split, self.num_blocks), x, T, stack, task_index)
         cls_tok = x[:, 0].reshape(-1, T, x.shape[-1]).mean(dim=1)  # [B or N, d]
         feats = self.visual.ln_post(cls_tok)
         if row_input is not None and split == self.num_blocks:
             feats = feats.index_select(0, row_input)  # no adapter at all: the features fan out
         return feats
 
-    def _in_chunks(self, i: int, x: Tensor, T: int, stack: Optional[AdapterStack | Segments],
-                   task_index: Optional[Tensor]) -> Tensor:
-        """Block ``i`` over the rows of ``x`` [rows*T, 1+h*w, d], in calls of whole rows whose tokens fit
-        :attr:`chunk_bytes` (at least one row; all at once when 0 or with segments, whose bounds count the batch)."""
+    def _blocks(self, blocks: range, x: Tensor, T: int, stack: Optional[AdapterStack | Segments],
+                task_index: Optional[Tensor]) -> Tensor:
+        """These blocks over the rows of ``x`` [rows*T, 1+h*w, d]: all rows at once, or (:attr:`chunk_bytes`) in
+        calls of whole rows whose tokens fit it (at least one row), planned once for all the blocks. Segments
+        run at once (their bounds count the whole batch)."""
         frame_bytes = x.shape[1] * x.shape[2] * x.element_size()
         rows = max(1, self.chunk_bytes // (frame_bytes * T)) if self.chunk_bytes else 0
         if not rows or x.shape[0] <= rows * T or isinstance(stack, Segments):
-            return self._block(i, x, T, stack, task_index)
-        index = task_index.split(rows) if task_index is not None else [None] * -(-x.shape[0] // (rows * T))
-        return torch.cat([self._block(i, part, T, *_one_task(stack, ti)) for part, ti in
-                          zip(x.split(rows * T), index, strict=True)])
+            for i in blocks:
+                x = self._block(i, x, T, stack, task_index)
+            return x
+        n = -(-x.shape[0] // (rows * T))
+        parts = [_one_task(stack, ti) for ti in (task_index.split(rows) if task_index is not None else [None] * n)]
+        for i in blocks:
+            x = torch.cat([self._block(i, part, T, *p) for part, p in zip(x.split(rows * T), parts, strict=True)])
+        return x
 
     def _block(self, i: int, x: Tensor, T: int, stack: Optional[AdapterStack | Segments],
                task_index: Optional[Tensor]) -> Tensor:
@@ -190,10 +193,7 @@ def _one_task(stack: Optional[AdapterStack | Segments], task_index: Optional[Ten
     task's weights, no per-row gather); chunks exist on CPU only, where reading the index costs no sync."""
     if task_index is None or not isinstance(stack, AdapterStack) or not bool((task_index == task_index[0]).all()):
         return stack, task_index
-    k = int(task_index[0])
-    slots = {key: w.map(lambda t: t.narrow(0, k, 1)) for key, w in stack.slots.items()}
-    return AdapterStack(slots, stack.head_w.narrow(0, k, 1), stack.head_b.narrow(0, k, 1), (stack.num_classes[k],),
-                        stack.activation), None
+    return stack.task(int(task_index[0])), None
 
 
 def _check_rows(row_input: Tensor, inputs: int) -> int:
