@@ -48,6 +48,13 @@ class WorkItem:
     def group(self) -> tuple:
         return (int(self.views.shape[1]), int(self.views.shape[-1]), self.tv.host_stack.activation)
 
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def gone(self, now: float) -> bool:
+        """Nobody waits for it: the caller went away (gRPC cancels on its deadline too) or its deadline passed."""
+        return self.future.done() or self.expired(now)
+
 
 @dataclass(frozen=True)
 class ClipResult:
@@ -180,7 +187,7 @@ class Batcher:
     async def _compute(self, batch: list[WorkItem], staged: StagedBatch) -> None:
         try:
             now = time.monotonic()
-            if all(it.future.done() or (it.deadline is not None and now >= it.deadline) for it in batch):
+            if all(it.gone(now) for it in batch):
                 staged.release()  # every caller left or expired while the batch waited for the model
                 self._live(batch)
                 return
@@ -219,10 +226,9 @@ class Batcher:
         now = time.monotonic()
         live = []
         for it in batch:
-            expired = it.deadline is not None and now >= it.deadline
-            if it.future.done() or expired:  # done = the caller went away (gRPC cancels on its deadline)
+            if it.gone(now):
                 if self.metrics is not None:
-                    self.metrics.dropped.labels("deadline" if expired else "cancelled").inc()
+                    self.metrics.dropped.labels("deadline" if it.expired(now) else "cancelled").inc()
                 if not it.future.done():
                     it.future.set_exception(DeadlineExpired("deadline passed while queued; dropped before compute"))
                 continue

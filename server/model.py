@@ -96,7 +96,7 @@ class StagedBatch:
 
     def release(self) -> None:
         """Give the slots back without computing (a staged batch that will not run)."""
-        self.lease.__exit__(None, None, None)
+        self.lease.end()
 
 
 class ModelRunner:
@@ -187,7 +187,7 @@ class ModelRunner:
                     ready = torch.cuda.Event()
                     ready.record(self._side)
         except BaseException:
-            lease.__exit__(None, None, None)
+            lease.end()
             raise
         return StagedBatch(list(clips), tvs, order, rows, lease, stack, task_index, frames, row_input, ready,
                            time.perf_counter() - t0)

@@ -61,6 +61,10 @@ class Lease:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.end()
+
+    def end(self) -> None:
+        """Unpin these slots (once per lease: a staged batch ends it when it runs or is released)."""
         self._owner._unpin(self.slots)
 
 
