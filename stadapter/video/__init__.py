@@ -56,13 +56,15 @@ from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits, VideoOutOf
 from .preprocess import FrameConverter, crop_offsets, views_to_tensor
 from .readers import ReadResult
 from .sampling import keyframe_indices, missing_indices, sample_indices, unique_indices, view_indices
-from .windows import DecodeStats, Window, WindowError, WindowLimits, WindowPlan, check_window_args, decode_windows, plan_windows
+from .windows import (DecodeStats, Window, WindowError, WindowLimits, WindowPart, WindowPlan, check_window_args,
+                      decode_windows, plan_windows)
 
 __all__ = [
     "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "VideoOutOfMemory",
     "crop_offsets", "decode_clip", "decode_frames", "decode_sampled_frames", "decode_views", "keyframe_indices",
     "keyframes", "probe", "sample_indices", "sample_plan", "views_to_tensor",
-    "DecodeStats", "Window", "WindowError", "WindowLimits", "WindowPlan", "check_window_args", "decode_windows", "plan_windows",
+    "DecodeStats", "Window", "WindowError", "WindowLimits", "WindowPart", "WindowPlan", "check_window_args",
+    "decode_windows", "plan_windows",
 ]
 
 

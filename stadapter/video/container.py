@@ -302,7 +302,7 @@ class Clip:
         """
         stream = self._reopen() if restart else self.container.streams[self.stream_index]
         fps = self.info.fps
-        gap = seek_gap if seek_gap is not None else max(64, int(5 * fps))
+        gap = seek_gap if seek_gap is not None else default_seek_gap(fps)
         if fps > 0 and stream.time_base:
             try:
                 return IndexedReader(self._demuxer(), stream, fps, self.budget, gap).run(needed, convert)
@@ -316,16 +316,26 @@ class Clip:
                 stream = self._reopen()
         return SequentialReader(self._demuxer(), stream, self.budget).run(needed, convert)
 
-    def frames(self, takes: Container[int], convert: Callable[[av.VideoFrame], np.ndarray]) -> Iterator[Taken]:
-        """The window mode: the video stream front to back, each packet once, no seek; the frames ``takes`` takes,
+    def frames(self, takes: Container[int], convert: Callable[[av.VideoFrame], np.ndarray],
+               start: int = 0) -> Iterator[Taken]:
+        """The window mode: the video stream front to back, each packet once; the frames ``takes`` takes,
         converted, with how far they are settled (see :meth:`WindowWalk.walk`). Non-reference frames it does not take
         are not decoded; an irregular stream is read again from the start, counting frames (the readers' definition
-        of an index either way). Packets and frames are counted against the budget."""
+        of an index either way). ``start``: no frame before it is taken, so one seek may skip there (a later part of
+        the video); a seek that misses is read again without it. Packets and frames are counted against the budget."""
         stream = self.container.streams[self.stream_index]
         if self.info.fps > 0 and stream.time_base:
+            gap = default_seek_gap(self.info.fps)
             try:
-                yield from WindowWalk(self._demuxer(), stream, self.info.fps, self.budget, takes).walk(convert)
+                yield from WindowWalk(self._demuxer(), stream, self.info.fps, self.budget, takes, start, gap).walk(convert)
                 return
+            except SeekMissed:
+                stream = self._reopen()
+                try:
+                    yield from WindowWalk(self._demuxer(), stream, self.info.fps, self.budget, takes).walk(convert)
+                    return
+                except Irregular:
+                    stream = self._reopen()
             except Irregular:
                 stream = self._reopen()
         yield from count_frames(self._demuxer(), stream, self.budget, takes, convert)
@@ -334,6 +344,11 @@ class Clip:
         """The container, or after a checked rewind the container that first yields the packet the check read."""
         lead, self._lead = self._lead, None
         return self.container if lead is None else _Resumed(self.container, lead)
+
+
+def default_seek_gap(fps: float) -> int:
+    """Frames ahead past which a reader seeks instead of decoding on: nearer, decoding on costs no more."""
+    return max(64, int(5 * fps))
 
 
 def _with_counted_frames(info: ClipInfo, n: int) -> ClipInfo:

@@ -321,23 +321,33 @@ Taken = tuple[dict[int, np.ndarray], int]  # (frames converted so far, by index;
 
 
 class WindowWalk(IndexedReader):
-    """The window mode's indexed reader: every packet once, front to back, no seek and no restart.
+    """The window mode's indexed reader: every packet once, front to back, no restart.
 
     Packets and frames are placed on the frame grid as :class:`IndexedReader` places them, and a
     non-reference frame that ``takes`` does not take is dropped by the decoder (its ``feed``), so
     a frame's index is its slot, as for :func:`decode_views`. A stream off the grid, or with a
     slot that never gets a packet (a hole: packets come at most ``_REORDER_DEPTH`` ahead of their
     slot), raises :class:`Irregular`; the caller counts frames instead.
+
+    ``start`` > 0 (a later part of the video, read by another decoder): once frame 0 has fixed the
+    grid, one seek to the keyframe at or before frame ``start`` (when it lies more than
+    ``seek_gap`` frames ahead), then front to back from there; frames before ``start`` are not
+    taken. A seek that lands after ``start`` raises :class:`SeekMissed` (read again without it).
     """
 
-    def __init__(self, container, stream, fps: float, budget: Budget, takes: Container[int]) -> None:
+    def __init__(self, container, stream, fps: float, budget: Budget, takes: Container[int], start: int = 0,
+                 seek_gap: int = 64) -> None:
         super().__init__(container, stream, fps, budget, None)
         self.want = takes  # type: ignore[assignment]  # the walk reads it only with `in`
+        self.start, self.seek_gap_frames = start, seek_gap
+        self.seek_target = start
 
     def walk(self, convert) -> Iterator[Taken]:
         """After each packet: (the taken frames, ``settled``): every frame below ``settled`` that ``takes`` takes
         is in the dict (the caller may delete entries it is done with). The last item follows the drain."""
-        for n, packet in enumerate(self.container.demux(self.stream)):
+        packets = iter(self.container.demux(self.stream))
+        landing, n = False, 0
+        while (packet := next(packets, None)) is not None:
             self.budget.packet()
             if packet.size == 0:
                 continue
@@ -347,17 +357,44 @@ class WindowWalk(IndexedReader):
                 self.early_pts.append((packet.pts, packet.is_keyframe))
             else:
                 slot = self.slot(packet.pts, "packet")
+                if landing:  # just sought: wait for the keyframe it landed on
+                    if not packet.is_keyframe:
+                        continue
+                    self.land(slot)
+                    landing = False
                 self.see(slot, packet.is_keyframe)
                 if slot > self.frontier + _REORDER_DEPTH:
                     raise Irregular(f"no packet for frame slot {self.frontier}")
             self.feed([packet], convert)
-            if n % 64 == 63:
+            if self.anchor is not None and self.start - self.frontier > self.seek_gap_frames:
+                self.seek(self.start)
+                self.start, landing = 0, True  # one seek
+                packets = iter(self.container.demux(self.stream))
+                continue
+            n += 1
+            if n % 64 == 0:
                 self.forget()
             yield self.got, min(self.frontier, self.expect)
+        if landing:
+            raise SeekMissed("the seek for a later part of the video found no keyframe before the end")
         self.drain(convert)
         if any(i > self.frontier for i in self.seen):
             raise Irregular(f"the stream ends with no packet for frame slot {self.frontier}: its timestamps skip")
         yield self.got, self.frontier
+
+    def land(self, slot: int) -> None:
+        """Where the seek landed (a keyframe): decoding restarts there; the slots before it count as seen."""
+        if slot > self.seek_target:
+            raise SeekMissed(f"the seek for frame {self.seek_target} landed on frame {slot}")
+        self.restart_at(slot)
+        self.seen = {i for i in self.seen if i >= slot}
+        self.frontier = max(self.frontier, slot)
+        self.got.clear()  # frames before the part are taken by no window of it
+
+    def seek(self, target: int) -> None:
+        self.codec.flush_buffers()  # what it holds lies before the part: taken by none of its windows
+        self.seek_target = target
+        super().seek(target)
 
     def forget(self) -> None:
         """Drop the bookkeeping of slots behind the decoder's output (it is never read again), so a long video's

@@ -156,6 +156,34 @@ def plan_windows(cfg: SamplingConfig, fps: float, window_s: float, stride_s: flo
     return WindowPlan(fps, float(stride_s), length, offsets)
 
 
+MIN_PART_WINDOWS = 8  # fewer windows per part and the seek and the first keyframe cost more than they save
+
+
+@dataclass(frozen=True)
+class WindowPart:
+    """Part ``index`` of ``of``: one decoder's share of a video's windows when several decode it at once.
+
+    Every part opens the clip and computes the same split from the header's frame count: equal runs of
+    windows, at least :data:`MIN_PART_WINDOWS` each (so a short video has fewer parts; a part past them
+    has no window). The last part goes on to the end of the stream, whatever the header said.
+    """
+
+    index: int = 0
+    of: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.of, int) and isinstance(self.index, int) and 0 <= self.index < self.of):
+            raise ValueError(f"WindowPart needs 0 <= index < of, got index={self.index!r} of={self.of!r}")
+
+    def share(self, expected: int) -> Optional[tuple[int, Optional[int]]]:
+        """(first window, end window or None for "to the end of the stream") of ``expected``; None: no share."""
+        parts = max(1, min(self.of, expected // MIN_PART_WINDOWS))
+        if self.index >= parts:
+            return None
+        last = self.index == parts - 1
+        return expected * self.index // parts, None if last else expected * (self.index + 1) // parts
+
+
 @dataclass(frozen=True)
 class Window:
     index: int  # k, from 0
@@ -180,10 +208,11 @@ class DecodeStats:
 
 def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_s: float,
                    limits: VideoLimits = VideoLimits(), window_limits: WindowLimits = WindowLimits(),
-                   stats: Optional[DecodeStats] = None) -> Iterator[Window]:
+                   stats: Optional[DecodeStats] = None, part: WindowPart = WindowPart()) -> Iterator[Window]:
     """Every whole window of the clip, in time order, as soon as its last frame has decoded (see the module
-    docstring). Raises :class:`VideoError` for a bad clip, one over the limits or shorter than a window;
-    :class:`WindowError` (a VideoError) for window arguments that cannot work, before decoding."""
+    docstring); with ``part``, only that part's windows (the first found by one seek). Raises :class:`VideoError`
+    for a bad clip, one over the limits or shorter than a window; :class:`WindowError` (a VideoError) for window
+    arguments that cannot work, before decoding."""
     check_window_args(window_s, stride_s, window_limits)
     stats = stats if stats is not None else DecodeStats()
     vlimits = window_limits.video_limits(limits)
@@ -195,14 +224,17 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
         if expected > window_limits.max_windows:
             raise VideoError(f"the clip has {expected} windows of {window_s:g} s every {stride_s:g} s, over the limit "
                              f"of {window_limits.max_windows} (max_windows); use a longer stride")
+        share = part.share(expected)
+        if share is None:
+            return
+        k, end = share  # the next window to give out; the part's end
         convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
-        takes = _Takes(plan)
-        k = 0  # the next window to give out
+        takes = _Takes(plan, k, end)
         held: dict[int, np.ndarray] = {}
         settled = 0  # frames known to be in the stream
-        for held, settled in clip.frames(takes, convert):
+        for held, settled in clip.frames(takes, convert, min(min(v) for v in plan.indices(k))):
             stats.held_max = max(stats.held_max, len(held))
-            while settled >= plan.end(k):
+            while settled >= plan.end(k) and k != end:
                 if k >= window_limits.max_windows:
                     raise VideoError(f"the clip has more than {window_limits.max_windows} windows (max_windows; its "
                                      f"header said {expected}); use a longer stride")
@@ -218,9 +250,11 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
                 yield window
                 clip.budget.deadline += time.monotonic() - paused  # the budget counts decoding only
                 t0 = time.perf_counter()
+            if k == end:
+                break  # the next part's windows are another decoder's
         stats.decode_s += time.perf_counter() - t0
         stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
-        if stats.windows == 0:
+        if stats.windows == 0 and share[0] == 0:
             n = settled
             raise VideoError(f"the clip holds {n} frame(s) ({n / plan.fps:.2f} s at {plan.fps:g} fps), shorter than "
                              f"one window of {window_s:g} s ({plan.length} frames); use a shorter window, or "
@@ -231,13 +265,14 @@ class _Takes:
     """Whether a frame is taken by a window not yet given out: the frames of the windows opened so far (a window
     opens when a frame at or past its start is asked about), less those before the next window to give out."""
 
-    def __init__(self, plan: WindowPlan) -> None:
-        self.plan, self.opened, self.frames = plan, 0, set[int]()
-        self.next_start = plan.start(0)
+    def __init__(self, plan: WindowPlan, first: int = 0, end: Optional[int] = None) -> None:
+        self.plan, self.opened, self.frames = plan, first, set[int]()
+        self.next_start = plan.start(first)
+        self.end = end  # no window from here on opens (another decoder's part)
 
     def __contains__(self, i: object) -> bool:
         assert isinstance(i, int)
-        while self.next_start <= i:
+        while self.next_start <= i and self.opened != self.end:
             self.frames.update(unique_indices(self.plan.indices(self.opened)))
             self.opened += 1
             self.next_start = self.plan.start(self.opened)
