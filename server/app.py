@@ -182,7 +182,7 @@ class Server:
 async def make_decoder(cfg: ServerConfig) -> Decoder:
     """The decoding backend ``cfg`` names: sandboxed worker processes, or threads in this process."""
     if cfg.decode_backend == "process":
-        pool = ProcessDecodePool(cfg.decode_workers)
+        pool = ProcessDecodePool(cfg.decode_workers, window_workers=cfg.window_decoders)
         await pool.start()  # eagerly: the first request does not pay for the imports
         return pool
     return ThreadDecoder(cfg.decode_workers)

@@ -36,6 +36,9 @@ class ServerConfig:
         decode_workers: decoder worker processes (``decode_backend=process``: a clip that crashes or
             hangs FFmpeg costs only its request; the worker is killed and replaced), or threads
             (``decode_backend=thread``).
+        window_decoders: most decoder workers one ``ClassifyWindows`` video is split between (each decodes a
+            run of its windows after one seek), of those free when it starts; 1 = one worker per video.
+            Process backend only (the thread backend decodes a video in one thread).
         decode_timeout_s: longest decode of one clip (the request deadline may cut it shorter); past it
             the worker is killed and the request fails with INVALID_ARGUMENT (process backend only).
         decode_backend: ``process`` (sandboxed, default) or ``thread`` (in-process, no timeout; benches, debugging).
@@ -87,6 +90,7 @@ class ServerConfig:
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
     decode_workers: int = 2
+    window_decoders: int = 2
     decode_timeout_s: float = 30.0
     decode_backend: str = "process"
     device: str = "auto"
@@ -122,7 +126,8 @@ class ServerConfig:
     log_format: str = "text"
 
     def __post_init__(self) -> None:
-        positive = ("max_batch_size", "max_queue_size", "decode_workers", "max_message_bytes", "max_clip_bytes",
+        positive = ("max_batch_size", "max_queue_size", "decode_workers", "window_decoders",
+                    "max_message_bytes", "max_clip_bytes",
                     "max_inflight_clip_bytes", "max_bundle_bytes", "keep_versions", "default_top_k",
                     "max_frame_pixels", "max_decoded_pixels", "max_num_frames", "max_windows")
         for name in positive:
@@ -200,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-queue-size", type=int, default=d.max_queue_size, help="admitted, not yet computed requests")
     a("--decode-workers", type=int, default=d.decode_workers,
       help="decoder worker processes (threads with --decode-backend thread)")
+    a("--window-decoders", type=int, default=d.window_decoders,
+      help="most decoder workers one ClassifyWindows video is split between, of those free (process backend)")
     a("--decode-timeout-s", type=float, default=d.decode_timeout_s,
       help="longest decode of one clip; past it the worker is killed (process backend)")
     a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),

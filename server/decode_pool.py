@@ -26,7 +26,10 @@ Window mode (``windows``: a long clip decoded once, front to back; ``server.wind
 * worker -> parent ``("done", frames, decode_s)``, or ``("error", exc)`` / ``("oom", message)``.
 
 A batch must come within ``timeout_s`` of the last (a hung decode is killed as in one-clip
-mode); a caller that goes away stops the job in the background and the worker is reused.
+mode); a caller that goes away stops the job in the background and the worker is reused. A long
+clip may be split between up to ``window_workers`` of the workers free when it starts: each gets
+the same clip and a job for its part (``WindowJob.parts``), and their batches are merged as they
+come (``server.window_flow``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from stadapter.video import VideoError, VideoLimits, decode_clip
 
 from .errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining
 from .shm_blocks import read_block, unlink_block, write_block
+from .window_flow import interleave
 from .window_jobs import WindowBatch, WindowJob, run_window_job, window_batches
 from .worker_replies import failure_reply, send_reply
 
@@ -191,8 +195,9 @@ class ProcessDecodePool:
     Call ``await start()`` in the event loop before use; ``close()`` kills every worker at once.
     """
 
-    def __init__(self, workers: int, context: str = "spawn"):
+    def __init__(self, workers: int, context: str = "spawn", window_workers: int = 1):
         self.workers = workers
+        self.window_workers = max(1, window_workers)  # most workers one windowed decode splits over
         self.ctx: Any = multiprocessing.get_context(context)  # SpawnContext etc.: typeshed's BaseContext lacks Process
         self.shm_prefix = f"stadapter-dec-{os.getpid()}-{id(self):x}-"
         self._names = itertools.count()
@@ -291,11 +296,32 @@ class ProcessDecodePool:
 
     async def windows(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
                       timeout_s: float, deadline: Optional[float] = None) -> AsyncGenerator[WindowBatch, None]:
-        """The clip's windows in batches from one worker (see the module docstring). ``timeout_s`` bounds the wait
-        for each batch, ``deadline`` all of them. Leaving early (cancel, close) stops the job in the background."""
+        """The clip's windows in batches (see the module docstring): from one worker, or split between as many as
+        are free when it starts, up to ``window_workers`` (each decodes a run of the windows, after one seek;
+        batches of different parts interleave, each in time order). ``timeout_s`` bounds the wait for each batch
+        of a part, ``deadline`` all of them. Leaving early (cancel, close) stops the jobs in the background."""
         if self.closed:
             raise Draining("server is shutting down; the decoders are stopped")
-        w = await self._free.get()
+        taken = [await self._free.get()]
+        while len(taken) < self.window_workers and not self._free.empty():
+            taken.append(self._free.get_nowait())
+        idle = set(taken)  # a part that never starts (the call left first) gives its worker back below
+        parts = [self._window_part(w, idle, clip, sampling, limits, part, timeout_s, deadline)
+                 for w, part in zip(taken, job.parts(len(taken)) if len(taken) > 1 else [job])]
+        try:
+            async with contextlib.aclosing(parts[0] if len(parts) == 1 else interleave(parts)) as batches:
+                async for batch in batches:
+                    yield batch
+        finally:
+            for w in idle:
+                self._drop(w) if self.closed else self._free.put_nowait(w)
+
+    async def _window_part(self, w: _Worker, idle: set[_Worker], clip: bytes | bytearray | memoryview,
+                           sampling: SamplingConfig, limits: VideoLimits, job: WindowJob, timeout_s: float,
+                           deadline: Optional[float]) -> AsyncGenerator[WindowBatch, None]:
+        """One window job on worker ``w``, taken from the free queue by the caller (and out of ``idle`` once this
+        starts: from then on this generator frees, reuses or replaces it)."""
+        idle.discard(w)
         loop = asyncio.get_running_loop()
         prefix = f"{self.shm_prefix}{next(self._names)}-"
         reply = w.expect(loop)

@@ -32,7 +32,8 @@ from .limits import ServerLimits
 from .metrics import Metrics
 from .registry import TaskRegistry, TaskVersion
 from .response_cache import CacheKey, ResponseCache, clip_digest
-from .window_jobs import WindowJob, WindowSpan
+from .window_flow import in_window_order
+from .window_jobs import WindowBatch, WindowJob, WindowSpan
 
 ClipBytes = Union[bytes, bytearray, memoryview]  # the buffer a stream was received into (no joined copy), or a view
 # of a unary request's wire bytes (server.wire_clip)
@@ -220,9 +221,10 @@ class Pipeline:
                                deadline: Optional[float] = None) -> AsyncGenerator[WindowClassification, None]:
         """Classify ``clip`` window by window, in time order, batch by batch as they complete.
 
-        The clip is decoded once, front to back, in one decoder (``Decoder.windows``); each batch of
-        windows (one forward's rows) goes to the batcher as rows of the task while the decoder goes on
-        with the next. One queue slot and one task version for the whole request; the decode is counted
+        The clip is decoded once, front to back, by one decoder or a few that each take a run of the
+        windows (``Decoder.windows``); each batch of windows goes to the batcher as rows of the task as
+        it comes, while the decoders go on, and the answers go out in window order
+        (``server.window_flow``). One queue slot and one task version for the whole request; the decode is counted
         once (``stadapter_decode_seconds``: the request's decoding time), each window as a clip. Leaving
         early (the client cancels, an error) stops the decode.
         """
@@ -234,15 +236,19 @@ class Pipeline:
             job = WindowJob(window_s, stride_s, max(1, self.limits.max_batch_rows // sampling.num_views),
                             self.limits.windows)
             decode_s, decoded = 0.0, False
+
+            async def compute(batch: WindowBatch) -> list[Classification]:
+                nonlocal decode_s, decoded
+                decode_s, decoded = decode_s + batch.decode_s, True
+                return await asyncio.gather(*(self._compute(slot.tv, batch.frames[i], batch.decode_s, k, deadline, t0)
+                                              for i in range(len(batch.spans))))
+
             batches = self.decoder.windows(clip, sampling, self.limits.video, job, self.limits.decode_timeout_s, deadline)
             try:
-                async with contextlib.aclosing(batches):
-                    async for batch in batches:
-                        decode_s, decoded = decode_s + batch.decode_s, True
-                        done = await asyncio.gather(*(self._compute(slot.tv, batch.frames[i], batch.decode_s, k,
-                                                                    deadline, t0) for i in range(len(batch.spans))))
-                        for span, c in zip(batch.spans, done):
-                            yield WindowClassification(span, c)
+                async with contextlib.aclosing(batches), \
+                        contextlib.aclosing(in_window_order(batches, compute, job.per_batch)) as answers:
+                    async for span, c in answers:
+                        yield WindowClassification(span, c)
             finally:
                 if decoded and self.metrics is not None:
                     self.metrics.decode_seconds.observe(decode_s)

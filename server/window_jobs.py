@@ -13,6 +13,7 @@ parent, whatever the video's length.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from stadapter.config import SamplingConfig
-from stadapter.video import DecodeStats, VideoLimits, Window, WindowLimits, decode_windows
+from stadapter.video import DecodeStats, VideoLimits, Window, WindowLimits, WindowPart, decode_windows
 
 from .shm_blocks import write_block
 from .worker_replies import failure_reply, send_reply
@@ -40,6 +41,7 @@ class WindowJob:
     limits: WindowLimits = field(default_factory=WindowLimits)
     flush_s: float = FLUSH_S
     first_batch: Optional[int] = None  # windows in the first batch (x3 per batch up to per_batch); None: per_batch // 3
+    part: WindowPart = field(default_factory=WindowPart)  # this decoder's share when several decode the video
 
     def __post_init__(self) -> None:
         for name, v in (("per_batch", self.per_batch), ("first_batch", 1 if self.first_batch is None else self.first_batch)):
@@ -52,6 +54,13 @@ class WindowJob:
         while True:
             yield min(n, self.per_batch)
             n *= 3  # few forwards: each has a cost of its own
+
+    def parts(self, n: int) -> list["WindowJob"]:
+        """The job split for ``n`` decoders: part j of n each, batches of ``per_batch / n`` windows (the batcher
+        puts the parts' batches together in its forwards), so the rows held at once stay as for one decoder."""
+        per = max(1, -(-self.per_batch // n))
+        first = None if self.first_batch is None else max(1, -(-self.first_batch // n))
+        return [dataclasses.replace(self, per_batch=per, first_batch=first, part=WindowPart(j, n)) for j in range(n)]
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,7 @@ def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfi
     counted = 0.0
     sizes = job.batch_sizes()
     size = next(sizes)
-    for w in decode_windows(clip, sampling, job.window_s, job.stride_s, limits, job.limits, stats):
+    for w in decode_windows(clip, sampling, job.window_s, job.stride_s, limits, job.limits, stats, job.part):
         if not batch:
             first_at = time.monotonic()
         batch.append(w)
