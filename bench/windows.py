@@ -9,6 +9,9 @@ task (8 frames, uniform sampling, adapters in every block). The server runs in a
 
 * ``windows``: one ``ClassifyWindows`` call; the clip is uploaded once and decoded once, front to
   back, and its windows are computed in batches;
+* ``one_decoder``: the same call on a second server with ``--window-decoders 1`` (the video in one
+  decoder worker, front to back; the default splits it between both workers, each part found by
+  one seek), so ``split`` = one_decoder / windows shows what the split gains;
 * ``per_window``: every window cut beforehand (not timed) into its own clip of the same frames,
   encoded the same way, sent as ``Classify`` calls, ``--in-flight`` at once (default 8, so they can
   share forwards and both decoder workers; 1 = one after the other): one upload, one worker round
@@ -17,9 +20,9 @@ task (8 frames, uniform sampling, adapters in every block). The server runs in a
 Rounds alternate the two (:func:`bench.timing.timed_rounds`); the figure is seconds of video
 classified per second of wall time (the clip's covered seconds / the median round time), and
 ``speedup`` = windows / per_window (goal >= 3 at stride = window). The server's CPU seconds per
-call (the server process and its decoder processes, from /proc) are reported too: per-window
-calls spread over both decoder workers at once, one timeline runs in one worker, so on few
-cores the wall-clock ratio understates the work saved. Prints a table to stderr and JSON to
+call (the server process and its decoder processes, from /proc) are reported too: on few cores
+the wall-clock ratio is bounded by the work saved (at stride = window both paths decode about the
+same frames; what one call saves is the uploads, the worker round trips and the re-encoded GOPs). Prints a table to stderr and JSON to
 stdout (and ``--out``).
 """
 
@@ -99,21 +102,23 @@ def run(seconds: int, rounds: int, in_flight: int = IN_FLIGHT) -> dict:
     out["clip_bytes"] = len(clip)
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(Path(tmp) / "repo")
-        with ServerProcess(repo, "--poll-interval-s", "0",
-                           env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}) as srv, \
-                Client(srv.address, stream_threshold_bytes=64 << 20) as c, ThreadPoolExecutor(in_flight) as pool:
+        env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        with ServerProcess(repo, "--poll-interval-s", "0", env=env) as srv, \
+                ServerProcess(repo, "--poll-interval-s", "0", "--window-decoders", "1", env=env) as one, \
+                Client(srv.address, stream_threshold_bytes=64 << 20) as c, \
+                Client(one.address, stream_threshold_bytes=64 << 20) as c1, ThreadPoolExecutor(in_flight) as pool:
             for window_s, stride_s in CASES:
                 length, step = round(window_s * FPS), round(stride_s * FPS)
                 starts = list(range(0, total - length + 1, step))
                 cuts = [encode(s, length) for s in starts]  # the same frames, one clip per window
 
-                cpu: dict[str, list[float]] = {"windows": [], "per_window": []}
+                cpu: dict[str, list[float]] = {"windows": [], "one_decoder": [], "per_window": []}
 
-                def windows() -> None:
-                    c0 = tree_cpu_s(srv.proc.pid)
-                    got = list(c.windows(clip, TASK, window_s, stride_s))
-                    cpu["windows"].append(tree_cpu_s(srv.proc.pid) - c0)
-                    assert len(got) == len(starts), (len(got), len(starts))
+                def timeline(name: str, server, client) -> None:
+                    c0 = tree_cpu_s(server.proc.pid)
+                    got = list(client.windows(clip, TASK, window_s, stride_s))
+                    cpu[name].append(tree_cpu_s(server.proc.pid) - c0)
+                    assert [w.index for w in got] == list(range(len(starts))), (len(got), len(starts))
 
                 def per_window() -> None:
                     c0 = tree_cpu_s(srv.proc.pid)
@@ -121,15 +126,20 @@ def run(seconds: int, rounds: int, in_flight: int = IN_FLIGHT) -> dict:
                     cpu["per_window"].append(tree_cpu_s(srv.proc.pid) - c0)
                     assert len(got) == len(starts)
 
-                t = timed_rounds({"windows": windows, "per_window": per_window}, rounds)
+                t = timed_rounds({"windows": lambda: timeline("windows", srv, c),
+                                  "one_decoder": lambda: timeline("one_decoder", one, c1),
+                                  "per_window": per_window}, rounds)
                 cpu_s = {k: statistics.median(v[-rounds:]) for k, v in cpu.items()}  # the warm-up round left out
                 covered = (starts[-1] + length) / FPS
                 out["cases"].append({
                     "window_s": window_s, "stride_s": stride_s, "windows": len(starts), "video_s": covered,
-                    "windows_s": t["windows"], "per_window_s": t["per_window"],
-                    "windows_video_s_per_s": covered / t["windows"], "per_window_video_s_per_s": covered / t["per_window"],
-                    "speedup": t["per_window"] / t["windows"],
-                    "server_cpu_s_windows": cpu_s["windows"], "server_cpu_s_per_window": cpu_s["per_window"],
+                    "windows_s": t["windows"], "one_decoder_s": t["one_decoder"], "per_window_s": t["per_window"],
+                    "windows_video_s_per_s": covered / t["windows"],
+                    "one_decoder_video_s_per_s": covered / t["one_decoder"],
+                    "per_window_video_s_per_s": covered / t["per_window"],
+                    "speedup": t["per_window"] / t["windows"], "split": t["one_decoder"] / t["windows"],
+                    "server_cpu_s_windows": cpu_s["windows"], "server_cpu_s_one_decoder": cpu_s["one_decoder"],
+                    "server_cpu_s_per_window": cpu_s["per_window"],
                     "cpu_ratio": cpu_s["per_window"] / max(cpu_s["windows"], 1e-9),
                     "per_window_upload_bytes": sum(len(b) for b in cuts),
                 })
@@ -139,11 +149,13 @@ def run(seconds: int, rounds: int, in_flight: int = IN_FLIGHT) -> dict:
 def print_table(r: dict, file=sys.stderr) -> None:
     print(f"{r['clip']} ({r['clip_bytes']} bytes), {r['trunk']}, {r['frames_per_window']} frames per window; "
           f"median of {r['rounds']} rounds; per-window clips {r['per_window_in_flight']} in flight", file=file)
-    print(f"{'window/stride':<14} {'windows':>7} {'ClassifyWindows':>16} {'per-window':>11} {'speedup':>8} "
-          f"{'server CPU s':>16} {'CPU ratio':>9}  (video s per wall s; CPU: windows / per-window)", file=file)
+    print(f"{'window/stride':<14} {'windows':>7} {'ClassifyWindows':>16} {'1 decoder':>10} {'split':>6} "
+          f"{'per-window':>11} {'speedup':>8} {'server CPU s':>16} {'CPU ratio':>9}  "
+          "(video s per wall s; CPU: windows / per-window)", file=file)
     for e in r["cases"]:
         print(f"{e['window_s']:g} s / {e['stride_s']:g} s".ljust(14) + f" {e['windows']:>7} "
-              f"{e['windows_video_s_per_s']:>16.1f} {e['per_window_video_s_per_s']:>11.1f} {e['speedup']:>7.2f}x "
+              f"{e['windows_video_s_per_s']:>16.1f} {e['one_decoder_video_s_per_s']:>10.1f} {e['split']:>5.2f}x "
+              f"{e['per_window_video_s_per_s']:>11.1f} {e['speedup']:>7.2f}x "
               f"{e['server_cpu_s_windows']:>7.2f} / {e['server_cpu_s_per_window']:<6.2f} {e['cpu_ratio']:>8.2f}x",
               file=file)
 
