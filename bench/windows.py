@@ -4,7 +4,8 @@
 
 A repository with a random tiny trunk (``test-vit-tiny``: 2 blocks, width 32, 32 px) and one
 task (8 frames, uniform sampling, adapters in every block). The server runs in a subprocess on
-127.0.0.1 with its defaults (sandboxed decoder processes, ``--max-batch-size 32``). The clip is
+127.0.0.1 with its defaults (sandboxed decoder processes, ``--max-batch-size 32``) but
+``--window-decoders 2`` (a timeline split between both decoder workers). The clip is
 ``--seconds`` of 64x48 h264 at 30 fps (GOP 30) of a moving pattern; for each (window, stride):
 
 * ``windows``: one ``ClassifyWindows`` call; the clip is uploaded once and decoded once, front to
@@ -103,7 +104,7 @@ def run(seconds: int, rounds: int, in_flight: int = IN_FLIGHT) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         repo = build_repository(Path(tmp) / "repo")
         env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        with ServerProcess(repo, "--poll-interval-s", "0", env=env) as srv, \
+        with ServerProcess(repo, "--poll-interval-s", "0", "--window-decoders", "2", env=env) as srv, \
                 ServerProcess(repo, "--poll-interval-s", "0", "--window-decoders", "1", env=env) as one, \
                 Client(srv.address, stream_threshold_bytes=64 << 20) as c, \
                 Client(one.address, stream_threshold_bytes=64 << 20) as c1, ThreadPoolExecutor(in_flight) as pool:

@@ -37,8 +37,9 @@ class ServerConfig:
             hangs FFmpeg costs only its request; the worker is killed and replaced), or threads
             (``decode_backend=thread``).
         window_decoders: most decoder workers one ``ClassifyWindows`` video is split between (each decodes a
-            run of its windows after one seek), of those free when it starts; 1 = one worker per video.
-            Process backend only (the thread backend decodes a video in one thread).
+            run of its windows after one seek), of those free when it starts; 1 (default) = one worker per
+            video, so a long timeline never holds every worker while short clips wait. Process backend only
+            (the thread backend decodes a video in one thread).
         decode_timeout_s: longest decode of one clip (the request deadline may cut it shorter); past it
             the worker is killed and the request fails with INVALID_ARGUMENT (process backend only).
         decode_backend: ``process`` (sandboxed, default) or ``thread`` (in-process, no timeout; benches, debugging).
@@ -90,7 +91,7 @@ class ServerConfig:
     max_queue_delay_ms: float = 5.0
     max_queue_size: int = 256
     decode_workers: int = 2
-    window_decoders: int = 2
+    window_decoders: int = 1
     decode_timeout_s: float = 30.0
     decode_backend: str = "process"
     device: str = "auto"
@@ -206,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decode-workers", type=int, default=d.decode_workers,
       help="decoder worker processes (threads with --decode-backend thread)")
     a("--window-decoders", type=int, default=d.window_decoders,
-      help="most decoder workers one ClassifyWindows video is split between, of those free (process backend)")
+      help="most decoder workers one ClassifyWindows video is split between, of those free (1 = no split; "
+           "process backend)")
     a("--decode-timeout-s", type=float, default=d.decode_timeout_s,
       help="longest decode of one clip; past it the worker is killed (process backend)")
     a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),

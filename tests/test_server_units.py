@@ -221,6 +221,14 @@ def test_config_flags_and_validation(tmp_path):
         ServerConfig(model_repository=tmp_path, max_clip_bytes=1000, max_inflight_clip_bytes=999)
 
 
+def test_window_decoders_flag(tmp_path, capsys):
+    assert parse_args(["--model-repository", str(tmp_path)]).window_decoders == 1
+    assert parse_args(["--model-repository", str(tmp_path), "--window-decoders", "2"]).window_decoders == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--model-repository", str(tmp_path), "--window-decoders", "0"])
+    assert "window_decoders must be a positive int, got 0" in capsys.readouterr().err
+
+
 def test_warmup_runs_each_served_shape_once_per_path(repo, tiny_trunk):
     """Same-shape tasks share a group: a one-task and a two-task forward; another frame count is its own group."""
     from stadapter import SamplingConfig
