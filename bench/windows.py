@@ -10,9 +10,9 @@ task (8 frames, uniform sampling, adapters in every block). The server runs in a
 
 * ``windows``: one ``ClassifyWindows`` call; the clip is uploaded once and decoded once, front to
   back, and its windows are computed in batches;
-* ``one_decoder``: the same call on a second server with ``--window-decoders 1`` (the video in one
-  decoder worker, front to back; the default splits it between both workers, each part found by
-  one seek), so ``split`` = one_decoder / windows shows what the split gains;
+* ``one_decoder``: the same call on a second server with ``--window-decoders 1``, the server default
+  (the video in one decoder worker, front to back; the main server splits it between both workers,
+  each part found by one seek), so ``split`` = one_decoder / windows shows what the split gains;
 * ``per_window``: every window cut beforehand (not timed) into its own clip of the same frames,
   encoded the same way, sent as ``Classify`` calls, ``--in-flight`` at once (default 8, so they can
   share forwards and both decoder workers; 1 = one after the other): one upload, one worker round
@@ -22,9 +22,9 @@ Rounds alternate the two (:func:`bench.timing.timed_rounds`); the figure is seco
 classified per second of wall time (the clip's covered seconds / the median round time), and
 ``speedup`` = windows / per_window (goal >= 3 at stride = window). The server's CPU seconds per
 call (the server process and its decoder processes, from /proc) are reported too: on few cores
-the wall-clock ratio is bounded by the work saved (at stride = window both paths decode about the
-same frames; what one call saves is the uploads, the worker round trips and the re-encoded GOPs). Prints a table to stderr and JSON to
-stdout (and ``--out``).
+the wall-clock ratio follows the CPU saved (at stride = window both paths decode about the same
+frames; one call saves the uploads, the worker round trips and the re-encoded GOPs). Prints a
+table to stderr and JSON to stdout (and ``--out``).
 """
 
 from __future__ import annotations

@@ -307,14 +307,14 @@ class ProcessDecodePool:
             taken.append(self._free.get_nowait())
         idle = set(taken)  # a part that never starts (the call left first) gives its worker back below
         parts = [self._window_part(w, idle, clip, sampling, limits, part, timeout_s, deadline)
-                 for w, part in zip(taken, job.parts(len(taken)) if len(taken) > 1 else [job])]
+                 for w, part in zip(taken, job.parts(len(taken)))]
         try:
             async with contextlib.aclosing(parts[0] if len(parts) == 1 else interleave(parts)) as batches:
                 async for batch in batches:
                     yield batch
         finally:
             for w in idle:
-                self._drop(w) if self.closed else self._free.put_nowait(w)
+                self._give_back(w)
 
     async def _window_part(self, w: _Worker, idle: set[_Worker], clip: bytes | bytearray | memoryview,
                            sampling: SamplingConfig, limits: VideoLimits, job: WindowJob, timeout_s: float,
@@ -407,11 +407,15 @@ class ProcessDecodePool:
             self._replace(w)
             raise DecoderCrashed(f"the decoder crashed on this clip (worker exit code {w.proc.exitcode}); "
                                  "it is probably corrupt or hostile")
+        self._give_back(w)
+        return msg
+
+    def _give_back(self, w: _Worker) -> None:
+        """A worker done with its job: back to the free queue, or dropped when the pool is closing."""
         if self.closed:
             self._drop(w)
         else:
             self._free.put_nowait(w)
-        return msg
 
     def close(self) -> None:
         """Kill every worker at once (SIGKILL first, then reap): never waits on a stuck decode."""

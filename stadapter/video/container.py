@@ -326,18 +326,16 @@ class Clip:
         stream = self.container.streams[self.stream_index]
         if self.info.fps > 0 and stream.time_base:
             gap = default_seek_gap(self.info.fps)
-            try:
-                yield from WindowWalk(self._demuxer(), stream, self.info.fps, self.budget, takes, start, gap).walk(convert)
-                return
-            except SeekMissed:
-                stream = self._reopen()
+            for seek_to in ((start, 0) if start else (0,)):  # with the seek, then (if it missed) without
                 try:
-                    yield from WindowWalk(self._demuxer(), stream, self.info.fps, self.budget, takes).walk(convert)
+                    yield from WindowWalk(self._demuxer(), stream, self.info.fps, self.budget, takes, seek_to,
+                                          gap).walk(convert)
                     return
+                except SeekMissed:
+                    stream = self._reopen()
                 except Irregular:
                     stream = self._reopen()
-            except Irregular:
-                stream = self._reopen()
+                    break
         yield from count_frames(self._demuxer(), stream, self.budget, takes, convert)
 
     def _demuxer(self):

@@ -339,7 +339,7 @@ class WindowWalk(IndexedReader):
                  seek_gap: int = 64) -> None:
         super().__init__(container, stream, fps, budget, None)
         self.want = takes  # type: ignore[assignment]  # the walk reads it only with `in`
-        self.start, self.seek_gap_frames = start, seek_gap
+        self.start, self.seek_gap_frames = start, seek_gap  # start: the one seek still to make (0: none)
         self.seek_target = start
 
     def walk(self, convert) -> Iterator[Taken]:
@@ -367,7 +367,8 @@ class WindowWalk(IndexedReader):
                     raise Irregular(f"no packet for frame slot {self.frontier}")
             self.feed([packet], convert)
             if self.anchor is not None and self.start - self.frontier > self.seek_gap_frames:
-                self.seek(self.start)
+                self.seek_target = self.start
+                self.seek(self.start)  # the decoder is flushed where it lands (land)
                 self.start, landing = 0, True  # one seek
                 packets = iter(self.container.demux(self.stream))
                 continue
@@ -390,11 +391,6 @@ class WindowWalk(IndexedReader):
         self.seen = {i for i in self.seen if i >= slot}
         self.frontier = max(self.frontier, slot)
         self.got.clear()  # frames before the part are taken by no window of it
-
-    def seek(self, target: int) -> None:
-        self.codec.flush_buffers()  # what it holds lies before the part: taken by none of its windows
-        self.seek_target = target
-        super().seek(target)
 
     def forget(self) -> None:
         """Drop the bookkeeping of slots behind the decoder's output (it is never read again), so a long video's

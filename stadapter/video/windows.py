@@ -232,7 +232,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
         takes = _Takes(plan, k, end)
         held: dict[int, np.ndarray] = {}
         settled = 0  # frames known to be in the stream
-        for held, settled in clip.frames(takes, convert, min(min(v) for v in plan.indices(k))):
+        for held, settled in clip.frames(takes, convert, plan.start(k)):
             stats.held_max = max(stats.held_max, len(held))
             while settled >= plan.end(k) and k != end:
                 if k >= window_limits.max_windows:
