@@ -20,6 +20,8 @@ the comparison is not vacuous, without seeks it must read every constant-frame-r
 
 from __future__ import annotations
 
+import bisect
+import functools
 import io
 import random
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from stadapter.video import VideoLimits, decode_frames
 from stadapter.video.container import Clip
 from stadapter.video.preprocess import FrameConverter
 from stadapter.video.readers import IndexedReader, Irregular, SequentialReader
+from stadapter.video.window_walk import WindowWalk
 
 SEED = 20261202
 NUM_CASES = 48
@@ -87,6 +90,7 @@ def make_case(seed: int) -> Case:
                 seek_gaps=(r.choice(gaps), r.choice(gaps)))
 
 
+@functools.lru_cache(maxsize=None)
 def encode(case: Case) -> bytes:
     size = (64, 48)
     if case.codec == "libx264":
@@ -172,3 +176,53 @@ def test_indexed_reads_equal_sequential(case: Case):
                 assert case.vfr or gap is not None, f"IndexedReader refused a constant-rate clip ({e!r}): {case}"
                 continue
         _same(got, reference, f"IndexedReader(seek_gap={gap})", case)
+
+
+class ListTakes:
+    """The window walk's Takes over a fixed list of frames."""
+
+    def __init__(self, frames: list[int]) -> None:
+        self.sorted, self.set = sorted(frames), set(frames)
+
+    def __contains__(self, i: object) -> bool:
+        return i in self.set
+
+    def first_from(self, i: int) -> int | None:
+        k = bisect.bisect_left(self.sorted, i)
+        return self.sorted[k] if k < len(self.sorted) else None
+
+
+def _walked(steps, takes: ListTakes, what: str, case: Case) -> dict[int, np.ndarray]:
+    """Run a window walk to its end, checking its promise at every step: each taken frame below ``settled`` is out."""
+    got: dict[int, np.ndarray] = {}
+    for frames, settled in steps:
+        missing = [i for i in takes.sorted if i < settled and i not in frames]
+        assert not missing, f"{what}: settled={settled} but frames {missing} are not out, for {case}"
+        got = frames
+    return dict(got)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"seed{c.seed}")
+def test_window_walk_equals_sequential(case: Case):
+    """The window mode's walk (GOP tails no taken frame needs dropped undecoded, non-reference frames skipped)
+    returns the sequential reader's frames; with a later start (a part found by one seek), those from there on."""
+    data = encode(case)
+    needed = sorted(set(case.indices))
+    reference = _sequential(data, needed)
+    limits = VideoLimits()
+    start = random.Random(case.seed).choice([0, 0, case.num_frames // 2])
+    taken = [i for i in needed if i >= start]
+    with Clip(data, limits) as clip:
+        got = _walked(clip.frames(ListTakes(taken), FrameConverter(limits), start), ListTakes(taken),
+                      f"Clip.frames(start={start})", case)
+    _same(got, {i: reference[i] for i in taken}, f"Clip.frames(start={start})", case)
+    # the walk alone (no fallback), from the start: it must read every constant-frame-rate clip
+    with Clip(data, limits) as clip:
+        walk = WindowWalk(clip.container, clip.container.streams[clip.stream_index], clip.info.fps, clip.budget,
+                          ListTakes(needed))
+        try:
+            got = _walked(walk.walk(FrameConverter(limits)), ListTakes(needed), "WindowWalk", case)
+        except Irregular as e:
+            assert case.vfr, f"WindowWalk refused a constant-rate clip ({e!r}): {case}"
+            return
+    _same(got, reference, "WindowWalk", case)

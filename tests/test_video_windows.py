@@ -132,6 +132,20 @@ def test_non_reference_frames_no_window_takes_are_not_decoded():
         assert shown(w.frames) == [list(v) for v in w.indices]
 
 
+def test_gop_tails_no_window_takes_are_not_decoded():
+    """Sampling that takes the middle of each window (stride mode): the GOPs before and after it are dropped
+    undecoded, as the one-clip reader drops them; the windows are those of a full decode."""
+    cfg = dataclasses.replace(SAMPLING, mode="stride", stride=2)
+    pclip = media.make_clip(num_frames=100, fps=10, gop=10, bframes=0, size=(48, 48))  # every frame a reference
+    stats = DecodeStats()
+    ws = list(decode_windows(pclip, cfg, window_s=4.0, stride_s=4.0, stats=stats))
+    assert [w.start_frame for w in ws] == [0, 40]
+    taken = sorted(i for w in ws for v in w.indices for i in v)
+    assert max(taken) < 70 and stats.frames < 50  # was 100: every frame of the stream
+    for w in ws:
+        assert torch.equal(w.frames, decode_views(pclip, w.indices, cfg))
+
+
 @pytest.mark.parametrize("hole_at", [5, 85])
 def test_a_stream_off_the_frame_grid_is_counted(hole_at):
     """Timestamps that skip a slot (variable frame rate): the index is the frame's rank, as the readers count it,
@@ -144,18 +158,29 @@ def test_a_stream_off_the_frame_grid_is_counted(hole_at):
         assert shown(w.frames) == [list(v) for v in w.indices]
 
 
+class EverySeventh:
+    """Takes every seventh frame of 600 (the walk's Takes protocol)."""
+
+    def __contains__(self, i: object) -> bool:
+        return isinstance(i, int) and 0 <= i < 600 and i % 7 == 0
+
+    def first_from(self, i: int) -> int | None:
+        j = -(-i // 7) * 7
+        return j if j < 600 else None
+
+
 def test_the_walk_forgets_the_slots_behind_it():
     """The grid bookkeeping of a long walk stays as small as a short one's (slots behind the output are dropped)."""
     import io
 
     import av
     from stadapter.video.limits import Budget
-    from stadapter.video.readers import WindowWalk
+    from stadapter.video.window_walk import WindowWalk
 
     long_clip = media.make_clip(num_frames=600, fps=30, gop=30, bframes=3, pattern="grey")
     with av.open(io.BytesIO(long_clip)) as c:
         stream = c.streams.video[0]
-        walk = WindowWalk(c, stream, 30.0, Budget(WindowLimits().video_limits(VideoLimits())), set(range(0, 600, 7)))
+        walk = WindowWalk(c, stream, 30.0, Budget(WindowLimits().video_limits(VideoLimits())), EverySeventh())
         steps = [(settled, len(walk.seen) + len(walk.fed) + len(walk.maybe_dropped) + len(walk.must_output))
                  for _, settled in walk.walk(lambda f: None)]
     assert steps[-1][0] == 600 and max(size for _, size in steps) < 200

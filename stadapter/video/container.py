@@ -9,14 +9,14 @@ import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Container, Iterator
+from typing import Callable, Iterator
 
 import av
 import numpy as np
 
 from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
-from .readers import (Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader, Taken, WindowWalk,
-                      count_frames)
+from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
+from .window_walk import Taken, Takes, WindowWalk, count_frames
 from .sampling import presentation_ranks
 
 
@@ -316,7 +316,7 @@ class Clip:
                 stream = self._reopen()
         return SequentialReader(self._demuxer(), stream, self.budget).run(needed, convert)
 
-    def frames(self, takes: Container[int], convert: Callable[[av.VideoFrame], np.ndarray],
+    def frames(self, takes: Takes, convert: Callable[[av.VideoFrame], np.ndarray],
                start: int = 0) -> Iterator[Taken]:
         """The window mode: the video stream front to back, each packet once; the frames ``takes`` takes,
         converted, with how far they are settled (see :meth:`WindowWalk.walk`). Non-reference frames it does not take

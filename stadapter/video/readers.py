@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Container, Iterator
 
 import av
 import numpy as np
@@ -108,6 +107,7 @@ class IndexedReader:
         self.skipping = False
         self.maybe_dropped: set[int] = set()  # slots fed while dropping non-reference frames
         self.fed: set[int] = set()  # needed slots whose packet went to the decoder
+        self.pending: set[int] = set()  # of those, the slots not output yet (still in the decoder)
         self.must_output: list[int] = []  # sorted slots fed with every frame kept: the decoder must output each
         self.res = ReadResult()
 
@@ -132,6 +132,7 @@ class IndexedReader:
                 needed = slot in self.want and slot not in self.got
                 if needed:
                     self.fed.add(slot)
+                    self.pending.add(slot)
                 if self.skip_nonref and not needed:
                     self.maybe_dropped.add(slot)
                     self.res.last_index = max(self.res.last_index, slot)
@@ -162,6 +163,7 @@ class IndexedReader:
                 self.see(slot, key)
                 if slot in self.want:
                     self.fed.add(slot)
+                    self.pending.add(slot)
         i = self.slot(frame.pts, "frame")
         if i < self.run_start:  # a leading picture of an open GOP we started at: not needed, maybe broken
             return
@@ -174,6 +176,7 @@ class IndexedReader:
         self.res.last_output = max(self.res.last_output, i)
         if i in self.want and i not in self.got:
             self.got[i] = convert(frame)
+            self.pending.discard(i)
 
     def gap_before(self, i: int) -> bool:
         """Whether a frame the decoder must output lies in [expect, i): a search over fed slots, never a walk over
@@ -221,7 +224,7 @@ class IndexedReader:
                     landing = None
                 self.see(slot, packet.is_keyframe)
                 if packet.is_keyframe and slot <= target:
-                    if self.fed - self.got.keys():
+                    if self.pending:
                         self.drain(convert)  # needed frames still in the decoder's reorder queue
                     buffer, fresh = [packet], True
                 elif slot >= target or packet.is_keyframe:
@@ -232,7 +235,7 @@ class IndexedReader:
                 else:
                     buffer.append(packet)
                 if buffer and self.seek_gap is not None and target - slot > self.seek_gap and seeked_for != target:
-                    if self.fed - self.got.keys():
+                    if self.pending:
                         self.drain(convert)
                         self.codec.flush_buffers()
                     seeked_for, landing = target, (self.frontier, self.last_key, target)
@@ -241,7 +244,7 @@ class IndexedReader:
             while target in self.got or target in self.fed:  # its packet is in: look further
                 following = next(todo, None)
                 if following is None:
-                    if self.fed - self.got.keys():
+                    if self.pending:
                         self.drain(convert)  # rather than feeding more packets to push them out
                     return self.finish(needed, packets)
                 target = following
@@ -316,107 +319,3 @@ class IndexedReader:
         if not covered.all():
             raise Irregular(f"no packet for frame slot {int(np.argmin(covered))}")
 
-
-Taken = tuple[dict[int, np.ndarray], int]  # (frames converted so far, by index; settled: see WindowWalk.walk)
-
-
-class WindowWalk(IndexedReader):
-    """The window mode's indexed reader: every packet once, front to back, no restart.
-
-    Packets and frames are placed on the frame grid as :class:`IndexedReader` places them, and a
-    non-reference frame that ``takes`` does not take is dropped by the decoder (its ``feed``), so
-    a frame's index is its slot, as for :func:`decode_views`. A stream off the grid, or with a
-    slot that never gets a packet (a hole: packets come at most ``_REORDER_DEPTH`` ahead of their
-    slot), raises :class:`Irregular`; the caller counts frames instead.
-
-    ``start`` > 0 (a later part of the video, read by another decoder): once frame 0 has fixed the
-    grid, one seek to the keyframe at or before frame ``start`` (when it lies more than
-    ``seek_gap`` frames ahead), then front to back from there; frames before ``start`` are not
-    taken. A seek that lands after ``start`` raises :class:`SeekMissed` (read again without it).
-    """
-
-    def __init__(self, container, stream, fps: float, budget: Budget, takes: Container[int], start: int = 0,
-                 seek_gap: int = 64) -> None:
-        super().__init__(container, stream, fps, budget, None)
-        self.want = takes  # type: ignore[assignment]  # the walk reads it only with `in`
-        self.start, self.seek_gap_frames = start, seek_gap  # start: the one seek still to make (0: none)
-        self.seek_target = start
-
-    def walk(self, convert) -> Iterator[Taken]:
-        """After each packet: (the taken frames, ``settled``): every frame below ``settled`` that ``takes`` takes
-        is in the dict (the caller may delete entries it is done with). The last item follows the drain."""
-        packets = iter(self.container.demux(self.stream))
-        landing, n = False, 0
-        while (packet := next(packets, None)) is not None:
-            self.budget.packet()
-            if packet.size == 0:
-                continue
-            if self.anchor is None:  # decode from the start until frame 0 fixes the grid
-                if packet.pts is None:
-                    raise Irregular("a packet has no pts")
-                self.early_pts.append((packet.pts, packet.is_keyframe))
-            else:
-                slot = self.slot(packet.pts, "packet")
-                if landing:  # just sought: wait for the keyframe it landed on
-                    if not packet.is_keyframe:
-                        continue
-                    self.land(slot)
-                    landing = False
-                self.see(slot, packet.is_keyframe)
-                if slot > self.frontier + _REORDER_DEPTH:
-                    raise Irregular(f"no packet for frame slot {self.frontier}")
-            self.feed([packet], convert)
-            if self.anchor is not None and self.start - self.frontier > self.seek_gap_frames:
-                self.seek_target = self.start
-                self.seek(self.start)  # the decoder is flushed where it lands (land)
-                self.start, landing = 0, True  # one seek
-                packets = iter(self.container.demux(self.stream))
-                continue
-            n += 1
-            if n % 64 == 0:
-                self.forget()
-            yield self.got, min(self.frontier, self.expect)
-        if landing:
-            raise SeekMissed("the seek for a later part of the video found no keyframe before the end")
-        self.drain(convert)
-        if any(i > self.frontier for i in self.seen):
-            raise Irregular(f"the stream ends with no packet for frame slot {self.frontier}: its timestamps skip")
-        yield self.got, self.frontier
-
-    def land(self, slot: int) -> None:
-        """Where the seek landed (a keyframe): decoding restarts there; the slots before it count as seen."""
-        if slot > self.seek_target:
-            raise SeekMissed(f"the seek for frame {self.seek_target} landed on frame {slot}")
-        self.restart_at(slot)
-        self.seen = {i for i in self.seen if i >= slot}
-        self.frontier = max(self.frontier, slot)
-        self.got.clear()  # frames before the part are taken by no window of it
-
-    def forget(self) -> None:
-        """Drop the bookkeeping of slots behind the decoder's output (it is never read again), so a long video's
-        walk holds as much as a short one's."""
-        self.seen = {i for i in self.seen if i > self.frontier}
-        self.maybe_dropped = {i for i in self.maybe_dropped if i >= self.expect}
-        self.fed = {i for i in self.fed if i >= self.expect}
-        del self.must_output[:bisect.bisect_left(self.must_output, self.expect)]
-
-
-def count_frames(container, stream, budget: Budget, takes: Container[int], convert) -> Iterator[Taken]:
-    """The window mode's sequential reader (for irregular streams): index = count of frames output so far; yields
-    as :meth:`WindowWalk.walk` does (every frame decoded)."""
-    got: dict[int, np.ndarray] = {}
-    codec, n = stream.codec_context, 0
-    packets = iter(container.demux(stream))
-    while True:
-        packet = next(packets, None)
-        if packet is not None:
-            budget.packet()
-            if packet.size == 0:
-                continue
-        for f in decode_packet(codec, packet, budget):
-            if n in takes:
-                got[n] = convert(f)
-            n += 1
-        yield got, n
-        if packet is None:
-            return

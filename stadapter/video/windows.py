@@ -15,8 +15,10 @@ a window's tensor equals :func:`decode_views` of its indices.
 * A clip shorter than one window is refused (:class:`VideoError` naming both lengths): it
   has no whole window, and ``Classify`` answers for a clip of any length.
 * The stream is read once, front to back (``Clip.frames``: no seek), its packets placed on the
-  frame grid as the one-clip reader places them, and the decoder drops the non-reference frames
-  (B-frames of h264, hevc, mpeg2 ...) that no window takes; a stream off the grid (variable frame
+  frame grid as the one-clip reader places them; the packets after the last taken frame are held
+  back and dropped undecoded when a keyframe comes before the next taken frame (a GOP's tail that no
+  window samples), and the decoder drops the non-reference frames (B-frames of h264, hevc,
+  mpeg2 ...) that no window takes (``window_walk.WindowWalk``); a stream off the grid (variable frame
   rate) is read again from the start, counting every frame, the windows already given out not
   repeated. A frame is kept only while a window that is open (started, not yet given out)
   needs it, so memory is bounded by
@@ -273,10 +275,21 @@ class _Takes:
     def __contains__(self, i: object) -> bool:
         assert isinstance(i, int)
         while self.next_start <= i and self.opened != self.end:
-            self.frames.update(unique_indices(self.plan.indices(self.opened)))
-            self.opened += 1
-            self.next_start = self.plan.start(self.opened)
+            self._open()
         return i in self.frames
+
+    def first_from(self, i: int) -> Optional[int]:
+        """The first frame at or after ``i`` that a window takes (opening the windows that start before it)."""
+        while True:
+            first = min((j for j in self.frames if j >= i), default=None)
+            if self.opened == self.end or (first is not None and first < self.next_start):
+                return first
+            self._open()
+
+    def _open(self) -> None:
+        self.frames.update(unique_indices(self.plan.indices(self.opened)))
+        self.opened += 1
+        self.next_start = self.plan.start(self.opened)
 
     def forget_before(self, start: int, held: dict[int, np.ndarray]) -> None:
         """The windows before the one starting at ``start`` are out: their frames are taken no more."""
