@@ -19,11 +19,13 @@ half-way included); a worker that dies shows up as EOF on the pipe.
 Window mode (``windows``: a long clip decoded once, front to back; ``server.window_jobs``):
 
 * parent -> worker ``("windows", sampling, limits, job, prefix)`` then the clip;
-* worker -> parent ``("batch", seq, spans, shape, dtype, decode_s)`` with the batch in block
+* worker -> parent ``("batch", seq, spans, shape, dtype, decode_s, decoded)`` with the batch in block
   ``prefix + seq``; the parent copies it out, unlinks it and answers ``("next",)`` at once (the
   worker decodes the next batch while the model computes this one) or ``("stop",)``
   (answered ``("stopped",)``);
-* worker -> parent ``("done", frames, decode_s)``, or ``("error", exc)`` / ``("oom", message)``.
+* worker -> parent ``("done", frames, decode_s, decoded)``, or ``("error", exc)`` / ``("oom", message)``
+  (``decoded``: the packets, frames and pixels read so far; a split video's parts are held to one
+  decode's limits by their sum, ``window_jobs.SplitBudget``).
 
 A batch must come within ``timeout_s`` of the last (a hung decode is killed as in one-clip
 mode); a caller that goes away stops the job in the background and the worker is reused. A long
@@ -55,7 +57,7 @@ from stadapter.video import VideoError, VideoLimits, decode_clip
 from .errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining
 from .shm_blocks import read_block, unlink_block, write_block
 from .window_flow import interleave
-from .window_jobs import WindowBatch, WindowJob, run_window_job, window_batches
+from .window_jobs import SplitBudget, WindowBatch, WindowJob, run_window_job, window_batches
 from .worker_replies import failure_reply, send_reply
 
 log = logging.getLogger("server")
@@ -306,7 +308,8 @@ class ProcessDecodePool:
         while len(taken) < self.window_workers and not self._free.empty():
             taken.append(self._free.get_nowait())
         idle = set(taken)  # a part that never starts (the call left first) gives its worker back below
-        parts = [self._window_part(w, idle, clip, sampling, limits, part, timeout_s, deadline)
+        tally = SplitBudget(limits, job, len(taken)) if len(taken) > 1 else None
+        parts = [self._window_part(w, idle, clip, sampling, limits, part, timeout_s, deadline, tally)
                  for w, part in zip(taken, job.parts(len(taken)))]
         try:
             async with contextlib.aclosing(parts[0] if len(parts) == 1 else interleave(parts)) as batches:
@@ -318,9 +321,10 @@ class ProcessDecodePool:
 
     async def _window_part(self, w: _Worker, idle: set[_Worker], clip: bytes | bytearray | memoryview,
                            sampling: SamplingConfig, limits: VideoLimits, job: WindowJob, timeout_s: float,
-                           deadline: Optional[float]) -> AsyncGenerator[WindowBatch, None]:
+                           deadline: Optional[float], tally: Optional[SplitBudget]) -> AsyncGenerator[WindowBatch, None]:
         """One window job on worker ``w``, taken from the free queue by the caller (and out of ``idle`` once this
-        starts: from then on this generator frees, reuses or replaces it)."""
+        starts: from then on this generator frees, reuses or replaces it); ``tally``: the parts' counts, when the
+        video is split."""
         idle.discard(w)
         loop = asyncio.get_running_loop()
         prefix = f"{self.shm_prefix}{next(self._names)}-"
@@ -347,9 +351,13 @@ class ProcessDecodePool:
                 if msg is None or msg[0] != "batch":
                     running = False
                     self._end_job(w, msg, f"{prefix}{seq}")
+                    if tally is not None and msg is not None and msg[0] == "done":
+                        tally.update(job.part.index, msg[3])  # the last frames after the last window count too
                     return
-                _, _, spans, shape, dtype, decode_s = msg
-                batch = WindowBatch(tuple(spans), read_block(f"{prefix}{seq}", shape, dtype), decode_s)
+                _, _, spans, shape, dtype, decode_s, decoded = msg
+                batch = WindowBatch(tuple(spans), read_block(f"{prefix}{seq}", shape, dtype), decode_s, decoded)
+                if tally is not None:
+                    tally.update(job.part.index, decoded)  # over the limits: the job is stopped (finally)
                 seq += 1
                 reply = w.expect(loop)
                 try:

@@ -24,6 +24,7 @@ import torch
 
 from stadapter.config import SamplingConfig
 from stadapter.video import DecodeStats, VideoLimits, Window, WindowLimits, WindowPart, decode_windows
+from stadapter.video.limits import Budget
 
 from .shm_blocks import write_block
 from .worker_replies import failure_reply, send_reply
@@ -77,6 +78,23 @@ class WindowBatch:
     spans: tuple[WindowSpan, ...]
     frames: torch.Tensor  # float32 [N, V, T, 3, S, S], one entry per span
     decode_s: float  # decoding time of this batch alone
+    decoded: tuple[int, int, int] = (0, 0, 0)  # (packets, frames, pixels) the decode has read so far, this batch's too
+
+
+class SplitBudget:
+    """One video's decode limits over the parts that decode it at once (``WindowJob.parts``): each part's decoder
+    counts against a budget of its own, so their latest counts are summed here and held to the limits of one
+    decode (a video over ``max_frames_decoded`` is refused whether it is split or not)."""
+
+    def __init__(self, limits: VideoLimits, job: WindowJob, parts: int) -> None:
+        self.budget = Budget(job.limits.video_limits(limits))
+        self.counts = [(0, 0, 0)] * parts
+
+    def update(self, part: int, counts: tuple[int, int, int]) -> None:
+        """Part ``part`` has read ``counts`` (packets, frames, pixels) so far; VideoError if the sum is over."""
+        self.counts[part] = counts
+        packets, frames, pixels = (sum(c) for c in zip(*self.counts))
+        self.budget.check_totals(packets, frames, pixels)
 
 
 def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
@@ -92,21 +110,26 @@ def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfi
             first_at = time.monotonic()
         batch.append(w)
         if len(batch) >= size or time.monotonic() - first_at >= job.flush_s:
-            yield _batch(batch, stats.decode_s - counted)
+            yield _batch(batch, stats.decode_s - counted, stats)
             counted, batch, size = stats.decode_s, [], next(sizes)
     if batch:
-        yield _batch(batch, stats.decode_s - counted)
+        yield _batch(batch, stats.decode_s - counted, stats)
 
 
-def _batch(windows: list[Window], decode_s: float) -> WindowBatch:
+def decoded(stats: DecodeStats) -> tuple[int, int, int]:
+    """What a decode has read so far, as the limits count it: (packets, frames, pixels)."""
+    return stats.packets, stats.frames, stats.pixels
+
+
+def _batch(windows: list[Window], decode_s: float, stats: DecodeStats) -> WindowBatch:
     spans = tuple(WindowSpan(w.index, w.start_frame, w.end_frame, w.start_s, w.end_s) for w in windows)
-    return WindowBatch(spans, torch.stack([w.frames for w in windows]), decode_s)
+    return WindowBatch(spans, torch.stack([w.frames for w in windows]), decode_s, decoded(stats))
 
 
 def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
                    prefix: str) -> None:
     """In a decoder process: send each batch (block ``prefix + seq``), wait for ``("next",)``; any other word
-    stops the job (answered ``("stopped",)``). Ends with ``("done", frames decoded, decode seconds)``, or the
+    stops the job (answered ``("stopped",)``). Ends with ``("done", frames decoded, decode seconds, decoded)``, or the
     error. A closed pipe (EOFError/OSError) propagates: the parent is gone."""
     stats = DecodeStats()
     batches = window_batches(clip, sampling, limits, job, stats)
@@ -115,13 +138,13 @@ def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limi
         for b in batches:
             arr = np.ascontiguousarray(b.frames.numpy())
             write_block(f"{prefix}{seq}", arr)
-            conn.send(("batch", seq, b.spans, arr.shape, arr.dtype.str, b.decode_s))
+            conn.send(("batch", seq, b.spans, arr.shape, arr.dtype.str, b.decode_s, b.decoded))
             seq += 1
             del arr, b
             if conn.recv() != ("next",):
                 conn.send(("stopped",))
                 return
-        reply: tuple = ("done", stats.frames, stats.decode_s)
+        reply: tuple = ("done", stats.frames, stats.decode_s, decoded(stats))
     except (EOFError, OSError):
         raise
     except Exception as e:  # noqa: BLE001 - any failure on clip content is the clip's, not INTERNAL

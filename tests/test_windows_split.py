@@ -137,3 +137,44 @@ def test_the_pool_splits_only_between_free_workers(clip, monkeypatch):
             pool.close()
 
     asyncio.run(run())
+
+
+def test_a_split_video_is_held_to_the_limits_of_one_decode(clip):
+    """Each part's decoder has a budget of its own: a video over max_frames_decoded whose parts are each under it
+    is refused split as it is whole (the parts' counts are summed), and the pool serves the next call."""
+    from stadapter.video import DecodeStats, VideoError, WindowLimits, WindowPart, decode_windows
+
+    data, cfg = clip.read_bytes(), SamplingConfig(num_frames=8, input_size=48)
+    counts = []
+    for part in (WindowPart(), WindowPart(0, 2), WindowPart(1, 2)):
+        stats = DecodeStats()
+        list(decode_windows(data, cfg, 2.0, 2.0, stats=stats, part=part))
+        counts.append(stats.frames)
+    whole, parts = counts[0], counts[1:]
+    limit = max(parts) + 1
+    assert whole > limit, (whole, parts)  # each part is under the limit, the video is not
+    job = WindowJob(2.0, 2.0, per_batch=4, limits=WindowLimits(max_frames_decoded=limit))
+
+    async def spans(stream):
+        return sorted(s.index for b in [b async for b in stream] for s in b.spans)
+
+    async def run():
+        pool = ProcessDecodePool(2, window_workers=2)
+        await pool.start()
+        try:
+            with pytest.raises(VideoError, match=f"more than {limit} decoded frames"):
+                await spans(pool.windows(data, cfg, VideoLimits(), job, 30.0))  # split between both workers
+            end = time.monotonic() + 10
+            while pool._free.qsize() < 2:
+                assert time.monotonic() < end, "a worker of the refused parts did not come back"
+                await asyncio.sleep(0.05)
+            busy = await pool._free.get()  # one worker free: the video decodes whole, refused the same way
+            with pytest.raises(VideoError, match=f"more than {limit} decoded frames"):
+                await spans(pool.windows(data, cfg, VideoLimits(), job, 30.0))
+            pool._free.put_nowait(busy)
+            assert await spans(pool.windows(data, cfg, VideoLimits(), WindowJob(2.0, 2.0, per_batch=4), 30.0)) == \
+                list(range(24))
+        finally:
+            pool.close()
+
+    asyncio.run(run())

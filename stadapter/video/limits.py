@@ -103,8 +103,26 @@ class Budget:
     def packet(self) -> None:
         self.packets += 1
         if self.packets > self.limits.max_packets:
-            raise VideoError(f"clip needs more than {self.limits.max_packets} packets to read (max_packets)")
+            raise self._over_packets()
         self.check_time()
+
+    def _over_packets(self) -> VideoError:
+        return VideoError(f"clip needs more than {self.limits.max_packets} packets to read (max_packets)")
+
+    def _over_frames(self) -> VideoError:
+        return VideoError(f"clip needs more than {self.limits.max_frames_decoded} decoded frames (max_frames_decoded)")
+
+    def check_totals(self, packets: int, frames: int, pixels: int) -> None:
+        """Counts kept elsewhere, checked as this budget checks its own: one video split between decoders (each
+        with a budget of its own) is held to the limits of one decode by the sum of their counts."""
+        self.packets, self.frames, self.pixels = packets, frames, pixels
+        if packets > self.limits.max_packets:
+            raise self._over_packets()
+        if frames > self.limits.max_frames_decoded:
+            raise self._over_frames()
+        if pixels > self.limits.max_decoded_pixels:
+            raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels "
+                             f"({frames} frames; max_decoded_pixels)")
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -114,8 +132,7 @@ class Budget:
         self.frames += 1
         self.check_time()
         if self.frames > self.limits.max_frames_decoded:
-            raise VideoError(f"clip needs more than {self.limits.max_frames_decoded} decoded frames "
-                             f"(max_frames_decoded)")
+            raise self._over_frames()
         if frame.width * frame.height > self.limits.max_pixels:
             raise VideoError(f"a frame of {frame.width}x{frame.height} is over the limit of "
                              f"{self.limits.max_pixels} pixels")

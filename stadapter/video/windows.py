@@ -203,6 +203,7 @@ class DecodeStats:
 
     packets: int = 0
     frames: int = 0  # frames the decoder output
+    pixels: int = 0  # pixels of those frames
     windows: int = 0
     decode_s: float = 0.0  # time spent decoding, converting and sampling (not waiting for the consumer)
     held_max: int = 0  # most frames kept at once
@@ -246,7 +247,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
                 k += 1
                 takes.forget_before(plan.start(k), held)
                 stats.windows += 1
-                stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
+                stats.packets, stats.frames, stats.pixels = clip.budget.packets, clip.budget.frames, clip.budget.pixels
                 stats.decode_s += time.perf_counter() - t0
                 paused = time.monotonic()
                 yield window
@@ -255,7 +256,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
             if k == end:
                 break  # the next part's windows are another decoder's
         stats.decode_s += time.perf_counter() - t0
-        stats.packets, stats.frames = clip.budget.packets, clip.budget.frames
+        stats.packets, stats.frames, stats.pixels = clip.budget.packets, clip.budget.frames, clip.budget.pixels
         if stats.windows == 0 and share[0] == 0:
             n = settled
             raise VideoError(f"the clip holds {n} frame(s) ({n / plan.fps:.2f} s at {plan.fps:g} fps), shorter than "
