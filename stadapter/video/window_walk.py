@@ -62,7 +62,7 @@ class WindowWalk(IndexedReader):
         drain."""
         packets = iter(self.container.demux(self.stream))
         landing, n, last = False, 0, -1
-        held: list = []  # packets after the last one decoded; no taken frame among them
+        held: list = []  # packets after the last one fed: none is taken, but a first keyframe at the target itself
         fresh = False  # held starts at a keyframe: the decoder restarts there
         target: float = math.inf  # first taken slot whose packet is not in the decoder (once the grid is fixed)
         while (packet := next(packets, None)) is not None:
