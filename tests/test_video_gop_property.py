@@ -9,6 +9,9 @@ frame indices is read
 * with the public ``decode_frames``,
 * with ``Clip.read`` (indexed reader, then the fallbacks) at a random ``seek_gap``,
 * with ``IndexedReader`` run directly (forced: no fallback) at a random ``seek_gap``,
+* with the window mode's walk (``Clip.frames``, from the start or from a later part after one seek,
+  and ``WindowWalk`` alone), for those indices and for frames at a regular step, its promise
+  (every taken frame below ``settled`` is out) checked at every step,
 
 and each result must equal, pixel for pixel, what ``SequentialReader`` (count the
 frames the decoder outputs) returns for the same indices; the sequential frames
@@ -210,12 +213,19 @@ def test_window_walk_equals_sequential(case: Case):
     needed = sorted(set(case.indices))
     reference = _sequential(data, needed)
     limits = VideoLimits()
-    start = random.Random(case.seed).choice([0, 0, case.num_frames // 2])
+    r = random.Random(case.seed)
+    start = r.choice([0, 0, case.num_frames // 2])
     taken = [i for i in needed if i >= start]
     with Clip(data, limits) as clip:
         got = _walked(clip.frames(ListTakes(taken), FrameConverter(limits), start), ListTakes(taken),
                       f"Clip.frames(start={start})", case)
     _same(got, {i: reference[i] for i in taken}, f"Clip.frames(start={start})", case)
+    # frames at a regular step, as windows take them: many GOP tails to drop, many runs to restart
+    regular = list(range(r.randint(0, 3), case.num_frames, r.randint(2, 9)))
+    with Clip(data, limits) as clip:
+        got = _walked(clip.frames(ListTakes(regular), FrameConverter(limits)), ListTakes(regular),
+                      "Clip.frames(regular)", case)
+    _same(got, _sequential(data, regular), "Clip.frames(regular)", case)
     # the walk alone (no fallback), from the start: it must read every constant-frame-rate clip
     with Clip(data, limits) as clip:
         walk = WindowWalk(clip.container, clip.container.streams[clip.stream_index], clip.info.fps, clip.budget,
