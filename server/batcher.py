@@ -207,9 +207,10 @@ class Batcher:
                 it.future.set_exception(e)
 
     def _resolve(self, batch: list[WorkItem], out: BatchOutput) -> None:
-        started = time.monotonic() - out.compute_s
+        started = time.monotonic() - out.compute_s  # the forward's start: a clip's wait includes its staging
         if self.metrics is not None:
             self.metrics.compute_seconds.observe(out.compute_s)
+            self.metrics.stage_seconds.observe(out.stage_s)
             self.metrics.batch_size.observe(out.clips)
             self.metrics.batch_rows.observe(out.rows)
             self.metrics.batch_tasks.observe(out.tasks)

@@ -47,6 +47,9 @@ class Metrics:
                                             buckets=LATENCY_BUCKETS, registry=r)
         self.compute_seconds = Histogram(f"{p}_compute_seconds", "Time of one batched forward",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_seconds = Histogram(f"{p}_stage_seconds", "Time to stage one batch (slots leased, input on the "
+                                       "device), which may overlap the previous forward", buckets=LATENCY_BUCKETS,
+                                       registry=r)
         self.request_seconds = Histogram(f"{p}_request_seconds", "End-to-end time of a classification",
                                          ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{p}_batch_size", "Clips per forward pass", buckets=BATCH_BUCKETS, registry=r)

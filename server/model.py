@@ -71,11 +71,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 @dataclass(frozen=True)
 class BatchOutput:
     probs: list[Tensor]  # per clip: [C] softmax averaged over its views (cpu, float32)
-    compute_s: float
+    compute_s: float  # the forward alone (staging, which may overlap the previous forward, is stage_s)
     clips: int
     rows: int
     tasks: int
     shared_rows: int = 0  # rows whose embedding and unadapted blocks another row's computation gave
+    stage_s: float = 0.0  # the batch's staging (ModelRunner.stage)
 
 
 @dataclass(frozen=True)
@@ -212,8 +213,8 @@ class ModelRunner:
         for j, i in enumerate(order):
             probs[i] = host[j, : clips[i][0].spec.num_classes]  # [C]
         shared = 0 if s.row_input is None else sum(s.rows) - s.frames.shape[0]
-        return BatchOutput(probs, s.stage_s + time.perf_counter() - t0, len(clips), sum(s.rows), len(s.tvs),  # type: ignore[arg-type]
-                           shared)
+        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(s.rows), len(s.tvs),  # type: ignore[arg-type]
+                           shared, s.stage_s)
 
     def _copy_stream(self):
         """The side stream the staging copies run on (CUDA), else no stream at all."""

@@ -268,7 +268,7 @@ def test_metrics_parse_and_counters_move(main, clips):
     assert metric(after, "stadapter_adapter_device_bytes") > 0
     assert metric(after, "stadapter_adapter_slots", state="used") + metric(after, "stadapter_adapter_slots", state="free") == 1
     assert metric(after, "process_resident_memory_bytes") > 0
-    for name in ("stadapter_queue_wait_seconds_count", "stadapter_batch_size_count"):
+    for name in ("stadapter_queue_wait_seconds_count", "stadapter_batch_size_count", "stadapter_stage_seconds_count"):
         assert d(name) == 1, name
     # the device budget holds one slot: alternating tasks activate and evict, repeating one hits
     before = scrape(main.metrics_url)

@@ -9,6 +9,7 @@ pinned by a count: a slot in both must stay pinned until both end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -63,6 +64,16 @@ def test_a_released_staged_batch_gives_its_slots_back(tiny_trunk, tmp_path):
     assert slots._pinned
     staged.release()
     assert not slots._pinned and slots.is_resident(t0)
+
+
+def test_a_batchs_compute_time_is_its_forward_alone(tiny_trunk, tmp_path):
+    """Staging may overlap the previous forward, so it is reported apart (stage_s, stadapter_stage_seconds):
+    compute_s, summed over forwards, never counts the same second twice; a clip's queue wait includes it."""
+    (t0,) = _versions(tiny_trunk, tmp_path, SAME[:1])
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32))
+    staged = dataclasses.replace(runner.stage([(t0, _clip(0))]), stage_s=5.0)  # as if its staging had taken 5 s
+    out = runner.run(staged)
+    assert out.stage_s == 5.0 and 0 < out.compute_s < 5.0
 
 
 class _SlowRunner:
