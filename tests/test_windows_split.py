@@ -100,15 +100,17 @@ def test_bad_clips_on_the_split_path_are_clean_errors(split, clip):
     assert [w.index for w in Client(split.address).windows(clip, "motion", 2.0, 2.0)] == list(range(24))
 
 
+async def spans(stream) -> list[int]:
+    """The window indices of a pool's windowed decode, sorted."""
+    return sorted(s.index for b in [b async for b in stream] for s in b.spans)
+
+
 def test_the_pool_splits_only_between_free_workers(clip, monkeypatch):
     """Both workers take a part when both are free; a job that starts while one is busy runs whole on the other;
     a crash in the parts fails the call, and the pool serves the next one."""
     monkeypatch.setenv(TEST_HOOK_ENV, "crash-on-magic")
     data, cfg = clip.read_bytes(), SamplingConfig(num_frames=8, input_size=48)
     job = WindowJob(2.0, 2.0, per_batch=4)
-
-    async def spans(stream):
-        return sorted(s.index for b in [b async for b in stream] for s in b.spans)
 
     async def run():
         pool = ProcessDecodePool(2, window_workers=2)
@@ -154,9 +156,6 @@ def test_a_split_video_is_held_to_the_limits_of_one_decode(clip):
     limit = max(parts) + 1
     assert whole > limit, (whole, parts)  # each part is under the limit, the video is not
     job = WindowJob(2.0, 2.0, per_batch=4, limits=WindowLimits(max_frames_decoded=limit))
-
-    async def spans(stream):
-        return sorted(s.index for b in [b async for b in stream] for s in b.spans)
 
     async def run():
         pool = ProcessDecodePool(2, window_workers=2)

@@ -147,6 +147,31 @@ class IndexedReader:
             for f in decode_packet(self.codec, p, self.budget):
                 self.output(f, convert)
 
+    def hold_or_feed(self, packet: av.Packet, slot: int, target: float, held: list, fresh: bool,
+                     convert) -> tuple[list, bool, bool]:
+        """A placed packet, with ``target`` the first needed slot whose packet is not in the decoder: a keyframe
+        at or before it starts the held-back packets anew (those before cannot be needed; ``fresh``: the decoder
+        restarts there); a packet at or past it (or a keyframe past it) sends the held packets and itself to the
+        decoder; another is held back. Returns (held, fresh, whether the decoder was fed)."""
+        if packet.is_keyframe and slot <= target:
+            if self.pending:
+                self.drain(convert)  # needed frames still in the decoder's reorder queue
+            return [packet], True, False
+        if slot >= target or packet.is_keyframe:
+            if fresh:
+                self.restart_at(self.slot(held[0].pts, "packet"))
+            self.feed(held + [packet], convert)
+            return [], False, True
+        held.append(packet)
+        return held, fresh, False
+
+    def feed_early(self, packet: av.Packet, convert) -> None:
+        """A packet before frame 0 fixed the grid: decoded from the start, placed once the grid is known."""
+        if packet.pts is None:
+            raise Irregular("a packet has no pts")
+        self.early_pts.append((packet.pts, packet.is_keyframe))
+        self.feed([packet], convert)
+
     def drain(self, convert) -> None:
         """Get out the frames the decoder holds back for reordering (it must be flushed after)."""
         for f in decode_packet(self.codec, None, self.budget):
@@ -210,11 +235,8 @@ class IndexedReader:
             self.budget.packet()
             if packet.size == 0:  # demuxer flush packet at the end, or an empty (skip) packet
                 continue
-            if self.anchor is None:  # decode from the start until frame 0 fixes the grid
-                if packet.pts is None:
-                    raise Irregular("a packet has no pts")
-                self.early_pts.append((packet.pts, packet.is_keyframe))
-                self.feed([packet], convert)
+            if self.anchor is None:
+                self.feed_early(packet, convert)
             else:
                 slot = self.slot(packet.pts, "packet")
                 if landing is not None:  # just seeked: wait for the keyframe it landed on
@@ -223,17 +245,7 @@ class IndexedReader:
                     self.landed(slot, *landing)
                     landing = None
                 self.see(slot, packet.is_keyframe)
-                if packet.is_keyframe and slot <= target:
-                    if self.pending:
-                        self.drain(convert)  # needed frames still in the decoder's reorder queue
-                    buffer, fresh = [packet], True
-                elif slot >= target or packet.is_keyframe:
-                    if fresh:
-                        self.restart_at(self.slot(buffer[0].pts, "packet"))
-                    self.feed(buffer + [packet], convert)
-                    buffer, fresh = [], False
-                else:
-                    buffer.append(packet)
+                buffer, fresh, _ = self.hold_or_feed(packet, slot, target, buffer, fresh, convert)
                 if buffer and self.seek_gap is not None and target - slot > self.seek_gap and seeked_for != target:
                     if self.pending:
                         self.drain(convert)

@@ -69,11 +69,8 @@ class WindowWalk(IndexedReader):
             self.budget.packet()
             if packet.size == 0:
                 continue
-            if self.anchor is None:  # decode from the start until frame 0 fixes the grid
-                if packet.pts is None:
-                    raise Irregular("a packet has no pts")
-                self.early_pts.append((packet.pts, packet.is_keyframe))
-                self.feed([packet], convert)
+            if self.anchor is None:
+                self.feed_early(packet, convert)
                 if self.anchor is not None:
                     target = self.next_target(0)
             else:
@@ -86,19 +83,9 @@ class WindowWalk(IndexedReader):
                 self.see(slot, packet.is_keyframe)
                 if slot > self.frontier + _REORDER_DEPTH:
                     raise Irregular(f"no packet for frame slot {self.frontier}")
-                if packet.is_keyframe and slot <= target:  # what is held is needed by no taken frame
-                    if self.pending:
-                        self.drain(convert)  # taken frames still in the decoder's reorder queue
-                    held, fresh = [packet], True
-                elif slot >= target or packet.is_keyframe:
-                    if fresh:
-                        self.restart_at(self.slot(held[0].pts, "packet"))
-                    held.append(packet)
-                    self.feed(held, convert)
-                    held, fresh = [], False
+                held, fresh, fed = self.hold_or_feed(packet, slot, target, held, fresh, convert)
+                if fed:
                     target = self.next_target(int(target))  # finite: a packet at or past it came
-                else:
-                    held.append(packet)
             if self.anchor is not None and self.start - self.frontier > self.seek_gap_frames:
                 self.seek_target = self.start
                 self.seek(self.start)  # the decoder is flushed where it lands (land)
