@@ -23,7 +23,7 @@ Window mode (``windows``: a long clip decoded once, front to back; ``server.wind
   ``prefix + seq``; the parent copies it out, unlinks it and answers ``("next",)`` at once (the
   worker decodes the next batch while the model computes this one) or ``("stop",)``
   (answered ``("stopped",)``);
-* worker -> parent ``("done", frames, decode_s, decoded)``, or ``("error", exc)`` / ``("oom", message)``
+* worker -> parent ``("done", decode_s, decoded)``, or ``("error", exc)`` / ``("oom", message)``
   (``decoded``: the packets, frames and pixels read so far; a split video's parts are held to one
   decode's limits by their sum, ``window_jobs.SplitBudget``).
 
@@ -352,7 +352,7 @@ class ProcessDecodePool:
                     running = False
                     self._end_job(w, msg, f"{prefix}{seq}")
                     if tally is not None and msg is not None and msg[0] == "done":
-                        tally.update(job.part.index, msg[3])  # the last frames after the last window count too
+                        tally.update(job.part.index, msg[2])  # the last frames after the last window count too
                     return
                 _, _, spans, shape, dtype, decode_s, decoded = msg
                 batch = WindowBatch(tuple(spans), read_block(f"{prefix}{seq}", shape, dtype), decode_s, decoded)

@@ -116,20 +116,15 @@ def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfi
         yield _batch(batch, stats.decode_s - counted, stats)
 
 
-def decoded(stats: DecodeStats) -> tuple[int, int, int]:
-    """What a decode has read so far, as the limits count it: (packets, frames, pixels)."""
-    return stats.packets, stats.frames, stats.pixels
-
-
 def _batch(windows: list[Window], decode_s: float, stats: DecodeStats) -> WindowBatch:
     spans = tuple(WindowSpan(w.index, w.start_frame, w.end_frame, w.start_s, w.end_s) for w in windows)
-    return WindowBatch(spans, torch.stack([w.frames for w in windows]), decode_s, decoded(stats))
+    return WindowBatch(spans, torch.stack([w.frames for w in windows]), decode_s, stats.counts)
 
 
 def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
                    prefix: str) -> None:
     """In a decoder process: send each batch (block ``prefix + seq``), wait for ``("next",)``; any other word
-    stops the job (answered ``("stopped",)``). Ends with ``("done", frames decoded, decode seconds, decoded)``, or the
+    stops the job (answered ``("stopped",)``). Ends with ``("done", decode seconds, decoded)``, or the
     error. A closed pipe (EOFError/OSError) propagates: the parent is gone."""
     stats = DecodeStats()
     batches = window_batches(clip, sampling, limits, job, stats)
@@ -144,7 +139,7 @@ def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limi
             if conn.recv() != ("next",):
                 conn.send(("stopped",))
                 return
-        reply: tuple = ("done", stats.frames, stats.decode_s, decoded(stats))
+        reply: tuple = ("done", stats.decode_s, stats.counts)
     except (EOFError, OSError):
         raise
     except Exception as e:  # noqa: BLE001 - any failure on clip content is the clip's, not INTERNAL

@@ -7,9 +7,10 @@ random and corrupted inputs, and a reference decoder.
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import av
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from stadapter.video.synthetic import (BAND, BITS, FORMAT_BY_SUFFIX, encode_frames, frame_image, frame_index,
                                        make_audio_only, make_clip)
 
-__all__ = ["BAND", "BITS", "FORMAT_BY_SUFFIX", "corrupt_payload", "decode_all", "empty", "encode_frames", "frame_image",
+__all__ = ["BAND", "BITS", "FORMAT_BY_SUFFIX", "ListTakes", "corrupt_payload", "decode_all", "empty", "encode_frames", "frame_image",
            "frame_index", "garbage", "indices_of", "io", "make_audio_only", "make_clip", "truncated"]
 
 
@@ -60,3 +61,18 @@ def corrupt_payload(data: bytes, seed: int = 1) -> bytes:
 
 def indices_of(frames: Sequence[np.ndarray] | np.ndarray) -> list[int]:
     return [frame_index(f) for f in frames]
+
+
+class ListTakes:
+    """The window walk's ``Takes`` over a fixed set of frames (``stadapter.video.window_walk``)."""
+
+    def __init__(self, frames: Iterable[int]) -> None:
+        self.sorted = sorted(set(frames))
+        self.set = set(self.sorted)
+
+    def __contains__(self, i: object) -> bool:
+        return i in self.set
+
+    def first_from(self, i: int) -> int | None:
+        k = bisect.bisect_left(self.sorted, i)
+        return self.sorted[k] if k < len(self.sorted) else None

@@ -23,7 +23,6 @@ the comparison is not vacuous, without seeks it must read every constant-frame-r
 
 from __future__ import annotations
 
-import bisect
 import functools
 import io
 import random
@@ -34,7 +33,7 @@ import av
 import numpy as np
 import pytest
 
-from media import decode_all, frame_image, indices_of
+from media import ListTakes, decode_all, frame_image, indices_of
 from stadapter.video import VideoLimits, decode_frames
 from stadapter.video.container import Clip
 from stadapter.video.preprocess import FrameConverter
@@ -179,20 +178,6 @@ def test_indexed_reads_equal_sequential(case: Case):
                 assert case.vfr or gap is not None, f"IndexedReader refused a constant-rate clip ({e!r}): {case}"
                 continue
         _same(got, reference, f"IndexedReader(seek_gap={gap})", case)
-
-
-class ListTakes:
-    """The window walk's Takes over a fixed list of frames."""
-
-    def __init__(self, frames: list[int]) -> None:
-        self.sorted, self.set = sorted(frames), set(frames)
-
-    def __contains__(self, i: object) -> bool:
-        return i in self.set
-
-    def first_from(self, i: int) -> int | None:
-        k = bisect.bisect_left(self.sorted, i)
-        return self.sorted[k] if k < len(self.sorted) else None
 
 
 def _walked(steps, takes: ListTakes, what: str, case: Case) -> dict[int, np.ndarray]:

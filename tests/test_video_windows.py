@@ -158,17 +158,6 @@ def test_a_stream_off_the_frame_grid_is_counted(hole_at):
         assert shown(w.frames) == [list(v) for v in w.indices]
 
 
-class EverySeventh:
-    """Takes every seventh frame of 600 (the walk's Takes protocol)."""
-
-    def __contains__(self, i: object) -> bool:
-        return isinstance(i, int) and 0 <= i < 600 and i % 7 == 0
-
-    def first_from(self, i: int) -> int | None:
-        j = -(-i // 7) * 7
-        return j if j < 600 else None
-
-
 def test_the_walk_forgets_the_slots_behind_it():
     """The grid bookkeeping of a long walk stays as small as a short one's (slots behind the output are dropped)."""
     import io
@@ -180,7 +169,8 @@ def test_the_walk_forgets_the_slots_behind_it():
     long_clip = media.make_clip(num_frames=600, fps=30, gop=30, bframes=3, pattern="grey")
     with av.open(io.BytesIO(long_clip)) as c:
         stream = c.streams.video[0]
-        walk = WindowWalk(c, stream, 30.0, Budget(WindowLimits().video_limits(VideoLimits())), EverySeventh())
+        walk = WindowWalk(c, stream, 30.0, Budget(WindowLimits().video_limits(VideoLimits())),
+                          media.ListTakes(range(0, 600, 7)))
         steps = [(settled, len(walk.seen) + len(walk.fed) + len(walk.maybe_dropped) + len(walk.must_output))
                  for _, settled in walk.walk(lambda f: None)]
     assert steps[-1][0] == 600 and max(size for _, size in steps) < 200

@@ -115,7 +115,6 @@ class Budget:
     def check_totals(self, packets: int, frames: int, pixels: int) -> None:
         """Counts kept elsewhere, checked as this budget checks its own: one video split between decoders (each
         with a budget of its own) is held to the limits of one decode by the sum of their counts."""
-        self.packets, self.frames, self.pixels = packets, frames, pixels
         if packets > self.limits.max_packets:
             raise self._over_packets()
         if frames > self.limits.max_frames_decoded:

@@ -158,12 +158,16 @@ class IndexedReader:
                 self.drain(convert)  # needed frames still in the decoder's reorder queue
             return [packet], True, False
         if slot >= target or packet.is_keyframe:
-            if fresh:
-                self.restart_at(self.slot(held[0].pts, "packet"))
-            self.feed(held + [packet], convert)
+            self.feed_held(held + [packet], fresh, convert)
             return [], False, True
         held.append(packet)
         return held, fresh, False
+
+    def feed_held(self, held: list, fresh: bool, convert) -> None:
+        """Send held-back packets to the decoder, restarting it at their first (a keyframe) when ``fresh``."""
+        if fresh:
+            self.restart_at(self.slot(held[0].pts, "packet"))
+        self.feed(held, convert)
 
     def feed_early(self, packet: av.Packet, convert) -> None:
         """A packet before frame 0 fixed the grid: decoded from the start, placed once the grid is known."""
@@ -264,9 +268,7 @@ class IndexedReader:
             raise SeekMissed(f"seek for frame {landing[-1]} found no keyframe before the end")
         # end of stream: decode what is held back, then drain the decoder
         if buffer:
-            if fresh:
-                self.restart_at(self.slot(buffer[0].pts, "packet"))
-            self.feed(buffer, convert)
+            self.feed_held(buffer, fresh, convert)
         self.drain(convert)
         self.res.eof = len(self.got) < len(self.want)
         if self.res.eof:

@@ -54,7 +54,7 @@ class WindowWalk(IndexedReader):
         self.want = takes  # type: ignore[assignment]  # the walk reads it only with `in` and first_from
         self.takes = takes
         self.start, self.seek_gap_frames = start, seek_gap  # start: the one seek still to make (0: none)
-        self.seek_target = start
+        self.seek_target = start  # where that seek must land at or before (land)
 
     def walk(self, convert) -> Iterator[Taken]:
         """After each packet that moves it: (the taken frames, ``settled``): every frame below ``settled`` that
@@ -87,7 +87,6 @@ class WindowWalk(IndexedReader):
                 if fed:
                     target = self.next_target(int(target))  # finite: a packet at or past it came
             if self.anchor is not None and self.start - self.frontier > self.seek_gap_frames:
-                self.seek_target = self.start
                 self.seek(self.start)  # the decoder is flushed where it lands (land)
                 self.start, landing = 0, True  # one seek
                 packets, held, fresh = iter(self.container.demux(self.stream)), [], False
@@ -104,8 +103,7 @@ class WindowWalk(IndexedReader):
         if landing:
             raise SeekMissed("the seek for a later part of the video found no keyframe before the end")
         if fresh and self.slot(held[0].pts, "packet") >= target:  # the keyframe held is itself taken
-            self.restart_at(self.slot(held[0].pts, "packet"))
-            self.feed(held, convert)
+            self.feed_held(held, fresh, convert)
         self.drain(convert)  # the other packets held hold no taken frame
         if any(i > self.frontier for i in self.seen):
             raise Irregular(f"the stream ends with no packet for frame slot {self.frontier}: its timestamps skip")

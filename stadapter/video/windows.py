@@ -14,7 +14,8 @@ a window's tensor equals :func:`decode_views` of its indices.
   decoded, so a stream that ends early (a cut download) simply has fewer windows.
 * A clip shorter than one window is refused (:class:`VideoError` naming both lengths): it
   has no whole window, and ``Classify`` answers for a clip of any length.
-* The stream is read once, front to back (``Clip.frames``: no seek), its packets placed on the
+* The stream is read once, front to back (``Clip.frames``; a later part of a video split between
+  decoders, :class:`WindowPart`, starts after one seek), its packets placed on the
   frame grid as the one-clip reader places them; the packets after the last taken frame are held
   back and dropped undecoded when a keyframe comes before the next taken frame (a GOP's tail that no
   window samples), and the decoder drops the non-reference frames (B-frames of h264, hevc,
@@ -43,7 +44,7 @@ import torch
 
 from ..config import SamplingConfig
 from .container import Clip, guard
-from .limits import Source, VideoError, VideoLimits
+from .limits import Budget, Source, VideoError, VideoLimits
 from .preprocess import FrameConverter, views_to_tensor
 from .sampling import unique_indices, view_indices
 
@@ -208,6 +209,15 @@ class DecodeStats:
     decode_s: float = 0.0  # time spent decoding, converting and sampling (not waiting for the consumer)
     held_max: int = 0  # most frames kept at once
 
+    def count(self, budget: Budget) -> None:
+        """Take the decode's counts from its budget."""
+        self.packets, self.frames, self.pixels = budget.packets, budget.frames, budget.pixels
+
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        """What the decode has read so far, as the limits count it: (packets, frames, pixels)."""
+        return self.packets, self.frames, self.pixels
+
 
 def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_s: float,
                    limits: VideoLimits = VideoLimits(), window_limits: WindowLimits = WindowLimits(),
@@ -247,7 +257,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
                 k += 1
                 takes.forget_before(plan.start(k), held)
                 stats.windows += 1
-                stats.packets, stats.frames, stats.pixels = clip.budget.packets, clip.budget.frames, clip.budget.pixels
+                stats.count(clip.budget)
                 stats.decode_s += time.perf_counter() - t0
                 paused = time.monotonic()
                 yield window
@@ -256,7 +266,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
             if k == end:
                 break  # the next part's windows are another decoder's
         stats.decode_s += time.perf_counter() - t0
-        stats.packets, stats.frames, stats.pixels = clip.budget.packets, clip.budget.frames, clip.budget.pixels
+        stats.count(clip.budget)
         if stats.windows == 0 and share[0] == 0:
             n = settled
             raise VideoError(f"the clip holds {n} frame(s) ({n / plan.fps:.2f} s at {plan.fps:g} fps), shorter than "
