@@ -132,15 +132,12 @@ def run(seconds: int, rounds: int, in_flight: int = IN_FLIGHT) -> dict:
                                   "per_window": per_window}, rounds)
                 cpu_s = {k: statistics.median(v[-rounds:]) for k, v in cpu.items()}  # the warm-up round left out
                 covered = (starts[-1] + length) / FPS
-                out["cases"].append({
-                    "window_s": window_s, "stride_s": stride_s, "windows": len(starts), "video_s": covered,
-                    "windows_s": t["windows"], "one_decoder_s": t["one_decoder"], "per_window_s": t["per_window"],
-                    "windows_video_s_per_s": covered / t["windows"],
-                    "one_decoder_video_s_per_s": covered / t["one_decoder"],
-                    "per_window_video_s_per_s": covered / t["per_window"],
+                case = {"window_s": window_s, "stride_s": stride_s, "windows": len(starts), "video_s": covered}
+                for name in cpu:  # windows, one_decoder, per_window
+                    case.update({f"{name}_s": t[name], f"{name}_video_s_per_s": covered / t[name],
+                                 f"server_cpu_s_{name}": cpu_s[name]})
+                out["cases"].append(case | {
                     "speedup": t["per_window"] / t["windows"], "split": t["one_decoder"] / t["windows"],
-                    "server_cpu_s_windows": cpu_s["windows"], "server_cpu_s_one_decoder": cpu_s["one_decoder"],
-                    "server_cpu_s_per_window": cpu_s["per_window"],
                     "cpu_ratio": cpu_s["per_window"] / max(cpu_s["windows"], 1e-9),
                     "per_window_upload_bytes": sum(len(b) for b in cuts),
                 })
