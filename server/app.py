@@ -79,7 +79,7 @@ class Server:
                  dtype)
 
         metrics = Metrics(device)
-        slots = AdapterSlots(cfg.cache_bytes, device, dtype, on_event=metrics.adapter_event, slots=cfg.adapter_slots)
+        slots = AdapterSlots(cfg.slot_budget_bytes, device, dtype, on_event=metrics.adapter_event, slots=cfg.adapter_slots)
         metrics.watch_slots(lambda: slots.used, lambda: slots.free, lambda: slots.bytes)
 
         cache = ResponseCache(cfg.response_cache_bytes, metrics.response_cache_event) if cfg.response_cache_bytes else None

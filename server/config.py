@@ -50,7 +50,7 @@ class ServerConfig:
             the same results, ~10% faster on ViT-B/16 here; a small trunk's batch fits at once; 0 = the whole
             batch at once. Ignored on CUDA, where the whole batch keeps the device busy.
         cache_bytes: device budget for resident task adapters (LRU beyond it); sizes the device slot bank
-            unless ``adapter_slots`` is set.
+            unless ``adapter_slots`` is set. Not given (None): 1 GiB.
         adapter_slots: the device slot bank holds exactly this many task slots (one bank per adapter
             activation), whatever their bytes: the slot count, not ``cache_bytes``, is then the one limit
             (a ViT-B/16 12x384 slot is 27 MiB; ``stadapter_adapter_device_bytes`` shows the total). Size it for
@@ -97,7 +97,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     cpu_chunk_bytes: int = 5 * MiB
-    cache_bytes: int = DEFAULT_CACHE_BYTES
+    cache_bytes: Optional[int] = None  # None: not given, DEFAULT_CACHE_BYTES unless adapter_slots sizes the bank
     adapter_slots: int = 0
     poll_interval_s: float = 2.0
     max_message_bytes: int = 64 * MiB
@@ -126,6 +126,12 @@ class ServerConfig:
     log_level: str = "info"
     log_format: str = "text"
 
+    @property
+    def slot_budget_bytes(self) -> int:
+        """``cache_bytes`` as ``__post_init__`` filled it in (never None after it)."""
+        assert self.cache_bytes is not None
+        return self.cache_bytes
+
     def __post_init__(self) -> None:
         positive = ("max_batch_size", "max_queue_size", "decode_workers", "window_decoders",
                     "max_message_bytes", "max_clip_bytes",
@@ -135,6 +141,15 @@ class ServerConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"ServerConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.adapter_slots, int) or self.adapter_slots < 0:
+            raise ValueError(f"ServerConfig.adapter_slots must be an int >= 0 (0 = as many as cache_bytes holds), "
+                             f"got {self.adapter_slots!r}")
+        if self.adapter_slots and self.cache_bytes is not None:
+            raise ValueError(f"--adapter-slots {self.adapter_slots} and --cache-bytes {self.cache_bytes} both size the "
+                             f"device slot bank: give one (--adapter-slots: a fixed slot count; --cache-bytes: a byte "
+                             f"budget)")
+        if self.cache_bytes is None:  # frozen: the filled-in default is set once, here
+            object.__setattr__(self, "cache_bytes", DEFAULT_CACHE_BYTES)
         for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes", "response_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -144,13 +159,6 @@ class ServerConfig:
                 raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not isinstance(self.cpu_chunk_bytes, int) or self.cpu_chunk_bytes < 0:
             raise ValueError(f"ServerConfig.cpu_chunk_bytes must be an int >= 0 (0 = no chunks), got {self.cpu_chunk_bytes!r}")
-        if not isinstance(self.adapter_slots, int) or self.adapter_slots < 0:
-            raise ValueError(f"ServerConfig.adapter_slots must be an int >= 0 (0 = as many as cache_bytes holds), "
-                             f"got {self.adapter_slots!r}")
-        if self.adapter_slots and self.cache_bytes != DEFAULT_CACHE_BYTES:
-            raise ValueError(f"--adapter-slots {self.adapter_slots} and --cache-bytes {self.cache_bytes} both size the "
-                             f"device slot bank: give one (--adapter-slots: a fixed slot count; --cache-bytes: a byte "
-                             f"budget)")
         if self.decode_backend not in ("process", "thread"):
             raise ValueError(f"ServerConfig.decode_backend must be process|thread, got {self.decode_backend!r}")
         if self.log_level not in LOG_LEVELS:
@@ -218,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
       help="on CPU, run each trunk block over whole clips whose tokens fit this many bytes (same results, faster "
            "on big trunks; 5 MiB = 8 ViT-B/16 frames; 0 = the whole batch at once)")
-    a("--cache-bytes", type=int, default=d.cache_bytes,
-      help="device byte budget for task adapters: as many slots as it holds, LRU beyond (unless --adapter-slots)")
+    a("--cache-bytes", type=int, default=None,
+      help="device byte budget for task adapters: as many slots as it holds, LRU beyond (default 1 GiB; not with "
+           "--adapter-slots)")
     a("--adapter-slots", type=int, default=d.adapter_slots,
       help="the device slot bank holds exactly N task slots whatever their bytes (a ViT-B/16 12x384 task: 27 MiB); "
            "LRU beyond N; 0 = as many as --cache-bytes holds; not with --cache-bytes")

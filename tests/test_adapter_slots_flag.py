@@ -48,6 +48,8 @@ def test_the_flag_parses_and_defaults_to_the_byte_budget():
     (["--adapter-slots", "-1"], "adapter_slots must be an int >= 0"),
     (["--adapter-slots", "two"], "--adapter-slots: invalid int value"),
     (["--adapter-slots", "8", "--cache-bytes", "4096"], "--adapter-slots 8 and --cache-bytes 4096 both size"),
+    # the default budget given explicitly is still two limits on one bank (it was accepted)
+    (["--adapter-slots", "8", "--cache-bytes", str(1 << 30)], f"--adapter-slots 8 and --cache-bytes {1 << 30} both"),
 ])
 def test_bad_values_are_usage_errors_that_say_why(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
