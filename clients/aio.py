@@ -70,7 +70,7 @@ class AsyncClient:
                     raise err from None
                 await asyncio.sleep(wait)
 
-    async def classify(self, clip: Clip, task: Tasks, top_k: int = 5, sampling: Optional[Mapping[str, Any]] = None,
+    async def classify(self, clip: Clip, task: Tasks, top_k: int = 0, sampling: Optional[Mapping[str, Any]] = None,
                        timeout: Optional[float] = None,
                        request_id: str = "") -> Union[ClassifyResult, list[Union[ClassifyResult, ClientError]]]:
         """See :meth:`clients.Client.classify`: a list of task names gives a list of results/errors."""
@@ -84,7 +84,7 @@ class AsyncClient:
             resp = await self._call(self._classifier.Classify, lambda: req, timeout)
         return classify_outcome(task, resp)
 
-    def windows(self, clip: Clip, task: str, window_s: float, stride_s: float, top_k: int = 5,
+    def windows(self, clip: Clip, task: str, window_s: float, stride_s: float, top_k: int = 0,
                 sampling: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None,
                 request_id: str = "") -> AsyncIterator[WindowResult]:
         """See :meth:`clients.Client.windows`: ``async for w in client.windows(...)``; leaving early cancels."""
@@ -102,7 +102,7 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 5,
+    async def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 0,
                              sampling: Optional[Mapping[str, Any]] = None,
                              timeout: Optional[float] = None) -> list[Union[ClassifyResult, ClientError]]:
         req = batch_request(clips, task, top_k, sampling)

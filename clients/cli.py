@@ -21,6 +21,8 @@ from .output import (EXIT_FAILED, EXIT_USAGE, WINDOW_HEADER, Row, classify_each,
 
 # ----------------------------------------------------------------------------- arguments
 
+TOP_K_HELP = "labels per result (default: the server's --default-top-k)"
+
 
 def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", required=True, action="append", metavar="TASK[,TASK...]",
                    help="task name; several (a comma list, or --task again) classify each clip for each task "
                         "with one upload and one decode per clip")
-    c.add_argument("--top-k", type=int, default=3)
+    c.add_argument("--top-k", type=int, default=0, help=TOP_K_HELP)
     c.add_argument("--json", action="store_true", help="JSON instead of a table")
     c.add_argument("--batch", action="store_true", help="send all clips in one BatchClassify call")
     s = c.add_argument_group("sampling overrides (default: the task's own)")
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--task", required=True, help="one task name")
     w.add_argument("--window-s", type=float, required=True, help="window length in seconds")
     w.add_argument("--stride-s", type=float, help="seconds from one window's start to the next (default: the window)")
-    w.add_argument("--top-k", type=int, default=3)
+    w.add_argument("--top-k", type=int, default=0, help=TOP_K_HELP)
     w.add_argument("--json", action="store_true", help="one JSON object per window, one per line")
     w.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw the top label and its score over time "
                    "(needs matplotlib)")
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC host:port")
     x.add_argument("--model", default="stadapter_multitask")
     x.add_argument("--task", required=True, help="one task name")
-    x.add_argument("--top-k", type=int, default=3)
+    x.add_argument("--top-k", type=int, default=5, help="labels per clip")
     x.add_argument("--json", action="store_true")
     x.add_argument("--timeout", type=float, default=60.0)
     return p

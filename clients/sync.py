@@ -76,11 +76,12 @@ class Client:
 
     # -- classification ------------------------------------------------------------------------
 
-    def classify(self, clip: Clip, task: Tasks, top_k: int = 5, sampling: Optional[Mapping[str, Any]] = None,
+    def classify(self, clip: Clip, task: Tasks, top_k: int = 0, sampling: Optional[Mapping[str, Any]] = None,
                  timeout: Optional[float] = None,
                  request_id: str = "") -> Union[ClassifyResult, list[Union[ClassifyResult, ClientError]]]:
         """Classify one clip (a path or the encoded bytes). Clips above ``stream_threshold_bytes`` are
-        streamed in chunks. ``sampling``: overrides such as ``{"num_frames": 8, "temporal_views": 3}``.
+        streamed in chunks. ``top_k``: labels per result (0: the server's ``--default-top-k``).
+        ``sampling``: overrides such as ``{"num_frames": 8, "temporal_views": 3}``.
 
         ``task``: a name (returns a :class:`ClassifyResult`) or a list of names: the clip is sent and
         decoded once, and the answer is a list with one :class:`ClassifyResult` or :class:`ClientError`
@@ -95,7 +96,7 @@ class Client:
             resp = self._call(self._classifier.Classify, lambda: req, timeout)
         return classify_outcome(task, resp)
 
-    def windows(self, clip: Clip, task: str, window_s: float, stride_s: float, top_k: int = 5,
+    def windows(self, clip: Clip, task: str, window_s: float, stride_s: float, top_k: int = 0,
                 sampling: Optional[Mapping[str, Any]] = None, timeout: Optional[float] = None,
                 request_id: str = "") -> Iterator[WindowResult]:
         """A long clip as a timeline: an iterator of :class:`WindowResult`, one per window (``window_s`` long, one
@@ -117,7 +118,7 @@ class Client:
         finally:
             call.cancel()  # a no-op once the stream ended; stops the server's work if the caller left early
 
-    def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 5,
+    def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 0,
                        sampling: Optional[Mapping[str, Any]] = None,
                        timeout: Optional[float] = None) -> list[Union[ClassifyResult, ClientError]]:
         """Several clips in one call (``task``: one name for all, or one per clip). Each item is a

@@ -161,6 +161,12 @@ def test_async_client(server, clips):
 # --- CLI -----------------------------------------------------------------------------------------
 
 
+def test_cli_top_k_defaults_to_the_servers(server, clips, capsys):
+    """No --top-k: the server's --default-top-k (5) decides, as for every other client (the CLI sent 3)."""
+    assert cli.main(["classify", str(clips["good"][0]), "--task", "beta", "--json", "--address", server.address]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["predictions"]) == 4  # all of beta's 4 labels: 5 capped at 4
+
+
 def test_cli_classify_table_json_and_errors(server, clips, capsys):
     a = ["--address", server.address]
     assert cli.main(["classify", *map(str, clips["good"]), "--task", "alpha", *a]) == 0
