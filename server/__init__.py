@@ -6,7 +6,7 @@ Modules, one job each: ``config`` (ServerConfig + flags), ``app`` (assembly, rea
 SIGTERM drain), ``service`` (gRPC servicers, the one error-to-status wrapper), ``pipeline``
 (admission, decode pool, top-k), ``batcher`` (dynamic batching), ``model`` (the batched
 forward on the model thread), ``registry`` (task versions on disk, register/unregister,
-polling), ``cache`` (device LRU of adapters), ``metrics`` (Prometheus), ``auth`` (tokens),
+polling), ``slots`` (the device slot bank of adapters, LRU), ``metrics`` (Prometheus), ``auth`` (tokens),
 ``errors`` (exceptions and their status codes), ``process`` (the server as a child process, for the
 demo, benches and tests), ``demo`` (``make demo``).
 """

@@ -197,20 +197,31 @@ class ServerConfig:
                             bundle=BundleLimits(max_tensor_bytes=self.max_bundle_bytes))
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` names each flag's default, except where there is none (None: unset, or said in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig(model_repository=Path("."))
     # allow_abbrev=False: a shortened flag (--drain-timeout) would silently mean whichever flag it prefixes today
-    p = argparse.ArgumentParser(prog="python -m server", description="Serve ST-Adapter video tasks over gRPC.",
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="python -m server", allow_abbrev=False,
+                                formatter_class=_DefaultsHelp,
+                                description="Serve ST-Adapter video tasks: stadapter.v1 gRPC, the Open Inference "
+                                            "Protocol (gRPC on --port, REST on --http-port), an HTTP multipart "
+                                            "upload (--http-port) and Prometheus metrics (--metrics-port).")
     a = p.add_argument
     a("--model-repository", required=True, type=Path, help="folder with trunk/ and tasks/")
-    a("--host", default=d.host)
+    a("--host", default=d.host, help="address every port binds")
     a("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port (0 = any free port)")
     a("--http-port", type=int, default=d.http_port,
       help="HTTP: OIP v2 REST, /v2/health/{live,ready}, multipart upload (0 = any free port, -1 = off)")
     a("--max-batch-size", type=int, default=d.max_batch_size, help="rows (clip views) per forward")
-    a("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms)
+    a("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms,
+      help="longest wait for more rows before a batch runs")
     a("--max-queue-size", type=int, default=d.max_queue_size, help="admitted, not yet computed requests")
     a("--decode-workers", type=int, default=d.decode_workers,
       help="decoder worker processes (threads with --decode-backend thread)")
@@ -222,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),
       help="process: sandboxed workers (default); thread: in-process, for benches and debugging")
     a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"))
+    a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
+      help="auto: bfloat16 (or float16) on cuda, float32 on cpu")
     a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
       help="on CPU, run each trunk block over whole clips whose tokens fit this many bytes (same results, faster "
            "on big trunks; 5 MiB = 8 ViT-B/16 frames; 0 = the whole batch at once)")
@@ -233,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="the device slot bank holds exactly N task slots whatever their bytes (a ViT-B/16 12x384 task: 27 MiB); "
            "LRU beyond N; 0 = as many as --cache-bytes holds; not with --cache-bytes")
     a("--poll-interval-s", type=float, default=d.poll_interval_s, help="re-read the repository (0 = off)")
-    a("--max-message-bytes", type=int, default=d.max_message_bytes)
-    a("--max-clip-bytes", type=int, default=d.max_clip_bytes)
+    a("--max-message-bytes", type=int, default=d.max_message_bytes,
+      help="gRPC receive/send limit (one clip in one message must fit)")
+    a("--max-clip-bytes", type=int, default=d.max_clip_bytes, help="largest clip accepted, whole or streamed")
     a("--max-inflight-clip-bytes", type=int, default=d.max_inflight_clip_bytes,
       help="encoded clip bytes held by all requests together (streams, clips awaiting decode)")
     a("--max-clip-duration-s", type=float, default=d.max_clip_duration_s, help="longest clip (from its header)")
@@ -251,16 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
       help="answers kept by clip sha256, task version and sampling (LRU within this budget); 0 = off")
     a("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s,
       help="a client stream silent this long is ended (DEADLINE_EXCEEDED) and its bytes freed")
-    a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes)
+    a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes, help="largest task bundle a register accepts")
     a("--admin-token-file", type=Path, help="file with the admin token (else env STADAPTER_ADMIN_TOKEN)")
     a("--allow-insecure-admin", action="store_true", help="admin calls without a token (development only)")
-    a("--tls-cert", type=Path)
-    a("--tls-key", type=Path)
+    a("--tls-cert", type=Path, help="PEM certificate: gRPC over TLS (with --tls-key)")
+    a("--tls-key", type=Path, help="PEM private key of --tls-cert")
     a("--classify-token-file", type=Path, help="require this bearer token for classification too")
     a("--ready-file", type=Path, help="write the ready JSON here once serving")
-    a("--keep-versions", type=int, default=d.keep_versions)
-    a("--default-top-k", type=int, default=d.default_top_k)
-    a("--drain-timeout-s", type=float, default=d.drain_timeout_s)
+    a("--keep-versions", type=int, default=d.keep_versions,
+      help="versions of each task kept on disk and servable by a name@N pin")
+    a("--default-top-k", type=int, default=d.default_top_k, help="labels per result when a request gives no top_k")
+    a("--drain-timeout-s", type=float, default=d.drain_timeout_s,
+      help="on SIGTERM, how long requests in flight may finish before the exit")
     a("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
       help="run each served input shape once before accepting traffic (default on)")
     a("--log-level", default=d.log_level, choices=tuple(LOG_LEVELS),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import asyncio
 import json
 import shutil
@@ -227,6 +229,19 @@ def test_window_decoders_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--model-repository", str(tmp_path), "--window-decoders", "0"])
     assert "window_decoders must be a positive int, got 0" in capsys.readouterr().err
+
+
+def test_help_names_every_protocol_and_each_flags_default():
+    from server.config import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for port in ("--port", "--http-port", "--metrics-port"):
+        assert port in text.split("options:")[0]  # the description says which port serves what
+    assert "Open Inference Protocol" in text and "multipart" in text
+    with_default = [a for a in build_parser()._actions if a.default not in (None, argparse.SUPPRESS)]
+    assert text.count("(default: ") == len(with_default) > 30  # each flag that has a default names it, once
+    for a in with_default:
+        assert f"(default: {a.default})" in text, a.option_strings
 
 
 def test_warmup_runs_each_served_shape_once_per_path(repo, tiny_trunk):
