@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import grpc
 
 from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClientError, ClientOptions, RetryPolicy
-from .output import (EXIT_FAILED, EXIT_USAGE, WINDOW_HEADER, Row, classify_each, classify_each_tasks, exit_code,
+from .output import (EXIT_FAILED, EXIT_PIPE_CLOSED, EXIT_USAGE, WINDOW_HEADER, Row, classify_each, classify_each_tasks, exit_code,
                      one_line, print_classify, table, window_line)
 
 # ----------------------------------------------------------------------------- arguments
@@ -245,7 +245,12 @@ def run(ns: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        return run(ns)
+        rc = run(ns)
+        sys.stdout.flush()  # here, so a reader that left is seen below, not in the interpreter's exit flush
+        return rc
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not raise again
+        return EXIT_PIPE_CLOSED
     except ClientError as e:
         print(f"error: {one_line(e, getattr(ns, 'address', '') or getattr(ns, 'url', ''))}", file=sys.stderr)
         return exit_code(e)

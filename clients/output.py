@@ -14,6 +14,7 @@ import grpc
 from .core import TOKEN_ENV, ClassifyResult, ClientError, WindowResult
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left (`| head`)
 Row = tuple[str, Union[ClassifyResult, ClientError]]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -159,6 +160,20 @@ def test_async_client(server, clips):
 
 
 # --- CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_stops_quietly_when_its_reader_leaves(server, clips):
+    """``stadapter windows --json | head``: the reader closes the pipe; no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "clients", "windows", str(clips["good"][1]), "--task", "alpha",
+                               "--window-s", "0.2", "--json", "--address", server.address],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        os.close(write)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141  # 128 + SIGPIPE, as a shell reports a writer whose reader left
 
 
 def test_cli_top_k_defaults_to_the_servers(server, clips, capsys):
