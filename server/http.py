@@ -43,7 +43,7 @@ from .access_log import access_middleware, adopt_request_id
 from .admission import Ticket
 from .errors import HTTP_STATUS, BadRequest, StreamIdle, TaskNotFound, http_status_for
 from .http_errors import error_response, json_errors
-from .http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, int_field, set_field, typed_field
+from .http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, check_field_name, int_field, set_field, typed_field
 from .http_oip import HEADER_LENGTH, clips_of, encode_response, header_length, parse_header
 from .logs import current_request_id
 from .oip_model import (INPUT_SIGNATURE, OUTPUT_SIGNATURE, PARAMETERS, PLATFORM, SERVER_NAME, check_clip_sizes,
@@ -223,6 +223,7 @@ class HttpService(_Base):
                     raise BadRequest("the form has more than one 'clip' part; one clip per request")
                 clip = await self._read_part(part, ticket)
             else:
+                check_field_name(part.name or "", is_file=part.filename is not None)  # before its bytes are read
                 set_field(fields, part.name or "", await self._read_field(part))
         else:
             raise BadRequest(f"the form has more than {MAX_FORM_PARTS} parts")

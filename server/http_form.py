@@ -17,11 +17,19 @@ MAX_FIELD_BYTES = 1024
 FORM_FIELDS = {s.name: s.kind for s in PARAMETERS}
 
 
-def set_field(fields: dict[str, str], key: str, value: str) -> None:
-    """Record one text field; an unknown or repeated one is a :class:`BadRequest` naming what the form takes."""
+def check_field_name(key: str, is_file: bool = False) -> None:
+    """Refuse a part the form does not take, before its value is read, saying what the form takes."""
+    if is_file:  # a file under another name, as in the usual first try `curl -F file=@video.mp4`
+        raise BadRequest(f"the clip goes in a file part named 'clip' (curl -F clip=@video.mp4); got a file part "
+                         f"named {key[:64]!r}")
     if key != "top_k" and key != "request_id" and key not in FORM_FIELDS:
         raise BadRequest(f"unknown form field {key[:64]!r}; the form takes 'clip' (the file), 'top_k', "
                          f"'request_id' and the sampling overrides {sorted(k for k in FORM_FIELDS if k != 'top_k')}")
+
+
+def set_field(fields: dict[str, str], key: str, value: str) -> None:
+    """Record one text field; an unknown or repeated one is a :class:`BadRequest` naming what the form takes."""
+    check_field_name(key)
     if key in fields:
         raise BadRequest(f"form field {key!r} is given twice")
     fields[key] = value

@@ -176,6 +176,21 @@ def test_the_readme_curl_command(server, clips, tmp_path):
     assert got["task"] == "beta" and len(got["predictions"]) == 1 and got["predictions"][0]["label"].startswith("beta-")
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_a_clip_under_another_field_name_is_told_the_right_one(server, clips, tmp_path):
+    """The usual first try, ``curl -F file=@video.mp4``: 400 naming the expected field, not a size complaint."""
+    f = tmp_path / "video.mp4"
+    f.write_bytes(clips[0])
+    before = counter(server, "HTTP Classify", "alpha", "INVALID_ARGUMENT")
+    out = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", "-F", f"file=@{f}",
+                          f"http://127.0.0.1:{server.http_port}/v1/tasks/alpha:classify"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    body, status = out.rsplit("\n", 1)
+    assert status == "400" and "file part named 'clip'" in json.loads(body)["error"] and "'file'" in body, out
+    assert counter(server, "HTTP Classify", "alpha", "INVALID_ARGUMENT") == before + 1
+    assert classify(server, "alpha", clips[0])[0] == 200  # the next request is served
+
+
 @pytest.mark.parametrize("case,status,code,text", [
     ("no clip part", 400, "INVALID_ARGUMENT", "no 'clip' part"),
     ("not a video", 400, "INVALID_ARGUMENT", "not a readable video"),
