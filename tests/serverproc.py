@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from server.process import ServerProcess as _ServerProcess
 from server.process import ServerStartError
 
-__all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert"]
+__all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert",
+           "wait_for"]
 
 DEFAULT_TASKS: tuple[tuple[str, int], ...] = (("alpha", 3), ("beta", 4))
 
@@ -102,3 +104,11 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 def metric(m: dict, name: str, **labels) -> float:
     """One sample of a :func:`scrape` (0 when the series does not exist)."""
     return m.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``cond`` until it holds (instead of sleeping a fixed time and hoping); fail naming ``what``."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)

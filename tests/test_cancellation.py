@@ -11,7 +11,6 @@ request.
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import media
-from serverproc import ServerProcess, make_repository
+from serverproc import ServerProcess, make_repository, wait_for
 from server.decode_pool import HANG_MAGIC, TEST_HOOK_ENV
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
@@ -38,13 +37,6 @@ def gauges(url: str) -> dict[str, float]:
     missing = [g for g in GAUGES if g not in got]
     assert not missing, f"/metrics lacks {missing}"
     return got
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

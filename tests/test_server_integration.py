@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import media
 from factories import make_bundle, make_trunk_dir
-from serverproc import ServerProcess, code_of, make_repository, metric, scrape, self_signed_cert
+from serverproc import ServerProcess, code_of, make_repository, metric, scrape, self_signed_cert, wait_for
 from stadapter import load_classifier, load_trunk
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb
@@ -223,16 +224,19 @@ def test_register_reregister_unregister_under_load_loses_no_request(main, main_r
     with ThreadPoolExecutor(3) as pool:
         for i in range(3):
             pool.submit(load, i)
-        time.sleep(0.4)
+        def served(v: int) -> Callable[[], bool]:
+            return lambda: any(x[2] == grpc.StatusCode.OK and x[3] == v for x in list(log))
+
+        wait_for(served(1), "a request served by version 1")
         assert reg(2).task.version == 2
-        time.sleep(0.4)
+        wait_for(served(2), "a request served by version 2")
         assert reg(3).task.version == 3
-        time.sleep(0.4)
+        wait_for(served(3), "a request served by version 3")
         unregister_started[0] = time.monotonic()
         resp = main.stubs.admin.UnregisterTask(pb.UnregisterTaskRequest(task="gamma"), metadata=ADMIN_MD, timeout=10)
         unregister_done = time.monotonic()
         assert (resp.task, resp.version) == ("gamma", 3)
-        time.sleep(0.2)
+        wait_for(lambda: any(x[0] > unregister_done for x in list(log)), "a request sent after the unregister")
         stop.set()
     ok = [x for x in log if x[2] == grpc.StatusCode.OK]
     assert {x[3] for x in ok} == {1, 2, 3}
@@ -244,10 +248,7 @@ def test_register_reregister_unregister_under_load_loses_no_request(main, main_r
         if sent > unregister_done:
             assert code == grpc.StatusCode.NOT_FOUND
     assert any(x[2] == grpc.StatusCode.NOT_FOUND for x in log)
-    deadline = time.monotonic() + 5
-    while (main_repo / "tasks" / "gamma").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not (main_repo / "tasks" / "gamma").exists()
+    wait_for(lambda: not (main_repo / "tasks" / "gamma").exists(), "the unregistered folder to go", timeout=5)
 
 
 def test_metrics_parse_and_counters_move(main, clips):
@@ -352,7 +353,9 @@ def test_expired_deadline_is_dropped_before_compute(small, clips):
     before = scrape(small.metrics_url)
     assert code_of(lambda: small.stubs.clf.Classify(pb.ClassifyRequest(task="alpha", clip=clips[0]), timeout=0.3)) \
         == grpc.StatusCode.DEADLINE_EXCEEDED
-    time.sleep(1.2)  # the batch closes after 1 s and drops the expired clip
+    dropped = ("stadapter_dropped_total", {"reason": "deadline"})
+    wait_for(lambda: metric(scrape(small.metrics_url), dropped[0], **dropped[1]) > metric(before, dropped[0], **dropped[1]),
+             "the batch (closing after 1 s) to drop the expired clip")
     after = scrape(small.metrics_url)
     assert metric(after, "stadapter_dropped_total", reason="deadline") \
         - metric(before, "stadapter_dropped_total", reason="deadline") == 1
@@ -362,11 +365,11 @@ def test_expired_deadline_is_dropped_before_compute(small, clips):
 
 def test_sigterm_drains(small, clips):
     inflight = small.stubs.clf.Classify.future(pb.ClassifyRequest(task="beta", clip=clips[1]), timeout=30)
-    time.sleep(0.3)  # admitted and waiting in the batcher (1 s delay)
+    wait_for(lambda: metric(scrape(small.metrics_url), "stadapter_queue_depth") >= 1,
+             "the request to be admitted (the batcher then waits 1 s for more)")
     small.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    status = small.stubs.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
-    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    wait_for(lambda: small.stubs.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+             == health_pb2.HealthCheckResponse.NOT_SERVING, "health to say NOT_SERVING after SIGTERM")
     assert code_of(lambda: small.stubs.classify("alpha", clips[0])) == grpc.StatusCode.UNAVAILABLE
     assert inflight.result().task == "beta"  # in-flight work finishes
     assert small.proc.wait(20) == 0
