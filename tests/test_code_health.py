@@ -227,3 +227,15 @@ def test_files_are_published_through_fsutil_not_renamed_by_hand():
     found = {rel: lines for path in _sources().values()
              if (rel := path.relative_to(ROOT).as_posix()) not in RENAMES_ALLOWED and (lines := _hand_renames(path))}
     assert not found, f"hand-written renames (use stadapter.fsutil.atomic_file / atomic_dir / atomic_write_*): {found}"
+
+
+def test_make_protos_regenerates_the_committed_stubs(tmp_path):
+    """The generator is pinned (pyproject's dev extra), so ``make protos`` is a no-op on an unchanged proto;
+    a drifted generator would rewrite the committed stubs (their version checks included)."""
+    from stadapter_api.generate import generate
+
+    generate(tmp_path)
+    committed = sorted(p.relative_to(ROOT) for p in (ROOT / "stadapter_api/v1").glob("inference_pb2*"))
+    assert len(committed) == 3
+    for rel in committed:
+        assert (tmp_path / rel).read_text() == (ROOT / rel).read_text(), f"{rel} differs when regenerated"
