@@ -27,7 +27,7 @@ from serverproc import ServerProcess, make_repository
 from server.errors import BadRequest, TaskNotFound, status_for
 from server.registry import TaskRegistry
 from server.task_folders import HIGH_WATER_DIR, LOCKS_DIR
-from server.task_marks import FLOOR_FILE, LOCK_SHARDS
+from server.task_marks import FLOOR_FILE, LOCK_SHARDS, TaskMarks
 from stadapter.config import TASK_NAME_RULE, ConfigError, TaskSpec
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
@@ -170,6 +170,21 @@ def test_lock_and_mark_files_stay_bounded_and_versions_are_still_never_reused(ti
     restarted = TaskRegistry(nested_repo, tiny_trunk)
     restarted.sync()
     assert upload(restarted, source, folded[1]).version == 3
+
+
+def test_the_sweep_skips_a_name_being_changed_and_never_lowers_the_floor(tmp_path):
+    tasks = tmp_path / "tasks"
+    (tasks / HIGH_WATER_DIR).mkdir(parents=True)
+    (tasks / HIGH_WATER_DIR / FLOOR_FILE).write_text("9\n")
+    for i, mark in enumerate((3, 12, 5)):
+        (tasks / HIGH_WATER_DIR / f"n{i}").write_text(f"{mark}\n")
+    (tasks / "n2").mkdir()  # n2 has a task folder: its mark is not retired
+    marks = TaskMarks(tasks)
+    with marks.lock("n1"):  # a register of n1 under way (the sweep's flock is another open file: it conflicts)
+        assert marks.sweep(keep=0) == 1
+    assert sorted(p.name for p in (tasks / HIGH_WATER_DIR).iterdir()) == [FLOOR_FILE, "n1", "n2"]
+    assert marks.high_water("n0") == 9 and marks.high_water("brand-new") == 9  # n0's 3 did not lower the floor
+    assert marks.sweep(keep=0) == 1 and marks.high_water("n1") == 12 and marks.high_water("n2") == 5
 
 
 # --- over a real server: gRPC, OIP gRPC, HTTP ----------------------------------------------------------------------
