@@ -6,6 +6,7 @@ this module only names and moves folders).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -100,7 +101,8 @@ def remove_tree(path: Path) -> None:
     link goes; the folder it points at is the operator's and is never entered (``shutil.rmtree`` refuses a
     link, and with ``ignore_errors`` it silently left every such ``.deleted-*`` link behind)."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # as rmtree's ignore_errors: a sweep that cannot delete tries again later
+            path.unlink()
     else:
         shutil.rmtree(path, ignore_errors=True)
 
