@@ -14,6 +14,9 @@ with ``.`` are temp or tombstoned folders and are ignored.
   replica brings it back) and deleted when the last in-flight request ends.
 * :meth:`TaskRegistry.sync` re-reads the folder: replicas sharing it pick up each
   other's registers and unregisters by polling.
+* Every task a caller names (``name`` or ``name@N``) passes :func:`task_ref` first, here at the
+  registry's door, so no entry point can forget it: a name that is not a task name is
+  INVALID_ARGUMENT before it reaches the table, a lock or a path.
 """
 
 from __future__ import annotations
@@ -29,18 +32,18 @@ import time
 import uuid
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, ContextManager, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
-from stadapter.config import TaskSpec, brief
-from stadapter.fsutil import atomic_write_text, exclusive_lock, fsync_tree
+from stadapter.config import ConfigError, TaskSpec, brief, check_task_name
+from stadapter.fsutil import fsync_tree
 from stadapter.trunk import VideoTrunk
 
 from .errors import BadRequest, TaskNotFound
-from .task_folders import (DIGEST_FILE, HIGH_WATER_DIR, LEFTOVER_IDLE_S, LOCKS_DIR, SWEEP_INTERVAL_S, UPLOAD_FILES,
-                           UPLOAD_ID_FILE, bundle_digest, last_write, recorded_digest, remove_in_background, stored_digest,
+from .task_folders import (DIGEST_FILE, LEFTOVER_IDLE_S, SWEEP_INTERVAL_S, UPLOAD_FILES, UPLOAD_ID_FILE, bundle_digest,
+                           last_write, recorded_digest, remove_in_background, remove_tree, stored_digest, task_path,
                            tombstone_dir, version_dirs)
-
+from .task_marks import RETIRED_MARKS_KEPT, TaskMarks
 from .task_version import TaskVersion
 
 __all__ = ["TaskRegistry", "TaskVersion"]  # TaskVersion lives in server.task_version; imported from here too
@@ -72,6 +75,7 @@ class TaskRegistry:
         self.root = Path(repository)
         self.tasks_dir = self.root / "tasks"
         self.tasks_dir.mkdir(parents=True, exist_ok=True)
+        self.marks = TaskMarks(self.tasks_dir)  # the per-name locks and version high-water marks
         self.trunk = trunk
         self.limits = limits
         self.keep_versions = keep_versions
@@ -91,23 +95,22 @@ class TaskRegistry:
 
     def get(self, task: str) -> TaskVersion:
         """``name``: the served (newest) version; ``name@N``: version N, while it is servable (a pin)."""
-        name, pinned, number = task.partition("@")
+        name, version = task_ref(task)
         tv = self._table.get(name)
         if tv is None:
             known = sorted(self._table)
             raise TaskNotFound(f"unknown task {brief(name)}; served tasks: {known[:20]}{' …' if len(known) > 20 else ''}")
-        if not pinned:
-            return tv
-        version = _version_number(task, number)
-        return tv if version == tv.version else self._pinned_version(name, version)
+        return tv if version in (None, tv.version) else self._pinned_version(name, version)
 
     async def preload(self, task: str) -> None:
         """Load the older version ``task`` pins (``name@N``) on a worker thread if no request has yet, so its first
         request does not read a bundle on the event loop; errors are left to :meth:`get`, called next."""
-        name, pinned, number = task.partition("@")
+        try:
+            name, version = task_ref(task)
+        except BadRequest:
+            return
         served = self._table.get(name)
-        if pinned and number.isdigit() and served is not None and int(number) != served.version \
-                and (name, int(number)) not in self._pinned:
+        if version is not None and served is not None and version != served.version and (name, version) not in self._pinned:
             with contextlib.suppress(TaskNotFound, BadRequest):
                 await asyncio.to_thread(self.get, task)
 
@@ -123,7 +126,7 @@ class TaskRegistry:
         tv = self._table.get(name)
         if tv is None:
             return []
-        return sorted(v for v in version_dirs(self.tasks_dir / name) if v <= tv.version)[-self.keep_versions:]
+        return sorted(v for v in version_dirs(task_path(self.tasks_dir, name)) if v <= tv.version)[-self.keep_versions:]
 
     def _pinned_version(self, name: str, version: int) -> TaskVersion:
         """An older servable version, loaded on its first pinned request and kept while it stays servable."""
@@ -134,7 +137,7 @@ class TaskRegistry:
         if version not in servable:
             raise TaskNotFound(f"task {name} version {version} is not servable; servable versions: {servable}")
         try:  # outside the write lock: a register holding it (fsync) must not stall this request's loop
-            loaded = self.load_version(self.tasks_dir / name / str(version))
+            loaded = self.load_version(task_path(self.tasks_dir, name) / str(version))
         except (BundleError, OSError, ValueError) as e:
             raise TaskNotFound(f"task {name} version {version} cannot be loaded: {e}") from e
         with self._write_lock:
@@ -254,15 +257,15 @@ class TaskRegistry:
             bundle = read_bundle(upload, self.limits)
             check_fits_trunk(bundle, self.trunk)
             name = bundle.spec.name
-            with self._write_lock, self._replicas_lock(name):
-                task_dir = self.tasks_dir / name
+            with self._write_lock, self.marks.lock(name):
+                task_dir = task_path(self.tasks_dir, name)
                 task_dir.mkdir(exist_ok=True)
                 if upload_id:
                     done = self._published_upload(task_dir, upload, bundle.spec, upload_id)
                     if done is not None:
                         return done
                 cur = self._table.get(name)
-                version = max([0, cur.version if cur else 0, self._high_water(name), *version_dirs(task_dir)]) + 1
+                version = max([0, cur.version if cur else 0, self.marks.high_water(name), *version_dirs(task_dir)]) + 1
                 while True:
                     spec = bundle.spec.replace(version=version)
                     (upload / TASK_FILE).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
@@ -284,7 +287,7 @@ class TaskRegistry:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                self._raise_high_water(name, version)
+                self.marks.raise_high_water(name, version)
                 tv = TaskVersion(spec, bundle.stack(self.trunk.num_blocks), target, bundle.nbytes, digest)
                 table = dict(self._table)
                 old = table.get(name)
@@ -318,53 +321,35 @@ class TaskRegistry:
             return cur if cur is not None and cur.version == version else self.load_version(folder)
         return None
 
-    def _replicas_lock(self, name: str) -> ContextManager[None]:
-        """One writer of task ``name`` at a time among all replicas on this repository (a retry that reached
-        another replica mid-publish then finds the version its upload id published, not a free number)."""
-        folder = self.tasks_dir / LOCKS_DIR
-        folder.mkdir(exist_ok=True)
-        return exclusive_lock(folder / name)
-
-    def _high_water(self, name: str) -> int:
-        try:
-            return int((self.tasks_dir / HIGH_WATER_DIR / name).read_text())
-        except (FileNotFoundError, ValueError):
-            return 0
-
-    def _raise_high_water(self, name: str, version: int) -> None:
-        """Record ``version`` as given for ``name`` (atomically; never lowered), so unregistering and
-        registering again, on this replica or another, or after a restart, never reuses a number."""
-        folder = self.tasks_dir / HIGH_WATER_DIR
-        folder.mkdir(exist_ok=True)
-        if self._high_water(name) >= version:
-            return
-        atomic_write_text(folder / name, f"{version}\n")
-
     def _prune_old_versions(self, task_dir: Path, keep: int) -> None:
         versions = version_dirs(task_dir)
         for v in sorted(versions)[:-keep]:
             dead = tombstone_dir(self.tasks_dir, versions[v], f"{task_dir.name}-{v}")
             if dead is not None:
-                shutil.rmtree(dead, ignore_errors=True)
+                remove_tree(dead)
 
     def unregister(self, task: str) -> tuple[str, int]:
         """Stop serving ``name`` (every version) or ``name@N`` (that version: when it is the served one, the
         newest older servable version is served instead) now; folders go once requests on them end.
-        Returns the task's name and the version removed (the served one, for a whole task)."""
-        name, one, number = task.partition("@")
-        with self._write_lock, self._replicas_lock(name):
+        Returns the task's name and the version removed (the served one, for a whole task). A task this
+        registry does not serve is NOT_FOUND before any lock is taken or file touched."""
+        name, pinned = task_ref(task)
+        self.get(name)
+        with self._write_lock, self.marks.lock(name):
             served = self.get(name)
-            version = _version_number(task, number) if one else served.version
+            one = pinned is not None
+            version = pinned if pinned is not None else served.version
             if one and version not in self.servable_versions(name):
                 raise TaskNotFound(f"task {name} version {version} is not servable; "
                                    f"servable versions: {self.servable_versions(name)}")
             owner = served if version == served.version else self._pinned.get((name, version))
-            folder = self.tasks_dir / name / str(version) if one else self.tasks_dir / name
+            task_dir = task_path(self.tasks_dir, name)
+            folder = task_dir / str(version) if one else task_dir
             dead = tombstone_dir(self.tasks_dir, folder, f"{name}-{version}" if one else name)
             if owner is served:  # else a pinned version (or one never pinned): the pins' sweep retires it
                 table, published = dict(self._table), []
                 del table[name]
-                older = version_dirs(self.tasks_dir / name) if one else {}
+                older = version_dirs(task_dir) if one else {}
                 if older:
                     published = [self.load_version(older[max(older)])]
                     table[name] = published[0]
@@ -377,16 +362,27 @@ class TaskRegistry:
                 owner.when_idle(lambda: remove_in_background(dead))
         return name, version
 
-    def cleanup_temp(self, idle_s: float = LEFTOVER_IDLE_S) -> None:
-        """Remove leftovers of interrupted uploads and deletions: folders in which nothing was written for
-        ``idle_s`` (an upload in progress keeps writing its files; a replica may be mid-upload)."""
+    def cleanup_temp(self, idle_s: float = LEFTOVER_IDLE_S, marks_kept: int = RETIRED_MARKS_KEPT) -> None:
+        """Remove leftovers of interrupted uploads and deletions: entries in which nothing was written for
+        ``idle_s`` (an upload in progress keeps writing its files; a replica may be mid-upload); and fold the
+        high-water marks of long-gone names beyond ``marks_kept`` (:meth:`TaskMarks.sweep`)."""
         now = time.time()
         for p in self.tasks_dir.iterdir():
             if p.name.startswith((".upload-", ".deleted-")) and now - last_write(p) > idle_s:
-                shutil.rmtree(p, ignore_errors=True)
+                remove_tree(p)
+        self.marks.sweep(marks_kept)
 
 
-def _version_number(task: str, number: str) -> int:
+def task_ref(task: str) -> tuple[str, Optional[int]]:
+    """``name`` -> (name, None); ``name@N`` -> (name, N). Anything else is BadRequest (INVALID_ARGUMENT) with
+    the rule it broke, the client's text quoted short."""
+    name, pinned, number = task.partition("@")
+    try:
+        check_task_name(name)
+    except ConfigError as e:
+        raise BadRequest(str(e)) from None
+    if not pinned:
+        return name, None
     if not number.isdigit() or not 0 < int(number) < 1 << 31:
         raise BadRequest(f"bad task version in {brief(task)}: a pin is name@N with N a version number")
-    return int(number)
+    return name, int(number)

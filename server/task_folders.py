@@ -6,6 +6,7 @@ this module only names and moves folders).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE
+from stadapter.config import TASK_NAME_RULE, brief
+
+from .errors import BadRequest
 
 UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
 
@@ -34,8 +38,20 @@ def version_dirs(task_dir: Path) -> dict[int, Path]:
 
 DIGEST_FILE = "content.sha256"  # beside a stored bundle's files: written at register, read by every replica
 UPLOAD_ID_FILE = "upload.id"  # beside a stored bundle's files: the client's upload id, for idempotent retries
-HIGH_WATER_DIR = ".versions"  # tasks/.versions/<task>: the highest version ever given, kept past unregister
-LOCKS_DIR = ".locks"  # tasks/.locks/<task>: the file every replica locks to change that task
+HIGH_WATER_DIR = ".versions"  # tasks/.versions/<task>: the highest version ever given (server.task_marks)
+LOCKS_DIR = ".locks"  # tasks/.locks/NN.lock: the files replicas lock to change a task (server.task_marks)
+
+
+def task_path(folder: Path, name: str) -> Path:
+    """``folder/name`` for a task name, refused unless it is one plain entry of ``folder``.
+
+    A belt under :func:`stadapter.config.check_task_name`, which every name passes first: whatever that rule
+    becomes, no name reaches a path outside ``folder``. Lexical, not resolved: a task folder that is a symlink
+    (to another disk) is still served.
+    """
+    if not name or name in (".", "..") or "\0" in name or Path(name).name != name or os.sep in name:
+        raise BadRequest(f"task name {brief(name)} is not one folder name: use {TASK_NAME_RULE}")
+    return folder / name
 
 
 def bundle_digest(folder: Path) -> str:
@@ -66,19 +82,35 @@ LEFTOVER_IDLE_S = 600.0  # an upload or deletion folder untouched this long is a
 
 
 def last_write(folder: Path) -> float:
-    """The newest mtime of a folder and the files in it (now, when it vanished or cannot be read)."""
+    """The newest mtime of a folder and the files in it (now, when it vanished or cannot be read). A symlink's
+    own times (its ctime is when it was renamed to a tombstone): what it points at is not the repository's."""
     try:
+        if folder.is_symlink():
+            st = folder.lstat()
+            return max(st.st_mtime, st.st_ctime)
         times = [folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()]
     except OSError:
         return time.time()  # vanished or unreadable mid-scan: leave it for the next sweep
     return max(times)
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a tombstone or a leftover: a folder tree; a symlink or a file, by unlinking it.
+
+    A task folder may be a symlink to a folder elsewhere: unregistering it renames the link, and only the
+    link goes; the folder it points at is the operator's and is never entered (``shutil.rmtree`` refuses a
+    link, and with ``ignore_errors`` it silently left every such ``.deleted-*`` link behind)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        with contextlib.suppress(OSError):  # as rmtree's ignore_errors: a sweep that cannot delete tries again later
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_in_background(path: Path) -> None:
-    """Delete a folder tree off the caller's thread (a large bundle takes a while to unlink). A delete cut
-    short by an exit leaves a ``.deleted-*`` folder, which the sweeper removes later."""
-    threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True}, name="rmtree",
-                     daemon=True).start()
+    """Delete a tombstone off the caller's thread (a large bundle takes a while to unlink). A delete cut
+    short by an exit leaves a ``.deleted-*`` entry, which the sweeper removes later."""
+    threading.Thread(target=remove_tree, args=(path,), name="rmtree", daemon=True).start()
 
 
 def tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:

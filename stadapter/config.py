@@ -21,6 +21,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+TASK_NAME_RULE = "1-64 chars of a-z 0-9 _ . - starting with a letter or digit"
 
 T = TypeVar("T")
 
@@ -36,6 +37,18 @@ def brief(value: object, limit: int = QUOTE_LIMIT) -> str:
 
 class ConfigError(ValueError):
     """A configuration value is out of range or a key is unknown."""
+
+
+def check_task_name(name: object) -> str:
+    """``name`` if it is a task name (:data:`TASK_NAME_RULE`), else :class:`ConfigError` saying the rule.
+
+    The one check of a task name, wherever one comes in (``task.json`` at register, a request's task, a
+    repository call's model name): a name is a single folder below ``tasks/``, so one that passes can
+    never be ``..``, hold a ``/`` or a NUL, or be too long for a file name.
+    """
+    if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name):  # fullmatch: "$" would allow a final \n
+        raise ConfigError(f"task name {brief(name)} is invalid: use {TASK_NAME_RULE}")
+    return name
 
 
 def _from_dict(cls: type[T], data: Mapping[str, Any], tuple_fields: tuple[str, ...] = ()) -> T:
@@ -250,10 +263,7 @@ class TaskSpec:
     format_version: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not TASK_NAME_RE.fullmatch(self.name):  # "$" would allow a final \n
-            raise ConfigError(
-                f"task name {brief(self.name)} is invalid: use 1-64 chars of a-z 0-9 _ . - starting with a letter or digit"
-            )
+        check_task_name(self.name)
         labels = tuple(self.labels)
         if not labels:
             raise ConfigError(f"task {self.name!r}: labels are empty")
