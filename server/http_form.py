@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from stadapter.config import brief
+
 from .errors import BadRequest
 from .oip_model import PARAMETERS
 
@@ -20,7 +22,7 @@ FORM_FIELDS = {s.name: s.kind for s in PARAMETERS}
 def set_field(fields: dict[str, str], key: str, value: str) -> None:
     """Record one text field; an unknown or repeated one is a :class:`BadRequest` naming what the form takes."""
     if key != "top_k" and key != "request_id" and key not in FORM_FIELDS:
-        raise BadRequest(f"unknown form field {key[:64]!r}; the form takes 'clip' (the file), 'top_k', "
+        raise BadRequest(f"unknown form field {brief(key)}; the form takes 'clip' (the file), 'top_k', "
                          f"'request_id' and the sampling overrides {sorted(k for k in FORM_FIELDS if k != 'top_k')}")
     if key in fields:
         raise BadRequest(f"form field {key!r} is given twice")
@@ -31,7 +33,7 @@ def int_field(value: str, key: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise BadRequest(f"form field {key!r} must be an integer, got {value[:32]!r}") from None
+        raise BadRequest(f"form field {key!r} must be an integer, got {brief(value)}") from None
     if key == "top_k" and n < 0:
         raise BadRequest(f"top_k must be >= 0, got {n}")
     return n
@@ -44,6 +46,6 @@ def typed_field(key: str, value: str) -> Any:
         return int_field(value, key)
     if kind == "bool_param":
         if value.lower() not in ("true", "false", "1", "0"):
-            raise BadRequest(f"form field {key!r} must be true or false, got {value[:32]!r}")
+            raise BadRequest(f"form field {key!r} must be true or false, got {brief(value)}")
         return value.lower() in ("true", "1")
     return value
