@@ -238,8 +238,8 @@ class _GrpcCall:
         elif exc is None or isinstance(exc, grpc.aio.AbortError):
             code = self.context.code()
             name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit, grpc.aio.BaseError)):
-            name = ended_code(self.context).name  # a grpc.aio error here: no status could be sent, the call was over
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit, grpc.aio.InternalError)):
+            name = ended_code(self.context).name  # InternalError: an operation on the call failed, it was over
         else:
             name = "UNKNOWN"  # what grpc answers for an exception the handler let through
         self.rec.finish(name)

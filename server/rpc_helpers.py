@@ -33,7 +33,7 @@ async def confirm_half_close(context: grpc.aio.ServicerContext) -> None:
         await context.send_initial_metadata(())
     except grpc.aio.UsageError:  # headers already sent: the call was live then; nothing more to learn here
         return
-    except grpc.aio.BaseError:  # the operation failed: the call is over
+    except grpc.aio.InternalError:  # the operation failed in grpc's core: the call is over
         raise asyncio.CancelledError("the client ended the call before its stream was complete") from None
 
 
