@@ -35,7 +35,7 @@ def int_field(value: str, key: str) -> int:
     except ValueError:
         raise BadRequest(f"form field {key!r} must be an integer, got {brief(value)}") from None
     if key == "top_k" and n < 0:
-        raise BadRequest(f"top_k must be >= 0, got {n}")
+        raise BadRequest(f"top_k must be >= 0, got {brief(n)}")
     return n
 
 

@@ -74,7 +74,7 @@ def split_top_k(params: dict[str, Any]) -> int:
     top_k = params.pop("top_k", 0)
     assert isinstance(top_k, int)  # read_parameters took it from an int64 parameter
     if top_k < 0:
-        raise BadRequest(f"request parameter top_k must be >= 0, got {top_k}")
+        raise BadRequest(f"request parameter top_k must be >= 0, got {brief(top_k)}")
     return top_k
 
 

@@ -188,9 +188,10 @@ def test_a_huge_sampling_mode_is_invalid_argument_with_a_short_message(server, c
         assert "mode" in e.value.details() and len(e.value.details()) < SHORT
         assert stub.Classify(pb.ClassifyRequest(task="alpha", clip=clip), timeout=60).predictions
     body, ctype = multipart(clip)
-    status, _, out = http_call(server, "POST", f"/v1/tasks/alpha:classify?mode={'y' * 6000}", body,
-                               {"Content-Type": ctype})
-    assert status == 400 and "mode" in json.loads(out)["error"] and len(out) < SHORT, out[:200]
+    for field, value in (("mode", "y" * 6000), ("num_frames", "9" * 4000)):
+        status, _, out = http_call(server, "POST", f"/v1/tasks/alpha:classify?{field}={value}", body,
+                                   {"Content-Type": ctype})
+        assert status == 400 and field in json.loads(out)["error"] and len(out) < SHORT, out[:200]
 
 
 def test_config_errors_quote_client_text_briefly(tiny_trunk, tmp_path):
