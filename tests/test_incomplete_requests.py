@@ -154,6 +154,25 @@ def test_a_clip_stream_ended_after_its_last_chunk_is_not_decoded(server, clip, m
         assert r.task == "alpha" and r.predictions
 
 
+def test_an_upload_cancelled_during_validation_publishes_nothing(two_task_repo, tiny_trunk, tmp_path):
+    """The claim comes right before the publishing rename: a request cancelled meanwhile (the claim refused)
+    leaves no version, no new task folder and no upload folder; the same upload, claimed, is published."""
+    from server.errors import BadRequest
+    from server.registry import TaskRegistry
+    from test_registry_race import upload_copy
+
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    source = make_bundle(tiny_trunk, tmp_path / "gamma", name="gamma", seed=3)
+    asked: list[bool] = []
+    with pytest.raises(BadRequest, match="cancelled"):
+        reg.register_upload(upload_copy(reg, source), claim=lambda: asked.append(False) or False)
+    assert asked and "gamma" not in reg.tasks
+    assert sorted(p.name for p in (two_task_repo / "tasks").iterdir() if not p.name.startswith(".")) == ["alpha", "beta"]
+    assert not list((two_task_repo / "tasks").glob(".upload-*"))
+    assert reg.register_upload(upload_copy(reg, source), claim=lambda: True).version == 1
+
+
 # --- HTTP: a form cut short ----------------------------------------------------------------------------
 
 
