@@ -10,9 +10,11 @@ while the request is served (:func:`server.logs.current_request_id`).
 
 The access line (logger ``server.access``, INFO; health checks, OIP ServerLive/ServerReady, the HTTP
 health endpoints and reflection at DEBUG, so probes do not flood the log) holds the protocol, the
-method, the task(s) named by the request (client text, made printable and cut), the final status,
-the milliseconds until the handler returned, and the bytes in and out: message sizes for gRPC (requests
-as received; the messages a handler sends with ``context.write`` are not counted), body bytes for HTTP.
+method, the task(s) named by the request (client text, made printable and cut), the final status (for
+a gRPC call, the code ``stadapter_requests_total`` counted it with; for a call the client ended, the code
+the client saw: CANCELLED or DEADLINE_EXCEEDED), the milliseconds until the handler returned, and the
+bytes in and out: message sizes for gRPC (requests as received; the messages a handler sends with
+``context.write`` are not counted), body bytes for HTTP.
 Tokens and clip bytes are never logged.
 """
 
