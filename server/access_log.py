@@ -10,9 +10,11 @@ while the request is served (:func:`server.logs.current_request_id`).
 
 The access line (logger ``server.access``, INFO; health checks, OIP ServerLive/ServerReady, the HTTP
 health endpoints and reflection at DEBUG, so probes do not flood the log) holds the protocol, the
-method, the task(s) named by the request (client text, made printable and cut), the final status,
-the milliseconds until the handler returned, and the bytes in and out: message sizes for gRPC (requests
-as received; the messages a handler sends with ``context.write`` are not counted), body bytes for HTTP.
+method, the task(s) named by the request (client text, made printable and cut), the final status (for
+a gRPC call, the code ``stadapter_requests_total`` counted it with; for a call the client ended, the code
+the client saw: CANCELLED or DEADLINE_EXCEEDED), the milliseconds until the handler returned, and the
+bytes in and out: message sizes for gRPC (requests as received; the messages a handler sends with
+``context.write`` are not counted), body bytes for HTTP.
 Tokens and clip bytes are never logged.
 """
 
@@ -31,7 +33,7 @@ from aiohttp import web
 
 from stadapter_api.v1 import inference_pb2 as pb
 
-from .errors import HTTP_STATUS
+from .errors import HTTP_STATUS, ended_code
 from .logs import RequestScope, request_scope
 
 log = logging.getLogger("server.access")
@@ -106,10 +108,18 @@ def adopt_request_id(value: str) -> str:
     return rec.request_id
 
 
+def note_code(code: str) -> None:
+    """The status code the request being served was counted with in the metrics (``server.service.rpc`` and its
+    stream form): its access line reports the same code. No-op outside a request."""
+    rec = request_scope.get()
+    if isinstance(rec, AccessRecord):
+        rec.noted_code = code
+
+
 class AccessRecord(RequestScope):
     """One request's access line, filled in while it is served."""
 
-    __slots__ = ("protocol", "method", "level", "client_id", "tasks", "more_tasks", "code", "http_status",
+    __slots__ = ("protocol", "method", "level", "client_id", "tasks", "more_tasks", "code", "noted_code", "http_status",
                  "bytes_in", "bytes_out", "ms", "_t0")
 
     def __init__(self, protocol: str, method: str, level: int, client_id: Optional[str]):
@@ -121,6 +131,7 @@ class AccessRecord(RequestScope):
         self.tasks: list[str] = []
         self.more_tasks = 0
         self.code = "OK"
+        self.noted_code: Optional[str] = None  # the code the request's metrics counted (see note_code)
         self.http_status: Optional[int] = None
         self.bytes_in = 0
         self.bytes_out = 0
@@ -222,12 +233,15 @@ class _GrpcCall:
             self.rec.add_tasks(_message_tasks(msg))
 
     def finish(self, exc: Optional[BaseException]) -> None:
-        if exc is None or isinstance(exc, grpc.aio.AbortError):
+        """The line's code: the one the call's metrics counted when its handler noted one (:func:`note_code`); else
+        the status sent, or for a call the client ended, what the client saw (:func:`server.errors.ended_code`)."""
+        if self.rec.noted_code is not None:
+            name = self.rec.noted_code
+        elif exc is None or isinstance(exc, grpc.aio.AbortError):
             code = self.context.code()
             name = code.name if isinstance(code, grpc.StatusCode) else "OK"
-        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
-            left = self.context.time_remaining()
-            name = "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+        elif isinstance(exc, (asyncio.CancelledError, GeneratorExit, grpc.aio.InternalError)):
+            name = ended_code(self.context).name  # InternalError: an operation on the call failed, it was over
         else:
             name = "UNKNOWN"  # what grpc answers for an exception the handler let through
         self.rec.finish(name)

@@ -67,6 +67,19 @@ class PermissionDenied(ServerError):
 _INVALID = (VideoError, BundleError, ConfigError)
 
 
+# The server's deadline timer and ``time_remaining()`` (wall clock) disagree by a few milliseconds: a call grpc
+# ended on its deadline can still report this much time left.
+DEADLINE_SLACK_S = 0.05
+
+
+def ended_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status a client saw for a call that ended on the client's side (not by this server's answer): DEADLINE_EXCEEDED
+    when the call's deadline is (all but) reached, else CANCELLED (a cancel, a closed channel or connection). The
+    metrics and the access log both take it from here."""
+    left = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= DEADLINE_SLACK_S else grpc.StatusCode.CANCELLED
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client gets for ``exc`` (unexpected errors are logged, not leaked)."""
     if isinstance(exc, ServerError):

@@ -39,6 +39,8 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 from aiohttp import BodyPartReader, hdrs, web
 
+from stadapter.config import brief
+
 from .access_log import access_middleware, adopt_request_id
 from .admission import Ticket
 from .errors import HTTP_STATUS, BadRequest, StreamIdle, TaskNotFound, http_status_for
@@ -206,7 +208,7 @@ class HttpService(_Base):
         task = request.match_info["task"]
         if not request.content_type.startswith("multipart/form-data"):
             raise BadRequest(f"send the clip as multipart/form-data with a 'clip' file part (curl -F clip=@video.mp4 "
-                             f"...); got Content-Type {request.content_type[:64]!r}")
+                             f"...); got Content-Type {brief(request.content_type)}")
         fields: dict[str, str] = {}
         for key, value in request.query.items():
             set_field(fields, key, value)
@@ -297,6 +299,9 @@ class HttpService(_Base):
         except asyncio.TimeoutError:
             raise StreamIdle(f"the request body sent nothing for {idle:g} s (--stream-idle-timeout-s) after "
                              f"{held} bytes; it was ended and its bytes freed") from None
+        except ValueError as e:  # aiohttp's multipart reader: a form without its closing boundary, a bad delimiter
+            raise BadRequest(f"the multipart form is cut short or malformed (a form ends with its closing "
+                             f"boundary line): {brief(str(e))}") from None
 
     async def _collect(self, read, ticket: Ticket, limit: int, too_big: str) -> bytearray:
         """Chunks from ``read()`` until it returns none, each held on the ticket; past ``limit`` bytes, ``too_big``."""
@@ -327,11 +332,11 @@ class HttpService(_Base):
                 break
             buf += chunk
             if len(buf) > MAX_FIELD_BYTES:
-                raise BadRequest(f"form field {(part.name or '')[:64]!r} is longer than {MAX_FIELD_BYTES} bytes")
+                raise BadRequest(f"form field {brief(part.name or '')} is longer than {MAX_FIELD_BYTES} bytes")
         try:
             return buf.decode()
         except UnicodeDecodeError:
-            raise BadRequest(f"form field {(part.name or '')[:64]!r} is not UTF-8 text") from None
+            raise BadRequest(f"form field {brief(part.name or '')} is not UTF-8 text") from None
 
 
 def classification_json(c: Classification, request_id: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from stadapter.config import brief
+
 from .errors import BadRequest
 from .oip_model import PARAMETERS
 
@@ -23,7 +25,7 @@ def check_field_name(key: str, is_file: bool = False) -> None:
         raise BadRequest(f"the clip goes in a file part named 'clip' (curl -F clip=@video.mp4); got a file part "
                          f"named {key[:64]!r}")
     if key != "top_k" and key != "request_id" and key not in FORM_FIELDS:
-        raise BadRequest(f"unknown form field {key[:64]!r}; the form takes 'clip' (the file), 'top_k', "
+        raise BadRequest(f"unknown form field {brief(key)}; the form takes 'clip' (the file), 'top_k', "
                          f"'request_id' and the sampling overrides {sorted(k for k in FORM_FIELDS if k != 'top_k')}")
 
 
@@ -39,9 +41,9 @@ def int_field(value: str, key: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise BadRequest(f"form field {key!r} must be an integer, got {value[:32]!r}") from None
+        raise BadRequest(f"form field {key!r} must be an integer, got {brief(value)}") from None
     if key == "top_k" and n < 0:
-        raise BadRequest(f"top_k must be >= 0, got {n}")
+        raise BadRequest(f"top_k must be >= 0, got {brief(n)}")
     return n
 
 
@@ -52,6 +54,6 @@ def typed_field(key: str, value: str) -> Any:
         return int_field(value, key)
     if kind == "bool_param":
         if value.lower() not in ("true", "false", "1", "0"):
-            raise BadRequest(f"form field {key!r} must be true or false, got {value[:32]!r}")
+            raise BadRequest(f"form field {key!r} must be true or false, got {brief(value)}")
         return value.lower() in ("true", "1")
     return value

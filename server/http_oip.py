@@ -19,6 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from stadapter.config import brief
 from stadapter_api.wire import OIP_CLIP_INPUT
 
 from .errors import BadRequest
@@ -49,7 +50,7 @@ def header_length(value: Optional[str]) -> Optional[int]:
     except ValueError:
         n = -1
     if n < 0:
-        raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {value[:32]!r}")
+        raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {brief(value)}")
     return n
 
 
@@ -71,7 +72,7 @@ def parse_header(raw: bytes | bytearray) -> InferHeader:
     params = t.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise BadRequest(f"input {OIP_CLIP_INPUT!r} has a bad binary_data_size {str(size)[:32]!r}")
+        raise BadRequest(f"input {OIP_CLIP_INPUT!r} has a bad binary_data_size {brief(size)}")
     data = t.get("data")
     if size is None and not isinstance(data, list):
         raise BadRequest(f"input {OIP_CLIP_INPUT!r} carries neither binary data (parameters.binary_data_size) "

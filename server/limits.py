@@ -82,7 +82,7 @@ class ServerLimits:
         """Sampling overrides a client may send: frames per view are capped (views are capped by rows)."""
         n = (overrides or {}).get("num_frames")
         if isinstance(n, int) and n > self.max_num_frames:
-            raise BadRequest(f"num_frames={n} is above the server's --max-num-frames of {self.max_num_frames}")
+            raise BadRequest(f"num_frames={brief(n)} is above the server's --max-num-frames of {self.max_num_frames}")
 
     def check_tasks(self, tasks: Sequence[str]) -> None:
         """The task list of one request: 1..MAX_TASKS_PER_REQUEST names, none empty, none twice."""
@@ -106,4 +106,4 @@ class ServerLimits:
 
     def check_top_k(self, k: int) -> None:
         if k > MAX_TOP_K:
-            raise BadRequest(f"top_k={k} is above the limit of {MAX_TOP_K}")
+            raise BadRequest(f"top_k={brief(k)} is above the limit of {MAX_TOP_K}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Mapping, Optional, Sequence
 
+from stadapter.config import brief
 from stadapter_api.wire import OIP_CLIP_INPUT, OIP_LABELS_OUTPUT, OIP_SCORES_OUTPUT
 
 from .admission import Ticket
@@ -58,7 +59,7 @@ async def served_model(registry: TaskRegistry, name: str, version: str) -> TaskV
     try:
         return registry.get(f"{tv.name}@{version}")  # the registry's pin: it decides what is servable
     except (TaskNotFound, BadRequest) as e:  # a malformed version names no model: NOT_FOUND, as in the protocol
-        raise TaskNotFound(f"model {tv.name!r} is served at version {tv.version}; version {version[:32]!r} is not "
+        raise TaskNotFound(f"model {tv.name!r} is served at version {tv.version}; version {brief(version)} is not "
                            f"servable (servable versions: {registry.servable_versions(tv.name)})") from e
 
 
@@ -73,7 +74,7 @@ def split_top_k(params: dict[str, Any]) -> int:
     top_k = params.pop("top_k", 0)
     assert isinstance(top_k, int)  # read_parameters took it from an int64 parameter
     if top_k < 0:
-        raise BadRequest(f"request parameter top_k must be >= 0, got {top_k}")
+        raise BadRequest(f"request parameter top_k must be >= 0, got {brief(top_k)}")
     return top_k
 
 
@@ -82,7 +83,7 @@ def requested_outputs(names: Sequence[str]) -> tuple[str, ...]:
     wanted = tuple(names) or OUTPUTS
     unknown = sorted(set(wanted) - set(OUTPUTS))
     if unknown:
-        raise BadRequest(f"unknown output(s) {[n[:64] for n in unknown]}; the outputs are {list(OUTPUTS)}")
+        raise BadRequest(f"unknown output(s) {brief(unknown)}; the outputs are {list(OUTPUTS)}")
     return wanted
 
 
@@ -90,12 +91,12 @@ def check_input(names: Sequence[str], datatype: str, shape: Sequence[int]) -> in
     """The clip count ``N`` of a request whose inputs are ``names``, the one being ``datatype`` ``shape``."""
     if len(names) != 1 or names[0] != OIP_CLIP_INPUT:
         raise BadRequest(f"the model takes one input, {OIP_CLIP_INPUT!r} (BYTES [N], one encoded clip per "
-                         f"element); got inputs {[str(n)[:64] for n in names]}")
+                         f"element); got inputs {brief(list(names))}")
     if datatype != "BYTES":
-        raise BadRequest(f"input {OIP_CLIP_INPUT!r} must be BYTES, got {str(datatype)[:32]!r}")
+        raise BadRequest(f"input {OIP_CLIP_INPUT!r} must be BYTES, got {brief(datatype)}")
     n = element_count(shape)
     if n is None or n == 0:
-        raise BadRequest(f"input {OIP_CLIP_INPUT!r} must have shape [N] with N >= 1 clips, got {list(shape)[:8]}")
+        raise BadRequest(f"input {OIP_CLIP_INPUT!r} must have shape [N] with N >= 1 clips, got {brief(list(shape))}")
     return n
 
 

@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+from stadapter.config import brief
+
 from .errors import BadRequest
 
 _LEN = struct.Struct("<I")
@@ -104,7 +106,7 @@ def _read(params, specs: Sequence[ParamSpec], kind: Callable[[Any], tuple[Option
             continue
         spec = by_name.get(key)
         if spec is None:
-            raise BadRequest(f"unknown request parameter {key[:64]!r}; known: {sorted(by_name)}")
+            raise BadRequest(f"unknown request parameter {brief(key)}; known: {sorted(by_name)}")
         got, value = kind(params[key])
         if got != spec.kind:
             raise BadRequest(f"request parameter {key!r} must be a {spec.kind.removesuffix('_param')}, "

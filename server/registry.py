@@ -243,13 +243,17 @@ class TaskRegistry:
         d.mkdir()
         return d
 
-    def register_upload(self, upload: Path, upload_id: str = "") -> TaskVersion:
+    def register_upload(self, upload: Path, upload_id: str = "",
+                        claim: Callable[[], bool] = lambda: True) -> TaskVersion:
         """Validate an uploaded bundle folder, store it as the task's next version, publish it.
 
         ``upload_id`` (the client's, one per register call and reused by its retries) is stored in the
         version folder; an upload whose id a stored version of the task already has is that version
         again: it is returned and nothing is published. The upload folder is consumed (moved or deleted).
+        ``claim()`` is asked right before the folder is published: False (the request was cancelled meanwhile)
+        publishes nothing and leaves no new task folder.
         """
+        new_task_dir: Optional[Path] = None
         try:
             for fname in UPLOAD_FILES:
                 if not (upload / fname).is_file():
@@ -259,7 +263,11 @@ class TaskRegistry:
             name = bundle.spec.name
             with self._write_lock, self.marks.lock(name):
                 task_dir = task_path(self.tasks_dir, name)
-                task_dir.mkdir(exist_ok=True)
+                try:
+                    task_dir.mkdir()
+                    new_task_dir = task_dir
+                except FileExistsError:
+                    pass
                 if upload_id:
                     done = self._published_upload(task_dir, upload, bundle.spec, upload_id)
                     if done is not None:
@@ -274,6 +282,8 @@ class TaskRegistry:
                     if upload_id:  # on disk before the folder is published: a retry after a crash finds it
                         (upload / UPLOAD_ID_FILE).write_text(upload_id + "\n")
                     fsync_tree(upload)
+                    if not claim():
+                        raise BadRequest("the upload was cancelled before it was published")
                     target = task_dir / str(version)
                     try:
                         os.rename(upload, target)  # fails if another replica took this version
@@ -296,6 +306,11 @@ class TaskRegistry:
                 self._prune_old_versions(task_dir, keep=self.keep_versions)
                 self._retire_unservable_pins()
             return tv
+        except BaseException:
+            if new_task_dir is not None:  # created for this upload and never filled
+                with contextlib.suppress(OSError):
+                    new_task_dir.rmdir()
+            raise
         finally:
             if upload.exists():
                 shutil.rmtree(upload, ignore_errors=True)

@@ -27,9 +27,10 @@ from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.wire import SAMPLING_OVERRIDE_FIELDS
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
+from .access_log import note_code
 from .auth import Auth
 from .admission import Ticket
-from .errors import BadRequest, TaskNotFound, status_for
+from .errors import BadRequest, TaskNotFound, ended_code, status_for
 from .limits import ServerLimits
 from .logs import current_request_id
 from .metrics import Metrics
@@ -59,6 +60,7 @@ def rpc(method: str, kind: str):
             t0 = time.monotonic()
 
             def record(code: grpc.StatusCode) -> None:
+                note_code(code.name)  # the access line's code: the one counted here
                 self.metrics.requests.labels(method, self._task_metric_label(_task_label.get()), code.name).inc()
                 if kind == "classify" and method != "BatchClassify":
                     self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
@@ -70,9 +72,8 @@ def rpc(method: str, kind: str):
                     self.auth.check_classify(context)
                 async with self.pipeline.admission.request() as ticket:
                     response = await fn(self, request, context, ticket)
-            except asyncio.CancelledError:
-                left = context.time_remaining()
-                record(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED)
+            except asyncio.CancelledError:  # the client ended the call: cancel, deadline, closed channel
+                record(ended_code(context))
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once
                 code, message = status_for(e)
@@ -180,7 +181,7 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
     async def ClassifyStream(self, request_iterator, context, ticket: Ticket) -> pb.ClassifyResponse:
         """Chunks are appended to one buffer as they arrive (no list of chunks, no joined copy); the ticket
         holds the buffer's length against the budget, and the buffer is what the decoder gets."""
-        first, buf = await gather_clip(request_iterator, ticket, self.limits,
+        first, buf = await gather_clip(request_iterator, context, ticket, self.limits,
                                        lambda c: _task_label.set(_label(c.task, c.tasks)))
         return await self._classify(ticket, first.task, first.tasks, buf, first.top_k, first.sampling,
                                     first.request_id, _deadline(context), "ClassifyStream")
@@ -226,10 +227,10 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         owner = _UploadOwner()
         try:
             await asyncio.to_thread(upload.mkdir)  # a cancellation during it still reaches the finally below
-            upload_id = await self._receive(request_iterator, upload)
+            upload_id = await self._receive(request_iterator, context, upload)
             tv = await asyncio.to_thread(self._register_owned, upload, owner, upload_id)
-        except BaseException as e:  # CancelledError too: a client that hangs up mid-upload
-            code = grpc.StatusCode.CANCELLED if isinstance(e, asyncio.CancelledError) else status_for(e)[0]
+        except BaseException as e:  # CancelledError too: a client that hangs up mid-upload (or after its last chunk)
+            code = ended_code(context) if isinstance(e, asyncio.CancelledError) else status_for(e)[0]
             self.metrics.registrations.labels(code.name.lower()).inc()
             raise
         finally:
@@ -241,13 +242,12 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         return pb.RegisterTaskResponse(task=task_info(tv))  # this version's facts: a retry's answer is the same
 
     def _register_owned(self, upload: Path, owner: "_UploadOwner", upload_id: str):
-        """register_upload consumes the folder; it may only start if the cleanup has not taken it (a
-        cancellation can drop this job before its thread starts, or race the cleanup)."""
-        if not owner.claim("register"):
-            raise BadRequest("the upload was cancelled")
-        return self.registry.register_upload(upload, upload_id=upload_id)
+        """register_upload consumes the folder; it publishes only if the cleanup has not taken it by then (the
+        claim is made right before the publishing rename: a call cancelled while its bundle is validated, or
+        before this job's thread starts, publishes nothing)."""
+        return self.registry.register_upload(upload, upload_id=upload_id, claim=lambda: owner.claim("register"))
 
-    async def _receive(self, request_iterator, upload: Path) -> str:
+    async def _receive(self, request_iterator, context, upload: Path) -> str:
         """Write the upload's files; returns its upload id (from the first chunk, "" when the client sent none)."""
         bundle = self.limits.bundle
         limits = {TASK_FILE: bundle.max_json_bytes, ADAPTER_FILE: bundle.max_tensor_bytes}
@@ -255,7 +255,7 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         handles = {}
         upload_id: Optional[str] = None
         try:
-            async for chunk in idle_bounded(request_iterator, self.limits.stream_idle_timeout_s,
+            async for chunk in idle_bounded(request_iterator, context, self.limits.stream_idle_timeout_s,
                                             lambda: sum(sizes.values())):
                 if upload_id is None:
                     upload_id = _check_upload_id(chunk.upload_id)

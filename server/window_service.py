@@ -20,7 +20,8 @@ import grpc
 from stadapter_api.v1 import inference_pb2 as pb
 
 from .admission import Ticket
-from .errors import status_for
+from .access_log import note_code
+from .errors import ended_code, status_for
 from .logs import current_request_id
 from .pipeline import ClipBytes, WindowClassification
 from .rpc_helpers import deadline_of, gather_clip, overrides_of
@@ -37,6 +38,7 @@ def rpc_stream(method: str):
             t0, label = time.monotonic(), [""]
 
             def record(code: grpc.StatusCode) -> None:
+                note_code(code.name)  # the access line's code: the one counted here
                 self.metrics.requests.labels(method, self._task_metric_label(label[0]), code.name).inc()
                 self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
 
@@ -47,8 +49,7 @@ def rpc_stream(method: str):
                         async for item in items:  # closed at once when grpc closes this generator
                             yield item
             except (asyncio.CancelledError, GeneratorExit):  # grpc closes the generator of a cancelled call
-                left = context.time_remaining()
-                record(grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED)
+                record(ended_code(context))
                 raise
             except Exception as e:  # noqa: BLE001 - mapped to a status here, once
                 code, message = status_for(e)
@@ -112,7 +113,8 @@ class WindowsServicer:
     async def ClassifyWindowsStream(self, request_iterator, context, ticket: Ticket,
                                     label: list) -> AsyncGenerator[pb.WindowResult, None]:
         """Chunks go into one buffer held on the ticket (as ClassifyStream); the windows start once it is whole."""
-        first, buf = await gather_clip(request_iterator, ticket, self.limits, lambda c: label.__setitem__(0, c.task))
+        first, buf = await gather_clip(request_iterator, context, ticket, self.limits,
+                                       lambda c: label.__setitem__(0, c.task))
         results = self._windows(ticket, first.task, buf, first.window_s, first.stride_s, first.top_k, first.sampling,
                                 first.request_id, deadline_of(context))
         async with contextlib.aclosing(results):

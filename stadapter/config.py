@@ -88,17 +88,17 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.width, int) or self.width < 1:
-            raise ConfigError(f"AdapterConfig.width must be a positive int, got {self.width!r}")
+            raise ConfigError(f"AdapterConfig.width must be a positive int, got {brief(self.width)}")
         k = tuple(self.kernel)
         if len(k) != 3 or not all(isinstance(v, int) and v >= 1 and v % 2 == 1 for v in k):
-            raise ConfigError(f"AdapterConfig.kernel must be three odd positive ints, got {self.kernel!r}")
+            raise ConfigError(f"AdapterConfig.kernel must be three odd positive ints, got {brief(self.kernel)}")
         object.__setattr__(self, "kernel", k)
         if not (self.pre_attn or self.pre_mlp):
             raise ConfigError("AdapterConfig: at least one of pre_attn / pre_mlp must be true")
         if not isinstance(self.layers, int) or self.layers < 0:
-            raise ConfigError(f"AdapterConfig.layers must be an int >= 0, got {self.layers!r}")
+            raise ConfigError(f"AdapterConfig.layers must be an int >= 0, got {brief(self.layers)}")
         if self.activation not in ("none", "gelu", "quickgelu", "relu"):
-            raise ConfigError(f"AdapterConfig.activation must be none|gelu|quickgelu|relu, got {self.activation!r}")
+            raise ConfigError(f"AdapterConfig.activation must be none|gelu|quickgelu|relu, got {brief(self.activation)}")
 
     def positions(self) -> tuple[str, ...]:
         """Adapter slots used in each adapted block, in forward order."""
@@ -161,31 +161,31 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.autorotate, bool):
-            raise ConfigError(f"SamplingConfig.autorotate must be true or false, got {self.autorotate!r}")
+            raise ConfigError(f"SamplingConfig.autorotate must be true or false, got {brief(self.autorotate)}")
         if not isinstance(self.seek, str) or self.seek not in SEEK_MODES:
             raise ConfigError(f"SamplingConfig.seek must be one of {', '.join(map(repr, SEEK_MODES))}, "
                               f"got {brief(self.seek)}")
         for name in ("num_frames", "stride", "temporal_views", "input_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"SamplingConfig.{name} must be a positive int, got {v!r}")
+                raise ConfigError(f"SamplingConfig.{name} must be a positive int, got {brief(v)}")
         if self.num_frames > 512:
-            raise ConfigError(f"SamplingConfig.num_frames={self.num_frames} is above the limit of 512")
+            raise ConfigError(f"SamplingConfig.num_frames={brief(self.num_frames)} is above the limit of 512")
         if self.mode not in ("uniform", "stride"):
-            raise ConfigError(f"SamplingConfig.mode must be 'uniform' or 'stride', got {self.mode!r}")
+            raise ConfigError(f"SamplingConfig.mode must be 'uniform' or 'stride', got {brief(self.mode)}")
         if self.spatial_views not in (1, 3):
-            raise ConfigError(f"SamplingConfig.spatial_views must be 1 or 3, got {self.spatial_views!r}")
+            raise ConfigError(f"SamplingConfig.spatial_views must be 1 or 3, got {brief(self.spatial_views)}")
         if not isinstance(self.resize, int) or (self.resize != 0 and self.resize < self.input_size):
             raise ConfigError(
-                f"SamplingConfig.resize must be 0 or >= input_size ({self.input_size}), got {self.resize!r}"
+                f"SamplingConfig.resize must be 0 or >= input_size ({self.input_size}), got {brief(self.resize)}"
             )
         for name in ("mean", "std"):
             v = tuple(float(x) for x in getattr(self, name))
             if len(v) != 3:
-                raise ConfigError(f"SamplingConfig.{name} needs 3 values, got {v!r}")
+                raise ConfigError(f"SamplingConfig.{name} needs 3 values, got {brief(v)}")
             object.__setattr__(self, name, v)
         if any(s <= 0 for s in self.std):
-            raise ConfigError(f"SamplingConfig.std must be positive, got {self.std!r}")
+            raise ConfigError(f"SamplingConfig.std must be positive, got {brief(self.std)}")
 
     @property
     def short_side(self) -> int:
@@ -235,9 +235,9 @@ class TrunkSpec:
 
     def __post_init__(self) -> None:
         if not self.model or not isinstance(self.model, str):
-            raise ConfigError(f"TrunkSpec.model must be a non-empty string, got {self.model!r}")
+            raise ConfigError(f"TrunkSpec.model must be a non-empty string, got {brief(self.model)}")
         if self.format_version != 1:
-            raise ConfigError(f"TrunkSpec.format_version {self.format_version} is not supported (expected 1)")
+            raise ConfigError(f"TrunkSpec.format_version {brief(self.format_version)} is not supported (expected 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -269,17 +269,17 @@ class TaskSpec:
             raise ConfigError(f"task {self.name!r}: labels are empty")
         bad = [label for label in labels if not isinstance(label, str) or not label.strip() or len(label) > 256]
         if bad:
-            raise ConfigError(f"task {self.name!r}: labels must be non-empty strings of <= 256 chars, got {bad[:3]!r}")
+            raise ConfigError(f"task {self.name!r}: labels must be non-empty strings of <= 256 chars, got {brief(bad)}")
         dupes = sorted({label for label in labels if labels.count(label) > 1})
         if dupes:
-            raise ConfigError(f"task {self.name!r}: duplicate labels {dupes[:5]!r}")
+            raise ConfigError(f"task {self.name!r}: duplicate labels {brief(dupes)}")
         object.__setattr__(self, "labels", labels)
         if not isinstance(self.version, int) or self.version < 1:
-            raise ConfigError(f"task {self.name!r}: version must be an int >= 1, got {self.version!r}")
+            raise ConfigError(f"task {self.name!r}: version must be an int >= 1, got {brief(self.version)}")
         if not isinstance(self.trunk_fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", self.trunk_fingerprint):
-            raise ConfigError(f"task {self.name!r}: trunk_fingerprint must be 64 hex chars, got {self.trunk_fingerprint!r}")
+            raise ConfigError(f"task {self.name!r}: trunk_fingerprint must be 64 hex chars, got {brief(self.trunk_fingerprint)}")
         if self.format_version != 1:
-            raise ConfigError(f"task {self.name!r}: format_version {self.format_version} is not supported (expected 1)")
+            raise ConfigError(f"task {self.name!r}: format_version {brief(self.format_version)} is not supported (expected 1)")
 
     @property
     def num_classes(self) -> int:

@@ -16,6 +16,8 @@ from typing import Collection, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .config import brief
+
 # What a bundle may store; a checkpoint may also hold float64, which convert narrows.
 BUNDLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (*BUNDLE_DTYPES, torch.float64)
@@ -91,7 +93,7 @@ def check_tensors(
         missing = sorted(set(shapes) - set(tensors))
         unexpected = sorted(set(tensors) - set(shapes))
         if missing or unexpected:
-            raise WeightsError(f"tensors do not match {what}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+            raise WeightsError(f"tensors do not match {what}: missing {brief(missing)}, unexpected {brief(unexpected)}")
         wrong = [(k, tuple(tensors[k].shape), s) for k, s in shapes.items() if tuple(tensors[k].shape) != tuple(s)]
         if wrong:
             k, got, want = wrong[0]
@@ -99,6 +101,6 @@ def check_tensors(
     for name, t in tensors.items():
         if dtypes is not None and t.dtype not in dtypes:
             allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-            raise WeightsError(f"tensor {name!r} has dtype {t.dtype}; allowed: {allowed}")
+            raise WeightsError(f"tensor {brief(name)} has dtype {t.dtype}; allowed: {allowed}")
         if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise WeightsError(f"tensor {name!r} holds NaN or Inf values")
+            raise WeightsError(f"tensor {brief(name)} holds NaN or Inf values")
