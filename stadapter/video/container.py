@@ -15,6 +15,7 @@ import av
 import numpy as np
 
 from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
+from .screen import NO_DECODER, screen_frame_sizes
 from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
 from .window_walk import Taken, Takes, WindowWalk, count_frames
 from .sampling import presentation_ranks
@@ -104,19 +105,39 @@ def _open_options(limits: VideoLimits) -> tuple[dict[str, str], dict[str, str]]:
     container = {"protocol_whitelist": "file", "max_streams": str(limits.max_streams + 1)}  # never a URL
     if limits.formats:
         container["format_whitelist"] = ",".join(limits.formats)
-    return container, {"max_pixels": str(limits.max_pixels)}
+    return container, {"max_pixels": str(limits.decoder_max_pixels())}
 
 
-def _open_container(source: Source, limits: VideoLimits) -> av.container.InputContainer:
-    options, codec_options = _open_options(limits)
+def cap_decoder(stream: av.video.stream.VideoStream, limits: VideoLimits) -> None:
+    """Give the stream's decoder FFmpeg's own frame size limit before its first packet (PyAV opens the decoder
+    then): FFmpeg refuses a frame over it before allocating it, on every (re)initialisation, so a size that
+    jumps mid-stream (a second parameter set) costs nothing. ``av.open``'s options reach only the decoders of
+    ``avformat_find_stream_info``, not this one."""
+    cc = stream.codec_context
+    if cc is not None and not cc.is_open:
+        cc.options = {**(cc.options or {}), "max_pixels": str(limits.decoder_max_pixels())}
+
+
+def _target(source: Source) -> io.BytesIO | str:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        target: io.BytesIO | str = io.BytesIO(bytes(source) if not isinstance(source, bytes) else source)
-    else:
-        target = os.fspath(source)
-        if not isinstance(target, str):
-            target = os.fsdecode(target)
+        return io.BytesIO(bytes(source) if not isinstance(source, bytes) else source)
+    target = os.fspath(source)
+    return target if isinstance(target, str) else os.fsdecode(target)
+
+
+def _open_container(source: Source, limits: VideoLimits, screen: bool = False) -> av.container.InputContainer:
+    """The clip opened; with ``screen``, after its frame sizes were checked with no decoder allowed
+    (:mod:`.screen`: done once per clip, before FFmpeg first decodes it)."""
+    options, codec_options = _open_options(limits)
     try:
-        return av.open(target, mode="r", container_options=options, options=codec_options)
+        if screen:
+            with av.open(_target(source), mode="r", container_options={**options, "codec_whitelist": NO_DECODER},
+                         options=codec_options) as screened:
+                _check_stream_count(screened, limits)
+                screen_frame_sizes(screened, limits)
+        return av.open(_target(source), mode="r", container_options=options, options=codec_options)
+    except VideoError:
+        raise
     except (av.FFmpegError, OSError, EOFError, ValueError, IndexError, UnicodeError) as e:
         if isinstance(e, MemoryError) or getattr(e, "errno", None) == errno.ENOMEM:
             raise VideoOutOfMemory(f"cannot open clip: out of memory ({describe(e)})") from e
@@ -126,6 +147,12 @@ def _open_container(source: Source, limits: VideoLimits) -> av.container.InputCo
                              f"{', '.join(limits.formats)})") from e
         allowed = f", or not in one of the allowed containers: {', '.join(limits.formats)}" if limits.formats else ""
         raise VideoError(f"cannot open clip: not a readable video (corrupt, truncated{allowed}) [{describe(e)}]") from e
+
+
+def _check_stream_count(container: av.container.InputContainer, limits: VideoLimits) -> None:
+    if len(container.streams) > limits.max_streams:
+        # the demuxer stops at max_streams + 1 (see _open_options): the real count may be higher
+        raise VideoError(f"clip has at least {len(container.streams)} streams, over the limit of {limits.max_streams}")
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
@@ -195,13 +222,12 @@ class Clip:
         self.source, self.limits = source, limits
         self._lead: av.Packet | None = None  # the packet a checked rewind demuxed: the next read starts with it
         self.budget = Budget(limits)
-        self.container = _open_container(source, limits)
+        self.container = _open_container(source, limits, screen=True)
         self._closed = False
         try:
-            if len(self.container.streams) > limits.max_streams:
-                # the demuxer stops at max_streams + 1 (see _open_options): the real count may be higher
-                raise VideoError(f"clip has at least {len(self.container.streams)} streams, over the limit of {limits.max_streams}")
+            _check_stream_count(self.container, limits)
             stream = _video_stream(self.container)
+            cap_decoder(stream, limits)
             self.stream_index = stream.index
             self.info = _clip_info(self.container, stream)
             _check(self.info, limits)
@@ -230,6 +256,7 @@ class Clip:
         self._closed = False
         stream = self.container.streams[self.stream_index]
         assert isinstance(stream, av.video.stream.VideoStream)  # the index was chosen among video streams
+        cap_decoder(stream, self.limits)
         return stream
 
     def _count_packets(self) -> int:

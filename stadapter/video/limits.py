@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -79,6 +80,15 @@ class VideoLimits:
         if self.max_aspect_ratio < 1:
             raise ValueError(f"VideoLimits.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
         object.__setattr__(self, "formats", tuple(self.formats))
+
+    def decoder_max_pixels(self) -> int:
+        """FFmpeg's own ``max_pixels`` for every decoder: it refuses a frame over it before allocating the frame.
+
+        FFmpeg checks the width rounded up to its stride alignment (at most 64), so the cap leaves that much
+        room over ``max_pixels`` (the tallest frame within the aspect-ratio limit); the exact limit is checked
+        on the size FFmpeg reports (:meth:`Budget.check_size`)."""
+        tallest = math.isqrt(int(self.max_pixels * self.max_aspect_ratio)) + 1
+        return min(self.max_pixels + 64 * tallest, 2**31 - 1)
         if any(not f or "," in f for f in self.formats):
             raise ValueError(f"VideoLimits.formats must be demuxer names without commas, got {self.formats!r}")
 
@@ -127,14 +137,17 @@ class Budget:
         if time.monotonic() > self.deadline:
             raise VideoError(f"decoding took longer than {self.limits.max_decode_seconds:g} s (max_decode_seconds)")
 
+    def check_size(self, width: int, height: int) -> None:
+        """A frame size the decoder reached (a frame it output, or a size change it refused mid-stream)."""
+        if width * height > self.limits.max_pixels:
+            raise VideoError(f"a frame of {width}x{height} is over the limit of {self.limits.max_pixels} pixels")
+
     def frame(self, frame: av.VideoFrame) -> None:
         self.frames += 1
         self.check_time()
         if self.frames > self.limits.max_frames_decoded:
             raise self._over_frames()
-        if frame.width * frame.height > self.limits.max_pixels:
-            raise VideoError(f"a frame of {frame.width}x{frame.height} is over the limit of "
-                             f"{self.limits.max_pixels} pixels")
+        self.check_size(frame.width, frame.height)
         self.pixels += frame.width * frame.height
         if self.pixels > self.limits.max_decoded_pixels:
             raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels "

@@ -34,10 +34,13 @@ class ReadResult:
 
 
 def decode_packet(codec, packet, budget: Budget) -> list[av.VideoFrame]:
-    """Decode one packet (None drains); a packet the decoder rejects just yields no frame."""
+    """Decode one packet (None drains); a packet the decoder rejects just yields no frame, unless it was refused
+    for a frame size over the limit (the decoder's ``max_pixels``, see ``container.cap_decoder``: a size that
+    changes mid-stream is refused by FFmpeg before it allocates the frame, and named here)."""
     try:
         frames = codec.decode(packet)
     except (av.FFmpegError, EOFError):
+        budget.check_size(codec.coded_width or codec.width, codec.coded_height or codec.height)
         return []
     for f in frames:
         budget.frame(f)
