@@ -14,9 +14,9 @@ from typing import Callable, Iterator
 import av
 import numpy as np
 
-from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
+from .limits import Budget, Source, VideoError, VideoLimits, check_aspect, out_of_memory
 from .screen import NO_DECODER, screen_frame_sizes
-from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
+from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader, demux_packets
 from .window_walk import Taken, Takes, WindowWalk, count_frames
 from .sampling import presentation_ranks
 
@@ -47,7 +47,7 @@ class guard:
         if exc is None or isinstance(exc, VideoError) or not isinstance(exc, Exception):
             return None
         if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
-            raise VideoOutOfMemory(f"cannot {self.what} clip: out of memory ({describe(exc)})") from exc
+            raise out_of_memory(self.what, exc) from exc
         if isinstance(exc, (av.FFmpegError, OSError, EOFError, ValueError, IndexError, KeyError,
                             AssertionError, RuntimeError, OverflowError, MemoryError, UnicodeError)):
             raise VideoError(f"cannot {self.what} clip: {describe(exc)}") from exc
@@ -55,8 +55,15 @@ class guard:
 
 
 def describe(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+    """What went wrong, in words for the client: FFmpeg's (or the system's) message; never a Python class name."""
+    if isinstance(exc, av.FFmpegError) and exc.errno == errno.EAGAIN:
+        return "the demuxer stopped on corrupt data"  # FFmpeg's "Resource temporarily unavailable" says nothing
+    text = getattr(exc, "strerror", None)
+    if text:
+        return str(text)
+    if isinstance(exc, (av.FFmpegError, OSError, EOFError)):
+        return str(exc) or "read error"
+    return f"the demuxer or decoder failed on its data ({exc})" if str(exc) else "the demuxer or decoder failed on its data"
 
 
 def _source_size(source: Source) -> int:
@@ -140,7 +147,7 @@ def _open_container(source: Source, limits: VideoLimits, screen: bool = False) -
         raise
     except (av.FFmpegError, OSError, EOFError, ValueError, IndexError, UnicodeError) as e:
         if isinstance(e, MemoryError) or getattr(e, "errno", None) == errno.ENOMEM:
-            raise VideoOutOfMemory(f"cannot open clip: out of memory ({describe(e)})") from e
+            raise out_of_memory("open", e) from e
         named = _named_container(_head(source))
         if named and limits.formats:
             raise VideoError(f"the clip is {named}, which is not an allowed container (allowed: "
@@ -263,7 +270,7 @@ class Clip:
         """Frame count for a header without frames or duration: count packets, then rewind."""
         stream = self.container.streams[self.stream_index]
         n = 0
-        for packet in self.container.demux(stream):
+        for packet in demux_packets(self.container, stream):
             self.budget.packet()
             n += packet.size > 0
         self._reopen()
@@ -284,7 +291,7 @@ class Clip:
         keys: list[int] = []
         first = None
         placed = True
-        for packet in self.container.demux(stream):
+        for packet in demux_packets(self.container, stream):
             self.budget.packet()
             if packet.size == 0:
                 continue
@@ -310,7 +317,7 @@ class Clip:
         if target is not None:
             try:
                 self.container.seek(target, backward=True, any_frame=False, stream=stream)
-                lead = next(self.container.demux(stream), None)
+                lead = next(demux_packets(self.container, stream), None)
             except (av.FFmpegError, OSError, EOFError, ValueError):
                 lead = None
             if lead is not None and first is not None and all(
@@ -336,7 +343,7 @@ class Clip:
             except SeekMissed:
                 stream = self._reopen()
                 try:
-                    return IndexedReader(self.container, stream, fps, self.budget, None).run(needed, convert)
+                    return IndexedReader(self._demuxer(), stream, fps, self.budget, None).run(needed, convert)
                 except Irregular:
                     stream = self._reopen()
             except Irregular:
@@ -365,10 +372,11 @@ class Clip:
                     break
         yield from count_frames(self._demuxer(), stream, self.budget, takes, convert)
 
-    def _demuxer(self):
-        """The container, or after a checked rewind the container that first yields the packet the check read."""
+    def _demuxer(self) -> "_Demuxer":
+        """The container as the readers demux it (:func:`demux_packets`); after a checked rewind, it first yields
+        the packet the check read."""
         lead, self._lead = self._lead, None
-        return self.container if lead is None else _Resumed(self.container, lead)
+        return _Demuxer(self.container, lead)
 
 
 def default_seek_gap(fps: float) -> int:
@@ -382,16 +390,17 @@ def _with_counted_frames(info: ClipInfo, n: int) -> ClipInfo:
                     info.codec, info.container)
 
 
-class _Resumed:
-    """The container after a checked rewind: its first ``demux`` yields the packet the check read."""
+class _Demuxer:
+    """The container as the readers demux it (:func:`demux_packets`); after a checked rewind its first ``demux``
+    yields the packet the check read (``lead``)."""
 
-    def __init__(self, container: av.container.InputContainer, lead: av.Packet) -> None:
+    def __init__(self, container: av.container.InputContainer, lead: av.Packet | None) -> None:
         self.container = container
-        self.lead: av.Packet | None = lead
+        self.lead = lead
 
     def demux(self, stream):
         lead, self.lead = self.lead, None
-        return itertools.chain([] if lead is None else [lead], self.container.demux(stream))
+        return itertools.chain([] if lead is None else [lead], demux_packets(self.container, stream))
 
     def seek(self, *args, **kwargs) -> None:
         self.lead = None

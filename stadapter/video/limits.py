@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Union
 
 import av
+import numpy as np
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -28,7 +29,37 @@ class VideoError(ValueError):
 
 
 class VideoOutOfMemory(VideoError):
-    """FFmpeg or the frame buffers ran out of memory on this clip: a server answers RESOURCE_EXHAUSTED."""
+    """The process ran out of memory on this clip (it may be fine): a server answers RESOURCE_EXHAUSTED."""
+
+
+# Memory a process must still be able to reserve after FFmpeg said ENOMEM for that ENOMEM to count as real
+# memory pressure: more than the largest block FFmpeg allocates for a clip within the default limits (a frame of
+# max_pixels at 16 bits per sample, 4:4:4). Reserved and freed at once, never touched: it costs no RSS.
+MEMORY_HEADROOM = 128 * 2**20
+
+
+def memory_is_short(headroom: int = MEMORY_HEADROOM) -> bool:
+    """Whether this process cannot reserve ``headroom`` more bytes (an address-space limit or strict overcommit
+    reached: where a real shortage shows as a failed allocation rather than the kernel's OOM killer)."""
+    try:
+        np.empty(headroom, np.uint8)
+    except MemoryError:
+        return True
+    return False
+
+
+def out_of_memory(what: str, exc: BaseException) -> VideoError:
+    """The error for an allocation that failed while reading a clip.
+
+    FFmpeg answers ENOMEM at once, without trying, for a block over its own cap (2 GiB), and the system refuses a
+    block larger than it could ever give: so a small corrupt header that declares an absurd table, packet or frame
+    gets ENOMEM while memory is plentiful. That is the clip's fault (INVALID_ARGUMENT: retrying cannot help); only
+    when memory is really short (:func:`memory_is_short`), or Python itself ran out, is it
+    :class:`VideoOutOfMemory` (RESOURCE_EXHAUSTED: retry later)."""
+    if isinstance(exc, av.FFmpegError) and not memory_is_short():
+        return VideoError(f"cannot {what} clip: it is corrupt: it declares a table, packet or frame too large to "
+                          "allocate (FFmpeg refused the allocation while memory is free)")
+    return VideoOutOfMemory(f"cannot {what} clip: out of memory")
 
 
 @dataclass(frozen=True)

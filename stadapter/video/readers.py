@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Iterator
 
 import av
 import numpy as np
@@ -31,6 +32,21 @@ class ReadResult:
     eof: bool = False  # the stream ended before every needed frame was out
     seeks: int = 0  # container seeks done
     sequential: bool = False  # read by counting frames (the stream is not on a constant frame grid)
+
+
+def demux_packets(container: av.container.InputContainer, stream) -> Iterator[av.Packet]:
+    """``container.demux(stream)``, ending where PyAV's own end-of-stream flush breaks: it indexes its stream list
+    with streams that appeared while demuxing (an MPEG-TS whose program gains a stream), raising IndexError after
+    the last packet; every packet of the streams known at open has been given by then."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except IndexError:  # raised nowhere else in PyAV's demux: its packets are guarded against unknown streams
+            return
+        yield packet
 
 
 def decode_packet(codec, packet, budget: Budget) -> list[av.VideoFrame]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import av
 
 from .limits import Budget, VideoError, VideoLimits
+from .readers import demux_packets
 
 NO_DECODER = "stadapter-no-decoder"  # a decoder whitelist no decoder is on
 SCREEN_BYTES = 5_000_000  # packet bytes read for the first frames: FFmpeg's own probesize
@@ -47,7 +48,7 @@ def _first_frames(container: av.container.InputContainer, streams: list, budget:
     stream whose first ``SCREEN_BYTES`` yield no frame is refused, as the real open would leave it without a size."""
     waiting = {s.index: s for s in streams}
     read = 0
-    for packet in container.demux(list(waiting.values())):
+    for packet in demux_packets(container, list(waiting.values())):
         budget.packet()
         stream = waiting.get(packet.stream_index)
         if stream is None:
