@@ -293,3 +293,25 @@ def test_errors_from_pyav_never_show_python_class_names(monkeypatch):
         with pytest.raises(VideoError, match=says) as e:
             decode_clip(clip, CFG)
         assert "Error" not in str(e.value), str(e.value)
+
+
+@needs_ffmpeg
+def test_a_long_clip_without_a_duration_is_refused_once_its_count_passes_the_limit(tmp_path, monkeypatch):
+    """A header with no duration: every packet of the clip was counted before the count was compared with the
+    limit (a 10-hour clip cost seconds); the count now stops one frame past the limit."""
+    out = tmp_path / "long.mkv"
+    with open(out, "wb") as f:  # written to a pipe, without metadata: Matroska records no duration
+        ffmpeg("-f", "lavfi", "-i", "testsrc=size=16x16:rate=25:duration=60", "-c:v", "libx264", "-g", "250",
+               "-map_metadata", "-1", "-f", "matroska", "-", stdout=f)
+    counted = []
+    real_packet = video_limits.Budget.packet
+
+    def counting(self):
+        counted.append(1)
+        real_packet(self)
+
+    monkeypatch.setattr(video_limits.Budget, "packet", counting)
+    with pytest.raises(VideoError, match="more than 50 frames at 25 fps .* over the limit of 2 s"):
+        probe(out, VideoLimits(max_duration_s=2))
+    assert len(counted) <= 51, f"{len(counted)} packets counted for a limit of 50 frames"
+    assert probe(out, VideoLimits(max_duration_s=61)).num_frames == 1500

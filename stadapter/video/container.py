@@ -267,12 +267,19 @@ class Clip:
         return stream
 
     def _count_packets(self) -> int:
-        """Frame count for a header without frames or duration: count packets, then rewind."""
+        """Frame count for a header without frames or duration: count packets, then rewind. The count stops as
+        soon as it makes the clip longer than ``max_duration_s`` (a 10-hour clip costs what the limit's length
+        costs, not its own)."""
         stream = self.container.streams[self.stream_index]
+        fps = self.info.fps
+        most = math.floor(self.limits.max_duration_s * fps) if fps > 0 else None
         n = 0
         for packet in demux_packets(self.container, stream):
             self.budget.packet()
             n += packet.size > 0
+            if most is not None and n > most:
+                raise VideoError(f"clip has more than {most} frames at {fps:g} fps (its header gives no duration), "
+                                 f"over the limit of {self.limits.max_duration_s:g} s")
         self._reopen()
         if n == 0:
             raise VideoError("no decodable video frames: the video stream holds no packets")
