@@ -315,3 +315,25 @@ def test_a_long_clip_without_a_duration_is_refused_once_its_count_passes_the_lim
         probe(out, VideoLimits(max_duration_s=2))
     assert len(counted) <= 51, f"{len(counted)} packets counted for a limit of 50 frames"
     assert probe(out, VideoLimits(max_duration_s=61)).num_frames == 1500
+
+
+def test_a_single_gop_over_the_pixel_budget_is_refused_before_it_is_decoded(monkeypatch):
+    """One keyframe, then 119 frames: reaching the sampled frames means decoding nearly all of them. The budget
+    refused only once it had paid for max_decoded_pixels (a 4096x2304 clip: 228 frames, about a second of CPU); the
+    keyframes (one demux pass) predict the count and the refusal comes before the first frame."""
+    clip = make_clip(None, 120, gop=120, bframes=0)
+    decoded = []
+    real_frame = video_limits.Budget.frame
+
+    def counting(self, frame):
+        decoded.append(1)
+        real_frame(self, frame)
+
+    monkeypatch.setattr(video_limits.Budget, "frame", counting)
+    cfg = SamplingConfig(num_frames=8, input_size=32)
+    with pytest.raises(VideoError, match="max_decoded_pixels"):
+        decode_clip(clip, cfg, VideoLimits(max_decoded_pixels=64 * 48 * 40))
+    assert decoded == [], f"{len(decoded)} frames decoded before the refusal"
+    assert decode_clip(clip, cfg, VideoLimits(max_decoded_pixels=64 * 48 * 120)).shape == (1, 8, 3, 32, 32)
+    several = make_clip(None, 120, gop=10, bframes=0)  # keyframes every 10 frames: each sample costs a few
+    assert decode_clip(several, cfg, VideoLimits(max_decoded_pixels=64 * 48 * 60)).shape == (1, 8, 3, 32, 32)

@@ -16,9 +16,10 @@ import numpy as np
 
 from .limits import Budget, Source, VideoError, VideoLimits, check_aspect, out_of_memory
 from .screen import NO_DECODER, screen_frame_sizes
-from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader, demux_packets
+from .readers import (NONREF_SKIPPABLE, Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader,
+                      demux_packets)
 from .window_walk import Taken, Takes, WindowWalk, count_frames
-from .sampling import presentation_ranks
+from .sampling import frames_to_decode, presentation_ranks
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ class Clip:
             raise VideoError(f"clip is {size} bytes, over the limit of {limits.max_bytes}")
         self.source, self.limits = source, limits
         self._lead: av.Packet | None = None  # the packet a checked rewind demuxed: the next read starts with it
+        self._keys: tuple[list[int] | None] | None = None  # keyframes(), once found
         self.budget = Budget(limits)
         self.container = _open_container(source, limits, screen=True)
         self._closed = False
@@ -293,6 +295,8 @@ class Clip:
         demuxer marks discard, e.g. before an edit list's start, give no frame). None when a packet has
         no pts: then keyframes cannot be placed. The clip is rewound for the next :meth:`read`.
         """
+        if self._keys is not None:
+            return self._keys[0]
         stream = self.container.streams[self.stream_index]
         pts: list[int] = []
         keys: list[int] = []
@@ -313,7 +317,8 @@ class Clip:
             if packet.is_keyframe:
                 keys.append(packet.pts)
         self._rewind(first)
-        return presentation_ranks(pts, keys) if placed and pts else None
+        self._keys = (presentation_ranks(pts, keys) if placed and pts else None,)
+        return self._keys[0]
 
     def _rewind(self, first) -> None:
         """Back to the start after a scan: a seek to the first packet, checked by demuxing one packet
@@ -341,7 +346,10 @@ class Clip:
         Tries the indexed reader (with seeks, then without), then sequential
         decoding; ``restart`` reopens the clip first (for a second call).
         """
-        stream = self._reopen() if restart else self.container.streams[self.stream_index]
+        if restart:
+            self._reopen()
+        self._check_cost(needed)
+        stream = self.container.streams[self.stream_index]
         fps = self.info.fps
         gap = seek_gap if seek_gap is not None else default_seek_gap(fps)
         if fps > 0 and stream.time_base:
@@ -356,6 +364,24 @@ class Clip:
             except Irregular:
                 stream = self._reopen()
         return SequentialReader(self._demuxer(), stream, self.budget).run(needed, convert)
+
+    def _check_cost(self, needed: list[int]) -> None:
+        """Refuse a read whose decoding is predictably over the budget, before paying for it: where decoding every
+        frame up to the last needed one could pass it, the keyframes (one demux pass) say how many frames the
+        reader will decode (:func:`.sampling.frames_to_decode`). Not for a decoder that drops the non-reference
+        frames of a stream with B-frames: it decodes fewer than that."""
+        w, h = self.info.width, self.info.height
+        worst = needed[-1] + 1
+        if self.budget.frames + worst <= self.limits.max_frames_decoded and \
+                self.budget.pixels + worst * w * h <= self.limits.max_decoded_pixels:
+            return
+        cc = self.container.streams[self.stream_index].codec_context
+        assert isinstance(cc, av.video.codeccontext.VideoCodecContext)  # the index was chosen among video streams
+        if cc.name in NONREF_SKIPPABLE and cc.has_b_frames:
+            return
+        keys = self.keyframes()
+        if keys:
+            self.budget.check_predicted(frames_to_decode(needed, keys), w, h)
 
     def frames(self, takes: Takes, convert: Callable[[av.VideoFrame], np.ndarray],
                start: int = 0) -> Iterator[Taken]:

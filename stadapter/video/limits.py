@@ -164,6 +164,14 @@ class Budget:
             raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels "
                              f"({frames} frames; max_decoded_pixels)")
 
+    def check_predicted(self, frames: int, width: int, height: int) -> None:
+        """Refuse before decoding when ``frames`` more frames of ``width`` x ``height`` would pass the limits."""
+        if self.frames + frames > self.limits.max_frames_decoded:
+            raise self._over_frames()
+        if self.pixels + frames * width * height > self.limits.max_decoded_pixels:
+            raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels ({frames} frames "
+                             f"of {width}x{height} from the keyframes to the sampled frames; max_decoded_pixels)")
+
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
             raise VideoError(f"decoding took longer than {self.limits.max_decode_seconds:g} s (max_decode_seconds)")

@@ -11,7 +11,7 @@ import numpy as np
 
 from .limits import Budget
 
-_NONREF_SKIPPABLE = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
+NONREF_SKIPPABLE = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
 _FRAME_GRID_TOLERANCE = 0.25
 _REORDER_DEPTH = 32  # frames a packet may come ahead of its display slot (B-pyramids are <= 16)
 
@@ -122,7 +122,7 @@ class IndexedReader:
         self.expect = 0  # slot the current run outputs next
         # Non-reference frames that are not needed are dropped by the decoder, for codecs
         # whose decoders define "non-reference" exactly (nothing else can depend on them).
-        self.skip_nonref = self.codec.name in _NONREF_SKIPPABLE
+        self.skip_nonref = self.codec.name in NONREF_SKIPPABLE
         self.skipping = False
         self.maybe_dropped: set[int] = set()  # slots fed while dropping non-reference frames
         self.fed: set[int] = set()  # needed slots whose packet went to the decoder
