@@ -14,10 +14,12 @@ from typing import Callable, Iterator
 import av
 import numpy as np
 
-from .limits import Budget, Source, VideoError, VideoLimits, VideoOutOfMemory, check_aspect
-from .readers import Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader
+from .limits import Budget, Source, VideoError, VideoLimits, check_aspect, out_of_memory
+from .screen import NO_DECODER, screen_frame_sizes
+from .readers import (NONREF_SKIPPABLE, Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader,
+                      demux_packets)
 from .window_walk import Taken, Takes, WindowWalk, count_frames
-from .sampling import presentation_ranks
+from .sampling import frames_to_decode, presentation_ranks
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class guard:
         if exc is None or isinstance(exc, VideoError) or not isinstance(exc, Exception):
             return None
         if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
-            raise VideoOutOfMemory(f"cannot {self.what} clip: out of memory ({describe(exc)})") from exc
+            raise out_of_memory(self.what, exc) from exc
         if isinstance(exc, (av.FFmpegError, OSError, EOFError, ValueError, IndexError, KeyError,
                             AssertionError, RuntimeError, OverflowError, MemoryError, UnicodeError)):
             raise VideoError(f"cannot {self.what} clip: {describe(exc)}") from exc
@@ -54,8 +56,15 @@ class guard:
 
 
 def describe(exc: BaseException) -> str:
-    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"
+    """What went wrong, in words for the client: FFmpeg's (or the system's) message; never a Python class name."""
+    if isinstance(exc, av.FFmpegError) and exc.errno == errno.EAGAIN:
+        return "the demuxer stopped on corrupt data"  # FFmpeg's "Resource temporarily unavailable" says nothing
+    text = getattr(exc, "strerror", None)
+    if text:
+        return str(text)
+    if isinstance(exc, (av.FFmpegError, OSError, EOFError)):
+        return str(exc) or "read error"
+    return f"the demuxer or decoder failed on its data ({exc})" if str(exc) else "the demuxer or decoder failed on its data"
 
 
 def _source_size(source: Source) -> int:
@@ -104,28 +113,54 @@ def _open_options(limits: VideoLimits) -> tuple[dict[str, str], dict[str, str]]:
     container = {"protocol_whitelist": "file", "max_streams": str(limits.max_streams + 1)}  # never a URL
     if limits.formats:
         container["format_whitelist"] = ",".join(limits.formats)
-    return container, {"max_pixels": str(limits.max_pixels)}
+    return container, {"max_pixels": str(limits.decoder_max_pixels())}
 
 
-def _open_container(source: Source, limits: VideoLimits) -> av.container.InputContainer:
-    options, codec_options = _open_options(limits)
+def cap_decoder(stream: av.video.stream.VideoStream, limits: VideoLimits) -> None:
+    """Give the stream's decoder FFmpeg's own frame size limit before its first packet (PyAV opens the decoder
+    then): FFmpeg refuses a frame over it before allocating it, on every (re)initialisation, so a size that
+    jumps mid-stream (a second parameter set) costs nothing. ``av.open``'s options reach only the decoders of
+    ``avformat_find_stream_info``, not this one."""
+    cc = stream.codec_context
+    if cc is not None and not cc.is_open:
+        cc.options = {**(cc.options or {}), "max_pixels": str(limits.decoder_max_pixels())}
+
+
+def _target(source: Source) -> io.BytesIO | str:
     if isinstance(source, (bytes, bytearray, memoryview)):
-        target: io.BytesIO | str = io.BytesIO(bytes(source) if not isinstance(source, bytes) else source)
-    else:
-        target = os.fspath(source)
-        if not isinstance(target, str):
-            target = os.fsdecode(target)
+        return io.BytesIO(bytes(source) if not isinstance(source, bytes) else source)
+    target = os.fspath(source)
+    return target if isinstance(target, str) else os.fsdecode(target)
+
+
+def _open_container(source: Source, limits: VideoLimits, screen: bool = False) -> av.container.InputContainer:
+    """The clip opened; with ``screen``, after its frame sizes were checked with no decoder allowed
+    (:mod:`.screen`: done once per clip, before FFmpeg first decodes it)."""
+    options, codec_options = _open_options(limits)
     try:
-        return av.open(target, mode="r", container_options=options, options=codec_options)
+        if screen:
+            with av.open(_target(source), mode="r", container_options={**options, "codec_whitelist": NO_DECODER},
+                         options=codec_options) as screened:
+                _check_stream_count(screened, limits)
+                screen_frame_sizes(screened, limits)
+        return av.open(_target(source), mode="r", container_options=options, options=codec_options)
+    except VideoError:
+        raise
     except (av.FFmpegError, OSError, EOFError, ValueError, IndexError, UnicodeError) as e:
         if isinstance(e, MemoryError) or getattr(e, "errno", None) == errno.ENOMEM:
-            raise VideoOutOfMemory(f"cannot open clip: out of memory ({describe(e)})") from e
+            raise out_of_memory("open", e) from e
         named = _named_container(_head(source))
         if named and limits.formats:
             raise VideoError(f"the clip is {named}, which is not an allowed container (allowed: "
                              f"{', '.join(limits.formats)})") from e
         allowed = f", or not in one of the allowed containers: {', '.join(limits.formats)}" if limits.formats else ""
         raise VideoError(f"cannot open clip: not a readable video (corrupt, truncated{allowed}) [{describe(e)}]") from e
+
+
+def _check_stream_count(container: av.container.InputContainer, limits: VideoLimits) -> None:
+    if len(container.streams) > limits.max_streams:
+        # the demuxer stops at max_streams + 1 (see _open_options): the real count may be higher
+        raise VideoError(f"clip has at least {len(container.streams)} streams, over the limit of {limits.max_streams}")
 
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
@@ -194,14 +229,14 @@ class Clip:
             raise VideoError(f"clip is {size} bytes, over the limit of {limits.max_bytes}")
         self.source, self.limits = source, limits
         self._lead: av.Packet | None = None  # the packet a checked rewind demuxed: the next read starts with it
+        self._keys: tuple[list[int] | None] | None = None  # keyframes(), once found
         self.budget = Budget(limits)
-        self.container = _open_container(source, limits)
+        self.container = _open_container(source, limits, screen=True)
         self._closed = False
         try:
-            if len(self.container.streams) > limits.max_streams:
-                # the demuxer stops at max_streams + 1 (see _open_options): the real count may be higher
-                raise VideoError(f"clip has at least {len(self.container.streams)} streams, over the limit of {limits.max_streams}")
+            _check_stream_count(self.container, limits)
             stream = _video_stream(self.container)
+            cap_decoder(stream, limits)
             self.stream_index = stream.index
             self.info = _clip_info(self.container, stream)
             _check(self.info, limits)
@@ -230,15 +265,23 @@ class Clip:
         self._closed = False
         stream = self.container.streams[self.stream_index]
         assert isinstance(stream, av.video.stream.VideoStream)  # the index was chosen among video streams
+        cap_decoder(stream, self.limits)
         return stream
 
     def _count_packets(self) -> int:
-        """Frame count for a header without frames or duration: count packets, then rewind."""
+        """Frame count for a header without frames or duration: count packets, then rewind. The count stops as
+        soon as it makes the clip longer than ``max_duration_s`` (a 10-hour clip costs what the limit's length
+        costs, not its own)."""
         stream = self.container.streams[self.stream_index]
+        fps = self.info.fps
+        most = math.floor(self.limits.max_duration_s * fps) if fps > 0 else None
         n = 0
-        for packet in self.container.demux(stream):
+        for packet in demux_packets(self.container, stream):
             self.budget.packet()
             n += packet.size > 0
+            if most is not None and n > most:
+                raise VideoError(f"clip has more than {most} frames at {fps:g} fps (its header gives no duration), "
+                                 f"over the limit of {self.limits.max_duration_s:g} s")
         self._reopen()
         if n == 0:
             raise VideoError("no decodable video frames: the video stream holds no packets")
@@ -252,12 +295,14 @@ class Clip:
         demuxer marks discard, e.g. before an edit list's start, give no frame). None when a packet has
         no pts: then keyframes cannot be placed. The clip is rewound for the next :meth:`read`.
         """
+        if self._keys is not None:
+            return self._keys[0]
         stream = self.container.streams[self.stream_index]
         pts: list[int] = []
         keys: list[int] = []
         first = None
         placed = True
-        for packet in self.container.demux(stream):
+        for packet in demux_packets(self.container, stream):
             self.budget.packet()
             if packet.size == 0:
                 continue
@@ -272,7 +317,8 @@ class Clip:
             if packet.is_keyframe:
                 keys.append(packet.pts)
         self._rewind(first)
-        return presentation_ranks(pts, keys) if placed and pts else None
+        self._keys = (presentation_ranks(pts, keys) if placed and pts else None,)
+        return self._keys[0]
 
     def _rewind(self, first) -> None:
         """Back to the start after a scan: a seek to the first packet, checked by demuxing one packet
@@ -283,7 +329,7 @@ class Clip:
         if target is not None:
             try:
                 self.container.seek(target, backward=True, any_frame=False, stream=stream)
-                lead = next(self.container.demux(stream), None)
+                lead = next(demux_packets(self.container, stream), None)
             except (av.FFmpegError, OSError, EOFError, ValueError):
                 lead = None
             if lead is not None and first is not None and all(
@@ -300,7 +346,10 @@ class Clip:
         Tries the indexed reader (with seeks, then without), then sequential
         decoding; ``restart`` reopens the clip first (for a second call).
         """
-        stream = self._reopen() if restart else self.container.streams[self.stream_index]
+        if restart:
+            self._reopen()
+        self._check_cost(needed)
+        stream = self.container.streams[self.stream_index]
         fps = self.info.fps
         gap = seek_gap if seek_gap is not None else default_seek_gap(fps)
         if fps > 0 and stream.time_base:
@@ -309,12 +358,30 @@ class Clip:
             except SeekMissed:
                 stream = self._reopen()
                 try:
-                    return IndexedReader(self.container, stream, fps, self.budget, None).run(needed, convert)
+                    return IndexedReader(self._demuxer(), stream, fps, self.budget, None).run(needed, convert)
                 except Irregular:
                     stream = self._reopen()
             except Irregular:
                 stream = self._reopen()
         return SequentialReader(self._demuxer(), stream, self.budget).run(needed, convert)
+
+    def _check_cost(self, needed: list[int]) -> None:
+        """Refuse a read whose decoding is predictably over the budget, before paying for it: where decoding every
+        frame up to the last needed one could pass it, the keyframes (one demux pass) say how many frames the
+        reader will decode (:func:`.sampling.frames_to_decode`). Not for a decoder that drops the non-reference
+        frames of a stream with B-frames: it decodes fewer than that."""
+        w, h = self.info.width, self.info.height
+        worst = needed[-1] + 1
+        if self.budget.frames + worst <= self.limits.max_frames_decoded and \
+                self.budget.pixels + worst * w * h <= self.limits.max_decoded_pixels:
+            return
+        cc = self.container.streams[self.stream_index].codec_context
+        assert isinstance(cc, av.video.codeccontext.VideoCodecContext)  # the index was chosen among video streams
+        if cc.name in NONREF_SKIPPABLE and cc.has_b_frames:
+            return
+        keys = self.keyframes()
+        if keys:
+            self.budget.check_predicted(frames_to_decode(needed, keys), w, h)
 
     def frames(self, takes: Takes, convert: Callable[[av.VideoFrame], np.ndarray],
                start: int = 0) -> Iterator[Taken]:
@@ -338,10 +405,11 @@ class Clip:
                     break
         yield from count_frames(self._demuxer(), stream, self.budget, takes, convert)
 
-    def _demuxer(self):
-        """The container, or after a checked rewind the container that first yields the packet the check read."""
+    def _demuxer(self) -> "_Demuxer":
+        """The container as the readers demux it (:func:`demux_packets`); after a checked rewind, it first yields
+        the packet the check read."""
         lead, self._lead = self._lead, None
-        return self.container if lead is None else _Resumed(self.container, lead)
+        return _Demuxer(self.container, lead)
 
 
 def default_seek_gap(fps: float) -> int:
@@ -355,16 +423,17 @@ def _with_counted_frames(info: ClipInfo, n: int) -> ClipInfo:
                     info.codec, info.container)
 
 
-class _Resumed:
-    """The container after a checked rewind: its first ``demux`` yields the packet the check read."""
+class _Demuxer:
+    """The container as the readers demux it (:func:`demux_packets`); after a checked rewind its first ``demux``
+    yields the packet the check read (``lead``)."""
 
-    def __init__(self, container: av.container.InputContainer, lead: av.Packet) -> None:
+    def __init__(self, container: av.container.InputContainer, lead: av.Packet | None) -> None:
         self.container = container
-        self.lead: av.Packet | None = lead
+        self.lead = lead
 
     def demux(self, stream):
         lead, self.lead = self.lead, None
-        return itertools.chain([] if lead is None else [lead], self.container.demux(stream))
+        return itertools.chain([] if lead is None else [lead], demux_packets(self.container, stream))
 
     def seek(self, *args, **kwargs) -> None:
         self.lead = None

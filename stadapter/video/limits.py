@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Union
 
 import av
+import numpy as np
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -27,7 +29,37 @@ class VideoError(ValueError):
 
 
 class VideoOutOfMemory(VideoError):
-    """FFmpeg or the frame buffers ran out of memory on this clip: a server answers RESOURCE_EXHAUSTED."""
+    """The process ran out of memory on this clip (it may be fine): a server answers RESOURCE_EXHAUSTED."""
+
+
+# Memory a process must still be able to reserve after FFmpeg said ENOMEM for that ENOMEM to count as real
+# memory pressure: more than the largest block FFmpeg allocates for a clip within the default limits (a frame of
+# max_pixels at 16 bits per sample, 4:4:4). Reserved and freed at once, never touched: it costs no RSS.
+MEMORY_HEADROOM = 128 * 2**20
+
+
+def memory_is_short(headroom: int = MEMORY_HEADROOM) -> bool:
+    """Whether this process cannot reserve ``headroom`` more bytes (an address-space limit or strict overcommit
+    reached: where a real shortage shows as a failed allocation rather than the kernel's OOM killer)."""
+    try:
+        np.empty(headroom, np.uint8)
+    except MemoryError:
+        return True
+    return False
+
+
+def out_of_memory(what: str, exc: BaseException) -> VideoError:
+    """The error for an allocation that failed while reading a clip.
+
+    FFmpeg answers ENOMEM at once, without trying, for a block over its own cap (2 GiB), and the system refuses a
+    block larger than it could ever give: so a small corrupt header that declares an absurd table, packet or frame
+    gets ENOMEM while memory is plentiful. That is the clip's fault (INVALID_ARGUMENT: retrying cannot help); only
+    when memory is really short (:func:`memory_is_short`), or Python itself ran out, is it
+    :class:`VideoOutOfMemory` (RESOURCE_EXHAUSTED: retry later)."""
+    if isinstance(exc, av.FFmpegError) and not memory_is_short():
+        return VideoError(f"cannot {what} clip: it is corrupt: it declares a table, packet or frame too large to "
+                          "allocate (FFmpeg refused the allocation while memory is free)")
+    return VideoOutOfMemory(f"cannot {what} clip: out of memory")
 
 
 @dataclass(frozen=True)
@@ -79,6 +111,15 @@ class VideoLimits:
         if self.max_aspect_ratio < 1:
             raise ValueError(f"VideoLimits.max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
         object.__setattr__(self, "formats", tuple(self.formats))
+
+    def decoder_max_pixels(self) -> int:
+        """FFmpeg's own ``max_pixels`` for every decoder: it refuses a frame over it before allocating the frame.
+
+        FFmpeg checks the width rounded up to its stride alignment (at most 64), so the cap leaves that much
+        room over ``max_pixels`` (the tallest frame within the aspect-ratio limit); the exact limit is checked
+        on the size FFmpeg reports (:meth:`Budget.check_size`)."""
+        tallest = math.isqrt(int(self.max_pixels * self.max_aspect_ratio)) + 1
+        return min(self.max_pixels + 64 * tallest, 2**31 - 1)
         if any(not f or "," in f for f in self.formats):
             raise ValueError(f"VideoLimits.formats must be demuxer names without commas, got {self.formats!r}")
 
@@ -123,18 +164,29 @@ class Budget:
             raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels "
                              f"({frames} frames; max_decoded_pixels)")
 
+    def check_predicted(self, frames: int, width: int, height: int) -> None:
+        """Refuse before decoding when ``frames`` more frames of ``width`` x ``height`` would pass the limits."""
+        if self.frames + frames > self.limits.max_frames_decoded:
+            raise self._over_frames()
+        if self.pixels + frames * width * height > self.limits.max_decoded_pixels:
+            raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels ({frames} frames "
+                             f"of {width}x{height} from the keyframes to the sampled frames; max_decoded_pixels)")
+
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
             raise VideoError(f"decoding took longer than {self.limits.max_decode_seconds:g} s (max_decode_seconds)")
+
+    def check_size(self, width: int, height: int) -> None:
+        """A frame size the decoder reached (a frame it output, or a size change it refused mid-stream)."""
+        if width * height > self.limits.max_pixels:
+            raise VideoError(f"a frame of {width}x{height} is over the limit of {self.limits.max_pixels} pixels")
 
     def frame(self, frame: av.VideoFrame) -> None:
         self.frames += 1
         self.check_time()
         if self.frames > self.limits.max_frames_decoded:
             raise self._over_frames()
-        if frame.width * frame.height > self.limits.max_pixels:
-            raise VideoError(f"a frame of {frame.width}x{frame.height} is over the limit of "
-                             f"{self.limits.max_pixels} pixels")
+        self.check_size(frame.width, frame.height)
         self.pixels += frame.width * frame.height
         if self.pixels > self.limits.max_decoded_pixels:
             raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels "

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Iterator
 
 import av
 import numpy as np
 
 from .limits import Budget
 
-_NONREF_SKIPPABLE = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
+NONREF_SKIPPABLE = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video"})
 _FRAME_GRID_TOLERANCE = 0.25
 _REORDER_DEPTH = 32  # frames a packet may come ahead of its display slot (B-pyramids are <= 16)
 
@@ -33,11 +34,29 @@ class ReadResult:
     sequential: bool = False  # read by counting frames (the stream is not on a constant frame grid)
 
 
+def demux_packets(container: av.container.InputContainer, stream) -> Iterator[av.Packet]:
+    """``container.demux(stream)``, ending where PyAV's own end-of-stream flush breaks: it indexes its stream list
+    with streams that appeared while demuxing (an MPEG-TS whose program gains a stream), raising IndexError after
+    the last packet; every packet of the streams known at open has been given by then."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except IndexError:  # raised nowhere else in PyAV's demux: its packets are guarded against unknown streams
+            return
+        yield packet
+
+
 def decode_packet(codec, packet, budget: Budget) -> list[av.VideoFrame]:
-    """Decode one packet (None drains); a packet the decoder rejects just yields no frame."""
+    """Decode one packet (None drains); a packet the decoder rejects just yields no frame, unless it was refused
+    for a frame size over the limit (the decoder's ``max_pixels``, see ``container.cap_decoder``: a size that
+    changes mid-stream is refused by FFmpeg before it allocates the frame, and named here)."""
     try:
         frames = codec.decode(packet)
     except (av.FFmpegError, EOFError):
+        budget.check_size(codec.coded_width or codec.width, codec.coded_height or codec.height)
         return []
     for f in frames:
         budget.frame(f)
@@ -103,7 +122,7 @@ class IndexedReader:
         self.expect = 0  # slot the current run outputs next
         # Non-reference frames that are not needed are dropped by the decoder, for codecs
         # whose decoders define "non-reference" exactly (nothing else can depend on them).
-        self.skip_nonref = self.codec.name in _NONREF_SKIPPABLE
+        self.skip_nonref = self.codec.name in NONREF_SKIPPABLE
         self.skipping = False
         self.maybe_dropped: set[int] = set()  # slots fed while dropping non-reference frames
         self.fed: set[int] = set()  # needed slots whose packet went to the decoder
