@@ -41,6 +41,7 @@ async def gather_clip(chunks: AsyncIterator[T], ticket: Ticket, limits: ServerLi
     ``on_first`` sees it as it arrives) and the buffer, which is what the decoder gets."""
     first: Optional[T] = None
     buf = bytearray()
+    ticket.own(buf)
     limit = limits.max_clip_bytes
     async for chunk in idle_bounded(chunks, limits.stream_idle_timeout_s, lambda: len(buf)):
         if first is None:

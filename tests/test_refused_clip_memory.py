@@ -1,0 +1,113 @@
+"""A refused clip's bytes are freed when its request ends, not when the cycle collector next runs.
+
+A decoder's failure raised from an object that a frame on its own traceback still held (the reply
+tuple, a local) made a reference cycle: exception -> traceback -> frames -> the clip. Each refused
+megabyte-sized clip then outlived its request until a garbage collection, several of them at once,
+freed at random times between new allocations (``python -m bench.refused_rss`` shows the server's
+RSS this left behind). These tests run with the cycle collector off: the clip must die by reference
+counting alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import weakref
+from pathlib import Path
+
+import grpc
+import pytest
+
+import media
+from serverproc import ServerProcess, make_repository
+from server.decode_pool import ProcessDecodePool
+from server.window_jobs import WindowJob
+from stadapter.config import SamplingConfig
+from stadapter.video import VideoError, VideoLimits
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
+
+SAMPLING = SamplingConfig(num_frames=4, input_size=32, resize=36)
+MiB = 1 << 20
+
+
+class Clip(bytearray):
+    """A clip buffer a weak reference can watch."""
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def pool(loop):
+    p = ProcessDecodePool(1)
+    loop.run_until_complete(p.start())
+    yield p
+    p.close()
+
+
+@contextlib.contextmanager
+def no_cycle_collector():
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def _refused_whole(pool: ProcessDecodePool, clip: Clip) -> str:
+    try:
+        await pool.decode(clip, SAMPLING, VideoLimits(), 30.0)
+    except VideoError as e:
+        return str(e)
+    return ""
+
+
+async def _refused_windows(pool: ProcessDecodePool, clip: Clip) -> str:
+    try:
+        async with contextlib.aclosing(pool.windows(clip, SAMPLING, VideoLimits(), WindowJob(2.0, 2.0, per_batch=1),
+                                                    30.0)) as batches:
+            async for _ in batches:
+                pass
+    except VideoError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.parametrize("mode", [_refused_whole, _refused_windows], ids=["whole", "windows"])
+def test_a_refused_clip_dies_with_its_request(loop, pool, mode):
+    with no_cycle_collector():
+        clip = Clip(os.urandom(2 * MiB))
+        alive = weakref.ref(clip)
+        message = loop.run_until_complete(mode(pool, clip))
+        del clip
+        held = alive() is not None
+    assert "not a readable video" in message
+    assert not held, "the refused clip outlived its request: a reference cycle holds it until the next gc"
+
+
+def test_many_refused_megabyte_clips_leave_the_server_serving(tmp_path: Path):
+    """Refused 2 MiB inputs, whole and streamed: each an INVALID_ARGUMENT that says why, and a valid clip after."""
+    repo = make_repository(tmp_path / "repo")
+    with ServerProcess(repo, "--decode-workers", "1", "--no-warmup") as srv, grpc.insecure_channel(
+            srv.address, options=[("grpc.max_send_message_length", 8 * MiB)]) as channel:
+        stub = pb_grpc.VideoClassifierStub(channel)
+        for i in range(12):
+            data = os.urandom(2 * MiB)
+            with pytest.raises(grpc.RpcError) as info:
+                if i % 2:
+                    stub.ClassifyStream(pb.ClassifyChunk(task="alpha" if j == 0 else "", data=data[j:j + (256 << 10)])
+                                        for j in range(0, len(data), 256 << 10))
+                else:
+                    stub.Classify(pb.ClassifyRequest(task="alpha", clip=data))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a readable video" in info.value.details()
+        reply = stub.Classify(pb.ClassifyRequest(task="alpha", clip=media.make_clip(num_frames=12)))
+        assert reply.predictions
