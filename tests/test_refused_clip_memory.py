@@ -112,6 +112,7 @@ def test_many_refused_megabyte_clips_leave_the_server_serving(tmp_path: Path):
             assert "not a readable video" in info.value.details()
         reply = stub.Classify(pb.ClassifyRequest(task="alpha", clip=media.make_clip(num_frames=12)))
         assert reply.predictions
+        assert "are mmapped" in srv.log()  # server.malloc_tuning took effect in the server
 
 
 def test_a_refused_requests_clip_is_freed_when_the_request_ends(tmp_path: Path):
@@ -160,3 +161,39 @@ def test_a_refused_requests_clip_is_freed_when_the_request_ends(tmp_path: Path):
 
     held = asyncio.run(held_after_refusals())
     assert held < 2 * 2 * MiB, f"{held / MiB:.1f} MiB still allocated after 6 refused 2 MiB clips"
+
+
+_MALLINFO = r"""
+import ctypes, sys
+from server.malloc_tuning import use_mmap_for_large_buffers
+if sys.argv[1] == "tuned":
+    assert use_mmap_for_large_buffers()
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(2 << 20))  # a first clip-sized block, freed
+block = libc.malloc(2 << 20)  # the next one
+print(libc.mallinfo2().hblkhd >= 2 << 20)
+libc.free(block)
+"""
+
+
+@pytest.mark.parametrize("mode, mmapped", [("untuned", "False"), ("tuned", "True")])
+def test_clip_sized_blocks_stay_mmapped_after_one_is_freed(mode, mmapped):
+    """glibc raises its mmap threshold to the size of each mmapped block freed, so the second 2 MiB block comes
+    from the heap; the server fixes the threshold (``server.malloc_tuning``), and every such block is mmapped."""
+    import ctypes
+    import subprocess
+    import sys
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _MALLINFO, mode], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == mmapped
