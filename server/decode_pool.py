@@ -440,12 +440,8 @@ class ProcessDecodePool:
 
 
 def _raise_failure(reply: tuple) -> NoReturn:
-    """A worker's failure reply (see :mod:`server.worker_replies`) as the exception the services map.
-
-    The exception raised is a copy, never the reply's own object: the reply is held by frames that end up on
-    the raised exception's traceback (this one, the caller's, the awaited future's result), so raising it
-    would close a reference cycle through those frames, and their clip (megabytes) would outlive the request
-    until the cycle collector ran (``python -m bench.refused_rss``)."""
+    """A worker's failure reply (see :mod:`server.worker_replies`) as the exception the services map: a copy, as
+    frames on its traceback hold the reply (raising its own object would make a cycle keeping their clip alive)."""
     if reply[0] == "oom":
         raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({reply[1]}); retry later")
     exc = reply[1]

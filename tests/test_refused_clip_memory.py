@@ -197,3 +197,11 @@ def test_clip_sized_blocks_stay_mmapped_after_one_is_freed(mode, mmapped):
                          cwd=Path(__file__).resolve().parent.parent, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == mmapped
+
+
+def test_the_refused_rss_bench_runs():
+    from bench.refused_rss import main
+
+    (r,) = main(["--requests", "4", "--every", "2", "--cases", "streams999"])
+    assert r["codes"] == {"INVALID_ARGUMENT": 4}
+    assert len(r["samples"]) == 2 and r["server_start_mb"] > 0 and r["workers_start_mb"] > 0
