@@ -5,7 +5,8 @@ the in-flight slot (or raises UNAVAILABLE while draining); the ticket then takes
 as the request gets to them, clip bytes (:meth:`Ticket.hold`) and queue slots with
 their task version (:meth:`Ticket.take_slot`). Leaving the block, by any path
 (answer, error, client cancel, deadline, closed channel: all raise through it),
-gives back everything still held, in one place. A slot may be given back earlier
+gives back everything still held, in one place, and frees the clip buffers it owns
+(:meth:`Ticket.own`). A slot may be given back earlier
 (a computed clip leaves the queue while its request still runs); giving back twice
 is a no-op, so no path counts anything twice.
 """
@@ -13,6 +14,7 @@ is a no-op, so no path counts anything twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Sequence, Union
 
 from .errors import BadRequest, Draining, QueueFull, TaskNotFound
@@ -42,6 +44,7 @@ class Ticket:
         self._admission = admission
         self._slots: list[Slot] = []
         self.bytes = 0  # clip bytes this request holds against the budget
+        self._buffers: list[Union[bytearray, memoryview]] = []  # freed by close()
         self._entered = False
 
     async def __aenter__(self) -> "Ticket":
@@ -62,6 +65,10 @@ class Ticket:
             s.release()
         self._slots.clear()
         self.free(self.bytes)
+        for buf in self._buffers:
+            with contextlib.suppress(BufferError):  # still exported (a hash in a thread): its references free it
+                buf.release() if isinstance(buf, memoryview) else buf.clear()
+        self._buffers.clear()
         if self._entered:
             self._entered = False
             a = self._admission
@@ -80,6 +87,17 @@ class Ticket:
                             f"of {limit} (--max-inflight-clip-bytes); retry later")
         a.held_bytes += n
         self.bytes += n
+
+    def own(self, clip: Union[bytes, bytearray, memoryview]) -> None:
+        """Free ``clip``'s memory when the request ends (a view is released, a bytearray emptied), whatever
+        still refers to it then; a ``bytes`` object cannot be freed early and is left to its references.
+
+        A request that fails leaves its handler frames in reference cycles (gRPC's abort keeps its exception
+        on the call's state, and the exception's traceback holds the frames, which hold the clip), which only
+        the cycle collector frees. Megabyte-sized clips freed at such random times fragment the heap: the
+        server's RSS crept with every refused input (``python -m bench.refused_rss``)."""
+        if isinstance(clip, (bytearray, memoryview)):
+            self._buffers.append(clip)
 
     def free(self, n: int) -> None:
         """Give back ``n`` of the bytes this request holds (e.g. a buffer dropped before the request ends)."""

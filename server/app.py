@@ -28,6 +28,7 @@ from .config import ServerConfig
 from .decode_pool import Decoder, ProcessDecodePool, ThreadDecoder
 from .http import HttpServer, HttpService
 from .logs import configure_logging
+from .malloc_tuning import use_mmap_for_large_buffers
 from .metrics import Metrics, remove_label
 from .oip import OIP_SERVICE_NAME, InferenceService
 from .oip import add_to_server as add_oip_to_server
@@ -194,6 +195,7 @@ def write_ready_file(path: Path, info: dict) -> None:
 
 async def serve(cfg: ServerConfig, wrap_decoder: Optional[DecoderHook] = None) -> int:
     configure_logging(cfg.log_level, cfg.log_format)
+    use_mmap_for_large_buffers()
     srv = await Server.start(cfg, wrap_decoder)
     info = srv.ready_info()
     print(json.dumps(info), flush=True)

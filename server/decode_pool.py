@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import itertools
 import logging
 import multiprocessing
@@ -439,8 +440,9 @@ class ProcessDecodePool:
 
 
 def _raise_failure(reply: tuple) -> NoReturn:
-    """A worker's failure reply (see :mod:`server.worker_replies`) as the exception the services map."""
+    """A worker's failure reply (see :mod:`server.worker_replies`) as the exception the services map: a copy, as
+    frames on its traceback hold the reply (raising its own object would make a cycle keeping their clip alive)."""
     if reply[0] == "oom":
         raise DecoderOutOfMemory(f"the decoder ran out of memory on this clip ({reply[1]}); retry later")
     exc = reply[1]
-    raise exc if isinstance(exc, VideoError) else VideoError(str(exc))
+    raise copy.copy(exc) if isinstance(exc, VideoError) else VideoError(str(exc))

@@ -64,6 +64,7 @@ async def gather_clip(chunks: AsyncIterator[T], context: grpc.aio.ServicerContex
     client's half-close (see :func:`idle_bounded`)."""
     first: Optional[T] = None
     buf = bytearray()
+    ticket.own(buf)
     limit = limits.max_clip_bytes
     async for chunk in idle_bounded(chunks, context, limits.stream_idle_timeout_s, lambda: len(buf)):
         if first is None:

@@ -174,6 +174,7 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
         if len(clip) > self.limits.max_clip_bytes:
             self.limits.check_clip_size(len(clip))  # too big is INVALID_ARGUMENT, whatever the budget
         ticket.hold(len(clip))
+        ticket.own(clip)
         return await self._classify(ticket, request.task, request.tasks, clip, request.top_k, request.sampling,
                                     request.request_id, _deadline(context), "Classify")
 
@@ -192,6 +193,8 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
         deadline = _deadline(context)
         items = items_of(request)  # over gRPC each clip a view of the received bytes
         ticket.hold(sum(len(r.clip) for r in items))
+        for r in items:
+            ticket.own(r.clip)
 
         async def one(req: pb.ClassifyRequest) -> pb.BatchClassifyResult:
             try:

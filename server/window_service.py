@@ -103,6 +103,7 @@ class WindowsServicer:
         if len(clip) > self.limits.max_clip_bytes:
             self.limits.check_clip_size(len(clip))
         ticket.hold(len(clip))
+        ticket.own(clip)
         results = self._windows(ticket, request.task, clip, request.window_s, request.stride_s, request.top_k,
                                 request.sampling, request.request_id, deadline_of(context))
         async with contextlib.aclosing(results):
