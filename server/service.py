@@ -24,7 +24,6 @@ import grpc
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE
 from stadapter.config import brief
 from stadapter_api.v1 import inference_pb2 as pb
-from stadapter_api.wire import SAMPLING_OVERRIDE_FIELDS
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .access_log import note_code
@@ -45,7 +44,6 @@ from .wire_clip import clip_of, items_of
 log = logging.getLogger("server.service")
 
 _task_label: contextvars.ContextVar[str] = contextvars.ContextVar("task_label", default="")
-OVERRIDE_FIELDS = SAMPLING_OVERRIDE_FIELDS
 
 
 def rpc(method: str, kind: str):
