@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from bench.report import emit_json
+
 ROOT = Path(__file__).resolve().parent.parent
 TASK = "motion"  # a task of the committed model_repository/ (the embedded trunk)
 MiB = 1 << 20
@@ -179,9 +181,7 @@ def main(argv=None) -> list[dict]:
         print(f"{r['case']:>11} {r['requests']:>6} {r['requests_per_s']:>6} {r['server_start_mb']:>16} "
               f"{r['server_end_mb']:>7} {r['server_max_mb']:>7} {r['server_second_half_growth']:>16.3f} "
               f"{r['workers_start_mb']:>17} {r['workers_end_mb']:>7}", file=sys.stderr)
-    print(json.dumps(res))
-    if a.out:
-        a.out.write_text(json.dumps(res, indent=2) + "\n")
+    emit_json(res, a.out)
     return res
 
 

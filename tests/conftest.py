@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import pytest
@@ -26,3 +27,11 @@ def two_task_repo(tmp_path, tiny_trunk, tiny_trunk_dir):
     make_bundle(tiny_trunk, tmp_path / "tasks" / "alpha" / "1", name="alpha", seed=1)
     make_bundle(tiny_trunk, tmp_path / "tasks" / "beta" / "1", name="beta", labels=["x", "y", "z", "w"], seed=2)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop of the module's own, for tests that drive async server parts from sync code."""
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()

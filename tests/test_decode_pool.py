@@ -37,13 +37,6 @@ def clip() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def loop():
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture(scope="module")
 def pool(loop):
     """Two workers with both test hooks armed ("crash-on-magic" first; hang tests use their own pool)."""
     os.environ[TEST_HOOK_ENV] = "crash-on-magic"

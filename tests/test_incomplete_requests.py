@@ -78,6 +78,12 @@ def _end(call, channel: grpc.Channel, how: str, responses: bool = False) -> grpc
     raise AssertionError(f"the call ended by {how} succeeded")
 
 
+def _assert_ended_and_logged(server, code: grpc.StatusCode, how: str, rid: str) -> None:
+    """The client saw what ``how`` gives, and the call's one access line has that same code."""
+    assert code == WANT[how]
+    assert [d["code"] for d in access_lines(server, rid)] == [code.name]
+
+
 def _delta(before: dict, after: dict, name: str, **labels) -> float:
     return metric(after, name, **labels) - metric(before, name, **labels)
 
@@ -105,8 +111,7 @@ def test_an_upload_ended_after_its_last_chunk_is_not_registered(server, tmp_path
     finally:
         gate.set()
         channel.close()
-    assert code == WANT[how]
-    assert [d["code"] for d in access_lines(server, rid)] == [code.name]
+    _assert_ended_and_logged(server, code, how, rid)
     after = scrape(server.metrics_url)
     assert _delta(before, after, "stadapter_requests_total", method="RegisterTask", task="", code=code.name) == 1
     assert _delta(before, after, "stadapter_registrations_total", result=code.name.lower()) == 1
@@ -140,8 +145,7 @@ def test_a_clip_stream_ended_after_its_last_chunk_is_not_decoded(server, clip, m
     finally:
         gate.set()
         channel.close()
-    assert code == WANT[how]
-    assert [d["code"] for d in access_lines(server, rid)] == [code.name]
+    _assert_ended_and_logged(server, code, how, rid)
     after = scrape(server.metrics_url)
     assert _delta(before, after, "stadapter_requests_total", method=method, task="alpha", code=code.name) == 1
     assert _delta(before, after, "stadapter_requests_total", method=method, task="alpha", code="OK") == 0

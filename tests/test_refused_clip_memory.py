@@ -39,13 +39,6 @@ class Clip(bytearray):
 
 
 @pytest.fixture(scope="module")
-def loop():
-    lp = asyncio.new_event_loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture(scope="module")
 def pool(loop):
     p = ProcessDecodePool(1)
     loop.run_until_complete(p.start())
