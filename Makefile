@@ -39,7 +39,7 @@ ffmpeg:
 	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ffmpeg >/dev/null; } || \
 	  echo "ffmpeg is missing and could not be installed: the tests that need it will be skipped"
 
-# Lint and types first (ruff over the project, mypy on stadapter/ and server/; both configured in pyproject.toml).
+# Lint and types first (ruff over the project, mypy on stadapter/, server/, clients/, export/ and training/; both configured in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy

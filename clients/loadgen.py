@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .core import DEFAULT_ADDRESS, NO_RETRY, ClientError, ClientOptions, read_clip
+from .core import DEFAULT_ADDRESS, NO_RETRY, ClassifyResult, ClientError, ClientOptions, read_clip
 from .output import table
 
 MAX_DURATION_S = 3600.0
@@ -189,6 +189,7 @@ async def run_load(cfg: LoadConfig, progress: bool = False, stream=sys.stderr) -
             t = time.perf_counter()
             try:
                 r = await client.classify(data, task, top_k=cfg.top_k)
+                assert isinstance(r, ClassifyResult)  # one task name: one result
                 stats.record("OK", (time.perf_counter() - t) * 1e3, int(r.timings.get("batch_size", 0)))
             except ClientError as e:
                 stats.record(e.code.name, (time.perf_counter() - t) * 1e3)
@@ -206,6 +207,7 @@ async def run_load(cfg: LoadConfig, progress: bool = False, stream=sys.stderr) -
         else:
             # Request i starts at t0 + i / rate. The start count is worked out from i, not from
             # summed intervals: 10 x 0.05 s adds up to just under 0.5 s and would start an 11th.
+            assert cfg.rate is not None  # LoadConfig gives one of concurrency and rate
             starts = (end - t0) * cfg.rate
             inflight: set[asyncio.Task] = set()
             i = 0

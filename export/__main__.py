@@ -112,7 +112,7 @@ def run(args) -> dict:
     from .tensorrt import TensorRTSettings
 
     info = graph_info(args.onnx)
-    shapes = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
+    shapes: dict[str, tuple[int, ...]] = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
     if info.multi:
         shapes["task_index"] = ()
     return {"command": TensorRTSettings().trtexec_command(args.onnx, shapes, args.max_batch, args.opt_batch)}

@@ -87,7 +87,7 @@ def check_graph(
     feeds = {n: t.numpy() for n, t in zip(info.input_names, inputs)}
     trt = None
     if provider == "tensorrt":
-        shapes = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
+        shapes: dict[str, tuple[int, ...]] = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
         if info.multi:
             shapes["task_index"] = ()
         trt = TensorRTSettings(fp16=trt_fp16, cache_dir=None if trt_cache is None else str(trt_cache)

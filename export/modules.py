@@ -22,6 +22,10 @@ _SLOT_FIELDS = ("fc1_w", "fc1_b", "conv_w", "conv_b", "fc2_w", "fc2_b")
 class _StackBuffers(nn.Module):
     """An AdapterStack's tensors as buffers (detached copies), and the stack rebuilt from them."""
 
+    head_w: Tensor  # the buffers registered below, declared for type checkers (nn.Module's getattr is untyped)
+    head_b: Tensor
+    num_classes: Tensor
+
     def __init__(self, stack: AdapterStack):
         super().__init__()
         self.keys: list[SlotKey] = sorted(stack.slots)

@@ -40,7 +40,7 @@ from stadapter.fsutil import atomic_file
 from stadapter.trunk import VideoTrunk
 
 from .modules import MultiTaskModel, SingleTaskModel
-from .runtime import parity_tolerance
+from .runtime import Provider, parity_tolerance
 
 Exporter = Literal["dynamo", "legacy"]
 DEFAULT_OPSET = {"dynamo": 20, "legacy": 17}
@@ -326,7 +326,7 @@ def run_parity(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
     input_names: Sequence[str],
-    provider: str = "cpu",
+    provider: Provider = "cpu",
     fp16_graph: bool = False,
 ) -> tuple[float, list]:
     """Max abs diff between PyTorch (fp32 reference) and onnxruntime on the same inputs; also the ORT outputs."""

@@ -98,7 +98,7 @@ class TrainConfig:
     def adapter(self) -> AdapterConfig:
         return AdapterConfig(
             width=self.adapter_width,
-            kernel=tuple(self.adapter_kernel),
+            kernel=self.adapter_kernel,  # AdapterConfig checks it is three odd ints (and makes it a tuple)
             pre_attn=self.pre_attn,
             pre_mlp=self.pre_mlp,
             layers=self.layers,

@@ -25,7 +25,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 import numpy as np
 import torch
@@ -99,7 +99,7 @@ def pretrain(out: Path, model_name: str, config_file: Path, steps: int, batch: i
     for step in range(steps):
         idx = torch.randint(0, num_images, (batch,), generator=gen)
         feats = trunk.forward_features(to_input(train_imgs[idx], sampling.input_size, 1.15, rng, sampling))  # [B, d]
-        loss = sum(F.cross_entropy(heads[k](feats), train_lab[k][idx]) for k in ATTRIBUTES)
+        loss = cast(torch.Tensor, sum(F.cross_entropy(heads[k](feats), train_lab[k][idx]) for k in ATTRIBUTES))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)

@@ -72,7 +72,7 @@ def build_datasets(cfg: TrainConfig, sampling: SamplingConfig) -> tuple[VideoDat
         fixed = read_labels(cfg.labels) if cfg.labels else None
         train, labels = scan_class_folders(cfg.train_dir, fixed)
         val = scan_class_folders(cfg.val_dir, labels)[0] if cfg.val_dir else None
-    kw = dict(skip_broken=cfg.skip_broken, cache=cfg.cache, seed=cfg.seed)
+    kw: dict[str, Any] = dict(skip_broken=cfg.skip_broken, cache=cfg.cache, seed=cfg.seed)
     train_ds = VideoDataset(train, sampling, train=True, aug=aug, **kw)
     val_ds = VideoDataset(val, sampling, train=False, **kw) if val else None
     return train_ds, val_ds, labels
@@ -112,7 +112,7 @@ def build(cfg: TrainConfig, d: Dist) -> Run:
                 print(f"skipped {len(ds.broken)} broken clips: {sorted(ds.broken)[:5]}", file=sys.stderr)
     # Every clip is seen each epoch (no batchnorm here, so a short last batch is harmless); with
     # several processes the sampler pads by repeating clips so all ranks take the same number of steps.
-    sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
     loader_kw: dict[str, Any] = dict(num_workers=cfg.workers, collate_fn=collate, pin_memory=d.device.type == "cuda",
                                      persistent_workers=cfg.workers > 0)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, **loader_kw)
