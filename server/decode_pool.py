@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -49,27 +50,20 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, AsyncGenerator, NoReturn, Optional, Protocol
 
-import numpy as np
 from torch import Tensor
 
 from stadapter.config import SamplingConfig
-from stadapter.video import VideoError, VideoLimits, decode_clip
+from stadapter.video import VideoError, VideoLimits, as_tensor
 
+from .decode_worker import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, decode_timed, worker_main
 from .errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining
-from .shm_blocks import read_block, unlink_block, write_block
+from .shm_blocks import read_block, unlink_block
 from .window_flow import interleave
-from .window_jobs import SplitBudget, WindowBatch, WindowJob, run_window_job, window_batches
-from .worker_replies import failure_reply, send_reply
+from .window_jobs import SplitBudget, WindowBatch, WindowJob, window_batches
+
+__all__ = ["CRASH_MAGIC", "HANG_MAGIC", "TEST_HOOK_ENV", "Decoder", "ProcessDecodePool", "ThreadDecoder"]
 
 log = logging.getLogger("server")
-
-# TEST ONLY: with this env var set to "crash-on-magic" and/or "hang-on-magic" (comma-separated, in the server's
-# environment, read by the workers at start) a clip starting with the matching magic aborts / hangs the worker.
-# Without the env var these bytes are an ordinary (invalid) clip: clients cannot trigger anything in production.
-TEST_HOOK_ENV = "STADAPTER_DECODE_TEST_HOOK"
-CRASH_MAGIC = b"STADAPTER-TEST-CRASH"
-HANG_MAGIC = b"STADAPTER-TEST-HANG"
-
 
 class Decoder(Protocol):
     """What the pipeline needs from a decoding backend."""
@@ -105,7 +99,7 @@ class ThreadDecoder:
                 batch = await asyncio.wrap_future(step)
                 if batch is None:
                     return
-                yield batch
+                yield dataclasses.replace(batch, frames=as_tensor(batch.frames))
         finally:  # close the generator on a pool thread once no step of it runs (it holds the open clip)
             if step is None:
                 batches.close()
@@ -117,44 +111,9 @@ class ThreadDecoder:
 
 
 def _decode_timed(clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
-    """The time is the decode alone, not the wait for a free worker."""
-    t0 = time.perf_counter()
-    views = decode_clip(clip, sampling, limits)  # [V, T, 3, S, S]
-    return views, time.perf_counter() - t0
-
-
-def _worker_main(conn: Connection) -> None:
-    """A decoder process: decode one clip per message until the pipe closes.
-
-    Unpickling this function imported this module, hence ``stadapter.video``: "ready" means the first clip is fast.
-    """
-    hooks = set(os.environ.get(TEST_HOOK_ENV, "").split(","))
-    conn.send(("ready",))
-    while True:
-        try:
-            job = conn.recv()
-            clip = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        if "crash-on-magic" in hooks and clip.startswith(CRASH_MAGIC):
-            os.abort()
-        while "hang-on-magic" in hooks and clip.startswith(HANG_MAGIC):
-            time.sleep(3600)
-        if job[0] == "windows":
-            try:
-                run_window_job(conn, clip, *job[1:])
-            except (EOFError, OSError):
-                return
-            continue
-        sampling, limits, shm_name = job
-        try:
-            views, decode_s = _decode_timed(clip, sampling, limits)
-            arr = np.ascontiguousarray(views.numpy())
-            write_block(shm_name, arr)
-            reply: tuple = ("ok", arr.shape, arr.dtype.str, decode_s)
-        except Exception as e:  # noqa: BLE001 - any failure on clip content is the clip's, not INTERNAL
-            reply = failure_reply(e)
-        send_reply(conn, reply)
+    """The thread backend's decode: as a worker's, then a tensor (sharing the array's memory)."""
+    views, decode_s = decode_timed(clip, sampling, limits)
+    return as_tensor(views), decode_s
 
 
 @dataclass(eq=False)
@@ -218,7 +177,7 @@ class ProcessDecodePool:
 
     async def _spawn(self) -> bool:
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker_main, args=(child,), name="stadapter-decode", daemon=True)
+        proc = self.ctx.Process(target=worker_main, args=(child,), name="stadapter-decode", daemon=True)
         proc.start()
         child.close()  # only the worker holds it now: its death is EOF here
         w = _Worker(proc, parent)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import contextlib
 from multiprocessing.shared_memory import SharedMemory
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+from stadapter.video import as_tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def write_block(name: str, arr: np.ndarray) -> None:
@@ -23,8 +28,9 @@ def write_block(name: str, arr: np.ndarray) -> None:
     shm.close()
 
 
-def read_block(name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-    """A copy of block ``name``'s array; the block is unlinked after, on every path."""
+def read_block(name: str, shape: tuple[int, ...], dtype: str) -> Tensor:
+    """A copy of block ``name``'s array, as a tensor (in the server process: the workers only write); the block is
+    unlinked after, on every path."""
     try:
         shm = SharedMemory(name=name)
         try:
@@ -34,7 +40,7 @@ def read_block(name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
             shm.close()
     finally:
         unlink_block(name)
-    return torch.from_numpy(out)
+    return as_tensor(out)
 
 
 def unlink_block(name: str) -> None:

@@ -17,10 +17,9 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Generator, Iterator, Optional
+from typing import Any, Generator, Iterator, Optional
 
 import numpy as np
-import torch
 
 from stadapter.config import SamplingConfig
 from stadapter.video import DecodeStats, VideoLimits, Window, WindowLimits, WindowPart, decode_windows
@@ -76,7 +75,7 @@ class WindowSpan:
 @dataclass(frozen=True)
 class WindowBatch:
     spans: tuple[WindowSpan, ...]
-    frames: torch.Tensor  # float32 [N, V, T, 3, S, S], one entry per span
+    frames: Any  # float32 [N, V, T, 3, S, S], one entry per span: numpy as decoded, a torch.Tensor in the server
     decode_s: float  # decoding time of this batch alone
     decoded: tuple[int, int, int] = (0, 0, 0)  # (packets, frames, pixels) the decode has read so far, this batch's too
 
@@ -105,7 +104,8 @@ def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfi
     counted = 0.0
     sizes = job.batch_sizes()
     size = next(sizes)
-    for w in decode_windows(clip, sampling, job.window_s, job.stride_s, limits, job.limits, stats, job.part):
+    for w in decode_windows(clip, sampling, job.window_s, job.stride_s, limits, job.limits, stats, job.part,
+                            as_array=True):
         if not batch:
             first_at = time.monotonic()
         batch.append(w)
@@ -118,7 +118,7 @@ def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfi
 
 def _batch(windows: list[Window], decode_s: float, stats: DecodeStats) -> WindowBatch:
     spans = tuple(WindowSpan(w.index, w.start_frame, w.end_frame, w.start_s, w.end_s) for w in windows)
-    return WindowBatch(spans, torch.stack([w.frames for w in windows]), decode_s, stats.counts)
+    return WindowBatch(spans, np.stack([w.frames for w in windows]), decode_s, stats.counts)
 
 
 def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limits: VideoLimits, job: WindowJob,
@@ -131,7 +131,7 @@ def run_window_job(conn: Connection, clip: bytes, sampling: SamplingConfig, limi
     seq = 0
     try:
         for b in batches:
-            arr = np.ascontiguousarray(b.frames.numpy())
+            arr = np.ascontiguousarray(b.frames)
             write_block(f"{prefix}{seq}", arr)
             conn.send(("batch", seq, b.spans, arr.shape, arr.dtype.str, b.decode_s, b.decoded))
             seq += 1

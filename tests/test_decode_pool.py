@@ -60,6 +60,26 @@ def test_good_clip_equals_in_process_decode(loop, pool, clip):
     assert shm_blocks(pool) == []
 
 
+def test_workers_decode_clips_and_windows_without_torch(loop, pool, clip):
+    """A worker holds PyAV and numpy, never torch (which took ~0.7 GB of RSS and seconds of start-up in each):
+    after a clip and a window job, no worker process has torch's library mapped."""
+    from server.window_jobs import WindowJob
+
+    run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
+
+    async def windows() -> list:
+        return [b async for b in pool.windows(clip, SAMPLING, LIMITS, WindowJob(0.2, 0.2, per_batch=2), 30.0)]
+
+    batches = run(loop, windows())
+    assert batches and all(isinstance(b.frames, torch.Tensor) for b in batches)  # tensors again in the server
+    pids = [w.proc.pid for w in pool._all]
+    assert len(pids) == 2
+    for pid in pids:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "libtorch" not in maps, f"decoder worker {pid} has torch loaded"
+        assert "libavcodec" in maps  # the check reads a live worker's maps
+
+
 def test_thread_backend_decodes_the_same(loop, clip):
     dec = ThreadDecoder(1)
     try:

@@ -45,24 +45,26 @@ of the moved indices (:func:`sample_plan` names them, :func:`decode_views` decod
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
 from ..config import SamplingConfig
 from .container import ClipInfo, Clip, guard
 from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits, VideoOutOfMemory
-from .preprocess import FrameConverter, crop_offsets, views_to_tensor
+from .preprocess import FrameConverter, as_tensor, crop_offsets, views_to_array, views_to_tensor
 from .readers import ReadResult
 from .sampling import keyframe_indices, missing_indices, sample_indices, unique_indices, view_indices
 from .windows import (DecodeStats, Window, WindowError, WindowLimits, WindowPart, WindowPlan, check_window_args,
                       decode_windows, plan_windows)
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
     "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "VideoOutOfMemory",
     "crop_offsets", "decode_clip", "decode_frames", "decode_sampled_frames", "decode_views", "keyframe_indices",
-    "keyframes", "probe", "sample_indices", "sample_plan", "views_to_tensor",
+    "keyframes", "probe", "sample_indices", "sample_plan", "views_to_array", "views_to_tensor", "decode_clip_array", "as_tensor",
     "DecodeStats", "Window", "WindowError", "WindowLimits", "WindowPart", "WindowPlan", "check_window_args",
     "decode_windows", "plan_windows",
 ]
@@ -75,7 +77,13 @@ def probe(source: Source, limits: VideoLimits = VideoLimits()) -> ClipInfo:
 
 
 def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = VideoLimits()) -> torch.Tensor:
-    """Model input for one clip: float32 [V, T, 3, S, S], V = temporal_views * spatial_views.
+    """Model input for one clip: float32 [V, T, 3, S, S], V = temporal_views * spatial_views (see
+    :func:`decode_clip_array`)."""
+    return as_tensor(decode_clip_array(source, cfg, limits))
+
+
+def decode_clip_array(source: Source, cfg: SamplingConfig, limits: VideoLimits = VideoLimits()) -> np.ndarray:
+    """Model input for one clip, as numpy: float32 [V, T, 3, S, S], V = temporal_views * spatial_views.
 
     Views are ordered temporal-major (for each temporal view, each spatial crop).
     Each frame is resized (bicubic) so its short side is ``cfg.short_side``, then
@@ -88,7 +96,7 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
         convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
         keys = clip.keyframes() if cfg.seek == "keyframe" else None
         views, got = _read_sampled(clip, lambda n: view_indices(n, cfg, keys), convert)
-    return views_to_tensor(views, got, cfg)
+    return views_to_array(views, got, cfg)
 
 
 def decode_views(source: Source, views: Sequence[Sequence[int]], cfg: SamplingConfig,

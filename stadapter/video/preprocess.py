@@ -6,17 +6,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import av
 import numpy as np
-import torch
 from av.sidedata.sidedata import Type as SideDataType
 from av.video.reformatter import VideoReformatter
 
 from ..config import SamplingConfig
 from .limits import VideoLimits, check_aspect
 from .sampling import unique_indices
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,22 @@ def crop_offsets(height: int, width: int, size: int, spatial_views: int) -> list
     return [(0, cx), (cy, cx), (height - size, cx)]
 
 
+def as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """``arr`` as a tensor sharing its memory. torch is imported here, not with the package: the decoder
+    processes use ``stadapter.video`` without torch, and hand their frames over as numpy."""
+    import torch
+
+    return torch.from_numpy(arr)
+
+
 def views_to_tensor(views: list[list[int]], got: dict[int, np.ndarray], cfg: SamplingConfig) -> torch.Tensor:
-    """Crop, normalise (a 256-entry table per channel: one gather, no float math per pixel), stack."""
+    """:func:`views_to_array` as a tensor."""
+    return as_tensor(views_to_array(views, got, cfg))
+
+
+def views_to_array(views: list[list[int]], got: dict[int, np.ndarray], cfg: SamplingConfig) -> np.ndarray:
+    """Crop, normalise (a 256-entry table per channel: one gather, no float math per pixel), stack: float32
+    [V, T, 3, S, S]."""
     S, C = cfg.input_size, cfg.spatial_views
     levels = np.arange(256, dtype=np.float32) / 255.0
     tables = [(levels - np.float32(m)) / np.float32(s) for m, s in zip(cfg.mean, cfg.std)]
@@ -177,4 +193,4 @@ def views_to_tensor(views: list[list[int]], got: dict[int, np.ndarray], cfg: Sam
                 np.take(tables[ch], crop[..., ch], out=dst[ch])
             for v, t in slots[1:]:
                 out[v * C + c, t] = dst
-    return torch.from_numpy(out)
+    return out

@@ -37,15 +37,14 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
-import torch
 
 from ..config import SamplingConfig
 from .container import Clip, guard
 from .limits import Budget, Source, VideoError, VideoLimits
-from .preprocess import FrameConverter, views_to_tensor
+from .preprocess import FrameConverter, views_to_array, views_to_tensor
 from .sampling import unique_indices, view_indices
 
 
@@ -195,7 +194,7 @@ class Window:
     start_s: float
     end_s: float
     indices: tuple[tuple[int, ...], ...]  # the frames taken, per temporal view
-    frames: torch.Tensor  # float32 [V, T, 3, S, S], as decode_clip gives for a clip
+    frames: Any  # float32 [V, T, 3, S, S] as decode_clip gives for a clip: a torch.Tensor (np.ndarray with as_array)
 
 
 @dataclass
@@ -221,9 +220,11 @@ class DecodeStats:
 
 def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_s: float,
                    limits: VideoLimits = VideoLimits(), window_limits: WindowLimits = WindowLimits(),
-                   stats: Optional[DecodeStats] = None, part: WindowPart = WindowPart()) -> Iterator[Window]:
+                   stats: Optional[DecodeStats] = None, part: WindowPart = WindowPart(),
+                   as_array: bool = False) -> Iterator[Window]:
     """Every whole window of the clip, in time order, as soon as its last frame has decoded (see the module
-    docstring); with ``part``, only that part's windows (the first found by one seek). Raises :class:`VideoError`
+    docstring); with ``part``, only that part's windows (the first found by one seek); ``as_array``: frames as
+    numpy, without importing torch (the decoder processes). Raises :class:`VideoError`
     for a bad clip, one over the limits or shorter than a window; :class:`WindowError` (a VideoError) for window
     arguments that cannot work, before decoding."""
     check_window_args(window_s, stride_s, window_limits)
@@ -242,6 +243,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
             return
         k, end = share  # the next window to give out; the part's end
         convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
+        to_frames = views_to_array if as_array else views_to_tensor
         takes = _Takes(plan, k, end)
         held: dict[int, np.ndarray] = {}
         settled = 0  # frames known to be in the stream
@@ -253,7 +255,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
                                      f"header said {expected}); use a longer stride")
                 idx = plan.indices(k)
                 window = Window(k, plan.start(k), plan.end(k), plan.start(k) / plan.fps, plan.end(k) / plan.fps,
-                                tuple(tuple(v) for v in idx), views_to_tensor(idx, held, cfg))
+                                tuple(tuple(v) for v in idx), to_frames(idx, held, cfg))
                 k += 1
                 takes.forget_before(plan.start(k), held)
                 stats.windows += 1
