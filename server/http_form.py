@@ -23,7 +23,7 @@ def check_field_name(key: str, is_file: bool = False) -> None:
     """Refuse a part the form does not take, before its value is read, saying what the form takes."""
     if is_file:  # a file under another name, as in the usual first try `curl -F file=@video.mp4`
         raise BadRequest(f"the clip goes in a file part named 'clip' (curl -F clip=@video.mp4); got a file part "
-                         f"named {key[:64]!r}")
+                         f"named {brief(key)}")
     if key != "top_k" and key != "request_id" and key not in FORM_FIELDS:
         raise BadRequest(f"unknown form field {brief(key)}; the form takes 'clip' (the file), 'top_k', "
                          f"'request_id' and the sampling overrides {sorted(k for k in FORM_FIELDS if k != 'top_k')}")
