@@ -370,6 +370,8 @@ class Clip:
         frame up to the last needed one could pass it, the keyframes (one demux pass) say how many frames the
         reader will decode (:func:`.sampling.frames_to_decode`). Not for a decoder that drops the non-reference
         frames of a stream with B-frames: it decodes fewer than that."""
+        if not needed:
+            return
         w, h = self.info.width, self.info.height
         worst = needed[-1] + 1
         if self.budget.frames + worst <= self.limits.max_frames_decoded and \
