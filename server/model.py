@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from stadapter.bank import AdapterStack, Segments, SlotBank
+from stadapter.devices import native_bf16
 from stadapter.trunk import VideoTrunk
 
 from .registry import TaskVersion
@@ -64,7 +65,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from stadapter.devices import native_bf16
+
 
 @dataclass
 class Dist:
@@ -43,6 +45,8 @@ def setup_dist(requested: str) -> Dist:
         raise RuntimeError(f"--device {requested} asked for CUDA but torch sees no GPU")
     if want_cuda:
         device = torch.device("cuda", local) if world > 1 or not requested else torch.device(requested)
+        if device.index is None:  # plain "cuda": set_device needs an index (it raised ValueError before any GPU work)
+            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -66,7 +70,7 @@ def barrier(d: Dist) -> None:
 def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if native_bf16(device) else torch.float16
 
 
 def grad_scaler(dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
