@@ -32,8 +32,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.timing import timed_rounds
 from bench.report import emit_json
+from bench.timing import timed_rounds
 
 TASKS = 4
 DEPTHS = ("full", "half")  # adapters in every block | in the last half of the blocks

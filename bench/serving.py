@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.timing import rss_bytes, timed_rounds
 from bench.report import emit_json
+from bench.timing import rss_bytes, timed_rounds
 
 NUM_TASKS = 8
 
@@ -81,12 +81,11 @@ def synthetic_clips(n: int, frames: int = 16, w: int = 96, h: int = 72) -> list[
 
 
 def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: bool = False) -> dict:
+    from server.config import ServerConfig
     from server.model import ModelRunner
     from server.registry import TaskRegistry
     from server.slots import AdapterSlots
     from stadapter import TaskAdapters, load_trunk
-
-    from server.config import ServerConfig
 
     trunk = load_trunk(repo / "trunk")
     trunk.chunk_bytes = ServerConfig.cpu_chunk_bytes  # as the server runs it on a CPU: the raw side is the same forward

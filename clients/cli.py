@@ -16,8 +16,20 @@ from typing import Optional, Sequence
 import grpc
 
 from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClientError, ClientOptions, RetryPolicy
-from .output import (EXIT_FAILED, EXIT_PIPE_CLOSED, EXIT_USAGE, WINDOW_HEADER, Row, classify_each, classify_each_tasks, exit_code,
-                     one_line, print_classify, table, window_line)
+from .output import (
+    EXIT_FAILED,
+    EXIT_PIPE_CLOSED,
+    EXIT_USAGE,
+    WINDOW_HEADER,
+    Row,
+    classify_each,
+    classify_each_tasks,
+    exit_code,
+    one_line,
+    print_classify,
+    table,
+    window_line,
+)
 
 # ----------------------------------------------------------------------------- arguments
 

@@ -33,7 +33,6 @@ from stadapter.bundle import TaskBundle
 from stadapter.fsutil import atomic_dir
 from stadapter.trunk import VideoTrunk
 
-from .tensorrt import TRITON_TENSORRT
 from .onnx_export import (
     ExportError,
     ExportOptions,
@@ -43,6 +42,7 @@ from .onnx_export import (
     export_single,
     tasks_manifest,
 )
+from .tensorrt import TRITON_TENSORRT
 
 MULTITASK_MODEL = "stadapter_multitask"
 TASKS_PARAM = "tasks_json"

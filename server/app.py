@@ -30,9 +30,9 @@ from .http import HttpServer, HttpService
 from .logs import configure_logging
 from .malloc_tuning import use_mmap_for_large_buffers
 from .metrics import Metrics, remove_label
+from .model import ModelRunner, resolve_device, resolve_dtype
 from .oip import OIP_SERVICE_NAME, InferenceService
 from .oip import add_to_server as add_oip_to_server
-from .model import ModelRunner, resolve_device, resolve_dtype
 from .pipeline import Pipeline
 from .registry import TaskRegistry, TaskVersion
 from .response_cache import ResponseCache

@@ -14,7 +14,6 @@ from stadapter_api.wire import ADMIN_TOKEN_ENV
 from .errors import PermissionDenied, Unauthenticated
 
 
-
 def read_token(path: Optional[Path]) -> Optional[str]:
     if path is None:
         return None

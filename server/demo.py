@@ -35,6 +35,7 @@ from clients.output import table
 from clients.sync import Client
 
 from .process import ROOT, ServerProcess, ServerStartError
+
 LIVE_SUFFIX = "-live"
 
 

@@ -48,9 +48,21 @@ from .http_errors import error_response, json_errors
 from .http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, check_field_name, int_field, set_field, typed_field
 from .http_oip import HEADER_LENGTH, clips_of, encode_response, header_length, parse_header
 from .logs import current_request_id
-from .oip_model import (INPUT_SIGNATURE, OUTPUT_SIGNATURE, PARAMETERS, PLATFORM, SERVER_NAME, check_clip_sizes,
-                        classify_clips, model_ready, output_tensors, requested_outputs, served_model, server_version,
-                        split_top_k)
+from .oip_model import (
+    INPUT_SIGNATURE,
+    OUTPUT_SIGNATURE,
+    PARAMETERS,
+    PLATFORM,
+    SERVER_NAME,
+    check_clip_sizes,
+    classify_clips,
+    model_ready,
+    output_tensors,
+    requested_outputs,
+    served_model,
+    server_version,
+    split_top_k,
+)
 from .oip_tensors import read_json_parameters
 from .pipeline import Classification
 from .service import _Base

@@ -28,9 +28,22 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from .admission import Ticket
 from .errors import BadRequest, TaskNotFound
-from .oip_model import (INPUT_SIGNATURE, OUTPUT_SIGNATURE, PARAMETERS, PLATFORM, SERVER_NAME, check_clip_sizes,
-                        check_input, classify_clips, model_ready, output_tensors, requested_outputs, served_model,
-                        server_version, split_top_k)
+from .oip_model import (
+    INPUT_SIGNATURE,
+    OUTPUT_SIGNATURE,
+    PARAMETERS,
+    PLATFORM,
+    SERVER_NAME,
+    check_clip_sizes,
+    check_input,
+    classify_clips,
+    model_ready,
+    output_tensors,
+    requested_outputs,
+    served_model,
+    server_version,
+    split_top_k,
+)
 from .oip_tensors import read_parameters, split_bytes_elements
 from .pipeline import Classification
 from .registry import TaskVersion

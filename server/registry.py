@@ -40,9 +40,22 @@ from stadapter.fsutil import fsync_tree
 from stadapter.trunk import VideoTrunk
 
 from .errors import BadRequest, TaskNotFound
-from .task_folders import (DIGEST_FILE, LEFTOVER_IDLE_S, SWEEP_INTERVAL_S, UPLOAD_FILES, UPLOAD_ID_FILE, bundle_digest,
-                           last_write, recorded_digest, remove_in_background, remove_tree, stored_digest, task_path,
-                           tombstone_dir, version_dirs)
+from .task_folders import (
+    DIGEST_FILE,
+    LEFTOVER_IDLE_S,
+    SWEEP_INTERVAL_S,
+    UPLOAD_FILES,
+    UPLOAD_ID_FILE,
+    bundle_digest,
+    last_write,
+    recorded_digest,
+    remove_in_background,
+    remove_tree,
+    stored_digest,
+    task_path,
+    tombstone_dir,
+    version_dirs,
+)
 from .task_marks import RETIRED_MARKS_KEPT, TaskMarks
 from .task_version import TaskVersion
 

@@ -27,8 +27,8 @@ from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 from .access_log import note_code
-from .auth import Auth
 from .admission import Ticket
+from .auth import Auth
 from .errors import BadRequest, TaskNotFound, ended_code, status_for
 from .limits import ServerLimits
 from .logs import current_request_id

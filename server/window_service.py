@@ -19,8 +19,8 @@ import grpc
 
 from stadapter_api.v1 import inference_pb2 as pb
 
-from .admission import Ticket
 from .access_log import note_code
+from .admission import Ticket
 from .errors import ended_code, status_for
 from .logs import current_request_id
 from .pipeline import ClipBytes, WindowClassification

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter import STAdapter, SlotWeights, adapter_delta, slot_weights_from_state
+from .adapter import SlotWeights, STAdapter, adapter_delta, slot_weights_from_state
 from .config import AdapterConfig
 
 SlotKey = tuple[int, str]  # (block index, "pre_attn" | "pre_mlp")

@@ -26,7 +26,6 @@ from .fsutil import atomic_dir
 from .weights import BUNDLE_DTYPES, WeightsError, check_tensors, write_safetensors
 
 
-
 class BundleError(ValueError):
     """A task bundle is malformed or does not fit the trunk."""
 

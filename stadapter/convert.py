@@ -31,8 +31,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .bank import expected_shapes
 from . import labels as labels_file
+from .bank import expected_shapes
 from .bundle import BundleError, save_bundle
 from .config import Activation, AdapterConfig, ConfigError, SamplingConfig, TaskSpec
 from .factory import load_trunk

@@ -4,8 +4,8 @@ import asyncio
 import shutil
 
 import pytest
-
 from factories import make_bundle, make_trunk_dir
+
 from stadapter import load_trunk
 
 

@@ -15,8 +15,7 @@ from typing import Iterable, Sequence
 import av
 import numpy as np
 
-from stadapter.video.synthetic import (BAND, BITS, FORMAT_BY_SUFFIX, encode_frames, frame_image, frame_index,
-                                       make_audio_only, make_clip)
+from stadapter.video.synthetic import BAND, BITS, FORMAT_BY_SUFFIX, encode_frames, frame_image, frame_index, make_audio_only, make_clip
 
 __all__ = ["BAND", "BITS", "FORMAT_BY_SUFFIX", "ListTakes", "corrupt_payload", "decode_all", "empty", "encode_frames", "frame_image",
            "frame_index", "garbage", "indices_of", "io", "make_audio_only", "make_clip", "truncated"]

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Optional
 
 import grpc
+import media
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-import media
-from clients.core import register_chunks
 from serverproc import ServerProcess, make_repository
+
+from clients.core import register_chunks
 from server import access_log
 from server.access_log import AccessRecord, http_code, safe_text, valid_request_id
 from server.config import ServerConfig, parse_args

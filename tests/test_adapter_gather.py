@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+from factories import make_task_adapters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from factories import make_task_adapters
 from stadapter import AdapterConfig, AdapterStack
 
 CFG = AdapterConfig(width=8, pre_attn=True, pre_mlp=True)

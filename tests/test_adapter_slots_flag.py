@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from factories import TINY_SAMPLING, make_task_adapters
 from serverproc import ServerProcess, metric, scrape
+
 from server.config import parse_args
 from server.metrics import Metrics
 from server.model import ModelRunner

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from factories import TINY_SAMPLING, make_bundle, make_trunk_dir
 from safetensors.torch import load_file, save_file
 
-from factories import TINY_SAMPLING, make_bundle, make_trunk_dir
 from stadapter import (
     AdapterConfig,
     BundleError,

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import grpc
+import media
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-import media
 from serverproc import ServerProcess, make_repository, wait_for
+
 from server.decode_pool import HANG_MAGIC, TEST_HOOK_ENV
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import stadapter
 from factories import TINY_MODEL, make_bundle
 from media import garbage, make_clip
+
+import stadapter
 from stadapter.factory import read_model_config, resolve_quick_gelu, trunk_cli
 from stadapter.predict import main as predict_main
 from stadapter.predict import predict_clip

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from media import make_clip
 from serverproc import ServerProcess, make_repository
 

@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
-
 import media
-
-from clients import AsyncClient, Client, ClientError, RetryPolicy  # noqa: E402
-from clients import cli, loadgen  # noqa: E402
+import pytest
 from serverproc import ServerProcess, make_repository, self_signed_cert  # noqa: E402
+
+from clients import AsyncClient, Client, ClientError, RetryPolicy, cli, loadgen  # noqa: E402  # noqa: E402
 
 pytestmark = pytest.mark.integration
 TOKEN = "clients-test-token"

@@ -19,11 +19,9 @@ import time
 from concurrent import futures
 
 import grpc
+import media
 import numpy as np
 import pytest
-
-import media
-
 from factories import TINY_SAMPLING, make_bundle  # noqa: E402
 from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
 from tritonclient.grpc import service_pb2 as spb  # noqa: E402

@@ -19,7 +19,6 @@ import grpc
 import pytest
 
 from clients import Client, ClientError, RetryPolicy
-from clients.output import one_line, render_classify
 from clients.core import (
     ClassifyResult,
     Prediction,
@@ -30,6 +29,7 @@ from clients.core import (
     sampling_overrides,
 )
 from clients.loadgen import LoadConfig, is_loopback, percentile, run_load
+from clients.output import one_line, render_classify
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from factories import make_task_adapters
 from torch import nn
 
-from factories import make_task_adapters
 from stadapter import (
     AdapterConfig,
     AdapterStack,

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import grpc
+import media
 import pytest
 import torch
-
-import media
 from serverproc import ServerProcess, make_repository
+
 from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
 from server.errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, status_for
 from stadapter.config import SamplingConfig

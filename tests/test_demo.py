@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import media
-
+import pytest
 from serverproc import make_repository  # noqa: E402
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
-
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError, latest_version, validate
 
 from server.config import ServerConfig, build_parser, parse_args

@@ -12,10 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from factories import make_bundle, make_trunk_dir
-from stadapter import AdapterConfig, AdapterStack, SamplingConfig, load_trunk, read_bundle
-from stadapter.bundle import TaskBundle
 
 from export.__main__ import main
 from export.onnx_export import (
@@ -27,6 +24,8 @@ from export.onnx_export import (
     load_tasks,
 )
 from export.runtime import ProviderUnavailable, make_session
+from stadapter import AdapterConfig, AdapterStack, SamplingConfig, load_trunk, read_bundle
+from stadapter.bundle import TaskBundle
 
 LEGACY = ExportOptions(exporter="legacy")
 

@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from factories import make_bundle
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
-
-from factories import make_bundle
 
 from export.__main__ import main
 from export.onnx_export import ExportError, ExportOptions, load_tasks

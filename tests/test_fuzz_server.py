@@ -20,10 +20,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-import pytest
-
 import media
+import pytest
 from serverproc import ServerProcess, make_repository
+
 from stadapter import load_classifier
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import grpc
-import pytest
-
 import media
+import pytest
 from factories import make_bundle
 from serverproc import ServerProcess, make_repository
+
 from stadapter import load_trunk
 from stadapter.bundle import BundleError, read_spec
 from stadapter.config import ConfigError, TaskSpec

@@ -18,16 +18,16 @@ import urllib.request
 import uuid
 from typing import Optional
 
+import media
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from prometheus_client.parser import text_string_to_metric_families
+from serverproc import ServerProcess, make_repository, self_signed_cert
 from tritonclient.utils import InferenceServerException
 
-import media
 from clients import Client
-from serverproc import ServerProcess, make_repository, self_signed_cert
 from server.config import parse_args
 
 pytestmark = pytest.mark.integration

@@ -11,17 +11,17 @@ import os
 import time
 from typing import Optional
 
+import media
 import pytest
 import tritonclient.http as thttp
-from tritonclient.utils import InferenceServerException
-
-import media
 from factories import make_bundle
 from serverproc import ServerProcess, make_repository
+from test_http import classify, counter, form, request
+from tritonclient.utils import InferenceServerException
+
 from server.auth import Auth
 from server.errors import PermissionDenied, Unauthenticated
 from stadapter import load_trunk
-from test_http import classify, counter, form, request
 
 TASKS = (("alpha", 3), ("beta", 4), ("gamma", 2))
 HEX_ID = 32  # a generated request id: uuid4().hex

@@ -15,21 +15,21 @@ import threading
 from typing import Iterable, Iterator
 
 import grpc
+import media
 import pytest
 import torch
-
-import media
-from clients.core import register_chunks
 from factories import make_bundle
 from serverproc import ServerProcess, make_repository, metric, scrape
+from test_access_log import access_lines, http_call, multipart
+from test_cancellation import HANG_CLIP, gauges, wait_for
+
+from clients.core import register_chunks
 from server.decode_pool import TEST_HOOK_ENV
 from stadapter import load_trunk
 from stadapter.config import QUOTE_LIMIT, AdapterConfig, ConfigError, SamplingConfig, TaskSpec
 from stadapter.weights import WeightsError, check_tensors
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
-from test_access_log import access_lines, http_call, multipart
-from test_cancellation import HANG_CLIP, gauges, wait_for
 
 WANT = {"cancel": grpc.StatusCode.CANCELLED, "deadline": grpc.StatusCode.DEADLINE_EXCEEDED,
         "close": grpc.StatusCode.CANCELLED}
@@ -161,9 +161,10 @@ def test_a_clip_stream_ended_after_its_last_chunk_is_not_decoded(server, clip, m
 def test_an_upload_cancelled_during_validation_publishes_nothing(two_task_repo, tiny_trunk, tmp_path):
     """The claim comes right before the publishing rename: a request cancelled meanwhile (the claim refused)
     leaves no version, no new task folder and no upload folder; the same upload, claimed, is published."""
+    from test_registry_race import upload_copy
+
     from server.errors import BadRequest
     from server.registry import TaskRegistry
-    from test_registry_race import upload_copy
 
     reg = TaskRegistry(two_task_repo, tiny_trunk)
     reg.sync()

@@ -11,17 +11,17 @@ import time
 import urllib.request
 
 import grpc
+import media
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from serverproc import ServerProcess, make_repository
 
-import media
 from server.admission import Admission
 from server.batcher import Batcher
 from server.config import ServerConfig, parse_args
 from server.errors import BadRequest, Draining, QueueFull, TaskNotFound
 from server.pipeline import Pipeline
 from server.registry import TaskRegistry
-from serverproc import ServerProcess, make_repository
 from stadapter.video import VideoLimits
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc

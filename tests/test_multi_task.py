@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 
 import grpc
-import pytest
-
 import media
-from clients import AsyncClient, Client, ClientError, cli
+import pytest
 from factories import TINY_SAMPLING, make_bundle
 from serverproc import ServerProcess, code_of, make_repository, metric, scrape
+
+from clients import AsyncClient, Client, ClientError, cli
 from stadapter import load_classifier, load_trunk
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb

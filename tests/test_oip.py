@@ -11,16 +11,16 @@ import json
 import urllib.request
 
 import grpc
+import media
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from serverproc import ServerProcess, make_repository
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-import media
 from clients import Client
-from serverproc import ServerProcess, make_repository
 from server.oip_tensors import join_bytes_elements, split_bytes_elements
 
 pytestmark = pytest.mark.integration

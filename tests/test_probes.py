@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import media
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
@@ -25,10 +26,8 @@ import tritonclient.http as thttp
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from tritonclient.utils import InferenceServerException
-
-import media
 from serverproc import ServerProcess, make_repository
+from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.integration
 TOKEN = "probe-test-admin-token"

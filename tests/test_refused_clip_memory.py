@@ -19,10 +19,10 @@ import weakref
 from pathlib import Path
 
 import grpc
-import pytest
-
 import media
+import pytest
 from serverproc import ServerProcess, make_repository
+
 from server.decode_pool import ProcessDecodePool
 from server.window_jobs import WindowJob
 from stadapter.config import SamplingConfig

@@ -100,8 +100,8 @@ def test_digest_is_the_same_on_and_off_the_event_loop():
 @pytest.fixture(scope="module")
 def cache_srv(tmp_path_factory):
     import grpc
-
     from serverproc import ServerProcess, make_repository
+
     from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
     root = make_repository(tmp_path_factory.mktemp("cache") / "repo")
@@ -164,8 +164,9 @@ def test_another_clip_sampling_or_task_is_computed(cache_srv, clips):
 def test_a_new_version_is_never_answered_from_the_old_ones_entries(cache_srv, clips, tmp_path):
     import shutil
 
-    from clients import Client
     from factories import make_bundle
+
+    from clients import Client
     from stadapter import load_trunk
 
     classify(cache_srv, clips[0])

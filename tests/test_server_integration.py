@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Callable
 
 import grpc
+import media
 import pytest
+from factories import make_bundle, make_trunk_dir
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-import media
-from factories import make_bundle, make_trunk_dir
 from serverproc import ServerProcess, code_of, make_repository, metric, scrape, self_signed_cert, wait_for
+
 from stadapter import load_classifier, load_trunk
 from stadapter.predict import predict_clip
 from stadapter_api.v1 import inference_pb2 as pb

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-
 import asyncio
 import json
 import shutil
 import time
 
 import grpc
-
 import pytest
 import torch
-
 from factories import make_bundle, make_trunk_dir
+
 from server.auth import Auth
 from server.batcher import Batcher
 from server.config import ServerConfig, parse_args

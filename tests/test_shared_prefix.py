@@ -16,13 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import media
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
-
-import media
 from factories import TINY_SAMPLING, make_bundle, make_task_adapters, make_trunk_dir
+from prometheus_client.parser import text_string_to_metric_families
 from serverproc import ServerProcess
+
 from server.model import ModelRunner
 from server.registry import TaskVersion
 from server.slots import AdapterSlots

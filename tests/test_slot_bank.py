@@ -7,8 +7,8 @@ import threading
 
 import pytest
 import torch
-
 from factories import TINY_SAMPLING, make_bundle, make_task_adapters
+
 from server.metrics import Metrics
 from server.model import ModelRunner
 from server.registry import TaskRegistry, TaskVersion

@@ -15,13 +15,13 @@ import time
 
 import pytest
 import torch
+from test_slot_bank import _versions
 
 from server.batcher import Batcher
 from server.config import ServerConfig
 from server.errors import DeadlineExpired
 from server.model import ModelRunner
 from server.slots import AdapterSlots
-from test_slot_bank import _versions
 from stadapter import AdapterConfig
 
 CPU = torch.device("cpu")

@@ -17,13 +17,14 @@ import urllib.parse
 from pathlib import Path
 
 import grpc
+import media
 import pytest
+from factories import make_bundle
+from serverproc import ServerProcess, make_repository
+from test_http import request
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-import media
-from factories import make_bundle
-from serverproc import ServerProcess, make_repository
 from server.errors import BadRequest, TaskNotFound, status_for
 from server.registry import TaskRegistry
 from server.task_folders import HIGH_WATER_DIR, LOCKS_DIR
@@ -31,7 +32,6 @@ from server.task_marks import FLOOR_FILE, LOCK_SHARDS, TaskMarks
 from stadapter.config import TASK_NAME_RULE, ConfigError, TaskSpec
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
-from test_http import request
 
 TOKEN = "names-admin-token"
 ADMIN_MD = (("authorization", f"Bearer {TOKEN}"),)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import media
 import pytest
 import torch
 
-import media
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, decode_clip, decode_frames, probe
 from training.data import BrokenVideoError, Sample, VideoDataset

@@ -17,7 +17,8 @@ import torch
 from stadapter import load_classifier, load_trunk, read_bundle
 from training.data import BrokenVideoError, DataError, read_labels, read_list, scan_class_folders
 from training.synthetic import MOTION_LABELS, SyntheticConfig, clip_rng, draw_motion, generate
-from training.train import TrainConfig, main as train_main, train
+from training.train import TrainConfig, train
+from training.train import main as train_main
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import stat
 
 import open_clip
 import pytest
+from factories import TINY_MODEL, make_bundle, make_trunk_dir
 
 import stadapter.factory as factory
-from factories import TINY_MODEL, make_bundle, make_trunk_dir
 from stadapter import init_trunk, load_trunk
 from stadapter.weights import current_umask
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from serverproc import ServerProcess, make_repository
 
 from clients import AsyncClient, Client, ClientError
 from clients.core import RetryPolicy
-from serverproc import ServerProcess, make_repository
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 

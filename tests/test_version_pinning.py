@@ -9,8 +9,8 @@ is served instead; numbers are never given again).
 from __future__ import annotations
 
 import pytest
-
 from factories import make_bundle
+
 from server.errors import BadRequest, TaskNotFound
 from server.registry import TaskRegistry
 
@@ -131,8 +131,8 @@ def test_another_replica_sees_a_removed_served_version(reg, tiny_trunk, tmp_path
 @pytest.fixture(scope="module")
 def pinned_srv(tmp_path_factory):
     import grpc
-
     from serverproc import ServerProcess, make_repository
+
     from stadapter import load_trunk
     from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
@@ -227,8 +227,8 @@ def test_oip_model_version_pins_over_tritonclient_grpc(pinned_srv, clip_bytes):
 
 def test_unregister_one_version_over_grpc(tmp_path, clip_bytes):
     import grpc
-
     from serverproc import ServerProcess, make_repository
+
     from stadapter import load_trunk
     from stadapter_api.v1 import inference_pb2 as pb
     from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
@@ -314,9 +314,9 @@ def test_a_pinned_classify_loads_the_version_off_the_event_loop(reg, tiny_trunk,
     import asyncio
     import threading
 
+    import media
     import torch
 
-    import media
     from server.batcher import Batcher
     from server.config import ServerConfig
     from server.model import ModelRunner

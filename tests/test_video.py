@@ -7,7 +7,6 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from media import (
     corrupt_payload,
     decode_all,
@@ -19,8 +18,8 @@ from media import (
     make_clip,
     truncated,
 )
+
 from stadapter.config import SamplingConfig
-from stadapter.video.container import Clip
 from stadapter.video import (
     ClipInfo,
     VideoError,
@@ -31,6 +30,7 @@ from stadapter.video import (
     probe,
     sample_indices,
 )
+from stadapter.video.container import Clip
 
 RAW = lambda f: f.to_ndarray(format="rgb24")  # noqa: E731
 

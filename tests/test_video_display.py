@@ -20,8 +20,8 @@ import av
 import numpy as np
 import pytest
 import torch
-
 from media import make_clip
+
 from stadapter.config import ConfigError, SamplingConfig, TaskSpec
 from stadapter.video import VideoLimits, decode_clip, decode_frames
 from stadapter.video.preprocess import FrameConverter, Orientation, frame_orientation, orientation_from_matrix

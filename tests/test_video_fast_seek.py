@@ -14,18 +14,16 @@ from pathlib import Path
 
 import av
 import grpc
+import media
 import numpy as np
 import pytest
 import torch
-
-import media
 from media import decode_all, indices_of, make_clip
+
 from stadapter.config import ConfigError, SamplingConfig, TaskSpec
-from stadapter.video import (VideoError, VideoLimits, decode_clip, decode_frames, decode_views, keyframes,
-                             sample_indices, sample_plan)
+from stadapter.video import VideoError, VideoLimits, decode_clip, decode_frames, decode_views, keyframes, sample_indices, sample_plan
 from stadapter.video.container import Clip
-from stadapter.video.sampling import (keyframe_indices, presentation_ranks, sample_cells, snap_to_keyframes,
-                                      view_indices)
+from stadapter.video.sampling import keyframe_indices, presentation_ranks, sample_cells, snap_to_keyframes, view_indices
 
 REPO = Path(__file__).resolve().parent.parent
 KF = SamplingConfig(num_frames=8, input_size=32, seek="keyframe")

@@ -32,8 +32,8 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
-
 from media import ListTakes, decode_all, frame_image, indices_of
+
 from stadapter.video import VideoLimits, decode_frames
 from stadapter.video.container import Clip
 from stadapter.video.preprocess import FrameConverter

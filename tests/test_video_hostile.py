@@ -15,8 +15,8 @@ from pathlib import Path
 
 import av
 import pytest
-
 from media import make_clip
+
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, VideoLimits, decode_clip, decode_frames, keyframes, probe
 from stadapter.video import container as video_container

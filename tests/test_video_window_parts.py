@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import media
 import pytest
 import torch
 
-import media
 from stadapter.config import SamplingConfig
-from stadapter.video import DecodeStats, WindowPart, decode_windows
-from stadapter.video import readers
+from stadapter.video import DecodeStats, WindowPart, decode_windows, readers
 
 SAMPLING = SamplingConfig(num_frames=4, input_size=48, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import media
 import numpy as np
 import pytest
 import torch
 
-import media
 from stadapter.config import SamplingConfig
-from stadapter.video import (DecodeStats, VideoError, VideoLimits, WindowError, WindowLimits, decode_views, decode_windows,
-                             plan_windows)
+from stadapter.video import DecodeStats, VideoError, VideoLimits, WindowError, WindowLimits, decode_views, decode_windows, plan_windows
 
 # 48x48 frames at input size 48 (no resize, no crop): frame_index() reads the index band back
 SAMPLING = SamplingConfig(num_frames=4, input_size=48, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -163,6 +162,7 @@ def test_the_walk_forgets_the_slots_behind_it():
     import io
 
     import av
+
     from stadapter.video.limits import Budget
     from stadapter.video.window_walk import WindowWalk
 

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import grpc
+import media
 import numpy as np
 import pytest
-
-import media
-from clients import AsyncClient, Client, ClientError, cli
 from serverproc import ServerProcess, code_of, metric, scrape
+
+from clients import AsyncClient, Client, ClientError, cli
 from server.decode_pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
 from server.errors import DecoderCrashed, DecodeTimeout
 from server.window_jobs import WindowJob

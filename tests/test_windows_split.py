@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import grpc
+import media
 import numpy as np
 import pytest
-
-import media
-from clients import Client
 from serverproc import ServerProcess, code_of, metric, scrape
+
+from clients import Client
 from server.decode_pool import CRASH_MAGIC, TEST_HOOK_ENV, ProcessDecodePool
 from server.errors import DecoderCrashed
 from server.window_jobs import WindowJob

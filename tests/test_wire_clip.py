@@ -5,14 +5,13 @@ from __future__ import annotations
 import random
 
 import grpc
-import pytest
-
 import media
+import pytest
 from google.protobuf.message import DecodeError
+from serverproc import ServerProcess
 
 from server.errors import BadRequest
 from server.wire_clip import SplitBatch, SplitRequest, batch_deserializer, clip_deserializer, clip_of, items_of, split_field
-from serverproc import ServerProcess
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 

@@ -36,9 +36,9 @@ from stadapter import VideoTrunk
 from stadapter.config import CLIP_MEAN, CLIP_STD, SamplingConfig
 from stadapter.factory import arch_record, build_visual, write_trunk
 
-from .transforms import normalise
 from .optim import make_optimizer
 from .render import COLOURS, SHAPES, TEXTURES, background, object_colour, paint, shape_mask
+from .transforms import normalise
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_MODEL = "stadapter-vit-nano"

@@ -50,13 +50,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from ..config import SamplingConfig
-from .container import ClipInfo, Clip, guard
+from .container import Clip, ClipInfo, guard
 from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits, VideoOutOfMemory
 from .preprocess import FrameConverter, as_tensor, crop_offsets, views_to_array, views_to_tensor
 from .readers import ReadResult
 from .sampling import keyframe_indices, missing_indices, sample_indices, unique_indices, view_indices
-from .windows import (DecodeStats, Window, WindowError, WindowLimits, WindowPart, WindowPlan, check_window_args,
-                      decode_windows, plan_windows)
+from .windows import DecodeStats, Window, WindowError, WindowLimits, WindowPart, WindowPlan, check_window_args, decode_windows, plan_windows
 
 if TYPE_CHECKING:
     import torch

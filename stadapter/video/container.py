@@ -15,11 +15,10 @@ import av
 import numpy as np
 
 from .limits import Budget, Source, VideoError, VideoLimits, check_aspect, out_of_memory
-from .screen import NO_DECODER, screen_frame_sizes
-from .readers import (NONREF_SKIPPABLE, Irregular, IndexedReader, ReadResult, SeekMissed, SequentialReader,
-                      demux_packets)
-from .window_walk import Taken, Takes, WindowWalk, count_frames
+from .readers import NONREF_SKIPPABLE, IndexedReader, Irregular, ReadResult, SeekMissed, SequentialReader, demux_packets
 from .sampling import frames_to_decode, presentation_ranks
+from .screen import NO_DECODER, screen_frame_sizes
+from .window_walk import Taken, Takes, WindowWalk, count_frames
 
 
 @dataclass(frozen=True)
