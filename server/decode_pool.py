@@ -65,6 +65,7 @@ __all__ = ["CRASH_MAGIC", "HANG_MAGIC", "TEST_HOOK_ENV", "Decoder", "ProcessDeco
 
 log = logging.getLogger("server")
 
+
 class Decoder(Protocol):
     """What the pipeline needs from a decoding backend."""
 
