@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.report import emit_json
-from server.decode_pool import ProcessDecodePool, ThreadDecoder
+from server.decode.pool import ProcessDecodePool, ThreadDecoder
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoLimits
 from stadapter.video.synthetic import make_clip

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 from bench.report import emit_json
 from clients.loadgen import LoadConfig, run_load
 from server.demo import copy_repository
-from server.oip_tensors import join_bytes_elements
+from server.frontends.oip_tensors import join_bytes_elements
 from server.process import ROOT, ServerProcess
 
 

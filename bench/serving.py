@@ -82,9 +82,9 @@ def synthetic_clips(n: int, frames: int = 16, w: int = 96, h: int = 72) -> list[
 
 def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: bool = False) -> dict:
     from server.config import ServerConfig
-    from server.model import ModelRunner
-    from server.registry import TaskRegistry
-    from server.slots import AdapterSlots
+    from server.engine.model import ModelRunner
+    from server.engine.slots import AdapterSlots
+    from server.registry.registry import TaskRegistry
     from stadapter import TaskAdapters, load_trunk
 
     trunk = load_trunk(repo / "trunk")
@@ -134,8 +134,8 @@ def read_tensors(path: Path):
 
 
 def bench_memory(repo: Path) -> dict:
-    from server.registry import TaskRegistry
-    from server.slots import AdapterSlots
+    from server.engine.slots import AdapterSlots
+    from server.registry.registry import TaskRegistry
     from stadapter import load_trunk, read_bundle
 
     trunk = load_trunk(repo / "trunk")

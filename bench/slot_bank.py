@@ -40,7 +40,7 @@ MIX = 8  # tasks per mixed batch
 
 def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0) -> list:
     """``n`` TaskVersions with random host stacks, as ``TaskRegistry.load_version`` builds them."""
-    from server.registry import TaskVersion
+    from server.registry.registry import TaskVersion
     from stadapter import SamplingConfig, TaskSpec
     from stadapter.bank import AdapterStack, expected_shapes
 
@@ -58,8 +58,8 @@ def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0
 
 
 def _runner(trunk, budget: int, mixed=None, on_event=None, slots: int = 0):
-    from server.model import ModelRunner
-    from server.slots import AdapterSlots
+    from server.engine.model import ModelRunner
+    from server.engine.slots import AdapterSlots
 
     return ModelRunner(trunk, AdapterSlots(budget, torch.device("cpu"), torch.float32, on_event=on_event, slots=slots),
                        mixed)

@@ -60,7 +60,7 @@ def run(streams: int, mb: int, chunk_kb: int, idle_timeout_s: float, phase: str 
 
     per_stream = mb * MiB
     budget = streams * per_stream
-    from server.decode_pool import HANG_MAGIC, TEST_HOOK_ENV
+    from server.decode.pool import HANG_MAGIC, TEST_HOOK_ENV
 
     chunk = os.urandom(chunk_kb << 10)
     first = HANG_MAGIC + chunk[len(HANG_MAGIC):] if phase != "stalled" else chunk

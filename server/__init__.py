@@ -2,13 +2,17 @@
 
 ``python -m server --model-repository DIR`` (see :mod:`server.config` for every flag).
 
-Modules, one job each: ``config`` (ServerConfig + flags), ``app`` (assembly, ready line,
-SIGTERM drain), ``service`` (gRPC servicers, the one error-to-status wrapper), ``pipeline``
-(admission, decode pool, top-k), ``batcher`` (dynamic batching), ``model`` (the batched
-forward on the model thread), ``registry`` (task versions on disk, register/unregister,
-polling), ``slots`` (the device slot bank of adapters, LRU), ``metrics`` (Prometheus), ``auth`` (tokens),
-``errors`` (exceptions and their status codes), ``process`` (the server as a child process, for the
-demo, benches and tests), ``demo`` (``make demo``).
+Rooms, one job each (every room's ``__init__`` says its job in one sentence):
+
+- top level: ``config`` (ServerConfig + flags), ``app`` (assembly, ready line, SIGTERM drain), ``errors``
+  (exceptions and their status codes), ``limits`` (what one request may cost), ``malloc_tuning``,
+  ``process`` (the server as a child process, for the demo, benches and tests), ``demo`` (``make demo``);
+- ``engine/``: admission, pipeline (bytes to top-k), batcher, model (the batched forward on the model
+  thread), slots (the device slot bank of adapters, LRU), response_cache, window_flow;
+- ``decode/``: the decoder pool and its torch-free worker processes, frames in shared memory;
+- ``registry/``: task versions on disk, register/unregister, polling, per-name locks and marks;
+- ``frontends/``: stadapter.v1 gRPC, OIP gRPC and REST, the plain HTTP upload, auth;
+- ``observability/``: Prometheus metrics, logs, the access log.
 """
 
 from typing import Any
@@ -18,7 +22,7 @@ __all__ = ["ServerConfig"]
 
 def __getattr__(name: str) -> Any:  # PEP 562: `import server.demo` / `server.process` stay free of torch
     if name == "ServerConfig":
-        from .config import ServerConfig
+        from server.config import ServerConfig
 
         return ServerConfig
     raise AttributeError(f"module 'server' has no attribute {name!r}")

@@ -8,20 +8,19 @@ import sys
 from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
-    from .app import DecoderHook
+    from server.app import DecoderHook
 
 
 def main(argv: Optional[Sequence[str]] = None, wrap_decoder: Optional["DecoderHook"] = None) -> int:
     """Serve until SIGTERM/SIGINT; ``wrap_decoder``: see :meth:`server.app.Server.start` (benches, tests)."""
-    from .config import parse_args  # here: a spawned decoder re-imports this module, and must not import torch
+    from server.config import parse_args  # here: a spawned decoder re-imports this module, and must not import torch
 
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.app import serve
     from stadapter.config import ConfigError
     from stadapter.trunk import TrunkError
-
-    from .app import serve
 
     try:
         return asyncio.run(serve(cfg, wrap_decoder))

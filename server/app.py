@@ -16,29 +16,28 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from server.config import ServerConfig
+from server.decode.pool import Decoder, ProcessDecodePool, ThreadDecoder
+from server.engine.batcher import Batcher
+from server.engine.model import ModelRunner, resolve_device, resolve_dtype
+from server.engine.pipeline import Pipeline
+from server.engine.response_cache import ResponseCache
+from server.engine.slots import AdapterSlots
+from server.frontends.auth import Auth
+from server.frontends.grpc_service import TaskAdminService, VideoClassifierService
+from server.frontends.http import HttpServer, HttpService
+from server.frontends.oip_grpc import OIP_SERVICE_NAME, InferenceService
+from server.frontends.oip_grpc import add_to_server as add_oip_to_server
+from server.frontends.wire_clip import ClipOnceInterceptor
+from server.malloc_tuning import use_mmap_for_large_buffers
+from server.observability.access_log import AccessLogInterceptor
+from server.observability.logs import configure_logging
+from server.observability.metrics import Metrics, remove_label
+from server.registry.registry import TaskRegistry, TaskVersion
 from stadapter.factory import load_trunk
 from stadapter.fsutil import atomic_write_text
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
-
-from .access_log import AccessLogInterceptor
-from .auth import Auth
-from .batcher import Batcher
-from .config import ServerConfig
-from .decode_pool import Decoder, ProcessDecodePool, ThreadDecoder
-from .http import HttpServer, HttpService
-from .logs import configure_logging
-from .malloc_tuning import use_mmap_for_large_buffers
-from .metrics import Metrics, remove_label
-from .model import ModelRunner, resolve_device, resolve_dtype
-from .oip import OIP_SERVICE_NAME, InferenceService
-from .oip import add_to_server as add_oip_to_server
-from .pipeline import Pipeline
-from .registry import TaskRegistry, TaskVersion
-from .response_cache import ResponseCache
-from .service import TaskAdminService, VideoClassifierService
-from .slots import AdapterSlots
-from .wire_clip import ClipOnceInterceptor
 
 log = logging.getLogger("server")
 

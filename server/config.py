@@ -9,11 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from server.limits import ServerLimits
+from server.observability.logs import LOG_FORMATS, LOG_LEVELS
 from stadapter.bundle import BundleLimits
 from stadapter.video import VideoLimits, WindowLimits
-
-from .limits import ServerLimits
-from .logs import LOG_FORMATS, LOG_LEVELS
 
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -27,7 +26,7 @@ class ServerConfig:
 
     Args:
         model_repository: folder with ``trunk/`` and ``tasks/<task>/<version>/``.
-        http_port: OIP v2 REST, health probes and the multipart upload (``server.http``); 0 = any free port,
+        http_port: OIP v2 REST, health probes and the multipart upload (``server.frontends.http``); 0 = any free port,
             -1 = no HTTP.
         max_batch_size: rows (clip views) per forward pass.
         max_queue_delay_ms: longest time the first queued clip waits for company.
@@ -68,7 +67,7 @@ class ServerConfig:
         max_num_frames: frames per view a sampling override may ask for (INVALID_ARGUMENT above it).
         max_window_video_s / max_windows: ClassifyWindows' longest video and most windows per request (they
             replace max_clip_duration_s there; ``stadapter.video.WindowLimits`` fields, same defaults).
-        response_cache_bytes: budget of the response cache (``server.response_cache``: the same clip, task
+        response_cache_bytes: budget of the response cache (``server.engine.response_cache``: the same clip, task
             version and sampling answered without a decode or forward); 0 = no cache (default).
         stream_idle_timeout_s: a client stream (ClassifyStream, RegisterTask) that sends nothing for this
             long is ended with DEADLINE_EXCEEDED and what it held is freed.
@@ -78,7 +77,7 @@ class ServerConfig:
         keep_versions: task versions kept on disk per task (older ones are deleted after a register).
         drain_timeout_s: on SIGTERM, longest wait for in-flight requests.
         warmup: run each served input shape once before accepting traffic.
-        log_level: ``debug`` | ``info`` (access lines) | ``warning`` | ``error`` (``server.logs``).
+        log_level: ``debug`` | ``info`` (access lines) | ``warning`` | ``error`` (``server.observability.logs``).
         log_format: ``text`` (for people) or ``json`` (one object per line, for log shippers).
     """
 

@@ -33,8 +33,7 @@ from typing import Optional, Sequence
 from clients.core import ClassifyResult, ClientError
 from clients.output import table
 from clients.sync import Client
-
-from .process import ROOT, ServerProcess, ServerStartError
+from server.process import ROOT, ServerProcess, ServerStartError
 
 LIVE_SUFFIX = "-live"
 

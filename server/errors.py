@@ -94,7 +94,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
 
 
-# The HTTP status of each gRPC code this server answers with (the HTTP endpoints, server.http); the body is
+# The HTTP status of each gRPC code this server answers with (the HTTP endpoints, server.frontends.http); the body is
 # {"error": message}, as the Open Inference Protocol's REST form says.
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,

@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+from server.errors import BadRequest
 from stadapter.bundle import BundleLimits
 from stadapter.config import brief
 from stadapter.video import VideoLimits, WindowLimits, check_window_args
-
-from .errors import BadRequest
 
 MAX_TOP_K = 1000  # a protocol bound, not an operator's knob: no model here has more classes
 MAX_TASKS_PER_REQUEST = 32  # tasks one clip may be classified for in one request (each takes a queue slot)

@@ -1,0 +1,296 @@
+"""The model side of serving: one trunk, the device slots, and the batched forward.
+
+:meth:`ModelRunner.forward` runs on the single model thread (never on the event
+loop). Each task version of a batch is activated into a device slot
+(:class:`server.engine.slots.AdapterSlots`; no per-batch concatenation). A one-task batch
+runs on narrow views of its slot (the library's K=1 fast path). A mixed batch runs
+either with a per-row slot index (``gather``: the weights are gathered per row and
+applied with batched GEMMs) or with its clips sorted by task (``segment``: one GEMM
+per task over its contiguous rows); :func:`mixed_mode_for` picks one per device
+type. A clip with V views is V rows; its answer is the softmax averaged over its rows.
+
+Clips of one batch that hand in the same views tensor (one request's decode, submitted
+once per task) share one input: when their tasks adapt only the last blocks, the patch
+embedding and the blocks below the lowest adapted one run once for that input, and
+their tokens fan out to the task rows (``VideoTrunk.forward(..., row_input=...)``).
+Inputs are matched by object identity, never by content: every views tensor of a
+batch is alive during its forward, so two distinct clips cannot share an identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from server.engine.slots import AdapterSlots, Lease
+from server.registry.registry import TaskVersion
+from stadapter.bank import AdapterStack, Segments, SlotBank
+from stadapter.devices import native_bf16
+from stadapter.trunk import VideoTrunk
+
+MixedMode = Literal["gather", "segment"]
+
+
+def mixed_mode_for(device: torch.device) -> MixedMode:
+    """How a mixed batch runs on this device type: ``gather`` on CPU and on CUDA.
+
+    CPU (measured, ``python -m bench.slot_bank``, 8 tasks in a batch, the shared 2-core
+    machine): gather ran 1.30x segment's clips/s on the tiny trunk (32 x 8 frames) and
+    1.26x on ViT-B/16 (8 x 2 frames): segments pay one small GEMM and a strided copy per
+    task and slot, the gather's weight copy is small next to the GEMMs. CUDA (not
+    measured, no GPU here): gather too, by reasoning: it launches one batched GEMM per
+    adapter linear whatever the number of tasks, where segments launch one per task and
+    per slot (a 32-task batch on 12 slots: hundreds of small launches), and the gathered
+    weights (B x 2 x r x d per slot) are small next to the GPU's memory bandwidth.
+    """
+    return "gather"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float16
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+@dataclass(frozen=True)
+class BatchOutput:
+    probs: list[Tensor]  # per clip: [C] softmax averaged over its views (cpu, float32)
+    compute_s: float  # the forward alone (staging, which may overlap the previous forward, is stage_s)
+    clips: int
+    rows: int
+    tasks: int
+    shared_rows: int = 0  # rows whose embedding and unadapted blocks another row's computation gave
+    stage_s: float = 0.0  # the batch's staging (ModelRunner.stage)
+
+
+@dataclass(frozen=True)
+class StagedBatch:
+    """A batch ready to compute (:meth:`ModelRunner.stage`): its slots leased, its input on the device."""
+
+    clips: list[tuple[TaskVersion, Tensor]]
+    tvs: list[TaskVersion]  # distinct versions
+    order: list[int]  # clip indices in row order
+    rows: list[int]  # rows per clip, in that order
+    lease: Lease
+    stack: AdapterStack | Segments
+    task_index: Optional[Tensor]
+    frames: Tensor  # the distinct inputs on the device (float32), [inputs' rows, T, 3, S, S]
+    row_input: Optional[Tensor]
+    ready: Optional[torch.cuda.Event]  # recorded on the side stream after the copies (CUDA)
+    stage_s: float
+
+    def release(self) -> None:
+        """Give the slots back without computing (a staged batch that will not run)."""
+        self.lease.end()
+
+
+class ModelRunner:
+    """The batched forward over the device slots.
+
+    Args:
+        trunk: the loaded trunk.
+        slots: the device slots (device and dtype are theirs).
+        mixed: how mixed batches run (default: :func:`mixed_mode_for` the device).
+        max_rows: the most rows a forward gets (``--max-batch-size``); warm-up covers every
+            batch-size bucket up to it.
+    """
+
+    def __init__(self, trunk: VideoTrunk, slots: AdapterSlots, mixed: Optional[MixedMode] = None,
+                 max_rows: Optional[int] = None):
+        self.trunk = trunk
+        self.slots = slots
+        self.device = slots.device
+        self.dtype = slots.dtype
+        self.mixed: MixedMode = mixed or mixed_mode_for(slots.device)
+        self.max_rows = max_rows
+        self._staging: Optional[Tensor] = None  # pinned host buffer for the one copy back per batch (CUDA)
+        self._side: Optional[torch.cuda.Stream] = None  # the staging copies' stream (CUDA), made on first use
+
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Row counts the warm-up runs: powers of two below ``max_rows``, then ``max_rows`` (1 when unknown)."""
+        if not self.max_rows:
+            return (1,)
+        sizes = [1]
+        while sizes[-1] * 2 < self.max_rows:
+            sizes.append(sizes[-1] * 2)
+        return tuple(sizes + [self.max_rows] if self.max_rows > 1 else sizes)
+
+    def warmup(self, tvs: Sequence[TaskVersion]) -> int:
+        """Run the served shapes once before traffic, so the first request pays no one-time costs.
+
+        Clips batch by (frames, input size, adapter activation); for each such group this
+        runs, at every batch-size bucket (:meth:`batch_buckets`), a one-task forward (the
+        fast path) and, when the group has several tasks, a two-task one (the mixed path),
+        on blank clips (without ``max_rows``: one row, and two rows mixed). First forwards
+        of a shape are slow everywhere (allocator; on CUDA the context, library handles
+        and kernel choice per shape). Returns the number of forwards run.
+        """
+        groups: dict[tuple, list[TaskVersion]] = {}
+        for tv in tvs:
+            s = tv.spec.sampling
+            groups.setdefault((s.num_frames, s.input_size, tv.host_stack.activation), []).append(tv)
+        sizes = self.batch_buckets()
+        mixed_sizes = [n for n in sizes if n >= 2] or ([2] if self.max_rows is None else [])
+        runs = 0
+        for (frames, size, _), members in groups.items():
+            blank = torch.zeros(1, frames, 3, size, size)
+            for n in sizes:
+                self.forward([(members[0], blank)] * n)
+                runs += 1
+            for n in mixed_sizes if len(members) > 1 else ():
+                self.forward([(members[i % 2], blank) for i in range(n)])
+                runs += 1
+        return runs
+
+    def forward(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> BatchOutput:
+        """clips: (task version, views [V, T, 3, S, S]) with equal T and S -> per-clip probabilities."""
+        return self.run(self.stage(clips))
+
+    @torch.inference_mode()
+    def stage(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> StagedBatch:
+        """Everything of a forward but the compute: the slots (activating what is cold), the row order, the
+        adapters' views and the input on the device (on CUDA: through pinned host memory, on a side stream).
+
+        May run on another thread while :meth:`run` computes the previous batch (the batcher stages a full
+        batch that way): the lease pins this batch's slots, so nothing it uses is evicted meanwhile. The
+        caller must hand the result to :meth:`run` (which ends the lease) or :meth:`StagedBatch.release` it.
+        """
+        t0 = time.perf_counter()
+        tvs = list({tv.uid: tv for tv, _ in clips}.values())
+        lease = self.slots.lease(tvs)
+        try:
+            with self._copy_stream():
+                slot_of = [lease.slots[tv.uid] for tv, _ in clips]
+                order = (sorted(range(len(clips)), key=slot_of.__getitem__) if self.mixed == "segment"
+                         else list(range(len(clips))))
+                rows = [clips[i][1].shape[0] for i in order]
+                stack, task_index = self._adapters(lease.bank, [slot_of[i] for i in order], rows)
+                inputs, row_input = self._inputs(stack, [clips[i][1] for i in order])
+                frames = self._to_device(inputs)  # [inputs' rows, T, 3, S, S]
+                ready = None
+                if self._side is not None:
+                    ready = torch.cuda.Event()
+                    ready.record(self._side)
+        except BaseException:
+            lease.end()
+            raise
+        return StagedBatch(list(clips), tvs, order, rows, lease, stack, task_index, frames, row_input, ready,
+                           time.perf_counter() - t0)
+
+    @torch.inference_mode()
+    def run(self, staged: StagedBatch) -> BatchOutput:
+        """The forward of a staged batch (on the model thread); ends its lease."""
+        t0 = time.perf_counter()
+        s = staged
+        with s.lease:
+            if s.ready is not None:  # the side stream's copies come first
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_event(s.ready)
+                s.frames.record_stream(compute)
+            logits = self.trunk(s.frames.to(self.dtype), s.stack, s.task_index, s.row_input).float()  # [N, C_max]
+        for tv in s.tvs:
+            if tv.retired:  # admitted before the registry retired it: it leaves once its requests end
+                self.slots.retire(tv)
+        clips, order = s.clips, s.order
+        host = self._to_host(self._clip_probs(logits, s.rows, [clips[i][0].spec.num_classes for i in order]))
+        probs: list[Optional[Tensor]] = [None] * len(clips)
+        for j, i in enumerate(order):
+            probs[i] = host[j, : clips[i][0].spec.num_classes]  # [C]
+        shared = 0 if s.row_input is None else sum(s.rows) - s.frames.shape[0]
+        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(s.rows), len(s.tvs),  # type: ignore[arg-type]
+                           shared, s.stage_s)
+
+    def _copy_stream(self):
+        """The side stream the staging copies run on (CUDA), else no stream at all."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self._side)
+
+    def _to_device(self, inputs: list[Tensor]) -> Tensor:
+        """One host tensor of the inputs and its copy on the device (float32 here; cast to the serving dtype
+        on the compute stream). On CUDA the host tensor is pinned, so the copy is asynchronous; the caching
+        host allocator keeps that block until the copy is done."""
+        if self.device.type == "cpu":
+            return torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+        n = sum(int(v.shape[0]) for v in inputs)
+        host = torch.empty((n, *inputs[0].shape[1:]), dtype=inputs[0].dtype, pin_memory=self.device.type == "cuda")
+        torch.cat(inputs, out=host)
+        return host.to(self.device, non_blocking=True)
+
+    def _clip_probs(self, logits: Tensor, rows: list[int], classes: list[int]) -> Tensor:
+        """logits [N, C_max] -> [clips, C_max]: each clip's softmax over its own classes, averaged over its rows."""
+        n, c_max = len(rows), logits.shape[1]
+        meta = torch.tensor([j for j, r in enumerate(rows) for _ in range(r)] + classes + rows, dtype=torch.long)
+        meta = meta.to(logits.device, non_blocking=True)  # one small copy: [N] row -> clip | [n] classes | [n] rows
+        row_clip, n_classes, n_rows = meta[:-2 * n], meta[-2 * n:-n], meta[-n:]
+        cols = torch.arange(c_max, device=logits.device)
+        p = logits.masked_fill(cols >= n_classes[row_clip].unsqueeze(1), float("-inf")).softmax(dim=-1)  # [N, C_max]
+        sums = torch.zeros(n, c_max, device=logits.device, dtype=p.dtype).index_add_(0, row_clip, p)
+        return sums / n_rows.unsqueeze(1).to(p.dtype)
+
+    def _to_host(self, t: Tensor) -> Tensor:
+        """The batch's one device-to-host copy (through a reused pinned buffer on CUDA)."""
+        if self.device.type == "cpu":
+            return t
+        if self.device.type != "cuda":
+            return t.cpu()
+        if self._staging is None or self._staging.numel() < t.numel():
+            self._staging = torch.empty(max(t.numel(), 1 << 12), dtype=t.dtype, pin_memory=True)
+        buf = self._staging[: t.numel()].view(t.shape)
+        buf.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return buf.clone()  # the callers keep it; the buffer serves the next batch
+
+    def _inputs(self, stack: AdapterStack | Segments, views: list[Tensor]) -> tuple[list[Tensor], Optional[Tensor]]:
+        """The distinct inputs of these clips (in order) and, when rows can share a prefix, the row -> input index.
+
+        None (every clip its own rows, today's path) when no two clips hand in the same
+        views tensor or when some task adapts block 0 (nothing to share).
+        """
+        first: dict[int, int] = {}  # id(views) -> index in distinct; the tensors are alive in ``views``
+        distinct: list[Tensor] = []
+        for v in views:
+            if first.setdefault(id(v), len(distinct)) == len(distinct):
+                distinct.append(v)
+        if len(distinct) == len(views) or self.trunk.prefix_blocks(stack) == 0:
+            return views, None
+        offset = [0]
+        for v in distinct:
+            offset.append(offset[-1] + v.shape[0])
+        idx = [offset[first[id(v)]] + j for v in views for j in range(v.shape[0])]
+        return distinct, torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
+
+    def _adapters(self, bank: SlotBank, slots: list[int], rows: list[int]) -> tuple[AdapterStack | Segments, Optional[Tensor]]:
+        """The adapters for rows in this order: a one-task view, the bank + per-row slots, or segments."""
+        distinct = sorted(set(slots))
+        if len(distinct) == 1:
+            return bank.view(distinct[0]), None
+        if self.mixed == "gather":
+            idx = [s for s, n in zip(slots, rows, strict=True) for _ in range(n)]
+            return bank.stacked(distinct), torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
+        seg_slots: list[int] = []
+        bounds = [0]
+        for s, n in zip(slots, rows, strict=True):  # clips are sorted by slot: each slot's rows are contiguous
+            if not seg_slots or seg_slots[-1] != s:
+                seg_slots.append(s)
+                bounds.append(bounds[-1])
+            bounds[-1] += n
+        return bank.segments(seg_slots, bounds), None

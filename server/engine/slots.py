@@ -1,0 +1,265 @@
+"""Which task version lives in which device slot: activation, LRU eviction, retirement.
+
+The tensors are :class:`stadapter.bank.SlotBank`'s (one bank per adapter activation:
+tasks of different activations never share a forward). This module is the policy:
+
+* a version is *activated* by copying its host stack (:attr:`TaskVersion.host_stack`,
+  kept for the life of the version) into a free slot; a version already in a slot is
+  a hit;
+* the bank's size limit has one owner: with ``slots`` (``--adapter-slots N``) it holds
+  exactly that many slots, allocated when its first task arrives, whatever their bytes;
+  without it (0) it grows in chunks of ``chunk`` slots up to what ``budget_bytes`` (the
+  ``--cache-bytes`` budget) allows. Past the limit the least recently used version not
+  needed by the batch being prepared is *evicted* (its slot is reused; the host copy
+  stays). A batch that needs more distinct tasks than that still runs: the bank then
+  grows past the limit by what it lacks, and shrinks back to it after that batch
+  (least recently used evicted, residents moved down);
+* a retired version (replaced or unregistered) leaves its slot when its last
+  request ends (:meth:`retire`), also when a request admitted before the swap
+  brought it back in after the registry retired it.
+
+Leases are taken where a batch is staged (the batcher's staging thread, or the model
+thread) and end on the model thread; two may be live at once, the computing batch's and
+the next one's, so a slot is pinned by a count of leases. ``discard``/``retire`` and the
+metric reads may come from other threads, so the bookkeeping is under one lock, and a
+version in use by a live lease is discarded when its last lease ends. A bank grown past
+the budget shrinks back when no lease is live (the model idle between batches).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Collection, Optional, Sequence
+
+import torch
+
+from server.registry.registry import TaskVersion
+from stadapter.bank import SlotBank, TaskShape
+
+DEFAULT_CHUNK = 8  # slots added per growth step
+
+
+@dataclass(frozen=True)
+class Placement:
+    activation: str
+    slot: int
+
+
+class Lease:
+    """The slots of one forward's versions, pinned until the lease ends."""
+
+    def __init__(self, owner: "AdapterSlots", bank: SlotBank, slots: dict[int, int]):
+        self._owner = owner
+        self.bank = bank
+        self.slots = slots  # version uid -> slot
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end()
+
+    def end(self) -> None:
+        """Unpin these slots (once per lease: a staged batch ends it when it runs or is released)."""
+        self._owner._unpin(self.slots)
+
+
+class AdapterSlots:
+    """Device slots for task adapters, sized by a byte budget (see the module docstring).
+
+    Args:
+        budget_bytes: device bytes the banks may hold together (exceeded only by a batch that needs more tasks);
+            not used when ``slots`` is set.
+        device, dtype: where and in which dtype adapters are served.
+        slots: the fixed number of slots of each bank (one bank per adapter activation); 0 = size by
+            ``budget_bytes``.
+        chunk: slots added per growth step.
+        on_event: ``(event, seconds)`` with event ``hit`` | ``activation`` | ``eviction`` | ``discard``
+            (seconds: the copy time for an activation, else 0).
+    """
+
+    def __init__(self, budget_bytes: int, device: torch.device, dtype: torch.dtype, chunk: int = DEFAULT_CHUNK,
+                 on_event: Optional[Callable[[str, float], None]] = None, slots: int = 0):
+        if chunk < 1:
+            raise ValueError(f"AdapterSlots: chunk must be >= 1, got {chunk}")
+        if not isinstance(slots, int) or slots < 0:
+            raise ValueError(f"AdapterSlots: slots must be an int >= 0 (0 = size by the byte budget), got {slots!r}")
+        self.budget = int(budget_bytes)
+        self.fixed_slots = slots
+        self.device = device
+        self.dtype = dtype
+        self.chunk = chunk
+        self.on_event = on_event
+        self._banks: dict[str, SlotBank] = {}
+        self._free: dict[str, list[int]] = {}
+        self._where: "OrderedDict[int, Placement]" = OrderedDict()  # uid -> placement, least recently used first
+        self._pinned: Counter[int] = Counter()  # uid -> leases holding it (a staged batch and the one computing)
+        self._doomed: set[int] = set()  # discarded while pinned: freed when the lease ends
+        self._lock = threading.Lock()
+        self.hits = self.activations = self.evictions = 0
+
+    # --- reading (any thread) ---
+
+    @property
+    def bytes(self) -> int:
+        """Device bytes of all banks' tensors (used and free slots)."""
+        with self._lock:
+            return sum(b.nbytes for b in self._banks.values())
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return len(self._where)
+
+    @property
+    def free(self) -> int:
+        with self._lock:
+            return sum(len(f) for f in self._free.values())
+
+    def resident(self) -> list[int]:
+        """uids of the versions in a slot, least recently used first."""
+        with self._lock:
+            return list(self._where)
+
+    def is_resident(self, tv: TaskVersion) -> bool:
+        with self._lock:
+            return tv.uid in self._where
+
+    # --- leasing (the model thread) ---
+
+    def lease(self, tvs: Sequence[TaskVersion]) -> Lease:
+        """Activate these versions (all of one adapter activation) and pin their slots for one forward."""
+        acts = {tv.host_stack.activation for tv in tvs}
+        if len(acts) != 1:
+            raise ValueError(f"tasks with different adapter activations {sorted(acts)} cannot share a batch")
+        (act,) = acts
+        with self._lock:
+            bank = self._bank(act, tvs[0])
+            need = {tv.uid: tv for tv in tvs}
+            self._pinned.update(need.keys())
+            try:
+                missing = [tv for tv in need.values() if tv.uid not in self._where]
+                shapes = [TaskShape.of(tv.host_stack) for tv in missing]
+                if any(not bank.fits(s) for s in shapes):
+                    bank.reserve(bank.capacity, also_fit=shapes)  # a wider task: re-pad every slot once
+                for uid in need:
+                    if uid in self._where:
+                        self._where.move_to_end(uid)
+                        self.hits += 1
+                        self._emit("hit", 0.0)
+                for left, tv in enumerate(reversed(missing), 1):
+                    t0 = time.perf_counter()
+                    slot = self._take_slot(act, shortage=left)
+                    bank.write(slot, tv.host_stack)
+                    self._where[tv.uid] = Placement(act, slot)
+                    self.activations += 1
+                    self._emit("activation", time.perf_counter() - t0)
+                slots = {uid: self._where[uid].slot for uid in need}
+            except BaseException:
+                self._drop_pins(need.keys())
+                raise
+        return Lease(self, bank, slots)
+
+    def _bank(self, act: str, tv: TaskVersion) -> SlotBank:
+        bank = self._banks.get(act)
+        if bank is None:
+            dim = int(tv.host_stack.head_w.shape[2])  # [K, C, d]
+            bank = self._banks[act] = SlotBank(dim, self.device, self.dtype, act)
+            self._free[act] = []
+            if self.fixed_slots:
+                self._grow(act, self.fixed_slots)  # every slot at once; the first lease pads them to its tasks
+        return bank
+
+    def _limit(self, act: str) -> int:
+        """This bank's slots: the fixed count, else those that fit the budget beside the other banks (at least one)."""
+        if self.fixed_slots:
+            return self.fixed_slots
+        others = sum(b.nbytes for a, b in self._banks.items() if a != act)
+        return max(1, (self.budget - others) // max(self._banks[act].slot_bytes(), 1))
+
+    def _take_slot(self, act: str, shortage: int) -> int:
+        """A free slot of this bank; ``shortage``: slots this batch still needs, this one included."""
+        bank, free = self._banks[act], self._free[act]
+        if not free:
+            limit = self._limit(act)
+            if bank.capacity < limit:
+                self._grow(act, min(limit, bank.capacity + self.chunk))
+            elif not self._evict_one(act):
+                self._grow(act, bank.capacity + shortage)  # every slot is needed by this batch: past the budget
+        return free.pop()
+
+    def _grow(self, act: str, capacity: int) -> None:
+        bank = self._banks[act]
+        old = bank.capacity
+        bank.reserve(capacity)
+        self._free[act].extend(range(capacity - 1, old - 1, -1))  # pop() hands out the lowest first
+
+    def _evict_one(self, act: str) -> bool:
+        for uid, where in self._where.items():
+            if where.activation == act and uid not in self._pinned:
+                self._release(uid)
+                self.evictions += 1
+                self._emit("eviction", 0.0)
+                return True
+        return False
+
+    def _release(self, uid: int) -> None:
+        where = self._where.pop(uid)
+        self._banks[where.activation].clear(where.slot)
+        self._free[where.activation].append(where.slot)
+
+    def _drop_pins(self, uids: Collection[int]) -> None:
+        self._pinned.subtract(uids)
+        for uid in [u for u in uids if self._pinned[u] <= 0]:
+            del self._pinned[uid]
+
+    def _unpin(self, slots: dict[int, int]) -> None:
+        with self._lock:
+            self._drop_pins(slots.keys())
+            for uid in self._doomed - self._pinned.keys():
+                self._doomed.discard(uid)
+                if uid in self._where:
+                    self._release(uid)
+                    self._emit("discard", 0.0)
+            if not self._pinned:
+                for act in self._banks:
+                    self._fit_budget(act)
+
+    def _fit_budget(self, act: str) -> None:
+        """After a batch that grew the bank past the budget: evict LRU, then move residents down and shrink."""
+        bank, limit = self._banks[act], self._limit(act)
+        if bank.capacity <= limit:
+            return
+        mine = [uid for uid, w in self._where.items() if w.activation == act]
+        for uid in mine[: max(0, len(mine) - limit)]:
+            self._release(uid)
+            self.evictions += 1
+            self._emit("eviction", 0.0)
+        keep = [(uid, w.slot) for uid, w in self._where.items() if w.activation == act]
+        remap = bank.shrink([slot for _, slot in keep], limit)
+        for uid, slot in keep:
+            self._where[uid] = Placement(act, remap[slot])
+        self._free[act] = list(range(limit - 1, len(keep) - 1, -1))
+
+    # --- retirement (any thread) ---
+
+    def discard(self, tv: TaskVersion) -> None:
+        """Free this version's slot now, or when the forward using it ends (not counted as an eviction)."""
+        with self._lock:
+            if tv.uid in self._pinned:
+                self._doomed.add(tv.uid)
+            elif tv.uid in self._where:
+                self._release(tv.uid)
+                self._emit("discard", 0.0)
+
+    def retire(self, tv: TaskVersion) -> None:
+        """A retired version leaves the device when its last request ends (now, if none runs)."""
+        tv.when_idle(lambda: self.discard(tv))
+
+    def _emit(self, event: str, seconds: float) -> None:
+        if self.on_event is not None:
+            self.on_event(event, seconds)
+

@@ -1,0 +1,1 @@
+"""The protocols: stadapter.v1 gRPC, the Open Inference Protocol over gRPC and REST, the plain HTTP upload, and the tokens they check."""

@@ -1,0 +1,92 @@
+"""Small pieces every ``stadapter.v1`` servicer shares: a request's deadline, its sampling overrides, idle-bounded
+client streams that end only on the client's half-close (used by ``server.frontends.grpc_service`` and
+``server.frontends.grpc_windows``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+
+import grpc
+
+from server.engine.admission import Ticket
+from server.errors import BadRequest, StreamIdle
+from server.limits import ServerLimits
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.wire import SAMPLING_OVERRIDE_FIELDS
+
+T = TypeVar("T")
+
+
+async def confirm_half_close(context: grpc.aio.ServicerContext) -> None:
+    """Make sure a client stream that just ended was ended by the client's half-close; raise
+    ``asyncio.CancelledError`` when the call is over instead (a cancel, a passed deadline, a closed channel).
+
+    grpc.aio ends the request iterator the same way in all of these cases: it cannot tell a failed read from
+    the end of the stream, and ``context.cancelled()`` / ``context.done()`` only describe this server's own
+    status. The cancellation reaches the handler later, as ``CancelledError`` at some await. So before a
+    stream's end is acted on, one operation goes through the call: the response headers. On a call the
+    client ended it fails, or the cancellation arrives while it is under way; on a live call it is what
+    would be sent anyway."""
+    try:
+        await context.send_initial_metadata(())
+    except grpc.aio.UsageError:  # headers already sent: the call was live then; nothing more to learn here
+        return
+    except grpc.aio.InternalError:  # the operation failed in grpc's core: the call is over
+        raise asyncio.CancelledError("the client ended the call before its stream was complete") from None
+
+
+async def idle_bounded(iterator: AsyncIterator[T], context: grpc.aio.ServicerContext, idle_s: float,
+                       held: Callable[[], int]) -> AsyncIterator[T]:
+    """``iterator``'s messages; a gap of more than ``idle_s`` seconds ends the call with :class:`StreamIdle`
+    (``held()``: the bytes received so far, for the message; the caller's ticket frees them). The stream ends
+    only on the client's half-close (:func:`confirm_half_close`): a stream the client cancelled, closed or let
+    run past its deadline raises ``CancelledError`` however many messages it sent, so it is never acted on."""
+    it = iterator.__aiter__()
+    while True:
+        try:
+            item = await asyncio.wait_for(it.__anext__(), idle_s)
+        except StopAsyncIteration:
+            await confirm_half_close(context)
+            return
+        except asyncio.TimeoutError:
+            raise StreamIdle(f"the stream sent nothing for {idle_s:g} s (--stream-idle-timeout-s) after "
+                             f"{held()} bytes; it was ended and its bytes freed") from None
+        yield item
+
+
+async def gather_clip(chunks: AsyncIterator[T], context: grpc.aio.ServicerContext, ticket: Ticket,
+                      limits: ServerLimits, on_first: Callable[[T], object]) -> tuple[T, bytearray]:
+    """A client stream's clip: chunks appended to one buffer as they arrive (no list of chunks, no joined copy),
+    its length held on ``ticket`` against the clip-byte budget; returns the first chunk (its header fields;
+    ``on_first`` sees it as it arrives) and the buffer, which is what the decoder gets. Returns only after the
+    client's half-close (see :func:`idle_bounded`)."""
+    first: Optional[T] = None
+    buf = bytearray()
+    ticket.own(buf)
+    limit = limits.max_clip_bytes
+    async for chunk in idle_bounded(chunks, context, limits.stream_idle_timeout_s, lambda: len(buf)):
+        if first is None:
+            first = chunk
+            on_first(chunk)
+        data = chunk.data  # type: ignore[attr-defined]  # a copy out of the message: taken once
+        if len(buf) + len(data) > limit:
+            raise BadRequest(f"the streamed clip exceeds the server's --max-clip-bytes of {limit} bytes")
+        ticket.hold(len(data))
+        buf += data
+        del data
+    if first is None:
+        raise BadRequest("the stream carried no chunks")
+    return first, buf
+
+
+def overrides_of(msg: pb.SamplingOverrides) -> dict[str, Any]:
+    """The sampling fields a request set (unset ones keep the task's value)."""
+    return {f: getattr(msg, f) for f in SAMPLING_OVERRIDE_FIELDS if msg.HasField(f)}
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> Optional[float]:
+    """The call's deadline as ``time.monotonic()`` seconds (None: the client set none)."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left

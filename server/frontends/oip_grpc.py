@@ -1,0 +1,179 @@
+"""The Open Inference Protocol (KServe v2) over gRPC: ``inference.GRPCInferenceService`` beside ``stadapter.v1``.
+
+Every served task is a model; its version is the task version. ``ModelInfer``
+takes one input, ``CLIP`` (BYTES, shape ``[N]``, one encoded video file per
+element) and optional request parameters (``top_k`` and the sampling overrides:
+``num_frames``, ``mode``, ``stride``, ``temporal_views``, ``spatial_views``,
+``autorotate``, ``seek``), and answers ``LABELS`` (BYTES ``[N, k]``) and ``SCORES``
+(FP32 ``[N, k]``), best first, in raw form as Triton does. The repository
+extension maps to the task registry behind the admin token: index lists the served
+tasks, load re-reads the repository and succeeds when the task is served, unload
+unregisters the task (its files are removed, as ``UnregisterTask`` does).
+
+The protocol's stubs are tritonclient's (``tritonclient.grpc.service_pb2``; Triton's
+service is KServe's plus extensions), so tritonclient and perf_analyzer talk to it
+as to Triton. The same tokens, limits, admission, metrics (``method`` label) and
+error mapping as the native API apply, through :func:`server.frontends.grpc_service.rpc`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as oip
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
+
+from server.engine.admission import Ticket
+from server.engine.pipeline import Classification
+from server.errors import BadRequest, TaskNotFound
+from server.frontends.grpc_service import _Base, _deadline, _task_label, rpc
+from server.frontends.oip_model import (
+    INPUT_SIGNATURE,
+    OUTPUT_SIGNATURE,
+    PARAMETERS,
+    PLATFORM,
+    SERVER_NAME,
+    check_clip_sizes,
+    check_input,
+    classify_clips,
+    model_ready,
+    output_tensors,
+    requested_outputs,
+    served_model,
+    server_version,
+    split_top_k,
+)
+from server.frontends.oip_tensors import read_parameters, split_bytes_elements
+from server.registry.registry import TaskVersion
+
+OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
+_CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32}
+
+
+class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 over gRPC on the task registry and the same pipeline as ``stadapter.v1``."""
+
+    # --- health: public and outside admission, so probes answer while the server drains ---
+
+    async def ServerLive(self, request, context) -> oip.ServerLiveResponse:
+        return oip.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
+        return oip.ServerReadyResponse(ready=not self.pipeline.admission.draining)
+
+    async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
+        return oip.ModelReadyResponse(ready=model_ready(self.registry, self.pipeline.admission.draining,
+                                                        request.name, request.version))
+
+    # --- metadata ---
+
+    @rpc("ServerMetadata", "public")
+    async def ServerMetadata(self, request, context, ticket: Ticket) -> oip.ServerMetadataResponse:
+        return oip.ServerMetadataResponse(name=SERVER_NAME, version=server_version(),
+                                          extensions=["model_repository", "model_configuration"])
+
+    @rpc("ModelMetadata", "classify")
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context, ticket: Ticket):
+        tv = await self._model(request.name, request.version)
+        T = oip.ModelMetadataResponse.TensorMetadata
+        return oip.ModelMetadataResponse(
+            name=tv.name, versions=[str(tv.version)], platform=PLATFORM,
+            inputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in INPUT_SIGNATURE],
+            outputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in OUTPUT_SIGNATURE],
+        )
+
+    @rpc("ModelConfig", "classify")
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context, ticket: Ticket):
+        tv = await self._model(request.name, request.version)
+        s = tv.spec
+        cfg = mc.ModelConfig(
+            name=tv.name, platform=PLATFORM, max_batch_size=0,
+            input=[mc.ModelInput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in INPUT_SIGNATURE],
+            output=[mc.ModelOutput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in OUTPUT_SIGNATURE],
+        )
+        cfg.version_policy.specific.versions.append(tv.version)
+        for key, value in (("labels", json.dumps(list(s.labels))), ("sampling", json.dumps(s.sampling.to_dict())),
+                           ("description", s.description)):
+            cfg.parameters[key].string_value = value
+        return oip.ModelConfigResponse(config=cfg)
+
+    # --- inference ---
+
+    @rpc("ModelInfer", "classify")
+    async def ModelInfer(self, request: oip.ModelInferRequest, context, ticket: Ticket) -> oip.ModelInferResponse:
+        _task_label.set(request.model_name)
+        tv = await self._model(request.model_name, request.model_version)
+        params = read_parameters(request.parameters, PARAMETERS)
+        top_k = split_top_k(params)
+        wanted = requested_outputs([o.name for o in request.outputs])
+        clips = self._clips(request)
+        ticket.hold(sum(len(c) for c in clips))
+        results = await classify_clips(self.pipeline, ticket, tv, clips, top_k, params, _deadline(context))
+        return self._answer(request, tv, results, wanted)
+
+    async def _model(self, name: str, version: str) -> TaskVersion:
+        return await served_model(self.registry, name, version)
+
+    def _clips(self, request: oip.ModelInferRequest) -> list[bytes]:
+        t = request.inputs[0] if request.inputs else None
+        n = check_input([i.name for i in request.inputs], t.datatype if t else "", t.shape if t else ())
+        assert t is not None
+        if request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                raise BadRequest(f"raw_input_contents holds {len(request.raw_input_contents)} buffers for 1 input")
+            clips = split_bytes_elements(request.raw_input_contents[0], n)
+        else:
+            clips = list(t.contents.bytes_contents)
+            if len(clips) != n:
+                raise BadRequest(f"input {t.name!r} has shape [{n}] but holds {len(clips)} clip(s)")
+        check_clip_sizes(clips, self.limits)
+        return clips
+
+    @staticmethod
+    def _answer(request: oip.ModelInferRequest, tv: TaskVersion, results: list[Classification],
+                wanted: tuple[str, ...]) -> oip.ModelInferResponse:
+        tensors = output_tensors(tv, results)
+        resp = oip.ModelInferResponse(model_name=tv.name, model_version=str(tv.version), id=request.id)
+        for name in wanted:
+            datatype, shape, raw = tensors[name]
+            resp.outputs.add(name=name, datatype=datatype, shape=shape)
+            resp.raw_output_contents.append(raw)
+        return resp
+
+    # --- repository extension (admin token) ---
+
+    @rpc("RepositoryIndex", "admin")
+    async def RepositoryIndex(self, request, context, ticket: Ticket) -> oip.RepositoryIndexResponse:
+        M = oip.RepositoryIndexResponse.ModelIndex
+        return oip.RepositoryIndexResponse(models=[M(name=name, version=str(tv.version), state="READY")
+                                                   for name, tv in sorted(self.registry.tasks.items())])
+
+    @rpc("RepositoryModelLoad", "admin")
+    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest, context, ticket: Ticket):
+        _task_label.set(request.model_name)
+        await asyncio.to_thread(self.registry.sync)  # picks up a task copied into the repository
+        self.registry.get(request.model_name)  # NOT_FOUND when it is not there (or does not load)
+        return oip.RepositoryModelLoadResponse()
+
+    @rpc("RepositoryModelUnload", "admin")
+    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context, ticket: Ticket):
+        _task_label.set(request.model_name)
+        if not request.model_name:
+            raise BadRequest("the request names no model")
+        try:
+            await asyncio.to_thread(self.registry.unregister, request.model_name)
+        except TaskNotFound:
+            self.metrics.unregistrations.labels("not_found").inc()  # as UnregisterTask and the HTTP unload count it
+            raise
+        self.metrics.unregistrations.labels("ok").inc()
+        return oip.RepositoryModelUnloadResponse()
+
+
+def add_to_server(service: InferenceService, server: grpc.aio.Server) -> None:
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+
+
+__all__ = ["InferenceService", "add_to_server"]

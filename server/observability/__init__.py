@@ -1,0 +1,1 @@
+"""What operators see: Prometheus metrics, the log output, and one access line per request."""

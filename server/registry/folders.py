@@ -1,0 +1,122 @@
+"""The repository's task folders on disk: version folders, content digests, tombstones, leftovers.
+
+What every replica reads and writes in ``<repo>/tasks`` (the registry decides what to serve;
+this module only names and moves folders).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from server.errors import BadRequest
+from stadapter.bundle import ADAPTER_FILE, TASK_FILE
+from stadapter.config import TASK_NAME_RULE, brief
+
+UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
+
+
+def version_dirs(task_dir: Path) -> dict[int, Path]:
+    out: dict[int, Path] = {}
+    try:
+        entries = list(task_dir.iterdir())
+    except OSError:
+        return out
+    for p in entries:
+        if p.name.isdigit() and not p.name.startswith(".") and p.is_dir() and int(p.name) >= 1:
+            out[int(p.name)] = p
+    return out
+
+
+DIGEST_FILE = "content.sha256"  # beside a stored bundle's files: written at register, read by every replica
+UPLOAD_ID_FILE = "upload.id"  # beside a stored bundle's files: the client's upload id, for idempotent retries
+HIGH_WATER_DIR = ".versions"  # tasks/.versions/<task>: the highest version ever given (server.registry.marks)
+LOCKS_DIR = ".locks"  # tasks/.locks/NN.lock: the files replicas lock to change a task (server.registry.marks)
+
+
+def task_path(folder: Path, name: str) -> Path:
+    """``folder/name`` for a task name, refused unless it is one plain entry of ``folder``.
+
+    A belt under :func:`stadapter.config.check_task_name`, which every name passes first: whatever that rule
+    becomes, no name reaches a path outside ``folder``. Lexical, not resolved: a task folder that is a symlink
+    (to another disk) is still served.
+    """
+    if not name or name in (".", "..") or "\0" in name or Path(name).name != name or os.sep in name:
+        raise BadRequest(f"task name {brief(name)} is not one folder name: use {TASK_NAME_RULE}")
+    return folder / name
+
+
+def bundle_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for fname in UPLOAD_FILES:
+        h.update(fname.encode() + b"\0")
+        with open(folder / fname, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def stored_digest(folder: Path) -> str:
+    """The digest recorded at register (computed from the files for folders stored without one)."""
+    return recorded_digest(folder) or bundle_digest(folder)
+
+
+def recorded_digest(folder: Path) -> str | None:
+    """The digest recorded at register, or None for a folder stored without one."""
+    try:
+        return (folder / DIGEST_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
+SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers
+LEFTOVER_IDLE_S = 600.0  # an upload or deletion folder untouched this long is a leftover
+
+
+def last_write(folder: Path) -> float:
+    """The newest mtime of a folder and the files in it (now, when it vanished or cannot be read). A symlink's
+    own times (its ctime is when it was renamed to a tombstone): what it points at is not the repository's."""
+    try:
+        if folder.is_symlink():
+            st = folder.lstat()
+            return max(st.st_mtime, st.st_ctime)
+        times = [folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.iterdir()]
+    except OSError:
+        return time.time()  # vanished or unreadable mid-scan: leave it for the next sweep
+    return max(times)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a tombstone or a leftover: a folder tree; a symlink or a file, by unlinking it.
+
+    A task folder may be a symlink to a folder elsewhere: unregistering it renames the link, and only the
+    link goes; the folder it points at is the operator's and is never entered (``shutil.rmtree`` refuses a
+    link, and with ``ignore_errors`` it silently left every such ``.deleted-*`` link behind)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        with contextlib.suppress(OSError):  # as rmtree's ignore_errors: a sweep that cannot delete tries again later
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_in_background(path: Path) -> None:
+    """Delete a tombstone off the caller's thread (a large bundle takes a while to unlink). A delete cut
+    short by an exit leaves a ``.deleted-*`` entry, which the sweeper removes later."""
+    threading.Thread(target=remove_tree, args=(path,), name="rmtree", daemon=True).start()
+
+
+def tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
+    """Rename ``path`` to ``tasks/.deleted-<label>-*`` (ignored by scans); None if it is already gone."""
+    dest = tasks_dir / f".deleted-{label}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    return dest
