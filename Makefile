@@ -17,7 +17,12 @@ TEST_DEPS := $(TRITON_STAMP)
 TEST_ENV := STADAPTER_PYTRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python
 endif
 
-.PHONY: venv test lint demo triton clean protos ffmpeg
+.PHONY: venv test lint docs demo triton clean protos ffmpeg
+
+# The docs site (mkdocs.yml, docs/), built offline; --strict turns every warning (a broken link, a page
+# missing from the nav) into an error. The output folder is git-ignored. (The variable silences the theme's
+# end-of-life banner, which is not about this site.)
+DOCS_SITE ?= build/site
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -44,7 +49,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: $(STAMP) $(TEST_DEPS) ffmpeg lint
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_SITE)
+
+test: $(STAMP) $(TEST_DEPS) ffmpeg lint docs
 	$(TEST_ENV) $(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
