@@ -1,6 +1,6 @@
 """ST-Adapter model library: one frozen open_clip ViT trunk, many small video task adapters.
 
-Pure torch + PyAV: no server code, no global state. See README.md for usage.
+Pure torch + PyAV: no server code, no global state. See docs/concepts.md for usage.
 
 The public names are imported lazily (PEP 562): ``python -m stadapter.trunk``
 then runs ``stadapter/trunk/__main__.py`` without the package having imported anything first,

@@ -233,7 +233,7 @@ def test_a_streamed_clip_over_max_clip_bytes_names_the_flag(limited):
 
 
 def test_the_stalled_streams_bench_runs():
-    """The bench behind the RSS figure in README (its ratio is a bench figure, not asserted here)."""
+    """The bench behind the RSS figure in docs/benchmarks.md (its ratio is a bench figure, not asserted here)."""
     from bench.stalled_streams import main
 
     res = main(["--streams", "2", "--mb", "2", "--chunk-kb", "256", "--phase", "decoding"])["decoding"]
