@@ -60,6 +60,7 @@ class Metrics:
                                           "(same clip, other task)", registry=r)
         self.clips = Counter(f"{p}_clips", "Clips classified, by task", ["task"], registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests admitted and not yet computed", registry=r)
+        self.requests_in_flight = Gauge(f"{p}_requests_in_flight", "RPCs in progress (drain waits for 0)", registry=r)
         self.clip_in_flight_bytes = Gauge(f"{p}_clip_in_flight_bytes",
                                           "Encoded clip bytes held by requests in progress", registry=r)
         self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served", registry=r)

@@ -29,3 +29,21 @@ def test_labelled_counters_start_at_zero_for_their_known_values():
         label = {"dropped": "reason"}.get(counter, "result")
         for v in values:
             assert s[(f"stadapter_{counter}_total", ((label, v),))] == 0.0, (counter, v)
+
+
+def test_the_pipeline_registers_no_series_of_its_own(two_task_repo, tiny_trunk):
+    """docs/reference/metrics.md walks a bare ``Metrics``: every series the server wires up must be declared there."""
+    from server.config import ServerConfig
+    from server.engine.batcher import Batcher
+    from server.engine.pipeline import Pipeline
+    from server.registry.registry import TaskRegistry
+
+    m = Metrics(torch.device("cpu"))
+    declared = {f.name for f in m.registry.collect()}
+    limits = ServerConfig(model_repository=two_task_repo).limits
+    p = Pipeline(TaskRegistry(two_task_repo, tiny_trunk), Batcher(None, limits, 0.01, m), m, limits)
+    try:
+        assert {f.name for f in m.registry.collect()} == declared
+        assert "stadapter_requests_in_flight" in declared
+    finally:
+        p.close()
