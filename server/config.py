@@ -7,12 +7,13 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from server.limits import ServerLimits
 from server.observability.logs import LOG_FORMATS, LOG_LEVELS
-from stadapter.bundle import BundleLimits
 from stadapter.video import VideoLimits, WindowLimits
+
+if TYPE_CHECKING:
+    from server.limits import ServerLimits
 
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -184,6 +185,10 @@ class ServerConfig:
     @functools.cached_property
     def limits(self) -> ServerLimits:
         """The one limits object the services, pipeline, batcher and decoder share."""
+        # imported here: the parser (``--help``, ``python -m server.reference flags``) stays free of torch
+        from server.limits import ServerLimits
+        from stadapter.bundle import BundleLimits
+
         video = dataclasses.replace(_VIDEO, max_bytes=self.max_clip_bytes, max_duration_s=self.max_clip_duration_s,
                                     max_pixels=self.max_frame_pixels, max_decoded_pixels=self.max_decoded_pixels,
                                     max_decode_seconds=self.max_decode_seconds)
