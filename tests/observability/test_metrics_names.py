@@ -6,7 +6,7 @@ import torch
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.observability.metrics import KNOWN_LABELS, Metrics
+from server.observability.metrics import BASE_UNITS, KNOWN_LABELS, Metrics
 
 
 def _samples(m: Metrics) -> dict[tuple[str, tuple], float]:
@@ -21,6 +21,21 @@ def test_names_end_with_their_unit_and_cpu_memory_is_the_process_rss():
     assert "stadapter_clip_in_flight_bytes" in names and "stadapter_clip_bytes_in_flight" not in names
     assert s[("process_resident_memory_bytes", ())] > 0
     assert not any(n == "stadapter_device_memory_bytes" for n in names)  # no device memory to report on a CPU
+
+
+# units that are not Prometheus base units: a name says seconds and bytes, never these
+_OTHER_UNITS = {"ms", "msec", "milliseconds", "us", "microseconds", "ns", "minutes", "hours", "secs", "kb", "mb", "gb",
+                "kib", "mib", "gib", "percent", "pct"}
+
+
+def test_every_family_has_help_and_its_unit_as_its_last_word():
+    """All families, the process collector's included (the one-name check above is its example); docs/reference/
+    metrics.md shows each family's help and reads its unit from the last word."""
+    for fam in Metrics(torch.device("cpu")).registry.collect():
+        words = fam.name.split("_")  # a counter's family name has no _total
+        assert fam.documentation.strip(), f"{fam.name} has no help"
+        assert [w for w in words if w in BASE_UNITS] in ([], [words[-1]]), f"{fam.name}: the unit goes last, once"
+        assert not set(words) & _OTHER_UNITS, f"{fam.name}: use a base unit ({', '.join(BASE_UNITS)})"
 
 
 def test_labelled_counters_start_at_zero_for_their_known_values():
