@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = p.add_argument_group("Decoding",
                              "The bounds on one clip default to the decoder's own (stadapter.video.VideoLimits and "
-                             "WindowLimits); past one, the request is INVALID_ARGUMENT naming the flag.").add_argument
+                             "WindowLimits); past one, the request is INVALID_ARGUMENT naming the limit.").add_argument
     a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),
       help="process: sandboxed worker processes (PyAV and numpy, never torch; frames come back through shared "
            "memory), so a clip that crashes or hangs FFmpeg costs only its request and the worker is replaced; "
