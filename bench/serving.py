@@ -22,8 +22,9 @@ For each trunk (the tiny test trunk, and ViT-B/16's shape with random weights):
 * slot bank (:mod:`bench.slot_bank`): per-row gather vs segments, a changing task mix
   over 64 registered tasks, cold tasks on a full bank of 64 slots.
 
-The machine this runs on matters: on a 2-core CPU the client, gRPC and the model
-share two cores. Prints a table to stderr and JSON to stdout (and ``--out``).
+The machine this runs on matters: the client, gRPC and the model share its cores,
+so where cores are few the client's own work lowers the end-to-end figures. Prints
+a table to stderr and JSON to stdout (and ``--out``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """onnxruntime sessions on a named provider (cpu, cuda, tensorrt), the PyTorch reference they are timed against, and a timer.
 
-The GPU image installs ``onnxruntime-gpu`` (same API); this machine has the CPU
-build, so ``cuda`` and ``tensorrt`` raise :class:`ProviderUnavailable` here
-instead of silently falling back to the CPU (onnxruntime's default behaviour).
+The GPU image installs ``onnxruntime-gpu`` (same API); where only the CPU build is
+installed, ``cuda`` and ``tensorrt`` raise :class:`ProviderUnavailable` instead of
+silently falling back to the CPU (onnxruntime's default behaviour).
 """
 
 from __future__ import annotations

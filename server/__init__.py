@@ -1,12 +1,13 @@
 """The gRPC inference server: one frozen trunk, many task adapters, mixed-task dynamic batching.
 
-``python -m server --model-repository DIR`` (see :mod:`server.config` for every flag).
+``python -m server --model-repository DIR`` (every flag: ``--help``, or docs/reference/flags.md).
 
 Rooms, one job each (every room's ``__init__`` says its job in one sentence):
 
 - top level: ``config`` (ServerConfig + flags), ``app`` (assembly, ready line, SIGTERM drain), ``errors``
   (exceptions and their status codes), ``limits`` (what one request may cost), ``malloc_tuning``,
-  ``process`` (the server as a child process, for the demo, benches and tests), ``demo`` (``make demo``);
+  ``process`` (the server as a child process, for the demo, benches and tests), ``demo`` (``make demo``),
+  ``reference`` (docs/reference/ flags.md and metrics.md, from the parser and the metrics registry);
 - ``engine/``: admission, pipeline (bytes to top-k), batcher, model (the batched forward on the model
   thread), slots (the device slot bank of adapters, LRU), response_cache, window_flow;
 - ``decode/``: the decoder pool and its torch-free worker processes, frames in shared memory;

@@ -7,12 +7,13 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from server.limits import ServerLimits
 from server.observability.logs import LOG_FORMATS, LOG_LEVELS
-from stadapter.bundle import BundleLimits
 from stadapter.video import VideoLimits, WindowLimits
+
+if TYPE_CHECKING:
+    from server.limits import ServerLimits
 
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
@@ -22,63 +23,10 @@ _WINDOWS = WindowLimits()
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything ``python -m server`` can be told.
+    """Everything ``python -m server`` can be told: one field per flag of :func:`build_parser`, same name.
 
-    Args:
-        model_repository: folder with ``trunk/`` and ``tasks/<task>/<version>/``.
-        http_port: OIP v2 REST, health probes and the multipart upload (``server.frontends.http``); 0 = any free port,
-            -1 = no HTTP.
-        max_batch_size: rows (clip views) per forward pass.
-        max_queue_delay_ms: longest time the first queued clip waits for company.
-        max_queue_size: requests admitted but not yet computed (decoding + queued);
-            one more is refused with RESOURCE_EXHAUSTED at once.
-        decode_workers: decoder worker processes (``decode_backend=process``: a clip that crashes or
-            hangs FFmpeg costs only its request; the worker is killed and replaced), or threads
-            (``decode_backend=thread``).
-        window_decoders: most decoder workers one ``ClassifyWindows`` video is split between (each decodes a
-            run of its windows after one seek), of those free when it starts; 1 (default) = one worker per
-            video, so a long timeline never holds every worker while short clips wait. Process backend only
-            (the thread backend decodes a video in one thread).
-        decode_timeout_s: longest decode of one clip (the request deadline may cut it shorter); past it
-            the worker is killed and the request fails with INVALID_ARGUMENT (process backend only).
-        decode_backend: ``process`` (sandboxed, default) or ``thread`` (in-process, no timeout; benches, debugging).
-        device: ``auto`` = cuda when available, else cpu.
-        dtype: ``auto`` = bfloat16 on a GPU with native bf16 (compute capability 8.0+), float16 on older ones, float32 on cpu.
-        cpu_chunk_bytes: on a CPU device, each trunk block runs over as many whole clips at a time as keep
-            its input tokens within this many bytes (``VideoTrunk.chunk_bytes``; 5 MiB = 8 ViT-B/16 frames):
-            the same results, ~10% faster on ViT-B/16 here; a small trunk's batch fits at once; 0 = the whole
-            batch at once. Ignored on CUDA, where the whole batch keeps the device busy.
-        cache_bytes: device budget for resident task adapters (LRU beyond it); sizes the device slot bank
-            unless ``adapter_slots`` is set. Not given (None): 1 GiB.
-        adapter_slots: the device slot bank holds exactly this many task slots (one bank per adapter
-            activation), whatever their bytes: the slot count, not ``cache_bytes``, is then the one limit
-            (a ViT-B/16 12x384 slot is 27 MiB; ``stadapter_adapter_device_bytes`` shows the total). Size it for
-            the tasks that should stay resident; past it the least recently used one is evicted, and a
-            batch with more distinct tasks grows the bank for that batch only. 0 (default) = as many slots
-            as ``cache_bytes`` holds. Giving both is refused: two limits on one bank would leave the user
-            guessing which one holds.
-        poll_interval_s: how often the repository is re-read for other replicas' changes (0 = never).
-        max_message_bytes: gRPC receive/send limit (one clip in one message must fit).
-        max_clip_bytes: largest clip accepted (whole or streamed).
-        max_inflight_clip_bytes: encoded clip bytes all requests together may hold (streams
-            being received, clips waiting for decode); past it, RESOURCE_EXHAUSTED at once.
-        max_clip_duration_s / max_frame_pixels / max_decoded_pixels / max_decode_seconds: the decoder's
-            bounds on one clip (``stadapter.video.VideoLimits`` fields, same defaults).
-        max_num_frames: frames per view a sampling override may ask for (INVALID_ARGUMENT above it).
-        max_window_video_s / max_windows: ClassifyWindows' longest video and most windows per request (they
-            replace max_clip_duration_s there; ``stadapter.video.WindowLimits`` fields, same defaults).
-        response_cache_bytes: budget of the response cache (``server.engine.response_cache``: the same clip, task
-            version and sampling answered without a decode or forward); 0 = no cache (default).
-        stream_idle_timeout_s: a client stream (ClassifyStream, RegisterTask) that sends nothing for this
-            long is ended with DEADLINE_EXCEEDED and what it held is freed.
-        admin_token_file: file holding the admin bearer token (else env ``STADAPTER_ADMIN_TOKEN``).
-        allow_insecure_admin: accept admin calls without any token configured (development only).
-        classify_token_file: if set, classification needs this bearer token too.
-        keep_versions: task versions kept on disk per task (older ones are deleted after a register).
-        drain_timeout_s: on SIGTERM, longest wait for in-flight requests.
-        warmup: run each served input shape once before accepting traffic.
-        log_level: ``debug`` | ``info`` (access lines) | ``warning`` | ``error`` (``server.observability.logs``).
-        log_format: ``text`` (for people) or ``json`` (one object per line, for log shippers).
+    Each flag is described once, in its help below (``python -m server --help``; docs/reference/flags.md is
+    generated from it by ``python -m server.reference flags``).
     """
 
     model_repository: Path
@@ -184,6 +132,10 @@ class ServerConfig:
     @functools.cached_property
     def limits(self) -> ServerLimits:
         """The one limits object the services, pipeline, batcher and decoder share."""
+        # imported here: the parser (``--help``, ``python -m server.reference flags``) stays free of torch
+        from server.limits import ServerLimits
+        from stadapter.bundle import BundleLimits
+
         video = dataclasses.replace(_VIDEO, max_bytes=self.max_clip_bytes, max_duration_s=self.max_clip_duration_s,
                                     max_pixels=self.max_frame_pixels, max_decoded_pixels=self.max_decoded_pixels,
                                     max_decode_seconds=self.max_decode_seconds)
@@ -204,82 +156,124 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, each described once here (``--help``, docs/reference/flags.md), in groups of one concern each."""
     d = ServerConfig(model_repository=Path("."))
     # allow_abbrev=False: a shortened flag (--drain-timeout) would silently mean whichever flag it prefixes today
     p = argparse.ArgumentParser(prog="python -m server", allow_abbrev=False,
                                 formatter_class=_DefaultsHelp,
                                 description="Serve ST-Adapter video tasks: stadapter.v1 gRPC, the Open Inference "
-                                            "Protocol (gRPC on --port, REST on --http-port), an HTTP multipart "
-                                            "upload (--http-port) and Prometheus metrics (--metrics-port).")
-    a = p.add_argument
-    a("--model-repository", required=True, type=Path, help="folder with trunk/ and tasks/")
+                                            "Protocol (OIP, KServe v2: gRPC on --port, REST on --http-port), an HTTP "
+                                            "multipart upload (--http-port) and Prometheus metrics (--metrics-port). "
+                                            "Give flags in full: the parser takes no abbreviations.")
+
+    a = p.add_argument_group("Repository and ports").add_argument
+    a("--model-repository", required=True, type=Path, help="folder with trunk/ and tasks/<task>/<version>/")
     a("--host", default=d.host, help="address every port binds")
-    a("--port", type=int, default=d.port, help="gRPC port (0 = any free port)")
-    a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port (0 = any free port)")
+    a("--port", type=int, default=d.port, help="gRPC port: stadapter.v1 and OIP (0 = any free port)")
     a("--http-port", type=int, default=d.http_port,
-      help="HTTP: OIP v2 REST, /v2/health/{live,ready}, multipart upload (0 = any free port, -1 = off)")
-    a("--max-batch-size", type=int, default=d.max_batch_size, help="rows (clip views) per forward")
+      help="HTTP: OIP v2 REST, /v2/health/{live,ready}, multipart upload (0 = any free port, -1 = no HTTP)")
+    a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port, /metrics (0 = any free port)")
+    a("--ready-file", type=Path,
+      help="once serving, write the ready JSON line here: the bound ports grpc_port, http_port (null with "
+           "--http-port -1) and metrics_port (for --port 0)")
+
+    a = p.add_argument_group("Tasks").add_argument
+    a("--poll-interval-s", type=float, default=d.poll_interval_s,
+      help="how often the repository is re-read to pick up other replicas' changes (0 = never)")
+    a("--keep-versions", type=int, default=d.keep_versions,
+      help="versions of each task kept on disk (older ones are deleted after a register); they are also the "
+           "versions a request may pin (name@N)")
+    a("--default-top-k", type=int, default=d.default_top_k, help="labels per result when a request gives no top_k")
+    a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes, help="largest task bundle a register accepts")
+
+    a = p.add_argument_group("Admission and batching",
+                             "Past a bound on what requests hold, the next one is refused at once with "
+                             "RESOURCE_EXHAUSTED.").add_argument
+    a("--max-batch-size", type=int, default=d.max_batch_size,
+      help="rows (clip views) per forward pass; a request needing more views is INVALID_ARGUMENT before decoding")
     a("--max-queue-delay-ms", type=float, default=d.max_queue_delay_ms,
-      help="longest wait for more rows before a batch runs")
-    a("--max-queue-size", type=int, default=d.max_queue_size, help="admitted, not yet computed requests")
-    a("--decode-workers", type=int, default=d.decode_workers,
-      help="decoder worker processes (threads with --decode-backend thread)")
-    a("--window-decoders", type=int, default=d.window_decoders,
-      help="most decoder workers one ClassifyWindows video is split between, of those free (1 = no split; "
-           "process backend)")
-    a("--decode-timeout-s", type=float, default=d.decode_timeout_s,
-      help="longest decode of one clip; past it the worker is killed (process backend)")
-    a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),
-      help="process: sandboxed workers (default); thread: in-process, for benches and debugging")
-    a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
-      help="auto: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float16; float32 on cpu")
-    a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
-      help="on CPU, run each trunk block over whole clips whose tokens fit this many bytes (same results, faster "
-           "on big trunks; 5 MiB = 8 ViT-B/16 frames; 0 = the whole batch at once)")
-    a("--cache-bytes", type=int, default=None,
-      help="device byte budget for task adapters: as many slots as it holds, LRU beyond (default 1 GiB; not with "
-           "--adapter-slots)")
-    a("--adapter-slots", type=int, default=d.adapter_slots,
-      help="the device slot bank holds exactly N task slots whatever their bytes (a ViT-B/16 12x384 task: 27 MiB); "
-           "LRU beyond N; 0 = as many as --cache-bytes holds; not with --cache-bytes")
-    a("--poll-interval-s", type=float, default=d.poll_interval_s, help="re-read the repository (0 = off)")
+      help="longest the first queued clip waits for more rows before its batch runs")
+    a("--max-queue-size", type=int, default=d.max_queue_size,
+      help="requests admitted and not yet computed (decoding or queued); one more is RESOURCE_EXHAUSTED")
     a("--max-message-bytes", type=int, default=d.max_message_bytes,
       help="gRPC receive/send limit (one clip in one message must fit)")
     a("--max-clip-bytes", type=int, default=d.max_clip_bytes, help="largest clip accepted, whole or streamed")
     a("--max-inflight-clip-bytes", type=int, default=d.max_inflight_clip_bytes,
-      help="encoded clip bytes held by all requests together (streams, clips awaiting decode)")
+      help="encoded clip bytes all requests together may hold (streams being received, clips awaiting decode); "
+           "past it, RESOURCE_EXHAUSTED")
+    a("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s,
+      help="a client stream (ClassifyStream, RegisterTask) that sends nothing this long is ended with "
+           "DEADLINE_EXCEEDED and what it held is freed")
+
+    a = p.add_argument_group("Decoding",
+                             "The bounds on one clip default to the decoder's own (stadapter.video.VideoLimits and "
+                             "WindowLimits); past one, the request is INVALID_ARGUMENT naming the limit.").add_argument
+    a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),
+      help="process: sandboxed worker processes (PyAV and numpy, never torch; frames come back through shared "
+           "memory), so a clip that crashes or hangs FFmpeg costs only its request and the worker is replaced; "
+           "thread: decoding in this process, no timeout (benches, debugging)")
+    a("--decode-workers", type=int, default=d.decode_workers,
+      help="decoder worker processes (threads with --decode-backend thread): at most this many decodes at once")
+    a("--window-decoders", type=int, default=d.window_decoders,
+      help="most decoder workers one ClassifyWindows video is split between, of those free when it starts (each "
+           "decodes a run of its windows after one seek); 1 = one worker per video, so a long timeline never holds "
+           "every worker while short clips wait (process backend; the thread backend decodes a video in one thread)")
+    a("--decode-timeout-s", type=float, default=d.decode_timeout_s,
+      help="longest decode of one clip (the request's deadline may cut it shorter); past it the worker is killed "
+           "and the request fails with INVALID_ARGUMENT, or DEADLINE_EXCEEDED when the deadline ran out first "
+           "(process backend)")
     a("--max-clip-duration-s", type=float, default=d.max_clip_duration_s, help="longest clip (from its header)")
     a("--max-frame-pixels", type=int, default=d.max_frame_pixels, help="width x height of one frame")
     a("--max-decoded-pixels", type=int, default=d.max_decoded_pixels,
       help="pixels of all frames the decoder outputs for one clip (bounds decode time)")
     a("--max-decode-seconds", type=float, default=d.max_decode_seconds,
       help="wall clock the decoder itself allows one clip (checked per packet; --decode-timeout-s kills the worker)")
-    a("--max-num-frames", type=int, default=d.max_num_frames, help="frames per view a sampling override may ask for")
+    a("--max-num-frames", type=int, default=d.max_num_frames,
+      help="frames per view a sampling override may ask for (views are bounded by --max-batch-size)")
     a("--max-window-video-s", type=float, default=d.max_window_video_s,
       help="ClassifyWindows: longest video (from its header; replaces --max-clip-duration-s there)")
     a("--max-windows", type=int, default=d.max_windows, help="ClassifyWindows: most windows one request may have")
+
+    a = p.add_argument_group("Model and device memory").add_argument
+    a("--device", default=d.device, help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
+      help="auto: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float16; float32 on cpu")
+    a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
+      help="on a CPU, each trunk block runs over as many whole clips at a time as keep its input tokens within "
+           "this many bytes (VideoTrunk.chunk_bytes; the same results; 5 MiB = 8 ViT-B/16 frames; a small trunk's "
+           "batch fits at once); 0 = the whole batch at once. Ignored on CUDA, where the whole batch keeps the "
+           "device busy")
+    a("--cache-bytes", type=int, default=None,
+      help="device byte budget of the adapter slot bank: as many task slots as it holds, the least recently used "
+           "task going back to host memory beyond it (not given: 1 GiB; not with --adapter-slots)")
+    a("--adapter-slots", type=int, default=d.adapter_slots,
+      help="the device slot bank (one per adapter activation) holds exactly N task slots whatever their bytes "
+           "(a ViT-B/16 12x384 task: 27 MiB; stadapter_adapter_device_bytes shows the total); past N the least "
+           "recently used task goes back to host memory, and a batch with more distinct tasks grows the bank for "
+           "that batch only; 0 = as many as --cache-bytes holds. Giving both is refused: two limits on one bank")
     a("--response-cache-bytes", type=int, default=d.response_cache_bytes,
-      help="answers kept by clip sha256, task version and sampling (LRU within this budget); 0 = off")
-    a("--stream-idle-timeout-s", type=float, default=d.stream_idle_timeout_s,
-      help="a client stream silent this long is ended (DEADLINE_EXCEEDED) and its bytes freed")
-    a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes, help="largest task bundle a register accepts")
-    a("--admin-token-file", type=Path, help="file with the admin token (else env STADAPTER_ADMIN_TOKEN)")
-    a("--allow-insecure-admin", action="store_true", help="admin calls without a token (development only)")
+      help="budget of the response cache: answers kept by clip sha256, task version and sampling (LRU), so the "
+           "same request is answered without a decode or forward; 0 = no cache")
+    a("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
+      help="run each served input shape once (one-task and mixed paths) before accepting traffic")
+
+    a = p.add_argument_group("Security").add_argument
+    a("--admin-token-file", type=Path,
+      help="file with the bearer token of RegisterTask / UnregisterTask (else env STADAPTER_ADMIN_TOKEN; with "
+           "neither, admin calls are refused unless --allow-insecure-admin)")
+    a("--allow-insecure-admin", action="store_true", help="accept admin calls with no token configured "
+                                                          "(development only)")
+    a("--classify-token-file", type=Path, help="require this bearer token for classification too")
     a("--tls-cert", type=Path, help="PEM certificate: gRPC over TLS (with --tls-key)")
     a("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    a("--classify-token-file", type=Path, help="require this bearer token for classification too")
-    a("--ready-file", type=Path, help="write the ready JSON here once serving")
-    a("--keep-versions", type=int, default=d.keep_versions,
-      help="versions of each task kept on disk and servable by a name@N pin")
-    a("--default-top-k", type=int, default=d.default_top_k, help="labels per result when a request gives no top_k")
+
+    a = p.add_argument_group("Shutdown and logs").add_argument
     a("--drain-timeout-s", type=float, default=d.drain_timeout_s,
       help="on SIGTERM, how long requests in flight may finish before the exit")
-    a("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
-      help="run each served input shape once before accepting traffic (default on)")
     a("--log-level", default=d.log_level, choices=tuple(LOG_LEVELS),
-      help="info logs one access line per request; warning leaves them out")
-    a("--log-format", default=d.log_format, choices=LOG_FORMATS, help="json: one JSON object per line")
+      help="info writes one access line per request; warning leaves them out")
+    a("--log-format", default=d.log_format, choices=LOG_FORMATS,
+      help="text (for people) or json (one object per line, for log shippers)")
     return p
 
 

@@ -12,7 +12,7 @@ features carry what the video tasks need: what the object is, and where.
 It stands in for CLIP; ``python -m stadapter.trunk init --model ViT-B-16
 --pretrained openai`` stays the production trunk.
 
-Example (about 6 minutes on 2 CPU cores)::
+Example (CPU is enough: the model is small)::
 
     python -m training.pretrain_trunk --out model_repository/trunk --steps 1500 --seed 0
 """

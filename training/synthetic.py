@@ -110,7 +110,7 @@ def encode_mp4(frames: np.ndarray, path: Path, fps: int = 8, qscale: int = 2) ->
     """frames uint8 [F, S, S, 3] -> MPEG-4 Part 2 video in an .mp4 file.
 
     FFmpeg's own ``mpeg4`` encoder, single-threaded, gives the same bytes on every run;
-    libx264 did not (about 1 clip in 100 differed between identical runs here).
+    libx264 did not (a few clips differed between identical runs).
     """
     data = encode_frames(frames, fps=fps, codec="mpeg4", options={"qscale": str(qscale)}, threads=1)
     atomic_write_bytes(path, data)

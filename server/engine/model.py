@@ -39,11 +39,10 @@ MixedMode = Literal["gather", "segment"]
 def mixed_mode_for(device: torch.device) -> MixedMode:
     """How a mixed batch runs on this device type: ``gather`` on CPU and on CUDA.
 
-    CPU (measured, ``python -m bench.slot_bank``, 8 tasks in a batch, the shared 2-core
-    machine): gather ran 1.30x segment's clips/s on the tiny trunk (32 x 8 frames) and
-    1.26x on ViT-B/16 (8 x 2 frames): segments pay one small GEMM and a strided copy per
-    task and slot, the gather's weight copy is small next to the GEMMs. CUDA (not
-    measured, no GPU here): gather too, by reasoning: it launches one batched GEMM per
+    CPU (``python -m bench.slot_bank`` compares the two, 8 tasks in a batch, on the tiny
+    trunk and on ViT-B/16; gather was the faster on both): segments pay one small GEMM and
+    a strided copy per task and slot, the gather's weight copy is small next to the GEMMs.
+    CUDA (not benched on a GPU yet): gather too, by reasoning: it launches one batched GEMM per
     adapter linear whatever the number of tasks, where segments launch one per task and
     per slot (a 32-task batch on 12 slots: hundreds of small launches), and the gathered
     weights (B x 2 x r x d per slot) are small next to the GPU's memory bandwidth.

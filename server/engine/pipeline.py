@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncGenerator, Iterator, Mapping, Optional, Sequence, Union
 
-from prometheus_client import Gauge
 from torch import Tensor
 
 from server.decode.pool import Decoder, ThreadDecoder
@@ -92,9 +91,7 @@ class Pipeline:
             a = self.admission
             metrics.queue_depth.set_function(lambda: a.pending)
             metrics.clip_in_flight_bytes.set_function(lambda: a.held_bytes)
-            # here, not in Metrics: the gauge is the admission's, registered in the server's own registry
-            Gauge("stadapter_requests_in_flight", "RPCs in progress (drain waits for 0)",
-                  registry=metrics.registry).set_function(lambda: a.inflight)
+            metrics.requests_in_flight.set_function(lambda: a.inflight)
 
     # --- what drain and the metrics read ---
 

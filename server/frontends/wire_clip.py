@@ -4,7 +4,7 @@ With the upb protobuf runtime, parsing a ``ClassifyRequest`` copies its ``clip``
 message's arena, and reading ``request.clip`` copies it again (clearing the field frees
 nothing: the arena lives as long as the message). With gRPC's own receive buffer that is
 three clips for one counted against ``--max-inflight-clip-bytes`` (``python -m
-bench.stalled_streams --phase unary``: RSS grew 3.6x the bytes held). For the unary clip
+bench.stalled_streams --phase unary`` measures the RSS this costs). For the unary clip
 methods this module's deserializer walks the message's top-level fields (a few, whatever
 the clip's size), parses everything but the clip with protobuf, and hands the handler a
 :class:`SplitRequest`: the parsed message plus the clip as a view of the wire bytes.

@@ -308,7 +308,8 @@ def _wrap_behaviour(behaviour: Behaviour, method: str, level: int, request_strea
 
 def _counted(deserializer: Optional[Callable[[bytes], Any]]) -> Callable[[bytes], Any]:
     """``deserializer`` adding the wire size of each request message to the call's record. The bytes are
-    counted here because a protobuf message's ByteSize() serializes it: milliseconds for a clip of 10 MB."""
+    counted here, from the wire, because a protobuf message's ByteSize() serializes it again: a cost that grows
+    with the clip."""
 
     def deserialize(raw: bytes) -> Any:
         rec = request_scope.get()

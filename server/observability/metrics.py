@@ -10,6 +10,8 @@ from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# The units a series name may carry (Prometheus base units), always as its last word (before a counter's _total)
+BASE_UNITS = ("seconds", "bytes", "ratio")
 
 
 class _DeviceMemoryCollector:
@@ -20,7 +22,8 @@ class _DeviceMemoryCollector:
         self.device = device
 
     def collect(self):
-        g = GaugeMetricFamily("stadapter_device_memory_bytes", "Memory held on the CUDA serving device",
+        g = GaugeMetricFamily("stadapter_device_memory_bytes", "Memory held on the CUDA serving device, by kind "
+                              "(allocated | reserved); no series on a CPU device (see process_resident_memory_bytes)",
                               labels=["device", "kind"])
         if self.device.type == "cuda":
             g.add_metric([str(self.device), "allocated"], float(torch.cuda.memory_allocated(self.device)))
@@ -43,9 +46,10 @@ class Metrics:
         self.requests = Counter(f"{p}_requests", "RPCs answered, by method, task and gRPC status code",
                                 ["method", "task", "code"], registry=r)
         self.decode_seconds = Histogram(f"{p}_decode_seconds", "Time to decode one clip", buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait_seconds = Histogram(f"{p}_queue_wait_seconds", "Time a decoded clip waited for its forward",
+        self.queue_wait_seconds = Histogram(f"{p}_queue_wait_seconds", "Time a decoded clip waited for its forward, "
+                                            "from entering the batch queue to the forward's start (staging included)",
                                             buckets=LATENCY_BUCKETS, registry=r)
-        self.compute_seconds = Histogram(f"{p}_compute_seconds", "Time of one batched forward",
+        self.compute_seconds = Histogram(f"{p}_compute_seconds", "Time of one batched forward (the forward alone)",
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.stage_seconds = Histogram(f"{p}_stage_seconds", "Time to stage one batch (slots leased, input on the "
                                        "device), which may overlap the previous forward", buckets=LATENCY_BUCKETS,
@@ -60,6 +64,7 @@ class Metrics:
                                           "(same clip, other task)", registry=r)
         self.clips = Counter(f"{p}_clips", "Clips classified, by task", ["task"], registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests admitted and not yet computed", registry=r)
+        self.requests_in_flight = Gauge(f"{p}_requests_in_flight", "RPCs in progress (drain waits for 0)", registry=r)
         self.clip_in_flight_bytes = Gauge(f"{p}_clip_in_flight_bytes",
                                           "Encoded clip bytes held by requests in progress", registry=r)
         self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served", registry=r)
@@ -73,7 +78,7 @@ class Metrics:
         self.adapter_activation_seconds = Histogram(f"{p}_adapter_activation_seconds",
                                                     "Time to copy one task version into a device slot",
                                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.adapter_slots = Gauge(f"{p}_adapter_slots", "Device adapter slots by state", ["state"], registry=r)
+        self.adapter_slots = Gauge(f"{p}_adapter_slots", "Device adapter slots by state (used | free)", ["state"], registry=r)
         self.adapter_device_bytes = Gauge(f"{p}_adapter_device_bytes",
                                           "Device bytes of the adapter slot banks (used and free slots)", registry=r)
         self.registrations = Counter(f"{p}_registrations", "RegisterTask calls by result", ["result"], registry=r)

@@ -44,8 +44,8 @@ class VideoTrunk(nn.Module):
 
     ``chunk_bytes`` (0: off) runs each block over as many whole clips at a time as keep its
     input tokens within that many bytes (at least one clip), the rows' results unchanged:
-    on a CPU, blocks over a few frames at a time keep their activations small (ViT-B/16,
-    32 frames, 1 thread: 10% faster in calls of 8 frames, 4.6 MiB of tokens), while a small
+    on a CPU, blocks over a few frames at a time keep their activations small (faster on a
+    large trunk such as ViT-B/16: 8 of its frames are 4.6 MiB of tokens), while a small
     trunk's whole batch fits at once (per-call overhead would cost more than it saves); on
     a GPU the whole batch at once is what keeps it busy.
 
