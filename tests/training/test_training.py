@@ -111,7 +111,7 @@ def test_training_reduces_the_loss_and_writes_a_servable_bundle(tiny_trunk_dir, 
     clf = load_classifier(tiny_trunk_dir, tmp_path / "bundle")
     assert clf(torch.zeros(2, 4, 3, 32, 32)).shape == (2, 4)
 
-    from server.registry.registry import registry  # the server's own loader
+    from server.registry import registry  # the server's own loader
     tv = registry.TaskRegistry(tmp_path / "repo", load_trunk(tiny_trunk_dir)).load_version(tmp_path / "bundle")
     assert tv.name == "motion"
 
