@@ -202,7 +202,9 @@ class ModelRunner:
             if s.ready is not None:  # the side stream's copies come first
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(s.ready)
-                s.frames.record_stream(compute)
+                for t in (s.frames, s.task_index, s.row_input):  # made on the side stream, read on this one
+                    if t is not None:
+                        t.record_stream(compute)
             logits = self.trunk(s.frames.to(self.dtype), s.stack, s.task_index, s.row_input).float()  # [N, C_max]
         for tv in s.tvs:
             if tv.retired:  # admitted before the registry retired it: it leaves once its requests end
