@@ -14,7 +14,7 @@ Steps, in order (``bench.gpu_steps`` holds the model-side ones):
   32, one task and mixed, raw forwards and through the real batcher), ``cold_slots`` (evictions; too many
   ``--adapter-slots`` refused), ``fp16``, ``bf16_train_step`` and ``mfu`` (FLOPs counted with attention
   unfused, over the forward's time and the card's peak);
-* ``server_tests`` (only with ``--server``; needs PyAV): the real server's integration tests, on this GPU.
+* ``server_tests`` (only with ``--server``): the real server's integration tests, on this GPU.
 
 Each step records its figures, or its failure (the exception's text), or why it was skipped ("no CUDA"),
 and the next one still runs. Everything goes to one JSON file (``--out``) and a short table on stdout.
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # module -> the wheel that provides it (pinned where this project resolved a version); all installed --no-deps
 WHEELS = {"open_clip": "open_clip_torch==3.3.0", "ftfy": "ftfy", "wcwidth": "wcwidth", "regex": "regex",
           "av": "av==18.1.0", "pytest": "pytest", "pluggy": "pluggy", "iniconfig": "iniconfig", "pygments": "pygments"}
-NEEDED = ("open_clip", "ftfy", "wcwidth", "regex")  # the trunk is an open_clip model
+NEEDED = ("open_clip", "ftfy", "wcwidth", "regex", "av")  # the trunk is an open_clip model; the server imports PyAV
 TEST_ONLY = ("pytest", "pluggy", "iniconfig", "pygments")  # pytest_cuda and server_tests
 # the card's peak dense FLOP/s by dtype (NVIDIA's data sheets; fp32 without TF32), matched in order on its name
 PEAKS = (("H100 PCIe", {"bfloat16": 756e12, "float16": 756e12, "float32": 51.2e12}),
@@ -104,13 +104,14 @@ def pytest_step(args_: list[str], timeout_s: float, need_cuda: bool, cuda: bool)
         if need_cuda and not cuda:
             raise Skip("no CUDA")
         lacking = [m for m in TEST_ONLY if importlib.util.find_spec(m) is None]
-        if lacking:
+        if "pytest" in lacking:
             raise RuntimeError(install_recipe(lacking))
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args_]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
         if proc.returncode != 0:
-            raise RuntimeError(f"pytest exit {proc.returncode}: " + " | ".join(tail[-5:]))
+            hint = f" ({install_recipe(lacking)})" if lacking else ""
+            raise RuntimeError(f"pytest exit {proc.returncode}: " + " | ".join(tail[-5:]) + hint)
         return {"command": " ".join(cmd[1:]), "summary": tail[-1] if tail else ""}
 
     return step
@@ -122,6 +123,7 @@ def headline(name: str, rec: dict) -> str:
         return rec.get("reason") or rec.get("error", "")[:100]
     f = {
         "pytest_cuda": lambda r: r["summary"],
+        "setup": lambda r: f"{r['model']}, {r['tasks']} tasks ({r['last_block_tasks']} adapting the last blocks only)",
         "server_tests": lambda r: r["summary"],
         "mixed_logits": lambda r: f"vs alone {_worst(r, 'max_abs_vs_alone'):.1e}, vs CPU {_worst(r, 'max_abs_vs_cpu_fp32'):.1e}"
         f", {r['shared_prefix']['shared_rows']} row shared",
@@ -164,7 +166,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="the serving dtype (auto: the server's rule)")
     p.add_argument("--out", default="gpu_check.json", help="the JSON file of every step's record")
-    p.add_argument("--server", action="store_true", help="also run the real server's integration tests (needs PyAV)")
+    p.add_argument("--server", action="store_true", help="also run the real server's integration tests, last")
     p.add_argument("--skip", action="append", default=[], metavar="STEP", help="leave a step out (repeatable)")
     p.add_argument("--peak-tflops", type=float, help="the card's peak for the MFU (default: from its name)")
     p.add_argument("--pytest-timeout-s", type=float, default=150)

@@ -56,3 +56,13 @@ def test_missing_wheels_are_named_with_the_commands_that_bring_them():
     assert "missing: av, open_clip" in text
     assert "pip download --no-deps" in text and "av==18.1.0 open_clip_torch==3.3.0" in text
     assert "pip install --no-deps wheels/*.whl" in text
+
+
+def test_without_pyav_the_check_stops_first_and_says_which_wheels_to_carry(tmp_path, monkeypatch, capsys):
+    real = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name, *a: None if name == "av" else real(name, *a))
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--device", "cpu", "--shape", "tiny", "--out", str(out)]) == 3
+    result = json.loads(out.read_text())
+    assert result["imports"]["missing"] == ["av"] and "steps" not in result
+    assert "av==18.1.0" in capsys.readouterr().err
