@@ -49,14 +49,17 @@ class ServerConfig:
             the same results, ~10% faster on ViT-B/16 here; a small trunk's batch fits at once; 0 = the whole
             batch at once. Ignored on CUDA, where the whole batch keeps the device busy.
         cache_bytes: device budget for resident task adapters (LRU beyond it); sizes the device slot bank
-            unless ``adapter_slots`` is set. Not given (None): 1 GiB.
+            unless ``adapter_slots`` is set. Not given (None): 1 GiB. On CUDA the budget is at most a quarter
+            of the device's free memory at start (``server.engine.slots.BANK_SHARE``: the bank and its copy
+            while it grows fit half of it).
         adapter_slots: the device slot bank holds exactly this many task slots (one bank per adapter
             activation), whatever their bytes: the slot count, not ``cache_bytes``, is then the one limit
             (a ViT-B/16 12x384 slot is 27 MiB; ``stadapter_adapter_device_bytes`` shows the total). Size it for
             the tasks that should stay resident; past it the least recently used one is evicted, and a
             batch with more distinct tasks grows the bank for that batch only. 0 (default) = as many slots
             as ``cache_bytes`` holds. Giving both is refused: two limits on one bank would leave the user
-            guessing which one holds.
+            guessing which one holds. On CUDA a count whose banks for the registered tasks do not fit the
+            device's free memory (:meth:`AdapterSlots.check_fits`) is refused at start, naming the flag.
         poll_interval_s: how often the repository is re-read for other replicas' changes (0 = never).
         max_message_bytes: gRPC receive/send limit (one clip in one message must fit).
         max_clip_bytes: largest clip accepted (whole or streamed).
@@ -238,11 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="on CPU, run each trunk block over whole clips whose tokens fit this many bytes (same results, faster "
            "on big trunks; 5 MiB = 8 ViT-B/16 frames; 0 = the whole batch at once)")
     a("--cache-bytes", type=int, default=None,
-      help="device byte budget for task adapters: as many slots as it holds, LRU beyond (default 1 GiB; not with "
-           "--adapter-slots)")
+      help="device byte budget for task adapters: as many slots as it holds, LRU beyond (default 1 GiB; on CUDA at "
+           "most a quarter of the free device memory at start; not with --adapter-slots)")
     a("--adapter-slots", type=int, default=d.adapter_slots,
       help="the device slot bank holds exactly N task slots whatever their bytes (a ViT-B/16 12x384 task: 27 MiB); "
-           "LRU beyond N; 0 = as many as --cache-bytes holds; not with --cache-bytes")
+           "LRU beyond N; on CUDA refused at start unless twice the bank fits half the free device memory; 0 = as many "
+           "as --cache-bytes holds; not with --cache-bytes")
     a("--poll-interval-s", type=float, default=d.poll_interval_s, help="re-read the repository (0 = off)")
     a("--max-message-bytes", type=int, default=d.max_message_bytes,
       help="gRPC receive/send limit (one clip in one message must fit)")
