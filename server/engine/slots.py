@@ -202,12 +202,13 @@ class AdapterSlots:
             shapes.setdefault(act, []).append(TaskShape.of(tv.host_stack))
             dims[act] = int(tv.host_stack.head_w.shape[2])  # [K, C, d]
         held = sum(b.nbytes for b in self._banks.values())
-        per_slot = {act: (self._banks[act] if act in self._banks else SlotBank(dims[act], "meta", self.dtype, act))
-                    .slot_bytes(sh) for act, sh in shapes.items()}
+        per_slot = {act: b.slot_bytes() for act, b in self._banks.items()}  # every bank has the n slots
+        per_slot.update({act: (self._banks[act] if act in self._banks else SlotBank(dims[act], "meta", self.dtype, act))
+                         .slot_bytes(sh) for act, sh in shapes.items()})
         n, peak_slot = self.fixed_slots, sum(per_slot.values()) + max(per_slot.values())
         avail = int((free + held) * BANK_SHARE)
         if n * peak_slot > avail:
-            sizes = ", ".join(f"{b} bytes ({act} adapters)" for act, b in per_slot.items())
+            sizes = ", ".join(f"{b} bytes (adapter activation {act!r})" for act, b in per_slot.items())
             raise SlotMemoryError(
                 f"--adapter-slots {n} does not fit {self.device}: a slot takes {sizes}, and {n} slots need "
                 f"{n * peak_slot} bytes counting a re-padded bank held twice for a moment, but {BANK_SHARE:.0%} of the "
