@@ -17,7 +17,7 @@ TEST_DEPS := $(TRITON_STAMP)
 TEST_ENV := STADAPTER_PYTRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python
 endif
 
-.PHONY: venv test lint docs demo triton clean protos ffmpeg
+.PHONY: venv test lint docs demo triton clean protos ffmpeg gpu-check
 
 # The docs site (mkdocs.yml, docs/), built offline; --strict turns every warning (a broken link, a page
 # missing from the nav) into an error. The output folder is git-ignored. (The variable silences the theme's
@@ -57,6 +57,12 @@ test: $(STAMP) $(TEST_DEPS) ffmpeg lint docs
 
 demo: $(STAMP)
 	$(BIN)/python -m server.demo
+
+# On a GPU machine: the CUDA tests, then the model side on a random ViT-B/16 (about 5 minutes on one H100), into
+# gpu_check.json and a table. It names any missing wheel (PyAV, open_clip) with the commands that carry it there.
+# GPU_CHECK_ARGS=--server adds the real server's integration tests.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY)) -m bench.gpu_check --out gpu_check.json $(GPU_CHECK_ARGS)
 
 # A Triton model repository for the demo tasks (generated, not committed).
 triton: $(STAMP)

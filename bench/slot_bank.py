@@ -38,14 +38,14 @@ from bench.report import emit_json
 MIX = 8  # tasks per mixed batch
 
 
-def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0) -> list:
-    """``n`` TaskVersions with random host stacks, as ``TaskRegistry.load_version`` builds them."""
+def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0, frames: int = 2) -> list:
+    """``n`` TaskVersions with random host stacks, as ``TaskRegistry.load_version`` builds them (``frames`` per clip)."""
     from server.registry.registry import TaskVersion
     from stadapter import SamplingConfig, TaskSpec
     from stadapter.bank import AdapterStack, expected_shapes
 
     shapes = expected_shapes(adapter, trunk.dim, trunk.num_blocks, num_classes)
-    sampling = SamplingConfig(num_frames=2, input_size=trunk.image_size)
+    sampling = SamplingConfig(num_frames=frames, input_size=trunk.image_size)
     g = torch.Generator().manual_seed(seed)
     out = []
     for k in range(n):
@@ -57,12 +57,12 @@ def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0
     return out
 
 
-def _runner(trunk, budget: int, mixed=None, on_event=None, slots: int = 0):
+def _runner(trunk, budget: int, mixed=None, on_event=None, slots: int = 0, device: str = "cpu",
+            dtype: torch.dtype = torch.float32):
     from server.engine.model import ModelRunner
     from server.engine.slots import AdapterSlots
 
-    return ModelRunner(trunk, AdapterSlots(budget, torch.device("cpu"), torch.float32, on_event=on_event, slots=slots),
-                       mixed)
+    return ModelRunner(trunk, AdapterSlots(budget, torch.device(device), dtype, on_event=on_event, slots=slots), mixed)
 
 
 def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
@@ -132,13 +132,16 @@ def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, bu
             "activations_total": runner.slots.activations - act0}
 
 
-def bench_cold(trunk, tvs: list, slots: int, frames: int, iters: int) -> dict:
+def bench_cold(trunk, tvs: list, slots: int, frames: int, iters: int, device: str = "cpu",
+               dtype: torch.dtype = torch.float32) -> dict:
+    """``device``/``dtype``: where the trunk is and the slots serve (``trunk`` must be there already)."""
     from stadapter.bank import SlotBank, TaskShape
 
-    probe = SlotBank(trunk.dim, "cpu", torch.float32)
-    slot_bytes = probe.slot_bytes([TaskShape.of(tvs[0].host_stack)])
+    probe = SlotBank(trunk.dim, "meta", dtype)
+    slot_bytes = probe.slot_bytes([TaskShape.of(tv.host_stack) for tv in tvs])
     act_s: list[float] = []
-    runner = _runner(trunk, slots * slot_bytes, on_event=lambda e, s: act_s.append(s) if e == "activation" else None)
+    runner = _runner(trunk, slots * slot_bytes, on_event=lambda e, s: act_s.append(s) if e == "activation" else None,
+                     device=device, dtype=dtype)
     S = trunk.image_size
     v = torch.randn(1, frames, 3, S, S, generator=torch.Generator().manual_seed(2))
     for tv in tvs[:slots]:  # fill every slot

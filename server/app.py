@@ -103,6 +103,10 @@ class Server:
         registry = TaskRegistry(cfg.model_repository, trunk, limits.bundle, cfg.keep_versions, on_change)
         registry.sync()
         metrics.tasks_loaded.set(len(registry.tasks))
+        slots.check_fits(list(registry.tasks.values()))  # --adapter-slots too many for the device: refused now
+        if slots.budget < cfg.slot_budget_bytes and not cfg.adapter_slots:
+            log.warning("the slot bank's byte budget (--cache-bytes) %d is more than the device's free memory allows: "
+                        "%d instead", cfg.slot_budget_bytes, slots.budget)
 
         runner = ModelRunner(trunk, slots, max_rows=limits.max_batch_rows)  # warm-up covers each batch-size bucket
         batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)

@@ -245,17 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
            "device busy")
     a("--cache-bytes", type=int, default=None,
       help="device byte budget of the adapter slot bank: as many task slots as it holds, the least recently used "
-           "task going back to host memory beyond it (not given: 1 GiB; not with --adapter-slots)")
+           "task going back to host memory beyond it (not given: 1 GiB; on CUDA at most a quarter of the device's free "
+           "memory at start; not with --adapter-slots)")
     a("--adapter-slots", type=int, default=d.adapter_slots,
       help="the device slot bank (one per adapter activation) holds exactly N task slots whatever their bytes "
            "(a ViT-B/16 12x384 task: 27 MiB; stadapter_adapter_device_bytes shows the total); past N the least "
            "recently used task goes back to host memory, and a batch with more distinct tasks grows the bank for "
-           "that batch only; 0 = as many as --cache-bytes holds. Giving both is refused: two limits on one bank")
+           "that batch only; 0 = as many as --cache-bytes holds. Giving both is refused: two limits on one bank. On "
+           "CUDA refused at start unless the banks, and the largest once more while it grows, fit half the free "
+           "device memory")
     a("--response-cache-bytes", type=int, default=d.response_cache_bytes,
       help="budget of the response cache: answers kept by clip sha256, task version and sampling (LRU), so the "
            "same request is answered without a decode or forward; 0 = no cache")
     a("--warmup", action=argparse.BooleanOptionalAction, default=d.warmup,
-      help="run each served input shape once (one-task and mixed paths) before accepting traffic")
+      help="run each served input shape once before accepting traffic: one-task and mixed batches, each row a clip "
+           "of its own, and the shared-prefix path where tasks adapt only the last blocks")
 
     a = p.add_argument_group("Security").add_argument
     a("--admin-token-file", type=Path,

@@ -36,6 +36,11 @@ from stadapter.trunk import VideoTrunk
 MixedMode = Literal["gather", "segment"]
 
 
+def _blanks(n: int, frames: int, size: int) -> list[Tensor]:
+    """``n`` blank one-view clips [1, T, 3, S, S], each its own tensor (clips share an input only by identity)."""
+    return list(torch.zeros(n, 1, frames, 3, size, size).unbind(0))
+
+
 def mixed_mode_for(device: torch.device) -> MixedMode:
     """How a mixed batch runs on this device type: ``gather`` on CPU and on CUDA.
 
@@ -136,9 +141,11 @@ class ModelRunner:
         Clips batch by (frames, input size, adapter activation); for each such group this
         runs, at every batch-size bucket (:meth:`batch_buckets`), a one-task forward (the
         fast path) and, when the group has several tasks, a two-task one (the mixed path),
-        on blank clips (without ``max_rows``: one row, and two rows mixed). First forwards
-        of a shape are slow everywhere (allocator; on CUDA the context, library handles
-        and kernel choice per shape). Returns the number of forwards run.
+        each row a clip of its own as in serving (without ``max_rows``: one row, and two
+        rows mixed). When two of the group's tasks leave blocks unadapted, a mixed forward
+        whose clips each go to both tasks (one request naming two tasks) warms the shared
+        prefix too. First forwards of a shape are slow everywhere (allocator; on CUDA the
+        context, library handles and kernel choice per shape). Returns the number of forwards run.
         """
         groups: dict[tuple, list[TaskVersion]] = {}
         for tv in tvs:
@@ -148,12 +155,16 @@ class ModelRunner:
         mixed_sizes = [n for n in sizes if n >= 2] or ([2] if self.max_rows is None else [])
         runs = 0
         for (frames, size, _), members in groups.items():
-            blank = torch.zeros(1, frames, 3, size, size)
+            sharing = [tv for tv in members if self.trunk.prefix_blocks(tv.host_stack) > 0]
             for n in sizes:
-                self.forward([(members[0], blank)] * n)
+                self.forward([(members[0], b) for b in _blanks(n, frames, size)])
                 runs += 1
             for n in mixed_sizes if len(members) > 1 else ():
-                self.forward([(members[i % 2], blank) for i in range(n)])
+                self.forward([(members[i % 2], b) for i, b in enumerate(_blanks(n, frames, size))])
+                runs += 1
+            for n in mixed_sizes if len(sharing) > 1 else ():
+                shared = _blanks((n + 1) // 2, frames, size)
+                self.forward([(sharing[i % 2], shared[i // 2]) for i in range(n)])
                 runs += 1
         return runs
 
@@ -201,7 +212,9 @@ class ModelRunner:
             if s.ready is not None:  # the side stream's copies come first
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_event(s.ready)
-                s.frames.record_stream(compute)
+                for t in (s.frames, s.task_index, s.row_input):  # made on the side stream, read on this one
+                    if t is not None:
+                        t.record_stream(compute)
             logits = self.trunk(s.frames.to(self.dtype), s.stack, s.task_index, s.row_input).float()  # [N, C_max]
         for tv in s.tvs:
             if tv.retired:  # admitted before the registry retired it: it leaves once its requests end

@@ -40,6 +40,19 @@ from server.registry.registry import TaskVersion
 from stadapter.bank import SlotBank, TaskShape
 
 DEFAULT_CHUNK = 8  # slots added per growth step
+BANK_SHARE = 0.5  # of the device's free memory the slot banks may take at their peak; the rest is the forwards'
+
+
+class SlotMemoryError(ValueError):
+    """The requested slots cannot fit the device's free memory (refused at start, not inside every batch)."""
+
+
+def free_device_bytes(device: torch.device) -> Optional[int]:
+    """The free memory of a CUDA device (``torch.cuda.mem_get_info``); None elsewhere (nothing is checked there)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,9 @@ class AdapterSlots:
         self._doomed: set[int] = set()  # discarded while pinned: freed when the lease ends
         self._lock = threading.Lock()
         self.hits = self.activations = self.evictions = 0
+        free = free_device_bytes(device)
+        if free is not None and not slots:  # the budget's bank at its peak (old and new during a reserve) must fit
+            self.budget = min(self.budget, int(free * BANK_SHARE) // 2)
 
     # --- reading (any thread) ---
 
@@ -163,9 +179,46 @@ class AdapterSlots:
                 raise
         return Lease(self, bank, slots)
 
+    def check_fits(self, tvs: Sequence[TaskVersion]) -> None:
+        """Refuse a fixed slot count (``--adapter-slots``) whose banks for these tasks cannot fit the device's memory.
+
+        Each bank (one per adapter activation) holds every slot padded to the widest of its tasks, and
+        re-padding it for a wider task (:meth:`SlotBank.reserve`) holds the old and the new bank at once: the
+        banks together plus the largest once more must fit in ``BANK_SHARE`` of the device's free memory (with
+        the banks already held counted as free). Nothing is checked on CPU, or for a byte budget (capped by
+        the free memory when these slots are made). Raises :class:`SlotMemoryError`.
+        """
+        with self._lock:
+            self._check_fits(tvs)
+
+    def _check_fits(self, tvs: Sequence[TaskVersion]) -> None:  # under the lock
+        free = free_device_bytes(self.device)
+        if not self.fixed_slots or free is None or not tvs:
+            return
+        shapes: dict[str, list[TaskShape]] = {}
+        dims: dict[str, int] = {}
+        for tv in tvs:
+            act = tv.host_stack.activation
+            shapes.setdefault(act, []).append(TaskShape.of(tv.host_stack))
+            dims[act] = int(tv.host_stack.head_w.shape[2])  # [K, C, d]
+        held = sum(b.nbytes for b in self._banks.values())
+        per_slot = {act: b.slot_bytes() for act, b in self._banks.items()}  # every bank has the n slots
+        per_slot.update({act: (self._banks[act] if act in self._banks else SlotBank(dims[act], "meta", self.dtype, act))
+                         .slot_bytes(sh) for act, sh in shapes.items()})
+        n, peak_slot = self.fixed_slots, sum(per_slot.values()) + max(per_slot.values())
+        avail = int((free + held) * BANK_SHARE)
+        if n * peak_slot > avail:
+            sizes = ", ".join(f"{b} bytes (adapter activation {act!r})" for act, b in per_slot.items())
+            raise SlotMemoryError(
+                f"--adapter-slots {n} does not fit {self.device}: a slot takes {sizes}, and {n} slots need "
+                f"{n * peak_slot} bytes counting a re-padded bank held twice for a moment, but {BANK_SHARE:.0%} of the "
+                f"{free + held} free bytes is {avail}: at most {avail // peak_slot} slots fit. Lower --adapter-slots, "
+                f"or size the bank by --cache-bytes instead")
+
     def _bank(self, act: str, tv: TaskVersion) -> SlotBank:
         bank = self._banks.get(act)
         if bank is None:
+            self._check_fits([tv])  # a first task of this activation after start: refused clearly, before allocating
             dim = int(tv.host_stack.head_w.shape[2])  # [K, C, d]
             bank = self._banks[act] = SlotBank(dim, self.device, self.dtype, act)
             self._free[act] = []

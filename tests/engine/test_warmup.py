@@ -1,0 +1,47 @@
+"""Warm-up runs the shapes serving runs: each row a clip of its own, and the shared prefix where tasks have one."""
+
+from __future__ import annotations
+
+import torch
+from factories import HETERO, task_versions
+
+from server.engine.model import ModelRunner
+from server.engine.slots import AdapterSlots
+from stadapter import AdapterConfig
+
+CPU = torch.device("cpu")
+LAST_BLOCK = AdapterConfig(width=8, pre_attn=True, pre_mlp=True, layers=1)  # the tiny trunk has 2 blocks
+
+
+def _trunk_calls(trunk, monkeypatch) -> list[tuple[int, int]]:
+    """(inputs, rows) of every trunk forward: rows > inputs when rows share an input's prefix."""
+    calls: list[tuple[int, int]] = []
+    real = trunk.forward
+
+    def forward(frames, stack, task_index=None, row_input=None):
+        calls.append((int(frames.shape[0]), int(frames.shape[0] if row_input is None else row_input.shape[0])))
+        return real(frames, stack, task_index, row_input)
+
+    monkeypatch.setattr(trunk, "forward", forward)
+    return calls
+
+
+def test_warmup_gives_each_row_its_own_clip_and_warms_the_shared_prefix(tiny_trunk, tmp_path, monkeypatch):
+    """Tasks adapting only the last block: one blank tensor for every row made each warm-up forward a shared-prefix
+    forward over one input, so the per-clip shapes serving runs (N inputs) were never warmed."""
+    tvs = task_versions(tiny_trunk, tmp_path, [(LAST_BLOCK, 3), (LAST_BLOCK, 4)])
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), max_rows=4)
+    calls = _trunk_calls(tiny_trunk, monkeypatch)
+    assert runner.warmup(tvs) == len(calls)
+    one_task, mixed, shared = calls[:3], calls[3:5], calls[5:]
+    assert one_task == [(1, 1), (2, 2), (4, 4)]  # the fast path, a clip per row
+    assert mixed == [(2, 2), (4, 4)]  # the mixed path, a clip per row
+    assert shared == [(1, 2), (2, 4)]  # each clip to both tasks: the prefix over half the rows
+
+
+def test_warmup_of_tasks_adapting_block_0_has_no_shared_prefix_to_warm(tiny_trunk, tmp_path, monkeypatch):
+    tvs = task_versions(tiny_trunk, tmp_path, [(HETERO[0][0], 3)] * 2)
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), max_rows=4)
+    calls = _trunk_calls(tiny_trunk, monkeypatch)
+    runner.warmup(tvs)
+    assert calls == [(1, 1), (2, 2), (4, 4), (2, 2), (4, 4)]
