@@ -208,7 +208,7 @@ def bench_libraries(data: bytes, idx: list[int], repeats: int) -> dict:
     for name, t in times.items():
         rows[name].update(ms_median=1e3 * statistics.median(t), ms_runs=[1e3 * x for x in t])
     base = rows["stadapter"].get("ms_median")
-    for name, row in rows.items():
+    for row in rows.values():
         if base and row.get("ms_median"):
             row["x_stadapter_time"] = row["ms_median"] / base
     return rows

@@ -138,7 +138,7 @@ def evaluate(clf, clips: list[tuple[bytes, int]]) -> dict:
             hits[name] += answers[name] == label
         agree += answers["exact"] == answers["keyframe"]
         a, b = sample_plan(data, exact), sample_plan(data, fast)
-        moved += sum(x != y for va, vb in zip(a, b) for x, y in zip(va, vb))
+        moved += sum(x != y for va, vb in zip(a, b, strict=True) for x, y in zip(va, vb, strict=True))
         total += sum(len(v) for v in a)
     n = max(len(clips), 1)
     return {"clips": len(clips), "top1_exact": hits["exact"] / n, "top1_keyframe": hits["keyframe"] / n,

@@ -87,7 +87,7 @@ class Rig:
     def mixed_clips(self, seed: int = 0) -> list:
         """A clip per task, and one more clip given to both last-block tasks (one request naming both)."""
         own = self.views(len(self.tvs) + 1, seed)
-        return [(tv, v) for tv, v in zip(self.tvs, own)] + [(tv, own[-1]) for tv in self.last[:2]]
+        return [(tv, v) for tv, v in zip(self.tvs, own, strict=True)] + [(tv, own[-1]) for tv in self.last[:2]]
 
     def shared_clips(self, seed: int = 1) -> list:
         """The last-block tasks alone: one clip given to both (their rows share its prefix), one to the first."""
@@ -185,7 +185,7 @@ def staging_stress(rig: Rig, count: int = 6, delay_s: float = 0.005, gpu_cycles:
             if i + 1 < count:
                 nxt = stager.submit(runner.stage, work[i + 1])
             overlapped.append(runner.run(staged).probs)
-    diff = max(_max_diff(a, b) for a, b in zip(sequential, overlapped))
+    diff = max(_max_diff(a, b) for a, b in zip(sequential, overlapped, strict=True))
     _within("staged vs sequential", diff, 1e-6)
     return {"batches": count, "side_stream": rig.cuda, "max_abs_vs_sequential": diff}
 

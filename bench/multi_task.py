@@ -109,11 +109,11 @@ def run(rounds: int, trunk_name: str = "tiny") -> dict:
                 for depth in DEPTHS:
                     names = task_names(depth)
 
-                    def one(names=names) -> None:
+                    def one(names=names, data=data) -> None:
                         assert all(not isinstance(r, Exception) for r in c.classify(data, names))
 
-                    def four(names=names) -> None:
-                        list(pool.map(lambda t: c.classify(data, t), names))
+                    def four(names=names, data=data) -> None:
+                        list(pool.map(lambda one_task: c.classify(data, one_task), names))
 
                     fns[f"{depth} one_request"], fns[f"{depth} four_requests"] = one, four
                 seen: dict[str, dict[str, float]] = {}

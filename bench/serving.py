@@ -303,7 +303,7 @@ def table(results: dict) -> str:
                      f"{r['e2e_over_raw']:.2f}", f"{r['e2e_decode_included']['decode_share']:.2f}",
                      f"{m['cache_bytes_per_task']}", f"{m['bundle_tensor_bytes']}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def main(argv=None) -> int:

@@ -151,7 +151,7 @@ def bench_cold(trunk, tvs: list, slots: int, frames: int, iters: int, device: st
     act_s.clear()
     cold, warm = [], []
     nxt = slots
-    for i in range(iters):
+    for _ in range(iters):
         tv = tvs[nxt % len(tvs)]  # never resident: LRU order walks the registered tasks
         nxt += 1
         t0 = time.perf_counter()
@@ -169,7 +169,7 @@ def bench_cold(trunk, tvs: list, slots: int, frames: int, iters: int, device: st
     return {"registered": len(tvs), "slots": runner.slots.used + runner.slots.free, "slot_bytes": slot_bytes,
             "device_bytes": runner.slots.bytes, "device_bytes_expected": slots * slot_bytes,
             "host_bytes_per_task": statistics.mean(host), "tensor_bytes_per_task": statistics.mean(tv.nbytes for tv in tvs),
-            "host_equals_tensor_bytes": all(h == tv.nbytes for h, tv in zip(host, tvs)),
+            "host_equals_tensor_bytes": all(h == tv.nbytes for h, tv in zip(host, tvs, strict=True)),
             "evictions": runner.slots.evictions, "iters": iters,
             "cold_forward_ms": {"p50": 1e3 * pct(cold, 0.5), "p99": 1e3 * pct(cold, 0.99)},
             "warm_forward_ms": {"p50": 1e3 * pct(warm, 0.5), "p99": 1e3 * pct(warm, 0.99)},
@@ -206,7 +206,7 @@ def table(runs: dict) -> str:
                      f"{k['warm_forward_ms']['p50']:.1f}/{k['warm_forward_ms']['p99']:.1f}",
                      f"{k['activation_ms']['p50']:.2f}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def main(argv=None) -> int:

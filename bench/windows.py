@@ -115,15 +115,15 @@ def run(seconds: int, rounds: int, in_flight: int = IN_FLIGHT) -> dict:
 
                 cpu: dict[str, list[float]] = {"windows": [], "one_decoder": [], "per_window": []}
 
-                def timeline(name: str, server, client) -> None:
+                def timeline(name: str, server, client, window_s=window_s, stride_s=stride_s, cpu=cpu, starts=starts) -> None:
                     c0 = tree_cpu_s(server.proc.pid)
                     got = list(client.windows(clip, TASK, window_s, stride_s))
                     cpu[name].append(tree_cpu_s(server.proc.pid) - c0)
                     assert [w.index for w in got] == list(range(len(starts))), (len(got), len(starts))
 
-                def per_window() -> None:
+                def per_window(cuts=cuts, cpu=cpu, starts=starts) -> None:
                     c0 = tree_cpu_s(srv.proc.pid)
-                    got = list(pool.map(lambda b: c.classify(b, TASK), cuts))
+                    got = list(pool.map(lambda cut: c.classify(cut, TASK), cuts))
                     cpu["per_window"].append(tree_cpu_s(srv.proc.pid) - c0)
                     assert len(got) == len(starts)
 

@@ -158,7 +158,7 @@ def _classify(ns: argparse.Namespace, client) -> int:
         if len(names) > 1:
             raise UsageError("--batch takes one --task (each clip of a BatchClassify call names its own task)")
         rows: list[Row] = [(str(c), r) for c, r in zip(ns.clips, client.batch_classify(ns.clips, names[0], ns.top_k,
-                                                                                        sampling))]
+                                                                                        sampling), strict=True)]
     elif len(names) == 1:
         rows = classify_each(lambda clip: client.classify(clip, names[0], ns.top_k, sampling), ns.clips)
     else:

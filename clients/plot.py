@@ -38,10 +38,10 @@ def plot_timeline(windows: Sequence[WindowResult], out: Path, title: str = "") -
     try:
         ax.plot(centres, [w.top.score for w in windows], color="0.7", linewidth=1, zorder=1)
         for label in labels:
-            xs = [c for c, w in zip(centres, windows) if w.top.label == label]
+            xs = [c for c, w in zip(centres, windows, strict=True) if w.top.label == label]
             ax.scatter(xs, [w.top.score for w in windows if w.top.label == label], color=colours[label], s=18,
                        label=label, zorder=2)
-        for i, (c, w) in enumerate(zip(centres, windows)):
+        for i, (c, w) in enumerate(zip(centres, windows, strict=True)):
             right = centres[i + 1] if i + 1 < len(windows) else w.end_s
             left = c if i else w.start_s
             ax.fill_between([left, right], -0.12, -0.04, color=colours[w.top.label], linewidth=0)

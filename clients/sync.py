@@ -181,7 +181,7 @@ def batch_request(clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k:
         raise ClientError(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{len(clips)} clips but {len(tasks)} task names; give one task or one per clip", local=True)
     return pb.BatchClassifyRequest(requests=[classify_request(t, read_clip(c), top_k, sampling)
-                                             for c, t in zip(clips, tasks)])
+                                             for c, t in zip(clips, tasks, strict=True)])
 
 
 def batch_results(resp: pb.BatchClassifyResponse) -> list[Union[ClassifyResult, ClientError]]:

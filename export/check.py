@@ -84,7 +84,7 @@ def check_graph(
     path = Path(onnx_path)
     info = graph_info(path)
     inputs = example_inputs(batch, info.num_frames, info.input_size, info.num_tasks if info.multi else None, seed=2)
-    feeds = {n: t.numpy() for n, t in zip(info.input_names, inputs)}
+    feeds = {n: t.numpy() for n, t in zip(info.input_names, inputs, strict=True)}
     trt = None
     if provider == "tensorrt":
         shapes: dict[str, tuple[int, ...]] = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
@@ -115,8 +115,8 @@ def check_graph(
     tol = tolerance if tolerance is not None else parity_tolerance(provider, info.fp16)
     if ref is not None:
         diff = max(float(np.abs(np.asarray(r, np.float64) - np.asarray(g, np.float64)).max())
-                   for r, g in zip(ref, got) if np.asarray(r).dtype.kind == "f")
-        ints_equal = all(np.array_equal(r, g) for r, g in zip(ref, got) if np.asarray(r).dtype.kind == "i")
+                   for r, g in zip(ref, got, strict=True) if np.asarray(r).dtype.kind == "f")
+        ints_equal = all(np.array_equal(r, g) for r, g in zip(ref, got, strict=True) if np.asarray(r).dtype.kind == "i")
         result.update(max_abs_diff=diff, tolerance=tol, ok=bool(diff <= tol and ints_equal))
     else:
         result.update(max_abs_diff=None, tolerance=tol, ok=True)

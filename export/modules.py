@@ -30,7 +30,7 @@ class _StackBuffers(nn.Module):
         super().__init__()
         self.keys: list[SlotKey] = sorted(stack.slots)
         for n, key in enumerate(self.keys):
-            for f, t in zip(_SLOT_FIELDS, stack.slots[key].tensors()):
+            for f, t in zip(_SLOT_FIELDS, stack.slots[key].tensors(), strict=True):
                 self.register_buffer(f"s{n}_{f}", t.detach().clone())
         self.register_buffer("head_w", stack.head_w.detach().clone())  # [K, C_max, d]
         self.register_buffer("head_b", stack.head_b.detach().clone())  # [K, C_max]

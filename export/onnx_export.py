@@ -336,9 +336,9 @@ def run_parity(
         ref = model(*inputs)
     ref = ref if isinstance(ref, tuple) else (ref,)
     sess = make_session(path, provider, fp16_graph=fp16_graph)
-    got = sess.run(None, {n: t.numpy() for n, t in zip(input_names, inputs)})
+    got = sess.run(None, {n: t.numpy() for n, t in zip(input_names, inputs, strict=True)})
     diff = 0.0
-    for r, g in zip(ref, got):
+    for r, g in zip(ref, got, strict=True):
         r = r.numpy()
         if r.shape != g.shape:
             raise ExportError(f"{path}: onnxruntime output shape {g.shape} differs from PyTorch {r.shape}")

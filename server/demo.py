@@ -173,7 +173,7 @@ def run_demo(repository: Path, samples: Path, keep: bool = False) -> int:
             raise DemoError(f"no sample clips for any served task under {samples} (expected <task>/labels.json)")
         results = client.batch_classify([c for _, c, _ in items], [t for t, _, _ in items], top_k=3)
         rows, failures = [], 0
-        for (task, clip, truth), r in zip(items, results):
+        for (task, clip, truth), r in zip(items, results, strict=True):
             row, answered = _row(task, clip, truth, r)
             rows.append(row)
             failures += not answered

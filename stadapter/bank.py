@@ -135,7 +135,7 @@ class AdapterStack:
                 _pad_slot(s.slots[key], width, kernel) if key in s.slots else _zero_slot(s.num_tasks, dim, width, kernel, ref)
                 for s in stacks
             ]
-            slots[key] = SlotWeights(*(torch.cat(ts, 0) for ts in zip(*(p.tensors() for p in parts))))
+            slots[key] = SlotWeights(*(torch.cat(ts, 0) for ts in zip(*(p.tensors() for p in parts), strict=True)))
         c_max = max(s.head_w.shape[1] for s in stacks)
         head_w = torch.cat([F.pad(s.head_w, (0, 0, 0, c_max - s.head_w.shape[1])) for s in stacks])
         head_b = torch.cat([F.pad(s.head_b, (0, c_max - s.head_b.shape[1])) for s in stacks])
@@ -267,7 +267,7 @@ class SlotBank:
         for sh in shapes:
             for key, (r, k) in sh.slots.items():
                 r0, k0 = geo.get(key, (0, (1, 1, 1)))
-                geo[key] = (max(r0, r), tuple(max(a, b) for a, b in zip(k0, k)))  # type: ignore[assignment]
+                geo[key] = (max(r0, r), tuple(max(a, b) for a, b in zip(k0, k, strict=True)))  # type: ignore[assignment]
             classes = max(classes, sh.num_classes)
         return geo, classes
 
@@ -300,7 +300,7 @@ class SlotBank:
             new = SlotWeights(self._zeros(capacity, r, d), self._zeros(capacity, r), self._zeros(capacity, *k, r),
                               self._zeros(capacity, r), self._zeros(capacity, d, r), self._zeros(capacity, d))
             if key in old and n:
-                for dst, src in zip(_region(new, slice(0, n), *self._geometry[key]).tensors(), old[key].tensors()):
+                for dst, src in zip(_region(new, slice(0, n), *self._geometry[key]).tensors(), old[key].tensors(), strict=True):
                     dst.copy_(src)
             slots[key] = new
         head_w, head_b = self._zeros(capacity, classes, d), self._zeros(capacity, classes)
@@ -346,7 +346,7 @@ class SlotBank:
                 for t in _region(bank, rows, *geo).tensors():
                     t.zero_()
             if mine is not None:
-                for dst, src in zip(_region(bank, rows, *mine).tensors(), stack.slots[key].tensors()):
+                for dst, src in zip(_region(bank, rows, *mine).tensors(), stack.slots[key].tensors(), strict=True):
                     dst.copy_(src, non_blocking=True)
         c = shape.num_classes
         self._head_w[slot, c:].zero_()
@@ -418,7 +418,7 @@ class Segments:
         """The adapters at ``key`` over tokens [B*T, 1 + h*w, d]; segments lacking it pass unchanged."""
         T, (h, w) = num_frames, grid
         out = None
-        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:]):
+        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:], strict=False):
             s = st.slots.get(key)
             if s is None or a == b:
                 continue
@@ -431,6 +431,6 @@ class Segments:
     def head(self, feats: Tensor) -> Tensor:
         """feats [B, d] -> logits [B, C_max] (zero-padded past each task's classes)."""
         out = feats.new_zeros(feats.shape[0], max(s.num_classes[0] for s in self.stacks))
-        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:]):
+        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:], strict=False):
             out[a:b, : st.num_classes[0]] = st.head(feats[a:b], None)
         return out

@@ -18,7 +18,7 @@ from .video import VideoError, decode_clip
 
 def topk(probs: torch.Tensor, labels: list[str], k: int) -> list[dict]:
     values, idx = probs.topk(min(k, len(labels)))
-    return [{"label": labels[i], "score": round(float(v), 6)} for v, i in zip(values.tolist(), idx.tolist())]
+    return [{"label": labels[i], "score": round(float(v), 6)} for v, i in zip(values.tolist(), idx.tolist(), strict=True)]
 
 
 def predict_clip(clf: VideoClassifier, source, k: int = 5, **sampling_overrides) -> list[dict]:

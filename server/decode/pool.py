@@ -270,7 +270,7 @@ class ProcessDecodePool:
         idle = set(taken)  # a part that never starts (the call left first) gives its worker back below
         tally = SplitBudget(limits, job, len(taken)) if len(taken) > 1 else None
         parts = [self._window_part(w, idle, clip, sampling, limits, part, timeout_s, deadline, tally)
-                 for w, part in zip(taken, job.parts(len(taken)))]
+                 for w, part in zip(taken, job.parts(len(taken)), strict=True)]
         try:
             async with contextlib.aclosing(parts[0] if len(parts) == 1 else interleave(parts)) as batches:
                 async for batch in batches:

@@ -91,7 +91,7 @@ class SplitBudget:
     def update(self, part: int, counts: tuple[int, int, int]) -> None:
         """Part ``part`` has read ``counts`` (packets, frames, pixels) so far; VideoError if the sum is over."""
         self.counts[part] = counts
-        packets, frames, pixels = (sum(c) for c in zip(*self.counts))
+        packets, frames, pixels = (sum(c) for c in zip(*self.counts, strict=True))
         self.budget.check_totals(packets, frames, pixels)
 
 

@@ -297,7 +297,7 @@ class Pipeline:
         values, idx = probs.topk(min(k, tv.spec.num_classes))
         if self.metrics is not None:
             self.metrics.clips.labels(tv.name).inc()
-        return Classification(tv, list(zip(idx.tolist(), values.tolist())), decode_s, queue_s, compute_s,
+        return Classification(tv, list(zip(idx.tolist(), values.tolist(), strict=True)), decode_s, queue_s, compute_s,
                               time.monotonic() - t0, batch_clips, cached)
 
     # --- the response cache (all no-ops without one) ---

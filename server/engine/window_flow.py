@@ -78,7 +78,7 @@ async def in_window_order(batches: AsyncIterator[WindowBatch], compute: Callable
                     computing[loop.create_task(_computed(compute, batch))] = batch.spans
             for t in done & computing.keys():
                 spans = computing.pop(t)
-                for span, answer in zip(spans, t.result()):
+                for span, answer in zip(spans, t.result(), strict=True):
                     ready[span.index] = (span, answer)
             while nxt in ready:
                 yield ready.pop(nxt)

@@ -74,7 +74,7 @@ async def gather_clip(chunks: AsyncIterator[T], context: grpc.aio.ServicerContex
         if len(buf) + len(data) > limit:
             raise BadRequest(f"the streamed clip exceeds the server's --max-clip-bytes of {limit} bytes")
         ticket.hold(len(data))
-        buf += data
+        buf.extend(data)  # in place: the length callback above sees this buffer
         del data
     if first is None:
         raise BadRequest("the stream carried no chunks")

@@ -152,7 +152,7 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
         names = ([task] if task else []) + list(tasks)
         outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, _overrides(sampling), deadline)
         results = []
-        for name, o in zip(names, outcomes.items):
+        for name, o in zip(names, outcomes.items, strict=True):
             if isinstance(o, Classification):
                 code = "OK"
                 results.append(_task_result(o))

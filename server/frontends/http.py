@@ -259,7 +259,7 @@ class HttpService(_Base):
         t0 = time.monotonic()
         outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, overrides, None)
         results: list[dict[str, Any]] = []
-        for name, o in zip(names, outcomes.items):
+        for name, o in zip(names, outcomes.items, strict=True):
             if isinstance(o, Classification):
                 code = grpc.StatusCode.OK
                 results.append(classification_json(o, ""))

@@ -180,7 +180,7 @@ def views_to_array(views: list[list[int]], got: dict[int, np.ndarray], cfg: Samp
     [V, T, 3, S, S]."""
     S, C = cfg.input_size, cfg.spatial_views
     levels = np.arange(256, dtype=np.float32) / 255.0
-    tables = [(levels - np.float32(m)) / np.float32(s) for m, s in zip(cfg.mean, cfg.std)]
+    tables = [(levels - np.float32(m)) / np.float32(s) for m, s in zip(cfg.mean, cfg.std, strict=True)]
     out = np.empty((len(views) * C, cfg.num_frames, 3, S, S), np.float32)
     for i in unique_indices(views):
         img = got[i]

@@ -103,7 +103,7 @@ def snap_to_keyframes(indices: Sequence[int], cells: Sequence[tuple[int, int]], 
     cell's first frame if a keyframe precedes it, else the index itself (also when the cell does not hold
     the index). ``keyframes``: sorted frame indices. Non-decreasing indices stay non-decreasing."""
     out = []
-    for s, (lo, hi) in zip(indices, cells):
+    for s, (lo, hi) in zip(indices, cells, strict=True):
         if not lo <= s < hi:
             out.append(s)
             continue

@@ -61,7 +61,7 @@ class FakeTriton(sgrpc.GRPCInferenceServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"expected inputs {sorted(specs)}, got {sorted(got)}")
         feeds, batch = {}, set()
         self.requests.append({t.name: (t.datatype, list(t.shape)) for t in request.inputs})
-        for tensor, raw in zip(request.inputs, request.raw_input_contents):
+        for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
             spec = specs[tensor.name]
             dtype, triton_type = NP[mc.DataType.Name(spec.data_type)]
             shape = list(tensor.shape)
@@ -81,7 +81,7 @@ class FakeTriton(sgrpc.GRPCInferenceServiceServicer):
         names = [o.name for o in self.config.output]
         values = self.session.run(names, feeds)
         resp = spb.ModelInferResponse(model_name=self.config.name, model_version="1", id=request.id)
-        for spec, value in zip(self.config.output, values):
+        for spec, value in zip(self.config.output, values, strict=True):
             dtype, triton_type = NP[mc.DataType.Name(spec.data_type)]
             value = np.ascontiguousarray(value, dtype=dtype).reshape([value.shape[0], *spec.dims])
             resp.outputs.add(name=spec.name, datatype=triton_type, shape=list(value.shape))

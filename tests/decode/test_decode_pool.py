@@ -17,7 +17,7 @@ import torch
 from serverproc import ServerProcess, make_repository
 
 from server.decode.pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
-from server.errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, status_for
+from server.errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining, status_for
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, VideoLimits, decode_clip
 from stadapter_api.v1 import inference_pb2 as pb
@@ -163,7 +163,7 @@ def test_hung_decode_is_killed_at_the_timeout_and_close_is_prompt(loop, clip, mo
             await asyncio.sleep(0.2)
             t1 = time.monotonic()
             pool.close()
-            with pytest.raises(Exception):
+            with pytest.raises(Draining, match="shutting down"):
                 await task
             return time.monotonic() - t1
 

@@ -58,7 +58,7 @@ def test_a_split_timeline_is_the_one_decoder_timeline_in_order(split, clip):
     got = list(Client(split.address).windows(clip, "motion", window_s=2.0, stride_s=2.0, top_k=4))
     assert [w.index for w in got] == list(range(24))  # in window order, each once
     assert [(w.start_frame, w.end_frame) for w in got] == [(w.start_frame, w.end_frame) for w in whole]
-    for a, b in zip(got, whole):
+    for a, b in zip(got, whole, strict=True):
         assert [p.label for p in a.predictions] == [p.label for p in b.predictions]
         assert [p.score for p in a.predictions] == pytest.approx([p.score for p in b.predictions], abs=1e-5)
     labels = [w.top.label for w in got]

@@ -88,7 +88,7 @@ def test_a_batch_with_more_tasks_than_n_runs_and_the_bank_returns_to_n(tiny_trun
     g = torch.Generator().manual_seed(5)
     clips = [(tv, torch.randn(1, 4, 3, 32, 32, generator=g)) for tv in tvs]
     out = runner.forward(clips)
-    for (tv, views), p in zip(clips, out.probs):
+    for (tv, views), p in zip(clips, out.probs, strict=True):
         with torch.no_grad():
             torch.testing.assert_close(p, tiny_trunk(views, tv.host_stack).softmax(-1).mean(0), atol=1e-5, rtol=0)
     assert (slots.used, slots.free, slots.bytes) == (2, 0, 2 * _slot_bytes(tiny_trunk, tvs[0]))

@@ -139,7 +139,7 @@ def test_batcher_mixes_tasks_groups_by_frames_and_matches_single_runs(repo, tiny
     results = asyncio.run(go())
     # the three T=4 clips share one forward (two tasks); the T=2 clip runs alone
     assert [r.batch_clips for r in results] == [3, 3, 3, 1]
-    for (tv, views), r in zip(clips, results):
+    for (tv, views), r in zip(clips, results, strict=True):
         with torch.no_grad():
             alone = tiny_trunk(views, tv.host_stack).softmax(-1).mean(0)
         torch.testing.assert_close(r.probs, alone, atol=1e-5, rtol=1e-4)
@@ -271,7 +271,7 @@ def test_runner_in_bfloat16_agrees_with_float32(repo, tiny_trunk_dir):
         runner = ModelRunner(trunk, AdapterSlots(1 << 20, torch.device("cpu"), dtype))
         res = runner.forward([(reg.tasks["alpha"], views), (reg.tasks["beta"], views[:1])])
         out[dtype] = res.probs
-    for a, b in zip(out[torch.float32], out[torch.bfloat16]):
+    for a, b in zip(out[torch.float32], out[torch.bfloat16], strict=True):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=3e-2, rtol=0)
 

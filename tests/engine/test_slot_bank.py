@@ -26,7 +26,7 @@ def test_mixed_batch_through_the_bank_equals_each_clip_alone(tiny_trunk, tmp_pat
     runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), mixed=mode)
     out = runner.forward(clips)
     assert out.tasks == 3 and out.clips == len(clips)
-    for (tv, views), p in zip(clips, out.probs):
+    for (tv, views), p in zip(clips, out.probs, strict=True):
         with torch.no_grad():
             alone = tiny_trunk(views, tv.host_stack).softmax(-1).mean(0)
         assert p.shape == (tv.spec.num_classes,)
@@ -38,7 +38,7 @@ def test_bank_logits_equal_alone_in_both_mixed_forms(tiny_trunk, tmp_path):
     tvs = task_versions(tiny_trunk, tmp_path)
     bank = SlotBank(tiny_trunk.dim, CPU, torch.float32)
     bank.reserve(4, also_fit=[TaskShape.of(tv.host_stack) for tv in tvs])
-    for slot, tv in zip((3, 0, 2), tvs):
+    for slot, tv in zip((3, 0, 2), tvs, strict=True):
         bank.write(slot, tv.host_stack)
     frames = torch.randn(6, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     slot_of = {3: 0, 0: 1, 2: 2}  # slot -> task
@@ -90,7 +90,7 @@ def test_device_bytes_are_exact_and_the_bank_grows_in_chunks(tiny_trunk, tmp_pat
     assert slots.evictions == 2 and not slots.is_resident(tvs[1])  # the least recently used of the five
     again = runner.forward([(tvs[k], v) for k in (3, 0)])  # residents were moved down: still correct
     with torch.no_grad():
-        for k, p in zip((3, 0), again.probs):
+        for k, p in zip((3, 0), again.probs, strict=True):
             torch.testing.assert_close(p, tiny_trunk(v, tvs[k].host_stack).softmax(-1).mean(0), atol=1e-5, rtol=0)
     assert slots.activations == 6
     bank_bytes = sum(t.numel() * t.element_size() for b in slots._banks.values()
@@ -109,7 +109,7 @@ def test_a_wider_task_repads_the_bank_and_keeps_residents_correct(tiny_trunk, tm
     before = slots.bytes
     out = runner.forward([(narrow2, v), (wide, v), (narrow, v)])
     assert slots.bytes > before and slots.activations == 3 and slots.hits == 1
-    for tv, p in zip((narrow2, wide, narrow), out.probs):
+    for tv, p in zip((narrow2, wide, narrow), out.probs, strict=True):
         with torch.no_grad():
             torch.testing.assert_close(p, tiny_trunk(v, tv.host_stack).softmax(-1).mean(0), atol=1e-5, rtol=0)
 
@@ -243,7 +243,7 @@ def test_warmup_runs_every_batch_size_bucket_up_to_the_maximum(tiny_trunk, tmp_p
         runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), max_rows=max_rows)
         assert runner.batch_buckets() == want
         real, seen = runner.forward, []
-        runner.forward = lambda clips: seen.append((len(clips), len({tv.uid for tv, _ in clips}))) or real(clips)
+        runner.forward = lambda clips, seen=seen, real=real: seen.append((len(clips), len({tv.uid for tv, _ in clips}))) or real(clips)
         assert runner.warmup(tvs) == len(seen)
         assert seen == [(n, 1) for n in want] + [(n, 2) for n in want if n >= 2]
 
@@ -258,7 +258,7 @@ def test_one_copy_back_per_batch_and_probabilities_per_clip(tiny_trunk, tmp_path
     clips = [(tvs[k], torch.randn(v, 4, 3, 32, 32, generator=g)) for k, v in ((0, 3), (2, 1), (1, 2), (0, 1))]
     out = runner.forward(clips)
     assert copies == [(4, 7)]  # one [clips, C_max] tensor for the whole batch
-    for (tv, views), p in zip(clips, out.probs):
+    for (tv, views), p in zip(clips, out.probs, strict=True):
         assert p.dtype == torch.float32 and p.shape == (tv.spec.num_classes,)
         torch.testing.assert_close(p.sum(), torch.tensor(1.0), atol=1e-6, rtol=0)
         with torch.no_grad():

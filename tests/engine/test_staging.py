@@ -50,7 +50,7 @@ def test_a_slot_in_two_live_leases_stays_pinned_until_both_end(tiny_trunk, tmp_p
     third = runner.stage([(t2, v)])  # the bank is full: only an unpinned slot may be taken
     assert slots.is_resident(t0) and slots.is_resident(t1)
     out = runner.run(second)
-    for p, ref in zip(out.probs, _reference(tiny_trunk, [(t0, v), (t1, v)])):
+    for p, ref in zip(out.probs, _reference(tiny_trunk, [(t0, v), (t1, v)]), strict=True):
         torch.testing.assert_close(p, ref, atol=1e-5, rtol=0)
     runner.run(third)
     assert not slots._pinned  # every lease ended
@@ -137,7 +137,7 @@ def test_the_next_full_batch_is_staged_while_the_model_computes(tiny_trunk, tmp_
     for n in (1, 2):  # batch n was staged (slots and input ready) before batch n - 1's forward ended
         assert slow.at("staged", n) < slow.at("ran", n - 1)
         assert slow.at("run", n) >= slow.at("ran", n - 1)  # and forwards never overlap
-    for r, ref in zip(results, _reference(tiny_trunk, clips)):
+    for r, ref in zip(results, _reference(tiny_trunk, clips), strict=True):
         torch.testing.assert_close(r.probs, ref, atol=1e-5, rtol=0)
 
 

@@ -18,7 +18,7 @@ def batch(*indices: int) -> WindowBatch:
 
 
 async def part(batches, delays, log=None, fail_after=None):
-    for n, (b, d) in enumerate(zip(batches, delays)):
+    for n, (b, d) in enumerate(zip(batches, delays, strict=True)):
         await asyncio.sleep(d)
         if fail_after is not None and n == fail_after:
             raise ValueError("the decoder failed")

@@ -280,7 +280,7 @@ def test_ready_turns_false_while_draining_and_in_flight_http_finishes(tmp_path, 
     with ServerProcess(repo, "--max-queue-delay-ms", "3000", "--max-batch-size", "64", "--poll-interval-s", "0",
                        env={"STADAPTER_ADMIN_TOKEN": None}) as srv:
         result: dict = {}
-        t = threading.Thread(target=lambda: result.update(zip(("status", "body"), classify(srv, "beta", clips[1]))))
+        t = threading.Thread(target=lambda: result.update(zip(("status", "body"), classify(srv, "beta", clips[1]), strict=True)))
         t.start()
         end = time.monotonic() + 20
         while counter_gauge(srv, "stadapter_queue_depth") < 1:  # admitted and waiting in the batcher (3 s)

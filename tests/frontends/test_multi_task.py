@@ -64,7 +64,7 @@ def classify(srv, clip: bytes, *tasks: str, task: str = "", **kw) -> pb.Classify
 
 def same_predictions(a, b) -> None:
     assert [p.label for p in a.predictions] == [p.label for p in b.predictions]
-    for p, q in zip(a.predictions, b.predictions):
+    for p, q in zip(a.predictions, b.predictions, strict=True):
         assert p.score == pytest.approx(q.score, abs=1e-5)
 
 

@@ -79,8 +79,8 @@ def test_left_then_right_changes_at_the_right_time(srv, clip):
         assert (w.start_frame, w.end_frame) == (8 * w.index, 8 * w.index + 16)
         assert w.task == "motion" and w.task_version >= 1 and w.request_id == "tl-1" and len(w.predictions) == 2
     labels = [w.top.label for w in got]
-    assert all(label == "left" for w, label in zip(got, labels) if w.end_s <= CHANGE_S), labels
-    assert all(label == "right" for w, label in zip(got, labels) if w.start_s >= CHANGE_S), labels
+    assert all(label == "left" for w, label in zip(got, labels, strict=True) if w.end_s <= CHANGE_S), labels
+    assert all(label == "right" for w, label in zip(got, labels, strict=True) if w.start_s >= CHANGE_S), labels
     first_right = next(w for w in got if w.top.label == "right")
     assert abs(first_right.start_s - CHANGE_S) <= 1.0  # within one stride of the change
     count = lambda n, **kw: metric(after, n, **kw) - metric(before, n, **kw)  # noqa: E731
@@ -106,7 +106,7 @@ def test_chunked_upload_gives_the_same_timeline(srv, clip):
     with Client(srv.address, stream_threshold_bytes=1000, chunk_bytes=700) as c:
         chunked = list(c.windows(clip, "motion", 2.0, 2.0))
     assert [(w.index, w.top.label) for w in chunked] == [(w.index, w.top.label) for w in whole]
-    for a, b in zip(chunked, whole):
+    for a, b in zip(chunked, whole, strict=True):
         assert a.top.score == pytest.approx(b.top.score, abs=1e-5)
     assert metric(scrape(srv.metrics_url), "stadapter_requests_total", method="ClassifyWindowsStream", task="motion",
                   code="OK") == n0 + 1
@@ -227,7 +227,7 @@ def test_the_pool_streams_windows_in_the_sandbox(clip, monkeypatch):
         try:
             a, b = await collect(pool, data), await collect(thread, data)
             assert [len(x.spans) for x in a] == [len(x.spans) for x in b] == [1, 3, 2]  # small first, up to 4
-            for x, y in zip(a, b):
+            for x, y in zip(a, b, strict=True):
                 assert x.spans == y.spans and x.frames.shape == (len(x.spans), 1, 8, 3, 48, 48)
                 assert bool((x.frames == y.frames).all())
             with pytest.raises(DecodeTimeout, match="no window decoded for 0.5 s"):

@@ -86,7 +86,7 @@ def test_a_batch_is_split_item_by_item():
     raw = pb.BatchClassifyRequest(requests=items).SerializeToString()
     got = batch_deserializer(raw)
     assert isinstance(got, SplitBatch) and len(got.requests) == len(items)
-    for g, r in zip(items_of(got), items):
+    for g, r in zip(items_of(got), items, strict=True):
         assert bytes(g.clip) == r.clip and g.message.clip == b""
         assert (g.task, list(g.tasks), g.top_k) == (r.task, list(r.tasks), r.top_k)
         if r.clip:

@@ -100,7 +100,7 @@ def test_a_cancelled_upload_leaves_no_folder(bundle):
         for _ in range(3):
             release = threading.Event()
 
-            def chunks():
+            def chunks(release=release):
                 yield pb.RegisterTaskChunk(filename="task.json", data=json.dumps(spec).encode())
                 yield pb.RegisterTaskChunk(filename="adapter.safetensors", data=adapter[:1000])
                 release.wait(10)  # the client hangs up before sending the rest

@@ -32,7 +32,7 @@ def test_one_upload_id_racing_on_two_replicas_is_one_version(two_task_repo, tiny
         got: list[int] = []
         errors: list[BaseException] = []
 
-        def register(r: TaskRegistry) -> None:
+        def register(r: TaskRegistry, barrier=barrier, got=got, errors=errors, upload_id=upload_id) -> None:
             upload = upload_copy(r, source)
             barrier.wait()
             try:

@@ -40,7 +40,7 @@ def test_runner_mixed_batch_on_cuda_bf16_agrees_with_cpu_fp32(two_task_repo, tin
     views = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     cpu = _runner_probs(two_task_repo, tiny_trunk_dir, torch.device("cpu"), torch.float32, views)
     gpu = _runner_probs(two_task_repo, tiny_trunk_dir, CUDA, resolve_dtype("auto", CUDA), views)
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=True):
         assert b.device.type == "cpu" and b.dtype == torch.float32  # the runner hands back host float32
         torch.testing.assert_close(a, b, atol=3e-2, rtol=0)
 
@@ -85,7 +85,7 @@ def test_slot_bank_mixed_batch_on_cuda_fp32_equals_each_task_alone(two_task_repo
         runner = ModelRunner(trunk, AdapterSlots(1 << 20, CUDA, torch.float32), mixed=mode)
         out = runner.forward(clips)
         assert runner._staging is not None and runner._staging.is_pinned()
-        for (tv, views), p in zip(clips, out.probs):
+        for (tv, views), p in zip(clips, out.probs, strict=True):
             assert p.device.type == "cpu" and p.dtype == torch.float32
             with torch.inference_mode():
                 alone = trunk(views.to(CUDA), tv.host_stack.to(CUDA)).softmax(-1).mean(0).cpu()
@@ -106,9 +106,9 @@ def test_staged_batches_on_the_side_stream_equal_cpu(two_task_repo, tiny_trunk_d
     ref = ModelRunner(cpu_trunk, AdapterSlots(1 << 20, torch.device("cpu"), torch.float32))
     staged = [runner.stage([(reg.tasks[n], v) for n, v in b]) for b in batches]  # all staged before any runs
     assert all(s.ready is not None and s.frames.device.type == "cuda" for s in staged)
-    for s, b in zip(staged, batches):
+    for s, b in zip(staged, batches, strict=True):
         out = runner.run(s)
         want = ref.forward([(cpu_reg.tasks[n], v) for n, v in b])
-        for p, q in zip(out.probs, want.probs):
+        for p, q in zip(out.probs, want.probs, strict=True):
             torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
     assert not runner.slots._pinned

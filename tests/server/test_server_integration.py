@@ -51,7 +51,7 @@ def expected(repo: Path, task: str, version: int, clip: bytes, k: int = 5) -> li
 
 def assert_matches(resp: pb.ClassifyResponse, want: list[dict]) -> None:
     assert [p.label for p in resp.predictions] == [w["label"] for w in want]
-    for p, w in zip(resp.predictions, want):
+    for p, w in zip(resp.predictions, want, strict=True):
         assert abs(p.score - w["score"]) < 1e-4, (p.score, w["score"])
 
 
@@ -109,7 +109,7 @@ def test_two_tasks_in_flight_share_a_forward_and_get_their_own_answers(main, mai
     jobs = [("alpha" if i % 2 == 0 else "beta", clips[i % 3]) for i in range(8)]
     futures = [main.stubs.clf.Classify.future(pb.ClassifyRequest(task=t, clip=c), timeout=30) for t, c in jobs]
     resps = [f.result() for f in futures]
-    for (task, clip), r in zip(jobs, resps):
+    for (task, clip), r in zip(jobs, resps, strict=True):
         assert r.task == task
         assert_matches(r, expected(main_repo, task, 1, clip))
     assert max(r.timings.batch_size for r in resps) >= 2
@@ -145,7 +145,7 @@ def test_each_bad_clip_is_invalid_argument_and_the_server_keeps_serving(main, cl
     for kw in ({"top_k": 5000}, {"sampling": pb.SamplingOverrides(spatial_views=2)},
                {"sampling": pb.SamplingOverrides(mode="sideways")},
                {"sampling": pb.SamplingOverrides(num_frames=512, temporal_views=4_000_000_000, spatial_views=3)}):
-        assert code_of(lambda: main.stubs.classify("alpha", good, **kw)) == grpc.StatusCode.INVALID_ARGUMENT, kw
+        assert code_of(lambda kw=kw: main.stubs.classify("alpha", good, **kw)) == grpc.StatusCode.INVALID_ARGUMENT, kw
     assert code_of(lambda: main.stubs.classify("", good)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -176,7 +176,7 @@ def test_register_needs_the_token(main, main_repo, tmp_path):
     trunk = load_trunk(main_repo / "trunk")
     src = make_bundle(trunk, tmp_path / "b", name="sneaky")
     for md in (None, (("authorization", "Bearer wrong"),)):
-        assert code_of(lambda: main.stubs.admin.RegisterTask(bundle_chunks(src), metadata=md, timeout=30)) \
+        assert code_of(lambda md=md: main.stubs.admin.RegisterTask(bundle_chunks(src), metadata=md, timeout=30)) \
             == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: main.stubs.admin.UnregisterTask(pb.UnregisterTaskRequest(task="alpha"), timeout=5)) \
         == grpc.StatusCode.UNAUTHENTICATED

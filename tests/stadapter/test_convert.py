@@ -79,7 +79,7 @@ class RefModel(nn.Module):
         x = v.conv1(frames.flatten(0, 1)).flatten(2).transpose(1, 2)  # [B*T, h*w, d]
         x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
         x = v.ln_pre(x)
-        for ref, blk in zip(self.transformer.resblocks, v.transformer.resblocks):
+        for ref, blk in zip(self.transformer.resblocks, v.transformer.resblocks, strict=True):
             if ref.adapter_pre_attn is not None:
                 x = ref.adapter_pre_attn(x, nT)
             x = x + blk.attention(q_x=blk.ln_1(x))

@@ -133,7 +133,7 @@ HETERO = [
 
 
 def test_mixed_task_batch_equals_each_task_alone(tiny_trunk):
-    tasks = [make_task_adapters(tiny_trunk, n, cfg, seed=i) for i, (cfg, n) in enumerate(zip(HETERO, [5, 3, 7]))]
+    tasks = [make_task_adapters(tiny_trunk, n, cfg, seed=i) for i, (cfg, n) in enumerate(zip(HETERO, [5, 3, 7], strict=True))]
     frames = torch.randn(6, 4, 3, 32, 32)
     index = torch.tensor([0, 1, 2, 2, 1, 0])
     with torch.no_grad():

@@ -58,7 +58,7 @@ def test_demo_samples_are_named_by_whole_labels(tmp_path):
     d = tmp_path / "data" / "turns"
     (d / "val").mkdir(parents=True)
     (d / "labels.txt").write_text("turn left\nturn right\n")
-    for i, label in enumerate([1, 0, 1]):
+    for i in range(3):
         (d / "val" / f"{i}.mp4").write_bytes(f"clip {i}".encode())
     (d / "val.txt").write_text("val/0.mp4 1\nval/1.mp4 0\nval/2.mp4 1\n")
     truth = make_demo.copy_samples("turns", tmp_path / "data", tmp_path / "samples")

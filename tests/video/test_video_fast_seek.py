@@ -63,7 +63,7 @@ def test_snapping_rules_hold_for_random_samplings_and_gops():
             exact, cells = sample_indices(n, cfg, v), sample_cells(n, cfg, v)
             moved = keyframe_indices(n, cfg, v, keys)
             assert moved == sorted(moved) and all(0 <= i < n for i in moved)
-            for s, m, (lo, hi) in zip(exact, moved, cells):
+            for s, m, (lo, hi) in zip(exact, moved, cells, strict=True):
                 inside = [k for k in keys if lo <= k < hi]
                 if not lo <= s < hi:
                     assert m == s
@@ -141,7 +141,7 @@ def test_moved_frames_are_keyframes_and_exactly_what_exact_decoding_gives(clip, 
     plan = sample_plan(clip, cfg)
     n = len(reference)
     for v, moved in enumerate(plan):
-        for i, (lo, hi) in zip(moved, sample_cells(n, cfg, v)):
+        for i, (lo, hi) in zip(moved, sample_cells(n, cfg, v), strict=True):
             if any(lo <= k < hi for k in keys):
                 assert i in keys, (v, moved, keys)
             else:
@@ -319,7 +319,7 @@ def test_seek_override_over_grpc(demo_server):
         want = {"exact": predict_clip(clf, clip, 4), "keyframe": predict_clip(clf, clip, 4, seek="keyframe")}
     for got, ref in ((exact, want["exact"]), (fast, want["keyframe"])):
         assert [p.label for p in got.predictions] == [w["label"] for w in ref]
-        assert all(abs(p.score - w["score"]) < 1e-4 for p, w in zip(got.predictions, ref))
+        assert all(abs(p.score - w["score"]) < 1e-4 for p, w in zip(got.predictions, ref, strict=True))
     assert sample_plan(clip, clf.spec.sampling.replace(seek="keyframe")) != sample_plan(clip, clf.spec.sampling)
     assert fast.predictions[0].label == "right"
     assert abs(fast.predictions[0].score - exact.predictions[0].score) > 1e-6  # other frames, other scores
@@ -374,6 +374,6 @@ def test_offline_predict_takes_seek(capsys):
     got = json.loads(capsys.readouterr().out)["top"]
     want = predict_clip(load_classifier(trunk, task), clip, 5, seek="keyframe")
     assert [t["label"] for t in got] == [t["label"] for t in want]
-    assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(got, want))
+    assert all(abs(a["score"] - b["score"]) < 1e-6 for a, b in zip(got, want, strict=True))
     with pytest.raises(SystemExit):
         main(["--trunk", str(trunk), "--task", str(task), str(clip), "--seek", "fast"])

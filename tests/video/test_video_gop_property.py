@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import random
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -61,7 +62,7 @@ class Case:
 
     @property
     def vfr(self) -> bool:
-        steps = {b - a for a, b in zip(self.timestamps, self.timestamps[1:])}
+        steps = {b - a for a, b in itertools.pairwise(self.timestamps)}
         return steps != {1} and len(self.timestamps) > 1
 
 
@@ -157,7 +158,7 @@ def test_indexed_reads_equal_sequential(case: Case):
 
     # public API: any order, repeats
     frames = decode_frames(data, list(case.indices))
-    _same({i: f for i, f in zip(case.indices, frames)}, reference, "decode_frames", case)
+    _same({i: f for i, f in zip(case.indices, frames, strict=True)}, reference, "decode_frames", case)
 
     limits = VideoLimits()
     # Clip.read: indexed reader with seeks, without, then sequential

@@ -23,7 +23,7 @@ def as_pairs(windows) -> list[tuple[int, int, int, torch.Tensor]]:
 
 def assert_same(a, b) -> None:
     assert [x[:3] for x in a] == [x[:3] for x in b]
-    assert all(torch.equal(x[3], y[3]) for x, y in zip(a, b))
+    assert all(torch.equal(x[3], y[3]) for x, y in zip(a, b, strict=True))
 
 
 def test_share_splits_into_equal_runs_of_at_least_eight_windows():
