@@ -265,3 +265,11 @@ def test_the_pool_bench_runs():
     result = main(["--clips", "4", "--size", "64x48", "--workers", "1"])
     (row,) = result["rows"]
     assert row["thread_clips_per_s"] > 0 and row["process_clips_per_s"] > 0
+
+
+def test_the_pool_bench_measures_shared_memory_per_clip():
+    from bench.decode_pool import main
+
+    result = main(["--shm-bytes", "--size", "64x48"])
+    for row in result["shm"]:
+        assert row["float32_bytes_per_clip"] == 4 * row["shm_bytes_per_clip"]
