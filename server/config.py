@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "WindowLimits); past one, the request is INVALID_ARGUMENT naming the limit.").add_argument
     a("--decode-backend", default=d.decode_backend, choices=("process", "thread"),
       help="process: sandboxed worker processes (PyAV and numpy, never torch; frames come back through shared "
-           "memory), so a clip that crashes or hangs FFmpeg costs only its request and the worker is replaced; "
-           "thread: decoding in this process, no timeout (benches, debugging)")
+           "memory as uint8 crops that the model normalises on its device), so a clip that crashes or hangs FFmpeg "
+           "costs only its request and the worker is replaced; thread: decoding in this process, no timeout "
+           "(benches, debugging)")
     a("--decode-workers", type=int, default=d.decode_workers,
       help="decoder worker processes (threads with --decode-backend thread): at most this many decodes at once")
     a("--window-decoders", type=int, default=d.window_decoders,

@@ -9,8 +9,9 @@ the server runs gRPC threads):
 
 * worker -> parent ``("ready",)`` once ``stadapter.video`` is imported;
 * parent -> worker ``(sampling, limits, shm_name)`` then the clip as raw bytes;
-* worker -> parent ``("ok", shape, dtype, decode_s)`` with the frames written to a
-  new ``SharedMemory`` block named ``shm_name`` (frames are never pickled), or
+* worker -> parent ``("ok", shape, dtype, decode_s)`` with the frames (uint8 crops, not normalised: the
+  model normalises them on its device) written to a new ``SharedMemory`` block named ``shm_name``
+  (frames are never pickled), or
   ``("error", exc)`` / ``("oom", message)``.
 
 The parent picks the block's name, so it unlinks it on every path (worker killed
@@ -66,7 +67,8 @@ log = logging.getLogger("server")
 
 
 class Decoder(Protocol):
-    """What the pipeline needs from a decoding backend."""
+    """What the pipeline needs from a decoding backend: both backends give uint8 views [V, T, 3, S, S], not
+    normalised (``ModelRunner.stage`` normalises them on the model's device)."""
 
     async def decode(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]: ...
@@ -111,7 +113,7 @@ class ThreadDecoder:
 
 
 def _decode_timed(clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits) -> tuple[Tensor, float]:
-    """The thread backend's decode: as a worker's, then a tensor (sharing the array's memory)."""
+    """The thread backend's decode: as a worker's (uint8, not normalised), then a tensor (sharing the array's memory)."""
     views, decode_s = decode_timed(clip, sampling, limits)
     return as_tensor(views), decode_s
 
@@ -214,7 +216,7 @@ class ProcessDecodePool:
 
     async def decode(self, clip: bytes | bytearray | memoryview, sampling: SamplingConfig, limits: VideoLimits, timeout_s: float,
                      deadline: Optional[float] = None) -> tuple[Tensor, float]:
-        """Decode ``clip`` in a worker: ``(views [V,T,3,S,S] float32, decode seconds)``.
+        """Decode ``clip`` in a worker: ``(views [V,T,3,S,S] uint8, not normalised, decode seconds)``.
 
         ``timeout_s`` bounds the decode itself (from when a worker takes the clip); ``deadline``
         (``time.monotonic()``) bounds it too, and past it the error is DEADLINE_EXCEEDED.

@@ -74,7 +74,7 @@ class WindowSpan:
 @dataclass(frozen=True)
 class WindowBatch:
     spans: tuple[WindowSpan, ...]
-    frames: Any  # float32 [N, V, T, 3, S, S], one entry per span: numpy as decoded, a torch.Tensor in the server
+    frames: Any  # uint8 [N, V, T, 3, S, S], not normalised, one entry per span: numpy as decoded, a torch.Tensor in the server
     decode_s: float  # decoding time of this batch alone
     decoded: tuple[int, int, int] = (0, 0, 0)  # (packets, frames, pixels) the decode has read so far, this batch's too
 
@@ -104,7 +104,7 @@ def window_batches(clip: bytes | bytearray | memoryview, sampling: SamplingConfi
     sizes = job.batch_sizes()
     size = next(sizes)
     for w in decode_windows(clip, sampling, job.window_s, job.stride_s, limits, job.limits, stats, job.part,
-                            as_array=True):
+                            as_array=True, normalised=False):
         if not batch:
             first_at = time.monotonic()
         batch.append(w)

@@ -1,6 +1,10 @@
 """A decoder process: PyAV and numpy, no torch. It decodes one clip (or one window job) per message and hands
 the frames back as numpy in shared memory; the server process makes tensors of them.
 
+Frames travel as uint8 crops, not normalised (``decode_clip_array(..., normalised=False)``): a quarter of the
+float32 input's bytes in shared memory, in the server's copy and in its batch copies; the model normalises
+them on its device (``stadapter.video.normalise_views``, in ``ModelRunner.stage``).
+
 This module is what a spawned worker imports (its entry point, :func:`worker_main`), so what it imports, and what
 the jobs it receives unpickle into (``stadapter.config``, ``stadapter.video``, ``server.decode.window_jobs``), must not
 import torch: a worker then starts in a fraction of a second and holds a fraction of the memory.
@@ -30,10 +34,10 @@ HANG_MAGIC = b"STADAPTER-TEST-HANG"
 
 def decode_timed(clip: bytes | bytearray | memoryview, sampling: SamplingConfig,
                  limits: VideoLimits) -> tuple[np.ndarray, float]:
-    """The clip's model input (float32 [V, T, 3, S, S]) and the time of the decode alone (not the wait for a
-    free worker)."""
+    """The clip's views (uint8 [V, T, 3, S, S], not normalised) and the time of the decode alone (not the wait
+    for a free worker)."""
     t0 = time.perf_counter()
-    views = decode_clip_array(clip, sampling, limits)
+    views = decode_clip_array(clip, sampling, limits, normalised=False)
     return views, time.perf_counter() - t0
 
 

@@ -1,8 +1,9 @@
 """Dynamic batching: decoded clips wait (at most ``max_delay``) to share a forward pass.
 
 Clips are grouped only by what must match inside one forward: frame count T,
-input size S and the adapter activation (``AdapterStack.concat`` refuses mixed
-activations). Tasks mix freely. A batch closes when its group has
+input size S, the adapter activation (``AdapterStack.concat`` refuses mixed
+activations) and the frames' dtype (uint8 as the decoders give them, normalised on
+the device while staging; float32 already normalised). Tasks mix freely. A batch closes when its group has
 ``max_batch_rows`` rows (a V-view clip is V rows) or when its oldest clip has
 waited ``max_delay``. One forward runs at a time on the model thread; while it
 runs, the next batch fills up, and once it is full it is staged on a second
@@ -35,7 +36,7 @@ log = logging.getLogger("server.engine.batcher")
 @dataclass(eq=False)
 class WorkItem:
     tv: TaskVersion
-    views: Tensor  # [V, T, 3, S, S]
+    views: Tensor  # [V, T, 3, S, S], uint8 as decoded (or float32, normalised)
     deadline: Optional[float]  # time.monotonic() seconds, None = no deadline
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
@@ -46,7 +47,7 @@ class WorkItem:
 
     @property
     def group(self) -> tuple:
-        return (int(self.views.shape[1]), int(self.views.shape[-1]), self.tv.host_stack.activation)
+        return (int(self.views.shape[1]), int(self.views.shape[-1]), self.tv.host_stack.activation, self.views.dtype)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

@@ -32,13 +32,15 @@ from server.registry.registry import TaskVersion
 from stadapter.bank import AdapterStack, Segments, SlotBank
 from stadapter.devices import native_bf16
 from stadapter.trunk import VideoTrunk
+from stadapter.video import normalise_views
 
 MixedMode = Literal["gather", "segment"]
 
 
 def _blanks(n: int, frames: int, size: int) -> list[Tensor]:
-    """``n`` blank one-view clips [1, T, 3, S, S], each its own tensor (clips share an input only by identity)."""
-    return list(torch.zeros(n, 1, frames, 3, size, size).unbind(0))
+    """``n`` blank one-view clips [1, T, 3, S, S] in uint8, as the decoders hand clips over, each its own tensor
+    (clips share an input only by identity)."""
+    return list(torch.zeros(n, 1, frames, 3, size, size, dtype=torch.uint8).unbind(0))
 
 
 def mixed_mode_for(device: torch.device) -> MixedMode:
@@ -94,7 +96,7 @@ class StagedBatch:
     lease: Lease
     stack: AdapterStack | Segments
     task_index: Optional[Tensor]
-    frames: Tensor  # the distinct inputs on the device (float32), [inputs' rows, T, 3, S, S]
+    frames: Tensor  # the distinct inputs on the device (float32, normalised), [inputs' rows, T, 3, S, S]
     row_input: Optional[Tensor]
     ready: Optional[torch.cuda.Event]  # recorded on the side stream after the copies (CUDA)
     stage_s: float
@@ -175,7 +177,8 @@ class ModelRunner:
     @torch.inference_mode()
     def stage(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> StagedBatch:
         """Everything of a forward but the compute: the slots (activating what is cold), the row order, the
-        adapters' views and the input on the device (on CUDA: through pinned host memory, on a side stream).
+        adapters' views and the input on the device (on CUDA: through pinned host memory, on a side stream),
+        normalised there when it comes as uint8 (:meth:`_normalised`).
 
         May run on another thread while :meth:`run` computes the previous batch (the batcher stages a full
         batch that way): the lease pins this batch's slots, so nothing it uses is evicted meanwhile. The
@@ -192,7 +195,8 @@ class ModelRunner:
                 rows = [clips[i][1].shape[0] for i in order]
                 stack, task_index = self._adapters(lease.bank, [slot_of[i] for i in order], rows)
                 inputs, row_input = self._inputs(stack, [clips[i][1] for i in order])
-                frames = self._to_device(inputs)  # [inputs' rows, T, 3, S, S]
+                task_of = {id(v): tv for tv, v in clips}  # the views are alive in ``clips``: ids are unique
+                frames = self._normalised(self._to_device(inputs), inputs, [task_of[id(v)] for v in inputs])
                 ready = None
                 if self._side is not None:
                     ready = torch.cuda.Event()
@@ -237,15 +241,31 @@ class ModelRunner:
         return torch.cuda.stream(self._side)
 
     def _to_device(self, inputs: list[Tensor]) -> Tensor:
-        """One host tensor of the inputs and its copy on the device (float32 here; cast to the serving dtype
-        on the compute stream). On CUDA the host tensor is pinned, so the copy is asynchronous; the caching
-        host allocator keeps that block until the copy is done."""
+        """One host tensor of the inputs and its copy on the device (uint8 as decoded, or float32; cast to the
+        serving dtype on the compute stream). On CUDA the host tensor is pinned, so the copy is asynchronous;
+        the caching host allocator keeps that block until the copy is done."""
+        if len({v.dtype for v in inputs}) > 1:
+            raise ValueError(f"a batch mixes input dtypes {sorted({str(v.dtype) for v in inputs})}")
         if self.device.type == "cpu":
             return torch.cat(inputs) if len(inputs) > 1 else inputs[0]
         n = sum(int(v.shape[0]) for v in inputs)
         host = torch.empty((n, *inputs[0].shape[1:]), dtype=inputs[0].dtype, pin_memory=self.device.type == "cuda")
         torch.cat(inputs, out=host)
         return host.to(self.device, non_blocking=True)
+
+    def _normalised(self, frames: Tensor, inputs: list[Tensor], tvs: list[TaskVersion]) -> Tensor:
+        """The model input: uint8 frames (as the decoders hand them over) normalised on their device with each
+        input's mean/std (``stadapter.video.normalise_views``: exactly ``decode_clip``'s float32); float frames
+        are model input already (benches, tests)."""
+        if frames.dtype != torch.uint8:
+            return frames
+        norms = [(tv.spec.sampling.mean, tv.spec.sampling.std) for tv in tvs]
+        if len(set(norms)) == 1:
+            return normalise_views(frames, *norms[0])
+        rows = [int(v.shape[0]) for v in inputs]
+        per_row = [norm for norm, n in zip(norms, rows, strict=True) for _ in range(n)]
+        mean, std = (torch.tensor([r[k] for r in per_row], dtype=torch.float32).view(-1, 1, 3, 1, 1) for k in (0, 1))
+        return normalise_views(frames, mean, std)
 
     def _clip_probs(self, logits: Tensor, rows: list[int], classes: list[int]) -> Tensor:
         """logits [N, C_max] -> [clips, C_max]: each clip's softmax over its own classes, averaged over its rows."""

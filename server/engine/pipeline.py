@@ -328,6 +328,9 @@ def _check_deadline(deadline: Optional[float], where: str) -> None:
 def _apply_overrides(base: SamplingConfig, overrides: Optional[Mapping[str, Any]]) -> SamplingConfig:
     if not overrides:
         return base
+    fixed = sorted(k for k in ("mean", "std") if k in overrides)
+    if fixed:  # the model normalises a clip's frames with its task's values (ModelRunner.stage)
+        raise BadRequest(f"bad sampling override: {', '.join(fixed)} cannot be overridden (the task's are used)")
     try:
         return base.replace(**overrides)
     except ConfigError as e:

@@ -52,7 +52,17 @@ import numpy as np
 from ..config import SamplingConfig
 from .container import Clip, ClipInfo, guard
 from .limits import DEFAULT_FORMATS, Source, VideoError, VideoLimits, VideoOutOfMemory
-from .preprocess import FrameConverter, as_tensor, crop_offsets, views_to_array, views_to_tensor
+from .preprocess import (
+    FrameConverter,
+    as_tensor,
+    crop_offsets,
+    level_tables,
+    normalise_array,
+    normalise_views,
+    views_to_array,
+    views_to_tensor,
+    views_to_uint8,
+)
 from .readers import ReadResult
 from .sampling import keyframe_indices, missing_indices, sample_indices, unique_indices, view_indices
 from .windows import DecodeStats, Window, WindowError, WindowLimits, WindowPart, WindowPlan, check_window_args, decode_windows, plan_windows
@@ -64,6 +74,7 @@ __all__ = [
     "DEFAULT_FORMATS", "ClipInfo", "FrameConverter", "Source", "VideoError", "VideoLimits", "VideoOutOfMemory",
     "crop_offsets", "decode_clip", "decode_frames", "decode_sampled_frames", "decode_views", "keyframe_indices",
     "keyframes", "probe", "sample_indices", "sample_plan", "views_to_array", "views_to_tensor", "decode_clip_array", "as_tensor",
+    "views_to_uint8", "level_tables", "normalise_array", "normalise_views",
     "DecodeStats", "Window", "WindowError", "WindowLimits", "WindowPart", "WindowPlan", "check_window_args",
     "decode_windows", "plan_windows",
 ]
@@ -81,7 +92,8 @@ def decode_clip(source: Source, cfg: SamplingConfig, limits: VideoLimits = Video
     return as_tensor(decode_clip_array(source, cfg, limits))
 
 
-def decode_clip_array(source: Source, cfg: SamplingConfig, limits: VideoLimits = VideoLimits()) -> np.ndarray:
+def decode_clip_array(source: Source, cfg: SamplingConfig, limits: VideoLimits = VideoLimits(),
+                      normalised: bool = True) -> np.ndarray:
     """Model input for one clip, as numpy: float32 [V, T, 3, S, S], V = temporal_views * spatial_views.
 
     Views are ordered temporal-major (for each temporal view, each spatial crop).
@@ -89,13 +101,16 @@ def decode_clip_array(source: Source, cfg: SamplingConfig, limits: VideoLimits =
     cropped to S x S: the centre, or start/centre/end along the long side; RGB in
     [0, 1] is normalised with ``cfg.mean`` / ``cfg.std``. See the module docstring
     for how a clip that ends early is handled.
+
+    ``normalised=False``: the crops as uint8 [V, T, 3, S, S], a quarter of the bytes (the server's decoders
+    hand these over; :func:`normalise_views` makes them, on the model's device, exactly the float32 input).
     """
     _check_output(cfg, limits)
     with guard("decode"), Clip(source, limits) as clip:
         convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
         keys = clip.keyframes() if cfg.seek == "keyframe" else None
         views, got = _read_sampled(clip, lambda n: view_indices(n, cfg, keys), convert)
-    return views_to_array(views, got, cfg)
+    return views_to_array(views, got, cfg) if normalised else views_to_uint8(views, got, cfg)
 
 
 def decode_views(source: Source, views: Sequence[Sequence[int]], cfg: SamplingConfig,

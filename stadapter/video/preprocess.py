@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import av
 import numpy as np
@@ -176,21 +176,64 @@ def views_to_tensor(views: list[list[int]], got: dict[int, np.ndarray], cfg: Sam
 
 
 def views_to_array(views: list[list[int]], got: dict[int, np.ndarray], cfg: SamplingConfig) -> np.ndarray:
-    """Crop, normalise (a 256-entry table per channel: one gather, no float math per pixel), stack: float32
-    [V, T, 3, S, S]."""
+    """Crop, stack, normalise: float32 [V, T, 3, S, S] (:func:`views_to_uint8`, then :func:`normalise_array`)."""
+    return normalise_array(views_to_uint8(views, got, cfg), cfg.mean, cfg.std)
+
+
+def views_to_uint8(views: list[list[int]], got: dict[int, np.ndarray], cfg: SamplingConfig) -> np.ndarray:
+    """Crop and stack, not normalised: uint8 [V, T, 3, S, S], a quarter of the float32 input's bytes (the server's
+    decoders hand these over; the model's device normalises them with :func:`normalise_views`)."""
     S, C = cfg.input_size, cfg.spatial_views
-    levels = np.arange(256, dtype=np.float32) / 255.0
-    tables = [(levels - np.float32(m)) / np.float32(s) for m, s in zip(cfg.mean, cfg.std, strict=True)]
-    out = np.empty((len(views) * C, cfg.num_frames, 3, S, S), np.float32)
+    out = np.empty((len(views) * C, cfg.num_frames, 3, S, S), np.uint8)
     for i in unique_indices(views):
         img = got[i]
         slots = [(v, t) for v, idx in enumerate(views) for t, j in enumerate(idx) if j == i]
         for c, (y, x) in enumerate(crop_offsets(img.shape[0], img.shape[1], S, C)):
-            crop = img[y : y + S, x : x + S]
-            v0, t0 = slots[0]
-            dst = out[v0 * C + c, t0]
-            for ch in range(3):
-                np.take(tables[ch], crop[..., ch], out=dst[ch])
-            for v, t in slots[1:]:
-                out[v * C + c, t] = dst
+            crop = img[y : y + S, x : x + S].transpose(2, 0, 1)  # [3, S, S]
+            for v, t in slots:
+                out[v * C + c, t] = crop
     return out
+
+
+def level_tables(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """float32 [3, 256]: what each 8-bit level of each channel becomes, ``(level / 255 - mean) / std``, every step
+    a float32 operation (:func:`normalise_views` does the same steps, in the same order, on a device)."""
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    return np.stack([(levels - np.float32(m)) / np.float32(s) for m, s in zip(mean, std, strict=True)])
+
+
+def normalise_array(frames: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """uint8 [..., 3, H, W] -> float32 normalised, through :func:`level_tables` (one gather per channel, no
+    float math per pixel)."""
+    tables = level_tables(mean, std)
+    out = np.empty(frames.shape, np.float32)
+    for ch in range(3):
+        np.take(tables[ch], frames[..., ch, :, :], out=out[..., ch, :, :])
+    return out
+
+
+def normalise_views(frames: torch.Tensor, mean: torch.Tensor | Sequence[float],
+                    std: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 normalised, on ``frames``' device: equal, bit for bit, to
+    :func:`normalise_array` (the same float32 steps in the same order, ``(x / 255 - mean) / std``, each rounded
+    once; the divisor is a tensor, not a Python number, as CUDA multiplies by the reciprocal of a scalar
+    divisor). ``mean`` / ``std``: 3 values, or float32 tensors that broadcast against ``frames`` (one per row:
+    ``[N, 1, 3, 1, 1]``)."""
+    import torch
+
+    if frames.dtype != torch.uint8:
+        raise TypeError(f"normalise_views takes uint8 frames, got {frames.dtype}")
+    dev = frames.device
+    m = _channel_tensor(mean, dev)
+    s = _channel_tensor(std, dev)
+    out = frames.to(torch.float32)
+    out.div_(torch.full((), 255.0, dtype=torch.float32, device=dev))
+    return out.sub_(m).div_(s)
+
+
+def _channel_tensor(v: torch.Tensor | Sequence[float], device: torch.device) -> torch.Tensor:
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=torch.float32)
+    return torch.tensor([float(x) for x in v], dtype=torch.float32, device=device).view(3, 1, 1)

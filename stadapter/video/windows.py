@@ -44,7 +44,7 @@ import numpy as np
 from ..config import SamplingConfig
 from .container import Clip, guard
 from .limits import Budget, Source, VideoError, VideoLimits
-from .preprocess import FrameConverter, views_to_array, views_to_tensor
+from .preprocess import FrameConverter, views_to_array, views_to_tensor, views_to_uint8
 from .sampling import unique_indices, view_indices
 
 
@@ -194,7 +194,8 @@ class Window:
     start_s: float
     end_s: float
     indices: tuple[tuple[int, ...], ...]  # the frames taken, per temporal view
-    frames: Any  # float32 [V, T, 3, S, S] as decode_clip gives for a clip: a torch.Tensor (np.ndarray with as_array)
+    frames: Any  # float32 [V, T, 3, S, S] as decode_clip gives for a clip: a torch.Tensor (np.ndarray with as_array;
+    # uint8 numpy, not normalised, with normalised=False)
 
 
 @dataclass
@@ -221,10 +222,11 @@ class DecodeStats:
 def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_s: float,
                    limits: VideoLimits = VideoLimits(), window_limits: WindowLimits = WindowLimits(),
                    stats: Optional[DecodeStats] = None, part: WindowPart = WindowPart(),
-                   as_array: bool = False) -> Iterator[Window]:
+                   as_array: bool = False, normalised: bool = True) -> Iterator[Window]:
     """Every whole window of the clip, in time order, as soon as its last frame has decoded (see the module
     docstring); with ``part``, only that part's windows (the first found by one seek); ``as_array``: frames as
-    numpy, without importing torch (the decoder processes). Raises :class:`VideoError`
+    numpy, without importing torch; ``normalised=False``: frames as uint8 numpy, not normalised (the server's
+    decoders: see :func:`decode_clip_array`). Raises :class:`VideoError`
     for a bad clip, one over the limits or shorter than a window; :class:`WindowError` (a VideoError) for window
     arguments that cannot work, before decoding."""
     check_window_args(window_s, stride_s, window_limits)
@@ -243,7 +245,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
             return
         k, end = share  # the next window to give out; the part's end
         convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
-        to_frames = views_to_array if as_array else views_to_tensor
+        to_frames = views_to_uint8 if not normalised else views_to_array if as_array else views_to_tensor
         takes = _Takes(plan, k, end)
         held: dict[int, np.ndarray] = {}
         settled = 0  # frames known to be in the stream

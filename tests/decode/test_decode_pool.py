@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 import grpc
@@ -19,12 +20,17 @@ from serverproc import ServerProcess, make_repository
 from server.decode.pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
 from server.errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining, status_for
 from stadapter.config import SamplingConfig
-from stadapter.video import VideoError, VideoLimits, decode_clip
+from stadapter.video import VideoError, VideoLimits, decode_clip, normalise_views
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 SAMPLING = SamplingConfig(num_frames=4, input_size=32, resize=36)
 LIMITS = VideoLimits()
+
+
+def model_input(views: torch.Tensor) -> torch.Tensor:
+    """The decoders' uint8 views as the model normalises them (``ModelRunner.stage``)."""
+    return normalise_views(views, SAMPLING.mean, SAMPLING.std)
 
 
 def shm_blocks(pool: ProcessDecodePool) -> list[str]:
@@ -56,7 +62,7 @@ def run(loop, coro):
 def test_good_clip_equals_in_process_decode(loop, pool, clip):
     want = decode_clip(clip, SAMPLING, LIMITS)
     got, decode_s = run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
-    assert got.dtype == torch.float32 and torch.equal(got, want) and decode_s > 0
+    assert got.dtype == torch.uint8 and torch.equal(model_input(got), want) and decode_s > 0
     assert shm_blocks(pool) == []
 
 
@@ -84,7 +90,55 @@ def test_thread_backend_decodes_the_same(loop, clip):
     dec = ThreadDecoder(1)
     try:
         got, _ = run(loop, dec.decode(clip, SAMPLING, LIMITS, 30.0))
-        assert torch.equal(got, decode_clip(clip, SAMPLING, LIMITS))
+        assert torch.equal(model_input(got), decode_clip(clip, SAMPLING, LIMITS))
+    finally:
+        dec.close()
+
+
+def test_frames_cross_shared_memory_as_uint8(loop, pool, clip, monkeypatch):
+    """A worker's block for a clip of V views of T frames of S x S x 3 holds V*T*S*S*3 bytes (uint8 crops, a
+    quarter of float32's), in clip and window mode, and the views reach the server as uint8."""
+    from server.decode import pool as pool_module
+    from server.decode.window_jobs import WindowJob
+
+    blocks: list[int] = []
+    real = pool_module.read_block
+
+    def measured(name: str, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+        shm = SharedMemory(name=name)
+        blocks.append(shm.size)
+        shm.close()
+        return real(name, shape, dtype)
+
+    monkeypatch.setattr(pool_module, "read_block", measured)
+    per_clip = SAMPLING.num_views * SAMPLING.num_frames * SAMPLING.input_size ** 2 * 3
+    got, _ = run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
+    assert blocks == [per_clip]
+    assert got.dtype == torch.uint8 and got.shape == (1, 4, 3, 32, 32)
+
+    async def windows() -> list:
+        return [b async for b in pool.windows(clip, SAMPLING, LIMITS, WindowJob(0.2, 0.2, per_batch=2), 30.0)]
+
+    blocks.clear()
+    batches = run(loop, windows())
+    assert blocks == [len(b.spans) * per_clip for b in batches]
+    assert batches and all(b.frames.dtype == torch.uint8 for b in batches)
+    assert shm_blocks(pool) == []
+
+
+def test_the_thread_backend_hands_over_uint8_too(loop, clip):
+    from server.decode.window_jobs import WindowJob
+
+    dec = ThreadDecoder(1)
+
+    async def windows() -> list:
+        return [b async for b in dec.windows(clip, SAMPLING, LIMITS, WindowJob(0.2, 0.2, per_batch=2), 30.0)]
+
+    try:
+        got, _ = run(loop, dec.decode(clip, SAMPLING, LIMITS, 30.0))
+        assert got.dtype == torch.uint8 and got.shape == (1, 4, 3, 32, 32)
+        batches = run(loop, windows())
+        assert batches and all(b.frames.dtype == torch.uint8 and b.frames.shape[1:] == got.shape for b in batches)
     finally:
         dec.close()
 
@@ -110,7 +164,7 @@ def test_crashed_worker_fails_only_its_request_and_is_replaced(loop, pool, clip)
     crashed, ok = run(loop, both())
     assert isinstance(crashed, DecoderCrashed) and "crashed on this clip" in str(crashed)
     assert status_for(crashed)[0] == grpc.StatusCode.INVALID_ARGUMENT
-    assert torch.equal(ok[0], decode_clip(clip, SAMPLING, LIMITS))
+    assert torch.equal(model_input(ok[0]), decode_clip(clip, SAMPLING, LIMITS))
     for _ in range(3):  # the replacement serves (the survivor may take some of these)
         run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
     run(loop, _until(lambda: pool._free.qsize() == 2))
@@ -139,7 +193,7 @@ def test_cancelled_requests_leak_no_worker_and_no_shm(loop, pool, clip):
     run(loop, cancel_some())
     assert shm_blocks(pool) == [] and len(pool._all) == 2
     got, _ = run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
-    assert torch.equal(got, decode_clip(clip, SAMPLING, LIMITS))
+    assert torch.equal(model_input(got), decode_clip(clip, SAMPLING, LIMITS))
 
 
 def test_hung_decode_is_killed_at_the_timeout_and_close_is_prompt(loop, clip, monkeypatch):
@@ -153,7 +207,7 @@ def test_hung_decode_is_killed_at_the_timeout_and_close_is_prompt(loop, clip, mo
         assert time.monotonic() - t0 < 2.0
         # the replacement worker serves the next clip; the request deadline gives DEADLINE_EXCEEDED
         got, _ = run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
-        assert torch.equal(got, decode_clip(clip, SAMPLING, LIMITS))
+        assert torch.equal(model_input(got), decode_clip(clip, SAMPLING, LIMITS))
         with pytest.raises(DeadlineExpired):
             run(loop, pool.decode(HANG_MAGIC, SAMPLING, LIMITS, 30.0, deadline=time.monotonic() + 0.3))
         run(loop, _until(lambda: pool._free.qsize() == 1))
@@ -211,3 +265,11 @@ def test_the_pool_bench_runs():
     result = main(["--clips", "4", "--size", "64x48", "--workers", "1"])
     (row,) = result["rows"]
     assert row["thread_clips_per_s"] > 0 and row["process_clips_per_s"] > 0
+
+
+def test_the_pool_bench_measures_shared_memory_per_clip():
+    from bench.decode_pool import main
+
+    result = main(["--shm-bytes", "--size", "64x48"])
+    for row in result["shm"]:
+        assert row["float32_bytes_per_clip"] == 4 * row["shm_bytes_per_clip"]
