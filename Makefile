@@ -53,7 +53,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_SITE)
 
 test: $(STAMP) $(TEST_DEPS) ffmpeg lint docs
-	$(TEST_ENV) $(BIN)/python -m pytest -q tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m server.demo
