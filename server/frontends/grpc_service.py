@@ -1,15 +1,12 @@
-"""gRPC servicers of ``stadapter.v1`` (VideoClassifier, TaskAdmin) on top of the pipeline and registry.
+"""gRPC servicers of ``stadapter.v1`` (VideoClassifier, TaskAdmin) on the data plane (``server.dataplane``).
 
-Every method goes through :func:`rpc`: it checks the token, counts the call in
-``stadapter_requests_total{method,task,code}`` and turns any exception into a
-status with :func:`server.errors.status_for` (the one place that maps errors).
+Every method is served in the data plane's request scope through :func:`server.frontends.grpc_helpers.rpc`:
+the token, the ticket, the count in ``stadapter_requests_total{method,task,code}`` and one status per error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import json
 import logging
 import re
@@ -19,70 +16,23 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
-import grpc
-
+from server.dataplane.scope import Call
 from server.engine.admission import Ticket
-from server.engine.pipeline import Classification, ClipBytes, Pipeline
+from server.engine.pipeline import Classification, ClipBytes
 from server.errors import BadRequest, TaskNotFound, ended_code, status_for
-from server.frontends.auth import Auth
+from server.frontends.grpc_helpers import Servicer, gather_clip, idle_bounded, rpc
 from server.frontends.grpc_helpers import deadline_of as _deadline
-from server.frontends.grpc_helpers import gather_clip, idle_bounded
 from server.frontends.grpc_helpers import overrides_of as _overrides
 from server.frontends.grpc_windows import WindowsServicer
 from server.frontends.wire_clip import clip_of, items_of
-from server.limits import ServerLimits
-from server.observability.access_log import note_code
 from server.observability.logs import current_request_id
-from server.observability.metrics import Metrics
-from server.registry.registry import UPLOAD_FILES, TaskRegistry, TaskVersion
+from server.registry.registry import UPLOAD_FILES, TaskVersion
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE
 from stadapter.config import brief
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("server.frontends.grpc_service")
-
-_task_label: contextvars.ContextVar[str] = contextvars.ContextVar("task_label", default="")
-
-
-def rpc(method: str, kind: str):
-    """Wrap a servicer method: auth (``kind`` = admin | classify | public), the request's ticket, metrics,
-    error mapping. The method gets the :class:`~server.engine.admission.Ticket` as a third argument; everything it
-    holds is given back when the ``async with`` ends, before the status is counted or sent."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        async def wrapper(self, request, context: grpc.aio.ServicerContext):
-            _task_label.set("")
-            t0 = time.monotonic()
-
-            def record(code: grpc.StatusCode) -> None:
-                note_code(code.name)  # the access line's code: the one counted here
-                self.metrics.requests.labels(method, self._task_metric_label(_task_label.get()), code.name).inc()
-                if kind == "classify" and method != "BatchClassify":
-                    self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
-
-            try:
-                if kind == "admin":
-                    self.auth.check_admin(context)
-                elif kind == "classify":
-                    self.auth.check_classify(context)
-                async with self.pipeline.admission.request() as ticket:
-                    response = await fn(self, request, context, ticket)
-            except asyncio.CancelledError:  # the client ended the call: cancel, deadline, closed channel
-                record(ended_code(context))
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
-                code, message = status_for(e)
-                record(code)  # before abort: the client may read the metrics as soon as it has the status
-                await context.abort(code, message)
-            record(grpc.StatusCode.OK)
-            return response
-
-        return wrapper
-
-    return deco
-
 
 def task_info(tv: TaskVersion, servable_versions: Sequence[int] = ()) -> pb.TaskInfo:
     s = tv.spec
@@ -116,29 +66,10 @@ def _label(task: str, tasks: Sequence[str]) -> str:
     return task if not tasks else ""
 
 
-class _Base:
-    def __init__(self, pipeline: Pipeline, registry: TaskRegistry, metrics: Metrics, auth: Auth):
-        self.pipeline = pipeline
-        self.registry = registry
-        self.metrics = metrics
-        self.auth = auth
+class VideoClassifierService(Servicer, WindowsServicer, pb_grpc.VideoClassifierServicer):
+    def _info(self, tv: TaskVersion) -> pb.TaskInfo:
+        return task_info(tv, self.plane.registry.servable_versions(tv.name))
 
-    @property
-    def limits(self) -> ServerLimits:
-        return self.pipeline.limits
-
-    def _task_info(self, tv: TaskVersion) -> pb.TaskInfo:
-        return task_info(tv, self.registry.servable_versions(tv.name))
-
-    def _task_metric_label(self, name: str) -> str:
-        # Only served task names become label values: clients cannot blow up the series count.
-        if not name:
-            return ""
-        name = name.partition("@")[0]  # a pinned version counts under its task
-        return name if name in self.registry.tasks else "_other"
-
-
-class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServicer):
     async def _classify(self, ticket: Ticket, task: str, tasks: Sequence[str], clip: ClipBytes, top_k: int,
                         sampling: pb.SamplingOverrides, request_id: str, deadline: Optional[float],
                         method: str) -> pb.ClassifyResponse:
@@ -146,11 +77,11 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
         ``tasks`` are the task list, answered in ``results``; each task is counted as ``<method>.task``."""
         request_id = request_id or current_request_id() or uuid.uuid4().hex  # the id logged and echoed
         if not tasks:
-            c = await self.pipeline.classify(ticket, task, clip, top_k, _overrides(sampling), deadline)
+            c = await self.plane.pipeline.classify(ticket, task, clip, top_k, _overrides(sampling), deadline)
             return _response(c, request_id)
         t0 = time.monotonic()
         names = ([task] if task else []) + list(tasks)
-        outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, _overrides(sampling), deadline)
+        outcomes = await self.plane.pipeline.classify_tasks(ticket, names, clip, top_k, _overrides(sampling), deadline)
         results = []
         for name, o in zip(names, outcomes.items):
             if isinstance(o, Classification):
@@ -160,13 +91,14 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
                 status, message = status_for(o)
                 code = status.name
                 results.append(pb.TaskResult(task=name, error=pb.ItemError(code=status.value[0], message=message)))
-            self.metrics.requests.labels(f"{method}.task", self._task_metric_label(name), code).inc()
+            self.plane.metrics.requests.labels(f"{method}.task", self.plane.task_label(name), code).inc()
         timings = pb.Timings(decode_ms=outcomes.decode_s * 1e3, total_ms=(time.monotonic() - t0) * 1e3)
         return pb.ClassifyResponse(request_id=request_id, results=results, timings=timings)
 
-    @rpc("Classify", "classify")
-    async def Classify(self, request: pb.ClassifyRequest, context, ticket: Ticket) -> pb.ClassifyResponse:
-        _task_label.set(_label(request.task, request.tasks))
+    @rpc("Classify", "classify", timed=True)
+    async def Classify(self, request: pb.ClassifyRequest, context, call: Call) -> pb.ClassifyResponse:
+        call.task = _label(request.task, request.tasks)
+        ticket = call.ticket
         clip = clip_of(request)  # over gRPC a view of the received bytes: the one copy
         if len(clip) > self.limits.max_clip_bytes:
             self.limits.check_clip_size(len(clip))  # too big is INVALID_ARGUMENT, whatever the budget
@@ -175,18 +107,20 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
         return await self._classify(ticket, request.task, request.tasks, clip, request.top_k, request.sampling,
                                     request.request_id, _deadline(context), "Classify")
 
-    @rpc("ClassifyStream", "classify")
-    async def ClassifyStream(self, request_iterator, context, ticket: Ticket) -> pb.ClassifyResponse:
+    @rpc("ClassifyStream", "classify", timed=True)
+    async def ClassifyStream(self, request_iterator, context, call: Call) -> pb.ClassifyResponse:
         """Chunks are appended to one buffer as they arrive (no list of chunks, no joined copy); the ticket
         holds the buffer's length against the budget, and the buffer is what the decoder gets."""
+        ticket = call.ticket
         first, buf = await gather_clip(request_iterator, context, ticket, self.limits,
-                                       lambda c: _task_label.set(_label(c.task, c.tasks)))
+                                       lambda c: setattr(call, "task", _label(c.task, c.tasks)))
         return await self._classify(ticket, first.task, first.tasks, buf, first.top_k, first.sampling,
                                     first.request_id, _deadline(context), "ClassifyStream")
 
     @rpc("BatchClassify", "classify")
     async def BatchClassify(self, request: pb.BatchClassifyRequest, context,
-                            ticket: Ticket) -> pb.BatchClassifyResponse:
+                            call: Call) -> pb.BatchClassifyResponse:
+        ticket = call.ticket
         deadline = _deadline(context)
         items = items_of(request)  # over gRPC each clip a view of the received bytes
         ticket.hold(sum(len(r.clip) for r in items))
@@ -197,33 +131,33 @@ class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServ
             try:
                 resp = await self._classify(ticket, req.task, req.tasks, req.clip, req.top_k, req.sampling,
                                             req.request_id, deadline, "BatchClassify")
-                self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), "OK").inc()
+                self.plane.metrics.requests.labels("BatchClassify.item", self.plane.task_label(req.task), "OK").inc()
                 return pb.BatchClassifyResult(response=resp)
             except Exception as e:  # noqa: BLE001 - each item gets its own status
                 code, message = status_for(e)
-                self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), code.name).inc()
+                self.plane.metrics.requests.labels("BatchClassify.item", self.plane.task_label(req.task), code.name).inc()
                 return pb.BatchClassifyResult(error=pb.ItemError(code=code.value[0], message=message))
 
         results = await asyncio.gather(*(one(r) for r in items))
         return pb.BatchClassifyResponse(results=results)
 
-    @rpc("ListTasks", "classify")
-    async def ListTasks(self, request, context, ticket: Ticket) -> pb.ListTasksResponse:
-        trunk = self.registry.trunk
-        tasks = [self._task_info(tv) for _, tv in sorted(self.registry.tasks.items())]
+    @rpc("ListTasks", "classify", timed=True)
+    async def ListTasks(self, request, context, call: Call) -> pb.ListTasksResponse:
+        trunk = self.plane.registry.trunk
+        tasks = [self._info(tv) for _, tv in sorted(self.plane.registry.tasks.items())]
         model = trunk.spec.model if trunk.spec is not None else ""
         return pb.ListTasksResponse(tasks=tasks, trunk_model=model, trunk_fingerprint=trunk.fingerprint)
 
-    @rpc("DescribeTask", "classify")
-    async def DescribeTask(self, request: pb.DescribeTaskRequest, context, ticket: Ticket) -> pb.TaskInfo:
-        _task_label.set(request.task)
-        return self._task_info(self.registry.get(request.task))
+    @rpc("DescribeTask", "classify", timed=True)
+    async def DescribeTask(self, request: pb.DescribeTaskRequest, context, call: Call) -> pb.TaskInfo:
+        call.task = request.task
+        return self._info(self.plane.registry.get(request.task))
 
 
-class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
+class TaskAdminService(Servicer, pb_grpc.TaskAdminServicer):
     @rpc("RegisterTask", "admin")
-    async def RegisterTask(self, request_iterator, context, ticket: Ticket) -> pb.RegisterTaskResponse:
-        upload = self.registry.upload_path()
+    async def RegisterTask(self, request_iterator, context, call: Call) -> pb.RegisterTaskResponse:
+        upload = self.plane.registry.upload_path()
         owner = _UploadOwner()
         try:
             await asyncio.to_thread(upload.mkdir)  # a cancellation during it still reaches the finally below
@@ -231,13 +165,13 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
             tv = await asyncio.to_thread(self._register_owned, upload, owner, upload_id)
         except BaseException as e:  # CancelledError too: a client that hangs up mid-upload (or after its last chunk)
             code = ended_code(context) if isinstance(e, asyncio.CancelledError) else status_for(e)[0]
-            self.metrics.registrations.labels(code.name.lower()).inc()
+            self.plane.metrics.registrations.labels(code.name.lower()).inc()
             raise
         finally:
             if owner.claim("cleanup"):  # shielded: a second cancellation cannot stop the removal
                 await asyncio.shield(asyncio.to_thread(_rmtree, upload))
-        _task_label.set(tv.name)
-        self.metrics.registrations.labels("ok").inc()
+        call.task = tv.name
+        self.plane.metrics.registrations.labels("ok").inc()
         log.info("registered task %s version %d", tv.name, tv.version)
         return pb.RegisterTaskResponse(task=task_info(tv))  # this version's facts: a retry's answer is the same
 
@@ -245,7 +179,7 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
         """register_upload consumes the folder; it publishes only if the cleanup has not taken it by then (the
         claim is made right before the publishing rename: a call cancelled while its bundle is validated, or
         before this job's thread starts, publishes nothing)."""
-        return self.registry.register_upload(upload, upload_id=upload_id, claim=lambda: owner.claim("register"))
+        return self.plane.registry.register_upload(upload, upload_id=upload_id, claim=lambda: owner.claim("register"))
 
     async def _receive(self, request_iterator, context, upload: Path) -> str:
         """Write the upload's files; returns its upload id (from the first chunk, "" when the client sent none)."""
@@ -282,16 +216,16 @@ class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
 
     @rpc("UnregisterTask", "admin")
     async def UnregisterTask(self, request: pb.UnregisterTaskRequest, context,
-                             ticket: Ticket) -> pb.UnregisterTaskResponse:
-        _task_label.set(request.task)
+                             call: Call) -> pb.UnregisterTaskResponse:
+        call.task = request.task
         if not request.task:
             raise BadRequest("the request names no task")
         try:
-            name, version = await asyncio.to_thread(self.registry.unregister, request.task)
+            name, version = await asyncio.to_thread(self.plane.registry.unregister, request.task)
         except TaskNotFound:
-            self.metrics.unregistrations.labels("not_found").inc()
+            self.plane.metrics.unregistrations.labels("not_found").inc()
             raise
-        self.metrics.unregistrations.labels("ok").inc()
+        self.plane.metrics.unregistrations.labels("ok").inc()
         log.info("unregistered %s %s version %d", "one version of task" if "@" in request.task else "task", name, version)
         return pb.UnregisterTaskResponse(task=name, version=version)
 

@@ -15,8 +15,8 @@ Routes:
   task version, timings), as ``Classify`` over gRPC; ``/v1/tasks/a,b:classify`` classifies the clip for
   several tasks (one upload, one decode per distinct sampling) and answers one result or error per task.
 
-Every endpoint but health goes through :func:`endpoint`: the same bearer tokens (``Authorization``
-header), admission ticket (drain, queue, in-flight clip bytes), error mapping
+Every endpoint but health goes through :func:`endpoint`, the data plane's request scope: the same bearer tokens
+(``Authorization`` header), admission ticket (drain, queue, in-flight clip bytes), error mapping
 (:func:`server.errors.http_status_for`, body ``{"error": ...}``; aiohttp's own 404 and 405 too,
 ``server.frontends.http_errors``) and metrics
 (``stadapter_requests_total{method="HTTP <name>"}``) as gRPC. Bodies are read in chunks: each chunk is
@@ -39,11 +39,13 @@ from typing import Any, Awaitable, Callable, Optional
 import grpc
 from aiohttp import BodyPartReader, hdrs, web
 
+from server.dataplane.plane import DataPlane
+from server.dataplane.scope import Access, Call, Refused
 from server.engine.admission import Ticket
 from server.engine.pipeline import Classification
 from server.errors import HTTP_STATUS, BadRequest, StreamIdle, TaskNotFound, http_status_for
-from server.frontends.grpc_service import _Base
-from server.frontends.http_errors import error_response, json_errors
+from server.frontends.auth import Auth
+from server.frontends.http_errors import error_response, json_errors, status_response
 from server.frontends.http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, check_field_name, int_field, set_field, typed_field
 from server.frontends.http_oip import HEADER_LENGTH, clips_of, encode_response, header_length, parse_header
 from server.frontends.oip_model import (
@@ -62,6 +64,7 @@ from server.frontends.oip_model import (
     split_top_k,
 )
 from server.frontends.oip_tensors import read_json_parameters
+from server.limits import ServerLimits
 from server.observability.access_log import access_middleware, adopt_request_id
 from server.observability.logs import current_request_id
 from stadapter.config import brief
@@ -71,53 +74,64 @@ log = logging.getLogger("server.frontends.http")
 CHUNK = 1 << 16
 _JSON = "application/json"
 
-Handler = Callable[[Any, web.Request, Ticket], Awaitable[web.StreamResponse]]
+Handler = Callable[[Any, web.Request, Call], Awaitable[web.StreamResponse]]
 
 
-def endpoint(method: str, kind: str) -> Callable[[Handler], Callable[[Any, web.Request], Awaitable[web.StreamResponse]]]:
-    """The HTTP form of :func:`server.frontends.grpc_service.rpc`: auth (``kind`` = admin | classify | public), the ticket, metrics
-    under ``method="HTTP <method>"``, errors as ``{"error": ...}`` with the status of the gRPC code."""
+class HttpWire:
+    """The request scope's view of an HTTP request: the token in its ``Authorization`` header; a client that hung
+    up mid-body shows as ``ConnectionResetError``, a server stopping under the handler as ``CancelledError``."""
+
+    __slots__ = ("authorization",)
+
+    def __init__(self, request: web.Request):
+        self.authorization = request.headers.get(hdrs.AUTHORIZATION)
+
+    def check(self, auth: Auth, access: Access) -> None:
+        if access == "admin":
+            auth.check_admin_header(self.authorization)
+        elif access == "classify":
+            auth.check_classify_header(self.authorization)
+
+    def ended(self, exc: BaseException) -> Optional[grpc.StatusCode]:
+        return grpc.StatusCode.CANCELLED if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)) else None
+
+
+Endpoint = Callable[[Any, web.Request], Awaitable[web.StreamResponse]]
+
+
+def endpoint(method: str, access: Access, timed: bool = False) -> Callable[[Handler], Endpoint]:
+    """Serve a handler ``fn(self, request, call)`` in the data plane's request scope, as gRPC methods are
+    (``server.frontends.grpc_helpers.rpc``): metrics under ``method="HTTP <method>"`` (latency too when ``timed``),
+    errors as ``{"error": ...}`` with the status of the gRPC code."""
     label = f"HTTP {method}"
 
     def deco(fn: Handler):
         @functools.wraps(fn)
         async def wrapper(self: "HttpService", request: web.Request) -> web.StreamResponse:
-            t0 = time.monotonic()
             task = request.match_info.get("task", "")
             task = "" if "," in task else task  # a several-task upload counts its tasks per item
-
-            def record(code: grpc.StatusCode) -> None:
-                self.metrics.requests.labels(label, self._task_metric_label(task), code.name).inc()
-                if kind == "classify" and method in ("ModelInfer", "Classify"):
-                    self.metrics.request_seconds.labels(label).observe(time.monotonic() - t0)
-
             try:
-                if kind == "admin":
-                    self.auth.check_admin_header(request.headers.get(hdrs.AUTHORIZATION))
-                elif kind == "classify":
-                    self.auth.check_classify_header(request.headers.get(hdrs.AUTHORIZATION))
-                async with self.pipeline.admission.request() as ticket:
-                    response = await fn(self, request, ticket)
-            except asyncio.CancelledError:  # the server stops under a handler
-                record(grpc.StatusCode.CANCELLED)
-                raise
+                async with self.plane.request(HttpWire(request), label, access, timed, task) as call:
+                    return await fn(self, request, call)
             except ConnectionResetError:  # the client hung up mid-body: nobody to answer, nothing to log
-                record(grpc.StatusCode.CANCELLED)
                 return web.Response(status=HTTP_STATUS[grpc.StatusCode.CANCELLED])
-            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
-                response, code = error_response(e)
-                record(code)
-                return response
-            record(grpc.StatusCode.OK)
-            return response
+            except Refused as e:
+                return status_response(e.code, e.message)
 
         return wrapper
 
     return deco
 
 
-class HttpService(_Base):
-    """The handlers, on the pipeline, registry, metrics and tokens the gRPC services use."""
+class HttpService:
+    """The handlers, on the data plane the gRPC services use."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    @property
+    def limits(self) -> ServerLimits:
+        return self.plane.limits
 
     def application(self) -> web.Application:
         # access lines and X-Request-Id around everything; aiohttp's own errors (404, 405) as JSON inside
@@ -143,28 +157,28 @@ class HttpService(_Base):
         return web.json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = not self.pipeline.admission.draining
+        ready = not self.plane.pipeline.admission.draining
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["task"], request.match_info.get("version", "")
         try:
-            await served_model(self.registry, name, version)  # NOT_FOUND (404) for an unknown task or version
+            await served_model(self.plane.registry, name, version)  # NOT_FOUND (404) for an unknown task or version
         except Exception as e:  # noqa: BLE001 - the error is the answer
             return error_response(e)[0]
-        ready = model_ready(self.registry, self.pipeline.admission.draining, name, version)
+        ready = model_ready(self.plane.registry, self.plane.pipeline.admission.draining, name, version)
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
     # --- metadata ---
 
     @endpoint("ServerMetadata", "public")
-    async def server_metadata(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def server_metadata(self, request: web.Request, call: Call) -> web.Response:
         return web.json_response({"name": SERVER_NAME, "version": server_version(),
                                   "extensions": ["model_repository", "model_configuration", "binary_tensor_data"]})
 
     @endpoint("ModelMetadata", "classify")
-    async def model_metadata(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+    async def model_metadata(self, request: web.Request, call: Call) -> web.Response:
+        tv = await served_model(self.plane.registry, request.match_info["task"], request.match_info.get("version", ""))
         return web.json_response({
             "name": tv.name, "versions": [str(tv.version)], "platform": PLATFORM,
             "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in INPUT_SIGNATURE],
@@ -172,8 +186,8 @@ class HttpService(_Base):
         })
 
     @endpoint("ModelConfig", "classify")
-    async def model_config(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+    async def model_config(self, request: web.Request, call: Call) -> web.Response:
+        tv = await served_model(self.plane.registry, request.match_info["task"], request.match_info.get("version", ""))
         s = tv.spec
         types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
         return web.json_response({
@@ -188,9 +202,10 @@ class HttpService(_Base):
 
     # --- inference ---
 
-    @endpoint("ModelInfer", "classify")
-    async def infer(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+    @endpoint("ModelInfer", "classify", timed=True)
+    async def infer(self, request: web.Request, call: Call) -> web.Response:
+        ticket = call.ticket
+        tv = await served_model(self.plane.registry, request.match_info["task"], request.match_info.get("version", ""))
         limit = self.limits.max_inflight_clip_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -207,15 +222,16 @@ class HttpService(_Base):
         clips = clips_of(header, memoryview(body)[json_len:] if json_len is not None else b"")
         del body  # the clips are copies; the ticket keeps holding the bytes until the request ends
         check_clip_sizes(clips, self.limits)
-        results = await classify_clips(self.pipeline, ticket, tv, clips, top_k, params, None)
+        results = await classify_clips(self.plane.pipeline, ticket, tv, clips, top_k, params, None)
         payload, length = encode_response(tv.name, str(tv.version), header.id, header, wanted,
                                           output_tensors(tv, results))
         if length is None:
             return web.Response(body=payload, content_type=_JSON)
         return web.Response(body=payload, content_type="application/octet-stream", headers={HEADER_LENGTH: str(length)})
 
-    @endpoint("Classify", "classify")
-    async def classify(self, request: web.Request, ticket: Ticket) -> web.Response:
+    @endpoint("Classify", "classify", timed=True)
+    async def classify(self, request: web.Request, call: Call) -> web.Response:
+        ticket = call.ticket
         task = request.match_info["task"]
         if not request.content_type.startswith("multipart/form-data"):
             raise BadRequest(f"send the clip as multipart/form-data with a 'clip' file part (curl -F clip=@video.mp4 "
@@ -247,7 +263,7 @@ class HttpService(_Base):
         adopt_request_id(request_id)  # a form field's id is the logged and echoed one, unless a header gave one
         overrides = {k: typed_field(k, v) for k, v in fields.items()}
         if "," not in task:
-            c = await self.pipeline.classify(ticket, task, clip, top_k, overrides, None)
+            c = await self.plane.pipeline.classify(ticket, task, clip, top_k, overrides, None)
             return web.json_response(classification_json(c, request_id))
         return web.json_response(await self._classify_tasks(ticket, task.split(","), clip, top_k, overrides,
                                                             request_id))
@@ -257,7 +273,7 @@ class HttpService(_Base):
         """Several tasks for one clip (``/v1/tasks/a,b:classify``): one upload, one decode per distinct sampling;
         one result or error per task, in order, each counted as ``HTTP Classify.task``."""
         t0 = time.monotonic()
-        outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, overrides, None)
+        outcomes = await self.plane.pipeline.classify_tasks(ticket, names, clip, top_k, overrides, None)
         results: list[dict[str, Any]] = []
         for name, o in zip(names, outcomes.items):
             if isinstance(o, Classification):
@@ -267,7 +283,7 @@ class HttpService(_Base):
             else:
                 status, code, message = http_status_for(o)
                 results.append({"task": name, "error": {"code": code.name, "status": status, "message": message}})
-            self.metrics.requests.labels("HTTP Classify.task", self._task_metric_label(name), code.name).inc()
+            self.plane.metrics.requests.labels("HTTP Classify.task", self.plane.task_label(name), code.name).inc()
         return {"request_id": request_id, "results": results,
                 "timings": {"decode_ms": outcomes.decode_s * 1e3, "total_ms": (time.monotonic() - t0) * 1e3,
                             "decodes": outcomes.decodes}}
@@ -275,28 +291,28 @@ class HttpService(_Base):
     # --- repository extension (admin token), as RepositoryIndex / RepositoryModelLoad / ...Unload over gRPC ---
 
     @endpoint("RepositoryIndex", "admin")
-    async def repository_index(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def repository_index(self, request: web.Request, call: Call) -> web.Response:
         """Every served task with its served version (tritonclient.http's ``get_model_repository_index`` list)."""
         return web.json_response([{"name": name, "version": str(tv.version), "state": "READY"}
-                                  for name, tv in sorted(self.registry.tasks.items())])
+                                  for name, tv in sorted(self.plane.registry.tasks.items())])
 
     @endpoint("RepositoryModelLoad", "admin")
-    async def repository_load(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def repository_load(self, request: web.Request, call: Call) -> web.Response:
         """Re-read the repository (a task copied in is picked up); 200 when the task (or ``task@N``) is served."""
-        await asyncio.to_thread(self.registry.sync)
-        tv = self.registry.get(request.match_info["task"])  # NOT_FOUND when it is not there (or does not load)
+        await asyncio.to_thread(self.plane.registry.sync)
+        tv = self.plane.registry.get(request.match_info["task"])  # NOT_FOUND when it is not there (or does not load)
         return web.json_response({"name": tv.name, "version": str(tv.version), "state": "READY"})
 
     @endpoint("RepositoryModelUnload", "admin")
-    async def repository_unload(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def repository_unload(self, request: web.Request, call: Call) -> web.Response:
         """Unregister the task (every version; ``task@N``: that one), as ``UnregisterTask``: its files go."""
         task = request.match_info["task"]
         try:
-            name, version = await asyncio.to_thread(self.registry.unregister, task)
+            name, version = await asyncio.to_thread(self.plane.registry.unregister, task)
         except TaskNotFound:
-            self.metrics.unregistrations.labels("not_found").inc()
+            self.plane.metrics.unregistrations.labels("not_found").inc()
             raise
-        self.metrics.unregistrations.labels("ok").inc()
+        self.plane.metrics.unregistrations.labels("ok").inc()
         log.info("unregistered %s %s version %d (HTTP repository unload)",
                  "one version of task" if "@" in task else "task", name, version)
         return web.json_response({"name": name, "version": str(version)})

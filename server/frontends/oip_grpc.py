@@ -13,7 +13,7 @@ unregisters the task (its files are removed, as ``UnregisterTask`` does).
 The protocol's stubs are tritonclient's (``tritonclient.grpc.service_pb2``; Triton's
 service is KServe's plus extensions), so tritonclient and perf_analyzer talk to it
 as to Triton. The same tokens, limits, admission, metrics (``method`` label) and
-error mapping as the native API apply, through :func:`server.frontends.grpc_service.rpc`.
+error mapping as the native API apply: the data plane's request scope, through :func:`server.frontends.grpc_helpers.rpc`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from server.engine.admission import Ticket
+from server.dataplane.scope import Call
 from server.engine.pipeline import Classification
 from server.errors import BadRequest, TaskNotFound
-from server.frontends.grpc_service import _Base, _deadline, _task_label, rpc
+from server.frontends.grpc_helpers import Servicer, deadline_of, rpc
 from server.frontends.oip_model import (
     INPUT_SIGNATURE,
     OUTPUT_SIGNATURE,
@@ -53,7 +53,7 @@ OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 _CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32}
 
 
-class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
+class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     """KServe v2 over gRPC on the task registry and the same pipeline as ``stadapter.v1``."""
 
     # --- health: public and outside admission, so probes answer while the server drains ---
@@ -62,21 +62,21 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=not self.pipeline.admission.draining)
+        return oip.ServerReadyResponse(ready=not self.plane.pipeline.admission.draining)
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
-        return oip.ModelReadyResponse(ready=model_ready(self.registry, self.pipeline.admission.draining,
+        return oip.ModelReadyResponse(ready=model_ready(self.plane.registry, self.plane.pipeline.admission.draining,
                                                         request.name, request.version))
 
     # --- metadata ---
 
     @rpc("ServerMetadata", "public")
-    async def ServerMetadata(self, request, context, ticket: Ticket) -> oip.ServerMetadataResponse:
+    async def ServerMetadata(self, request, context, call: Call) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name=SERVER_NAME, version=server_version(),
                                           extensions=["model_repository", "model_configuration"])
 
-    @rpc("ModelMetadata", "classify")
-    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context, ticket: Ticket):
+    @rpc("ModelMetadata", "classify", timed=True)
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context, call: Call):
         tv = await self._model(request.name, request.version)
         T = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
@@ -85,8 +85,8 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
             outputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in OUTPUT_SIGNATURE],
         )
 
-    @rpc("ModelConfig", "classify")
-    async def ModelConfig(self, request: oip.ModelConfigRequest, context, ticket: Ticket):
+    @rpc("ModelConfig", "classify", timed=True)
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context, call: Call):
         tv = await self._model(request.name, request.version)
         s = tv.spec
         cfg = mc.ModelConfig(
@@ -102,20 +102,20 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
 
     # --- inference ---
 
-    @rpc("ModelInfer", "classify")
-    async def ModelInfer(self, request: oip.ModelInferRequest, context, ticket: Ticket) -> oip.ModelInferResponse:
-        _task_label.set(request.model_name)
+    @rpc("ModelInfer", "classify", timed=True)
+    async def ModelInfer(self, request: oip.ModelInferRequest, context, call: Call) -> oip.ModelInferResponse:
+        call.task = request.model_name
         tv = await self._model(request.model_name, request.model_version)
         params = read_parameters(request.parameters, PARAMETERS)
         top_k = split_top_k(params)
         wanted = requested_outputs([o.name for o in request.outputs])
         clips = self._clips(request)
-        ticket.hold(sum(len(c) for c in clips))
-        results = await classify_clips(self.pipeline, ticket, tv, clips, top_k, params, _deadline(context))
+        call.ticket.hold(sum(len(c) for c in clips))
+        results = await classify_clips(self.plane.pipeline, call.ticket, tv, clips, top_k, params, deadline_of(context))
         return self._answer(request, tv, results, wanted)
 
     async def _model(self, name: str, version: str) -> TaskVersion:
-        return await served_model(self.registry, name, version)
+        return await served_model(self.plane.registry, name, version)
 
     def _clips(self, request: oip.ModelInferRequest) -> list[bytes]:
         t = request.inputs[0] if request.inputs else None
@@ -146,29 +146,29 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
     # --- repository extension (admin token) ---
 
     @rpc("RepositoryIndex", "admin")
-    async def RepositoryIndex(self, request, context, ticket: Ticket) -> oip.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request, context, call: Call) -> oip.RepositoryIndexResponse:
         M = oip.RepositoryIndexResponse.ModelIndex
         return oip.RepositoryIndexResponse(models=[M(name=name, version=str(tv.version), state="READY")
-                                                   for name, tv in sorted(self.registry.tasks.items())])
+                                                   for name, tv in sorted(self.plane.registry.tasks.items())])
 
     @rpc("RepositoryModelLoad", "admin")
-    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest, context, ticket: Ticket):
-        _task_label.set(request.model_name)
-        await asyncio.to_thread(self.registry.sync)  # picks up a task copied into the repository
-        self.registry.get(request.model_name)  # NOT_FOUND when it is not there (or does not load)
+    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest, context, call: Call):
+        call.task = request.model_name
+        await asyncio.to_thread(self.plane.registry.sync)  # picks up a task copied into the repository
+        self.plane.registry.get(request.model_name)  # NOT_FOUND when it is not there (or does not load)
         return oip.RepositoryModelLoadResponse()
 
     @rpc("RepositoryModelUnload", "admin")
-    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context, ticket: Ticket):
-        _task_label.set(request.model_name)
+    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context, call: Call):
+        call.task = request.model_name
         if not request.model_name:
             raise BadRequest("the request names no model")
         try:
-            await asyncio.to_thread(self.registry.unregister, request.model_name)
+            await asyncio.to_thread(self.plane.registry.unregister, request.model_name)
         except TaskNotFound:
-            self.metrics.unregistrations.labels("not_found").inc()  # as UnregisterTask and the HTTP unload count it
+            self.plane.metrics.unregistrations.labels("not_found").inc()  # as UnregisterTask and the HTTP unload count it
             raise
-        self.metrics.unregistrations.labels("ok").inc()
+        self.plane.metrics.unregistrations.labels("ok").inc()
         return oip.RepositoryModelUnloadResponse()
 
 
