@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import AsyncContextManager
 
+from server.dataplane.catalog import Catalog
+from server.dataplane.inference import Inference
+from server.dataplane.registration import Registration
 from server.dataplane.scope import Access, Call, Wire, request_scope
 from server.engine.pipeline import Pipeline
 from server.frontends.auth import Auth
@@ -16,7 +19,7 @@ from server.observability.metrics import Metrics
 from server.registry.registry import TaskRegistry
 
 
-class DataPlane:
+class DataPlane(Catalog, Inference, Registration):
     def __init__(self, pipeline: Pipeline, registry: TaskRegistry, metrics: Metrics, auth: Auth):
         self.pipeline = pipeline
         self.registry = registry

@@ -56,11 +56,13 @@ class Refused(Exception):
 
 
 class Call:
-    """A request inside its scope: its ticket, and the task its metrics count it under (set by the handler)."""
+    """A request inside its scope: its wire, its ticket, and the task its metrics count it under (set by the
+    handler)."""
 
-    __slots__ = ("ticket", "task")
+    __slots__ = ("wire", "ticket", "task")
 
-    def __init__(self, task: str = ""):
+    def __init__(self, wire: Wire, task: str = ""):
+        self.wire = wire
         self.ticket: Ticket = None  # type: ignore[assignment]  # set once the request is admitted
         self.task = task
 
@@ -76,7 +78,7 @@ async def request_scope(plane: "DataPlane", wire: Wire, method: str, access: Acc
     """Serve one request (see the module doc). ``method``: the metrics' ``method`` label; ``timed``: the request's
     latency goes into ``stadapter_request_seconds{method}`` too; ``task``: the task label known from the start."""
     t0 = time.monotonic()
-    call = Call(task)
+    call = Call(wire, task)
 
     def record(code: grpc.StatusCode) -> None:
         note_code(code.name)  # the access line's code: the one counted here

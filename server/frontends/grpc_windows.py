@@ -9,15 +9,12 @@ everything held is given back), the count in ``stadapter_requests_total`` and on
 from __future__ import annotations
 
 import contextlib
-import uuid
 from typing import Any, AsyncGenerator, Optional
 
 from server.dataplane.scope import Call
-from server.engine.admission import Ticket
 from server.engine.pipeline import ClipBytes, WindowClassification
 from server.frontends.grpc_helpers import deadline_of, gather_clip, overrides_of, rpc
 from server.frontends.wire_clip import clip_of
-from server.observability.logs import current_request_id
 from stadapter_api.v1 import inference_pb2 as pb
 
 
@@ -39,12 +36,11 @@ class WindowsServicer:
     plane: Any
     limits: Any
 
-    async def _windows(self, ticket: Ticket, task: str, clip: ClipBytes, window_s: float, stride_s: float, top_k: int,
+    async def _windows(self, call: Call, task: str, clip: ClipBytes, window_s: float, stride_s: float, top_k: int,
                        sampling: pb.SamplingOverrides, request_id: str,
                        deadline: Optional[float]) -> AsyncGenerator[pb.WindowResult, None]:
-        request_id = request_id or current_request_id() or uuid.uuid4().hex  # the id logged and echoed
-        windows = self.plane.pipeline.classify_windows(ticket, task, clip, window_s, stride_s, top_k, overrides_of(sampling),
-                                                 deadline)
+        request_id = call.request_id(request_id)  # the id logged and echoed
+        windows = self.plane.windows(call, task, clip, window_s, stride_s, top_k, overrides_of(sampling), deadline)
         async with contextlib.aclosing(windows):
             async for w in windows:
                 yield _result(w, request_id)
@@ -53,13 +49,9 @@ class WindowsServicer:
     async def ClassifyWindows(self, request: pb.ClassifyWindowsRequest, context,
                               call: Call) -> AsyncGenerator[pb.WindowResult, None]:
         call.task = request.task
-        ticket = call.ticket
         clip = clip_of(request)  # over gRPC a view of the received bytes: the one copy
-        if len(clip) > self.limits.max_clip_bytes:
-            self.limits.check_clip_size(len(clip))
-        ticket.hold(len(clip))
-        ticket.own(clip)
-        results = self._windows(ticket, request.task, clip, request.window_s, request.stride_s, request.top_k,
+        self.plane.hold_clip(call, clip)
+        results = self._windows(call, request.task, clip, request.window_s, request.stride_s, request.top_k,
                                 request.sampling, request.request_id, deadline_of(context))
         async with contextlib.aclosing(results):
             async for r in results:
@@ -69,10 +61,9 @@ class WindowsServicer:
     async def ClassifyWindowsStream(self, request_iterator, context,
                                     call: Call) -> AsyncGenerator[pb.WindowResult, None]:
         """Chunks go into one buffer held on the ticket (as ClassifyStream); the windows start once it is whole."""
-        ticket = call.ticket
-        first, buf = await gather_clip(request_iterator, context, ticket, self.limits,
+        first, buf = await gather_clip(request_iterator, context, call.ticket, self.limits,
                                        lambda c: setattr(call, "task", c.task))
-        results = self._windows(ticket, first.task, buf, first.window_s, first.stride_s, first.top_k, first.sampling,
+        results = self._windows(call, first.task, buf, first.window_s, first.stride_s, first.top_k, first.sampling,
                                 first.request_id, deadline_of(context))
         async with contextlib.aclosing(results):
             async for r in results:
