@@ -84,6 +84,11 @@ class Inference:
         call.ticket.hold(len(clip))
         call.ticket.own(clip)
 
+    def check_clips(self, clips: Sequence[ClipBytes]) -> None:
+        """The clips of one request (OIP's ``CLIP`` elements), each checked as one clip is, before any is held."""
+        for i, clip in enumerate(clips):
+            self.limits.check_clip_size(len(clip), i)
+
     async def classify(self, call: Call, args: ClassifyArgs, deadline: Optional[float], method: str) -> Answer:
         request_id = call.request_id(args.request_id)  # the id logged and echoed
         if not args.tasks:

@@ -46,13 +46,7 @@ from server.frontends.auth import Auth
 from server.frontends.http_errors import error_response, json_errors, status_response
 from server.frontends.http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, check_field_name, int_field, set_field, typed_field
 from server.frontends.http_oip import HEADER_LENGTH, clips_of, encode_response, header_length, parse_header
-from server.frontends.oip_model import (
-    PARAMETERS,
-    check_clip_sizes,
-    output_tensors,
-    requested_outputs,
-    split_top_k,
-)
+from server.frontends.oip_model import PARAMETERS, output_tensors, requested_outputs, split_top_k
 from server.frontends.oip_tensors import read_json_parameters
 from server.limits import ServerLimits
 from server.observability.access_log import access_middleware, adopt_request_id
@@ -205,7 +199,7 @@ class HttpService:
         wanted = requested_outputs([name for name, _ in header.outputs])
         clips = clips_of(header, memoryview(body)[json_len:] if json_len is not None else b"")
         del body  # the clips are copies; the ticket keeps holding the bytes until the request ends
-        check_clip_sizes(clips, self.limits)
+        self.plane.check_clips(clips)
         results = await self.plane.classify_clips(call, tv, clips, top_k, params, None)
         payload, length = encode_response(tv.name, str(tv.version), header.id, header, wanted,
                                           output_tensors(tv, results))

@@ -28,14 +28,7 @@ from server.dataplane.scope import Call
 from server.engine.pipeline import Classification
 from server.errors import BadRequest
 from server.frontends.grpc_helpers import Servicer, deadline_of, rpc
-from server.frontends.oip_model import (
-    PARAMETERS,
-    check_clip_sizes,
-    check_input,
-    output_tensors,
-    requested_outputs,
-    split_top_k,
-)
+from server.frontends.oip_model import PARAMETERS, check_input, output_tensors, requested_outputs, split_top_k
 from server.frontends.oip_tensors import read_parameters, split_bytes_elements
 from server.registry.registry import TaskVersion
 
@@ -44,7 +37,7 @@ _CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32}
 
 
 class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 over gRPC on the task registry and the same pipeline as ``stadapter.v1``."""
+    """KServe v2 over gRPC: a codec on the data plane ``stadapter.v1`` serves too."""
 
     # --- health: public and outside admission, so probes answer while the server drains ---
 
@@ -113,7 +106,7 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
             clips = list(t.contents.bytes_contents)
             if len(clips) != n:
                 raise BadRequest(f"input {t.name!r} has shape [{n}] but holds {len(clips)} clip(s)")
-        check_clip_sizes(clips, self.limits)
+        self.plane.check_clips(clips)
         return clips
 
     @staticmethod

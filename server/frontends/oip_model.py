@@ -3,7 +3,7 @@
 Every served task is a model with one input ``CLIP`` (BYTES ``[N]``) and two outputs,
 ``LABELS`` (BYTES ``[N, k]``) and ``SCORES`` (FP32 ``[N, k]``); the model's signature,
 metadata and lookup are the data plane's (``server.dataplane.catalog``). Here: the
-request parameters, the input's checks, the clip checks and the output tensors as raw bytes. The wire forms only parse their
+request parameters, the input's checks and the output tensors as raw bytes. The wire forms only parse their
 requests and write their answers.
 """
 
@@ -14,7 +14,6 @@ from typing import Any, Sequence
 from server.engine.pipeline import Classification
 from server.errors import BadRequest
 from server.frontends.oip_tensors import ParamSpec, element_count, fp32_bytes, join_bytes_elements
-from server.limits import ServerLimits
 from server.registry.registry import TaskVersion
 from stadapter.config import brief
 from stadapter_api.wire import OIP_CLIP_INPUT, OIP_LABELS_OUTPUT, OIP_SCORES_OUTPUT
@@ -61,13 +60,6 @@ def check_input(names: Sequence[str], datatype: str, shape: Sequence[int]) -> in
     if n is None or n == 0:
         raise BadRequest(f"input {OIP_CLIP_INPUT!r} must have shape [N] with N >= 1 clips, got {brief(list(shape))}")
     return n
-
-
-def check_clip_sizes(clips: Sequence[bytes], limits: ServerLimits) -> None:
-    for i, clip in enumerate(clips):
-        if len(clip) > limits.max_clip_bytes:
-            raise BadRequest(f"clip {i} is {len(clip)} bytes, above the server's --max-clip-bytes of "
-                             f"{limits.max_clip_bytes}")
 
 
 def output_tensors(tv: TaskVersion, results: Sequence[Classification]) -> dict[str, tuple[str, list[int], bytes]]:
