@@ -17,6 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from server.config import ServerConfig
+from server.dataplane.plane import DataPlane
 from server.decode.pool import Decoder, ProcessDecodePool, ThreadDecoder
 from server.engine.batcher import Batcher
 from server.engine.model import ModelRunner, resolve_device, resolve_dtype
@@ -123,10 +124,10 @@ class Server:
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         gs = grpc.aio.server(options=options, interceptors=[AccessLogInterceptor(), ClipOnceInterceptor()])
-        pb_grpc.add_VideoClassifierServicer_to_server(
-            VideoClassifierService(pipeline, registry, metrics, auth), gs)
-        pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(pipeline, registry, metrics, auth), gs)
-        add_oip_to_server(InferenceService(pipeline, registry, metrics, auth), gs)  # KServe v2, same port
+        plane = DataPlane(pipeline, registry, metrics, auth)  # what every frontend below serves
+        pb_grpc.add_VideoClassifierServicer_to_server(VideoClassifierService(plane), gs)
+        pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(plane), gs)
+        add_oip_to_server(InferenceService(plane), gs)  # KServe v2, same port
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, gs)
         for name in ("", *SERVICE_NAMES):
@@ -145,7 +146,7 @@ class Server:
         await gs.start()
         http = None
         if cfg.http_port >= 0:  # same tokens, TLS, admission and metrics; on this event loop
-            http = await HttpServer.start(HttpService(pipeline, registry, metrics, auth), cfg.host, cfg.http_port,
+            http = await HttpServer.start(HttpService(plane), cfg.host, cfg.http_port,
                                           cfg.tls_cert, cfg.tls_key)
         metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
         srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port, http)

@@ -65,11 +65,15 @@ class ServerLimits:
         """Largest clip, whole or streamed (``--max-clip-bytes``); the decoder checks the same number."""
         return self.video.max_bytes
 
-    def check_clip_size(self, n: int) -> None:
+    def check_clip_size(self, n: int, index: Optional[int] = None) -> None:
+        """A clip of ``n`` bytes: neither empty nor above ``--max-clip-bytes``. ``index``: the clip's place among a
+        request's several clips (an OIP ``CLIP`` element), named in the message."""
         if not n:
-            raise BadRequest("the clip is empty (0 bytes)")
+            raise BadRequest("the clip is empty (0 bytes)" + (f": clip {index} of the request" if index is not None
+                                                                 else ""))
         if n > self.max_clip_bytes:
-            raise BadRequest(f"the clip is {n} bytes, above the server's --max-clip-bytes of {self.max_clip_bytes}")
+            which = "the clip" if index is None else f"clip {index}"
+            raise BadRequest(f"{which} is {n} bytes, above the server's --max-clip-bytes of {self.max_clip_bytes}")
 
     def check_rows(self, rows: int) -> None:
         """One request's rows (its views) must fit one forward: ``max_batch_rows`` bounds every forward."""

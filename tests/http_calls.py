@@ -54,6 +54,13 @@ def counter(srv, method: str, task: str, code: str) -> float:
     return 0.0
 
 
+def decodes(metrics_url: str) -> float:
+    """Clips the server has decoded (``stadapter_decode_seconds``' count)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return next(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                if s.name == "stadapter_decode_seconds_count")
+
+
 def access_lines(srv, request_id: Optional[str] = None, timeout: float = 5.0) -> list[dict]:
     """The server's JSON access lines (for ``request_id``: waits up to ``timeout`` s for one)."""
     end = time.monotonic() + timeout

@@ -1,22 +1,91 @@
-"""Small pieces every ``stadapter.v1`` servicer shares: a request's deadline, its sampling overrides, idle-bounded
-client streams that end only on the client's half-close (used by ``server.frontends.grpc_service`` and
-``server.frontends.grpc_windows``)."""
+"""Small pieces every gRPC servicer shares (``stadapter.v1`` and OIP): the data plane's request scope as a method
+decorator (:func:`rpc`), a request's deadline, its sampling overrides, idle-bounded client streams that end only on
+the client's half-close."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import inspect
 import time
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 import grpc
 
+from server.dataplane.plane import DataPlane
+from server.dataplane.scope import Access, Refused
 from server.engine.admission import Ticket
-from server.errors import BadRequest, StreamIdle
+from server.errors import BadRequest, StreamIdle, ended_code
+from server.frontends.auth import Auth
 from server.limits import ServerLimits
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.wire import SAMPLING_OVERRIDE_FIELDS
 
 T = TypeVar("T")
+
+
+class GrpcWire:
+    """The request scope's view of a gRPC call: the token in its metadata; a call its client ended shows as
+    ``CancelledError`` (or, for a server stream grpc closes, ``GeneratorExit``)."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self.context = context
+
+    def check(self, auth: Auth, access: Access) -> None:
+        if access == "admin":
+            auth.check_admin(self.context)
+        elif access == "classify":
+            auth.check_classify(self.context)
+
+    def ended(self, exc: BaseException) -> Optional[grpc.StatusCode]:
+        return ended_code(self.context) if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) else None
+
+
+def rpc(method: str, access: Access, timed: bool = False):
+    """Serve a servicer method ``fn(self, request, context, call)`` in the data plane's request scope
+    (``self.plane``): a coroutine's return value or an async generator's items are the answer; an error is the
+    status the scope mapped it to. ``timed``: the call's latency is observed too. For a server stream, the scope
+    (and the ticket) spans the whole stream: a client that cancels mid-stream closes it and frees what it held."""
+
+    def deco(fn):
+        if inspect.isasyncgenfunction(fn):
+            @functools.wraps(fn)
+            async def stream(self, request, context: grpc.aio.ServicerContext):
+                try:
+                    async with self.plane.request(GrpcWire(context), method, access, timed) as call:
+                        async with contextlib.aclosing(fn(self, request, context, call)) as items:
+                            async for item in items:  # closed at once when grpc closes this generator
+                                yield item
+                except Refused as e:
+                    await context.abort(e.code, e.message)
+
+            return stream
+
+        @functools.wraps(fn)
+        async def unary(self, request, context: grpc.aio.ServicerContext):
+            try:
+                async with self.plane.request(GrpcWire(context), method, access, timed) as call:
+                    return await fn(self, request, context, call)
+            except Refused as e:
+                await context.abort(e.code, e.message)
+
+        return unary
+
+    return deco
+
+
+class Servicer:
+    """A gRPC servicer on the data plane (``stadapter.v1``'s and OIP's)."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    @property
+    def limits(self) -> ServerLimits:
+        return self.plane.limits
 
 
 async def confirm_half_close(context: grpc.aio.ServicerContext) -> None:

@@ -1,87 +1,25 @@
-"""gRPC servicers of ``stadapter.v1`` (VideoClassifier, TaskAdmin) on top of the pipeline and registry.
+"""gRPC servicers of ``stadapter.v1`` (VideoClassifier, TaskAdmin): codecs on the data plane (``server.dataplane``).
 
-Every method goes through :func:`rpc`: it checks the token, counts the call in
-``stadapter_requests_total{method,task,code}`` and turns any exception into a
-status with :func:`server.errors.status_for` (the one place that maps errors).
+Each method parses its request, calls the data plane inside the request scope (entered through
+:func:`server.frontends.grpc_helpers.rpc`: the token, the ticket, the count in
+``stadapter_requests_total{method,task,code}`` and one status per error), and encodes the answer.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import json
-import logging
-import re
-import threading
-import time
-import uuid
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-import grpc
-
-from server.engine.admission import Ticket
-from server.engine.pipeline import Classification, ClipBytes, Pipeline
-from server.errors import BadRequest, TaskNotFound, ended_code, status_for
-from server.frontends.auth import Auth
-from server.frontends.grpc_helpers import deadline_of as _deadline
-from server.frontends.grpc_helpers import gather_clip, idle_bounded
-from server.frontends.grpc_helpers import overrides_of as _overrides
+from server.dataplane.inference import Answer, ClassifyArgs, ItemError
+from server.dataplane.scope import Call
+from server.engine.pipeline import Classification, ClipBytes
+from server.errors import BadRequest
+from server.frontends.grpc_helpers import Servicer, deadline_of, gather_clip, idle_bounded, overrides_of, rpc
 from server.frontends.grpc_windows import WindowsServicer
 from server.frontends.wire_clip import clip_of, items_of
-from server.limits import ServerLimits
-from server.observability.access_log import note_code
-from server.observability.logs import current_request_id
-from server.observability.metrics import Metrics
-from server.registry.registry import UPLOAD_FILES, TaskRegistry, TaskVersion
-from stadapter.bundle import ADAPTER_FILE, TASK_FILE
-from stadapter.config import brief
+from server.registry.registry import TaskVersion
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
-
-log = logging.getLogger("server.frontends.grpc_service")
-
-_task_label: contextvars.ContextVar[str] = contextvars.ContextVar("task_label", default="")
-
-
-def rpc(method: str, kind: str):
-    """Wrap a servicer method: auth (``kind`` = admin | classify | public), the request's ticket, metrics,
-    error mapping. The method gets the :class:`~server.engine.admission.Ticket` as a third argument; everything it
-    holds is given back when the ``async with`` ends, before the status is counted or sent."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        async def wrapper(self, request, context: grpc.aio.ServicerContext):
-            _task_label.set("")
-            t0 = time.monotonic()
-
-            def record(code: grpc.StatusCode) -> None:
-                note_code(code.name)  # the access line's code: the one counted here
-                self.metrics.requests.labels(method, self._task_metric_label(_task_label.get()), code.name).inc()
-                if kind == "classify" and method != "BatchClassify":
-                    self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
-
-            try:
-                if kind == "admin":
-                    self.auth.check_admin(context)
-                elif kind == "classify":
-                    self.auth.check_classify(context)
-                async with self.pipeline.admission.request() as ticket:
-                    response = await fn(self, request, context, ticket)
-            except asyncio.CancelledError:  # the client ended the call: cancel, deadline, closed channel
-                record(ended_code(context))
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
-                code, message = status_for(e)
-                record(code)  # before abort: the client may read the metrics as soon as it has the status
-                await context.abort(code, message)
-            record(grpc.StatusCode.OK)
-            return response
-
-        return wrapper
-
-    return deco
 
 
 def task_info(tv: TaskVersion, servable_versions: Sequence[int] = ()) -> pb.TaskInfo:
@@ -106,9 +44,28 @@ def _response(c: Classification, request_id: str) -> pb.ClassifyResponse:
     )
 
 
-def _task_result(c: Classification) -> pb.TaskResult:
-    r = _response(c, "")
+def _item_error(e: ItemError) -> pb.ItemError:
+    return pb.ItemError(code=e.code.value[0], message=e.message)
+
+
+def _task_result(name: str, o: Classification | ItemError) -> pb.TaskResult:
+    if isinstance(o, ItemError):
+        return pb.TaskResult(task=name, error=_item_error(o))
+    r = _response(o, "")
     return pb.TaskResult(task=r.task, task_version=r.task_version, predictions=r.predictions, timings=r.timings)
+
+
+def _answer(a: Answer) -> pb.ClassifyResponse:
+    """``a.one``: the one-task response of before; else the task list's ``results``."""
+    if a.one is not None:
+        return _response(a.one, a.request_id)
+    return pb.ClassifyResponse(request_id=a.request_id, results=[_task_result(i.name, i.outcome) for i in a.items],
+                               timings=pb.Timings(decode_ms=a.decode_s * 1e3, total_ms=a.total_s * 1e3))
+
+
+def _args(m, clip: ClipBytes) -> ClassifyArgs:
+    """A ClassifyRequest's (or first ClassifyChunk's) fields, with its clip."""
+    return ClassifyArgs(m.task, list(m.tasks), clip, m.top_k, overrides_of(m.sampling), m.request_id)
 
 
 def _label(task: str, tasks: Sequence[str]) -> str:
@@ -116,213 +73,62 @@ def _label(task: str, tasks: Sequence[str]) -> str:
     return task if not tasks else ""
 
 
-class _Base:
-    def __init__(self, pipeline: Pipeline, registry: TaskRegistry, metrics: Metrics, auth: Auth):
-        self.pipeline = pipeline
-        self.registry = registry
-        self.metrics = metrics
-        self.auth = auth
+class VideoClassifierService(Servicer, WindowsServicer, pb_grpc.VideoClassifierServicer):
+    def _info(self, tv: TaskVersion) -> pb.TaskInfo:
+        return task_info(tv, self.plane.servable_versions(tv.name))
 
-    @property
-    def limits(self) -> ServerLimits:
-        return self.pipeline.limits
-
-    def _task_info(self, tv: TaskVersion) -> pb.TaskInfo:
-        return task_info(tv, self.registry.servable_versions(tv.name))
-
-    def _task_metric_label(self, name: str) -> str:
-        # Only served task names become label values: clients cannot blow up the series count.
-        if not name:
-            return ""
-        name = name.partition("@")[0]  # a pinned version counts under its task
-        return name if name in self.registry.tasks else "_other"
-
-
-class VideoClassifierService(_Base, WindowsServicer, pb_grpc.VideoClassifierServicer):
-    async def _classify(self, ticket: Ticket, task: str, tasks: Sequence[str], clip: ClipBytes, top_k: int,
-                        sampling: pb.SamplingOverrides, request_id: str, deadline: Optional[float],
-                        method: str) -> pb.ClassifyResponse:
-        """``tasks`` empty: the one-task request and response of before. Otherwise ``task`` (if set) and
-        ``tasks`` are the task list, answered in ``results``; each task is counted as ``<method>.task``."""
-        request_id = request_id or current_request_id() or uuid.uuid4().hex  # the id logged and echoed
-        if not tasks:
-            c = await self.pipeline.classify(ticket, task, clip, top_k, _overrides(sampling), deadline)
-            return _response(c, request_id)
-        t0 = time.monotonic()
-        names = ([task] if task else []) + list(tasks)
-        outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, _overrides(sampling), deadline)
-        results = []
-        for name, o in zip(names, outcomes.items, strict=True):
-            if isinstance(o, Classification):
-                code = "OK"
-                results.append(_task_result(o))
-            else:
-                status, message = status_for(o)
-                code = status.name
-                results.append(pb.TaskResult(task=name, error=pb.ItemError(code=status.value[0], message=message)))
-            self.metrics.requests.labels(f"{method}.task", self._task_metric_label(name), code).inc()
-        timings = pb.Timings(decode_ms=outcomes.decode_s * 1e3, total_ms=(time.monotonic() - t0) * 1e3)
-        return pb.ClassifyResponse(request_id=request_id, results=results, timings=timings)
-
-    @rpc("Classify", "classify")
-    async def Classify(self, request: pb.ClassifyRequest, context, ticket: Ticket) -> pb.ClassifyResponse:
-        _task_label.set(_label(request.task, request.tasks))
+    @rpc("Classify", "classify", timed=True)
+    async def Classify(self, request: pb.ClassifyRequest, context, call: Call) -> pb.ClassifyResponse:
+        call.task = _label(request.task, request.tasks)
         clip = clip_of(request)  # over gRPC a view of the received bytes: the one copy
-        if len(clip) > self.limits.max_clip_bytes:
-            self.limits.check_clip_size(len(clip))  # too big is INVALID_ARGUMENT, whatever the budget
-        ticket.hold(len(clip))
-        ticket.own(clip)
-        return await self._classify(ticket, request.task, request.tasks, clip, request.top_k, request.sampling,
-                                    request.request_id, _deadline(context), "Classify")
+        self.plane.hold_clip(call, clip)
+        return _answer(await self.plane.classify(call, _args(request, clip), deadline_of(context), "Classify"))
 
-    @rpc("ClassifyStream", "classify")
-    async def ClassifyStream(self, request_iterator, context, ticket: Ticket) -> pb.ClassifyResponse:
+    @rpc("ClassifyStream", "classify", timed=True)
+    async def ClassifyStream(self, request_iterator, context, call: Call) -> pb.ClassifyResponse:
         """Chunks are appended to one buffer as they arrive (no list of chunks, no joined copy); the ticket
         holds the buffer's length against the budget, and the buffer is what the decoder gets."""
-        first, buf = await gather_clip(request_iterator, context, ticket, self.limits,
-                                       lambda c: _task_label.set(_label(c.task, c.tasks)))
-        return await self._classify(ticket, first.task, first.tasks, buf, first.top_k, first.sampling,
-                                    first.request_id, _deadline(context), "ClassifyStream")
+        first, buf = await gather_clip(request_iterator, context, call.ticket, self.limits,
+                                       lambda c: setattr(call, "task", _label(c.task, c.tasks)))
+        return _answer(await self.plane.classify(call, _args(first, buf), deadline_of(context), "ClassifyStream"))
 
     @rpc("BatchClassify", "classify")
-    async def BatchClassify(self, request: pb.BatchClassifyRequest, context,
-                            ticket: Ticket) -> pb.BatchClassifyResponse:
-        deadline = _deadline(context)
+    async def BatchClassify(self, request: pb.BatchClassifyRequest, context, call: Call) -> pb.BatchClassifyResponse:
         items = items_of(request)  # over gRPC each clip a view of the received bytes
-        ticket.hold(sum(len(r.clip) for r in items))
-        for r in items:
-            ticket.own(r.clip)
+        answers = await self.plane.batch(call, [_args(r, r.clip) for r in items], deadline_of(context),
+                                         "BatchClassify")
+        return pb.BatchClassifyResponse(results=[
+            pb.BatchClassifyResult(error=_item_error(a)) if isinstance(a, ItemError)
+            else pb.BatchClassifyResult(response=_answer(a)) for a in answers])
 
-        async def one(req: pb.ClassifyRequest) -> pb.BatchClassifyResult:
-            try:
-                resp = await self._classify(ticket, req.task, req.tasks, req.clip, req.top_k, req.sampling,
-                                            req.request_id, deadline, "BatchClassify")
-                self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), "OK").inc()
-                return pb.BatchClassifyResult(response=resp)
-            except Exception as e:  # noqa: BLE001 - each item gets its own status
-                code, message = status_for(e)
-                self.metrics.requests.labels("BatchClassify.item", self._task_metric_label(req.task), code.name).inc()
-                return pb.BatchClassifyResult(error=pb.ItemError(code=code.value[0], message=message))
-
-        results = await asyncio.gather(*(one(r) for r in items))
-        return pb.BatchClassifyResponse(results=results)
-
-    @rpc("ListTasks", "classify")
-    async def ListTasks(self, request, context, ticket: Ticket) -> pb.ListTasksResponse:
-        trunk = self.registry.trunk
-        tasks = [self._task_info(tv) for _, tv in sorted(self.registry.tasks.items())]
+    @rpc("ListTasks", "classify", timed=True)
+    async def ListTasks(self, request, context, call: Call) -> pb.ListTasksResponse:
+        trunk = self.plane.registry.trunk
         model = trunk.spec.model if trunk.spec is not None else ""
-        return pb.ListTasksResponse(tasks=tasks, trunk_model=model, trunk_fingerprint=trunk.fingerprint)
+        return pb.ListTasksResponse(tasks=[self._info(tv) for tv in self.plane.tasks()], trunk_model=model,
+                                    trunk_fingerprint=trunk.fingerprint)
 
-    @rpc("DescribeTask", "classify")
-    async def DescribeTask(self, request: pb.DescribeTaskRequest, context, ticket: Ticket) -> pb.TaskInfo:
-        _task_label.set(request.task)
-        return self._task_info(self.registry.get(request.task))
+    @rpc("DescribeTask", "classify", timed=True)
+    async def DescribeTask(self, request: pb.DescribeTaskRequest, context, call: Call) -> pb.TaskInfo:
+        call.task = request.task
+        return self._info(self.plane.task(request.task))
 
 
-class TaskAdminService(_Base, pb_grpc.TaskAdminServicer):
+class TaskAdminService(Servicer, pb_grpc.TaskAdminServicer):
     @rpc("RegisterTask", "admin")
-    async def RegisterTask(self, request_iterator, context, ticket: Ticket) -> pb.RegisterTaskResponse:
-        upload = self.registry.upload_path()
-        owner = _UploadOwner()
-        try:
-            await asyncio.to_thread(upload.mkdir)  # a cancellation during it still reaches the finally below
-            upload_id = await self._receive(request_iterator, context, upload)
-            tv = await asyncio.to_thread(self._register_owned, upload, owner, upload_id)
-        except BaseException as e:  # CancelledError too: a client that hangs up mid-upload (or after its last chunk)
-            code = ended_code(context) if isinstance(e, asyncio.CancelledError) else status_for(e)[0]
-            self.metrics.registrations.labels(code.name.lower()).inc()
-            raise
-        finally:
-            if owner.claim("cleanup"):  # shielded: a second cancellation cannot stop the removal
-                await asyncio.shield(asyncio.to_thread(_rmtree, upload))
-        _task_label.set(tv.name)
-        self.metrics.registrations.labels("ok").inc()
-        log.info("registered task %s version %d", tv.name, tv.version)
+    async def RegisterTask(self, request_iterator, context, call: Call) -> pb.RegisterTaskResponse:
+        idle_s = self.limits.stream_idle_timeout_s
+        tv = await self.plane.register(call, lambda held: idle_bounded(request_iterator, context, idle_s, held))
         return pb.RegisterTaskResponse(task=task_info(tv))  # this version's facts: a retry's answer is the same
-
-    def _register_owned(self, upload: Path, owner: "_UploadOwner", upload_id: str):
-        """register_upload consumes the folder; it publishes only if the cleanup has not taken it by then (the
-        claim is made right before the publishing rename: a call cancelled while its bundle is validated, or
-        before this job's thread starts, publishes nothing)."""
-        return self.registry.register_upload(upload, upload_id=upload_id, claim=lambda: owner.claim("register"))
-
-    async def _receive(self, request_iterator, context, upload: Path) -> str:
-        """Write the upload's files; returns its upload id (from the first chunk, "" when the client sent none)."""
-        bundle = self.limits.bundle
-        limits = {TASK_FILE: bundle.max_json_bytes, ADAPTER_FILE: bundle.max_tensor_bytes}
-        sizes = {name: 0 for name in UPLOAD_FILES}
-        handles = {}
-        upload_id: Optional[str] = None
-        try:
-            async for chunk in idle_bounded(request_iterator, context, self.limits.stream_idle_timeout_s,
-                                            lambda: sum(sizes.values())):
-                if upload_id is None:
-                    upload_id = _check_upload_id(chunk.upload_id)
-                elif chunk.upload_id and chunk.upload_id != upload_id:
-                    raise BadRequest(f"chunk with upload id {brief(chunk.upload_id)} inside upload "
-                                     f"{brief(upload_id)}; the first chunk names the upload")
-                name = chunk.filename
-                if name not in sizes:
-                    raise BadRequest(f"unexpected file {brief(name)} in the upload; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
-                data = chunk.data  # a copy out of the message: taken once
-                sizes[name] += len(data)
-                if sizes[name] > limits[name]:
-                    raise BadRequest(f"{name} exceeds the limit of {limits[name]} bytes")
-                if name not in handles:
-                    handles[name] = open(upload / name, "wb")
-                await asyncio.to_thread(handles[name].write, data)
-        finally:
-            for h in handles.values():
-                h.close()
-        missing = [n for n in UPLOAD_FILES if n not in handles]
-        if missing:
-            raise BadRequest(f"the upload lacks {missing}; a bundle is {TASK_FILE} + {ADAPTER_FILE}")
-        return upload_id or ""
 
     @rpc("UnregisterTask", "admin")
     async def UnregisterTask(self, request: pb.UnregisterTaskRequest, context,
-                             ticket: Ticket) -> pb.UnregisterTaskResponse:
-        _task_label.set(request.task)
+                             call: Call) -> pb.UnregisterTaskResponse:
+        call.task = request.task
         if not request.task:
             raise BadRequest("the request names no task")
-        try:
-            name, version = await asyncio.to_thread(self.registry.unregister, request.task)
-        except TaskNotFound:
-            self.metrics.unregistrations.labels("not_found").inc()
-            raise
-        self.metrics.unregistrations.labels("ok").inc()
-        log.info("unregistered %s %s version %d", "one version of task" if "@" in request.task else "task", name, version)
+        name, version = await self.plane.unregister(request.task)
         return pb.UnregisterTaskResponse(task=name, version=version)
-
-
-class _UploadOwner:
-    """Exactly one party takes an upload folder: registration (in its thread) or the cleanup."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._owner: Optional[str] = None
-
-    def claim(self, who: str) -> bool:
-        with self._lock:
-            if self._owner is None:
-                self._owner = who
-            return self._owner == who
-
-
-_UPLOAD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-def _check_upload_id(upload_id: str) -> str:
-    if upload_id and not _UPLOAD_ID.fullmatch(upload_id):
-        raise BadRequest(f"upload id {brief(upload_id)} is not 1-128 characters of A-Z a-z 0-9 . _ : -")
-    return upload_id
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 __all__ = ["TaskAdminService", "VideoClassifierService", "task_info"]

@@ -1,64 +1,21 @@
 """The timeline RPCs of ``stadapter.v1.VideoClassifier``: ClassifyWindows (clip whole) and ClassifyWindowsStream.
 
-Server-streaming handlers are async generators; :func:`rpc_stream` is their form of
-``server.frontends.grpc_service.rpc``: the token, the request's ticket around the whole stream (a client that
-cancels mid-stream raises CancelledError through it, so the decode stops and everything held is
-given back), the count in ``stadapter_requests_total`` and one status per error.
+Server-streaming handlers are async generators, served in the data plane's request scope by
+:func:`server.frontends.grpc_helpers.rpc` as the unary methods are: the token, the request's ticket around the
+whole stream (a client that cancels mid-stream raises CancelledError through it, so the decode stops and
+everything held is given back), the count in ``stadapter_requests_total`` and one status per error.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-import time
-import uuid
 from typing import Any, AsyncGenerator, Optional
 
-import grpc
-
-from server.engine.admission import Ticket
+from server.dataplane.scope import Call
 from server.engine.pipeline import ClipBytes, WindowClassification
-from server.errors import ended_code, status_for
-from server.frontends.grpc_helpers import deadline_of, gather_clip, overrides_of
+from server.frontends.grpc_helpers import deadline_of, gather_clip, overrides_of, rpc
 from server.frontends.wire_clip import clip_of
-from server.observability.access_log import note_code
-from server.observability.logs import current_request_id
 from stadapter_api.v1 import inference_pb2 as pb
-
-
-def rpc_stream(method: str):
-    """Wrap a server-streaming classify method ``fn(self, request, context, ticket, label)``; ``label`` is a
-    one-item list the method sets to its task name for the metrics."""
-
-    def deco(fn):
-        @functools.wraps(fn)
-        async def wrapper(self, request, context: grpc.aio.ServicerContext):
-            t0, label = time.monotonic(), [""]
-
-            def record(code: grpc.StatusCode) -> None:
-                note_code(code.name)  # the access line's code: the one counted here
-                self.metrics.requests.labels(method, self._task_metric_label(label[0]), code.name).inc()
-                self.metrics.request_seconds.labels(method).observe(time.monotonic() - t0)
-
-            try:
-                self.auth.check_classify(context)
-                async with self.pipeline.admission.request() as ticket:
-                    async with contextlib.aclosing(fn(self, request, context, ticket, label)) as items:
-                        async for item in items:  # closed at once when grpc closes this generator
-                            yield item
-            except (asyncio.CancelledError, GeneratorExit):  # grpc closes the generator of a cancelled call
-                record(ended_code(context))
-                raise
-            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
-                code, message = status_for(e)
-                record(code)
-                await context.abort(code, message)
-            record(grpc.StatusCode.OK)
-
-        return wrapper
-
-    return deco
 
 
 def _result(w: WindowClassification, request_id: str) -> pb.WindowResult:
@@ -74,48 +31,39 @@ def _result(w: WindowClassification, request_id: str) -> pb.WindowResult:
 
 
 class WindowsServicer:
-    """Mixed into ``server.frontends.grpc_service.VideoClassifierService`` (which has pipeline, metrics, auth, limits)."""
+    """Mixed into ``server.frontends.grpc_service.VideoClassifierService`` (which has the data plane and limits)."""
 
-    pipeline: Any
-    metrics: Any
-    auth: Any
+    plane: Any
     limits: Any
 
-    def _task_metric_label(self, name: str) -> str:  # pragma: no cover - the service's own is used
-        raise NotImplementedError
-
-    async def _windows(self, ticket: Ticket, task: str, clip: ClipBytes, window_s: float, stride_s: float, top_k: int,
+    async def _windows(self, call: Call, task: str, clip: ClipBytes, window_s: float, stride_s: float, top_k: int,
                        sampling: pb.SamplingOverrides, request_id: str,
                        deadline: Optional[float]) -> AsyncGenerator[pb.WindowResult, None]:
-        request_id = request_id or current_request_id() or uuid.uuid4().hex  # the id logged and echoed
-        windows = self.pipeline.classify_windows(ticket, task, clip, window_s, stride_s, top_k, overrides_of(sampling),
-                                                 deadline)
+        request_id = call.request_id(request_id)  # the id logged and echoed
+        windows = self.plane.windows(call, task, clip, window_s, stride_s, top_k, overrides_of(sampling), deadline)
         async with contextlib.aclosing(windows):
             async for w in windows:
                 yield _result(w, request_id)
 
-    @rpc_stream("ClassifyWindows")
-    async def ClassifyWindows(self, request: pb.ClassifyWindowsRequest, context, ticket: Ticket,
-                              label: list) -> AsyncGenerator[pb.WindowResult, None]:
-        label[0] = request.task
+    @rpc("ClassifyWindows", "classify", timed=True)
+    async def ClassifyWindows(self, request: pb.ClassifyWindowsRequest, context,
+                              call: Call) -> AsyncGenerator[pb.WindowResult, None]:
+        call.task = request.task
         clip = clip_of(request)  # over gRPC a view of the received bytes: the one copy
-        if len(clip) > self.limits.max_clip_bytes:
-            self.limits.check_clip_size(len(clip))
-        ticket.hold(len(clip))
-        ticket.own(clip)
-        results = self._windows(ticket, request.task, clip, request.window_s, request.stride_s, request.top_k,
+        self.plane.hold_clip(call, clip)
+        results = self._windows(call, request.task, clip, request.window_s, request.stride_s, request.top_k,
                                 request.sampling, request.request_id, deadline_of(context))
         async with contextlib.aclosing(results):
             async for r in results:
                 yield r
 
-    @rpc_stream("ClassifyWindowsStream")
-    async def ClassifyWindowsStream(self, request_iterator, context, ticket: Ticket,
-                                    label: list) -> AsyncGenerator[pb.WindowResult, None]:
+    @rpc("ClassifyWindowsStream", "classify", timed=True)
+    async def ClassifyWindowsStream(self, request_iterator, context,
+                                    call: Call) -> AsyncGenerator[pb.WindowResult, None]:
         """Chunks go into one buffer held on the ticket (as ClassifyStream); the windows start once it is whole."""
-        first, buf = await gather_clip(request_iterator, context, ticket, self.limits,
-                                       lambda c: label.__setitem__(0, c.task))
-        results = self._windows(ticket, first.task, buf, first.window_s, first.stride_s, first.top_k, first.sampling,
+        first, buf = await gather_clip(request_iterator, context, call.ticket, self.limits,
+                                       lambda c: setattr(call, "task", c.task))
+        results = self._windows(call, first.task, buf, first.window_s, first.stride_s, first.top_k, first.sampling,
                                 first.request_id, deadline_of(context))
         async with contextlib.aclosing(results):
             async for r in results:

@@ -15,8 +15,8 @@ Routes:
   task version, timings), as ``Classify`` over gRPC; ``/v1/tasks/a,b:classify`` classifies the clip for
   several tasks (one upload, one decode per distinct sampling) and answers one result or error per task.
 
-Every endpoint but health goes through :func:`endpoint`: the same bearer tokens (``Authorization``
-header), admission ticket (drain, queue, in-flight clip bytes), error mapping
+Every endpoint but health goes through :func:`endpoint`, the data plane's request scope: the same bearer tokens
+(``Authorization`` header), admission ticket (drain, queue, in-flight clip bytes), error mapping
 (:func:`server.errors.http_status_for`, body ``{"error": ...}``; aiohttp's own 404 and 405 too,
 ``server.frontends.http_errors``) and metrics
 (``stadapter_requests_total{method="HTTP <name>"}``) as gRPC. Bodies are read in chunks: each chunk is
@@ -28,96 +28,91 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
-import logging
 import ssl
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
 import grpc
 from aiohttp import BodyPartReader, hdrs, web
 
+from server.dataplane.catalog import SERVER_NAME, server_version
+from server.dataplane.inference import Answer, ClassifyArgs, ItemError
+from server.dataplane.plane import DataPlane
+from server.dataplane.scope import Access, Call, Refused
 from server.engine.admission import Ticket
 from server.engine.pipeline import Classification
-from server.errors import HTTP_STATUS, BadRequest, StreamIdle, TaskNotFound, http_status_for
-from server.frontends.grpc_service import _Base
-from server.frontends.http_errors import error_response, json_errors
+from server.errors import HTTP_STATUS, BadRequest, StreamIdle
+from server.frontends.auth import Auth
+from server.frontends.http_errors import error_response, json_errors, status_response
 from server.frontends.http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, check_field_name, int_field, set_field, typed_field
 from server.frontends.http_oip import HEADER_LENGTH, clips_of, encode_response, header_length, parse_header
-from server.frontends.oip_model import (
-    INPUT_SIGNATURE,
-    OUTPUT_SIGNATURE,
-    PARAMETERS,
-    PLATFORM,
-    SERVER_NAME,
-    check_clip_sizes,
-    classify_clips,
-    model_ready,
-    output_tensors,
-    requested_outputs,
-    served_model,
-    server_version,
-    split_top_k,
-)
+from server.frontends.oip_model import PARAMETERS, output_tensors, requested_outputs, split_top_k
 from server.frontends.oip_tensors import read_json_parameters
+from server.limits import ServerLimits
 from server.observability.access_log import access_middleware, adopt_request_id
-from server.observability.logs import current_request_id
 from stadapter.config import brief
-
-log = logging.getLogger("server.frontends.http")
 
 CHUNK = 1 << 16
 _JSON = "application/json"
 
-Handler = Callable[[Any, web.Request, Ticket], Awaitable[web.StreamResponse]]
+Handler = Callable[[Any, web.Request, Call], Awaitable[web.StreamResponse]]
 
 
-def endpoint(method: str, kind: str) -> Callable[[Handler], Callable[[Any, web.Request], Awaitable[web.StreamResponse]]]:
-    """The HTTP form of :func:`server.frontends.grpc_service.rpc`: auth (``kind`` = admin | classify | public), the ticket, metrics
-    under ``method="HTTP <method>"``, errors as ``{"error": ...}`` with the status of the gRPC code."""
+class HttpWire:
+    """The request scope's view of an HTTP request: the token in its ``Authorization`` header; a client that hung
+    up mid-body shows as ``ConnectionResetError``, a server stopping under the handler as ``CancelledError``."""
+
+    __slots__ = ("authorization",)
+
+    def __init__(self, request: web.Request):
+        self.authorization = request.headers.get(hdrs.AUTHORIZATION)
+
+    def check(self, auth: Auth, access: Access) -> None:
+        if access == "admin":
+            auth.check_admin_header(self.authorization)
+        elif access == "classify":
+            auth.check_classify_header(self.authorization)
+
+    def ended(self, exc: BaseException) -> Optional[grpc.StatusCode]:
+        return grpc.StatusCode.CANCELLED if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)) else None
+
+
+Endpoint = Callable[[Any, web.Request], Awaitable[web.StreamResponse]]
+
+
+def endpoint(method: str, access: Access, timed: bool = False) -> Callable[[Handler], Endpoint]:
+    """Serve a handler ``fn(self, request, call)`` in the data plane's request scope, as gRPC methods are
+    (``server.frontends.grpc_helpers.rpc``): metrics under ``method="HTTP <method>"`` (latency too when ``timed``),
+    errors as ``{"error": ...}`` with the status of the gRPC code."""
     label = f"HTTP {method}"
 
     def deco(fn: Handler):
         @functools.wraps(fn)
         async def wrapper(self: "HttpService", request: web.Request) -> web.StreamResponse:
-            t0 = time.monotonic()
             task = request.match_info.get("task", "")
             task = "" if "," in task else task  # a several-task upload counts its tasks per item
-
-            def record(code: grpc.StatusCode) -> None:
-                self.metrics.requests.labels(label, self._task_metric_label(task), code.name).inc()
-                if kind == "classify" and method in ("ModelInfer", "Classify"):
-                    self.metrics.request_seconds.labels(label).observe(time.monotonic() - t0)
-
             try:
-                if kind == "admin":
-                    self.auth.check_admin_header(request.headers.get(hdrs.AUTHORIZATION))
-                elif kind == "classify":
-                    self.auth.check_classify_header(request.headers.get(hdrs.AUTHORIZATION))
-                async with self.pipeline.admission.request() as ticket:
-                    response = await fn(self, request, ticket)
-            except asyncio.CancelledError:  # the server stops under a handler
-                record(grpc.StatusCode.CANCELLED)
-                raise
+                async with self.plane.request(HttpWire(request), label, access, timed, task) as call:
+                    return await fn(self, request, call)
             except ConnectionResetError:  # the client hung up mid-body: nobody to answer, nothing to log
-                record(grpc.StatusCode.CANCELLED)
                 return web.Response(status=HTTP_STATUS[grpc.StatusCode.CANCELLED])
-            except Exception as e:  # noqa: BLE001 - mapped to a status here, once
-                response, code = error_response(e)
-                record(code)
-                return response
-            record(grpc.StatusCode.OK)
-            return response
+            except Refused as e:
+                return status_response(e.code, e.message)
 
         return wrapper
 
     return deco
 
 
-class HttpService(_Base):
-    """The handlers, on the pipeline, registry, metrics and tokens the gRPC services use."""
+class HttpService:
+    """The handlers, on the data plane the gRPC services use."""
+
+    def __init__(self, plane: DataPlane):
+        self.plane = plane
+
+    @property
+    def limits(self) -> ServerLimits:
+        return self.plane.limits
 
     def application(self) -> web.Application:
         # access lines and X-Request-Id around everything; aiohttp's own errors (404, 405) as JSON inside
@@ -143,54 +138,52 @@ class HttpService(_Base):
         return web.json_response({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = not self.pipeline.admission.draining
+        ready = self.plane.server_ready()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["task"], request.match_info.get("version", "")
         try:
-            await served_model(self.registry, name, version)  # NOT_FOUND (404) for an unknown task or version
+            await self.plane.model(name, version)  # NOT_FOUND (404) for an unknown task or version
         except Exception as e:  # noqa: BLE001 - the error is the answer
             return error_response(e)[0]
-        ready = model_ready(self.registry, self.pipeline.admission.draining, name, version)
+        ready = self.plane.model_ready(name, version)
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
     # --- metadata ---
 
     @endpoint("ServerMetadata", "public")
-    async def server_metadata(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def server_metadata(self, request: web.Request, call: Call) -> web.Response:
         return web.json_response({"name": SERVER_NAME, "version": server_version(),
                                   "extensions": ["model_repository", "model_configuration", "binary_tensor_data"]})
 
     @endpoint("ModelMetadata", "classify")
-    async def model_metadata(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+    async def model_metadata(self, request: web.Request, call: Call) -> web.Response:
+        m = await self.plane.model_metadata(request.match_info["task"], request.match_info.get("version", ""))
         return web.json_response({
-            "name": tv.name, "versions": [str(tv.version)], "platform": PLATFORM,
-            "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in INPUT_SIGNATURE],
-            "outputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in OUTPUT_SIGNATURE],
+            "name": m.name, "versions": list(m.versions), "platform": m.platform,
+            "inputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in m.inputs],
+            "outputs": [{"name": n, "datatype": d, "shape": list(s)} for n, d, s in m.outputs],
         })
 
     @endpoint("ModelConfig", "classify")
-    async def model_config(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
-        s = tv.spec
+    async def model_config(self, request: web.Request, call: Call) -> web.Response:
+        c = await self.plane.model_config(request.match_info["task"], request.match_info.get("version", ""))
         types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
         return web.json_response({
-            "name": tv.name, "platform": PLATFORM, "max_batch_size": 0,
-            "version_policy": {"specific": {"versions": [tv.version]}},
-            "input": [{"name": n, "data_type": types[d], "dims": list(sh)} for n, d, sh in INPUT_SIGNATURE],
-            "output": [{"name": n, "data_type": types[d], "dims": list(sh)} for n, d, sh in OUTPUT_SIGNATURE],
-            "parameters": {"labels": {"string_value": json.dumps(list(s.labels))},
-                           "sampling": {"string_value": json.dumps(s.sampling.to_dict())},
-                           "description": {"string_value": s.description}},
+            "name": c.name, "platform": c.platform, "max_batch_size": 0,
+            "version_policy": {"specific": {"versions": [c.version]}},
+            "input": [{"name": n, "data_type": types[d], "dims": list(sh)} for n, d, sh in c.inputs],
+            "output": [{"name": n, "data_type": types[d], "dims": list(sh)} for n, d, sh in c.outputs],
+            "parameters": {key: {"string_value": value} for key, value in c.parameters.items()},
         })
 
     # --- inference ---
 
-    @endpoint("ModelInfer", "classify")
-    async def infer(self, request: web.Request, ticket: Ticket) -> web.Response:
-        tv = await served_model(self.registry, request.match_info["task"], request.match_info.get("version", ""))
+    @endpoint("ModelInfer", "classify", timed=True)
+    async def infer(self, request: web.Request, call: Call) -> web.Response:
+        ticket = call.ticket
+        tv = await self.plane.model(request.match_info["task"], request.match_info.get("version", ""))
         limit = self.limits.max_inflight_clip_bytes
         declared = request.content_length
         if declared is not None and declared > limit:
@@ -206,16 +199,17 @@ class HttpService(_Base):
         wanted = requested_outputs([name for name, _ in header.outputs])
         clips = clips_of(header, memoryview(body)[json_len:] if json_len is not None else b"")
         del body  # the clips are copies; the ticket keeps holding the bytes until the request ends
-        check_clip_sizes(clips, self.limits)
-        results = await classify_clips(self.pipeline, ticket, tv, clips, top_k, params, None)
+        self.plane.check_clips(clips)
+        results = await self.plane.classify_clips(call, tv, clips, top_k, params, None)
         payload, length = encode_response(tv.name, str(tv.version), header.id, header, wanted,
                                           output_tensors(tv, results))
         if length is None:
             return web.Response(body=payload, content_type=_JSON)
         return web.Response(body=payload, content_type="application/octet-stream", headers={HEADER_LENGTH: str(length)})
 
-    @endpoint("Classify", "classify")
-    async def classify(self, request: web.Request, ticket: Ticket) -> web.Response:
+    @endpoint("Classify", "classify", timed=True)
+    async def classify(self, request: web.Request, call: Call) -> web.Response:
+        ticket = call.ticket
         task = request.match_info["task"]
         if not request.content_type.startswith("multipart/form-data"):
             raise BadRequest(f"send the clip as multipart/form-data with a 'clip' file part (curl -F clip=@video.mp4 "
@@ -243,62 +237,31 @@ class HttpService(_Base):
         if clip is None:
             raise BadRequest("the form has no 'clip' part; send the video as a file field: curl -F clip=@video.mp4")
         top_k = int_field(fields.pop("top_k", "0"), "top_k")
-        request_id = fields.pop("request_id", "") or current_request_id() or uuid.uuid4().hex
+        request_id = call.request_id(fields.pop("request_id", ""))
         adopt_request_id(request_id)  # a form field's id is the logged and echoed one, unless a header gave one
         overrides = {k: typed_field(k, v) for k, v in fields.items()}
-        if "," not in task:
-            c = await self.pipeline.classify(ticket, task, clip, top_k, overrides, None)
-            return web.json_response(classification_json(c, request_id))
-        return web.json_response(await self._classify_tasks(ticket, task.split(","), clip, top_k, overrides,
-                                                            request_id))
-
-    async def _classify_tasks(self, ticket: Ticket, names: list[str], clip: bytearray, top_k: int,
-                              overrides: dict[str, Any], request_id: str) -> dict[str, Any]:
-        """Several tasks for one clip (``/v1/tasks/a,b:classify``): one upload, one decode per distinct sampling;
-        one result or error per task, in order, each counted as ``HTTP Classify.task``."""
-        t0 = time.monotonic()
-        outcomes = await self.pipeline.classify_tasks(ticket, names, clip, top_k, overrides, None)
-        results: list[dict[str, Any]] = []
-        for name, o in zip(names, outcomes.items, strict=True):
-            if isinstance(o, Classification):
-                code = grpc.StatusCode.OK
-                results.append(classification_json(o, ""))
-                del results[-1]["request_id"]
-            else:
-                status, code, message = http_status_for(o)
-                results.append({"task": name, "error": {"code": code.name, "status": status, "message": message}})
-            self.metrics.requests.labels("HTTP Classify.task", self._task_metric_label(name), code.name).inc()
-        return {"request_id": request_id, "results": results,
-                "timings": {"decode_ms": outcomes.decode_s * 1e3, "total_ms": (time.monotonic() - t0) * 1e3,
-                            "decodes": outcomes.decodes}}
+        several = task.split(",") if "," in task else []  # /v1/tasks/a,b:classify: one upload, one result per task
+        args = ClassifyArgs("" if several else task, several, clip, top_k, overrides, request_id)
+        return web.json_response(answer_json(await self.plane.classify(call, args, None, "HTTP Classify")))
 
     # --- repository extension (admin token), as RepositoryIndex / RepositoryModelLoad / ...Unload over gRPC ---
 
     @endpoint("RepositoryIndex", "admin")
-    async def repository_index(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def repository_index(self, request: web.Request, call: Call) -> web.Response:
         """Every served task with its served version (tritonclient.http's ``get_model_repository_index`` list)."""
-        return web.json_response([{"name": name, "version": str(tv.version), "state": "READY"}
-                                  for name, tv in sorted(self.registry.tasks.items())])
+        return web.json_response([{"name": e.name, "version": e.version, "state": e.state}
+                                  for e in self.plane.repository_index()])
 
     @endpoint("RepositoryModelLoad", "admin")
-    async def repository_load(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def repository_load(self, request: web.Request, call: Call) -> web.Response:
         """Re-read the repository (a task copied in is picked up); 200 when the task (or ``task@N``) is served."""
-        await asyncio.to_thread(self.registry.sync)
-        tv = self.registry.get(request.match_info["task"])  # NOT_FOUND when it is not there (or does not load)
+        tv = await self.plane.repository_load(request.match_info["task"])
         return web.json_response({"name": tv.name, "version": str(tv.version), "state": "READY"})
 
     @endpoint("RepositoryModelUnload", "admin")
-    async def repository_unload(self, request: web.Request, ticket: Ticket) -> web.Response:
+    async def repository_unload(self, request: web.Request, call: Call) -> web.Response:
         """Unregister the task (every version; ``task@N``: that one), as ``UnregisterTask``: its files go."""
-        task = request.match_info["task"]
-        try:
-            name, version = await asyncio.to_thread(self.registry.unregister, task)
-        except TaskNotFound:
-            self.metrics.unregistrations.labels("not_found").inc()
-            raise
-        self.metrics.unregistrations.labels("ok").inc()
-        log.info("unregistered %s %s version %d (HTTP repository unload)",
-                 "one version of task" if "@" in task else "task", name, version)
+        name, version = await self.plane.unregister(request.match_info["task"], "HTTP repository unload")
         return web.json_response({"name": name, "version": str(version)})
 
     # --- reading bodies: bounded, held on the ticket, idle-limited ---
@@ -350,14 +313,29 @@ class HttpService(_Base):
             raise BadRequest(f"form field {brief(part.name or '')} is not UTF-8 text") from None
 
 
-def classification_json(c: Classification, request_id: str) -> dict[str, Any]:
+def classification_json(c: Classification, request_id: Optional[str]) -> dict[str, Any]:
+    """One task's answer (``request_id`` None: an item of a several-task answer, which has none of its own)."""
     labels = c.tv.spec.labels
     return {
-        "task": c.tv.name, "task_version": c.tv.version, "request_id": request_id,
+        "task": c.tv.name, "task_version": c.tv.version, **({"request_id": request_id} if request_id is not None else {}),
         "predictions": [{"label": labels[i], "score": p, "index": i} for i, p in c.top],
         "timings": {"decode_ms": c.decode_s * 1e3, "queue_ms": c.queue_s * 1e3, "compute_ms": c.compute_s * 1e3,
                     "total_ms": c.total_s * 1e3, "batch_size": c.batch_clips, "cached": c.cached},
     }
+
+
+def _item_json(name: str, o: Classification | ItemError) -> dict[str, Any]:
+    if isinstance(o, Classification):
+        return classification_json(o, None)
+    return {"task": name, "error": {"code": o.code.name, "status": HTTP_STATUS.get(o.code, 500), "message": o.message}}
+
+
+def answer_json(a: Answer) -> dict[str, Any]:
+    """A classify answer: one task's, or a several-task request's results, one per task, in order."""
+    if a.one is not None:
+        return classification_json(a.one, a.request_id)
+    return {"request_id": a.request_id, "results": [_item_json(i.name, i.outcome) for i in a.items],
+            "timings": {"decode_ms": a.decode_s * 1e3, "total_ms": a.total_s * 1e3, "decodes": a.decodes}}
 
 
 class HttpServer:

@@ -1,6 +1,7 @@
 """Errors on the HTTP port as JSON ``{"error": "<message>"}`` (what tritonclient.http decodes), with the status.
 
-:func:`error_response` maps a server error (:func:`server.errors.http_status_for`, the gRPC code's status);
+:func:`error_response` maps a server error (:func:`server.errors.http_status_for`, the gRPC code's status),
+:func:`status_response` answers one the data plane's request scope mapped;
 :func:`json_errors` rewrites aiohttp's own plain-text answers (no route: 404, wrong method: 405, and any
 other :class:`aiohttp.web.HTTPException` of status 400 and up), keeping their status and headers (``Allow``).
 """
@@ -12,7 +13,7 @@ from typing import Awaitable, Callable
 import grpc
 from aiohttp import hdrs, web
 
-from server.errors import http_status_for
+from server.errors import HTTP_STATUS, http_status_for
 from server.observability.access_log import safe_text
 
 MAX_PATH_CHARS = 200  # of the client's path, quoted in a 404's message
@@ -21,6 +22,11 @@ MAX_PATH_CHARS = 200  # of the client's path, quoted in a 404's message
 def error_response(exc: BaseException) -> tuple[web.Response, grpc.StatusCode]:
     status, code, message = http_status_for(exc)
     return web.json_response({"error": message}, status=status), code
+
+
+def status_response(code: grpc.StatusCode, message: str) -> web.Response:
+    """The answer for an error already mapped to ``code`` (the request scope's ``Refused``)."""
+    return web.json_response({"error": message}, status=HTTP_STATUS.get(code, 500))
 
 
 def _message(request: web.Request, e: web.HTTPException) -> str:

@@ -13,39 +13,22 @@ unregisters the task (its files are removed, as ``UnregisterTask`` does).
 The protocol's stubs are tritonclient's (``tritonclient.grpc.service_pb2``; Triton's
 service is KServe's plus extensions), so tritonclient and perf_analyzer talk to it
 as to Triton. The same tokens, limits, admission, metrics (``method`` label) and
-error mapping as the native API apply, through :func:`server.frontends.grpc_service.rpc`.
+error mapping as the native API apply: the data plane's request scope, through :func:`server.frontends.grpc_helpers.rpc`.
 """
 
 from __future__ import annotations
-
-import asyncio
-import json
 
 import grpc
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from server.engine.admission import Ticket
+from server.dataplane.catalog import SERVER_NAME, server_version
+from server.dataplane.scope import Call
 from server.engine.pipeline import Classification
-from server.errors import BadRequest, TaskNotFound
-from server.frontends.grpc_service import _Base, _deadline, _task_label, rpc
-from server.frontends.oip_model import (
-    INPUT_SIGNATURE,
-    OUTPUT_SIGNATURE,
-    PARAMETERS,
-    PLATFORM,
-    SERVER_NAME,
-    check_clip_sizes,
-    check_input,
-    classify_clips,
-    model_ready,
-    output_tensors,
-    requested_outputs,
-    served_model,
-    server_version,
-    split_top_k,
-)
+from server.errors import BadRequest
+from server.frontends.grpc_helpers import Servicer, deadline_of, rpc
+from server.frontends.oip_model import PARAMETERS, check_input, output_tensors, requested_outputs, split_top_k
 from server.frontends.oip_tensors import read_parameters, split_bytes_elements
 from server.registry.registry import TaskVersion
 
@@ -53,8 +36,8 @@ OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 _CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32}
 
 
-class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
-    """KServe v2 over gRPC on the task registry and the same pipeline as ``stadapter.v1``."""
+class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 over gRPC: a codec on the data plane ``stadapter.v1`` serves too."""
 
     # --- health: public and outside admission, so probes answer while the server drains ---
 
@@ -62,60 +45,54 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context) -> oip.ServerReadyResponse:
-        return oip.ServerReadyResponse(ready=not self.pipeline.admission.draining)
+        return oip.ServerReadyResponse(ready=self.plane.server_ready())
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context) -> oip.ModelReadyResponse:
-        return oip.ModelReadyResponse(ready=model_ready(self.registry, self.pipeline.admission.draining,
-                                                        request.name, request.version))
+        return oip.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
     # --- metadata ---
 
     @rpc("ServerMetadata", "public")
-    async def ServerMetadata(self, request, context, ticket: Ticket) -> oip.ServerMetadataResponse:
+    async def ServerMetadata(self, request, context, call: Call) -> oip.ServerMetadataResponse:
         return oip.ServerMetadataResponse(name=SERVER_NAME, version=server_version(),
                                           extensions=["model_repository", "model_configuration"])
 
-    @rpc("ModelMetadata", "classify")
-    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context, ticket: Ticket):
-        tv = await self._model(request.name, request.version)
+    @rpc("ModelMetadata", "classify", timed=True)
+    async def ModelMetadata(self, request: oip.ModelMetadataRequest, context, call: Call):
+        m = await self.plane.model_metadata(request.name, request.version)
         T = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
-            name=tv.name, versions=[str(tv.version)], platform=PLATFORM,
-            inputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in INPUT_SIGNATURE],
-            outputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in OUTPUT_SIGNATURE],
+            name=m.name, versions=list(m.versions), platform=m.platform,
+            inputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in m.inputs],
+            outputs=[T(name=n, datatype=d, shape=list(s)) for n, d, s in m.outputs],
         )
 
-    @rpc("ModelConfig", "classify")
-    async def ModelConfig(self, request: oip.ModelConfigRequest, context, ticket: Ticket):
-        tv = await self._model(request.name, request.version)
-        s = tv.spec
+    @rpc("ModelConfig", "classify", timed=True)
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context, call: Call):
+        c = await self.plane.model_config(request.name, request.version)
         cfg = mc.ModelConfig(
-            name=tv.name, platform=PLATFORM, max_batch_size=0,
-            input=[mc.ModelInput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in INPUT_SIGNATURE],
-            output=[mc.ModelOutput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in OUTPUT_SIGNATURE],
+            name=c.name, platform=c.platform, max_batch_size=0,
+            input=[mc.ModelInput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in c.inputs],
+            output=[mc.ModelOutput(name=n, data_type=_CONFIG_TYPES[d], dims=list(s)) for n, d, s in c.outputs],
         )
-        cfg.version_policy.specific.versions.append(tv.version)
-        for key, value in (("labels", json.dumps(list(s.labels))), ("sampling", json.dumps(s.sampling.to_dict())),
-                           ("description", s.description)):
+        cfg.version_policy.specific.versions.append(c.version)
+        for key, value in c.parameters.items():
             cfg.parameters[key].string_value = value
         return oip.ModelConfigResponse(config=cfg)
 
     # --- inference ---
 
-    @rpc("ModelInfer", "classify")
-    async def ModelInfer(self, request: oip.ModelInferRequest, context, ticket: Ticket) -> oip.ModelInferResponse:
-        _task_label.set(request.model_name)
-        tv = await self._model(request.model_name, request.model_version)
+    @rpc("ModelInfer", "classify", timed=True)
+    async def ModelInfer(self, request: oip.ModelInferRequest, context, call: Call) -> oip.ModelInferResponse:
+        call.task = request.model_name
+        tv = await self.plane.model(request.model_name, request.model_version)
         params = read_parameters(request.parameters, PARAMETERS)
         top_k = split_top_k(params)
         wanted = requested_outputs([o.name for o in request.outputs])
         clips = self._clips(request)
-        ticket.hold(sum(len(c) for c in clips))
-        results = await classify_clips(self.pipeline, ticket, tv, clips, top_k, params, _deadline(context))
+        call.ticket.hold(sum(len(c) for c in clips))
+        results = await self.plane.classify_clips(call, tv, clips, top_k, params, deadline_of(context))
         return self._answer(request, tv, results, wanted)
-
-    async def _model(self, name: str, version: str) -> TaskVersion:
-        return await served_model(self.registry, name, version)
 
     def _clips(self, request: oip.ModelInferRequest) -> list[bytes]:
         t = request.inputs[0] if request.inputs else None
@@ -129,7 +106,7 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
             clips = list(t.contents.bytes_contents)
             if len(clips) != n:
                 raise BadRequest(f"input {t.name!r} has shape [{n}] but holds {len(clips)} clip(s)")
-        check_clip_sizes(clips, self.limits)
+        self.plane.check_clips(clips)
         return clips
 
     @staticmethod
@@ -146,29 +123,23 @@ class InferenceService(_Base, oip_grpc.GRPCInferenceServiceServicer):
     # --- repository extension (admin token) ---
 
     @rpc("RepositoryIndex", "admin")
-    async def RepositoryIndex(self, request, context, ticket: Ticket) -> oip.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request, context, call: Call) -> oip.RepositoryIndexResponse:
         M = oip.RepositoryIndexResponse.ModelIndex
-        return oip.RepositoryIndexResponse(models=[M(name=name, version=str(tv.version), state="READY")
-                                                   for name, tv in sorted(self.registry.tasks.items())])
+        return oip.RepositoryIndexResponse(models=[M(name=e.name, version=e.version, state=e.state)
+                                                   for e in self.plane.repository_index()])
 
     @rpc("RepositoryModelLoad", "admin")
-    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest, context, ticket: Ticket):
-        _task_label.set(request.model_name)
-        await asyncio.to_thread(self.registry.sync)  # picks up a task copied into the repository
-        self.registry.get(request.model_name)  # NOT_FOUND when it is not there (or does not load)
+    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest, context, call: Call):
+        call.task = request.model_name
+        await self.plane.repository_load(request.model_name)
         return oip.RepositoryModelLoadResponse()
 
     @rpc("RepositoryModelUnload", "admin")
-    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context, ticket: Ticket):
-        _task_label.set(request.model_name)
+    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest, context, call: Call):
+        call.task = request.model_name
         if not request.model_name:
             raise BadRequest("the request names no model")
-        try:
-            await asyncio.to_thread(self.registry.unregister, request.model_name)
-        except TaskNotFound:
-            self.metrics.unregistrations.labels("not_found").inc()  # as UnregisterTask and the HTTP unload count it
-            raise
-        self.metrics.unregistrations.labels("ok").inc()
+        await self.plane.unregister(request.model_name, "OIP repository unload")
         return oip.RepositoryModelUnloadResponse()
 
 

@@ -108,8 +108,8 @@ def adopt_request_id(value: str) -> str:
 
 
 def note_code(code: str) -> None:
-    """The status code the request being served was counted with in the metrics (``server.frontends.grpc_service.rpc`` and its
-    stream form): its access line reports the same code. No-op outside a request."""
+    """The status code the request being served was counted with in the metrics (the data plane's request scope,
+    ``server.dataplane.scope``): its access line reports the same code. No-op outside a request."""
     rec = request_scope.get()
     if isinstance(rec, AccessRecord):
         rec.noted_code = code

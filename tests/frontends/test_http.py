@@ -16,18 +16,21 @@ import time
 import urllib.error
 import urllib.request
 
+import grpc
 import media
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
-from http_calls import classify, counter, form, request
+from http_calls import classify, counter, decodes, form, request
 from prometheus_client.parser import text_string_to_metric_families
 from serverproc import ServerProcess, make_repository, self_signed_cert
 from tritonclient.utils import InferenceServerException
 
 from clients import Client
 from server.config import parse_args
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 MAX_CLIP = 300_000
@@ -209,6 +212,29 @@ def test_bad_infer_requests(server, clips, case, status, text):
     with pytest.raises(InferenceServerException) as e, thttp.InferenceServerClient(f"127.0.0.1:{server.http_port}") as h:
         h.infer("nope", [x])
     assert e.value.status() == "404"
+
+
+def test_an_empty_clip_element_over_rest_is_refused_as_over_the_native_api(server, clips):
+    """An empty CLIP element of a REST infer is 400 with stadapter.v1's message for an empty clip, refused up front
+    (no clip of the request decoded); the server serves the next request."""
+    from server.frontends.oip_tensors import join_bytes_elements
+
+    with grpc.insecure_channel(server.address) as ch, pytest.raises(grpc.RpcError) as e:
+        pb_grpc.VideoClassifierStub(ch).Classify(pb.ClassifyRequest(task="alpha", clip=b""), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    native = e.value.details()
+    raw = join_bytes_elements([clips[0], b""])
+    doc = json.dumps({"inputs": [{"name": "CLIP", "datatype": "BYTES", "shape": [2],
+                                  "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    before = decodes(server.metrics_url)
+    got, _, out = request(f"{server.http_url}/v2/models/alpha/infer", doc + raw,
+                          {"Inference-Header-Content-Length": str(len(doc)), "Content-Type": "application/octet-stream"})
+    assert got == 400 and native in json.loads(out)["error"], out
+    assert decodes(server.metrics_url) == before, "the request's other clip was decoded before the refusal"
+    x = thttp.InferInput("CLIP", [1], "BYTES")
+    x.set_data_from_numpy(np.array(clips[:1], dtype=np.object_))
+    with thttp.InferenceServerClient(f"127.0.0.1:{server.http_port}") as h:  # the next request is served
+        assert h.infer("alpha", [x]).as_numpy("SCORES").shape == (1, 3)
 
 
 @pytest.mark.parametrize("how", ["hang up", "stall"])

@@ -15,6 +15,7 @@ import media
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from http_calls import decodes
 from serverproc import ServerProcess, make_repository
 from tritonclient.grpc import service_pb2 as oip
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
@@ -22,6 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from clients import Client
 from server.frontends.oip_tensors import join_bytes_elements, split_bytes_elements
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 TOKEN = "oip-test-token"
@@ -164,3 +167,29 @@ def test_repository_extension_needs_the_admin_token(server, triton, clips):
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     assert 'method="ModelInfer"' in text and 'method="RepositoryModelUnload"' in text
     assert 'stadapter_unregistrations_total{result="not_found"} 1.0' in text
+
+
+EMPTY_CLIP = "the clip is empty (0 bytes)"  # what stadapter.v1's Classify answers for an empty clip
+
+
+@pytest.mark.parametrize("form", ["raw", "typed"])
+def test_an_empty_clip_element_is_refused_as_over_the_native_api(server, triton, clips, form):
+    """An empty CLIP element is INVALID_ARGUMENT with the native API's message, refused up front as a too-large one
+    is (no clip of the request decoded); the server serves the next request."""
+    before = decodes(server.metrics_url)
+    with grpc.insecure_channel(server.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            pb_grpc.VideoClassifierStub(ch).Classify(pb.ClassifyRequest(task="alpha", clip=b""), timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and EMPTY_CLIP in e.value.details()
+        stub = oip_grpc.GRPCInferenceServiceStub(ch)
+        req = oip.ModelInferRequest(model_name="alpha")
+        t = req.inputs.add(name="CLIP", datatype="BYTES", shape=[2])
+        if form == "raw":
+            req.raw_input_contents.append(join_bytes_elements([clips[0], b""]))
+        else:
+            t.contents.bytes_contents.extend([clips[0], b""])
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and EMPTY_CLIP in e.value.details(), e.value.details()
+    assert decodes(server.metrics_url) == before, "the request's other clip was decoded before the refusal"
+    assert _infer(triton, "alpha", clips[:1]).as_numpy("SCORES").shape == (1, 3)  # still serving
