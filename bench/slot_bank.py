@@ -1,18 +1,16 @@
-"""Slot-bank bench: a changing task mix, cold tasks on a full bank, per-row gather vs segments.
+"""Slot-bank bench: a changing task mix, cold tasks on a full bank, one task vs a mixed batch.
 
     python -m bench.slot_bank [--skip-vitb] [--out bench_slot_bank.json]
-    python -m bench.slot_bank --mixes [--skip-vitb] [--out bench_mixes.json]
 
 Also run by ``python -m bench.serving`` (same figures, in its JSON and table). For each
 trunk (the tiny test trunk, ViT-B/16's shape with random weights), on task versions
 built in memory as the registry builds them (random weights, no files):
 
 * ``modes``: one batch of ``batch`` clips, one task (the fast path: views of its slot)
-  vs 8 tasks mixed with a per-row slot index (``gather``) vs clips sorted by task, one
-  GEMM per task (``segment``); clips/s of each;
+  vs 8 tasks mixed with a per-row slot index (``gather``); clips/s of each;
 * ``changing_mix``: ``mix_tasks`` (64) registered, every batch a fresh random mix of 8 of
   them, vs a fixed mix of 8 and a one-task batch of the same size (rounds interleaved),
-  through the server's runner and its default mixed mode, twice: ``sized`` (the bank
+  through the server's runner, twice: ``sized`` (the bank
   holds every registered task: ``--adapter-slots 64``) and ``default_budget``
   (``--cache-bytes`` default, 1 GiB: 37 ViT-B/16 slots); ratio changing/single (goal
   >= 0.95), fixed/single (what mixing costs), changing/fixed (what a changing mix adds)
@@ -21,10 +19,6 @@ built in memory as the registry builds them (random weights, no files):
   exactly that many slots): host bytes per task vs its tensor bytes, device bytes vs
   slots x slot bytes, p50/p99 of a one-clip forward whose task is cold (activated by
   that forward, evicting the least recently used) and of one whose task is resident.
-
-``--mixes`` runs only :func:`bench_mixes` (gather vs segments by task mix), on the
-embedded trunk (``model_repository/trunk`` with its tasks' adapter shape, 8 frames)
-and on ViT-B/16's shape (random weights, ``--mixes-vitb-frames``), at batch 8 and 32.
 """
 
 from __future__ import annotations
@@ -62,12 +56,11 @@ def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0
     return out
 
 
-def _runner(trunk, budget: int, mixed=None, on_event=None, slots: int = 0):
+def _runner(trunk, budget: int, on_event=None, slots: int = 0):
     from server.engine.model import ModelRunner
     from server.engine.slots import AdapterSlots
 
-    return ModelRunner(trunk, AdapterSlots(budget, torch.device("cpu"), torch.float32, on_event=on_event, slots=slots),
-                       mixed)
+    return ModelRunner(trunk, AdapterSlots(budget, torch.device("cpu"), torch.float32, on_event=on_event, slots=slots))
 
 
 def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
@@ -78,103 +71,11 @@ def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
     views = [torch.randn(1, frames, 3, S, S, generator=g) for _ in range(batch)]
     single = [(tvs[0], v) for v in views]
     mixed = [(tvs[b % MIX], v) for b, v in enumerate(views)]
-    gather, segment = _runner(trunk, 1 << 40, "gather"), _runner(trunk, 1 << 40, "segment")
-    t = timed_rounds({"single": lambda: segment.forward(single), "gather": lambda: gather.forward(mixed),
-                      "segment": lambda: segment.forward(mixed)}, iters, warmup=1)
+    runner = _runner(trunk, 1 << 40)
+    t = timed_rounds({"single": lambda: runner.forward(single), "gather": lambda: runner.forward(mixed)}, iters, warmup=1)
     cps = {k: batch / v for k, v in t.items()}
     return {"batch": batch, "frames": frames, "tasks": MIX, "clips_per_s": cps,
-            "gather_over_single": cps["gather"] / cps["single"], "segment_over_single": cps["segment"] / cps["single"],
-            "segment_over_gather": cps["segment"] / cps["gather"]}
-
-
-MIXES = {"one task": lambda batch: 1, "2 tasks": lambda batch: 2, "all distinct": lambda batch: batch}
-
-
-@torch.inference_mode()
-def bench_mixes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
-    """The same batch through the gather path and the segment path, for each of :data:`MIXES`, rounds interleaved.
-
-    Clips arrive in the order ``task b % k`` (k tasks), as the runners get them, with the
-    trunk's ``chunk_bytes`` as the caller set it. Mixed batches run through the server's
-    runner (``ModelRunner(mixed=...)``: the segment runner sorts rows by task). A one-task
-    batch takes the runner's view path in either mode (``view``); its ``gather`` and
-    ``segment`` arms call the trunk directly with the bank (every row indexing the one
-    slot) and with one segment. ``max_abs_diff``: the largest difference of the two arms'
-    outputs (probabilities through the runner, logits for the forced one-task arms).
-    """
-    from bench.timing import timed_rounds
-
-    S = trunk.image_size
-    g = torch.Generator().manual_seed(4)
-    views = [torch.randn(1, frames, 3, S, S, generator=g) for _ in range(batch)]
-    gather, segment = _runner(trunk, 1 << 40, "gather"), _runner(trunk, 1 << 40, "segment")
-    out = {}
-    for name, tasks_of in MIXES.items():
-        k = tasks_of(batch)
-        clips = [(tvs[b % k], v) for b, v in enumerate(views)]
-        if k == 1:
-            lease = gather.slots.lease([tvs[0]])
-            bank, slot = lease.bank, lease.slots[tvs[0].uid]
-            x = torch.cat(views)
-            arms = {"view": lambda: gather.forward(clips).probs,
-                    "gather": lambda: trunk(x, bank.stacked([slot]), torch.full((batch,), slot, dtype=torch.long)),
-                    "segment": lambda: trunk(x, bank.segments([slot], [0, batch]))}
-        else:
-            lease = None
-            arms = {"gather": lambda: gather.forward(clips).probs, "segment": lambda: segment.forward(clips).probs}
-        first = {arm: fn() for arm, fn in arms.items()}  # also the warm-up round
-        diff = max(float((p - q).abs().max()) for p, q in zip(first["gather"], first["segment"]))
-        t = timed_rounds(arms, iters, warmup=0)
-        if lease is not None:
-            lease.end()
-        cps = {arm: batch / sec for arm, sec in t.items()}
-        out[name] = {"tasks": k, "clips_per_s": cps, "segment_over_gather": cps["segment"] / cps["gather"],
-                     "max_abs_diff": diff}
-    return {"batch": batch, "frames": frames, "iters": iters, "chunk_bytes": trunk.chunk_bytes, "mixes": out}
-
-
-def mixes_table(runs: dict) -> str:
-    rows = [("trunk", "batch x T", "mix", "tasks", "view c/s", "gather c/s", "segment c/s", "segment/gather")]
-    for name, by_batch in runs.items():
-        for r in by_batch:
-            for mix, m in r["mixes"].items():
-                c = m["clips_per_s"]
-                rows.append((name, f"{r['batch']}x{r['frames']}", mix, m["tasks"], f"{c['view']:.1f}" if "view" in c else "-",
-                             f"{c['gather']:.1f}", f"{c['segment']:.1f}", f"{m['segment_over_gather']:.2f}"))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows)
-
-
-def run_mixes(args) -> dict:
-    """``--mixes``: :func:`bench_mixes` on the embedded trunk and (unless ``--skip-vitb``) ViT-B/16's shape."""
-    import json
-    import tempfile
-
-    from server.config import ServerConfig
-    from stadapter import AdapterConfig, init_trunk, load_trunk
-
-    repo = Path(__file__).resolve().parent.parent / "model_repository"
-    task = json.loads(next((repo / "tasks").glob("*/*/task.json")).read_text())
-
-    def vitb(tmp: Path):
-        init_trunk("ViT-B-16", "random", tmp / "vitb", seed=0)
-        return load_trunk(tmp / "vitb")
-
-    trunks = {"embedded": (lambda tmp: load_trunk(repo / "trunk"), AdapterConfig.from_dict(task["adapter"]),
-                           task["sampling"]["num_frames"])}
-    if not args.skip_vitb:
-        trunks["vit-b-16"] = (vitb, AdapterConfig(width=384, pre_attn=True), args.mixes_vitb_frames)
-    runs: dict[str, list] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-mixes-") as tmp:
-        for name, (make, adapter, frames) in trunks.items():
-            t0 = time.perf_counter()
-            trunk = make(Path(tmp))
-            trunk.chunk_bytes = ServerConfig.cpu_chunk_bytes  # as the server runs it on a CPU
-            tvs = random_versions(trunk, adapter, max(args.mixes_batches))
-            iters = args.mixes_vitb_iters if name == "vit-b-16" else args.mixes_iters
-            runs[name] = [bench_mixes(trunk, tvs, b, frames, iters) for b in args.mixes_batches]
-            print(f"[{name}] mixes done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
-    return runs
+            "gather_over_single": cps["gather"] / cps["single"]}
 
 
 def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, budget: int = 1 << 30,
@@ -216,7 +117,7 @@ def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, bu
     best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on the machine
     return {"batch": batch, "frames": frames, "registered": len(tvs), "tasks_per_batch": MIX,
             "budget_bytes": None if slots else budget, "adapter_slots": slots or None,
-            "mode": runner.mixed, "slots": runner.slots.used + runner.slots.free, "device_bytes": runner.slots.bytes,
+            "slots": runner.slots.used + runner.slots.free, "device_bytes": runner.slots.bytes,
             "clips_per_s": {k: batch / v for k, v in med.items()},
             "changing_over_single": med["single"] / med["changing"],
             "fixed_over_single": med["single"] / med["fixed"],
@@ -283,7 +184,7 @@ def run(name: str, trunk, adapter, batch: int, frames: int, iters: int, mix_task
 
 
 def table(runs: dict) -> str:
-    rows = [("trunk", "batch x T", "single c/s", "gather c/s", "segment c/s", "segment/gather",
+    rows = [("trunk", "batch x T", "single c/s", "gather c/s", "gather/single",
              "changing/single (fixed/single) act/batch: sized | 1 GiB", "tasks/slots", "cold p50/p99 ms",
              "warm p50/p99 ms", "activation p50 ms")]
     for name, r in runs.items():
@@ -291,8 +192,7 @@ def table(runs: dict) -> str:
         mix = " | ".join(f"{c['changing_over_single']:.2f} ({c['fixed_over_single']:.2f}) {c['activations_per_batch']:.1f}"
                          f" on {c['slots']}" for c in (r["changing_mix"]["sized"], r["changing_mix"]["default_budget"]))
         rows.append((name, f"{m['batch']}x{m['frames']}", f"{m['clips_per_s']['single']:.1f}",
-                     f"{m['clips_per_s']['gather']:.1f}", f"{m['clips_per_s']['segment']:.1f}",
-                     f"{m['segment_over_gather']:.2f}", mix,
+                     f"{m['clips_per_s']['gather']:.1f}", f"{m['gather_over_single']:.2f}", mix,
                      f"{k['registered']}/{k['slots']}",
                      f"{k['cold_forward_ms']['p50']:.1f}/{k['cold_forward_ms']['p99']:.1f}",
                      f"{k['warm_forward_ms']['p50']:.1f}/{k['warm_forward_ms']['p99']:.1f}",
@@ -316,18 +216,8 @@ def main(argv=None) -> int:
     p.add_argument("--vitb-iters", type=int, default=3)
     p.add_argument("--vitb-cold-tasks", type=int, default=72, help="ViT-B/16 tasks for the cold test (27 MB each)")
     p.add_argument("--vitb-cold-iters", type=int, default=10)
-    p.add_argument("--mixes", action="store_true", help="only gather vs segments by task mix (bench_mixes)")
-    p.add_argument("--mixes-batches", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--mixes-iters", type=int, default=5, help="timed rounds on the embedded trunk")
-    p.add_argument("--mixes-vitb-iters", type=int, default=2, help="timed rounds on ViT-B/16")
-    p.add_argument("--mixes-vitb-frames", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.mixes:
-        mixes = run_mixes(args)
-        print(mixes_table(mixes), file=sys.stderr)
-        emit_json(mixes, args.out)
-        return 0
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench-slots-") as tmp:
         init_trunk("test-vit-tiny", "random", Path(tmp) / "tiny", seed=0)
