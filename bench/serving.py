@@ -19,7 +19,7 @@ For each trunk (the tiny test trunk, and ViT-B/16's shape with random weights):
   share is decode time / (decode + compute) from the server's own metrics.
 * memory: the device bytes of one more slot vs the bundle's tensor bytes, and the
   process RSS growth per task loaded.
-* slot bank (:mod:`bench.slot_bank`): per-row gather vs segments, a changing task mix
+* slot bank (:mod:`bench.slot_bank`): one task vs a mixed batch (per-row gather), a changing task mix
   over 64 registered tasks, cold tasks on a full bank of 64 slots.
 
 The machine this runs on matters: the client, gRPC and the model share its cores,

@@ -1,4 +1,4 @@
-"""Slot-bank bench: a changing task mix, cold tasks on a full bank, per-row gather vs segments.
+"""Slot-bank bench: a changing task mix, cold tasks on a full bank, one task vs a mixed batch.
 
     python -m bench.slot_bank [--skip-vitb] [--out bench_slot_bank.json]
 
@@ -7,11 +7,10 @@ trunk (the tiny test trunk, ViT-B/16's shape with random weights), on task versi
 built in memory as the registry builds them (random weights, no files):
 
 * ``modes``: one batch of ``batch`` clips, one task (the fast path: views of its slot)
-  vs 8 tasks mixed with a per-row slot index (``gather``) vs clips sorted by task, one
-  GEMM per task (``segment``); clips/s of each;
+  vs 8 tasks mixed with a per-row slot index (``gather``); clips/s of each;
 * ``changing_mix``: ``mix_tasks`` (64) registered, every batch a fresh random mix of 8 of
   them, vs a fixed mix of 8 and a one-task batch of the same size (rounds interleaved),
-  through the server's runner and its default mixed mode, twice: ``sized`` (the bank
+  through the server's runner, twice: ``sized`` (the bank
   holds every registered task: ``--adapter-slots 64``) and ``default_budget``
   (``--cache-bytes`` default, 1 GiB: 37 ViT-B/16 slots); ratio changing/single (goal
   >= 0.95), fixed/single (what mixing costs), changing/fixed (what a changing mix adds)
@@ -57,12 +56,11 @@ def random_versions(trunk, adapter, n: int, num_classes: int = 10, seed: int = 0
     return out
 
 
-def _runner(trunk, budget: int, mixed=None, on_event=None, slots: int = 0, device: str = "cpu",
-            dtype: torch.dtype = torch.float32):
+def _runner(trunk, budget: int, on_event=None, slots: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from server.engine.model import ModelRunner
     from server.engine.slots import AdapterSlots
 
-    return ModelRunner(trunk, AdapterSlots(budget, torch.device(device), dtype, on_event=on_event, slots=slots), mixed)
+    return ModelRunner(trunk, AdapterSlots(budget, torch.device(device), dtype, on_event=on_event, slots=slots))
 
 
 def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
@@ -73,13 +71,11 @@ def bench_modes(trunk, tvs: list, batch: int, frames: int, iters: int) -> dict:
     views = [torch.randn(1, frames, 3, S, S, generator=g) for _ in range(batch)]
     single = [(tvs[0], v) for v in views]
     mixed = [(tvs[b % MIX], v) for b, v in enumerate(views)]
-    gather, segment = _runner(trunk, 1 << 40, "gather"), _runner(trunk, 1 << 40, "segment")
-    t = timed_rounds({"single": lambda: segment.forward(single), "gather": lambda: gather.forward(mixed),
-                      "segment": lambda: segment.forward(mixed)}, iters, warmup=1)
+    runner = _runner(trunk, 1 << 40)
+    t = timed_rounds({"single": lambda: runner.forward(single), "gather": lambda: runner.forward(mixed)}, iters, warmup=1)
     cps = {k: batch / v for k, v in t.items()}
     return {"batch": batch, "frames": frames, "tasks": MIX, "clips_per_s": cps,
-            "gather_over_single": cps["gather"] / cps["single"], "segment_over_single": cps["segment"] / cps["single"],
-            "segment_over_gather": cps["segment"] / cps["gather"]}
+            "gather_over_single": cps["gather"] / cps["single"]}
 
 
 def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, budget: int = 1 << 30,
@@ -121,7 +117,7 @@ def bench_changing_mix(trunk, tvs: list, batch: int, frames: int, iters: int, bu
     best = {k: min(v) for k, v in times.items()}  # least disturbed by other load on the machine
     return {"batch": batch, "frames": frames, "registered": len(tvs), "tasks_per_batch": MIX,
             "budget_bytes": None if slots else budget, "adapter_slots": slots or None,
-            "mode": runner.mixed, "slots": runner.slots.used + runner.slots.free, "device_bytes": runner.slots.bytes,
+            "slots": runner.slots.used + runner.slots.free, "device_bytes": runner.slots.bytes,
             "clips_per_s": {k: batch / v for k, v in med.items()},
             "changing_over_single": med["single"] / med["changing"],
             "fixed_over_single": med["single"] / med["fixed"],
@@ -191,7 +187,7 @@ def run(name: str, trunk, adapter, batch: int, frames: int, iters: int, mix_task
 
 
 def table(runs: dict) -> str:
-    rows = [("trunk", "batch x T", "single c/s", "gather c/s", "segment c/s", "segment/gather",
+    rows = [("trunk", "batch x T", "single c/s", "gather c/s", "gather/single",
              "changing/single (fixed/single) act/batch: sized | 1 GiB", "tasks/slots", "cold p50/p99 ms",
              "warm p50/p99 ms", "activation p50 ms")]
     for name, r in runs.items():
@@ -199,8 +195,7 @@ def table(runs: dict) -> str:
         mix = " | ".join(f"{c['changing_over_single']:.2f} ({c['fixed_over_single']:.2f}) {c['activations_per_batch']:.1f}"
                          f" on {c['slots']}" for c in (r["changing_mix"]["sized"], r["changing_mix"]["default_budget"]))
         rows.append((name, f"{m['batch']}x{m['frames']}", f"{m['clips_per_s']['single']:.1f}",
-                     f"{m['clips_per_s']['gather']:.1f}", f"{m['clips_per_s']['segment']:.1f}",
-                     f"{m['segment_over_gather']:.2f}", mix,
+                     f"{m['clips_per_s']['gather']:.1f}", f"{m['gather_over_single']:.2f}", mix,
                      f"{k['registered']}/{k['slots']}",
                      f"{k['cold_forward_ms']['p50']:.1f}/{k['cold_forward_ms']['p99']:.1f}",
                      f"{k['warm_forward_ms']['p50']:.1f}/{k['warm_forward_ms']['p99']:.1f}",

@@ -10,8 +10,8 @@
   identity, so padding changes no logit. Heads of different class counts are
   padded to the widest; ``num_classes`` says how many columns are real.
 * :class:`SlotBank` is the serving form: S task slots preallocated on the device,
-  written once per activation, read as narrow views (one task), with a per-row slot
-  index (:meth:`SlotBank.stacked`) or as :class:`Segments` (rows grouped by task).
+  written once per activation, read as narrow views (one task) or with a per-row slot
+  index (:meth:`SlotBank.stacked`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adapter import SlotWeights, STAdapter, adapter_delta, slot_weights_from_state
+from .adapter import SlotWeights, STAdapter, slot_weights_from_state
 from .config import AdapterConfig
 
 SlotKey = tuple[int, str]  # (block index, "pre_attn" | "pre_mlp")
@@ -239,7 +239,7 @@ class SlotBank:
     written into a slot (zeros where it has no adapter or narrower weights: zero weights
     are exactly the identity adapter), read back as narrow views (:meth:`view`, the
     one-task fast path: no copy), or used by many rows at once through :meth:`stacked`
-    (per-row slot index) or :meth:`segments` (rows grouped by slot). Tasks of one bank
+    (per-row slot index). Tasks of one bank
     share one adapter activation. The bank only stores; which task lives in which
     slot, and when to grow, is the caller's policy. Not thread-safe.
     """
@@ -387,50 +387,3 @@ class SlotBank:
             keys = {key for sh in shapes if sh is not None for key in sh.slots}
             slots = {key: w for key, w in self._slots.items() if key in keys}
         return AdapterStack(slots, self._head_w, self._head_b, classes, self.activation)
-
-    def segments(self, slots: Sequence[int], bounds: Sequence[int]) -> "Segments":
-        """Rows grouped by slot: clips ``bounds[i]:bounds[i+1]`` of the batch run on ``slots[i]``."""
-        return Segments(tuple(self.view(s) for s in slots), tuple(bounds), self.activation)
-
-
-@dataclass(frozen=True)
-class Segments:
-    """A batch sorted by task: clips ``bounds[i]:bounds[i+1]`` use ``stacks[i]`` (one task each).
-
-    The segment-grouped alternative to a per-row task index: one GEMM per task over its
-    contiguous rows, at the task's own width, and no per-row weight gather.
-    """
-
-    stacks: tuple[AdapterStack, ...]
-    bounds: tuple[int, ...]  # K + 1 ascending clip offsets, from 0 to B
-    activation: str = "none"
-
-    def __post_init__(self):
-        if len(self.bounds) != len(self.stacks) + 1 or list(self.bounds) != sorted(self.bounds) or self.bounds[0] != 0:
-            raise ValueError(f"Segments: bounds {self.bounds} do not delimit {len(self.stacks)} segments")
-
-    @property
-    def first_block(self) -> Optional[int]:
-        """The lowest block any segment's task adapts (None: none does)."""
-        return min((b for b in (s.first_block for s in self.stacks) if b is not None), default=None)
-
-    def apply(self, key: SlotKey, x: Tensor, num_frames: int, grid: tuple[int, int]) -> Tensor:
-        """The adapters at ``key`` over tokens [B*T, 1 + h*w, d]; segments lacking it pass unchanged."""
-        T, (h, w) = num_frames, grid
-        out = None
-        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:], strict=False):
-            s = st.slots.get(key)
-            if s is None or a == b:
-                continue
-            if out is None:
-                out = x.clone()
-            p = x[a * T:b * T, 1:].reshape(b - a, T * h * w, -1)  # [b-a, T*h*w, d]
-            out[a * T:b * T, 1:] += adapter_delta(p, T, grid, s, self.activation).reshape((b - a) * T, h * w, -1)
-        return x if out is None else out
-
-    def head(self, feats: Tensor) -> Tensor:
-        """feats [B, d] -> logits [B, C_max] (zero-padded past each task's classes)."""
-        out = feats.new_zeros(feats.shape[0], max(s.num_classes[0] for s in self.stacks))
-        for st, a, b in zip(self.stacks, self.bounds, self.bounds[1:], strict=False):
-            out[a:b, : st.num_classes[0]] = st.head(feats[a:b], None)
-        return out

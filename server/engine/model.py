@@ -4,10 +4,9 @@
 loop). Each task version of a batch is activated into a device slot
 (:class:`server.engine.slots.AdapterSlots`; no per-batch concatenation). A one-task batch
 runs on narrow views of its slot (the library's K=1 fast path). A mixed batch runs
-either with a per-row slot index (``gather``: the weights are gathered per row and
-applied with batched GEMMs) or with its clips sorted by task (``segment``: one GEMM
-per task over its contiguous rows); :func:`mixed_mode_for` picks one per device
-type. A clip with V views is V rows; its answer is the softmax averaged over its rows.
+with a per-row slot index: the weights are gathered per row and applied with batched
+GEMMs (on CPU, a chunk of rows that are all one task's runs on that task's views). A
+clip with V views is V rows; its answer is the softmax averaged over its rows.
 
 Clips of one batch that hand in the same views tensor (one request's decode, submitted
 once per task) share one input: when their tasks adapt only the last blocks, the patch
@@ -22,39 +21,23 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from server.engine.slots import AdapterSlots, Lease
 from server.registry.registry import TaskVersion
-from stadapter.bank import AdapterStack, Segments, SlotBank
+from stadapter.bank import AdapterStack, SlotBank
 from stadapter.devices import native_bf16
 from stadapter.trunk import VideoTrunk
 from stadapter.video import normalise_views
-
-MixedMode = Literal["gather", "segment"]
 
 
 def _blanks(n: int, frames: int, size: int) -> list[Tensor]:
     """``n`` blank one-view clips [1, T, 3, S, S] in uint8, as the decoders hand clips over, each its own tensor
     (clips share an input only by identity)."""
     return list(torch.zeros(n, 1, frames, 3, size, size, dtype=torch.uint8).unbind(0))
-
-
-def mixed_mode_for(device: torch.device) -> MixedMode:
-    """How a mixed batch runs on this device type: ``gather`` on CPU and on CUDA.
-
-    CPU (``python -m bench.slot_bank`` compares the two, 8 tasks in a batch, on the tiny
-    trunk and on ViT-B/16; gather was the faster on both): segments pay one small GEMM and
-    a strided copy per task and slot, the gather's weight copy is small next to the GEMMs.
-    CUDA (not benched on a GPU yet): gather too, by reasoning: it launches one batched GEMM per
-    adapter linear whatever the number of tasks, where segments launch one per task and
-    per slot (a 32-task batch on 12 slots: hundreds of small launches), and the gathered
-    weights (B x 2 x r x d per slot) are small next to the GPU's memory bandwidth.
-    """
-    return "gather"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,10 +74,9 @@ class StagedBatch:
 
     clips: list[tuple[TaskVersion, Tensor]]
     tvs: list[TaskVersion]  # distinct versions
-    order: list[int]  # clip indices in row order
-    rows: list[int]  # rows per clip, in that order
+    rows: list[int]  # rows per clip
     lease: Lease
-    stack: AdapterStack | Segments
+    stack: AdapterStack
     task_index: Optional[Tensor]
     frames: Tensor  # the distinct inputs on the device (float32, normalised), [inputs' rows, T, 3, S, S]
     row_input: Optional[Tensor]
@@ -112,18 +94,15 @@ class ModelRunner:
     Args:
         trunk: the loaded trunk.
         slots: the device slots (device and dtype are theirs).
-        mixed: how mixed batches run (default: :func:`mixed_mode_for` the device).
         max_rows: the most rows a forward gets (``--max-batch-size``); warm-up covers every
             batch-size bucket up to it.
     """
 
-    def __init__(self, trunk: VideoTrunk, slots: AdapterSlots, mixed: Optional[MixedMode] = None,
-                 max_rows: Optional[int] = None):
+    def __init__(self, trunk: VideoTrunk, slots: AdapterSlots, max_rows: Optional[int] = None):
         self.trunk = trunk
         self.slots = slots
         self.device = slots.device
         self.dtype = slots.dtype
-        self.mixed: MixedMode = mixed or mixed_mode_for(slots.device)
         self.max_rows = max_rows
         self._staging: Optional[Tensor] = None  # pinned host buffer for the one copy back per batch (CUDA)
         self._side: Optional[torch.cuda.Stream] = None  # the staging copies' stream (CUDA), made on first use
@@ -176,9 +155,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def stage(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> StagedBatch:
-        """Everything of a forward but the compute: the slots (activating what is cold), the row order, the
-        adapters' views and the input on the device (on CUDA: through pinned host memory, on a side stream),
-        normalised there when it comes as uint8 (:meth:`_normalised`).
+        """Everything of a forward but the compute: the slots (activating what is cold), the adapters' views and
+        the input on the device (on CUDA: through pinned host memory, on a side stream), normalised there when it
+        comes as uint8 (:meth:`_normalised`).
 
         May run on another thread while :meth:`run` computes the previous batch (the batcher stages a full
         batch that way): the lease pins this batch's slots, so nothing it uses is evicted meanwhile. The
@@ -189,12 +168,9 @@ class ModelRunner:
         lease = self.slots.lease(tvs)
         try:
             with self._copy_stream():
-                slot_of = [lease.slots[tv.uid] for tv, _ in clips]
-                order = (sorted(range(len(clips)), key=slot_of.__getitem__) if self.mixed == "segment"
-                         else list(range(len(clips))))
-                rows = [clips[i][1].shape[0] for i in order]
-                stack, task_index = self._adapters(lease.bank, [slot_of[i] for i in order], rows)
-                inputs, row_input = self._inputs(stack, [clips[i][1] for i in order])
+                rows = [views.shape[0] for _, views in clips]
+                stack, task_index = self._adapters(lease.bank, [lease.slots[tv.uid] for tv, _ in clips], rows)
+                inputs, row_input = self._inputs(stack, [views for _, views in clips])
                 task_of = {id(v): tv for tv, v in clips}  # the views are alive in ``clips``: ids are unique
                 frames = self._normalised(self._to_device(inputs), inputs, [task_of[id(v)] for v in inputs])
                 ready = None
@@ -204,7 +180,7 @@ class ModelRunner:
         except BaseException:
             lease.end()
             raise
-        return StagedBatch(list(clips), tvs, order, rows, lease, stack, task_index, frames, row_input, ready,
+        return StagedBatch(list(clips), tvs, rows, lease, stack, task_index, frames, row_input, ready,
                            time.perf_counter() - t0)
 
     @torch.inference_mode()
@@ -223,14 +199,11 @@ class ModelRunner:
         for tv in s.tvs:
             if tv.retired:  # admitted before the registry retired it: it leaves once its requests end
                 self.slots.retire(tv)
-        clips, order = s.clips, s.order
-        host = self._to_host(self._clip_probs(logits, s.rows, [clips[i][0].spec.num_classes for i in order]))
-        probs: list[Optional[Tensor]] = [None] * len(clips)
-        for j, i in enumerate(order):
-            probs[i] = host[j, : clips[i][0].spec.num_classes]  # [C]
+        classes = [tv.spec.num_classes for tv, _ in s.clips]
+        host = self._to_host(self._clip_probs(logits, s.rows, classes))
+        probs = [host[i, :c] for i, c in enumerate(classes)]  # [C] each
         shared = 0 if s.row_input is None else sum(s.rows) - s.frames.shape[0]
-        return BatchOutput(probs, time.perf_counter() - t0, len(clips), sum(s.rows), len(s.tvs),  # type: ignore[arg-type]
-                           shared, s.stage_s)
+        return BatchOutput(probs, time.perf_counter() - t0, len(s.clips), sum(s.rows), len(s.tvs), shared, s.stage_s)
 
     def _copy_stream(self):
         """The side stream the staging copies run on (CUDA), else no stream at all."""
@@ -291,7 +264,7 @@ class ModelRunner:
         torch.cuda.current_stream(self.device).synchronize()
         return buf.clone()  # the callers keep it; the buffer serves the next batch
 
-    def _inputs(self, stack: AdapterStack | Segments, views: list[Tensor]) -> tuple[list[Tensor], Optional[Tensor]]:
+    def _inputs(self, stack: AdapterStack, views: list[Tensor]) -> tuple[list[Tensor], Optional[Tensor]]:
         """The distinct inputs of these clips (in order) and, when rows can share a prefix, the row -> input index.
 
         None (every clip its own rows, today's path) when no two clips hand in the same
@@ -310,19 +283,10 @@ class ModelRunner:
         idx = [offset[first[id(v)]] + j for v in views for j in range(v.shape[0])]
         return distinct, torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
 
-    def _adapters(self, bank: SlotBank, slots: list[int], rows: list[int]) -> tuple[AdapterStack | Segments, Optional[Tensor]]:
-        """The adapters for rows in this order: a one-task view, the bank + per-row slots, or segments."""
+    def _adapters(self, bank: SlotBank, slots: list[int], rows: list[int]) -> tuple[AdapterStack, Optional[Tensor]]:
+        """The adapters for the clips' rows: a one-task view, or the bank + per-row slots."""
         distinct = sorted(set(slots))
         if len(distinct) == 1:
             return bank.view(distinct[0]), None
-        if self.mixed == "gather":
-            idx = [s for s, n in zip(slots, rows, strict=True) for _ in range(n)]
-            return bank.stacked(distinct), torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]
-        seg_slots: list[int] = []
-        bounds = [0]
-        for s, n in zip(slots, rows, strict=True):  # clips are sorted by slot: each slot's rows are contiguous
-            if not seg_slots or seg_slots[-1] != s:
-                seg_slots.append(s)
-                bounds.append(bounds[-1])
-            bounds[-1] += n
-        return bank.segments(seg_slots, bounds), None
+        idx = [s for s, n in zip(slots, rows, strict=True) for _ in range(n)]
+        return bank.stacked(distinct), torch.tensor(idx, dtype=torch.long).to(self.device, non_blocking=True)  # [N]

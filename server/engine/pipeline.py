@@ -21,6 +21,7 @@ from typing import Any, AsyncGenerator, Iterator, Mapping, Optional, Sequence, U
 
 from torch import Tensor
 
+from server.config import ServerConfig
 from server.decode.pool import Decoder, ThreadDecoder
 from server.decode.window_jobs import WindowBatch, WindowJob, WindowSpan
 from server.engine.admission import Admission, Slot, Ticket
@@ -72,12 +73,13 @@ class TaskOutcomes:
 class Pipeline:
     """Classification on top of the shared :class:`Admission` counters and :class:`ServerLimits`.
 
-    ``decoder``: the decoding backend (default: ``decode_workers`` threads in this process).
+    ``decoder``: the decoding backend; the server passes the one ``--decode-workers`` sizes
+    (:func:`server.app.make_decoder`). Default: that flag's default number of threads in this process.
     ``response_cache``: answers kept by clip digest, task version and sampling (None: every clip is computed).
     """
 
     def __init__(self, registry: TaskRegistry, batcher: Batcher, metrics: Optional[Metrics], limits: ServerLimits,
-                 decoder: Optional[Decoder] = None, default_top_k: int = 5, decode_workers: int = 2,
+                 decoder: Optional[Decoder] = None, default_top_k: int = 5,
                  response_cache: Optional[ResponseCache] = None):
         self.registry = registry
         self.response_cache = response_cache
@@ -85,7 +87,7 @@ class Pipeline:
         self.metrics = metrics
         self.limits = limits
         self.default_top_k = default_top_k
-        self.decoder: Decoder = decoder if decoder is not None else ThreadDecoder(decode_workers)
+        self.decoder: Decoder = decoder if decoder is not None else ThreadDecoder(ServerConfig.decode_workers)
         self.admission = Admission(registry, limits)
         if metrics is not None:
             a = self.admission

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..adapter import apply_adapter
-from ..bank import AdapterStack, Segments, SlotKey
+from ..bank import AdapterStack, SlotKey
 from ..config import TrunkSpec
 
 
@@ -93,7 +93,7 @@ class VideoTrunk(nn.Module):
         x = v.patch_dropout(x)
         return v.ln_pre(x)
 
-    def prefix_blocks(self, stack: Optional[AdapterStack | Segments]) -> int:
+    def prefix_blocks(self, stack: Optional[AdapterStack]) -> int:
         """How many blocks run before the first adapter of ``stack``: its lowest adapted block (all without one).
 
         These blocks (and the patch embedding before them) see no adapter, so their output
@@ -103,20 +103,19 @@ class VideoTrunk(nn.Module):
         return self.num_blocks if first is None else first
 
     def forward_features(
-        self, frames: Tensor, stack: Optional[AdapterStack | Segments] = None, task_index: Optional[Tensor] = None,
+        self, frames: Tensor, stack: Optional[AdapterStack] = None, task_index: Optional[Tensor] = None,
         row_input: Optional[Tensor] = None,
     ) -> Tensor:
         """frames [B, T, 3, H, W] (normalised) -> pooled features [B, d] (or [N, d] with ``row_input``).
 
         ``stack`` holds the adapters (None = the plain image model, frame-mean);
-        ``task_index`` [B] picks each clip's task in a mixed stack. A :class:`Segments`
-        (clips sorted by task) runs each task's adapters over its own rows.
+        ``task_index`` [B] picks each clip's task in a mixed stack.
 
         ``row_input`` [N] (long, values in [0, B)) makes ``frames`` the distinct inputs of N
         rows: row n is input ``row_input[n]``. The patch embedding and the
         :meth:`prefix_blocks` blocks run once per input, their tokens are copied out to the
-        rows (``index_select``), and the adapted blocks run per row; ``task_index`` and the
-        segments then count rows. Each row gets what running its input alone would give.
+        rows (``index_select``), and the adapted blocks run per row; ``task_index`` then
+        counts rows. Each row gets what running its input alone would give.
         """
         if frames.dim() != 5:
             raise ValueError(f"frames must be [B, T, 3, H, W], got {tuple(frames.shape)}")
@@ -126,8 +125,6 @@ class VideoTrunk(nn.Module):
                 f"frames {tuple(frames.shape)} do not fit the trunk: expected [B, T, 3, {self.image_size}, {self.image_size}]"
             )
         N = B if row_input is None else _check_rows(row_input, B)
-        if isinstance(stack, Segments) and (task_index is not None or stack.bounds[-1] != N):
-            raise ValueError(f"segments {stack.bounds} need no task_index and must cover the batch of {N} rows")
         if task_index is not None and task_index.shape != (N,):
             raise ValueError(f"task_index {tuple(task_index.shape)} must have one entry per row ({N})")
         split = 0 if row_input is None else self.prefix_blocks(stack)
@@ -142,14 +139,13 @@ class VideoTrunk(nn.Module):
             feats = feats.index_select(0, row_input)  # no adapter at all: the features fan out
         return feats
 
-    def _blocks(self, blocks: range, x: Tensor, T: int, stack: Optional[AdapterStack | Segments],
+    def _blocks(self, blocks: range, x: Tensor, T: int, stack: Optional[AdapterStack],
                 task_index: Optional[Tensor]) -> Tensor:
         """These blocks over the rows of ``x`` [rows*T, 1+h*w, d]: all rows at once, or (:attr:`chunk_bytes`) in
-        calls of whole rows whose tokens fit it (at least one row), planned once for all the blocks. Segments
-        run at once (their bounds count the whole batch)."""
+        calls of whole rows whose tokens fit it (at least one row), planned once for all the blocks."""
         frame_bytes = x.shape[1] * x.shape[2] * x.element_size()
         rows = max(1, self.chunk_bytes // (frame_bytes * T)) if self.chunk_bytes else 0
-        if not rows or x.shape[0] <= rows * T or isinstance(stack, Segments):
+        if not rows or x.shape[0] <= rows * T:
             for i in blocks:
                 x = self._block(i, x, T, stack, task_index)
             return x
@@ -159,7 +155,7 @@ class VideoTrunk(nn.Module):
             x = torch.cat([self._block(i, part, T, *p) for part, p in zip(x.split(rows * T), parts, strict=True)])
         return x
 
-    def _block(self, i: int, x: Tensor, T: int, stack: Optional[AdapterStack | Segments],
+    def _block(self, i: int, x: Tensor, T: int, stack: Optional[AdapterStack],
                task_index: Optional[Tensor]) -> Tensor:
         blk = self.blocks[i]
         x = self._adapt(x, T, stack, (i, "pre_attn"), task_index)
@@ -167,16 +163,14 @@ class VideoTrunk(nn.Module):
         x = self._adapt(x, T, stack, (i, "pre_mlp"), task_index)
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
-    def _adapt(self, x: Tensor, T: int, stack: Optional[AdapterStack | Segments], key: SlotKey,
+    def _adapt(self, x: Tensor, T: int, stack: Optional[AdapterStack], key: SlotKey,
                task_index: Optional[Tensor]) -> Tensor:
         if stack is None:
             return x
-        if isinstance(stack, Segments):
-            return stack.apply(key, x, T, self.grid)
         s = stack.slots.get(key)
         return x if s is None else apply_adapter(x, T, self.grid, s, task_index, stack.activation)
 
-    def forward(self, frames: Tensor, stack: AdapterStack | Segments, task_index: Optional[Tensor] = None,
+    def forward(self, frames: Tensor, stack: AdapterStack, task_index: Optional[Tensor] = None,
                 row_input: Optional[Tensor] = None) -> Tensor:
         """frames [B, T, 3, H, W] -> logits [B, C] (one task) or [B, C_max] (mixed, zero-padded).
 
@@ -184,14 +178,14 @@ class VideoTrunk(nn.Module):
         ([N, ...]); see :meth:`forward_features`.
         """
         feats = self.forward_features(frames, stack, task_index, row_input)
-        return stack.head(feats) if isinstance(stack, Segments) else stack.head(feats, task_index)
+        return stack.head(feats, task_index)
 
 
-def _one_task(stack: Optional[AdapterStack | Segments], task_index: Optional[Tensor]
-              ) -> tuple[Optional[AdapterStack | Segments], Optional[Tensor]]:
+def _one_task(stack: Optional[AdapterStack], task_index: Optional[Tensor]
+              ) -> tuple[Optional[AdapterStack], Optional[Tensor]]:
     """A chunk of a mixed batch whose rows are all one task's runs as a one-task batch (narrow views of that
     task's weights, no per-row gather); chunks exist on CPU only, where reading the index costs no sync."""
-    if task_index is None or not isinstance(stack, AdapterStack) or not bool((task_index == task_index[0]).all()):
+    if task_index is None or stack is None or not bool((task_index == task_index[0]).all()):
         return stack, task_index
     return stack.task(int(task_index[0])), None
 

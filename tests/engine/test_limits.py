@@ -74,6 +74,20 @@ def test_services_pipeline_batcher_share_the_one_object(two_task_repo, tiny_trun
         p.close()
 
 
+def test_the_default_decoder_is_sized_by_the_one_decode_workers_setting(two_task_repo, tiny_trunk, monkeypatch):
+    """``ServerConfig.decode_workers`` owns the decode pool's size; the pipeline has no size of its own."""
+    monkeypatch.setattr(ServerConfig, "decode_workers", 3)
+    limits = ServerConfig(model_repository=two_task_repo).limits
+    args = (TaskRegistry(two_task_repo, tiny_trunk), Batcher(None, limits, 0.01), None, limits)
+    p = Pipeline(*args)
+    try:
+        assert p.decoder.pool._max_workers == 3
+    finally:
+        p.close()
+    with pytest.raises(TypeError, match="decode_workers"):
+        Pipeline(*args, decode_workers=3)  # type: ignore[call-arg]
+
+
 # --- the ticket: one owner for what a request holds ---------------------------------------------------
 
 

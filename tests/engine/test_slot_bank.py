@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import threading
 
@@ -14,16 +15,15 @@ from server.engine.slots import AdapterSlots
 from server.observability.metrics import Metrics
 from server.registry.registry import TaskRegistry, TaskVersion
 from stadapter import AdapterConfig
-from stadapter.bank import Segments, SlotBank, TaskShape
+from stadapter.bank import SlotBank, TaskShape
 
 CPU = torch.device("cpu")
-@pytest.mark.parametrize("mode", ["gather", "segment"])
-def test_mixed_batch_through_the_bank_equals_each_clip_alone(tiny_trunk, tmp_path, mode):
+def test_mixed_batch_through_the_bank_equals_each_clip_alone(tiny_trunk, tmp_path):
     tvs = task_versions(tiny_trunk, tmp_path)
     g = torch.Generator().manual_seed(0)
     plan = [0, 1, 2, 2, 1, 0, 1]
     clips = [(tvs[k], torch.randn(1 + (i % 2), 4, 3, 32, 32, generator=g)) for i, k in enumerate(plan)]
-    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), mixed=mode)
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32))
     out = runner.forward(clips)
     assert out.tasks == 3 and out.clips == len(clips)
     for (tv, views), p in zip(clips, out.probs, strict=True):
@@ -33,8 +33,29 @@ def test_mixed_batch_through_the_bank_equals_each_clip_alone(tiny_trunk, tmp_pat
         torch.testing.assert_close(p, alone, atol=1e-5, rtol=0)
 
 
-def test_bank_logits_equal_alone_in_both_mixed_forms(tiny_trunk, tmp_path):
-    """Logits, not only probabilities: gather over the padded bank and segments agree with each task alone."""
+def test_a_mixed_batch_has_one_path_the_per_row_gather_in_the_clips_order(tiny_trunk, tmp_path):
+    """The segment path (clips sorted by task, one GEMM per task) never ran in serving and measured no faster
+    than the per-row gather (``python -m bench.slot_bank --mixes`` at 879c848): it went with its mode switch."""
+    import stadapter.bank as bank_mod
+
+    assert not hasattr(bank_mod, "Segments") and not hasattr(SlotBank, "segments")
+    assert "mixed" not in inspect.signature(ModelRunner).parameters
+    tvs = task_versions(tiny_trunk, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    clips = [(tvs[k], torch.randn(n, 4, 3, 32, 32, generator=g)) for k, n in ((1, 1), (0, 2), (1, 1))]
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32))
+    staged = runner.stage(clips)
+    try:
+        assert not hasattr(staged, "order")  # rows stay in the clips' order
+        slot = staged.lease.slots
+        assert staged.task_index is not None
+        assert staged.task_index.tolist() == [slot[tvs[1].uid], slot[tvs[0].uid], slot[tvs[0].uid], slot[tvs[1].uid]]
+    finally:
+        staged.release()
+
+
+def test_bank_logits_equal_alone_in_the_mixed_form(tiny_trunk, tmp_path):
+    """Logits, not only probabilities: gather over the padded bank agrees with each task alone."""
     tvs = task_versions(tiny_trunk, tmp_path)
     bank = SlotBank(tiny_trunk.dim, CPU, torch.float32)
     bank.reserve(4, also_fit=[TaskShape.of(tv.host_stack) for tv in tvs])
@@ -42,18 +63,16 @@ def test_bank_logits_equal_alone_in_both_mixed_forms(tiny_trunk, tmp_path):
         bank.write(slot, tv.host_stack)
     frames = torch.randn(6, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     slot_of = {3: 0, 0: 1, 2: 2}  # slot -> task
-    rows = [3, 3, 0, 2, 2, 2]  # sorted by segment: 3,3 | 0 | 2,2,2
+    rows = [3, 3, 0, 2, 2, 2]
     with torch.no_grad():
         gathered = tiny_trunk(frames, bank.stacked(), torch.tensor(rows))
-        segs = tiny_trunk(frames, bank.segments([3, 0, 2], [0, 2, 3, 6]))
         for b, s in enumerate(rows):
             tv = tvs[slot_of[s]]
             alone = tiny_trunk(frames[b:b + 1], tv.host_stack)[0]
             one = tiny_trunk(frames[b:b + 1], bank.view(s))[0]
             n = tv.spec.num_classes
-            for got in (gathered[b], segs[b]):
-                torch.testing.assert_close(got[:n], alone, atol=1e-5, rtol=0)
-                assert torch.all(got[n:] == 0)
+            torch.testing.assert_close(gathered[b, :n], alone, atol=1e-5, rtol=0)
+            assert torch.all(gathered[b, n:] == 0)
             assert torch.equal(one, alone)  # the one-task view is the host stack's own math
 
 
@@ -103,7 +122,7 @@ def test_a_wider_task_repads_the_bank_and_keeps_residents_correct(tiny_trunk, tm
     narrow, wide, _ = task_versions(tiny_trunk, tmp_path)
     narrow2 = task_versions(tiny_trunk, tmp_path, [(AdapterConfig(width=4, kernel=(1, 1, 1), pre_attn=True), 7)])[0]
     slots = AdapterSlots(1 << 20, CPU, torch.float32)
-    runner = ModelRunner(tiny_trunk, slots, mixed="gather")
+    runner = ModelRunner(tiny_trunk, slots)
     v = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     runner.forward([(narrow2, v)])
     before = slots.bytes
@@ -140,11 +159,6 @@ def test_bad_input_is_refused_with_a_clear_error(tiny_trunk, tmp_path):
         bank.view(0)
     with pytest.raises(ValueError, match="cannot shrink"):
         bank.reserve(0)
-    with pytest.raises(ValueError, match="do not delimit"):
-        Segments((tvs[0].host_stack,), (0, 2, 3))
-    bank.write(0, tvs[2].host_stack)
-    with pytest.raises(ValueError, match="must cover the batch"):
-        tiny_trunk(torch.zeros(3, 4, 3, 32, 32), bank.segments([0], [0, 2]))
     with pytest.raises(ValueError, match="chunk"):
         AdapterSlots(1, CPU, torch.float32, chunk=0)
 
@@ -270,7 +284,7 @@ def test_the_slot_bank_bench_runs(tiny_trunk):
 
     r = slot_bank.run("tiny", tiny_trunk, AdapterConfig(width=8, pre_attn=True, pre_mlp=True), batch=4, frames=4,
                       iters=1, mix_tasks=10, cold_tasks=12, cold_slots=4, cold_iters=3)
-    assert set(r["modes"]["clips_per_s"]) == {"single", "gather", "segment"}
+    assert set(r["modes"]["clips_per_s"]) == {"single", "gather"}
     sized, default = r["changing_mix"]["sized"], r["changing_mix"]["default_budget"]
     assert sized["registered"] == default["registered"] == 10 and sized["changing_over_single"] > 0
     assert set(sized["clips_per_s"]) == {"single", "fixed", "changing"}
@@ -279,4 +293,4 @@ def test_the_slot_bank_bench_runs(tiny_trunk):
     cold = r["cold"]
     assert cold["slots"] == 4 and cold["device_bytes"] == cold["device_bytes_expected"] == 4 * cold["slot_bytes"]
     assert cold["host_equals_tensor_bytes"] and cold["evictions"] == 3
-    assert "segment/gather" in slot_bank.table({"tiny": r})
+    assert "gather/single" in slot_bank.table({"tiny": r})

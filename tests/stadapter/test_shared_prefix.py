@@ -99,21 +99,14 @@ def _rows(n_inputs: int, tasks: int, views: list[int]) -> tuple[list[int], list[
 # --- the library ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["gather", "segments"])
-def test_rows_sharing_an_input_equal_each_row_alone_and_the_prefix_runs_once(trunk4, form):
+def test_rows_sharing_an_input_equal_each_row_alone_and_the_prefix_runs_once(trunk4):
     names = ["last2", "last1", "last2_attn"]  # depths 2, 1, 2: the prefix is blocks 0 and 1
     stacks = _stacks(trunk4, names)
     bank = _bank(trunk4, stacks)
     views = [2, 1]  # input 0 has 2 views, input 1 one
     frames = torch.randn(sum(views), T, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     row_input, row_task = _rows(len(views), len(names), views)
-    if form == "segments":  # rows sorted by task
-        order = sorted(range(len(row_task)), key=row_task.__getitem__)
-        row_input, row_task = [row_input[i] for i in order], [row_task[i] for i in order]
-        bounds = [0] + [sum(1 for t in row_task if t <= k) for k in range(len(names))]
-        stack, task_index = bank.segments(list(range(len(names))), bounds), None
-    else:
-        stack, task_index = bank.stacked(list(range(len(names)))), torch.tensor(row_task)
+    stack, task_index = bank.stacked(list(range(len(names)))), torch.tensor(row_task)
     assert trunk4.prefix_blocks(stack) == 2
     with torch.no_grad(), attention_batches(trunk4) as seen:
         logits = trunk4(frames, stack, task_index, torch.tensor(row_input))
@@ -180,8 +173,6 @@ def test_bad_row_index_is_refused_with_a_clear_error(trunk4):
             trunk4(frames, bank.view(0), None, torch.tensor([[0, 1]]))
         with pytest.raises(ValueError, match=r"task_index \(2,\) must have one entry per row \(3\)"):
             trunk4(frames, bank.stacked(), torch.tensor([0, 1]), torch.tensor([0, 1, 1]))
-        with pytest.raises(ValueError, match="must cover the batch of 3 rows"):
-            trunk4(frames, bank.segments([0, 1], [0, 1, 2]), None, torch.tensor([0, 1, 1]))
         with pytest.raises(IndexError):
             trunk4(frames, bank.view(0), None, torch.tensor([0, 2]))
         assert trunk4(frames, bank.view(0), None, torch.tensor([1, 0])).shape == (2, 3)  # still fine after
@@ -205,13 +196,12 @@ def _alone(trunk, tv, views):
         return trunk(views, tv.host_stack).softmax(-1).mean(0)
 
 
-@pytest.mark.parametrize("mode", ["gather", "segment"])
-def test_runner_shares_the_prefix_of_clips_handed_in_as_one_tensor(trunk4, tmp_path, mode):
+def test_runner_shares_the_prefix_of_clips_handed_in_as_one_tensor(trunk4, tmp_path):
     tvs = _versions(trunk4, tmp_path, ["last2", "last1", "last2_attn"])
     g = torch.Generator().manual_seed(7)
     shared, other = torch.randn(2, T, 3, 32, 32, generator=g), torch.randn(1, T, 3, 32, 32, generator=g)
     clips = [(tvs[0], shared), (tvs[1], other), (tvs[1], shared), (tvs[2], shared)]
-    runner = ModelRunner(trunk4, AdapterSlots(1 << 20, CPU, torch.float32), mixed=mode)
+    runner = ModelRunner(trunk4, AdapterSlots(1 << 20, CPU, torch.float32))
     with attention_batches(trunk4) as seen:
         out = runner.forward(clips)
     assert (out.rows, out.shared_rows) == (7, 4)  # 3 clips of 2 views on one input: 4 rows reused its prefix
@@ -334,7 +324,7 @@ def chunked(trunk: VideoTrunk, frames: int):
         trunk.chunk_bytes = 0
 
 
-@pytest.mark.parametrize("form", ["one task", "gather", "segments", "shared prefix"])
+@pytest.mark.parametrize("form", ["one task", "gather", "shared prefix"])
 def test_blocks_in_chunks_of_frames_give_every_row_the_same_logits(trunk4, form):
     names = ["last2", "full", "last1"]
     stacks = _stacks(trunk4, names)
@@ -346,8 +336,6 @@ def test_blocks_in_chunks_of_frames_give_every_row_the_same_logits(trunk4, form)
         stack, task_index = stacks[1], None
     elif form == "gather":
         stack, task_index = bank.stacked([0, 1, 2]), torch.tensor([0, 1, 2, 1, 0])
-    elif form == "segments":
-        stack, task_index = bank.segments([0, 1, 2], [0, 2, 4, 5]), None
     else:  # 2 inputs, each for tasks last2 and last1: the prefix (blocks 0-1) runs once per input
         stack, task_index = bank.stacked([0, 2]), torch.tensor([0, 2, 0, 2])
         frames, row_input = frames[:2], torch.tensor([0, 0, 1, 1])
@@ -356,9 +344,7 @@ def test_blocks_in_chunks_of_frames_give_every_row_the_same_logits(trunk4, form)
         with chunked(trunk4, 2 * T), attention_batches(trunk4) as seen:  # two clips per block call
             parts = trunk4(frames, stack, task_index, row_input)
     torch.testing.assert_close(parts, whole, atol=1e-6, rtol=0)
-    if form == "segments":  # segment bounds count the whole batch: it runs at once
-        assert seen == [[5 * T]] * 4
-    elif form == "shared prefix":
+    if form == "shared prefix":
         assert seen == [[2 * T]] * 2 + [[2 * T, 2 * T]] * 2  # 2 inputs in the prefix; 4 rows after, 2 a call
     else:
         assert seen == [[2 * T, 2 * T, T]] * 4
