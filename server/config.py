@@ -43,7 +43,8 @@ class ServerConfig:
             the worker is killed and the request fails with INVALID_ARGUMENT (process backend only).
         decode_backend: ``process`` (sandboxed, default) or ``thread`` (in-process, no timeout; benches, debugging).
         device: ``auto`` = cuda when available, else cpu.
-        dtype: ``auto`` = bfloat16 on a GPU with native bf16 (compute capability 8.0+), float16 on older ones, float32 on cpu.
+        dtype: ``auto`` = bfloat16 on a GPU with native bf16 (compute capability 8.0+), float16 on older ones; on cpu
+            bfloat16 with AMX-BF16 or AVX512-BF16 (:func:`stadapter.devices.native_bf16`), else float32.
         cpu_chunk_bytes: on a CPU device, each trunk block runs over as many whole clips at a time as keep
             its input tokens within this many bytes (``VideoTrunk.chunk_bytes``; 5 MiB = 8 ViT-B/16 frames):
             the same results, ~10% faster on ViT-B/16 here; a small trunk's batch fits at once; 0 = the whole
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="process: sandboxed workers (default); thread: in-process, for benches and debugging")
     a("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
-      help="auto: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float16; float32 on cpu")
+      help="auto: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float16; on cpu bfloat16 with "
+           "AMX-BF16 or AVX512-BF16, else float32")
     a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
       help="on CPU, run each trunk block over whole clips whose tokens fit this many bytes (same results, faster "
            "on big trunks; 5 MiB = 8 ViT-B/16 frames; 0 = the whole batch at once)")

@@ -61,11 +61,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--dtype``: a named dtype as given; ``auto`` = bfloat16 where the device multiplies it natively
+    (:func:`stadapter.devices.native_bf16`: a GPU of compute capability 8.0+, a CPU with AMX or AVX512-BF16),
+    else float16 on a GPU and float32 on a CPU."""
     if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as ``--dtype`` spells it (``bfloat16``, not ``torch.bfloat16``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
