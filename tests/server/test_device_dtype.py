@@ -1,4 +1,5 @@
-"""The device and dtype a server resolved are in its ready file and its startup log; a bf16 server on a CPU answers.
+"""The device and dtype a server resolved are in its ready file and its startup log; a bf16 server on a CPU (its
+trunk's weights packed for oneDNN) answers.
 
 The real server on 127.0.0.1 (``python -m server``): ``--dtype`` as the suite pins it (float32), as named
 (bfloat16), and ``auto`` (this machine's choice, by the same rule the test process applies).
@@ -17,6 +18,7 @@ from serverproc import ServerProcess, make_repository
 from server.engine.model import dtype_name, resolve_dtype
 from stadapter import load_classifier
 from stadapter.predict import predict_clip
+from stadapter.trunk.packed import packing_available
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
@@ -41,6 +43,7 @@ def test_the_ready_file_and_the_log_name_the_device_and_dtype(repo, flags, want)
         assert info["grpc_port"] == srv.grpc_port  # the ports as before
         given = flags[1] if flags else "float32"
         assert f"device cpu, dtype {want} (--device cpu, --dtype {given})" in srv.log()
+        assert ("weights packed for oneDNN" in srv.log()) == (want == "bfloat16" and packing_available())
         with grpc.insecure_channel(srv.address) as channel:
             resp = pb_grpc.VideoClassifierStub(channel).Classify(pb.ClassifyRequest(task="alpha", clip=clip, top_k=3),
                                                                  timeout=60)
