@@ -1,6 +1,7 @@
 """Serving bench: mixed-task batching vs the naive alternatives, gRPC end to end vs the raw forward, memory.
 
     python -m bench.serving [--out bench_serving.json] [--skip-vitb] [--vitb-batch 8 --vitb-frames 2]
+    python -m bench.serving --cpu-dtype [...]   # CPU dtypes side by side: see bench.cpu_dtype
 
 For each trunk (the tiny test trunk, and ViT-B/16's shape with random weights):
 
@@ -309,6 +310,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve"]:
         return serve_with_memoised_decode(argv[1:])
+    if argv[:1] == ["--cpu-dtype"]:  # float32 and the bf16 ways side by side on a CPU (bench.cpu_dtype)
+        from bench import cpu_dtype
+
+        return cpu_dtype.main(argv[1:])
     from stadapter import AdapterConfig
 
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])
