@@ -1,6 +1,7 @@
 """Serving bench: mixed-task batching vs the naive alternatives, gRPC end to end vs the raw forward, memory.
 
     python -m bench.serving [--out bench_serving.json] [--skip-vitb] [--vitb-batch 8 --vitb-frames 2]
+    python -m bench.serving --cpu-dtype [...]   # CPU dtypes side by side: see bench.cpu_dtype
 
 For each trunk (the tiny test trunk, and ViT-B/16's shape with random weights):
 
@@ -83,17 +84,19 @@ def synthetic_clips(n: int, frames: int = 16, w: int = 96, h: int = 72) -> list[
 
 def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: bool = False) -> dict:
     from server.config import ServerConfig
-    from server.engine.model import ModelRunner
+    from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_dtype
     from server.engine.slots import AdapterSlots
     from server.registry.registry import TaskRegistry
     from stadapter import TaskAdapters, load_trunk
 
-    trunk = load_trunk(repo / "trunk")
-    trunk.chunk_bytes = ServerConfig.cpu_chunk_bytes  # as the server runs it on a CPU: the raw side is the same forward
+    cpu = torch.device("cpu")
+    dtype = resolve_dtype(ServerConfig.dtype, cpu)  # the server's default here (bf16 on a CPU with bf16 matrix units)
+    trunk = load_trunk(repo / "trunk", dtype=dtype)
+    prepare_trunk(trunk, cpu, dtype, ServerConfig.cpu_chunk_bytes)  # as the server runs it: the raw side is the same forward
     reg = TaskRegistry(repo, trunk)
     reg.sync()
     tvs = [reg.tasks[f"task{k}"] for k in range(NUM_TASKS)]
-    runner = ModelRunner(trunk, AdapterSlots(1 << 40, torch.device("cpu"), torch.float32))
+    runner = ModelRunner(trunk, AdapterSlots(1 << 40, cpu, dtype))
     S = trunk.image_size
     g = torch.Generator().manual_seed(0)
     views = [torch.randn(1, frames, 3, S, S, generator=g) for _ in range(batch)]  # one view per clip
@@ -102,14 +105,14 @@ def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: b
     by_task = [[(tv, v) for tv2, v in mixed if tv2 is tv] for tv in tvs]
 
     spec = tvs[0].spec
-    model = TaskAdapters(spec.adapter, trunk.dim, trunk.num_blocks, spec.num_classes).eval()
+    model = TaskAdapters(spec.adapter, trunk.dim, trunk.num_blocks, spec.num_classes).eval().to(dtype)
     states = {tv.name: dict(read_tensors(tv.path)) for tv in tvs}
 
     @torch.inference_mode()
     def swap():
         for tv, v in mixed:
             model.load_state_dict(states[tv.name])  # what a one-model-per-process user does per request
-            trunk(v, model.stack()).softmax(-1).mean(0)
+            trunk(v.to(dtype), model.stack()).float().softmax(-1).mean(0)
 
     if only_mixed:
         return {"raw_mixed_clips_per_s": batch / timed_rounds({"mixed": lambda: runner.forward(mixed)}, iters)["mixed"]}
@@ -119,7 +122,7 @@ def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: b
     t_single, t_mixed, t_per_task, t_swap = t["single"], t["mixed"], t["per_task"], t["swap"]
     cps = lambda t: batch / t  # noqa: E731
     return {
-        "batch": batch, "frames": frames, "tasks": NUM_TASKS,
+        "batch": batch, "frames": frames, "tasks": NUM_TASKS, "dtype": dtype_name(dtype),
         "clips_per_s": {"single": cps(t_single), "mixed": cps(t_mixed), "per_task": cps(t_per_task), "swap": cps(t_swap)},
         "mixed_over_single": t_single / t_mixed,
         "mixed_over_per_task": t_per_task / t_mixed,
@@ -310,6 +313,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--serve"]:
         return serve_with_memoised_decode(argv[1:])
+    if argv[:1] == ["--cpu-dtype"]:  # float32 and the bf16 ways side by side on a CPU (bench.cpu_dtype)
+        from bench import cpu_dtype
+
+        return cpu_dtype.main(argv[1:])
     from stadapter import AdapterConfig
 
     p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0])

@@ -20,7 +20,7 @@ from server.config import ServerConfig
 from server.dataplane.plane import DataPlane
 from server.decode.pool import Decoder, ProcessDecodePool, ThreadDecoder
 from server.engine.batcher import Batcher
-from server.engine.model import ModelRunner, resolve_device, resolve_dtype
+from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_device, resolve_dtype
 from server.engine.pipeline import Pipeline
 from server.engine.response_cache import ResponseCache
 from server.engine.slots import AdapterSlots
@@ -74,10 +74,11 @@ class Server:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
         trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
-        if device.type == "cpu":
-            trunk.chunk_bytes = cfg.cpu_chunk_bytes  # blocks over a few frames at a time: faster on a CPU
-        log.info("trunk %s (%s…) on %s as %s", trunk.spec.model if trunk.spec else "?", trunk.fingerprint[:12], device,
-                 dtype)
+        t0 = time.monotonic()
+        packed = prepare_trunk(trunk, device, dtype, cfg.cpu_chunk_bytes)
+        log.info("trunk %s (%s…): device %s, dtype %s (--device %s, --dtype %s)%s", trunk.spec.model if trunk.spec else "?",
+                 trunk.fingerprint[:12], device, dtype_name(dtype), cfg.device, cfg.dtype,
+                 f", weights packed for oneDNN in {time.monotonic() - t0:.2f} s" if packed else "")
 
         metrics = Metrics(device)
         slots = AdapterSlots(cfg.slot_budget_bytes, device, dtype, on_event=metrics.adapter_event, slots=cfg.adapter_slots)
@@ -163,8 +164,10 @@ class Server:
                 log.exception("repository poll failed")
 
     def ready_info(self) -> dict:
+        """The ready line: the bound ports, and the device and dtype that ``--device``/``--dtype`` resolved to."""
         return {"event": "ready", "grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
-                "http_port": self.http.port if self.http is not None else None}
+                "http_port": self.http.port if self.http is not None else None,
+                "device": str(self.slots.device), "dtype": dtype_name(self.slots.dtype)}
 
     async def drain(self) -> None:
         """Health NOT_SERVING (gRPC; HTTP ready 503), refuse new work (UNAVAILABLE), let in-flight work finish, stop."""

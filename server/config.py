@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port, /metrics (0 = any free port)")
     a("--ready-file", type=Path,
       help="once serving, write the ready JSON line here: the bound ports grpc_port, http_port (null with "
-           "--http-port -1) and metrics_port (for --port 0)")
+           "--http-port -1) and metrics_port (for --port 0), and the resolved device and dtype")
 
     a = p.add_argument_group("Tasks").add_argument
     a("--poll-interval-s", type=float, default=d.poll_interval_s,
@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("Model and device memory").add_argument
     a("--device", default=d.device, help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
     a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
-      help="auto: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float16; float32 on cpu")
+      help="auto: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float16; on a CPU bfloat16 "
+           "with AMX-BF16 or AVX512-BF16 (trunk weights packed for oneDNN), else float32")
     a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
       help="on a CPU, each trunk block runs over as many whole clips at a time as keep its input tokens within "
            "this many bytes (VideoTrunk.chunk_bytes; the same results; 5 MiB = 8 ViT-B/16 frames; a small trunk's "

@@ -55,10 +55,14 @@ def make_repository(
 
 class ServerProcess(_ServerProcess):
     """:class:`server.process.ServerProcess` with one OpenMP thread per server unless ``env`` says otherwise
-    (the suite runs on 2 cores next to the test process)."""
+    (the suite runs on 2 cores next to the test process), serving in float32 unless ``args`` name a ``--dtype``:
+    the tests compare served answers with the library's float32 ones at float32's tolerances, and ``--dtype auto``
+    serves bf16 on a CPU with bf16 matrix instructions."""
 
     def __init__(self, repository: str | os.PathLike, *args: str, env: Optional[dict] = None, timeout: float = 60.0,
                  launcher: Optional[Sequence[str]] = None):
+        if "--dtype" not in args:
+            args = (*args, "--dtype", "float32")
         super().__init__(repository, *args, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})},
                          timeout=timeout, launcher=launcher)
 

@@ -50,11 +50,33 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``--dtype``: a named dtype as given; ``auto`` = bfloat16 where the device multiplies it natively
+    (:func:`stadapter.devices.native_bf16`: a GPU of compute capability 8.0+, a CPU with AMX or AVX512-BF16),
+    else float16 on a GPU and float32 on a CPU."""
     if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if native_bf16(device) else torch.float16
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def prepare_trunk(trunk: VideoTrunk, device: torch.device, dtype: torch.dtype, cpu_chunk_bytes: int) -> bool:
+    """How the loaded trunk serves on its device. On a CPU its blocks run over a few clips at a time
+    (``cpu_chunk_bytes``) and, in bf16, with their weights packed once for oneDNN
+    (:meth:`VideoTrunk.pack_for_cpu`; ``python -m bench.serving --cpu-dtype`` compares). Returns whether
+    the weights were packed."""
+    if device.type != "cpu":
+        return False
+    trunk.chunk_bytes = cpu_chunk_bytes  # blocks over a few frames at a time: faster on a CPU
+    if dtype != torch.bfloat16:
+        return False
+    itemsize = torch.finfo(dtype).bits // 8
+    return trunk.pack_for_cpu(cpu_chunk_bytes // (trunk.dim * itemsize) or None)  # oneDNN's layout hint: rows a call
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as ``--dtype`` spells it (``bfloat16``, not ``torch.bfloat16``)."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..adapter import apply_adapter
 from ..bank import AdapterStack, SlotKey
 from ..config import TrunkSpec
+from .packed import PackedBlock, pack_blocks
 
 
 class TrunkError(ValueError):
@@ -73,6 +74,13 @@ class VideoTrunk(nn.Module):
         self.blocks = visual.transformer.resblocks
         self.num_blocks: int = len(self.blocks)
         self.chunk_bytes = 0  # input-token bytes per block call (whole clips); 0 = the whole batch at once
+        self.packed: Optional[list[PackedBlock]] = None  # the blocks' weights packed for oneDNN (pack_for_cpu)
+
+    def pack_for_cpu(self, rows_hint: Optional[int] = None) -> bool:
+        """Run the blocks with their weights packed once for oneDNN (:mod:`stadapter.trunk.packed`): a bf16
+        trunk on a CPU. Returns whether it did (False, and nothing changed, for anything else)."""
+        self.packed = pack_blocks(self.blocks, rows_hint)
+        return self.packed is not None
 
     def train(self, mode: bool = True) -> "VideoTrunk":
         # The trunk stays in eval mode (no dropout, frozen statistics) whatever the caller does.
@@ -158,10 +166,11 @@ class VideoTrunk(nn.Module):
     def _block(self, i: int, x: Tensor, T: int, stack: Optional[AdapterStack],
                task_index: Optional[Tensor]) -> Tensor:
         blk = self.blocks[i]
+        packed = self.packed[i] if self.packed is not None else None
         x = self._adapt(x, T, stack, (i, "pre_attn"), task_index)
-        x = x + blk.ls_1(blk.attention(q_x=blk.ln_1(x)))
+        x = x + (packed.attention(x) if packed is not None else blk.ls_1(blk.attention(q_x=blk.ln_1(x))))
         x = self._adapt(x, T, stack, (i, "pre_mlp"), task_index)
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return x + (packed.mlp(x) if packed is not None else blk.ls_2(blk.mlp(blk.ln_2(x))))
 
     def _adapt(self, x: Tensor, T: int, stack: Optional[AdapterStack], key: SlotKey,
                task_index: Optional[Tensor]) -> Tensor:

@@ -1,5 +1,6 @@
 """Device and dtype choices on CUDA, checked on CPU: the CUDA calls are replaced at torch's lowest layer (the
-driver call, the device properties), so the project's own code and torch's argument handling run as they would."""
+driver call, the device properties), so the project's own code and torch's argument handling run as they would.
+The CPU's features are replaced where torch reports them (``torch.cpu.get_capabilities``, its cpuinfo reading)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from server.config import parse_args
 from server.engine.model import resolve_dtype
 from training.distributed import amp_dtype, setup_dist
 
@@ -55,5 +57,40 @@ def test_bf16_only_where_the_serving_device_has_it_natively(monkeypatch, current
     assert amp_dtype(dev) == want
 
 
-def test_cpu_keeps_float32_and_no_autocast():
+def _fake_cpu(monkeypatch, *features: str) -> None:
+    """An x86 CPU whose capabilities are the AVX512 basics plus ``features`` (e.g. ``amx_bf16``)."""
+    caps = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_vl": True,
+            **{f: True for f in features}}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+
+
+def test_cpu_keeps_float32_and_no_autocast(monkeypatch):
+    """On a CPU without bf16 matrix instructions."""
+    _fake_cpu(monkeypatch)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32 and amp_dtype(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("features, want", [
+    (("amx_tile", "amx_bf16", "avx512_bf16"), torch.bfloat16),  # a Xeon with AMX
+    (("avx512_bf16",), torch.bfloat16),  # bf16 dot products without AMX (e.g. AMD Zen 4)
+    (("amx_tile", "amx_int8"), torch.float32),  # AMX tiles for int8 only
+    ((), torch.float32),  # plain AVX512: oneDNN would emulate bf16 (slower than fp32)
+])
+def test_cpu_serves_bf16_where_it_multiplies_bf16_natively(monkeypatch, features, want):
+    _fake_cpu(monkeypatch, *features)
+    assert resolve_dtype("auto", torch.device("cpu")) == want
+    assert amp_dtype(torch.device("cpu")) is None  # training on a CPU: no autocast, as before
+
+
+def test_cpu_bf16_needs_onednn_on(monkeypatch):
+    _fake_cpu(monkeypatch, "amx_bf16", "avx512_bf16")
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # restored after the test
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("features", [("amx_bf16", "avx512_bf16"), ()])
+def test_an_explicit_dtype_wins_over_the_cpu(monkeypatch, features, tmp_path):
+    _fake_cpu(monkeypatch, *features)
+    for name, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        cfg = parse_args(["--model-repository", str(tmp_path), "--device", "cpu", "--dtype", name])
+        assert resolve_dtype(cfg.dtype, torch.device(cfg.device)) == want

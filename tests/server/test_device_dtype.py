@@ -1,0 +1,54 @@
+"""The device and dtype a server resolved are in its ready file and its startup log; a bf16 server on a CPU (its
+trunk's weights packed for oneDNN) answers.
+
+The real server on 127.0.0.1 (``python -m server``): ``--dtype`` as the suite pins it (float32), as named
+(bfloat16), and ``auto`` (this machine's choice, by the same rule the test process applies).
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import media
+import pytest
+import torch
+from serverproc import ServerProcess, make_repository
+
+from server.engine.model import dtype_name, resolve_dtype
+from stadapter import load_classifier
+from stadapter.predict import predict_clip
+from stadapter.trunk.packed import packing_available
+from stadapter_api.v1 import inference_pb2 as pb
+from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_repository(tmp_path_factory.mktemp("dtype") / "repo")
+
+
+@pytest.mark.parametrize("flags, want", [
+    ((), "float32"),  # tests/serverproc.py pins float32 unless a test names a dtype
+    (("--dtype", "bfloat16"), "bfloat16"),
+    (("--dtype", "auto"), dtype_name(resolve_dtype("auto", torch.device("cpu")))),
+])
+def test_the_ready_file_and_the_log_name_the_device_and_dtype(repo, flags, want):
+    clip = media.make_clip(num_frames=12)
+    with ServerProcess(repo, "--device", "cpu", "--poll-interval-s", "0", *flags) as srv:
+        info = json.loads(srv.ready_file.read_text())
+        assert (info["device"], info["dtype"]) == ("cpu", want)
+        assert info["grpc_port"] == srv.grpc_port  # the ports as before
+        given = flags[1] if flags else "float32"
+        assert f"device cpu, dtype {want} (--device cpu, --dtype {given})" in srv.log()
+        assert ("weights packed for oneDNN" in srv.log()) == (want == "bfloat16" and packing_available())
+        with grpc.insecure_channel(srv.address) as channel:
+            resp = pb_grpc.VideoClassifierStub(channel).Classify(pb.ClassifyRequest(task="alpha", clip=clip, top_k=3),
+                                                                 timeout=60)
+    clf = load_classifier(repo / "trunk", repo / "tasks" / "alpha" / "1")
+    offline = predict_clip(clf, clip, 3)  # float32
+    tolerance = 1e-4 if want == "float32" else 2e-2  # bf16 keeps 8 bits of mantissa
+    assert [p.label for p in resp.predictions] == [w["label"] for w in offline]
+    assert max(abs(p.score - w["score"]) for p, w in zip(resp.predictions, offline, strict=True)) < tolerance
