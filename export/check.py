@@ -28,8 +28,8 @@ from .onnx_export import (
     example_inputs,
     load_tasks,
 )
-from .runtime import Provider, make_session, parity_tolerance, time_calls, torch_device, torch_runner
-from .tensorrt import TensorRTSettings
+from .runtime import Provider, ensure_available, make_session, parity_tolerance, time_calls, torch_device, torch_runner
+from .tensorrt import TensorRTSettings, resolve_tensorrt_version, show
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,14 @@ def graph_info(path: str | os.PathLike) -> GraphInfo:
     )
 
 
+def input_shapes(info: GraphInfo) -> dict[str, tuple[int, ...]]:
+    """The graph's inputs without the batch axis (what a TensorRT optimisation profile names)."""
+    shapes: dict[str, tuple[int, ...]] = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
+    if info.multi:
+        shapes["task_index"] = ()
+    return shapes
+
+
 def check_graph(
     onnx_path: str | os.PathLike,
     provider: Provider = "cpu",
@@ -76,29 +84,35 @@ def check_graph(
     batch: int = 4,
     repeats: int = 10,
     tolerance: Optional[float] = None,
-    trt_fp16: bool = True,
+    trt_fp16: Optional[bool] = None,
     trt_cache: Optional[str | os.PathLike] = None,
     threads: Optional[int] = None,
+    trt_version: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Run parity and timing; returns a JSON-able dict with ``ok`` (parity within tolerance)."""
+    """Run parity and timing; returns a JSON-able dict with ``ok`` (parity within tolerance).
+
+    ``trt_fp16``: None = the version's default, False = an fp32 engine (see :class:`TensorRTSettings`);
+    ``trt_version``: the TensorRT onnxruntime loads (default: this machine's, see
+    :func:`export.tensorrt.installed_tensorrt_version`).
+    """
     path = Path(onnx_path)
     info = graph_info(path)
     inputs = example_inputs(batch, info.num_frames, info.input_size, info.num_tasks if info.multi else None, seed=2)
     feeds = {n: t.numpy() for n, t in zip(info.input_names, inputs, strict=True)}
-    trt = None
+    trt, engine = None, {}
     if provider == "tensorrt":
-        shapes: dict[str, tuple[int, ...]] = {"frames": (info.num_frames, 3, info.input_size, info.input_size)}
-        if info.multi:
-            shapes["task_index"] = ()
-        trt = TensorRTSettings(fp16=trt_fp16, cache_dir=None if trt_cache is None else str(trt_cache)
-                               ).onnxruntime_options(shapes, max_batch=batch)
+        ensure_available(provider)  # before the version checks: no onnxruntime-gpu is the first thing to say
+        settings = TensorRTSettings(resolve_tensorrt_version(trt_version), graph_fp16=info.fp16, fp16=trt_fp16,
+                                    cache_dir=None if trt_cache is None else str(trt_cache))
+        trt = settings.onnxruntime_options(input_shapes(info), max_batch=batch)
+        engine = {"tensorrt_version": show(settings.version), "engine_precision": settings.engine_precision("onnxruntime")}
     sess = make_session(path, provider, threads=threads, trt_options=trt, fp16_graph=info.fp16)
     got = sess.run(None, feeds)
     ort_time = time_calls(lambda: sess.run(None, feeds), repeats)
     result: dict[str, Any] = {
         "onnx": str(path), "provider": provider, "session_providers": sess.get_providers(), "batch": batch,
         "num_frames": info.num_frames, "input_size": info.input_size, "tasks": [t["name"] for t in info.manifest["tasks"]],
-        "graph_fp16": info.fp16, "onnxruntime": {**ort_time, "clips_per_s": batch / ort_time["median_s"]},
+        "graph_fp16": info.fp16, **engine, "onnxruntime": {**ort_time, "clips_per_s": batch / ort_time["median_s"]},
     }
     if trunk_dir is not None:
         ref, torch_time, device = _torch_reference(info, trunk_dir, task_dirs, inputs, provider, repeats, threads)

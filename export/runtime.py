@@ -41,6 +41,21 @@ def parity_tolerance(provider: str, fp16_graph: bool) -> float:
     return PARITY_TOLERANCE[(provider, bool(fp16_graph))]
 
 
+def ensure_available(provider: str) -> str:
+    """The onnxruntime name of ``provider``; raises ProviderUnavailable when this onnxruntime build lacks it."""
+    import onnxruntime as ort
+
+    if provider not in ORT_PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(ORT_PROVIDERS)}, got {provider!r}")
+    name = ORT_PROVIDERS[provider]
+    if name not in ort.get_available_providers():
+        raise ProviderUnavailable(
+            f"{name} is not available in this onnxruntime ({ort.__version__}, providers {ort.get_available_providers()}); "
+            "install onnxruntime-gpu on a GPU machine for cuda / tensorrt"
+        )
+    return name
+
+
 def make_session(
     path: str | os.PathLike,
     provider: Provider = "cpu",
@@ -55,14 +70,7 @@ def make_session(
     """
     import onnxruntime as ort
 
-    if provider not in ORT_PROVIDERS:
-        raise ValueError(f"provider must be one of {sorted(ORT_PROVIDERS)}, got {provider!r}")
-    name = ORT_PROVIDERS[provider]
-    if name not in ort.get_available_providers():
-        raise ProviderUnavailable(
-            f"{name} is not available in this onnxruntime ({ort.__version__}, providers {ort.get_available_providers()}); "
-            "install onnxruntime-gpu on a GPU machine for cuda / tensorrt"
-        )
+    name = ensure_available(provider)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if fp16_graph and provider == "cpu":

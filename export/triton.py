@@ -42,7 +42,7 @@ from .onnx_export import (
     export_single,
     tasks_manifest,
 )
-from .tensorrt import TRITON_TENSORRT
+from .tensorrt import TRITON_DEFAULT_TENSORRT, TRITON_TRT_CACHE, TensorRTSettings, Version, parse_version
 
 MULTITASK_MODEL = "stadapter_multitask"
 TASKS_PARAM = "tasks_json"
@@ -59,8 +59,11 @@ class TritonOptions:
         max_batch_size: largest batch Triton forms (clips, across requests and tasks).
         instances: model instances per device (instance_group count).
         kind: ``auto`` (GPU if present), ``gpu`` or ``cpu``.
-        tensorrt: add the onnxruntime TensorRT accelerator (FP16) and a warm-up at
-            max batch so the engine is built at load time, not on the first request.
+        tensorrt: add the onnxruntime TensorRT accelerator and a warm-up at max batch so the
+            engine is built at load time, not on the first request.
+        trt_version: the TensorRT inside the Triton that will serve it; None = 10.x or older
+            (weakly typed: ``precision_mode`` FP16). From 11 the engine has the graph's precision
+            (export with ``--fp16`` for an fp16 engine) and no ``precision_mode`` is written.
         single_task_models: also write one model per task, named by the task.
         max_queue_delay_us: how long the dynamic batcher waits to fill a batch.
         preferred_batch_sizes: None = powers of two from 4 up to max_batch_size (and it).
@@ -70,6 +73,7 @@ class TritonOptions:
     instances: int = 1
     kind: Kind = "auto"
     tensorrt: bool = False
+    trt_version: Optional[str] = None
     single_task_models: bool = False
     max_queue_delay_us: int = 2000
     preferred_batch_sizes: Optional[tuple[int, ...]] = None
@@ -83,11 +87,17 @@ class TritonOptions:
             raise ExportError(f"kind must be one of {sorted(KINDS)}, got {self.kind!r}")
         if self.tensorrt and self.kind == "cpu":
             raise ExportError("the TensorRT accelerator needs GPU instances; use --kind gpu or auto")
+        if self.trt_version is not None:
+            parse_version(self.trt_version)  # refuses what is not a version
         if self.max_queue_delay_us < 0:
             raise ExportError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         bad = [b for b in self.batch_sizes() if not 1 <= b <= self.max_batch_size]
         if bad:
             raise ExportError(f"preferred batch sizes {bad} are outside 1..max_batch_size={self.max_batch_size}")
+
+    @property
+    def tensorrt_version(self) -> Version:
+        return TRITON_DEFAULT_TENSORRT if self.trt_version is None else parse_version(self.trt_version)
 
     def batch_sizes(self) -> tuple[int, ...]:
         if self.preferred_batch_sizes is not None:
@@ -134,8 +144,12 @@ def build_config(
     outputs: Sequence[TensorSpec],
     options: TritonOptions,
     parameters: Optional[dict[str, str]] = None,
+    graph_fp16: bool = False,
 ):
-    """Triton's ModelConfig protobuf for an onnxruntime_onnx model with a dynamic batch axis."""
+    """Triton's ModelConfig protobuf for an onnxruntime_onnx model with a dynamic batch axis.
+
+    ``graph_fp16``: the graph is float16 inside (``--fp16``); with TensorRT >= 11 that is the engine's precision.
+    """
     pb2 = model_config_pb2()
     cfg = pb2.ModelConfig(name=name, platform="onnxruntime_onnx", max_batch_size=options.max_batch_size,
                           default_model_filename=MODEL_FILE)
@@ -151,7 +165,8 @@ def build_config(
     cfg.instance_group.add(count=options.instances, kind=pb2.ModelInstanceGroup.Kind.Value(KINDS[options.kind]))
     if options.tensorrt:
         trt = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        trt.parameters.update(TRITON_TENSORRT.triton_parameters())
+        settings = TensorRTSettings(options.tensorrt_version, graph_fp16=graph_fp16, cache_dir=TRITON_TRT_CACHE)
+        trt.parameters.update(settings.triton_parameters())
         warmup = cfg.model_warmup.add(name="max_batch_zeros", batch_size=options.max_batch_size)
         for t in inputs:  # one zero-data request at max batch: TensorRT builds its engine while the model loads
             warmup.inputs[t.name].CopyFrom(
@@ -167,11 +182,13 @@ def render_config(
     outputs: Sequence[TensorSpec],
     options: TritonOptions,
     parameters: Optional[dict[str, str]] = None,
+    graph_fp16: bool = False,
 ) -> str:
     """config.pbtxt text: :func:`build_config` printed in protobuf text format."""
     from google.protobuf import text_format
 
-    return text_format.MessageToString(build_config(name, inputs, outputs, options, parameters), as_utf8=True)
+    cfg = build_config(name, inputs, outputs, options, parameters, graph_fp16)
+    return text_format.MessageToString(cfg, as_utf8=True)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -311,7 +328,8 @@ def write_repository(
     manifest = tasks_manifest(trunk, bundles, T)
     c_max = max(b.spec.num_classes for b in bundles)
     ins, outs = multitask_tensors(T, S, c_max)
-    text = render_config(MULTITASK_MODEL, ins, outs, options, {TASKS_PARAM: json.dumps(manifest, ensure_ascii=False)})
+    text = render_config(MULTITASK_MODEL, ins, outs, options, {TASKS_PARAM: json.dumps(manifest, ensure_ascii=False)},
+                         export_options.fp16)
     models[MULTITASK_MODEL] = _write_model(
         out, MULTITASK_MODEL, lambda p: export_multitask(trunk, bundles, p, export_options), text,
         {f"labels/{b.spec.name}.txt": b.spec.labels for b in bundles},
@@ -320,7 +338,8 @@ def write_repository(
         for b in bundles:
             one = tasks_manifest(trunk, [b], T)
             ins, outs = single_tensors(T, S, b.spec.num_classes)
-            text = render_config(b.spec.name, ins, outs, options, {TASKS_PARAM: json.dumps(one, ensure_ascii=False)})
+            text = render_config(b.spec.name, ins, outs, options, {TASKS_PARAM: json.dumps(one, ensure_ascii=False)},
+                                 export_options.fp16)
             models[b.spec.name] = _write_model(
                 out, b.spec.name, lambda p, b=b: export_single(trunk, b, p, export_options), text, {"labels.txt": b.spec.labels}
             )
