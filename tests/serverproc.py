@@ -14,6 +14,7 @@ ports it really bound in ``--ready-file`` (the same JSON line it prints).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from server.process import ServerProcess as _ServerProcess
 from server.process import ServerStartError
 
 __all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert",
-           "wait_for"]
+           "wait_for", "wait_for_async"]
 
 DEFAULT_TASKS: tuple[tuple[str, int], ...] = (("alpha", 3), ("beta", 4))
 
@@ -116,3 +117,11 @@ def wait_for(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None
     while not cond():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+async def wait_for_async(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """:func:`wait_for` inside an event loop (what is awaited is polled on, not blocked)."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)

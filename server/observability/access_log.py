@@ -247,17 +247,25 @@ class _GrpcCall:
 
 
 class _FirstMessage:
-    """A client stream, passed on message by message; the first is read for task(s) and id."""
+    """A client stream, passed on message by message; the first is read for task(s) and id.
+
+    The stream's own iterator is asked for only when the first message is read: grpc.aio's request iterator makes
+    an async generator on ``__aiter__``, and one made but never started (a call refused before its handler reads,
+    e.g. a wrong token or a draining server) warns "coroutine '_MessageReceiver._async_message_receiver' was never
+    awaited" when it is collected."""
 
     def __init__(self, call: _GrpcCall, iterator: AsyncIterator[Any]):
         self._call = call
-        self._it = iterator.__aiter__()
+        self._stream = iterator
+        self._it: Optional[AsyncIterator[Any]] = None
 
     def __aiter__(self) -> "_FirstMessage":
         return self
 
     async def __anext__(self) -> Any:
-        msg = await self._it.__anext__()
+        if self._it is None:
+            self._it = self._stream.__aiter__()
+        msg = await self._it.__anext__()  # started at once: never left made and unstarted
         self._call.request(msg)
         return msg
 

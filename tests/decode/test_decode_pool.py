@@ -15,7 +15,7 @@ import grpc
 import media
 import pytest
 import torch
-from serverproc import ServerProcess, make_repository
+from serverproc import ServerProcess, make_repository, wait_for_async
 
 from server.decode.pool import CRASH_MAGIC, HANG_MAGIC, TEST_HOOK_ENV, ProcessDecodePool, ThreadDecoder
 from server.errors import DeadlineExpired, DecoderCrashed, DecoderOutOfMemory, DecodeTimeout, Draining, status_for
@@ -167,7 +167,7 @@ def test_crashed_worker_fails_only_its_request_and_is_replaced(loop, pool, clip)
     assert torch.equal(model_input(ok[0]), decode_clip(clip, SAMPLING, LIMITS))
     for _ in range(3):  # the replacement serves (the survivor may take some of these)
         run(loop, pool.decode(clip, SAMPLING, LIMITS, 30.0))
-    run(loop, _until(lambda: pool._free.qsize() == 2))
+    run(loop, wait_for_async(lambda: pool._free.qsize() == 2, "both workers free again", 30))
     now = {w.proc.pid for w in pool._all}
     assert len(now) == 2 and len(now - pids) == 1
     assert shm_blocks(pool) == []
@@ -188,7 +188,7 @@ def test_cancelled_requests_leak_no_worker_and_no_shm(loop, pool, clip):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await _until(lambda: pool._free.qsize() == 2 and not pool._tasks)
+        await wait_for_async(lambda: pool._free.qsize() == 2 and not pool._tasks, "both workers free, no task left", 30)
 
     run(loop, cancel_some())
     assert shm_blocks(pool) == [] and len(pool._all) == 2
@@ -210,11 +210,11 @@ def test_hung_decode_is_killed_at_the_timeout_and_close_is_prompt(loop, clip, mo
         assert torch.equal(model_input(got), decode_clip(clip, SAMPLING, LIMITS))
         with pytest.raises(DeadlineExpired):
             run(loop, pool.decode(HANG_MAGIC, SAMPLING, LIMITS, 30.0, deadline=time.monotonic() + 0.3))
-        run(loop, _until(lambda: pool._free.qsize() == 1))
+        run(loop, wait_for_async(lambda: pool._free.qsize() == 1, "the worker free again", 30))
 
         async def close_while_hung():
             task = asyncio.ensure_future(pool.decode(HANG_MAGIC, SAMPLING, LIMITS, 30.0))
-            await asyncio.sleep(0.2)
+            await wait_for_async(lambda: pool._free.qsize() == 0, "the worker to take the hanging clip")
             t1 = time.monotonic()
             pool.close()
             with pytest.raises(Draining, match="shutting down"):
@@ -225,13 +225,6 @@ def test_hung_decode_is_killed_at_the_timeout_and_close_is_prompt(loop, clip, mo
         assert all(not w.proc.is_alive() for w in pool._all) and shm_blocks(pool) == []
     finally:
         pool.close()
-
-
-async def _until(cond, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 # --- over a real server -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 from factories import task_versions
+from serverproc import wait_for_async
 
 from server.config import ServerConfig
 from server.engine.batcher import Batcher
@@ -111,6 +112,10 @@ class _SlowRunner:
         self._log("ran", n)
         return out
 
+    def began(self, what: str, n: int) -> bool:
+        with self._lock:
+            return any(w == what and k == n for w, k, _ in self.events)
+
     def at(self, what: str, n: int) -> float:
         return next(t for w, k, t in self.events if w == what and k == n)
 
@@ -151,7 +156,7 @@ def test_a_partial_batch_keeps_filling_while_the_model_is_busy(tiny_trunk, tmp_p
         b.start()
         try:
             first = asyncio.ensure_future(b.submit(tvs[0], _clip(0), None))
-            await asyncio.sleep(0.15)  # the first batch (one clip: its delay passed) is computing
+            await wait_for_async(lambda: slow.began("run", 0), "the first batch (one clip: its delay passed) to compute")
             later = []
             for i in range(3):  # these arrive one by one during that forward, each past its own delay
                 later.append(asyncio.ensure_future(b.submit(tvs[i], _clip(1 + i), None)))
@@ -193,7 +198,8 @@ def test_a_staged_batch_whose_callers_expired_is_not_computed_and_frees_its_slot
         b.start()
         try:
             busy = asyncio.ensure_future(b.submit(tvs[0], _clip(0), None))
-            await asyncio.sleep(0.1)  # the model is busy for 0.6 s; the next batch is staged at once
+            # the model is busy for 0.6 s; the next batch is staged at once
+            await wait_for_async(lambda: slow.began("run", 0), "the first batch to compute")
             doomed = b.submit(tvs[1], _clip(1), time.monotonic() + 0.2)
             with pytest.raises(DeadlineExpired):
                 await doomed

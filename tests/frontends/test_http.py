@@ -24,7 +24,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from http_calls import classify, counter, decodes, form, request
 from prometheus_client.parser import text_string_to_metric_families
-from serverproc import ServerProcess, make_repository, self_signed_cert
+from serverproc import ServerProcess, make_repository, self_signed_cert, wait_for
 from tritonclient.utils import InferenceServerException
 
 from clients import Client
@@ -248,7 +248,7 @@ def test_a_body_that_stops_frees_what_it_held(server, clips, how):
     try:
         s.sendall(b"POST /v2/models/alpha/infer HTTP/1.1\r\nHost: t\r\nContent-Length: 200000\r\n"
                   b"Inference-Header-Content-Length: 100\r\n\r\n" + sent)
-        wait_until(lambda: counter_gauge(server, "stadapter_clip_in_flight_bytes") == len(sent), "the bytes held")
+        wait_for(lambda: counter_gauge(server, "stadapter_clip_in_flight_bytes") == len(sent), "the bytes held")
         if how == "stall":
             t0 = time.monotonic()
             reply = s.recv(4096)
@@ -256,17 +256,10 @@ def test_a_body_that_stops_frees_what_it_held(server, clips, how):
             assert time.monotonic() - t0 < IDLE_S + 5
     finally:
         s.close()
-    wait_until(lambda: counter(server, "HTTP ModelInfer", "alpha", code) == before + 1, f"a {code} count")
-    wait_until(lambda: counter_gauge(server, "stadapter_clip_in_flight_bytes") == 0, "the bytes freed")
+    wait_for(lambda: counter(server, "HTTP ModelInfer", "alpha", code) == before + 1, f"a {code} count")
+    wait_for(lambda: counter_gauge(server, "stadapter_clip_in_flight_bytes") == 0, "the bytes freed")
     assert counter_gauge(server, "stadapter_requests_in_flight") == 0
     assert classify(server, "alpha", clips[0])[0] == 200
-
-
-def wait_until(cond, what: str, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def test_http_port_flag():
@@ -308,15 +301,10 @@ def test_ready_turns_false_while_draining_and_in_flight_http_finishes(tmp_path, 
         result: dict = {}
         t = threading.Thread(target=lambda: result.update(zip(("status", "body"), classify(srv, "beta", clips[1]), strict=True)))
         t.start()
-        end = time.monotonic() + 20
-        while counter_gauge(srv, "stadapter_queue_depth") < 1:  # admitted and waiting in the batcher (3 s)
-            assert time.monotonic() < end, "the request never reached the queue"
-            time.sleep(0.05)
+        # admitted and waiting in the batcher (3 s)
+        wait_for(lambda: counter_gauge(srv, "stadapter_queue_depth") >= 1, "the request to reach the queue")
         srv.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + 5
-        while request(srv.http_url + "/v2/health/ready")[0] != 503:
-            assert time.monotonic() < end, "ready never turned 503"
-            time.sleep(0.05)
+        wait_for(lambda: request(srv.http_url + "/v2/health/ready")[0] == 503, "ready to turn 503", 5)
         status, _, body = request(srv.http_url + "/v2/health/ready")
         assert status == 503 and json.loads(body) == {"ready": False}
         assert request(srv.http_url + "/v2/health/live")[0] == 200

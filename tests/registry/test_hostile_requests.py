@@ -9,7 +9,7 @@ import grpc
 import media
 import pytest
 from factories import make_bundle
-from serverproc import ServerProcess, make_repository
+from serverproc import ServerProcess, make_repository, wait_for
 
 from stadapter import load_trunk
 from stadapter.bundle import BundleError, read_spec
@@ -88,6 +88,11 @@ def _uploads(repo) -> list[str]:
     return [p.name for p in (repo / "tasks").iterdir() if p.name.startswith(".upload-")]
 
 
+def _written(repo) -> set[str]:
+    """The files in the repository's upload folders."""
+    return {f.name for u in _uploads(repo) for f in (repo / "tasks" / u).iterdir()}
+
+
 @pytest.mark.integration
 def test_a_cancelled_upload_leaves_no_folder(bundle):
     import threading
@@ -106,11 +111,9 @@ def test_a_cancelled_upload_leaves_no_folder(bundle):
                 release.wait(10)  # the client hangs up before sending the rest
 
             call = admin.RegisterTask.future(chunks(), metadata=ADMIN_MD, timeout=30)
-            deadline = time.monotonic() + 10
-            while not _uploads(repo) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert _uploads(repo), "the server never started the upload"
-            time.sleep(0.2)  # let the first chunks be written
+            wait_for(lambda: _uploads(repo), "the server to start the upload", 10)
+            # both chunks taken in: each of the bundle's files is open in the upload folder
+            wait_for(lambda: _written(repo) >= {"task.json", "adapter.safetensors"}, "the first chunks to be written", 10)
             call.cancel()
             release.set()
             deadline = time.monotonic() + 10
