@@ -67,7 +67,7 @@ def max_prob_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def speed(work: Path, batch: int, frames: int, iters: int) -> dict:
-    from bench.serving import NUM_TASKS, build_repository
+    from bench.tasks import NUM_TASKS, build_repository
     from stadapter import AdapterConfig
 
     t0 = time.perf_counter()

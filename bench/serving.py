@@ -43,25 +43,10 @@ import numpy as np
 import torch
 
 from bench.report import emit_json
+from bench.tasks import NUM_TASKS, build_repository
 from bench.timing import rss_bytes, timed_rounds
 
-NUM_TASKS = 8
-
-
 # --- setup -----------------------------------------------------------------------------------------
-
-
-def build_repository(root: Path, model: str, adapter, num_frames: int, input_size: int, num_classes: int = 10) -> Path:
-    """A repository with a random trunk of ``model`` and NUM_TASKS random task bundles."""
-    from bench.tasks import random_bundle
-    from stadapter import SamplingConfig, init_trunk, load_trunk
-
-    init_trunk(model, "random", root / "trunk", seed=0)
-    trunk = load_trunk(root / "trunk")
-    sampling = SamplingConfig(num_frames=num_frames, input_size=input_size)
-    for k in range(NUM_TASKS):
-        random_bundle(trunk, root / "tasks" / f"task{k}" / "1", f"task{k}", adapter, sampling, num_classes, seed=100 + k)
-    return root
 
 
 def synthetic_clips(n: int, frames: int = 16, w: int = 96, h: int = 72) -> list[bytes]:

@@ -24,3 +24,18 @@ def random_bundle(trunk: VideoTrunk, out: Path, name: str, adapter: AdapterConfi
     spec = TaskSpec(name=name, labels=tuple(labels if labels is not None else (f"c{i}" for i in range(num_classes))),
                     adapter=adapter, sampling=sampling, trunk_fingerprint=trunk.fingerprint)
     return save_bundle(out, spec, ta)
+
+
+NUM_TASKS = 8  # the random tasks of a bench repository
+
+
+def build_repository(root: Path, model: str, adapter, num_frames: int, input_size: int, num_classes: int = 10) -> Path:
+    """A repository with a random trunk of ``model`` and NUM_TASKS random task bundles."""
+    from stadapter import init_trunk, load_trunk
+
+    init_trunk(model, "random", root / "trunk", seed=0)
+    trunk = load_trunk(root / "trunk")
+    sampling = SamplingConfig(num_frames=num_frames, input_size=input_size)
+    for k in range(NUM_TASKS):
+        random_bundle(trunk, root / "tasks" / f"task{k}" / "1", f"task{k}", adapter, sampling, num_classes, seed=100 + k)
+    return root
