@@ -13,6 +13,7 @@ import torch: a worker then starts in a fraction of a second and holds a fractio
 from __future__ import annotations
 
 import os
+import signal
 import time
 from multiprocessing.connection import Connection
 
@@ -45,7 +46,10 @@ def worker_main(conn: Connection) -> None:
     """A decoder process: decode one clip per message until the pipe closes.
 
     Unpickling this function imported this module, hence ``stadapter.video``: "ready" means the first clip is fast.
+    SIGINT is ignored: Ctrl-C in a terminal reaches the whole process group, and the server, which owns this
+    process's lifetime, drains (letting a decode in progress finish) and then closes the pipe, which ends the loop.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     hooks = set(os.environ.get(TEST_HOOK_ENV, "").split(","))
     conn.send(("ready",))
     while True:
