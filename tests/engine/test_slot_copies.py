@@ -60,7 +60,7 @@ class _Event:
 
 class FakeCuda:
     """The CUDA calls the slots and the runner make, logged: ("wait"|"record", stream, event), ("pinned", ...),
-    ("write", slot, stream, from_pinned), ("forward", stream)."""
+    ("write", slot, stream, from_pinned), ("reserve", stream), ("forward", stream)."""
 
     def __init__(self, monkeypatch, slots_lock_probe=None):
         self.log: list[tuple] = []
@@ -87,6 +87,13 @@ class FakeCuda:
             real_write(bank, slot, stack)
 
         monkeypatch.setattr(SlotBank, "write", write)
+        real_reserve = SlotBank.reserve
+
+        def reserve(bank, *args, **kw):
+            self.log.append(("reserve", self.current.name))
+            real_reserve(bank, *args, **kw)
+
+        monkeypatch.setattr(SlotBank, "reserve", reserve)
 
     def _pinned(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if self.lock_probe is not None:
@@ -195,8 +202,10 @@ def test_a_bank_reallocation_waits_for_its_writes_and_the_next_write_for_it(tiny
     with slots.lease([b], stream=side):
         pass
     tail = cuda.log[mark:]
-    wait_writes = tail.index(("wait", "compute", written_a))  # before the re-padding
-    layout = next(e for e in tail[wait_writes:] if e[:2] == ("record", "compute"))[2]
+    wait_writes = tail.index(("wait", "compute", written_a))
+    repad = tail.index(("reserve", "compute"))
+    assert wait_writes < repad, tail  # the re-padding copies a's slot only once a's write is done
+    layout = next(e for e in tail[repad:] if e[:2] == ("record", "compute"))[2]
     write_b = next(i for i, e in enumerate(tail) if e[0] == "write")
     assert tail.index(("wait", "side", layout)) < write_b, tail
     for tv in (a, b):
