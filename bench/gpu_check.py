@@ -9,7 +9,9 @@ Steps, in order (``bench.gpu_steps`` holds the model-side ones):
 * on a random ViT-B/16 trunk with 8 tasks, two of them adapting only the last 4 blocks (``--shape tiny``:
   the test trunk, 3 tasks): ``mixed_logits`` (a mixed batch vs each clip alone and vs CPU float32),
   ``staging_stress`` (each side-stream copy delayed while the next batch stages on another thread: results
-  equal the sequential run), ``sync_audit`` (``torch.cuda.set_sync_debug_mode``: one sync per batch),
+  equal the sequential run), ``activation_order`` (a cold task's activation staged while the forward that read
+  its slot is still queued, its copy held back on the side stream: both results right, the staging not blocked,
+  the activation time the copy's), ``sync_audit`` (``torch.cuda.set_sync_debug_mode``: one sync per batch),
   ``h2d_bandwidth`` (GB/s pinned vs pageable, uint8 vs float32), ``throughput`` (clips/s at batch 1, 8 and
   32, one task and mixed, raw forwards and through the real batcher), ``cold_slots`` (evictions; too many
   ``--adapter-slots`` refused), ``fp16``, ``bf16_train_step`` and ``mfu`` (FLOPs counted with attention
@@ -128,6 +130,8 @@ def headline(name: str, rec: dict) -> str:
         "mixed_logits": lambda r: f"vs alone {_worst(r, 'max_abs_vs_alone'):.1e}, vs CPU {_worst(r, 'max_abs_vs_cpu_fp32'):.1e}"
         f", {r['shared_prefix']['shared_rows']} row shared",
         "staging_stress": lambda r: f"vs sequential {r['max_abs_vs_sequential']:.1e} over {r['batches']} batches",
+        "activation_order": lambda r: f"vs alone {max(r['max_abs_vs_alone'].values()):.1e}, staged in {r['stage_b_s']:.3f} s"
+        f" beside a {r['delay_s']:.3f} s delay, copy {r['activation_s'] * 1e3:.2f} ms",
         "sync_audit": lambda r: " ".join(f"{k}={v}" for k, v in r["syncs_per_batch"].items()),
         "h2d_bandwidth": lambda r: " ".join(f"{k} {v['GB_per_s']:.1f}" for k, v in r.items() if isinstance(v, dict))
         + " GB/s",

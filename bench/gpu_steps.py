@@ -121,7 +121,7 @@ def _within(name: str, diff: float, tol: float) -> None:
 
 
 @contextlib.contextmanager
-def _no_tf32():
+def no_tf32():
     """float32 as float32 on CUDA: cuDNN convolutions may use TF32 by default (their batch size picks the kernel)."""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -148,7 +148,7 @@ def mixed_logits(rig: Rig) -> dict:
     out: dict[str, Any] = {}
     runner = rig.runner(rig.trunk, torch.float32)
     for name, clips in batches(rig).items():
-        with _no_tf32(), torch.inference_mode():
+        with no_tf32(), torch.inference_mode():
             got = runner.forward(clips)
             alone = [rig.trunk(v.to(rig.device), tv.host_stack.to(rig.device)).softmax(-1).mean(0).cpu()
                      for tv, v in clips]
@@ -188,6 +188,54 @@ def staging_stress(rig: Rig, count: int = 6, delay_s: float = 0.005, gpu_cycles:
     diff = max(_max_diff(a, b) for a, b in zip(sequential, overlapped, strict=True))
     _within("staged vs sequential", diff, 1e-6)
     return {"batches": count, "side_stream": rig.cuda, "max_abs_vs_sequential": diff}
+
+
+def activation_order(rig: Rig, gpu_cycles: int = 1_000_000_000) -> dict:
+    """A one-slot bank (float32): task b is staged, evicting a, while a's forward still waits behind a delay on the
+    compute stream, and b's write is itself held back by a delay on the side stream. Both results equal each task
+    alone (b's write waited for a's forward, b's forward for b's write), b's staging did not wait for a's forward,
+    and b's activation time is its copy's, not the delays'."""
+    if not rig.cuda:
+        raise Skip("no CUDA")
+    a, b = rig.tvs[0], rig.tvs[1]
+    v = rig.views(1, 60)[0]
+    with no_tf32():
+        want = [rig.runner(rig.trunk, torch.float32).forward([(tv, v)]).probs[0] for tv in (a, b)]
+    t0 = time.perf_counter()
+    torch.cuda._sleep(gpu_cycles)
+    rig.sync()
+    delay_s = time.perf_counter() - t0
+    told: list[float] = []
+    slots = AdapterSlots(0, rig.device, torch.float32, slots=1, on_event=lambda e, s: told.append(s) if e == "activation" else None)
+    runner = ModelRunner(rig.trunk, slots)
+    runner.forward([(a, v)])  # a in the slot, first calls warm
+    real, held = runner._to_host, {}
+
+    def stage_b_first(t: Tensor) -> Tensor:  # a's lease has ended, its forward is queued behind the delay
+        if not held:
+            with torch.cuda.stream(runner._side_stream()):
+                torch.cuda._sleep(gpu_cycles)  # b's write lands late
+            t0 = time.perf_counter()
+            held["b"] = runner.stage([(b, v)])
+            held["stage_s"] = time.perf_counter() - t0
+        return real(t)
+
+    runner._to_host = stage_b_first  # type: ignore[method-assign]
+    with no_tf32():
+        staged_a = runner.stage([(a, v)])
+        torch.cuda._sleep(gpu_cycles)  # on the compute stream: a's forward runs late
+        got_a = runner.run(staged_a).probs[0]
+        got_b = runner.run(held["b"]).probs[0]
+    diffs = {"a": _max_diff([got_a], [want[0]]), "b": _max_diff([got_b], [want[1]])}
+    for name, d in diffs.items():
+        _within(f"task {name} beside the other's activation", d, 1e-5)
+    if not held["stage_s"] < delay_s / 2:
+        raise AssertionError(f"staging b took {held['stage_s']:.3f} s: it waited for a's forward ({delay_s:.3f} s delay)")
+    if not told or not 0 < told[-1] < delay_s:
+        raise AssertionError(f"b's activation time {told[-1:]} is not its copy's alone (the delays are {delay_s:.3f} s)")
+    host = {k: v for k, v in torch.cuda.host_memory_stats().items() if "bytes" in k}  # the pinned staging's cost
+    return {"max_abs_vs_alone": diffs, "delay_s": delay_s, "stage_b_s": held["stage_s"], "activation_s": told[-1],
+            "slot_bytes": slots.bytes, "pinned_host_bytes": host}
 
 
 def sync_audit(rig: Rig) -> dict:
@@ -369,7 +417,8 @@ def mfu(rig: Rig) -> dict:
 
 
 STEPS: dict[str, Callable[[Rig], dict]] = {
-    "mixed_logits": mixed_logits, "staging_stress": staging_stress, "sync_audit": sync_audit,
+    "mixed_logits": mixed_logits, "staging_stress": staging_stress, "activation_order": activation_order,
+    "sync_audit": sync_audit,
     "h2d_bandwidth": h2d_bandwidth, "throughput": throughput, "cold_slots": cold_slots, "fp16": fp16,
     "bf16_train_step": bf16_train_step, "mfu": mfu,
 }

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from server.engine.slot_copies import has_streams
 from server.engine.slots import AdapterSlots, Lease
 from server.registry.registry import TaskVersion
 from stadapter.bank import AdapterStack, SlotBank
@@ -187,7 +188,7 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         tvs = list({tv.uid: tv for tv, _ in clips}.values())
-        lease = self.slots.lease(tvs)
+        lease = self.slots.lease(tvs, self._side_stream())  # cold tasks' weights copied on the side stream too
         try:
             with self._copy_stream():
                 rows = [views.shape[0] for _, views in clips]
@@ -223,17 +224,21 @@ class ModelRunner:
                 self.slots.retire(tv)
         classes = [tv.spec.num_classes for tv, _ in s.clips]
         host = self._to_host(self._clip_probs(logits, s.rows, classes))
+        self.slots.report_copies()  # the activations this forward waited for are done: their times are known
         probs = [host[i, :c] for i, c in enumerate(classes)]  # [C] each
         shared = 0 if s.row_input is None else sum(s.rows) - s.frames.shape[0]
         return BatchOutput(probs, time.perf_counter() - t0, len(s.clips), sum(s.rows), len(s.tvs), shared, s.stage_s)
 
-    def _copy_stream(self):
-        """The side stream the staging copies run on (CUDA), else no stream at all."""
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        if self._side is None:
+    def _side_stream(self) -> Optional[torch.cuda.Stream]:
+        """The side stream the staging copies run on (CUDA, made on first use), else None."""
+        if self._side is None and has_streams(self.device):
             self._side = torch.cuda.Stream(self.device)
-        return torch.cuda.stream(self._side)
+        return self._side
+
+    def _copy_stream(self):
+        """The side stream as the current one (CUDA), else no stream at all."""
+        side = self._side_stream()
+        return contextlib.nullcontext() if side is None else torch.cuda.stream(side)
 
     def _to_device(self, inputs: list[Tensor]) -> Tensor:
         """One host tensor of the inputs and its copy on the device (uint8 as decoded, or float32; cast to the

@@ -5,7 +5,8 @@ tasks of different activations never share a forward). This module is the policy
 
 * a version is *activated* by copying its host stack (:attr:`TaskVersion.host_stack`,
   kept for the life of the version) into a free slot; a version already in a slot is
-  a hit;
+  a hit. On CUDA the copy runs on the staging side stream from a pinned copy, ordered by
+  events against the forwards that read the slot (:mod:`server.engine.slot_copies`);
 * the bank's size limit has one owner: with ``slots`` (``--adapter-slots N``) it holds
   exactly that many slots, allocated when its first task arrives, whatever their bytes;
   without it (0) it grows in chunks of ``chunk`` slots up to what ``budget_bytes`` (the
@@ -19,25 +20,27 @@ tasks of different activations never share a forward). This module is the policy
   brought it back in after the registry retired it.
 
 Leases are taken where a batch is staged (the batcher's staging thread, or the model
-thread) and end on the model thread; two may be live at once, the computing batch's and
-the next one's, so a slot is pinned by a count of leases. ``discard``/``retire`` and the
-metric reads may come from other threads, so the bookkeeping is under one lock, and a
-version in use by a live lease is discarded when its last lease ends. A bank grown past
-the budget shrinks back when no lease is live (the model idle between batches).
+thread), are entered (``with lease:``) on the stream that computes, and end on the model
+thread; two may be live at once, the computing batch's and the next one's, so a slot is
+pinned by a count of leases. ``discard``/``retire`` and the metric reads may come from
+other threads, so the bookkeeping is under one lock (on CUDA never across a copy: the
+pinned host copies are made before it is taken, the writes only enqueued), and a version
+in use by a live lease is discarded when its last lease ends. A bank grown past the
+budget shrinks back when no lease is live (the model idle between batches).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Collection, Optional, Sequence
 
 import torch
 
+from server.engine.slot_copies import SlotCopies
 from server.registry.registry import TaskVersion
-from stadapter.bank import SlotBank, TaskShape
+from stadapter.bank import AdapterStack, SlotBank, TaskShape
 
 DEFAULT_CHUNK = 8  # slots added per growth step
 BANK_SHARE = 0.5  # of the device's free memory the slot banks may take at their peak; the rest is the forwards'
@@ -64,20 +67,28 @@ class Placement:
 class Lease:
     """The slots of one forward's versions, pinned until the lease ends."""
 
-    def __init__(self, owner: "AdapterSlots", bank: SlotBank, slots: dict[int, int]):
+    def __init__(self, owner: "AdapterSlots", bank: SlotBank, slots: dict[int, int], writes: Optional[list] = None):
         self._owner = owner
         self.bank = bank
         self.slots = slots  # version uid -> slot
+        self._writes = writes or []  # the events of these slots' writes (CUDA)
+        self._reader = None  # the stream that reads the slots, once entered (CUDA)
 
     def __enter__(self) -> "Lease":
+        self.use()
         return self
 
     def __exit__(self, *exc) -> None:
         self.end()
 
+    def use(self) -> None:
+        """The forward over these slots is about to be enqueued on the current stream: it waits for their writes."""
+        self._reader = self._owner._copies.await_writes(self._writes)
+
     def end(self) -> None:
-        """Unpin these slots (once per lease: a staged batch ends it when it runs or is released)."""
-        self._owner._unpin(self.slots)
+        """Unpin these slots (once per lease: a staged batch ends it when it runs or is released); once used, their
+        next writes wait for the forward enqueued meanwhile."""
+        self._owner._unpin(self.bank.activation, self.slots, self._reader)
 
 
 class AdapterSlots:
@@ -91,7 +102,8 @@ class AdapterSlots:
             ``budget_bytes``.
         chunk: slots added per growth step.
         on_event: ``(event, seconds)`` with event ``hit`` | ``activation`` | ``eviction`` | ``discard``
-            (seconds: the copy time for an activation, else 0).
+            (seconds: the copy time for an activation, else 0; on CUDA the copy's time on the device, told
+            once it has completed).
     """
 
     def __init__(self, budget_bytes: int, device: torch.device, dtype: torch.dtype, chunk: int = DEFAULT_CHUNK,
@@ -112,6 +124,7 @@ class AdapterSlots:
         self._pinned: Counter[int] = Counter()  # uid -> leases holding it (a staged batch and the one computing)
         self._doomed: set[int] = set()  # discarded while pinned: freed when the lease ends
         self._lock = threading.Lock()
+        self._copies = SlotCopies(device, dtype)  # the writes' stream order (CUDA; no-ops elsewhere)
         self.hits = self.activations = self.evictions = 0
         free = free_device_bytes(device)
         if free is not None and not slots:  # the budget's bank at its peak (old and new during a reserve) must fit
@@ -146,13 +159,23 @@ class AdapterSlots:
 
     # --- leasing (the model thread) ---
 
-    def lease(self, tvs: Sequence[TaskVersion]) -> Lease:
-        """Activate these versions (all of one adapter activation) and pin their slots for one forward."""
+    def lease(self, tvs: Sequence[TaskVersion], stream=None) -> Lease:
+        """Activate these versions (all of one adapter activation) and pin their slots for one forward.
+
+        ``stream``: where the activation copies run on CUDA (the staging side stream; default the current one).
+        """
         acts = {tv.host_stack.activation for tv in tvs}
         if len(acts) != 1:
             raise ValueError(f"tasks with different adapter activations {sorted(acts)} cannot share a batch")
         (act,) = acts
+        hosts: dict[int, AdapterStack] = {}
+        if self._copies.streams:  # the pinned copies of the cold versions, made outside the lock
+            with self._lock:
+                self._bank(act, tvs[0])  # a bank that cannot fit is refused first
+                cold = [tv for tv in tvs if tv.uid not in self._where]
+            hosts = {tv.uid: self._copies.host_copy(tv.host_stack) for tv in cold}
         with self._lock:
+            self._report_copies()
             bank = self._bank(act, tvs[0])
             need = {tv.uid: tv for tv in tvs}
             self._pinned.update(need.keys())
@@ -160,24 +183,37 @@ class AdapterSlots:
                 missing = [tv for tv in need.values() if tv.uid not in self._where]
                 shapes = [TaskShape.of(tv.host_stack) for tv in missing]
                 if any(not bank.fits(s) for s in shapes):
+                    self._copies.before_reshape(act)
                     bank.reserve(bank.capacity, also_fit=shapes)  # a wider task: re-pad every slot once
+                    self._copies.after_reshape(act)
                 for uid in need:
                     if uid in self._where:
                         self._where.move_to_end(uid)
                         self.hits += 1
                         self._emit("hit", 0.0)
                 for left, tv in enumerate(reversed(missing), 1):
-                    t0 = time.perf_counter()
                     slot = self._take_slot(act, shortage=left)
-                    bank.write(slot, tv.host_stack)
+                    host = hosts[tv.uid] if tv.uid in hosts else self._copies.host_copy(tv.host_stack)
+                    seconds = self._copies.write(bank, slot, host, stream)
                     self._where[tv.uid] = Placement(act, slot)
                     self.activations += 1
-                    self._emit("activation", time.perf_counter() - t0)
+                    if seconds is not None:  # else told by _report_copies once the copy has completed
+                        self._emit("activation", seconds)
                 slots = {uid: self._where[uid].slot for uid in need}
+                writes = self._copies.writes_of(act, list(slots.values()))
             except BaseException:
                 self._drop_pins(need.keys())
                 raise
-        return Lease(self, bank, slots)
+        return Lease(self, bank, slots, writes)
+
+    def report_copies(self) -> None:
+        """Tell ``on_event`` the activation copies that have completed (CUDA; after a batch's copy back, say)."""
+        with self._lock:
+            self._report_copies()
+
+    def _report_copies(self) -> None:  # under the lock
+        for seconds in self._copies.finished():
+            self._emit("activation", seconds)
 
     def check_fits(self, tvs: Sequence[TaskVersion]) -> None:
         """Refuse a fixed slot count (``--adapter-slots``) whose banks for these tasks cannot fit the device's memory.
@@ -247,7 +283,9 @@ class AdapterSlots:
     def _grow(self, act: str, capacity: int) -> None:
         bank = self._banks[act]
         old = bank.capacity
+        self._copies.before_reshape(act)
         bank.reserve(capacity)
+        self._copies.after_reshape(act)
         self._free[act].extend(range(capacity - 1, old - 1, -1))  # pop() hands out the lowest first
 
     def _evict_one(self, act: str) -> bool:
@@ -269,8 +307,10 @@ class AdapterSlots:
         for uid in [u for u in uids if self._pinned[u] <= 0]:
             del self._pinned[uid]
 
-    def _unpin(self, slots: dict[int, int]) -> None:
+    def _unpin(self, act: str, slots: dict[int, int], reader=None) -> None:
         with self._lock:
+            self._copies.record_use(reader, act, list(slots.values()))
+            self._report_copies()
             self._drop_pins(slots.keys())
             for uid in self._doomed - self._pinned.keys():
                 self._doomed.discard(uid)
@@ -292,7 +332,9 @@ class AdapterSlots:
             self.evictions += 1
             self._emit("eviction", 0.0)
         keep = [(uid, w.slot) for uid, w in self._where.items() if w.activation == act]
+        self._copies.before_reshape(act)
         remap = bank.shrink([slot for _, slot in keep], limit)
+        self._copies.after_reshape(act)
         for uid, slot in keep:
             self._where[uid] = Placement(act, remap[slot])
         self._free[act] = list(range(limit - 1, len(keep) - 1, -1))

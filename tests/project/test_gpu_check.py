@@ -10,9 +10,9 @@ from pathlib import Path
 from bench import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = {"pytest_cuda", "setup", "mixed_logits", "staging_stress", "sync_audit", "h2d_bandwidth", "throughput",
+STEPS = {"pytest_cuda", "setup", "mixed_logits", "staging_stress", "activation_order", "sync_audit", "h2d_bandwidth", "throughput",
          "cold_slots", "fp16", "bf16_train_step", "mfu", "server_tests"}
-NEED_CUDA = {"pytest_cuda", "sync_audit", "h2d_bandwidth", "fp16"}
+NEED_CUDA = {"pytest_cuda", "activation_order", "sync_audit", "h2d_bandwidth", "fp16"}
 
 
 def test_the_gpu_check_dry_runs_on_cpu(tmp_path):
