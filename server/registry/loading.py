@@ -11,7 +11,15 @@ from server.errors import BrokenTask
 from server.registry.folders import recorded_digest, stored_digest
 from server.registry.version import TaskVersion, WeightsSource
 from stadapter.bank import AdapterStack
-from stadapter.bundle import ADAPTER_FILE, BundleError, BundleLimits, check_spec_fits_trunk, load_bundle, read_spec
+from stadapter.bundle import (
+    ADAPTER_FILE,
+    BundleError,
+    BundleLimits,
+    TaskBundle,
+    check_spec_fits_trunk,
+    load_bundle,
+    read_spec,
+)
 from stadapter.trunk import VideoTrunk
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on a header
@@ -52,10 +60,19 @@ def read_weights(tv: TaskVersion, trunk: VideoTrunk, limits: BundleLimits) -> Ad
         bundle = load_bundle(tv.path, trunk, limits)
         if bundle.spec.name != tv.name or bundle.spec.version != tv.version:
             raise BundleError(f"{tv.path}: task.json now says {bundle.spec.name!r} version {bundle.spec.version}")
-        stack = bundle.stack(trunk.num_blocks)
+        stack = owned_stack(bundle, trunk.num_blocks)
         if not tv.digest:  # a folder stored without a recorded digest: its files' digest, now that they are read
             tv.digest = stored_digest(tv.path)
     except (BundleError, OSError, ValueError) as e:
         raise BrokenTask(f"task {tv.name} version {tv.version} cannot be served: its bundle on disk does not load "
                          f"({e}); register the task again") from e
     return stack
+
+
+def owned_stack(bundle: TaskBundle, num_blocks: int) -> AdapterStack:
+    """The bundle's stack in this process's own memory. safetensors maps the weights file, so its tensors are the
+    file's pages: a file overwritten in place under a running server (a copy over it, a disk repair) then killed
+    the process with SIGBUS on its next use. A copy also makes the host tier's bytes the memory it holds."""
+    stack = bundle.stack(num_blocks)
+    return AdapterStack({k: w.map(lambda t: t.clone()) for k, w in stack.slots.items()}, stack.head_w.clone(),
+                        stack.head_b.clone(), stack.num_classes, stack.activation)

@@ -58,7 +58,7 @@ from server.registry.folders import (
     version_dirs,
 )
 from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
-from server.registry.loading import read_weights, version_at
+from server.registry.loading import owned_stack, read_weights, version_at
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack
@@ -197,7 +197,7 @@ class TaskRegistry:
         """The version in ``path`` with its weights read now (the server's scan reads metadata only)."""
         bundle = read_bundle(path, self.limits)
         check_fits_trunk(bundle, self.trunk)
-        stack = bundle.stack(self.trunk.num_blocks)
+        stack = owned_stack(bundle, self.trunk.num_blocks)
         return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path), source=self.host)
 
     def _version_at(self, path: Path) -> TaskVersion:
@@ -359,7 +359,7 @@ class TaskRegistry:
                 finally:
                     os.close(fd)
                 self.marks.raise_high_water(name, version)
-                tv = TaskVersion(spec, bundle.stack(self.trunk.num_blocks), target, bundle.nbytes, digest,
+                tv = TaskVersion(spec, owned_stack(bundle, self.trunk.num_blocks), target, bundle.nbytes, digest,
                                  source=self.host)  # validated in full above: in host memory from the start
                 self.host.adopt(tv)
                 table = dict(self._table)

@@ -88,6 +88,21 @@ def test_a_bundle_broken_after_start_falls_back_to_the_previous_version_and_othe
         assert loads(srv, "failed") == 1 and loads(srv) == 2
 
 
+def test_a_loaded_tasks_weights_file_overwritten_in_place_does_not_take_the_server_down(tmp_path, clip):
+    """The weights are copied into the server's memory when read: the file was mapped, and overwriting it in place
+    killed the server (SIGBUS) on the task's next request."""
+    repo = make_repository(tmp_path / "repo")
+    with ServerProcess(repo, "--no-warmup", "--poll-interval-s", "0",
+                       "--cache-bytes", "12000") as srv:  # one device slot: alpha is activated again from host memory
+        clf = stub(srv)
+        first = classify(clf, "alpha", clip)
+        assert classify(clf, "beta", clip).task == "beta"  # takes the device slot
+        (repo / "tasks" / "alpha" / "1" / ADAPTER_FILE).write_bytes(b"garbage")
+        again = classify(clf, "alpha", clip)
+        assert [(p.label, p.score) for p in again.predictions] == [(p.label, p.score) for p in first.predictions]
+        assert srv.proc.poll() is None and loads(srv) == 2  # alpha came from host memory, not the file
+
+
 def test_a_tiny_host_budget_evicts_idle_tasks_and_requests_in_flight_finish(tmp_path, clip):
     repo = make_repository(tmp_path / "repo")
     with ServerProcess(repo, "--host-cache-bytes", "1", "--no-warmup", "--max-queue-delay-ms", "50") as srv:
