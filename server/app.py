@@ -24,6 +24,7 @@ from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_
 from server.engine.pipeline import Pipeline
 from server.engine.response_cache import ResponseCache
 from server.engine.slots import AdapterSlots
+from server.engine.stand_ins import shape_stand_ins, warmup_stand_ins
 from server.frontends.auth import Auth
 from server.frontends.grpc_service import TaskAdminService, VideoClassifierService
 from server.frontends.http import HttpServer, HttpService
@@ -102,10 +103,14 @@ class Server:
             metrics.tasks_loaded.set(len(registry.tasks))
 
         limits = cfg.limits  # the one limits object (services, pipeline, batcher, decoder, registry)
-        registry = TaskRegistry(cfg.model_repository, trunk, limits.bundle, cfg.keep_versions, on_change)
-        registry.sync()
+        registry = TaskRegistry(cfg.model_repository, trunk, limits.bundle, cfg.keep_versions, on_change,
+                                cfg.host_cache_bytes, cfg.pin_tasks, metrics.host_event)
+        metrics.watch_host(lambda: registry.host.resident_count, lambda: registry.host.bytes)
+        registry.sync()  # metadata only: weights are read on first use (the host tier)
         metrics.tasks_loaded.set(len(registry.tasks))
-        slots.check_fits(list(registry.tasks.values()))  # --adapter-slots too many for the device: refused now
+        await load_pinned(registry, cfg.pin_tasks)
+        if cfg.adapter_slots:  # --adapter-slots too many for the device: refused now (shapes from task.json)
+            slots.check_fits(shape_stand_ins(list(registry.tasks.values()), trunk))
         if slots.budget < cfg.slot_budget_bytes and not cfg.adapter_slots:
             log.warning("the slot bank's byte budget (--cache-bytes) %d is more than the device's free memory allows: "
                         "%d instead", cfg.slot_budget_bytes, slots.budget)
@@ -114,7 +119,8 @@ class Server:
         batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)
         if cfg.warmup and registry.tasks:
             t0 = time.monotonic()
-            runs = await batcher.warmup(list(registry.tasks.values()))
+            stand_ins = warmup_stand_ins(list(registry.tasks.values()), trunk)  # shapes, not weights: none read
+            runs = await batcher.warmup(stand_ins)  # left in their slots, the least recently used: the first to go
             log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
         decoder = await make_decoder(cfg)
         if wrap_decoder is not None:
@@ -185,6 +191,20 @@ class Server:
         self.pipeline.close()
         self.metrics.shutdown()
         log.info("stopped")
+
+
+async def load_pinned(registry: TaskRegistry, names: tuple[str, ...]) -> None:
+    """Read the weights of the ``--pin-tasks`` at start (off the event loop); one that is not served or does not
+    load is logged and the server starts without it."""
+    for name in names:
+        tv = registry.tasks.get(name)
+        if tv is None:
+            log.warning("--pin-tasks names %s, which is not served", name)
+            continue
+        try:
+            await registry.ensure_loaded(tv)
+        except Exception as e:  # noqa: BLE001 - the tier took it out of service and logged why
+            log.warning("pinned task %s did not load: %s", name, e)
 
 
 async def make_decoder(cfg: ServerConfig) -> Decoder:

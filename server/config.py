@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
+DEFAULT_HOST_CACHE_BYTES = 4 << 30  # the host tier's default (server.registry.host_tier): see --host-cache-bytes
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
 _WINDOWS = WindowLimits()
 
@@ -45,6 +46,8 @@ class ServerConfig:
     dtype: str = "auto"
     cpu_chunk_bytes: int = 5 * MiB
     cache_bytes: Optional[int] = None  # None: not given, DEFAULT_CACHE_BYTES unless adapter_slots sizes the bank
+    host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
+    pin_tasks: tuple[str, ...] = ()
     adapter_slots: int = 0
     poll_interval_s: float = 2.0
     max_message_bytes: int = 64 * MiB
@@ -97,7 +100,8 @@ class ServerConfig:
                              f"budget)")
         if self.cache_bytes is None:  # frozen: the filled-in default is set once, here
             object.__setattr__(self, "cache_bytes", DEFAULT_CACHE_BYTES)
-        for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes", "response_cache_bytes"):
+        for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes", "response_cache_bytes",
+                     "host_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("decode_timeout_s", "max_clip_duration_s", "max_decode_seconds", "stream_idle_timeout_s",
@@ -155,6 +159,19 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def _task_names(text: str) -> tuple[str, ...]:
+    """``a,b`` -> ("a", "b"), each a task name (argparse reports the error)."""
+    from stadapter.config import ConfigError, check_task_name
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        try:
+            check_task_name(n)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The flags, each described once here (``--help``, docs/reference/flags.md), in groups of one concern each."""
     d = ServerConfig(model_repository=Path("."))
@@ -185,6 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
            "versions a request may pin (name@N)")
     a("--default-top-k", type=int, default=d.default_top_k, help="labels per result when a request gives no top_k")
     a("--max-bundle-bytes", type=int, default=d.max_bundle_bytes, help="largest task bundle a register accepts")
+    a("--host-cache-bytes", type=int, default=d.host_cache_bytes,
+      help="host memory budget of task weights: the repository scan reads no weights, a task's are read from disk "
+           "(and checked) on its first request and kept here, the least recently used leaving beyond the budget "
+           "unless a request holds them or they are pinned. A fixed default rather than a share of RAM: a "
+           "container's RAM as the process sees it is often the host's, not its limit (4 GiB: about 150 "
+           "ViT-B/16 12x384 tasks)")
+    a("--pin-tasks", type=_task_names, default=d.pin_tasks,
+      help="comma-separated task names whose weights are read at start and never leave host memory (e.g. a,b)")
 
     a = p.add_argument_group("Admission and batching",
                              "Past a bound on what requests hold, the next one is refused at once with "

@@ -33,6 +33,17 @@ class TaskNotFound(ServerError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class BrokenTask(ServerError):
+    """A served task version whose bundle on disk turned out bad when its weights were first read.
+
+    FAILED_PRECONDITION, not INVALID_ARGUMENT: the request is well formed and names a registered task; what is
+    wrong is the server's stored copy, and the same request succeeds once an operator registers the task again
+    (gRPC's rule: retry after the system's state is fixed). INVALID_ARGUMENT stays for what a client sent,
+    a bad bundle on register included."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class QueueFull(ServerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -98,7 +109,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 # {"error": message}, as the Open Inference Protocol's REST form says.
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,  # as Google's API design maps it; before INVALID_ARGUMENT, which a
+    grpc.StatusCode.INVALID_ARGUMENT: 400,  # reverse look-up of 400 (the access log's fallback) then finds
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,

@@ -123,8 +123,17 @@ def check_fits_trunk(bundle: TaskBundle, trunk) -> None:
     ``trunk`` is a :class:`~stadapter.trunk.VideoTrunk` (or anything with
     ``fingerprint``, ``dim``, ``num_blocks``, ``image_size``).
     """
-    spec = bundle.spec
-    where = bundle.path or spec.name
+    shapes = check_spec_fits_trunk(bundle.spec, trunk, bundle.path or bundle.spec.name)
+    try:
+        check_tensors(bundle.tensors, shapes, finite=False, what="the adapter config")
+    except WeightsError as e:
+        raise BundleError(f"{bundle.path or bundle.spec.name}: {e}") from e
+
+
+def check_spec_fits_trunk(spec: TaskSpec, trunk, where: object = None) -> dict[str, tuple[int, ...]]:
+    """The part of :func:`check_fits_trunk` that needs ``task.json`` alone (the trunk's fingerprint, input size,
+    an adapter config it can hold); returns the tensor shapes the weights must have."""
+    where = where or spec.name
     if spec.trunk_fingerprint != trunk.fingerprint:
         raise BundleError(
             f"{where}: trained on trunk {spec.trunk_fingerprint[:12]}…, but the served trunk is {trunk.fingerprint[:12]}…"
@@ -132,12 +141,8 @@ def check_fits_trunk(bundle: TaskBundle, trunk) -> None:
     if spec.sampling.input_size != trunk.image_size:
         raise BundleError(f"{where}: input_size {spec.sampling.input_size} differs from the trunk's {trunk.image_size}")
     try:
-        shapes = expected_shapes(spec.adapter, trunk.dim, trunk.num_blocks, spec.num_classes)
+        return expected_shapes(spec.adapter, trunk.dim, trunk.num_blocks, spec.num_classes)
     except ConfigError as e:
-        raise BundleError(f"{where}: {e}") from e
-    try:
-        check_tensors(bundle.tensors, shapes, finite=False, what="the adapter config")
-    except WeightsError as e:
         raise BundleError(f"{where}: {e}") from e
 
 

@@ -3,7 +3,9 @@
 Admission happens before any work, through the request's :class:`~server.engine.admission.Ticket`:
 a draining server answers UNAVAILABLE, a full queue (``--max-queue-size`` requests
 admitted and not yet computed) RESOURCE_EXHAUSTED, an unknown task NOT_FOUND. The
-task version is captured at admission and the request runs on it to the end.
+task version is captured at admission and the request runs on it to the end; its weights are brought into host memory
+(``TaskRegistry.ensure_loaded``: read off the event loop on first use, one read for all requests that
+wait for it) before its clip is decoded, and stay there while the request holds the version.
 
 Encoded clip bytes are a second budget (``--max-inflight-clip-bytes``): the services
 hold a clip's bytes on the ticket from the moment they arrive (as a stream's buffer
@@ -134,6 +136,7 @@ class Pipeline:
             hit = self._cached(key, slot.tv, k, t0)
             if hit is not None:
                 return hit
+            await self.registry.ensure_loaded(slot.tv)
             _check_deadline(deadline, "before decode")
             views, decode_s = await self._decode(clip, sampling, deadline)
             del clip  # the caller may still hold it; this frame does not
@@ -183,6 +186,19 @@ class Pipeline:
                         members.remove(i)
                         slot.release()
             groups = {smp: members for smp, members in groups.items() if members}
+
+            async def loaded(i: int) -> None:
+                slot = slots[i]
+                assert isinstance(slot, Slot)
+                try:
+                    await self.registry.ensure_loaded(slot.tv)
+                except Exception as e:  # noqa: BLE001 - this task's error (a bundle that does not load)
+                    out[i] = e
+                    slot.release()
+
+            await asyncio.gather(*(loaded(i) for members in groups.values() for i in members))
+            groups = {smp: [i for i in members if out[i] is None] for smp, members in groups.items()}
+            groups = {smp: members for smp, members in groups.items() if members}
             if groups:
                 _check_deadline(deadline, "before decode")
 
@@ -230,6 +246,7 @@ class Pipeline:
         await self.registry.preload(task)
         with self._one_task(ticket, task, top_k, overrides, len(clip)) as (slot, k, sampling):
             self.limits.check_windows(window_s, stride_s)
+            await self.registry.ensure_loaded(slot.tv)
             _check_deadline(deadline, "before decode")
             job = WindowJob(window_s, stride_s, max(1, self.limits.max_batch_rows // sampling.num_views),
                             self.limits.windows)

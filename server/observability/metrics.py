@@ -34,6 +34,7 @@ class _DeviceMemoryCollector:
 # Label values each labelled counter knows from the start: their series exist, at 0, before the first event.
 KNOWN_LABELS = {
     "dropped": ("deadline", "cancelled"),
+    "task_loads": ("ok", "failed"),
     "registrations": ("ok",),
     "unregistrations": ("ok", "not_found"),
 }
@@ -67,7 +68,19 @@ class Metrics:
         self.requests_in_flight = Gauge(f"{p}_requests_in_flight", "RPCs in progress (drain waits for 0)", registry=r)
         self.clip_in_flight_bytes = Gauge(f"{p}_clip_in_flight_bytes",
                                           "Encoded clip bytes held by requests in progress", registry=r)
-        self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served", registry=r)
+        self.tasks_loaded = Gauge(f"{p}_tasks_loaded", "Tasks being served (known from the repository; their "
+                                  "weights may still be on disk, see stadapter_tasks_host_resident)", registry=r)
+        self.tasks_host_resident = Gauge(f"{p}_tasks_host_resident", "Task versions whose weights are in host memory "
+                                         "(the host tier, --host-cache-bytes)", registry=r)
+        self.host_bytes = Gauge(f"{p}_host_bytes", "Adapter + head tensor bytes of the task versions in host memory",
+                                registry=r)
+        self.task_loads = Counter(f"{p}_task_loads", "Task version weights read from disk on first use, by result "
+                                  "(ok | failed: the bundle did not load and the version was taken out of service)",
+                                  ["result"], registry=r)
+        self.task_load_seconds = Histogram(f"{p}_task_load_seconds", "Time to read and check one task version's "
+                                           "weights from disk", buckets=LATENCY_BUCKETS, registry=r)
+        self.host_evictions = Counter(f"{p}_host_evictions", "Task versions whose weights left host memory for the "
+                                      "--host-cache-bytes budget (read from disk again on their next use)", registry=r)
         self.task_bytes = Gauge(f"{p}_task_bytes", "Adapter + head tensor bytes of the served version", ["task"], registry=r)
         self.task_version = Gauge(f"{p}_task_version", "Served version of each task", ["task"], registry=r)
         self.adapter_hits = Counter(f"{p}_adapter_hits", "Batch tasks already in a device slot", registry=r)
@@ -107,6 +120,18 @@ class Metrics:
             self.adapter_activation_seconds.observe(seconds)
         else:
             {"hit": self.adapter_hits, "eviction": self.adapter_evictions}.get(event, _Null).inc()
+
+    def host_event(self, event: str, seconds: float) -> None:
+        """The host tier's ``on_event`` hook (``load`` | ``load_failed`` | ``eviction``)."""
+        if event == "eviction":
+            self.host_evictions.inc()
+            return
+        self.task_loads.labels("ok" if event == "load" else "failed").inc()
+        self.task_load_seconds.observe(seconds)
+
+    def watch_host(self, resident: Callable[[], float], nbytes: Callable[[], float]) -> None:
+        self.tasks_host_resident.set_function(resident)
+        self.host_bytes.set_function(nbytes)
 
     def response_cache_event(self, event: str) -> None:
         """The response cache's ``on_event`` hook (``hit`` | ``miss``)."""

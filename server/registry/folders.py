@@ -18,7 +18,7 @@ from typing import Optional
 
 from server.errors import BadRequest
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE
-from stadapter.config import TASK_NAME_RULE, brief
+from stadapter.config import TASK_NAME_RULE, ConfigError, brief, check_task_name
 
 UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
 
@@ -120,3 +120,33 @@ def tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
     except FileNotFoundError:
         return None
     return dest
+
+
+def latest_versions(tasks_dir: Path) -> dict[str, tuple[int, Path]]:
+    """The latest version folder of each task folder in ``tasks_dir``."""
+    out: dict[str, tuple[int, Path]] = {}
+    try:
+        task_dirs = [p for p in tasks_dir.iterdir() if not p.name.startswith(".") and p.is_dir()]
+    except OSError:
+        return out
+    for tdir in task_dirs:
+        versions = version_dirs(tdir)
+        if versions:
+            v = max(versions)
+            out[tdir.name] = (v, versions[v])
+    return out
+
+
+def task_ref(task: str) -> tuple[str, Optional[int]]:
+    """``name`` -> (name, None); ``name@N`` -> (name, N). Anything else is BadRequest (INVALID_ARGUMENT) with
+    the rule it broke, the client's text quoted short."""
+    name, pinned, number = task.partition("@")
+    try:
+        check_task_name(name)
+    except ConfigError as e:
+        raise BadRequest(str(e)) from None
+    if not pinned:
+        return name, None
+    if not number.isdigit() or not 0 < int(number) < 1 << 31:
+        raise BadRequest(f"bad task version in {brief(task)}: a pin is name@N with N a version number")
+    return name, int(number)

@@ -13,7 +13,10 @@ with ``.`` are temp or tombstoned folders and are ignored.
   folder is renamed to ``tasks/.deleted-*`` (so neither a restart nor another
   replica brings it back) and deleted when the last in-flight request ends.
 * :meth:`TaskRegistry.sync` re-reads the folder: replicas sharing it pick up each
-  other's registers and unregisters by polling.
+  other's registers and unregisters by polling. It reads metadata only (``task.json``, the digest, the
+  tensor sizes); weights come into host memory on first use, through the registry's
+  :class:`~server.registry.host_tier.HostTier` (``registry.host``). A version whose weights turn out bad
+  then is taken out of service as a bad folder is at sync: the previous good version is served, if any.
 * Every task a caller names (``name`` or ``name@N``) passes :func:`task_ref` first, here at the
   registry's door, so no entry point can forget it: a name that is not a task name is
   INVALID_ARGUMENT before it reaches the table, a lock or a path.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -32,9 +36,9 @@ import time
 import uuid
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, Optional
+from typing import Callable, Collection, Mapping, Optional
 
-from server.errors import BadRequest, TaskNotFound
+from server.errors import BadRequest, BrokenTask, TaskNotFound
 from server.registry.folders import (
     DIGEST_FILE,
     LEFTOVER_IDLE_S,
@@ -43,25 +47,29 @@ from server.registry.folders import (
     UPLOAD_ID_FILE,
     bundle_digest,
     last_write,
+    latest_versions,
     recorded_digest,
     remove_in_background,
     remove_tree,
     stored_digest,
     task_path,
+    task_ref,
     tombstone_dir,
     version_dirs,
 )
+from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
+from server.registry.loading import owned_stack, read_weights, version_at
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
 from server.registry.version import TaskVersion
+from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
-from stadapter.config import ConfigError, TaskSpec, brief, check_task_name
+from stadapter.config import TaskSpec, brief
 from stadapter.fsutil import fsync_tree
 from stadapter.trunk import VideoTrunk
 
 __all__ = ["TaskRegistry", "TaskVersion"]  # TaskVersion lives in server.registry.version; imported from here too
 
 log = logging.getLogger("server.registry.registry")
-
 
 
 class TaskRegistry:
@@ -74,6 +82,8 @@ class TaskRegistry:
         keep_versions: versions of a task kept on disk after a register.
         on_change: called with (published, retired) TaskVersions after every change
             (the server updates metrics and drops retired adapters from the device cache).
+        host_cache_bytes, pinned_tasks, on_host_event: the host tier's budget, the task names it never evicts,
+            and its events (:class:`~server.registry.host_tier.HostTier`).
     """
 
     def __init__(
@@ -83,6 +93,9 @@ class TaskRegistry:
         limits: BundleLimits = BundleLimits(),
         keep_versions: int = 2,
         on_change: Optional[Callable[[list[TaskVersion], list[TaskVersion]], None]] = None,
+        host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
+        pinned_tasks: Collection[str] = (),
+        on_host_event: Optional[Callable[[str, float], None]] = None,
     ):
         self.root = Path(repository)
         self.tasks_dir = self.root / "tasks"
@@ -97,6 +110,7 @@ class TaskRegistry:
         self._write_lock = threading.Lock()  # one structural change at a time in this process
         self._failed: dict[tuple[str, int], str] = {}  # bad folders seen on disk: not retried
         self._next_sweep = 0.0  # monotonic time of the next sweep of leftovers (see sync)
+        self.host = HostTier(self._read_weights, host_cache_bytes, pinned_tasks, on_host_event, self._take_out)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -111,7 +125,10 @@ class TaskRegistry:
         tv = self._table.get(name)
         if tv is None:
             known = sorted(self._table)
-            raise TaskNotFound(f"unknown task {brief(name)}; served tasks: {known[:20]}{' …' if len(known) > 20 else ''}")
+            broken = sorted(v for n, v in self._failed if n == name)
+            why = f" (version {broken[-1]} on disk cannot be served: {self._failed[(name, broken[-1])]})" if broken else ""
+            raise TaskNotFound(f"unknown task {brief(name)}{why}; served tasks: {known[:20]}"
+                               f"{' …' if len(known) > 20 else ''}")
         return tv if version in (None, tv.version) else self._pinned_version(name, version)
 
     async def preload(self, task: str) -> None:
@@ -148,6 +165,8 @@ class TaskRegistry:
         servable = self.servable_versions(name)
         if version not in servable:
             raise TaskNotFound(f"task {name} version {version} is not servable; servable versions: {servable}")
+        if (name, version) in self._failed:
+            raise BrokenTask(f"task {name} version {version} cannot be served: {self._failed[(name, version)]}")
         try:  # outside the write lock: a register holding it (fsync) must not stall this request's loop
             loaded = self.load_version(task_path(self.tasks_dir, name) / str(version))
         except (BundleError, OSError, ValueError) as e:
@@ -156,6 +175,7 @@ class TaskRegistry:
             tv = self._pinned.get((name, version))
             if tv is None:  # else another request loaded it meanwhile: that copy is the one
                 tv = loaded
+                self.host.adopt(tv)
                 self._pinned = MappingProxyType({**self._pinned, (name, version): tv})
                 log.info("serving pinned task %s version %d (%d adapter bytes)", name, version, tv.nbytes)
         return tv
@@ -174,26 +194,54 @@ class TaskRegistry:
             self._publish(dict(self._table), [], gone)
 
     def load_version(self, path: Path) -> TaskVersion:
+        """The version in ``path`` with its weights read now (the server's scan reads metadata only)."""
         bundle = read_bundle(path, self.limits)
         check_fits_trunk(bundle, self.trunk)
-        stack = bundle.stack(self.trunk.num_blocks)
-        return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path))
+        stack = owned_stack(bundle, self.trunk.num_blocks)
+        return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path), source=self.host)
+
+    def _version_at(self, path: Path) -> TaskVersion:
+        return version_at(path, self.trunk, self.limits, self.host)
+
+    def _read_weights(self, tv: TaskVersion) -> AdapterStack:
+        return read_weights(tv, self.trunk, self.limits)
+
+    async def ensure_loaded(self, tv: TaskVersion) -> None:
+        """``tv``'s weights in host memory, read off the event loop on first use (BrokenTask for a bad bundle)."""
+        await self.host.ensure(tv)
+
+    def _take_out(self, tv: TaskVersion, error: Exception) -> None:
+        """A version whose weights did not load: never retried; its task serves the newest older good version
+        stored (as :meth:`sync` does for a bad folder), or leaves the table."""
+        self._failed[tv.key] = str(error.__cause__ or error)
+        log.error("task %s version %d is taken out of service: %s", tv.name, tv.version, error)
+        with self._write_lock:
+            if self._table.get(tv.name) is tv:
+                table = dict(self._table)
+                del table[tv.name]
+                published = []
+                for v, folder in sorted(version_dirs(task_path(self.tasks_dir, tv.name)).items(), reverse=True):
+                    if v >= tv.version or (tv.name, v) in self._failed:
+                        continue
+                    try:
+                        older = self._version_at(folder)
+                    except (BundleError, OSError, ValueError) as e:
+                        self._failed[(tv.name, v)] = str(e)
+                        continue
+                    if older.key == (tv.name, v):
+                        table[tv.name] = older
+                        published = [older]
+                        break
+                self._publish(table, published, [tv])
+            elif tv in self._pinned.values():
+                self._pinned = MappingProxyType({k: p for k, p in self._pinned.items() if p is not tv})
+                self._publish(dict(self._table), [], [tv])
 
     # --- syncing with the folder -------------------------------------------------------------------
 
     def scan(self) -> dict[str, tuple[int, Path]]:
         """Latest version folder per task on disk."""
-        out: dict[str, tuple[int, Path]] = {}
-        try:
-            task_dirs = [p for p in self.tasks_dir.iterdir() if not p.name.startswith(".") and p.is_dir()]
-        except OSError:
-            return out
-        for tdir in task_dirs:
-            versions = version_dirs(tdir)
-            if versions:
-                v = max(versions)
-                out[tdir.name] = (v, versions[v])
-        return out
+        return latest_versions(self.tasks_dir)
 
     def sync(self) -> tuple[list[TaskVersion], list[TaskVersion]]:
         """Make the table match the folder: load new or newer versions, drop tasks gone from disk.
@@ -215,7 +263,7 @@ class TaskRegistry:
                 if (name, version) in self._failed:
                     continue
                 try:
-                    tv = self.load_version(path)
+                    tv = self._version_at(path)
                     if tv.name != name or tv.version != version:
                         raise BundleError(f"{path}: task.json says {tv.name!r} version {tv.version}, "
                                           f"but the folder is {name}/{version}")
@@ -239,6 +287,7 @@ class TaskRegistry:
         self._table = MappingProxyType(table)  # the one atomic swap
         for tv in retired:
             tv.retired = True
+            tv.when_idle(functools.partial(self.host.discard, tv))  # its weights leave host memory with its last request
         for tv in published:
             log.info("serving task %s version %d (%d adapter bytes)", tv.name, tv.version, tv.nbytes)
         if self.on_change is not None:
@@ -310,7 +359,9 @@ class TaskRegistry:
                 finally:
                     os.close(fd)
                 self.marks.raise_high_water(name, version)
-                tv = TaskVersion(spec, bundle.stack(self.trunk.num_blocks), target, bundle.nbytes, digest)
+                tv = TaskVersion(spec, owned_stack(bundle, self.trunk.num_blocks), target, bundle.nbytes, digest,
+                                 source=self.host)  # validated in full above: in host memory from the start
+                self.host.adopt(tv)
                 table = dict(self._table)
                 old = table.get(name)
                 table[name] = tv
@@ -345,7 +396,7 @@ class TaskRegistry:
             cur = self._table.get(spec.name)
             log.info("upload id %s is %s version %d already: returned, not published again",
                      brief(upload_id), spec.name, version)
-            return cur if cur is not None and cur.version == version else self.load_version(folder)
+            return cur if cur is not None and cur.version == version else self._version_at(folder)
         return None
 
     def _prune_old_versions(self, task_dir: Path, keep: int) -> None:
@@ -378,7 +429,7 @@ class TaskRegistry:
                 del table[name]
                 older = version_dirs(task_dir) if one else {}
                 if older:
-                    published = [self.load_version(older[max(older)])]
+                    published = [self._version_at(older[max(older)])]
                     table[name] = published[0]
                 self._publish(table, published, [served])
             self._retire_unservable_pins()
@@ -398,18 +449,3 @@ class TaskRegistry:
             if p.name.startswith((".upload-", ".deleted-")) and now - last_write(p) > idle_s:
                 remove_tree(p)
         self.marks.sweep(marks_kept)
-
-
-def task_ref(task: str) -> tuple[str, Optional[int]]:
-    """``name`` -> (name, None); ``name@N`` -> (name, N). Anything else is BadRequest (INVALID_ARGUMENT) with
-    the rule it broke, the client's text quoted short."""
-    name, pinned, number = task.partition("@")
-    try:
-        check_task_name(name)
-    except ConfigError as e:
-        raise BadRequest(str(e)) from None
-    if not pinned:
-        return name, None
-    if not number.isdigit() or not 0 < int(number) < 1 << 31:
-        raise BadRequest(f"bad task version in {brief(task)}: a pin is name@N with N a version number")
-    return name, int(number)

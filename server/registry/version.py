@@ -1,4 +1,4 @@
-"""One loaded version of one task (:class:`TaskVersion`): what the registry publishes and a request captures."""
+"""One version of one task (:class:`TaskVersion`): what the registry publishes and a request captures."""
 
 from __future__ import annotations
 
@@ -6,27 +6,40 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Protocol
 
 from stadapter.bank import AdapterStack
 from stadapter.config import TaskSpec
 
 
+class WeightsSource(Protocol):
+    """Where a version's weights come from when they are not in host memory (``server.registry.host_tier``)."""
+
+    def load_now(self, tv: "TaskVersion") -> AdapterStack: ...
+
+
 @dataclass(eq=False)
 class TaskVersion:
-    """One loaded version of one task: its spec and its host-memory adapter stack.
+    """One version of one task: its spec and, while it is in host memory, its adapter stack.
+
+    ``stack`` is the host-memory adapter stack, or None while the weights are on disk only: the
+    registry's scan reads no weights, and its :class:`~server.registry.host_tier.HostTier` (``source``)
+    loads them on first use and may evict them again when no request holds the version.
+    :attr:`host_stack` is the stack, loaded on the calling thread if it is not in memory (the server
+    loads it off the event loop first, ``HostTier.ensure``, so the model thread finds it there).
 
     ``inflight`` counts admitted requests still running on this version; ``retired``
     is set when the version leaves the table (replaced or unregistered). ``uid`` is
-    given once, at construction: it names this loaded version (a task unregistered
-    and registered again is another version) in the device slots.
+    given once, at construction: it names this version (a task unregistered
+    and registered again is another version) in the device slots and the host tier.
     """
 
     spec: TaskSpec
-    host_stack: AdapterStack
+    stack: Optional[AdapterStack]
     path: Path
     nbytes: int
     digest: str = ""  # sha256 of the bundle's files as stored: replicas compare content, not only numbers
+    source: Optional[WeightsSource] = None  # loads ``stack`` when it is None
     inflight: int = 0
     retired: bool = False
     _on_idle: list[Callable[[], None]] = field(default_factory=list)
@@ -36,6 +49,16 @@ class TaskVersion:
     @property
     def key(self) -> tuple[str, int]:
         return (self.spec.name, self.spec.version)
+
+    @property
+    def host_stack(self) -> AdapterStack:
+        """The adapter stack in host memory (loaded now, on this thread, if it is only on disk)."""
+        stack = self.stack
+        if stack is not None:
+            return stack
+        if self.source is None:
+            raise RuntimeError(f"task {self.name} version {self.version} has no weights in memory and no source")
+        return self.source.load_now(self)
 
     @property
     def name(self) -> str:
