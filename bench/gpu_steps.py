@@ -87,7 +87,7 @@ class Rig:
     def mixed_clips(self, seed: int = 0) -> list:
         """A clip per task, and one more clip given to both last-block tasks (one request naming both)."""
         own = self.views(len(self.tvs) + 1, seed)
-        return [(tv, v) for tv, v in zip(self.tvs, own, strict=True)] + [(tv, own[-1]) for tv in self.last[:2]]
+        return [(tv, v) for tv, v in zip(self.tvs, own[:-1], strict=True)] + [(tv, own[-1]) for tv in self.last[:2]]
 
     def shared_clips(self, seed: int = 1) -> list:
         """The last-block tasks alone: one clip given to both (their rows share its prefix), one to the first."""
