@@ -53,18 +53,27 @@ def make_repository(
     return root
 
 
+# ``python -m server``'s main(), then its exit status, with the interpreter's objects frozen first: Python's last
+# garbage collection at exit walks every object torch made (seconds per server on a loaded machine), and the suite
+# stops dozens of servers. Everything before the exit is the real ``python -m server``.
+QUICK_EXIT_LAUNCHER: tuple[str, ...] = (
+    sys.executable, "-c",
+    "import gc, sys\nfrom server.__main__ import main\nrc = main(sys.argv[1:])\ngc.freeze()\nsys.exit(rc)")
+
+
 class ServerProcess(_ServerProcess):
     """:class:`server.process.ServerProcess` with one OpenMP thread per server unless ``env`` says otherwise
     (the suite runs on 2 cores next to the test process), serving in float32 unless ``args`` name a ``--dtype``:
     the tests compare served answers with the library's float32 ones at float32's tolerances, and ``--dtype auto``
-    serves bf16 on a CPU with bf16 matrix instructions."""
+    serves bf16 on a CPU with bf16 matrix instructions. Launched by :data:`QUICK_EXIT_LAUNCHER` unless
+    ``launcher`` says otherwise."""
 
     def __init__(self, repository: str | os.PathLike, *args: str, env: Optional[dict] = None, timeout: float = 60.0,
                  launcher: Optional[Sequence[str]] = None):
         if "--dtype" not in args:
             args = (*args, "--dtype", "float32")
         super().__init__(repository, *args, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})},
-                         timeout=timeout, launcher=launcher)
+                         timeout=timeout, launcher=launcher or QUICK_EXIT_LAUNCHER)
 
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:
