@@ -31,7 +31,7 @@ class _Stream:
 def test_every_side_stream_tensor_of_a_staged_batch_is_recorded_on_the_compute_stream(tiny_trunk, tmp_path,
                                                                                       monkeypatch):
     tvs = task_versions(tiny_trunk, tmp_path, [(LAST_BLOCK, 3), (LAST_BLOCK, 4)])
-    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), mixed="gather")
+    runner = ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32))  # gather: the one mixed path
     views = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     staged = runner.stage([(tvs[0], views), (tvs[1], views)])  # one clip, two tasks: a mixed, shared-prefix batch
     assert staged.task_index is not None and staged.row_input is not None
