@@ -45,13 +45,14 @@ class Shape:
     last_blocks: int
     width: int
     batches: tuple[int, ...]
-    iters: int
+    iters: int  # timed calls per figure
+    warmup: int  # untimed calls before them (the dry run times every call once, cold: its figures mean nothing)
     h2d_bytes: int
 
 
 SHAPES = {
-    "vitb": Shape("ViT-B-16", 8, 6, 2, 4, 384, (1, 8, 32), 5, 256 << 20),
-    "tiny": Shape("test-vit-tiny", 4, 1, 2, 1, 8, (1, 2, 4), 2, 1 << 20),
+    "vitb": Shape("ViT-B-16", 8, 6, 2, 4, 384, (1, 8, 32), 5, 1, 256 << 20),
+    "tiny": Shape("test-vit-tiny", 4, 1, 2, 1, 8, (1, 2, 4), 1, 0, 1 << 20),
 }
 
 
@@ -278,7 +279,7 @@ def h2d_bandwidth(rig: Rig) -> dict:
                 dst.copy_(src, non_blocking=True)
                 rig.sync()
 
-            t = timed_rounds({"copy": copy}, rig.shape.iters, warmup=1)["copy"]
+            t = timed_rounds({"copy": copy}, rig.shape.iters, warmup=rig.shape.warmup)["copy"]
             nbytes = src.numel() * src.element_size()
             out[f"{'pinned' if pinned else 'pageable'}_{str(dtype).split('.')[1]}"] = {
                 "GB_per_s": nbytes / t / 1e9, "Gpixels_per_s": pixels / t / 1e9, "bytes": nbytes}
@@ -310,7 +311,8 @@ def throughput(rig: Rig) -> dict:
         views = rig.views(n, 30 + n)
         arms = {"single": [(rig.tvs[0], v) for v in views],
                 "mixed": [(rig.tvs[i % len(rig.tvs)], v) for i, v in enumerate(views)]}
-        raw = timed_rounds({k: (lambda c=c: runner.forward(c)) for k, c in arms.items()}, rig.shape.iters, warmup=1)
+        fns = {k: (lambda c=c: runner.forward(c)) for k, c in arms.items()}
+        raw = timed_rounds(fns, rig.shape.iters, warmup=rig.shape.warmup)
         out[f"batch_{n}"] = {
             "raw_clips_per_s": {k: n / t for k, t in raw.items()},
             "batcher_clips_per_s": {k: _batcher_rate(runner, c, n, rig.shape.iters) for k, c in arms.items()}}
@@ -408,7 +410,7 @@ def mfu(rig: Rig) -> dict:
         rig.sync()
 
     flops = _count_flops(forward)
-    t = timed_rounds({"forward": forward}, rig.shape.iters, warmup=1)["forward"]
+    t = timed_rounds({"forward": forward}, rig.shape.iters, warmup=rig.shape.warmup)["forward"]
     dtype = str(rig.dtype).split(".")[1]
     peak = rig.peak_flops.get(dtype)
     return {"batch": n, "frames": rig.shape.frames, "dtype": dtype, "flops_per_forward": flops,
