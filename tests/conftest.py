@@ -35,3 +35,14 @@ def loop():
     lp = asyncio.new_event_loop()
     yield lp
     lp.close()
+
+
+@pytest.fixture(scope="module")
+def pool(loop):
+    """One sandboxed decoder process for a module's tests."""
+    from server.decode.pool import ProcessDecodePool
+
+    p = ProcessDecodePool(1)
+    loop.run_until_complete(p.start())
+    yield p
+    p.close()

@@ -38,14 +38,6 @@ class Clip(bytearray):
     """A clip buffer a weak reference can watch."""
 
 
-@pytest.fixture(scope="module")
-def pool(loop):
-    p = ProcessDecodePool(1)
-    loop.run_until_complete(p.start())
-    yield p
-    p.close()
-
-
 @contextlib.contextmanager
 def no_cycle_collector():
     gc.collect()

@@ -29,14 +29,6 @@ CPU = torch.device("cpu")
 SAME = [(AdapterConfig(width=8, pre_attn=True, pre_mlp=True), 5)] * 2
 
 
-@pytest.fixture(scope="module")
-def pool(loop):
-    p = ProcessDecodePool(1)
-    loop.run_until_complete(p.start())
-    yield p
-    p.close()
-
-
 def served(loop, pool: ProcessDecodePool, path, sampling: SamplingConfig) -> torch.Tensor:
     views, _ = loop.run_until_complete(pool.decode(path.read_bytes(), sampling, VideoLimits(), 30.0))
     return views
