@@ -1,4 +1,4 @@
-"""One classification from bytes to top-k: admit, decode (worker processes, see decode_pool), batch, answer.
+"""One classification from bytes to top-k: admit, decode (worker processes, see server.decode.pool), batch, answer.
 
 Admission happens before any work, through the request's :class:`~server.engine.admission.Ticket`:
 a draining server answers UNAVAILABLE, a full queue (``--max-queue-size`` requests
