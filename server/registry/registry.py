@@ -1,14 +1,13 @@
 """The task registry: which version of which task is served, kept in step with the repository folder.
 
-Layout: ``<repo>/tasks/<task>/<version>/`` (a bundle). Folders whose names start
-with ``.`` are temp or tombstoned folders and are ignored.
+Layout: ``<repo>/tasks/<task>/<version>/`` (a bundle); folders whose names start with ``.`` (temp, tombstones) are ignored.
 
-* Publishing is one reference swap of an immutable ``name -> TaskVersion`` dict, so
-  a request that captured its :class:`TaskVersion` at admission runs on it to the end.
+* Publishing is one reference swap of an immutable ``name -> TaskVersion`` dict, so a request that captured its
+  :class:`TaskVersion` at admission runs on it to the end.
 * Register: the upload is written to ``tasks/.upload-*`` inside the repository,
   validated, given version ``latest + 1`` (``task.json`` rewritten), fsynced and
-  renamed to ``tasks/<task>/<version>`` (rename into place is atomic; a rename
-  onto a version another replica just took fails and the next number is tried).
+  renamed to ``tasks/<task>/<version>`` (rename into place is atomic; a rename onto a version another replica just
+  took fails and the next number is tried).
 * Unregister: the task leaves the table at once (new requests get NOT_FOUND), its
   folder is renamed to ``tasks/.deleted-*`` (so neither a restart nor another
   replica brings it back) and deleted when the last in-flight request ends.
