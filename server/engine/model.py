@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,25 @@ def _blanks(n: int, frames: int, size: int) -> list[Tensor]:
     """``n`` blank one-view clips [1, T, 3, S, S] in uint8, as the decoders hand clips over, each its own tensor
     (clips share an input only by identity)."""
     return list(torch.zeros(n, 1, frames, 3, size, size, dtype=torch.uint8).unbind(0))
+
+
+WarmupGroup = tuple[int, int, str]  # (frames, input size, adapter activation): what clips of one batch share
+
+
+def warmup_picks(tvs: Sequence[TaskVersion], prefix_blocks: Callable[[TaskVersion], int]
+                 ) -> dict[WarmupGroup, tuple[list[TaskVersion], list[TaskVersion]]]:
+    """The tasks :meth:`ModelRunner.warmup` runs, per group of ``tvs`` that can share a batch: the group's first two
+    (the one-task and the mixed forwards) and its first two leaving blocks unadapted (``prefix_blocks(tv) > 0``:
+    the shared-prefix forward). The start-up's stand-ins are built for these and no others."""
+    groups: dict[WarmupGroup, tuple[list[TaskVersion], list[TaskVersion]]] = {}
+    for tv in tvs:
+        s = tv.spec.sampling
+        members, sharing = groups.setdefault((s.num_frames, s.input_size, tv.spec.adapter.activation), ([], []))
+        if len(members) < 2:
+            members.append(tv)
+        if len(sharing) < 2 and prefix_blocks(tv) > 0:
+            sharing.append(tv)
+    return groups
 
 
 def resolve_device(name: str) -> torch.device:
@@ -151,15 +170,11 @@ class ModelRunner:
         prefix too. First forwards of a shape are slow everywhere (allocator; on CUDA the
         context, library handles and kernel choice per shape). Returns the number of forwards run.
         """
-        groups: dict[tuple, list[TaskVersion]] = {}
-        for tv in tvs:
-            s = tv.spec.sampling
-            groups.setdefault((s.num_frames, s.input_size, tv.host_stack.activation), []).append(tv)
         sizes = self.batch_buckets()
         mixed_sizes = [n for n in sizes if n >= 2] or ([2] if self.max_rows is None else [])
         runs = 0
-        for (frames, size, _), members in groups.items():
-            sharing = [tv for tv in members if self.trunk.prefix_blocks(tv.host_stack) > 0]
+        picks = warmup_picks(tvs, lambda tv: self.trunk.prefix_blocks(tv.host_stack))
+        for (frames, size, _), (members, sharing) in picks.items():
             for n in sizes:
                 self.forward([(members[0], b) for b in _blanks(n, frames, size)])
                 runs += 1

@@ -12,11 +12,10 @@ from typing import Sequence
 
 import torch
 
+from server.engine.model import warmup_picks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack, expected_shapes
 from stadapter.trunk import VideoTrunk
-
-WARMUP_PER_GROUP = 2  # tasks warm-up mixes per input shape (ModelRunner.warmup uses two of each kind)
 
 
 def stand_in(tv: TaskVersion, trunk: VideoTrunk, device: str = "cpu") -> TaskVersion:
@@ -36,26 +35,17 @@ def shape_stand_ins(tvs: Sequence[TaskVersion], trunk: VideoTrunk) -> list[TaskV
 
 
 def warmup_stand_ins(tvs: Sequence[TaskVersion], trunk: VideoTrunk) -> list[TaskVersion]:
-    """Zero-weight stand-ins enough for :meth:`ModelRunner.warmup` to run every served input shape: per
-    (frames, input size, activation), the first tasks of each kind it mixes (any, and those leaving a shared
-    prefix of blocks unadapted)."""
-    groups: dict[tuple, list[TaskVersion]] = {}
-    for tv in tvs:
-        s = tv.spec.sampling
-        groups.setdefault((s.num_frames, s.input_size, tv.spec.adapter.activation), []).append(tv)
+    """Zero-weight stand-ins enough for :meth:`ModelRunner.warmup` to run every served input shape: one for each
+    task :func:`~server.engine.model.warmup_picks` picks (the prefix of a config read from a shapes-only stand-in)."""
     prefix: dict[object, int] = {}  # adapter config -> blocks before its first adapter (trunk.prefix_blocks)
+
+    def prefix_blocks(tv: TaskVersion) -> int:
+        cfg = tv.spec.adapter
+        if cfg not in prefix:
+            prefix[cfg] = trunk.prefix_blocks(stand_in(tv, trunk, "meta").stack)
+        return prefix[cfg]
+
     out: list[TaskVersion] = []
-    for members in groups.values():
-        chosen = members[:WARMUP_PER_GROUP]
-        sharing = []
-        for tv in members:
-            cfg = tv.spec.adapter
-            if cfg not in prefix:
-                prefix[cfg] = trunk.prefix_blocks(stand_in(tv, trunk, "meta").stack)
-            if prefix[cfg] > 0:
-                sharing.append(tv)
-                if len(sharing) == WARMUP_PER_GROUP:
-                    break
-        chosen += [tv for tv in sharing if tv not in chosen]
-        out += [stand_in(tv, trunk) for tv in chosen]
+    for members, sharing in warmup_picks(tvs, prefix_blocks).values():
+        out += [stand_in(tv, trunk) for tv in members + [tv for tv in sharing if tv not in members]]
     return out
