@@ -61,7 +61,7 @@ from server.registry.loading import owned_stack, read_weights, version_at
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack
-from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, check_fits_trunk, read_bundle
+from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, load_bundle
 from stadapter.config import TaskSpec, brief
 from stadapter.fsutil import fsync_tree
 from stadapter.trunk import VideoTrunk
@@ -194,8 +194,7 @@ class TaskRegistry:
 
     def load_version(self, path: Path) -> TaskVersion:
         """The version in ``path`` with its weights read now (the server's scan reads metadata only)."""
-        bundle = read_bundle(path, self.limits)
-        check_fits_trunk(bundle, self.trunk)
+        bundle = load_bundle(path, self.trunk, self.limits)
         stack = owned_stack(bundle, self.trunk.num_blocks)
         return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path), source=self.host)
 
@@ -318,8 +317,7 @@ class TaskRegistry:
             for fname in UPLOAD_FILES:
                 if not (upload / fname).is_file():
                     raise BadRequest(f"the upload lacks {fname}: a bundle needs {TASK_FILE} and {ADAPTER_FILE}")
-            bundle = read_bundle(upload, self.limits)
-            check_fits_trunk(bundle, self.trunk)
+            bundle = load_bundle(upload, self.trunk, self.limits)
             name = bundle.spec.name
             with self._write_lock, self.marks.lock(name):
                 task_dir = task_path(self.tasks_dir, name)
