@@ -7,6 +7,7 @@ this module only names and moves folders).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -19,8 +20,10 @@ from typing import Optional
 from server.errors import BadRequest
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE
 from stadapter.config import TASK_NAME_RULE, ConfigError, brief, check_task_name
+from stadapter.fsutil import fsync_tree
 
 UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
+LEFTOVER_PREFIXES = (".upload-", ".deleted-")  # an upload in progress or cut short; a folder being deleted
 
 
 def version_dirs(task_dir: Path) -> dict[int, Path]:
@@ -113,13 +116,59 @@ def remove_in_background(path: Path) -> None:
 
 
 def tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
-    """Rename ``path`` to ``tasks/.deleted-<label>-*`` (ignored by scans); None if it is already gone."""
-    dest = tasks_dir / f".deleted-{label}-{uuid.uuid4().hex[:8]}"
+    """Rename ``path`` to ``tasks/.deleted-<label>-*`` (ignored by scans); None if it is already gone.
+
+    A version folder of a task linked to another filesystem cannot be renamed into ``tasks/``: its tombstone
+    is made beside it, in the task's folder (where :func:`linked_leftovers` finds it if its delete is cut short)."""
+    name = f".deleted-{label}-{uuid.uuid4().hex[:8]}"
+    try:
+        return _renamed(path, tasks_dir / name)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    return _renamed(path, path.parent / name)
+
+
+def _renamed(path: Path, dest: Path) -> Optional[Path]:
     try:
         os.replace(path, dest)
     except FileNotFoundError:
         return None
     return dest
+
+
+def move_into_place(staged: Path, dest: Path) -> None:
+    """Rename the folder ``staged`` to ``dest``, which must not exist yet (the rename fails if another replica
+    just took it). Across filesystems (a task folder linked to another volume) the folder is copied beside
+    ``dest`` first (``.upload-*``), synced and renamed from there, so ``dest`` still appears whole or not at all."""
+    try:
+        os.rename(staged, dest)
+        return
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+    near = dest.parent / f".upload-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(staged, near, symlinks=True)
+        fsync_tree(near)
+        os.rename(near, dest)
+    except BaseException:
+        remove_tree(near)
+        raise
+    remove_tree(staged)
+
+
+def linked_leftovers(tasks_dir: Path) -> list[Path]:
+    """``.upload-*`` and ``.deleted-*`` entries inside task folders that are symlinks (another filesystem's
+    leftovers are made there: :func:`tombstone_dir`, :func:`move_into_place`)."""
+    out: list[Path] = []
+    try:
+        linked = [p for p in tasks_dir.iterdir() if not p.name.startswith(".") and p.is_symlink() and p.is_dir()]
+        for task_dir in linked:
+            out += [p for p in task_dir.iterdir() if p.name.startswith(LEFTOVER_PREFIXES)]
+    except OSError:
+        pass  # vanished or unreadable mid-sweep: the next sweep tries again
+    return out
 
 
 def latest_versions(tasks_dir: Path) -> dict[str, tuple[int, Path]]:

@@ -4,13 +4,12 @@ Layout: ``<repo>/tasks/<task>/<version>/`` (a bundle); folders whose names start
 
 * Publishing is one reference swap of an immutable ``name -> TaskVersion`` dict, so a request that captured its
   :class:`TaskVersion` at admission runs on it to the end.
-* Register: the upload is written to ``tasks/.upload-*`` inside the repository,
-  validated, given version ``latest + 1`` (``task.json`` rewritten), fsynced and
-  renamed to ``tasks/<task>/<version>`` (rename into place is atomic; a rename onto a version another replica just
-  took fails and the next number is tried).
-* Unregister: the task leaves the table at once (new requests get NOT_FOUND), its
-  folder is renamed to ``tasks/.deleted-*`` (so neither a restart nor another
-  replica brings it back) and deleted when the last in-flight request ends.
+* Register: the upload is written to ``tasks/.upload-*`` inside the repository, validated, given version
+  ``latest + 1`` (``task.json`` rewritten), fsynced and renamed to ``tasks/<task>/<version>`` (rename into place
+  is atomic; a rename onto a version another replica just took fails and the next number is tried).
+* Unregister: the task leaves the table at once (new requests get NOT_FOUND), its folder is renamed to
+  ``tasks/.deleted-*`` (so neither a restart nor another replica brings it back) and deleted when the last
+  in-flight request ends. (A task folder linked to another filesystem: see :func:`move_into_place`.)
 * :meth:`TaskRegistry.sync` re-reads the folder: replicas sharing it pick up each
   other's registers and unregisters by polling. It reads metadata only (``task.json``, the digest, the
   tensor sizes); weights come into host memory on first use, through the registry's
@@ -41,12 +40,15 @@ from server.errors import BadRequest, BrokenTask, TaskNotFound
 from server.registry.folders import (
     DIGEST_FILE,
     LEFTOVER_IDLE_S,
+    LEFTOVER_PREFIXES,
     SWEEP_INTERVAL_S,
     UPLOAD_FILES,
     UPLOAD_ID_FILE,
     bundle_digest,
     last_write,
     latest_versions,
+    linked_leftovers,
+    move_into_place,
     recorded_digest,
     remove_in_background,
     remove_tree,
@@ -344,7 +346,7 @@ class TaskRegistry:
                         raise BadRequest("the upload was cancelled before it was published")
                     target = task_dir / str(version)
                     try:
-                        os.rename(upload, target)  # fails if another replica took this version
+                        move_into_place(upload, target)  # fails if another replica took this version
                         break
                     except OSError:
                         if not target.exists():
@@ -442,7 +444,7 @@ class TaskRegistry:
         ``idle_s`` (an upload in progress keeps writing its files; a replica may be mid-upload); and fold the
         high-water marks of long-gone names beyond ``marks_kept`` (:meth:`TaskMarks.sweep`)."""
         now = time.time()
-        for p in self.tasks_dir.iterdir():
-            if p.name.startswith((".upload-", ".deleted-")) and now - last_write(p) > idle_s:
+        for p in [*self.tasks_dir.iterdir(), *linked_leftovers(self.tasks_dir)]:
+            if p.name.startswith(LEFTOVER_PREFIXES) and now - last_write(p) > idle_s:
                 remove_tree(p)
         self.marks.sweep(marks_kept)
