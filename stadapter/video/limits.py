@@ -6,10 +6,12 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Optional, Union
 
 import av
 import numpy as np
+
+from .param_sets import CHECKED_CODECS, ParameterSetCheck
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -140,6 +142,7 @@ class Budget:
         self.packets = 0
         self.frames = 0
         self.pixels = 0
+        self._sps: Optional[tuple[Any, ParameterSetCheck]] = None  # (codec context, its packets' SPS reader)
 
     def packet(self) -> None:
         self.packets += 1
@@ -180,6 +183,16 @@ class Budget:
         """A frame size the decoder reached (a frame it output, or a size change it refused mid-stream)."""
         if width * height > self.limits.max_pixels:
             raise VideoError(f"a frame of {width}x{height} is over the limit of {self.limits.max_pixels} pixels")
+
+    def check_parameter_sets(self, codec: Any, packet: Optional[av.Packet]) -> None:
+        """A frame size an H.264/HEVC parameter set inside ``packet`` announces, checked before ``codec`` (the
+        decoder) reads it: the decoder allocates its tables for a new size before its own check (:mod:`.param_sets`)."""
+        if packet is None or not packet.size or codec.name not in CHECKED_CODECS:
+            return
+        if self._sps is None or self._sps[0] is not codec:
+            self._sps = (codec, ParameterSetCheck(codec.name, codec.extradata))
+        for width, height in self._sps[1].sizes(packet):
+            self.check_size(width, height)
 
     def frame(self, frame: av.VideoFrame) -> None:
         self.frames += 1

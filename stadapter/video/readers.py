@@ -52,7 +52,9 @@ def demux_packets(container: av.container.InputContainer, stream) -> Iterator[av
 def decode_packet(codec, packet, budget: Budget) -> list[av.VideoFrame]:
     """Decode one packet (None drains); a packet the decoder rejects just yields no frame, unless it was refused
     for a frame size over the limit (the decoder's ``max_pixels``, see ``container.cap_decoder``: a size that
-    changes mid-stream is refused by FFmpeg before it allocates the frame, and named here)."""
+    changes mid-stream is refused by FFmpeg before it allocates the frame, and named here; a parameter set in the
+    packet that announces a size over it is refused before the decoder reads it)."""
+    budget.check_parameter_sets(codec, packet)
     try:
         frames = codec.decode(packet)
     except (av.FFmpegError, EOFError):

@@ -60,6 +60,7 @@ def _first_frames(container: av.container.InputContainer, wanted: dict[int, int]
             continue
         read += packet.size
         cc = streams[index].codec_context
+        budget.check_parameter_sets(cc, packet)
         try:
             frames = cc.decode(packet if packet.size else None)
         except (av.FFmpegError, EOFError):
