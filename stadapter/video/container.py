@@ -14,9 +14,10 @@ from typing import Callable, Iterator
 import av
 import numpy as np
 
+from .decode_plan import StreamScan, decoded_at_least, frames_to_decode, scan_packets
 from .limits import Budget, Source, VideoError, VideoLimits, check_aspect, out_of_memory
+from .nal_units import CHECKED_CODECS, NalScan
 from .readers import NONREF_SKIPPABLE, IndexedReader, Irregular, ReadResult, SeekMissed, SequentialReader, demux_packets
-from .sampling import frames_to_decode, presentation_ranks
 from .screen import NO_DECODER, screen_frame_sizes
 from .window_walk import Taken, Takes, WindowWalk, count_frames
 
@@ -228,7 +229,7 @@ class Clip:
             raise VideoError(f"clip is {size} bytes, over the limit of {limits.max_bytes}")
         self.source, self.limits = source, limits
         self._lead: av.Packet | None = None  # the packet a checked rewind demuxed: the next read starts with it
-        self._keys: tuple[list[int] | None] | None = None  # keyframes(), once found
+        self._scan: StreamScan | None = None  # keyframes() and reference flags: one demux pass, once
         self.budget = Budget(limits)
         self.container = _open_container(source, limits, screen=True)
         self._closed = False
@@ -289,35 +290,22 @@ class Clip:
     def keyframes(self) -> list[int] | None:
         """Frame indices of the keyframes, from the demuxer's packet flags and timestamps: no decoding.
 
-        One demux pass over the clip (counted against ``max_packets`` and the time budget); a frame's
-        index is the rank of its packet's pts, as a decoder outputs frames in pts order (packets the
-        demuxer marks discard, e.g. before an edit list's start, give no frame). None when a packet has
-        no pts: then keyframes cannot be placed. The clip is rewound for the next :meth:`read`.
+        One demux pass over the clip (counted against ``max_packets`` and the time budget; see
+        :func:`.decode_plan.scan_packets`); None when a packet has no pts: then keyframes cannot be placed. The
+        clip is rewound for the next :meth:`read`.
         """
-        if self._keys is not None:
-            return self._keys[0]
-        stream = self.container.streams[self.stream_index]
-        pts: list[int] = []
-        keys: list[int] = []
-        first = None
-        placed = True
-        for packet in demux_packets(self.container, stream):
-            self.budget.packet()
-            if packet.size == 0:
-                continue
-            if first is None:
-                first = packet  # discarded or not: the rewind must give the reader every packet from the start
-            if packet.is_discard:
-                continue
-            if packet.pts is None:
-                placed = False
-                break
-            pts.append(packet.pts)
-            if packet.is_keyframe:
-                keys.append(packet.pts)
-        self._rewind(first)
-        self._keys = (presentation_ranks(pts, keys) if placed and pts else None,)
-        return self._keys[0]
+        return self._scanned(references=False).keyframes
+
+    def _scanned(self, references: bool) -> StreamScan:
+        """The demux pass, once; with ``references``, each packet's reference flag too (an H.264/HEVC stream:
+        a second pass if the first did not read them)."""
+        if self._scan is None or (references and self._scan.references is None and self._scan.keyframes):
+            stream = self.container.streams[self.stream_index]
+            cc = stream.codec_context
+            nal = NalScan(cc.name, cc.extradata) if references and cc.name in CHECKED_CODECS else None
+            first, self._scan = scan_packets(demux_packets(self.container, stream), self.budget, nal)
+            self._rewind(first)
+        return self._scan
 
     def _rewind(self, first) -> None:
         """Back to the start after a scan: a seek to the first packet, checked by demuxing one packet
@@ -366,9 +354,10 @@ class Clip:
 
     def _check_cost(self, needed: list[int]) -> None:
         """Refuse a read whose decoding is predictably over the budget, before paying for it: where decoding every
-        frame up to the last needed one could pass it, the keyframes (one demux pass) say how many frames the
-        reader will decode (:func:`.sampling.frames_to_decode`). Not for a decoder that drops the non-reference
-        frames of a stream with B-frames: it decodes fewer than that."""
+        frame up to the last needed one could pass it, one demux pass (:mod:`.decode_plan`) tells how many frames
+        the reader will decode: from the keyframes, or, for a decoder that drops the non-reference frames it does
+        not need (B-frames), at least the reference frames on the way. Not for such a decoder whose references
+        the packets do not tell (MPEG-2/MPEG-4 Part 2)."""
         if not needed:
             return
         w, h = self.info.width, self.info.height
@@ -378,11 +367,15 @@ class Clip:
             return
         cc = self.container.streams[self.stream_index].codec_context
         assert isinstance(cc, av.video.codeccontext.VideoCodecContext)  # the index was chosen among video streams
-        if cc.name in NONREF_SKIPPABLE and cc.has_b_frames:
+        skips_nonref = cc.name in NONREF_SKIPPABLE and cc.has_b_frames
+        if skips_nonref and cc.name not in CHECKED_CODECS:
+            return  # its packets do not tell which frames are references
+        scan = self._scanned(references=skips_nonref)
+        if not scan.keyframes:
             return
-        keys = self.keyframes()
-        if keys:
-            self.budget.check_predicted(frames_to_decode(needed, keys), w, h)
+        frames = decoded_at_least(needed, scan) if skips_nonref else frames_to_decode(needed, scan.keyframes)
+        if frames is not None:
+            self.budget.check_predicted(frames, w, h)
 
     def frames(self, takes: Takes, convert: Callable[[av.VideoFrame], np.ndarray],
                start: int = 0) -> Iterator[Taken]:

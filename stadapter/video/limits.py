@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 import av
 import numpy as np
 
-from .param_sets import CHECKED_CODECS, ParameterSetCheck
+from .nal_units import CHECKED_CODECS, NalScan
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -142,7 +142,7 @@ class Budget:
         self.packets = 0
         self.frames = 0
         self.pixels = 0
-        self._sps: Optional[tuple[Any, ParameterSetCheck]] = None  # (codec context, its packets' SPS reader)
+        self._nal: Optional[tuple[Any, NalScan]] = None  # (codec context, the reader of its packets' NAL units)
 
     def packet(self) -> None:
         self.packets += 1
@@ -172,8 +172,8 @@ class Budget:
         if self.frames + frames > self.limits.max_frames_decoded:
             raise self._over_frames()
         if self.pixels + frames * width * height > self.limits.max_decoded_pixels:
-            raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels ({frames} frames "
-                             f"of {width}x{height} from the keyframes to the sampled frames; max_decoded_pixels)")
+            raise VideoError(f"clip needs more than {self.limits.max_decoded_pixels} decoded pixels (at least {frames} "
+                             f"frames of {width}x{height} from the keyframes to the sampled frames; max_decoded_pixels)")
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
@@ -186,12 +186,12 @@ class Budget:
 
     def check_parameter_sets(self, codec: Any, packet: Optional[av.Packet]) -> None:
         """A frame size an H.264/HEVC parameter set inside ``packet`` announces, checked before ``codec`` (the
-        decoder) reads it: the decoder allocates its tables for a new size before its own check (:mod:`.param_sets`)."""
+        decoder) reads it: the decoder allocates its tables for a new size before its own check (:mod:`.nal_units`)."""
         if packet is None or not packet.size or codec.name not in CHECKED_CODECS:
             return
-        if self._sps is None or self._sps[0] is not codec:
-            self._sps = (codec, ParameterSetCheck(codec.name, codec.extradata))
-        for width, height in self._sps[1].sizes(packet):
+        if self._nal is None or self._nal[0] is not codec:
+            self._nal = (codec, NalScan(codec.name, codec.extradata))
+        for width, height in self._nal[1].sps_sizes(packet):
             self.check_size(width, height)
 
     def frame(self, frame: av.VideoFrame) -> None:

@@ -139,16 +139,3 @@ def presentation_ranks(pts: Sequence[int], marked: Sequence[int]) -> list[int]:
     order; each packet is one frame): sorted, no repeats. Pure, so a pts jump of 1e9 s costs nothing."""
     order = sorted(pts)
     return sorted({bisect.bisect_left(order, p) for p in marked})
-
-
-def frames_to_decode(needed: Sequence[int], keyframes: Sequence[int]) -> int:
-    """Frames a reader decodes to output the sorted ``needed`` frames when it decodes every frame of a run: from the
-    keyframe at or before each needed frame, or on from the previous needed frame where no keyframe lies between
-    (``keyframes``: sorted frame indices)."""
-    total, prev = 0, -1
-    for i in needed:
-        k = bisect.bisect_right(keyframes, i) - 1
-        start = keyframes[k] if k >= 0 else 0
-        total += i - max(prev + 1, start) + 1
-        prev = i
-    return total

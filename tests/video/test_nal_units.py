@@ -2,7 +2,7 @@
 
 An H.264 stream that switched from 64x64 to 16000x16000 mid-way cost +87 MiB in the decoder before the refusal:
 FFmpeg's ``max_pixels`` is checked when the frame is allocated, after the decoder has sized its tables for the
-new parameter set. The parser (``stadapter.video.param_sets``) is checked against FFmpeg's own reading of the
+new parameter set. The parser (``stadapter.video.nal_units``) is checked against FFmpeg's own reading of the
 same streams: profiles with and without chroma fields, scaling matrices, interlaced coding, odd sizes, HEVC.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import av
 import pytest
 
-from stadapter.video.param_sets import H264_SPS, HEVC_SPS, ParameterSetCheck, h264_sps_size, hevc_sps_size
+from stadapter.video.nal_units import H264_SPS, HEVC_SPS, NalScan, h264_sps_size, hevc_sps_size
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg (make test installs it)")
 
@@ -85,8 +85,8 @@ def test_cut_or_garbage_parameter_sets_are_left_to_the_decoder():
         assert h264_sps_size(good[:n]) in (None, h264_sps_size(good))  # no exception, whatever is cut
     assert h264_sps_size(bytes([0x67]) + b"\x00" * 40) is None  # an exp-Golomb prefix longer than any field
     assert hevc_sps_size(bytes([0x42, 0x01, 0x01])) is None
-    check = ParameterSetCheck("h264", bytes([1, 66, 0xC0, 30, 0xFF]))  # avcC: 4-byte lengths
-    assert list(check.sizes(b"\x00\x00\x00\x50\x67")) == []  # a length past the packet's end: nothing read
+    check = NalScan("h264", bytes([1, 66, 0xC0, 30, 0xFF]))  # avcC: 4-byte lengths
+    assert list(check.sps_sizes(b"\x00\x00\x00\x50\x67")) == []  # a length past the packet's end: nothing read
 
 
 _RSS_DECODE = """

@@ -1,4 +1,4 @@
-"""Frame sizes announced by H.264 and HEVC parameter sets inside packets, read before the decoder sees them.
+"""What the NAL unit headers of H.264 and HEVC packets tell before the decoder sees them: sizes and references.
 
 A sequence parameter set (SPS) may arrive in any packet, so the size of a stream can jump mid-way. FFmpeg's
 ``max_pixels`` refuses the new size only when the frame buffer is allocated, after the H.264/HEVC decoder has
@@ -6,6 +6,10 @@ already allocated its per-macroblock tables for it (tens of MB for 16000x16000).
 are looked through first: every SPS NAL unit they carry (length-prefixed as in MP4/Matroska/FLV, or behind
 start codes as in MPEG-TS and raw streams) gives its coded size, checked against the limit before the packet is
 decoded. Only the few fields before the size are parsed; an SPS that cannot be parsed is left to the decoder.
+
+The header of a packet's first slice also says whether the frame is a reference (H.264 ``nal_ref_idc``, HEVC's
+``_N`` unit types): a decoder told to drop unneeded non-reference frames (``skip_frame=NONREF``) decodes all
+others, which bounds from below what reaching a sampled frame costs (:mod:`.decode_plan`).
 """
 
 from __future__ import annotations
@@ -142,8 +146,8 @@ def _start_coded(data: bytes) -> Iterator[tuple[int, int]]:
         yield start, pos if pos >= 0 else len(data)
 
 
-class ParameterSetCheck:
-    """The coded sizes of the SPS NAL units in a stream's packets (:meth:`sizes`), for ``h264`` and ``hevc``.
+class NalScan:
+    """The NAL units of one stream's packets, for ``h264`` and ``hevc`` (:data:`CHECKED_CODECS`).
 
     ``extradata``: the stream's codec configuration: an avcC/hvcC record says packets are length-prefixed
     (and with how many bytes); otherwise they carry start codes."""
@@ -158,24 +162,39 @@ class ParameterSetCheck:
             if len(ext) > at:
                 self.length_size = (ext[at] & 3) + 1
 
-    def sizes(self, packet) -> Iterator[tuple[int, int]]:
-        """The sizes the SPS units in ``packet`` (any buffer) announce."""
-        data: memoryview | bytes
+    def _units(self, packet) -> tuple[memoryview | bytes, Iterator[tuple[int, int]]]:
         if self.length_size:
             data = memoryview(packet)
-            units = _length_prefixed(data, self.length_size)
-        else:
-            data = bytes(packet)
-            units = _start_coded(data)
+            return data, _length_prefixed(data, self.length_size)
+        whole = bytes(packet)
+        return whole, _start_coded(whole)
+
+    def _kind(self, first: int) -> int:
+        return (first >> 1) & 0x3F if self.hevc else first & 0x1F
+
+    def sps_sizes(self, packet) -> Iterator[tuple[int, int]]:
+        """The sizes the SPS units in ``packet`` (any buffer) announce."""
+        data, units = self._units(packet)
         for start, end in units:
-            if start == end:
-                continue
-            kind = (data[start] >> 1) & 0x3F if self.hevc else data[start] & 0x1F
-            if kind == self.sps_type:
+            if start < end and self._kind(data[start]) == self.sps_type:
                 nal = bytes(data[start:end])
                 size = hevc_sps_size(nal) if self.hevc else h264_sps_size(nal)
                 if size is not None:
                     yield size
+
+    def is_reference(self, packet) -> Optional[bool]:
+        """Whether the frame in ``packet`` may be referenced by others (its first slice's header says); None when
+        the packet holds no slice."""
+        data, units = self._units(packet)
+        for start, end in units:
+            if start == end:
+                continue
+            kind = self._kind(data[start])
+            if self.hevc and kind < 32:  # VCL units: the even types up to 14 are sub-layer non-reference
+                return not (kind <= 14 and kind % 2 == 0)
+            if not self.hevc and 1 <= kind <= 5:
+                return (data[start] >> 5) & 3 != 0
+        return None
 
 
 CHECKED_CODECS = frozenset({"h264", "hevc"})
