@@ -14,7 +14,7 @@ a lower bound of its work, whatever the B-frame structure.
 from __future__ import annotations
 
 import bisect
-import itertools
+import heapq
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -84,24 +84,36 @@ def frames_to_decode(needed: Sequence[int], keyframes: Sequence[int]) -> int:
 
 
 def decoded_at_least(needed: Sequence[int], scan: StreamScan) -> Optional[int]:
-    """Frames a decoder that drops unneeded non-reference frames must decode to output ``needed``: in decode order,
-    from the keyframe at or before each needed frame to that frame, every reference frame and the needed frames.
-    None when the scan lacks what it takes (no reference flags, or a needed frame it did not see)."""
+    """Frames a decoder that drops unneeded non-reference frames outputs, at least, for the sorted ``needed``: in
+    decode order, from the keyframe at or before each needed frame to that frame, the reference frames and the needed
+    ones that are shown no later than it (output is in presentation order, so those come out before it; a
+    reference shown after it may still sit in the decoder when the read ends). None when the scan lacks what it takes
+    (no reference flags, or a needed frame it did not see)."""
     if scan.keyframes is None or scan.order is None or scan.references is None:
         return None
-    position = {frame: p for p, frame in enumerate(scan.order)}
+    order, refs = scan.order, scan.references
+    position = {frame: p for p, frame in enumerate(order)}
     spans = []
     for i in needed:
         if i not in position:
             return None
         k = bisect.bisect_right(scan.keyframes, i) - 1
         start = position.get(scan.keyframes[k], 0) if k >= 0 else 0
-        spans.append((min(start, position[i]), position[i]))
-    refs_before = [0, *itertools.accumulate(scan.references)]  # reference frames among the first p packets
-    total, reach = 0, -1
-    for start, end in sorted(spans):
-        start = max(start, reach + 1)
-        if start <= end:
-            total += refs_before[end + 1] - refs_before[start]
-            reach = end
-    return total + sum(not scan.references[position[i]] for i in set(needed))
+        spans.append((min(start, position[i]), position[i], i))
+    wanted = set(needed)
+    spans.sort()
+    total, active, next_span = 0, [], 0  # active: a heap of (-shown by, ends at) of the spans covering p
+    p = spans[0][0]
+    while next_span < len(spans) or active:
+        if not active:
+            p = max(p, spans[next_span][0])
+        while next_span < len(spans) and spans[next_span][0] <= p:
+            start, end, i = spans[next_span]
+            heapq.heappush(active, (-i, end))
+            next_span += 1
+        while active and active[0][1] < p:
+            heapq.heappop(active)
+        if active:
+            total += (refs[p] or order[p] in wanted) and order[p] <= -active[0][0]
+            p += 1
+    return total

@@ -204,6 +204,8 @@ def make_clip(
     units), e.g. with holes for a variable-frame-rate clip.
     """
     options: dict[str, str] = {"x264-params": "scenecut=0"} if codec == "libx264" else {}
+    if codec == "libx265":
+        options = {"x265-params": "log-level=error"}
     if codec.startswith("libvpx"):
         options = {"deadline": "realtime", "cpu-used": "8", "lag-in-frames": "0"}
     pts = timestamps if timestamps is not None else range(start_pts, start_pts + num_frames)

@@ -44,6 +44,7 @@ def _seeds() -> list[bytes]:
         media.make_clip(None, 24, container="matroska", gop=6),
         media.make_clip(None, 24, container="mpegts", gop=10),
         media.make_clip(None, 16, container="webm", codec="libvpx-vp9", gop=8),
+        media.make_clip(None, 16, container="mp4", codec="libx265", gop=8),  # HEVC: its NAL units are read too
     ]
 
 

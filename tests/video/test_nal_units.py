@@ -129,3 +129,26 @@ def test_a_jump_to_16000x16000_is_refused_before_the_decoder_sizes_its_tables(ju
     res = json.loads(out.stdout)
     assert "a frame of 16000x16000 is over the limit" in res["error"], res
     assert res["grew_kib"] < 50 * 1024, res
+
+
+@needs_ffmpeg
+def test_mutated_packets_never_raise(tmp_path):
+    """Hostile packets reach this parser before the decoder: whatever the bytes, it yields sizes or nothing."""
+    import random
+
+    rng = random.Random(20261207)
+    raw = tmp_path / "s.h264"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=25:duration=0.2", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+           "-f", "h264", str(raw))
+    seeds = [u for u in _sps_units(raw, hevc=False)] + [raw.read_bytes()[:400]]
+    scans = [NalScan("h264", None), NalScan("h264", bytes([1, 100, 0, 30, 0xFF])), NalScan("hevc", None),
+             NalScan("hevc", bytes([1]) + bytes(20) + bytes([0xFF]))]
+    for _ in range(20000):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        data = data[: rng.randrange(1, len(data) + 1)]
+        scan = rng.choice(scans)
+        for w, h in scan.sps_sizes(bytes(data)):
+            assert w >= 0 and h >= 0
+        assert scan.is_reference(bytes(data)) in (True, False, None)
