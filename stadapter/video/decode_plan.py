@@ -102,7 +102,8 @@ def decoded_at_least(needed: Sequence[int], scan: StreamScan) -> Optional[int]:
         spans.append((min(start, position[i]), position[i], i))
     wanted = set(needed)
     spans.sort()
-    total, active, next_span = 0, [], 0  # active: a heap of (-shown by, ends at) of the spans covering p
+    active: list[tuple[int, int]] = []  # a heap of (-shown by, ends at) of the spans covering p
+    total, next_span = 0, 0
     p = spans[0][0]
     while next_span < len(spans) or active:
         if not active:
