@@ -19,6 +19,7 @@ from .limits import Budget, Source, VideoError, VideoLimits, check_aspect, out_o
 from .nal_units import CHECKED_CODECS, NalScan
 from .readers import NONREF_SKIPPABLE, IndexedReader, Irregular, ReadResult, SeekMissed, SequentialReader, demux_packets
 from .screen import NO_DECODER, screen_frame_sizes
+from .seek_length import PROBE_PACKETS, landing_past_limit
 from .window_walk import Taken, Takes, WindowWalk, count_frames
 
 
@@ -271,14 +272,19 @@ class Clip:
     def _count_packets(self) -> int:
         """Frame count for a header without frames or duration: count packets, then rewind. The count stops as
         soon as it makes the clip longer than ``max_duration_s`` (a 10-hour clip costs what the limit's length
-        costs, not its own)."""
+        costs, not its own); past a few thousand packets, a seek to the limit may show sooner that the clip runs
+        past it (:mod:`.seek_length`)."""
         stream = self.container.streams[self.stream_index]
         fps = self.info.fps
         most = math.floor(self.limits.max_duration_s * fps) if fps > 0 else None
-        n = 0
+        probe_at = min(PROBE_PACKETS, most // 4) if most is not None and most >= 4 else None
+        n, first_pts = 0, None
         for packet in demux_packets(self.container, stream):
             self.budget.packet()
             n += packet.size > 0
+            first_pts = packet.pts if first_pts is None else first_pts
+            if n == probe_at and first_pts is not None and packet.pos is not None and packet.pos >= 0:
+                self._check_length_by_seek(first_pts, packet.pos + packet.size, n, most)
             if most is not None and n > most:
                 raise VideoError(f"clip has more than {most} frames at {fps:g} fps (its header gives no duration), "
                                  f"over the limit of {self.limits.max_duration_s:g} s")
@@ -286,6 +292,14 @@ class Clip:
         if n == 0:
             raise VideoError("no decodable video frames: the video stream holds no packets")
         return n
+
+    def _check_length_by_seek(self, first_pts: int, bytes_counted: int, counted: int, most: int | None) -> None:
+        limit = self.limits.max_duration_s
+        t = None if most is None else landing_past_limit(self.source, _open_options(self.limits)[0], self.stream_index, first_pts, limit,
+                               bytes_counted, counted, most)
+        if t is not None:
+            raise VideoError(f"clip runs past the limit of {limit:g} s: a seek to it found a frame at {t:.1f} s "
+                             "(its header gives no duration)")
 
     def keyframes(self) -> list[int] | None:
         """Frame indices of the keyframes, from the demuxer's packet flags and timestamps: no decoding.
