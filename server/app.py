@@ -24,7 +24,7 @@ from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_
 from server.engine.pipeline import Pipeline
 from server.engine.response_cache import ResponseCache
 from server.engine.slots import AdapterSlots
-from server.engine.stand_ins import shape_stand_ins, warmup_stand_ins
+from server.engine.stand_ins import shape_stand_ins, warm_up
 from server.frontends.auth import Auth
 from server.frontends.grpc_service import TaskAdminService, VideoClassifierService
 from server.frontends.http import HttpServer, HttpService
@@ -119,8 +119,7 @@ class Server:
         batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)
         if cfg.warmup and registry.tasks:
             t0 = time.monotonic()
-            stand_ins = warmup_stand_ins(list(registry.tasks.values()), trunk)  # shapes, not weights: none read
-            runs = await batcher.warmup(stand_ins)  # left in their slots, the least recently used: the first to go
+            runs = await warm_up(batcher, list(registry.tasks.values()), trunk)
             log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
         decoder = await make_decoder(cfg)
         if wrap_decoder is not None:

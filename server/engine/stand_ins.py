@@ -8,7 +8,7 @@ stand-in computes what an untrained task would; its answers are thrown away.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -16,6 +16,9 @@ from server.engine.model import warmup_picks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack, expected_shapes
 from stadapter.trunk import VideoTrunk
+
+if TYPE_CHECKING:
+    from server.engine.batcher import Batcher
 
 
 def stand_in(tv: TaskVersion, trunk: VideoTrunk, device: str = "cpu") -> TaskVersion:
@@ -49,3 +52,15 @@ def warmup_stand_ins(tvs: Sequence[TaskVersion], trunk: VideoTrunk) -> list[Task
     for members, sharing in warmup_picks(tvs, prefix_blocks).values():
         out += [stand_in(tv, trunk) for tv in members + [tv for tv in sharing if tv not in members]]
     return out
+
+
+async def warm_up(batcher: "Batcher", tvs: Sequence[TaskVersion], trunk: VideoTrunk) -> int:
+    """Run every served shape once (:meth:`Batcher.warmup`) on zero-weight stand-ins of ``tvs``, then free the
+    stand-ins' device slots: they serve no request, and left there they held slots and counted as resident until
+    evicted. Returns the number of forwards run."""
+    stand_ins = warmup_stand_ins(tvs, trunk)  # shapes, not weights: none read
+    try:
+        return await batcher.warmup(stand_ins)
+    finally:
+        for tv in stand_ins:
+            batcher.runner.slots.discard(tv)

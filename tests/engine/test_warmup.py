@@ -45,3 +45,20 @@ def test_warmup_of_tasks_adapting_block_0_has_no_shared_prefix_to_warm(tiny_trun
     calls = _trunk_calls(tiny_trunk, monkeypatch)
     runner.warmup(tvs)
     assert calls == [(1, 1), (2, 2), (4, 4), (2, 2), (4, 4)]
+
+
+def test_warm_up_frees_the_stand_ins_slots(tiny_trunk, tmp_path):
+    """The start-up's warm-up ran zero-weight stand-ins and left them in their device slots: slots held and counted
+    as used (``stadapter_adapter_slots{state="used"}``) by versions no request can name, until evicted."""
+    import asyncio
+
+    from server.config import ServerConfig
+    from server.engine.batcher import Batcher
+    from server.engine.stand_ins import warm_up
+
+    tvs = task_versions(tiny_trunk, tmp_path, [(LAST_BLOCK, 3), (LAST_BLOCK, 4), (HETERO[0][0], 5)])
+    slots = AdapterSlots(1 << 20, CPU, torch.float32)
+    batcher = Batcher(ModelRunner(tiny_trunk, slots, max_rows=4),
+                      ServerConfig(model_repository=tmp_path, max_batch_size=4).limits, max_delay_s=0.005)
+    assert asyncio.run(warm_up(batcher, tvs, tiny_trunk)) > 0
+    assert slots.used == 0 and slots.resident() == []
