@@ -46,3 +46,15 @@ def pool(loop):
     loop.run_until_complete(p.start())
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """One real server for the whole session (``make_repository``'s tasks alpha and beta, ``--no-warmup``), for
+    tests that only ask it questions: a test that registers or unregisters, reads a metric as counted from
+    zero, needs other flags, or stops, kills or drains the server starts its own."""
+    from serverproc import ServerProcess, make_repository
+
+    repo = make_repository(tmp_path_factory.mktemp("shared-server") / "repo")
+    with ServerProcess(repo, "--no-warmup") as srv:
+        yield srv
