@@ -28,10 +28,11 @@ from typing import Callable, Optional, Sequence
 from server.process import ServerProcess as _ServerProcess
 from server.process import ServerStartError
 
-__all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert",
+__all__ = ["SHARED_TASKS", "ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert",
            "wait_for", "wait_for_async"]
 
 DEFAULT_TASKS: tuple[tuple[str, int], ...] = (("alpha", 3), ("beta", 4))
+SHARED_TASKS: tuple[tuple[str, int], ...] = (*DEFAULT_TASKS, ("gamma", 2), ("delta", 2))  # conftest's shared_server
 
 
 def make_repository(
