@@ -46,3 +46,17 @@ def pool(loop):
     loop.run_until_complete(p.start())
     yield p
     p.close()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    """One real server for the whole session, for tests that only ask it questions: the tasks
+    :data:`serverproc.SHARED_TASKS` (alpha and beta as ``make_repository`` makes them), no warm-up, no
+    repository polling, and no admin token (register and unregister are refused). A test that changes the
+    repository, reads a metric as counted from zero, needs other flags, or stops, kills or drains the server
+    starts its own."""
+    from serverproc import SHARED_TASKS, ServerProcess, make_repository
+
+    repo = make_repository(tmp_path_factory.mktemp("shared-server") / "repo", tasks=SHARED_TASKS)
+    with ServerProcess(repo, "--no-warmup", "--poll-interval-s", "0", env={"STADAPTER_ADMIN_TOKEN": None}) as srv:
+        yield srv

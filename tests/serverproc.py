@@ -6,7 +6,7 @@ Usage::
     with ServerProcess(repo, "--allow-insecure-admin") as srv:
         channel = grpc.insecure_channel(srv.address)       # "127.0.0.1:PORT"
         ...                                                # srv.metrics_url, srv.proc
-    # leaving the block sends SIGTERM and waits for the exit
+    # leaving the block sends SIGTERM; the exit is waited for later (see ServerProcess.close)
 
 The server binds 127.0.0.1 with ``--port 0 --metrics-port 0`` and reports the
 ports it really bound in ``--ready-file`` (the same JSON line it prints).
@@ -15,7 +15,11 @@ ports it really bound in ``--ready-file`` (the same JSON line it prints).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,10 +28,11 @@ from typing import Callable, Optional, Sequence
 from server.process import ServerProcess as _ServerProcess
 from server.process import ServerStartError
 
-__all__ = ["ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert",
+__all__ = ["SHARED_TASKS", "ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert",
            "wait_for", "wait_for_async"]
 
 DEFAULT_TASKS: tuple[tuple[str, int], ...] = (("alpha", 3), ("beta", 4))
+SHARED_TASKS: tuple[tuple[str, int], ...] = (*DEFAULT_TASKS, ("gamma", 2), ("delta", 2))  # conftest's shared_server
 
 
 def make_repository(
@@ -66,6 +71,33 @@ class ServerProcess(_ServerProcess):
             args = (*args, "--dtype", "float32")
         super().__init__(repository, *args, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})},
                          timeout=timeout, launcher=launcher)
+
+    def close(self) -> None:
+        """SIGTERM, without waiting for the exit: the next test goes on while this server drains and exits (the
+        drain is mostly waiting, and every test paid it). Its exit is waited for, and its folder removed, by a
+        later ``close`` once it has gone, or by :func:`reap_servers` when the tests end. A test about the exit
+        itself waits for it (``stop()``, ``proc.wait``) before this runs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _exiting.append(self)
+        reap_servers(wait=False)
+
+
+_exiting: list[ServerProcess] = []
+
+
+def reap_servers(wait: bool = True) -> None:
+    """Finish closing the servers :meth:`ServerProcess.close` signalled: those that have exited (all of them with
+    ``wait``, each given 30 s before SIGKILL)."""
+    for srv in list(_exiting):
+        if wait or srv.proc.poll() is not None:
+            _exiting.remove(srv)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                srv.proc.wait(30)  # the SIGTERM was sent
+            _ServerProcess.close(srv)  # SIGKILL if it is still there; the log closed, the folder removed
+
+
+atexit.register(reap_servers)
 
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:

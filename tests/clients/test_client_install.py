@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from media import make_clip
-from serverproc import ServerProcess, make_repository
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_VENV_BYTES = 100 << 20
@@ -67,18 +66,17 @@ def test_the_client_venv_is_small_and_has_no_ml_stack(client_venv):
     assert r.stdout.strip() == "[]"
 
 
-def test_the_installed_cli_classifies_against_a_running_server(client_venv, tmp_path):
-    repo = make_repository(tmp_path / "repo")
+def test_the_installed_cli_classifies_against_a_running_server(client_venv, tmp_path, shared_server):
     clip = make_clip(tmp_path / "clip.mp4", 16)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    with ServerProcess(repo) as srv:
-        r = _run([client_venv / "bin" / "stadapter", "classify", "--address", srv.address, "--task", "alpha",
-                  "--json", clip], cwd=client_venv, env=env)
-        assert r.returncode == 0, r.stdout + r.stderr
-        (row,) = json.loads(r.stdout)
-        assert row["task"] == "alpha" and len(row["predictions"]) == 3
-        r = _run([client_venv / "bin" / "stadapter", "classify", "--address", srv.address, "--task", "nope", clip],
-                 cwd=client_venv, env=env)
-        assert r.returncode == 1 and "NOT_FOUND" in r.stderr
-        r = _run([client_venv / "bin" / "stadapter", "triton-classify", "--task", "alpha", clip], cwd=client_venv, env=env)
-        assert r.returncode == 1 and "needs the full install" in r.stderr and "Traceback" not in r.stderr
+    srv = shared_server
+    r = _run([client_venv / "bin" / "stadapter", "classify", "--address", srv.address, "--task", "alpha",
+              "--json", clip], cwd=client_venv, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["task"] == "alpha" and len(row["predictions"]) == 3
+    r = _run([client_venv / "bin" / "stadapter", "classify", "--address", srv.address, "--task", "nope", clip],
+             cwd=client_venv, env=env)
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+    r = _run([client_venv / "bin" / "stadapter", "triton-classify", "--task", "alpha", clip], cwd=client_venv, env=env)
+    assert r.returncode == 1 and "needs the full install" in r.stderr and "Traceback" not in r.stderr

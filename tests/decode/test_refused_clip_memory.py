@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import media
 import pytest
-from serverproc import ServerProcess, make_repository
+from serverproc import make_repository
 
 from server.decode.pool import ProcessDecodePool
 from server.decode.window_jobs import WindowJob
@@ -79,11 +79,10 @@ def test_a_refused_clip_dies_with_its_request(loop, pool, mode):
     assert not held, "the refused clip outlived its request: a reference cycle holds it until the next gc"
 
 
-def test_many_refused_megabyte_clips_leave_the_server_serving(tmp_path: Path):
+def test_many_refused_megabyte_clips_leave_the_server_serving(shared_server):
     """Refused 2 MiB inputs, whole and streamed: each an INVALID_ARGUMENT that says why, and a valid clip after."""
-    repo = make_repository(tmp_path / "repo")
-    with ServerProcess(repo, "--decode-workers", "1", "--no-warmup") as srv, grpc.insecure_channel(
-            srv.address, options=[("grpc.max_send_message_length", 8 * MiB)]) as channel:
+    srv = shared_server
+    with grpc.insecure_channel(srv.address, options=[("grpc.max_send_message_length", 8 * MiB)]) as channel:
         stub = pb_grpc.VideoClassifierStub(channel)
         for i in range(12):
             data = os.urandom(2 * MiB)

@@ -26,7 +26,7 @@ import tritonclient.http as thttp
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from serverproc import ServerProcess, make_repository
+from serverproc import SHARED_TASKS, ServerProcess, make_repository
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.integration
@@ -134,10 +134,10 @@ def admin_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def no_admin_server(tmp_path_factory):
-    repo = make_repository(tmp_path_factory.mktemp("probe-noadmin") / "repo", tasks=TASKS)
-    with ServerProcess(repo, "--poll-interval-s", "0", "--no-warmup", env={"STADAPTER_ADMIN_TOKEN": None}) as srv:
-        yield srv
+def no_admin_server(shared_server):
+    """The session's shared server: it has no admin token, and these tasks."""
+    assert SHARED_TASKS == TASKS
+    return shared_server
 
 
 def client_of(srv, protocol: str):

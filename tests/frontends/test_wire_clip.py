@@ -8,7 +8,6 @@ import grpc
 import media
 import pytest
 from google.protobuf.message import DecodeError
-from serverproc import ServerProcess
 
 from server.errors import BadRequest
 from server.frontends.wire_clip import SplitBatch, SplitRequest, batch_deserializer, clip_deserializer, clip_of, items_of, split_field
@@ -97,9 +96,9 @@ def test_a_batch_is_split_item_by_item():
         items_of(bad)
 
 
-def test_over_grpc_a_malformed_request_fails_alone_and_the_next_is_served(two_task_repo):
+def test_over_grpc_a_malformed_request_fails_alone_and_the_next_is_served(shared_server):
     ok_clip = media.make_clip(num_frames=12, size=(48, 40))
-    with ServerProcess(two_task_repo, "--no-warmup") as srv, grpc.insecure_channel(srv.address) as ch:
+    with grpc.insecure_channel(shared_server.address) as ch:
         for method in ("Classify", "ClassifyWindows", "BatchClassify"):
             path = f"/stadapter.v1.VideoClassifier/{method}"  # bytes in, bytes out
             raw_call = ch.unary_stream(path) if method == "ClassifyWindows" else ch.unary_unary(path)

@@ -136,9 +136,11 @@ def pinned_srv(tmp_path_factory):
     from stadapter import load_trunk
     from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
-    root = make_repository(tmp_path_factory.mktemp("pinning") / "repo")
-    make_bundle(load_trunk(root / "trunk"), root / "tasks" / "alpha" / "2", name="alpha", version=2, seed=21,
-                labels=["alpha-0", "alpha-1", "alpha-2"])
+    # gamma: alpha's twin (versions 1 and 2) for the test that unregisters one, so alpha stays as the others need it
+    root = make_repository(tmp_path_factory.mktemp("pinning") / "repo", tasks=(("alpha", 3), ("beta", 4), ("gamma", 3)))
+    for name in ("alpha", "gamma"):
+        make_bundle(load_trunk(root / "trunk"), root / "tasks" / name / "2", name=name, version=2, seed=21,
+                    labels=[f"{name}-0", f"{name}-1", f"{name}-2"])
     with ServerProcess(root, "--allow-insecure-admin", "--poll-interval-s", "0", "--no-warmup") as s:
         channel = grpc.insecure_channel(s.address)
         s.stub, s.admin = pb_grpc.VideoClassifierStub(channel), pb_grpc.TaskAdminStub(channel)
@@ -225,27 +227,20 @@ def test_oip_model_version_pins_over_tritonclient_grpc(pinned_srv, clip_bytes):
         infer("7")
 
 
-def test_unregister_one_version_over_grpc(tmp_path, clip_bytes):
+def test_unregister_one_version_over_grpc(pinned_srv, clip_bytes):
+    """On gamma, the task of its own in the module's repository (alpha's twin)."""
     import grpc
-    from serverproc import ServerProcess, make_repository
 
-    from stadapter import load_trunk
     from stadapter_api.v1 import inference_pb2 as pb
-    from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
-    root = make_repository(tmp_path / "repo")
-    make_bundle(load_trunk(root / "trunk"), root / "tasks" / "alpha" / "2", name="alpha", version=2, seed=21,
-                labels=["alpha-0", "alpha-1", "alpha-2"])
-    with ServerProcess(root, "--allow-insecure-admin", "--poll-interval-s", "0", "--no-warmup") as s:
-        channel = grpc.insecure_channel(s.address)
-        stub, admin = pb_grpc.VideoClassifierStub(channel), pb_grpc.TaskAdminStub(channel)
-        resp = admin.UnregisterTask(pb.UnregisterTaskRequest(task="alpha@2"), timeout=30)
-        assert (resp.task, resp.version) == ("alpha", 2)
-        assert stub.Classify(pb.ClassifyRequest(task="alpha", clip=clip_bytes), timeout=30).task_version == 1
-        with pytest.raises(grpc.RpcError) as e:
-            admin.UnregisterTask(pb.UnregisterTaskRequest(task="alpha@2"), timeout=30)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "servable versions: [1]" in e.value.details()
-        assert sorted(p.name for p in (root / "tasks" / "alpha").iterdir()) == ["1"]
+    stub, admin, root = pinned_srv.stub, pinned_srv.admin, pinned_srv.root
+    resp = admin.UnregisterTask(pb.UnregisterTaskRequest(task="gamma@2"), timeout=30)
+    assert (resp.task, resp.version) == ("gamma", 2)
+    assert stub.Classify(pb.ClassifyRequest(task="gamma", clip=clip_bytes), timeout=30).task_version == 1
+    with pytest.raises(grpc.RpcError) as e:
+        admin.UnregisterTask(pb.UnregisterTaskRequest(task="gamma@2"), timeout=30)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "servable versions: [1]" in e.value.details()
+    assert sorted(p.name for p in (root / "tasks" / "gamma").iterdir()) == ["1"]
 
 
 def test_list_and_describe_show_the_servable_versions(pinned_srv, capsys):
