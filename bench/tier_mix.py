@@ -104,7 +104,8 @@ def counters(metrics_url: str) -> dict[str, float]:
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
     want = {"stadapter_task_loads_total": "loads", "stadapter_adapter_activations_total": "activations",
             "stadapter_adapter_hits_total": "hits", "stadapter_host_evictions_total": "host_evictions",
-            "stadapter_host_bytes": "host_bytes"}
+            "stadapter_host_bytes": "host_bytes", "stadapter_task_load_seconds_sum": "load_s",
+            "stadapter_adapter_activation_seconds_sum": "activation_s"}
     out = dict.fromkeys(want.values(), 0.0)
     for fam in text_string_to_metric_families(text):
         for sample in fam.samples:
@@ -123,14 +124,21 @@ def tier_rates(before: dict[str, float], after: dict[str, float]) -> dict[str, f
             "disk": round(d["loads"] / uses, 4)}
 
 
-def latency_classes(timed: Sequence[Timed], drawn: Sequence[int], top: int = 10) -> dict[str, dict]:
-    """p50/p99 ms of ``cold`` requests (their task's first in the run: its weights read from disk), ``repeat``
-    (every later one, any tier) and ``hot`` (repeats of the ``top`` most drawn tasks)."""
+def mean_ms(before: dict[str, float], after: dict[str, float], seconds: str, count: str) -> float | None:
+    """The mean of a histogram's observations over the run (its sum's growth over ``count``'s), in ms."""
+    n = after[count] - before[count]
+    return round(1e3 * (after[seconds] - before[seconds]) / n, 2) if n else None
+
+
+def latency_classes(timed: Sequence[Timed], drawn: Sequence[int], top: int = 10,
+                    warmed: Sequence[int] = ()) -> dict[str, dict]:
+    """p50/p99 ms of ``cold`` requests (their task's first on the server, after the ``warmed`` ones: its weights
+    read from disk), ``repeat`` (every later one, any tier) and ``hot`` (repeats of the ``top`` most drawn tasks)."""
     counts: dict[int, int] = {}
     for k in drawn:
         counts[k] = counts.get(k, 0) + 1
     hot = set(sorted(counts, key=counts.__getitem__, reverse=True)[:top])
-    seen: set[int] = set()
+    seen: set[int] = set(warmed)
     classes: dict[str, list[float]] = {"cold": [], "repeat": [], "hot": []}
     for t in timed:  # in completion order: a task's first completed request is the one that loaded it
         if t.task not in seen:

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from bench import tier_mix
 from bench.refused_rss import rss_kb
@@ -86,20 +87,27 @@ def ready(repo: Path, *flags: str) -> dict:
         return {"ready_s": round(time.monotonic() - t0, 3), "rss_ready_bytes": rss_kb(srv.proc.pid) * 1024}
 
 
-def run_mix(repo: Path, clip: bytes, drawn: list[int], concurrency: int, *flags: str, warm: bool = False) -> dict:
-    """One fresh server, the drawn request sequence timed; ``warm``: each drawn task requested once before."""
+def run_mix(repo: Path, clip: bytes, drawn: list[int], concurrency: int, *flags: str, warm: bool = False,
+            before_run: Sequence[int] = ()) -> dict:
+    """One fresh server, the drawn request sequence timed; ``warm``: each drawn task requested once before;
+    ``before_run``: requests sent before the timing (the tiered server's steady state)."""
     with server(repo, *flags) as srv:
         if warm:
             tier_mix.drive(srv.address, clip, sorted(set(drawn)), concurrency)
+        if before_run:
+            tier_mix.drive(srv.address, clip, before_run, concurrency)
         before = tier_mix.counters(srv.metrics_url)
         timed, wall = tier_mix.drive(srv.address, clip, drawn, concurrency)
         after = tier_mix.counters(srv.metrics_url)
         out = {"requests": len(drawn), "distinct_tasks": len(set(drawn)), "wall_s": round(wall, 2),
                "requests_per_s": round(len(drawn) / wall, 1), "tiers": tier_mix.tier_rates(before, after),
-               "loads": int(after["loads"] - before["loads"]), "host_evictions": int(after["host_evictions"]),
+               "loads": int(after["loads"] - before["loads"]),
+               "load_ms_mean": tier_mix.mean_ms(before, after, "load_s", "loads"),
+               "activation_ms_mean": tier_mix.mean_ms(before, after, "activation_s", "activations"),
+               "host_evictions": int(after["host_evictions"] - before["host_evictions"]),
                "host_bytes_end": int(after["host_bytes"]), "peak_rss_bytes": tier_mix.peak_rss_bytes(srv.proc.pid)}
         if not warm:
-            out["latency"] = tier_mix.latency_classes(timed, drawn)
+            out["latency"] = tier_mix.latency_classes(timed, drawn, warmed=before_run)
         else:
             out["latency"] = {"all": tier_mix.percentiles([t.seconds for t in timed])}
         return out
@@ -117,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--zipf-s", type=float, default=1.1)
     p.add_argument("--mixes", default="zipf,uniform")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-requests", type=int, default=0,
+                   help="requests of the same mix (other draws) the tiered server gets before the timing: its steady "
+                        "state rather than its first minutes")
     p.add_argument("--work", help="keep the repositories here (default: a temporary folder)")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -138,14 +149,16 @@ def main(argv=None) -> int:
         results: dict = {
             "shape": args.shape, "tasks": args.tasks, "task_bytes": task_bytes, "all_tasks_bytes": task_bytes * args.tasks,
             "host_budget_bytes": budget, "adapter_slots": args.adapter_slots, "trunk_bytes": trunk_bytes,
-            "concurrency": args.concurrency, "build_s": build_s,
+            "concurrency": args.concurrency, "warmup_requests": args.warmup_requests, "build_s": build_s,
             "ready": {"2": ready(small, *tiered), str(args.tasks): ready(big, *tiered)}, "mixes": {}}
         for mix in args.mixes.split(","):
             drawn = tier_mix.draw(mix, args.tasks, args.requests, args.zipf_s, args.seed)
             distinct = len(set(drawn))
             resident = ("--host-cache-bytes", str(2 * task_bytes * distinct + (64 << 20)),
                         "--adapter-slots", str(distinct + 8))
-            results["mixes"][mix] = {"tiered": run_mix(big, clip, drawn, args.concurrency, *tiered),
+            before_run = tier_mix.draw(mix, args.tasks, args.warmup_requests, args.zipf_s, args.seed + 1)
+            results["mixes"][mix] = {"tiered": run_mix(big, clip, drawn, args.concurrency, *tiered,
+                                                       before_run=before_run),
                                      "resident": run_mix(big, clip, drawn, args.concurrency, *resident, warm=True)}
             print(f"[{mix}] done", file=sys.stderr)
     print(table(results), file=sys.stderr)
@@ -162,14 +175,15 @@ def table(r: dict) -> str:
              f"ready: 2 tasks {r['ready']['2']['ready_s']:.2f} s ({r['ready']['2']['rss_ready_bytes'] / mib:.0f} MiB), "
              f"{n} tasks {r['ready'][n]['ready_s']:.2f} s ({r['ready'][n]['rss_ready_bytes'] / mib:.0f} MiB)",
              f"{'mix':<8} {'server':<9} {'req/s':>7} {'device':>7} {'host':>6} {'disk':>6} {'cold p50/p99 ms':>16} "
-             f"{'hot p50/p99 ms':>15} {'peak RSS MiB':>12}"]
+             f"{'hot p50/p99 ms':>15} {'peak RSS MiB':>12} {'load ms':>8}"]
     for mix, runs in r["mixes"].items():
         for kind, x in runs.items():
             lat = x["latency"]
             cold, hot = lat.get("cold", lat.get("all")), lat.get("hot", lat.get("all"))
             lines.append(f"{mix:<8} {kind:<9} {x['requests_per_s']:>7.1f} {x['tiers']['device']:>7.1%} "
                          f"{x['tiers']['host']:>6.1%} {x['tiers']['disk']:>6.1%} "
-                         f"{_pair(cold):>16} {_pair(hot):>15} {x['peak_rss_bytes'] / mib:>12.0f}")
+                         f"{_pair(cold):>16} {_pair(hot):>15} {x['peak_rss_bytes'] / mib:>12.0f} "
+                         f"{x['load_ms_mean'] if x['load_ms_mean'] is not None else '-':>8}")
     return "\n".join(lines)
 
 

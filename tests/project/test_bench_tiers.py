@@ -49,3 +49,7 @@ def test_tier_rates_and_latency_classes():
     assert (lat["cold"]["n"], lat["repeat"]["n"], lat["hot"]["n"]) == (2, 3, 2)
     assert lat["cold"]["p50_ms"] == pytest.approx(450.0) and lat["hot"]["p50_ms"] == pytest.approx(100.0)
     assert tier_mix.percentiles([]) == {"n": 0, "p50_ms": None, "p99_ms": None}
+    after_warm_up = tier_mix.latency_classes(timed, [t.task for t in timed], top=1, warmed=[1])
+    assert (after_warm_up["cold"]["n"], after_warm_up["repeat"]["n"]) == (1, 4)  # task 1 was served before the run
+    assert tier_mix.mean_ms({"s": 1.0, "n": 2.0}, {"s": 1.5, "n": 7.0}, "s", "n") == 100.0
+    assert tier_mix.mean_ms({"s": 1.0, "n": 2.0}, {"s": 1.0, "n": 2.0}, "s", "n") is None
