@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="requests of the same mix (other draws) the tiered server gets before the timing: its steady "
                         "state rather than its first minutes")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="start every server with --no-warmup (a ViT-B/16 warm-up on a CPU takes minutes per start)")
     p.add_argument("--work", help="keep the repositories here (default: a temporary folder)")
     p.add_argument("--out")
     args = p.parse_args(argv)
@@ -145,16 +147,18 @@ def main(argv=None) -> int:
         small, _, _ = repository(work, 2, args.shape, trunk_dir, template)
         big, task_bytes, build_s = repository(work, args.tasks, args.shape, trunk_dir, template)
         trunk_bytes = (trunk_dir / "visual.safetensors").stat().st_size
-        tiered = ("--host-cache-bytes", str(budget), "--adapter-slots", str(args.adapter_slots))
+        common = ("--no-warmup",) if args.no_warmup else ()
+        tiered = (*common, "--host-cache-bytes", str(budget), "--adapter-slots", str(args.adapter_slots))
         results: dict = {
             "shape": args.shape, "tasks": args.tasks, "task_bytes": task_bytes, "all_tasks_bytes": task_bytes * args.tasks,
             "host_budget_bytes": budget, "adapter_slots": args.adapter_slots, "trunk_bytes": trunk_bytes,
-            "concurrency": args.concurrency, "warmup_requests": args.warmup_requests, "build_s": build_s,
+            "concurrency": args.concurrency, "server_warmup": not args.no_warmup,
+            "warmup_requests": args.warmup_requests, "build_s": build_s,
             "ready": {"2": ready(small, *tiered), str(args.tasks): ready(big, *tiered)}, "mixes": {}}
         for mix in args.mixes.split(","):
             drawn = tier_mix.draw(mix, args.tasks, args.requests, args.zipf_s, args.seed)
             distinct = len(set(drawn))
-            resident = ("--host-cache-bytes", str(2 * task_bytes * distinct + (64 << 20)),
+            resident = (*common, "--host-cache-bytes", str(2 * task_bytes * distinct + (64 << 20)),
                         "--adapter-slots", str(distinct + 8))
             before_run = tier_mix.draw(mix, args.tasks, args.warmup_requests, args.zipf_s, args.seed + 1)
             results["mixes"][mix] = {"tiered": run_mix(big, clip, drawn, args.concurrency, *tiered,
