@@ -210,10 +210,12 @@ def _tasks(ns: argparse.Namespace, client) -> int:
         print(json.dumps(tl.to_dict(), indent=2))
         return 0
     rows = [[t.name, t.version, ",".join(map(str, t.servable_versions)) or "-", len(t.labels), t.num_frames,
-             t.input_size, t.sampling_mode, f"{t.adapter_bytes / 1024:.1f}", t.state, _short_labels(t.labels)]
+             t.input_size, t.sampling_mode, f"{t.adapter_bytes / 1024:.1f}", t.state, t.residency or "-",
+             _short_labels(t.labels)]
             for t in tl.tasks]
     print(f"trunk {tl.trunk_model} ({tl.trunk_fingerprint[:12]}), {len(tl.tasks)} task(s)")
-    print(table(["TASK", "VERSION", "SERVABLE", "CLASSES", "FRAMES", "SIZE", "SAMPLING", "KiB", "STATE", "LABELS"], rows))
+    print(table(["TASK", "VERSION", "SERVABLE", "CLASSES", "FRAMES", "SIZE", "SAMPLING", "KiB", "STATE", "RESIDENCY",
+                 "LABELS"], rows))
     return 0
 
 

@@ -267,6 +267,7 @@ class TaskInfo:
     trunk_fingerprint: str = ""
     state: str = ""
     servable_versions: tuple[int, ...] = ()  # versions a request may pin as name@N
+    residency: str = ""  # where its weights are: "device", "host" or "disk" (empty from a register)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -278,7 +279,7 @@ class TaskInfo:
     def from_pb(cls, t: pb.TaskInfo) -> "TaskInfo":
         return cls(t.name, t.version, tuple(t.labels), t.description, t.num_frames, t.input_size, t.sampling_mode,
                    t.temporal_views, t.spatial_views, _json(t.adapter_config_json), t.adapter_bytes, t.created,
-                   _json(t.metrics_json), t.trunk_fingerprint, t.state, tuple(t.servable_versions))
+                   _json(t.metrics_json), t.trunk_fingerprint, t.state, tuple(t.servable_versions), t.residency)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,8 @@ class Server:
 
         limits = cfg.limits  # the one limits object (services, pipeline, batcher, decoder, registry)
         registry = TaskRegistry(cfg.model_repository, trunk, limits.bundle, cfg.keep_versions, on_change,
-                                cfg.host_cache_bytes, cfg.pin_tasks, metrics.host_event)
+                                cfg.host_cache_bytes, cfg.pin_tasks, metrics.host_event,
+                                host_dtype=dtype if cfg.host_dtype == "serving" else None)
         metrics.watch_host(lambda: registry.host.resident_count, lambda: registry.host.bytes)
         registry.sync()  # metadata only: weights are read on first use (the host tier)
         metrics.tasks_loaded.set(len(registry.tasks))

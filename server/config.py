@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
+HOST_DTYPES = ("stored", "serving")  # --host-dtype: as the bundles store them (today's), or the serving dtype
 DEFAULT_HOST_CACHE_BYTES = 4 << 30  # the host tier's default (server.registry.host_tier): see --host-cache-bytes
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
 _WINDOWS = WindowLimits()
@@ -48,6 +49,7 @@ class ServerConfig:
     cache_bytes: Optional[int] = None  # None: not given, DEFAULT_CACHE_BYTES unless adapter_slots sizes the bank
     host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
     pin_tasks: tuple[str, ...] = ()
+    host_dtype: str = "stored"
     adapter_slots: int = 0
     poll_interval_s: float = 2.0
     max_message_bytes: int = 64 * MiB
@@ -118,6 +120,8 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.log_format must be {'|'.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"ServerConfig.dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}")
+        if self.host_dtype not in HOST_DTYPES:
+            raise ValueError(f"ServerConfig.host_dtype must be {'|'.join(HOST_DTYPES)}, got {self.host_dtype!r}")
         if self.max_inflight_clip_bytes < self.max_clip_bytes:
             raise ValueError(f"ServerConfig.max_inflight_clip_bytes ({self.max_inflight_clip_bytes}) must be >= "
                              f"max_clip_bytes ({self.max_clip_bytes}), or the largest clip could never be accepted")
@@ -210,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
            "ViT-B/16 12x384 tasks)")
     a("--pin-tasks", type=_task_names, default=d.pin_tasks,
       help="comma-separated task names whose weights are read at start and never leave host memory (e.g. a,b)")
+    a("--host-dtype", default=d.host_dtype, choices=HOST_DTYPES,
+      help="dtype of the task weights kept in host memory: stored, as the bundles store them (float32 as training "
+           "writes them); serving, the serving dtype (--dtype as resolved): a bfloat16 or float16 server then "
+           "counts half the bytes of a float32 task against --host-cache-bytes, with the same logits (a device slot "
+           "holds the serving dtype either way: the conversion moves from each activation to the load)")
 
     a = p.add_argument_group("Admission and batching",
                              "Past a bound on what requests hold, the next one is refused at once with "

@@ -2,6 +2,10 @@
 each task as a model (OIP's metadata, config and readiness), and the model repository (index, load, unload) with
 unregistering, counted in ``stadapter_unregistrations_total`` here and only here.
 
+Each served version's residency is the nearest tier its weights are in: ``device`` (an adapter slot,
+``server.engine.slots``), ``host`` (the host tier, ``server.registry.host_tier``) or ``disk`` (known from the
+repository scan, weights not read: its next request reads them).
+
 Every served task is a model with one input ``CLIP`` (BYTES ``[N]``, one encoded clip per element) and two
 outputs, ``LABELS`` (BYTES ``[N, k]``) and ``SCORES`` (FP32 ``[N, k]``); its version is the task version.
 """
@@ -62,11 +66,15 @@ class ModelConfig:
     outputs: Signature = OUTPUT_SIGNATURE
 
 
+DEVICE, HOST, DISK = "device", "host", "disk"  # the residencies, nearest tier first
+
+
 @dataclass(frozen=True)
 class RepositoryEntry:
     name: str
     version: str
     state: str = "READY"
+    residency: str = DISK
 
 
 class Catalog:
@@ -87,6 +95,13 @@ class Catalog:
 
     def servable_versions(self, name: str) -> list[int]:
         return self.registry.servable_versions(name)
+
+    def residency(self, tv: TaskVersion) -> str:
+        """The nearest tier ``tv``'s weights are in now: :data:`DEVICE`, :data:`HOST` or :data:`DISK` (a slot keeps
+        its copy after the host tier let the version go: it is ``device`` then)."""
+        if self.pipeline.batcher.runner.slots.is_resident(tv):
+            return DEVICE
+        return HOST if tv.stack is not None else DISK
 
     # --- readiness ---
 
@@ -129,8 +144,9 @@ class Catalog:
     # --- the model repository (admin) ---
 
     def repository_index(self) -> list[RepositoryEntry]:
-        """Every served task with its served version."""
-        return [RepositoryEntry(name, str(tv.version)) for name, tv in sorted(self.registry.tasks.items())]
+        """Every served task with its served version and that version's residency."""
+        return [RepositoryEntry(name, str(tv.version), residency=self.residency(tv))
+                for name, tv in sorted(self.registry.tasks.items())]
 
     async def repository_load(self, name: str) -> TaskVersion:
         """Re-read the repository (a task copied in is picked up); the task (or ``task@N``) when it is served."""

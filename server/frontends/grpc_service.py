@@ -22,7 +22,7 @@ from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 
-def task_info(tv: TaskVersion, servable_versions: Sequence[int] = ()) -> pb.TaskInfo:
+def task_info(tv: TaskVersion, servable_versions: Sequence[int] = (), residency: str = "") -> pb.TaskInfo:
     s = tv.spec
     return pb.TaskInfo(
         name=s.name, version=s.version, labels=list(s.labels), description=s.description,
@@ -30,7 +30,7 @@ def task_info(tv: TaskVersion, servable_versions: Sequence[int] = ()) -> pb.Task
         temporal_views=s.sampling.temporal_views, spatial_views=s.sampling.spatial_views,
         adapter_config_json=json.dumps(s.adapter.to_dict()), adapter_bytes=tv.nbytes, created=s.created,
         metrics_json=json.dumps(dict(s.metrics)), trunk_fingerprint=s.trunk_fingerprint, state="ready",
-        servable_versions=list(servable_versions),
+        servable_versions=list(servable_versions), residency=residency,
     )
 
 
@@ -75,7 +75,7 @@ def _label(task: str, tasks: Sequence[str]) -> str:
 
 class VideoClassifierService(Servicer, WindowsServicer, pb_grpc.VideoClassifierServicer):
     def _info(self, tv: TaskVersion) -> pb.TaskInfo:
-        return task_info(tv, self.plane.servable_versions(tv.name))
+        return task_info(tv, self.plane.servable_versions(tv.name), self.plane.residency(tv))
 
     @rpc("Classify", "classify", timed=True)
     async def Classify(self, request: pb.ClassifyRequest, context, call: Call) -> pb.ClassifyResponse:

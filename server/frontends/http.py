@@ -248,8 +248,9 @@ class HttpService:
 
     @endpoint("RepositoryIndex", "admin")
     async def repository_index(self, request: web.Request, call: Call) -> web.Response:
-        """Every served task with its served version (tritonclient.http's ``get_model_repository_index`` list)."""
-        return web.json_response([{"name": e.name, "version": e.version, "state": e.state}
+        """Every served task with its served version and that version's residency (``device``, ``host``, ``disk``):
+        tritonclient.http's ``get_model_repository_index`` list, whose entries are dicts it does not check."""
+        return web.json_response([{"name": e.name, "version": e.version, "state": e.state, "residency": e.residency}
                                   for e in self.plane.repository_index()])
 
     @endpoint("RepositoryModelLoad", "admin")

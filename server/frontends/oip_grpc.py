@@ -7,8 +7,10 @@ element) and optional request parameters (``top_k`` and the sampling overrides:
 ``autorotate``, ``seek``), and answers ``LABELS`` (BYTES ``[N, k]``) and ``SCORES``
 (FP32 ``[N, k]``), best first, in raw form as Triton does. The repository
 extension maps to the task registry behind the admin token: index lists the served
-tasks, load re-reads the repository and succeeds when the task is served, unload
-unregisters the task (its files are removed, as ``UnregisterTask`` does).
+tasks (each entry's ``reason``, the one free-text field of Triton's ``ModelIndex``, says its residency,
+``residency=device|host|disk``: the state stays ``READY`` whatever the tier), load re-reads the repository
+and succeeds when the task is served, unload unregisters the task (its files are removed, as ``UnregisterTask``
+does).
 
 The protocol's stubs are tritonclient's (``tritonclient.grpc.service_pb2``; Triton's
 service is KServe's plus extensions), so tritonclient and perf_analyzer talk to it
@@ -34,6 +36,12 @@ from server.registry.registry import TaskVersion
 
 OIP_SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # inference.GRPCInferenceService
 _CONFIG_TYPES = {"BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32}
+RESIDENCY_REASON = "residency="  # a repository index entry's reason: this and the residency (device, host, disk)
+
+
+def residency_reason(residency: str) -> str:
+    """A repository index entry's ``reason``: Triton's ``ModelIndex`` has no other field a residency fits."""
+    return RESIDENCY_REASON + residency
 
 
 class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
@@ -125,7 +133,8 @@ class InferenceService(Servicer, oip_grpc.GRPCInferenceServiceServicer):
     @rpc("RepositoryIndex", "admin")
     async def RepositoryIndex(self, request, context, call: Call) -> oip.RepositoryIndexResponse:
         M = oip.RepositoryIndexResponse.ModelIndex
-        return oip.RepositoryIndexResponse(models=[M(name=e.name, version=e.version, state=e.state)
+        return oip.RepositoryIndexResponse(models=[M(name=e.name, version=e.version, state=e.state,
+                                                     reason=residency_reason(e.residency))
                                                    for e in self.plane.repository_index()])
 
     @rpc("RepositoryModelLoad", "admin")

@@ -10,7 +10,8 @@ The registry's scan reads every version's metadata and no weights; a version's a
   only once it passed, so a version is never half-loaded. A load that fails is remembered for that
   version (its later requests fail at once, no second read) and reported to ``on_broken``, which takes
   the version out of service;
-* past ``budget_bytes`` the least recently used versions leave host memory, except those a queued or
+* a version counts the bytes its stack holds (``dtype``: the one the loader keeps it in, ``--host-dtype``; None
+  as stored); past ``budget_bytes`` the least recently used versions leave host memory, except those a queued or
   running request holds (``TaskVersion.inflight``: the admission ticket's slots count it) and those of
   ``pinned`` task names. With every resident version held the tier stays over its budget until a later
   load or release lets it shrink. Device slots copy from here when they activate a version.
@@ -30,6 +31,8 @@ import time
 from collections import OrderedDict
 from typing import Callable, Collection, Optional
 
+import torch
+
 from server.config import DEFAULT_HOST_CACHE_BYTES
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack
@@ -44,7 +47,8 @@ class HostTier:
 
     def __init__(self, load: Loader, budget_bytes: int = DEFAULT_HOST_CACHE_BYTES, pinned: Collection[str] = (),
                  on_event: Optional[Callable[[str, float], None]] = None,
-                 on_broken: Optional[Callable[[TaskVersion, Exception], None]] = None):
+                 on_broken: Optional[Callable[[TaskVersion, Exception], None]] = None,
+                 dtype: Optional[torch.dtype] = None):
         if budget_bytes < 0:
             raise ValueError(f"HostTier: budget_bytes must be >= 0, got {budget_bytes}")
         self._load = load
@@ -52,8 +56,10 @@ class HostTier:
         self.pinned = frozenset(pinned)
         self.on_event = on_event
         self.on_broken = on_broken
+        self.dtype = dtype  # what the registry's loads keep weights in (None: as stored)
         self._lock = threading.Lock()
         self._resident: "OrderedDict[int, TaskVersion]" = OrderedDict()  # uid -> version, least recently used first
+        self._sizes: dict[int, int] = {}  # uid -> the bytes its stack holds (counted in ``bytes``)
         self._flights: dict[int, concurrent.futures.Future] = {}  # uid -> the load in progress
         self._broken: dict[int, Exception] = {}  # uid -> why its load failed (never read again)
         self.bytes = 0
@@ -162,14 +168,16 @@ class HostTier:
         """Drop a retired version's weights (the caller waits until no request holds it); not an eviction."""
         with self._lock:
             if self._resident.pop(tv.uid, None) is not None:
-                self.bytes -= tv.nbytes
+                self.bytes -= self._sizes.pop(tv.uid)
             self._broken.pop(tv.uid, None)
             if tv.source is not None:
                 tv.stack = None
 
     def _add(self, tv: TaskVersion) -> None:  # under the lock
         if tv.uid not in self._resident:
-            self.bytes += tv.nbytes
+            assert tv.stack is not None
+            self._sizes[tv.uid] = tv.stack.nbytes
+            self.bytes += self._sizes[tv.uid]
         self._resident[tv.uid] = tv
         self._resident.move_to_end(tv.uid)
 
@@ -182,7 +190,7 @@ class HostTier:
             if uid == keep or tv.inflight > 0 or tv.name in self.pinned or tv.source is None:
                 continue  # just loaded for its caller, held by a request, pinned, or with no disk copy to reload
             del self._resident[uid]
-            self.bytes -= tv.nbytes
+            self.bytes -= self._sizes.pop(uid)
             tv.stack = None
             self.evictions += 1
             self._emit("eviction", 0.0)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from server.errors import BrokenTask
 from server.registry.folders import recorded_digest, stored_digest
@@ -53,14 +56,24 @@ def tensor_bytes(path: Path) -> int:
             return 0
 
 
-def read_weights(tv: TaskVersion, trunk: VideoTrunk, limits: BundleLimits) -> AdapterStack:
+def loaded_version(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: WeightsSource,
+                   dtype: Optional[torch.dtype] = None) -> TaskVersion:
+    """The version stored in ``path`` with its weights read now (in ``dtype``: the host tier's)."""
+    bundle = load_bundle(path, trunk, limits)
+    stack = owned_stack(bundle, trunk.num_blocks, dtype)
+    return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path), source=source)
+
+
+def read_weights(tv: TaskVersion, trunk: VideoTrunk, limits: BundleLimits,
+                 dtype: Optional[torch.dtype] = None) -> AdapterStack:
     """``tv``'s weights, read and checked as a register checks them (files, dtypes, NaN/Inf, the trunk's
-    fingerprint and shapes) and as the task its metadata said; a bad bundle is :class:`BrokenTask`."""
+    fingerprint and shapes) and as the task its metadata said, kept in ``dtype`` (None: as stored); a bad
+    bundle is :class:`BrokenTask`."""
     try:
         bundle = load_bundle(tv.path, trunk, limits)
         if bundle.spec.name != tv.name or bundle.spec.version != tv.version:
             raise BundleError(f"{tv.path}: task.json now says {bundle.spec.name!r} version {bundle.spec.version}")
-        stack = owned_stack(bundle, trunk.num_blocks)
+        stack = owned_stack(bundle, trunk.num_blocks, dtype)
         if not tv.digest:  # a folder stored without a recorded digest: its files' digest, now that they are read
             tv.digest = stored_digest(tv.path)
     except (BundleError, OSError, ValueError) as e:
@@ -69,10 +82,14 @@ def read_weights(tv: TaskVersion, trunk: VideoTrunk, limits: BundleLimits) -> Ad
     return stack
 
 
-def owned_stack(bundle: TaskBundle, num_blocks: int) -> AdapterStack:
-    """The bundle's stack in this process's own memory. safetensors maps the weights file, so its tensors are the
-    file's pages: a file overwritten in place under a running server (a copy over it, a disk repair) then killed
-    the process with SIGBUS on its next use. A copy also makes the host tier's bytes the memory it holds."""
+def owned_stack(bundle: TaskBundle, num_blocks: int, dtype: Optional[torch.dtype] = None) -> AdapterStack:
+    """The bundle's stack in this process's own memory, its floating-point tensors in ``dtype`` (None: as stored;
+    ``--host-dtype``). safetensors maps the weights file, so its tensors are the file's pages: a file overwritten in
+    place under a running server (a copy over it, a disk repair) then killed the process with SIGBUS on its next
+    use. A copy also makes the host tier's bytes the memory it holds."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.clone()
+
     stack = bundle.stack(num_blocks)
-    return AdapterStack({k: w.map(lambda t: t.clone()) for k, w in stack.slots.items()}, stack.head_w.clone(),
-                        stack.head_b.clone(), stack.num_classes, stack.activation)
+    return AdapterStack({k: w.map(own) for k, w in stack.slots.items()}, own(stack.head_w), own(stack.head_b),
+                        stack.num_classes, stack.activation)

@@ -34,7 +34,7 @@ import time
 import uuid
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Collection, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Collection, Mapping, Optional
 
 from server.errors import BadRequest, BrokenTask, TaskNotFound
 from server.registry.folders import (
@@ -59,11 +59,14 @@ from server.registry.folders import (
     version_dirs,
 )
 from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
-from server.registry.loading import owned_stack, read_weights, version_at
+from server.registry.loading import loaded_version, owned_stack, read_weights, version_at
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, load_bundle
+
+if TYPE_CHECKING:
+    import torch
 from stadapter.config import TaskSpec, brief
 from stadapter.fsutil import fsync_tree
 from stadapter.trunk import VideoTrunk
@@ -83,8 +86,8 @@ class TaskRegistry:
         keep_versions: versions of a task kept on disk after a register.
         on_change: called with (published, retired) TaskVersions after every change
             (the server updates metrics and drops retired adapters from the device cache).
-        host_cache_bytes, pinned_tasks, on_host_event: the host tier's budget, the task names it never evicts,
-            and its events (:class:`~server.registry.host_tier.HostTier`).
+        host_cache_bytes, pinned_tasks, on_host_event, host_dtype: the host tier's budget, the task names it never
+            evicts, its events and the dtype it keeps weights in (:class:`~server.registry.host_tier.HostTier`).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class TaskRegistry:
         host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES,
         pinned_tasks: Collection[str] = (),
         on_host_event: Optional[Callable[[str, float], None]] = None,
+        host_dtype: "Optional[torch.dtype]" = None,
     ):
         self.root = Path(repository)
         self.tasks_dir = self.root / "tasks"
@@ -111,7 +115,7 @@ class TaskRegistry:
         self._write_lock = threading.Lock()  # one structural change at a time in this process
         self._failed: dict[tuple[str, int], str] = {}  # bad folders seen on disk: not retried
         self._next_sweep = 0.0  # monotonic time of the next sweep of leftovers (see sync)
-        self.host = HostTier(self._read_weights, host_cache_bytes, pinned_tasks, on_host_event, self._take_out)
+        self.host = HostTier(self._read_weights, host_cache_bytes, pinned_tasks, on_host_event, self._take_out, host_dtype)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -196,15 +200,13 @@ class TaskRegistry:
 
     def load_version(self, path: Path) -> TaskVersion:
         """The version in ``path`` with its weights read now (the server's scan reads metadata only)."""
-        bundle = load_bundle(path, self.trunk, self.limits)
-        stack = owned_stack(bundle, self.trunk.num_blocks)
-        return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path), source=self.host)
+        return loaded_version(path, self.trunk, self.limits, self.host, self.host.dtype)
 
     def _version_at(self, path: Path) -> TaskVersion:
         return version_at(path, self.trunk, self.limits, self.host)
 
     def _read_weights(self, tv: TaskVersion) -> AdapterStack:
-        return read_weights(tv, self.trunk, self.limits)
+        return read_weights(tv, self.trunk, self.limits, self.host.dtype)
 
     async def ensure_loaded(self, tv: TaskVersion) -> None:
         """``tv``'s weights in host memory, read off the event loop on first use (BrokenTask for a bad bundle)."""
@@ -358,7 +360,7 @@ class TaskRegistry:
                 finally:
                     os.close(fd)
                 self.marks.raise_high_water(name, version)
-                tv = TaskVersion(spec, owned_stack(bundle, self.trunk.num_blocks), target, bundle.nbytes, digest,
+                tv = TaskVersion(spec, owned_stack(bundle, self.trunk.num_blocks, self.host.dtype), target, bundle.nbytes, digest,
                                  source=self.host)  # validated in full above: in host memory from the start
                 self.host.adopt(tv)
                 table = dict(self._table)

@@ -221,7 +221,7 @@ class DescribeTaskRequest(_message.Message):
     def __init__(self, task: _Optional[str] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("name", "version", "labels", "description", "num_frames", "input_size", "sampling_mode", "temporal_views", "spatial_views", "adapter_config_json", "adapter_bytes", "created", "metrics_json", "trunk_fingerprint", "state", "servable_versions")
+    __slots__ = ("name", "version", "labels", "description", "num_frames", "input_size", "sampling_mode", "temporal_views", "spatial_views", "adapter_config_json", "adapter_bytes", "created", "metrics_json", "trunk_fingerprint", "state", "servable_versions", "residency")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class TaskInfo(_message.Message):
     TRUNK_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SERVABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -254,7 +255,8 @@ class TaskInfo(_message.Message):
     trunk_fingerprint: str
     state: str
     servable_versions: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., num_frames: _Optional[int] = ..., input_size: _Optional[int] = ..., sampling_mode: _Optional[str] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., adapter_config_json: _Optional[str] = ..., adapter_bytes: _Optional[int] = ..., created: _Optional[str] = ..., metrics_json: _Optional[str] = ..., trunk_fingerprint: _Optional[str] = ..., state: _Optional[str] = ..., servable_versions: _Optional[_Iterable[int]] = ...) -> None: ...
+    residency: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., num_frames: _Optional[int] = ..., input_size: _Optional[int] = ..., sampling_mode: _Optional[str] = ..., temporal_views: _Optional[int] = ..., spatial_views: _Optional[int] = ..., adapter_config_json: _Optional[str] = ..., adapter_bytes: _Optional[int] = ..., created: _Optional[str] = ..., metrics_json: _Optional[str] = ..., trunk_fingerprint: _Optional[str] = ..., state: _Optional[str] = ..., servable_versions: _Optional[_Iterable[int]] = ..., residency: _Optional[str] = ...) -> None: ...
 
 class RegisterTaskChunk(_message.Message):
     __slots__ = ("filename", "data", "upload_id")

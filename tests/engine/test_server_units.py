@@ -221,6 +221,16 @@ def test_config_flags_and_validation(tmp_path):
         ServerConfig(model_repository=tmp_path, max_clip_bytes=1000, max_inflight_clip_bytes=999)
 
 
+def test_host_dtype_flag(tmp_path, capsys):
+    assert parse_args(["--model-repository", str(tmp_path)]).host_dtype == "stored"  # as today unless asked
+    assert parse_args(["--model-repository", str(tmp_path), "--host-dtype", "serving"]).host_dtype == "serving"
+    with pytest.raises(SystemExit):
+        parse_args(["--model-repository", str(tmp_path), "--host-dtype", "bf16"])
+    assert "--host-dtype: invalid choice: 'bf16' (choose from" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="host_dtype must be stored[|]serving, got 'float8'"):
+        ServerConfig(model_repository=tmp_path, host_dtype="float8")
+
+
 def test_window_decoders_flag(tmp_path, capsys):
     assert parse_args(["--model-repository", str(tmp_path)]).window_decoders == 1
     assert parse_args(["--model-repository", str(tmp_path), "--window-decoders", "2"]).window_decoders == 2

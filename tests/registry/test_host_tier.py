@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from factories import make_bundle
 
 from server.errors import BrokenTask, TaskNotFound
@@ -190,3 +191,38 @@ def test_a_retired_version_leaves_host_memory_when_its_last_request_ends(two_tas
     assert v1.retired and v1.stack is not None  # a request still holds it: it finishes on its version
     v1.release()
     assert v1.stack is None and not reg.host.is_resident(v1)
+
+
+def test_a_host_dtype_holds_every_load_in_it_and_counts_the_bytes_it_holds(two_task_repo, tiny_trunk, tmp_path):
+    """``--host-dtype serving`` on a bfloat16 server: first-use loads, registers and pinned older versions all
+    keep bfloat16 copies, and the budget counts their bytes (half the float32 ones), not the files'."""
+    def loaded(reg: TaskRegistry) -> list[TaskVersion]:
+        reg.sync()
+        tvs = [reg.acquire(name) for name in ("alpha", "beta")]
+        for tv in tvs:
+            reg.host.load_now(tv)
+            tv.release()
+        return tvs
+
+    as_stored = TaskRegistry(two_task_repo, tiny_trunk)
+    fp32 = loaded(as_stored)
+    halved = TaskRegistry(two_task_repo, tiny_trunk, host_dtype=torch.bfloat16)
+    bf16 = loaded(halved)
+    assert halved.host.bytes == as_stored.host.bytes // 2 > 0
+    for a, b in zip(fp32, bf16, strict=True):
+        assert a.nbytes == b.nbytes  # the task's own size (TaskInfo.adapter_bytes) is the bundle's
+        assert {t.dtype for t in tensors(b.host_stack)} == {torch.bfloat16}
+        assert all(torch.equal(x.to(torch.bfloat16), y) for x, y in zip(tensors(a.host_stack), tensors(b.host_stack),
+                                                                          strict=True))
+    upload = halved.new_upload_dir()
+    make_bundle(tiny_trunk, tmp_path / "up", name="alpha", seed=9)
+    for f in (tmp_path / "up").iterdir():
+        (upload / f.name).write_bytes(f.read_bytes())
+    registered = halved.register_upload(upload)
+    assert registered.version == 2 and {t.dtype for t in tensors(registered.host_stack)} == {torch.bfloat16}
+    pinned = halved.get("alpha@1")  # the older version, read again for a pinned request
+    assert {t.dtype for t in tensors(pinned.host_stack)} == {torch.bfloat16}
+
+
+def tensors(stack) -> list[torch.Tensor]:
+    return [t for s in stack.slots.values() for t in s.tensors()] + [stack.head_w, stack.head_b]
