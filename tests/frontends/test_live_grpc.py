@@ -120,6 +120,7 @@ def test_several_tasks_share_one_stream(srv, h264):
     assert [w.task for w in both] == ["motion", "shapes"] * 6
     assert [key(w) for w in both if w.task == "motion"] == [key(w) for w in one]
     assert all(len(w.predictions) == 2 for w in both)
+    assert "ClassifyLive tasks=motion,shapes code=OK" in srv.log()  # the access log names the stream's tasks
 
 
 def test_an_mp4_with_its_index_at_the_end_is_refused(srv, h264):
