@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -84,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--plot", type=Path, metavar="OUT.png", help="also draw the top label and its score over time "
                    "(needs matplotlib)")
     w.add_argument("--frames", type=int, dest="num_frames", help="frames per window (default: the task's)")
+
+    v = sub.add_parser("live", parents=[common], help="a live stream (a file, or - for stdin, e.g. ffmpeg ... -f "
+                       "mpegts -): one result per window as the stream goes on")
+    v.add_argument("source", metavar="SOURCE", help="MPEG-TS, Matroska/WebM, fragmented MP4 or FLV: a file, or - "
+                   "for stdin")
+    v.add_argument("--task", required=True, action="append", metavar="TASK[,TASK...]",
+                   help="task name; several (a comma list, or --task again) share the stream's one decode")
+    v.add_argument("--window-s", type=float, required=True, help="window length in seconds (of the stream's time)")
+    v.add_argument("--stride-s", type=float, help="seconds from one window's start to the next (default: the window)")
+    v.add_argument("--top-k", type=int, default=0, help=TOP_K_HELP)
+    v.add_argument("--realtime", action="store_true", help="send a file as it would play (each chunk at its "
+                   "packets' presentation time; needs PyAV) instead of as fast as the server takes it")
+    v.add_argument("--json", action="store_true", help="one JSON object per window and task, one per line")
 
     r = sub.add_parser("register", parents=[common], help="upload a task bundle folder (admin token)")
     r.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
@@ -188,6 +202,24 @@ def _windows(ns: argparse.Namespace, client) -> int:
     return 0
 
 
+def _live(ns: argparse.Namespace, client) -> int:
+    """Print each window (for each task) as it arrives; the table's last column is the lag, from the server's
+    receipt of the window's last frame to this line."""
+    names = [n.strip() for t in ns.task for n in t.split(",") if n.strip()]
+    source = sys.stdin.buffer if ns.source == "-" else Path(ns.source)
+    stride = ns.stride_s if ns.stride_s is not None else ns.window_s
+    if not ns.json:
+        print(f"{WINDOW_HEADER}  TASK / LAG", flush=True)
+    for w in client.live(source, names[0] if len(names) == 1 else names, ns.window_s, stride, ns.top_k,
+                         realtime=ns.realtime):
+        if ns.json:
+            print(window_line(w, True), flush=True)
+            continue
+        lag_ms = (time.time_ns() - w.last_frame_received_unix_ns) / 1e6
+        print(f"{window_line(w, False)}  {w.task} {lag_ms:.0f} ms", flush=True)
+    return 0
+
+
 def _triton_classify(ns: argparse.Namespace) -> int:
     try:
         from .triton import TritonClassifier
@@ -233,6 +265,8 @@ def run(ns: argparse.Namespace) -> int:
             return _classify(ns, client)
         if ns.command == "windows":
             return _windows(ns, client)
+        if ns.command == "live":
+            return _live(ns, client)
         if ns.command == "tasks":
             return _tasks(ns, client)
         if ns.command == "describe":

@@ -210,21 +210,25 @@ class WindowResult:
     predictions: tuple[Prediction, ...]
     timings: Mapping[str, float]
     request_id: str
+    last_frame_received_unix_ns: int = 0  # live streams: when the server received the window's last frame
 
     @property
     def top(self) -> Prediction:
         return self.predictions[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "start_s": self.start_s, "end_s": self.end_s, "start_frame": self.start_frame,
-                "end_frame": self.end_frame, "task": self.task, "task_version": self.task_version,
-                "request_id": self.request_id, "predictions": [p.__dict__ for p in self.predictions],
-                "timings": dict(self.timings)}
+        out = {"index": self.index, "start_s": self.start_s, "end_s": self.end_s, "start_frame": self.start_frame,
+               "end_frame": self.end_frame, "task": self.task, "task_version": self.task_version,
+               "request_id": self.request_id, "predictions": [p.__dict__ for p in self.predictions],
+               "timings": dict(self.timings)}
+        if self.last_frame_received_unix_ns:  # a live stream's window
+            out["last_frame_received_unix_ns"] = self.last_frame_received_unix_ns
+        return out
 
     @classmethod
     def from_pb(cls, r: pb.WindowResult) -> "WindowResult":
         return cls(r.index, r.start_s, r.end_s, r.start_frame, r.end_frame, r.task, r.task_version, _predictions(r),
-                   _timings(r.timings), r.request_id)
+                   _timings(r.timings), r.request_id, r.last_frame_received_unix_ns)
 
 
 TaskOutcome = Union[ClassifyResult, ClientError]

@@ -31,6 +31,7 @@ from .core import (
     resolve_options,
     windows_call,
 )
+from .live import LiveSource, live_messages
 
 T = TypeVar("T")
 
@@ -108,8 +109,22 @@ class Client:
                                    request_id)
         return self._stream(fn, request, timeout)
 
-    def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float]) -> Iterator[WindowResult]:
-        call = fn(request, timeout=timeout or self.options.timeout_s, metadata=self.options.metadata())
+    def live(self, source: LiveSource, task: Tasks, window_s: float, stride_s: float, top_k: int = 0,
+             sampling: Optional[Mapping[str, Any]] = None, realtime: bool = False, timeout: Optional[float] = None,
+             request_id: str = "") -> Iterator[WindowResult]:
+        """A live stream (ClassifyLive): an iterator of :class:`WindowResult`, one per window and task, each as
+        soon as the server has decoded the window's last frame and computed it. ``source``: the stream's bytes, an
+        iterable of chunks (as an encoder emits them), a binary file object (stdin) or a file path (``realtime``:
+        paced as it would play). MPEG-TS, Matroska/WebM, fragmented MP4 or FLV. Each result's
+        ``last_frame_received_unix_ns`` says when the server received the window's last frame. Leaving the loop
+        early cancels the call. ``timeout``: bounds the whole stream (default: none)."""
+        messages = live_messages(task, source, window_s, stride_s, top_k, sampling, request_id, realtime)
+        return self._stream(self._classifier.ClassifyLive, messages, timeout, unbounded=True)
+
+    def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float],
+                unbounded: bool = False) -> Iterator[WindowResult]:
+        limit = timeout if timeout or unbounded else self.options.timeout_s
+        call = fn(request, timeout=limit, metadata=self.options.metadata())
         try:
             for r in call:
                 yield WindowResult.from_pb(r)

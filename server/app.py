@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server.config import ServerConfig
 from server.dataplane.plane import DataPlane
+from server.decode.live_streams import LiveDecoders
 from server.decode.pool import Decoder, ProcessDecodePool, ThreadDecoder
 from server.engine.batcher import Batcher
 from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_device, resolve_dtype
@@ -63,6 +64,7 @@ class Server:
     grpc_port: int
     metrics_port: int
     http: Optional[HttpServer] = None  # None with --http-port -1
+    live: Optional[LiveDecoders] = None  # the live streams' decoder processes
     _poller: Optional[asyncio.Task] = None
 
     @classmethod
@@ -131,7 +133,9 @@ class Server:
                    ("grpc.max_send_message_length", cfg.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         gs = grpc.aio.server(options=options, interceptors=[AccessLogInterceptor(), ClipOnceInterceptor()])
-        plane = DataPlane(pipeline, registry, metrics, auth)  # what every frontend below serves
+        live = LiveDecoders(cfg.max_live_streams, refused=lambda reason: metrics.live_refused.labels(reason).inc())
+        metrics.live_streams_open.set_function(lambda: live.open)
+        plane = DataPlane(pipeline, registry, metrics, auth, live)  # what every frontend below serves
         pb_grpc.add_VideoClassifierServicer_to_server(VideoClassifierService(plane), gs)
         pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(plane), gs)
         add_oip_to_server(InferenceService(plane), gs)  # KServe v2, same port
@@ -156,7 +160,7 @@ class Server:
             http = await HttpServer.start(HttpService(plane), cfg.host, cfg.http_port,
                                           cfg.tls_cert, cfg.tls_key)
         metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
-        srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port, http)
+        srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port, http, live)
         if cfg.poll_interval_s > 0:
             srv._poller = asyncio.get_running_loop().create_task(srv._poll(), name="repository-poll")
         return srv
@@ -180,6 +184,8 @@ class Server:
         log.info("draining: %d requests in flight", self.pipeline.inflight)
         self.pipeline.draining = True
         await self.health.enter_graceful_shutdown()
+        if self.live is not None:  # live streams have no end of their own: each stops reading, answers, ends
+            self.live.drain()
         if not await self.pipeline.wait_idle(self.cfg.drain_timeout_s):
             log.warning("drain timeout: %d requests still in flight", self.pipeline.inflight)
         if self._poller is not None:
@@ -189,6 +195,8 @@ class Server:
             await self.http.stop()
         await self.batcher.close()
         self.pipeline.close()
+        if self.live is not None:
+            self.live.close()
         self.metrics.shutdown()
         log.info("stopped")
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from server.live_limits import LiveLimits
 from server.observability.logs import LOG_FORMATS, LOG_LEVELS
 from stadapter.video import VideoLimits, WindowLimits
 
@@ -21,6 +22,7 @@ HOST_DTYPES = ("stored", "serving")  # --host-dtype: as the bundles store them (
 DEFAULT_HOST_CACHE_BYTES = 4 << 30  # the host tier's default (server.registry.host_tier): see --host-cache-bytes
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
 _WINDOWS = WindowLimits()
+_LIVE = LiveLimits()
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class ServerConfig:
     max_num_frames: int = 64
     max_window_video_s: float = _WINDOWS.max_duration_s
     max_windows: int = _WINDOWS.max_windows
+    max_live_streams: int = _LIVE.max_streams
+    max_live_s: float = _LIVE.max_s
+    live_idle_s: float = _LIVE.idle_s
+    max_live_chunk_bytes: int = _LIVE.max_chunk_bytes
     response_cache_bytes: int = 0
     stream_idle_timeout_s: float = 30.0
     max_bundle_bytes: int = 1 << 30
@@ -88,7 +94,8 @@ class ServerConfig:
         positive = ("max_batch_size", "max_queue_size", "decode_workers", "window_decoders",
                     "max_message_bytes", "max_clip_bytes",
                     "max_inflight_clip_bytes", "max_bundle_bytes", "keep_versions", "default_top_k",
-                    "max_frame_pixels", "max_decoded_pixels", "max_num_frames", "max_windows")
+                    "max_frame_pixels", "max_decoded_pixels", "max_num_frames", "max_windows",
+                    "max_live_chunk_bytes")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -107,9 +114,11 @@ class ServerConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("decode_timeout_s", "max_clip_duration_s", "max_decode_seconds", "stream_idle_timeout_s",
-                     "max_window_video_s"):
+                     "max_window_video_s", "max_live_s", "live_idle_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"ServerConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.max_live_streams, int) or self.max_live_streams < 0:
+            raise ValueError(f"ServerConfig.max_live_streams must be an int >= 0, got {self.max_live_streams!r}")
         if not isinstance(self.cpu_chunk_bytes, int) or self.cpu_chunk_bytes < 0:
             raise ValueError(f"ServerConfig.cpu_chunk_bytes must be an int >= 0 (0 = no chunks), got {self.cpu_chunk_bytes!r}")
         if self.decode_backend not in ("process", "thread"):
@@ -153,6 +162,8 @@ class ServerConfig:
                             decode_timeout_s=self.decode_timeout_s,
                             windows=dataclasses.replace(_WINDOWS, max_duration_s=self.max_window_video_s,
                                                         max_windows=self.max_windows),
+                            live=LiveLimits(max_streams=self.max_live_streams, max_s=self.max_live_s,
+                                            idle_s=self.live_idle_s, max_chunk_bytes=self.max_live_chunk_bytes),
                             bundle=BundleLimits(max_tensor_bytes=self.max_bundle_bytes))
 
 
@@ -268,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-window-video-s", type=float, default=d.max_window_video_s,
       help="ClassifyWindows: longest video (from its header; replaces --max-clip-duration-s there)")
     a("--max-windows", type=int, default=d.max_windows, help="ClassifyWindows: most windows one request may have")
+    a("--max-live-streams", type=int, default=d.max_live_streams,
+      help="ClassifyLive: live streams open at once, each decoded by a process of its own (not one of "
+           "--decode-workers); one more is refused with RESOURCE_EXHAUSTED; 0 = no live streams")
+    a("--max-live-s", type=float, default=d.max_live_s,
+      help="ClassifyLive: longest stream, in its own timestamps (and in wall clock, plus --live-idle-s); past it the "
+           "stream ends with INVALID_ARGUMENT (its windows so far stay answered)")
+    a("--live-idle-s", type=float, default=d.live_idle_s,
+      help="ClassifyLive: longest wait for a stream's next chunk; past it the stream ends with DEADLINE_EXCEEDED and "
+           "its decoder process is stopped")
+    a("--max-live-chunk-bytes", type=int, default=d.max_live_chunk_bytes,
+      help="ClassifyLive: largest chunk of a stream (a larger one is INVALID_ARGUMENT); it bounds the bytes a stream "
+           "holds received but not yet read by its decoder: the chunk being handed over and the pipe's buffer")
 
     a = p.add_argument_group("Model and device memory").add_argument
     a("--device", default=d.device, help="auto (cuda when available, else cpu) | cpu | cuda | cuda:N")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 from server.errors import BadRequest
+from server.live_limits import LiveLimits
 from stadapter.bundle import BundleLimits
 from stadapter.config import brief
 from stadapter.video import VideoLimits, WindowLimits, check_window_args
@@ -36,6 +37,7 @@ class ServerLimits:
         windows: ClassifyWindows' bounds, in place of the one-clip ones a long video would break: longest
             video (``max_duration_s``), windows per request (``max_windows``), frames and pixels decoded,
             decode time, frames held for overlapping windows (``stadapter.video.WindowLimits``).
+        live: ClassifyLive's bounds (:class:`LiveLimits`); its windows are held to ``windows``' others.
     """
 
     video: VideoLimits
@@ -47,6 +49,7 @@ class ServerLimits:
     decode_timeout_s: float
     bundle: BundleLimits
     windows: WindowLimits = WindowLimits()
+    live: LiveLimits = LiveLimits()
 
     def __post_init__(self) -> None:
         for name in ("max_inflight_clip_bytes", "max_queue_size", "max_batch_rows", "max_num_frames"):

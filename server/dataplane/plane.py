@@ -6,12 +6,14 @@ scope, ``server.dataplane.scope``) and call the operations here, then encode the
 
 from __future__ import annotations
 
-from typing import AsyncContextManager
+from typing import AsyncContextManager, Optional
 
 from server.dataplane.catalog import Catalog
 from server.dataplane.inference import Inference
+from server.dataplane.live import Live
 from server.dataplane.registration import Registration
 from server.dataplane.scope import Access, Call, Wire, request_scope
+from server.decode.live_streams import LiveDecoders
 from server.engine.pipeline import Pipeline
 from server.frontends.auth import Auth
 from server.limits import ServerLimits
@@ -19,9 +21,11 @@ from server.observability.metrics import Metrics
 from server.registry.registry import TaskRegistry
 
 
-class DataPlane(Catalog, Inference, Registration):
-    def __init__(self, pipeline: Pipeline, registry: TaskRegistry, metrics: Metrics, auth: Auth):
+class DataPlane(Catalog, Inference, Live, Registration):
+    def __init__(self, pipeline: Pipeline, registry: TaskRegistry, metrics: Metrics, auth: Auth,
+                 live: Optional[LiveDecoders] = None):
         self.pipeline = pipeline
+        self.live = live if live is not None else LiveDecoders(pipeline.limits.live.max_streams)
         self.registry = registry
         self.metrics = metrics
         self.auth = auth

@@ -140,7 +140,7 @@ class Pipeline:
             _check_deadline(deadline, "before decode")
             views, decode_s = await self._decode(clip, sampling, deadline)
             del clip  # the caller may still hold it; this frame does not
-            return await self._compute(slot.tv, views, decode_s, k, deadline, t0, key)
+            return await self.compute(slot.tv, views, decode_s, k, deadline, t0, key)
 
     async def classify_tasks(self, ticket: Ticket, tasks: Sequence[str], clip: ClipBytes, top_k: int = 0,
                              overrides: Optional[Mapping[str, Any]] = None,
@@ -155,7 +155,7 @@ class Pipeline:
         """
         t0 = time.monotonic()
         self.limits.check_tasks(tasks)
-        k = self._top_k(top_k)
+        k = self.top_k(top_k)
         self.limits.check_clip_size(len(clip))
         for task in tasks:
             await self.registry.preload(task)
@@ -169,7 +169,7 @@ class Pipeline:
                     out[i] = s
                     continue
                 try:
-                    groups.setdefault(self._sampling(s.tv, overrides), []).append(i)
+                    groups.setdefault(self.sampling(s.tv, overrides), []).append(i)
                 except BadRequest as e:
                     out[i] = e
                     s.release()
@@ -206,7 +206,7 @@ class Pipeline:
                 slot = slots[i]
                 assert isinstance(slot, Slot)
                 try:
-                    out[i] = await self._compute(slot.tv, views, decode_s, k, deadline, t0, keys[i])
+                    out[i] = await self.compute(slot.tv, views, decode_s, k, deadline, t0, keys[i])
                 except Exception as e:  # noqa: BLE001 - this task's error, reported in its item
                     out[i] = e
                 finally:
@@ -255,7 +255,7 @@ class Pipeline:
             async def compute(batch: WindowBatch) -> list[Classification]:
                 nonlocal decode_s, decoded
                 decode_s, decoded = decode_s + batch.decode_s, True
-                return await asyncio.gather(*(self._compute(slot.tv, batch.frames[i], batch.decode_s, k, deadline, t0)
+                return await asyncio.gather(*(self.compute(slot.tv, batch.frames[i], batch.decode_s, k, deadline, t0)
                                               for i in range(len(batch.spans))))
 
             batches = self.decoder.windows(clip, sampling, self.limits.video, job, self.limits.decode_timeout_s, deadline)
@@ -275,19 +275,19 @@ class Pipeline:
         resolved sampling, the clip's size checked (the size only: the clip itself is not held here)."""
         slot = ticket.take_slot(task)
         try:
-            k = self._top_k(top_k)
-            sampling = self._sampling(slot.tv, overrides)
+            k = self.top_k(top_k)
+            sampling = self.sampling(slot.tv, overrides)
             self.limits.check_clip_size(clip_bytes)
             yield slot, k, sampling
         finally:
             slot.release()
 
-    def _top_k(self, top_k: int) -> int:
+    def top_k(self, top_k: int) -> int:
         k = top_k or self.default_top_k
         self.limits.check_top_k(k)
         return k
 
-    def _sampling(self, tv: TaskVersion, overrides: Optional[Mapping[str, Any]]) -> SamplingConfig:
+    def sampling(self, tv: TaskVersion, overrides: Optional[Mapping[str, Any]]) -> SamplingConfig:
         """The task's sampling with the request's overrides, checked before any decoding."""
         self.limits.check_overrides(overrides)
         sampling = _apply_overrides(tv.spec.sampling, overrides)
@@ -302,7 +302,7 @@ class Pipeline:
             self.metrics.decode_seconds.observe(decode_s)
         return views, decode_s
 
-    async def _compute(self, tv: TaskVersion, views: Tensor, decode_s: float, k: int, deadline: Optional[float],
+    async def compute(self, tv: TaskVersion, views: Tensor, decode_s: float, k: int, deadline: Optional[float],
                        t0: float, key: Optional[CacheKey] = None) -> Classification:
         _check_deadline(deadline, "after decode")
         res = await self.batcher.submit(tv, views, deadline)

@@ -15,6 +15,7 @@ from server.dataplane.scope import Call
 from server.engine.pipeline import Classification, ClipBytes
 from server.errors import BadRequest
 from server.frontends.grpc_helpers import Servicer, deadline_of, gather_clip, idle_bounded, overrides_of, rpc
+from server.frontends.grpc_live import LiveServicer
 from server.frontends.grpc_windows import WindowsServicer
 from server.frontends.wire_clip import clip_of, items_of
 from server.registry.registry import TaskVersion
@@ -73,7 +74,7 @@ def _label(task: str, tasks: Sequence[str]) -> str:
     return task if not tasks else ""
 
 
-class VideoClassifierService(Servicer, WindowsServicer, pb_grpc.VideoClassifierServicer):
+class VideoClassifierService(Servicer, WindowsServicer, LiveServicer, pb_grpc.VideoClassifierServicer):
     def _info(self, tv: TaskVersion) -> pb.TaskInfo:
         return task_info(tv, self.plane.servable_versions(tv.name), self.plane.residency(tv))
 

@@ -18,7 +18,7 @@ from server.frontends.wire_clip import clip_of
 from stadapter_api.v1 import inference_pb2 as pb
 
 
-def _result(w: WindowClassification, request_id: str) -> pb.WindowResult:
+def window_result(w: WindowClassification, request_id: str) -> pb.WindowResult:
     c, s = w.result, w.span
     labels = c.tv.spec.labels
     return pb.WindowResult(
@@ -43,7 +43,7 @@ class WindowsServicer:
         windows = self.plane.windows(call, task, clip, window_s, stride_s, top_k, overrides_of(sampling), deadline)
         async with contextlib.aclosing(windows):
             async for w in windows:
-                yield _result(w, request_id)
+                yield window_result(w, request_id)
 
     @rpc("ClassifyWindows", "classify", timed=True)
     async def ClassifyWindows(self, request: pb.ClassifyWindowsRequest, context,

@@ -55,6 +55,7 @@ TASK_FIELDS: dict[str, tuple[str, ...]] = {
     pb.ClassifyChunk.DESCRIPTOR.full_name: ("task", "tasks"),  # the first chunk
     pb.ClassifyWindowsRequest.DESCRIPTOR.full_name: ("task",),
     pb.ClassifyWindowsChunk.DESCRIPTOR.full_name: ("task",),  # the first chunk
+    pb.LiveChunk.DESCRIPTOR.full_name: ("task", "tasks"),  # the first chunk
     pb.DescribeTaskRequest.DESCRIPTOR.full_name: ("task",),
     pb.UnregisterTaskRequest.DESCRIPTOR.full_name: ("task",),
     "inference.ModelInferRequest": ("model_name",),

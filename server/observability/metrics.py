@@ -37,6 +37,7 @@ KNOWN_LABELS = {
     "task_loads": ("ok", "failed"),
     "registrations": ("ok",),
     "unregistrations": ("ok", "not_found"),
+    "live_refused": ("full", "draining", "disabled"),
 }
 
 
@@ -106,6 +107,16 @@ class Metrics:
                                             registry=r)
         self.dropped = Counter(f"{p}_dropped", "Clips dropped before compute, by reason (deadline | cancelled)",
                                ["reason"], registry=r)
+        self.live_streams_open = Gauge(f"{p}_live_streams_open", "ClassifyLive streams open (each with a decoder "
+                                       "process of its own)", registry=r)
+        self.live_windows = Counter(f"{p}_live_windows", "ClassifyLive windows answered (each for all its tasks)",
+                                    registry=r)
+        self.live_lag_seconds = Histogram(f"{p}_live_lag_seconds", "ClassifyLive: from the arrival of the chunk that "
+                                          "completed a window's last frame to its answer sent", buckets=LATENCY_BUCKETS,
+                                          registry=r)
+        self.live_refused = Counter(f"{p}_live_refused", "ClassifyLive streams refused before decoding, by reason "
+                                    "(full: --max-live-streams open | draining | disabled: --max-live-streams 0)",
+                                    ["reason"], registry=r)
         r.register(_DeviceMemoryCollector(device))
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         for name, values in KNOWN_LABELS.items():

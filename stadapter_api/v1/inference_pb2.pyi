@@ -148,8 +148,28 @@ class ClassifyWindowsChunk(_message.Message):
     data: bytes
     def __init__(self, task: _Optional[str] = ..., window_s: _Optional[float] = ..., stride_s: _Optional[float] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class LiveChunk(_message.Message):
+    __slots__ = ("task", "tasks", "window_s", "stride_s", "top_k", "sampling", "request_id", "data")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_S_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    window_s: float
+    stride_s: float
+    top_k: int
+    sampling: SamplingOverrides
+    request_id: str
+    data: bytes
+    def __init__(self, task: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., window_s: _Optional[float] = ..., stride_s: _Optional[float] = ..., top_k: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOverrides, _Mapping]] = ..., request_id: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
 class WindowResult(_message.Message):
-    __slots__ = ("index", "start_s", "end_s", "start_frame", "end_frame", "predictions", "task", "task_version", "request_id", "timings")
+    __slots__ = ("index", "start_s", "end_s", "start_frame", "end_frame", "predictions", "task", "task_version", "request_id", "timings", "last_frame_received_unix_ns")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     START_S_FIELD_NUMBER: _ClassVar[int]
     END_S_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +180,7 @@ class WindowResult(_message.Message):
     TASK_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FRAME_RECEIVED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     index: int
     start_s: float
     end_s: float
@@ -170,7 +191,8 @@ class WindowResult(_message.Message):
     task_version: int
     request_id: str
     timings: Timings
-    def __init__(self, index: _Optional[int] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., start_frame: _Optional[int] = ..., end_frame: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., task: _Optional[str] = ..., task_version: _Optional[int] = ..., request_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    last_frame_received_unix_ns: int
+    def __init__(self, index: _Optional[int] = ..., start_s: _Optional[float] = ..., end_s: _Optional[float] = ..., start_frame: _Optional[int] = ..., end_frame: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., task: _Optional[str] = ..., task_version: _Optional[int] = ..., request_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., last_frame_received_unix_ns: _Optional[int] = ...) -> None: ...
 
 class BatchClassifyRequest(_message.Message):
     __slots__ = ("requests",)

@@ -60,6 +60,11 @@ class VideoClassifierStub:
                 request_serializer=stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsChunk.SerializeToString,
                 response_deserializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
                 _registered_method=True)
+        self.ClassifyLive = channel.stream_stream(
+                '/stadapter.v1.VideoClassifier/ClassifyLive',
+                request_serializer=stadapter__api_dot_v1_dot_inference__pb2.LiveChunk.SerializeToString,
+                response_deserializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
+                _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/stadapter.v1.VideoClassifier/ListTasks',
                 request_serializer=stadapter__api_dot_v1_dot_inference__pb2.ListTasksRequest.SerializeToString,
@@ -114,6 +119,14 @@ class VideoClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClassifyLive(self, request_iterator, context):
+        """A live stream (a camera, an encoder): container bytes in as they are made, one result per window and task
+        out as soon as the window's last frame is decoded. The first chunk names the tasks and the windows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTasks(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -152,6 +165,11 @@ def add_VideoClassifierServicer_to_server(servicer, server):
             'ClassifyWindowsStream': grpc.stream_stream_rpc_method_handler(
                     servicer.ClassifyWindowsStream,
                     request_deserializer=stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsChunk.FromString,
+                    response_serializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.SerializeToString,
+            ),
+            'ClassifyLive': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyLive,
+                    request_deserializer=stadapter__api_dot_v1_dot_inference__pb2.LiveChunk.FromString,
                     response_serializer=stadapter__api_dot_v1_dot_inference__pb2.WindowResult.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
@@ -300,6 +318,33 @@ class VideoClassifier:
             target,
             '/stadapter.v1.VideoClassifier/ClassifyWindowsStream',
             stadapter__api_dot_v1_dot_inference__pb2.ClassifyWindowsChunk.SerializeToString,
+            stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyLive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/stadapter.v1.VideoClassifier/ClassifyLive',
+            stadapter__api_dot_v1_dot_inference__pb2.LiveChunk.SerializeToString,
             stadapter__api_dot_v1_dot_inference__pb2.WindowResult.FromString,
             options,
             channel_credentials,

@@ -41,7 +41,7 @@ def test_every_family_has_help_and_its_unit_as_its_last_word():
 def test_labelled_counters_start_at_zero_for_their_known_values():
     s = _samples(Metrics(torch.device("cpu")))
     for counter, values in KNOWN_LABELS.items():
-        label = {"dropped": "reason"}.get(counter, "result")
+        label = {"dropped": "reason", "live_refused": "reason"}.get(counter, "result")
         for v in values:
             assert s[(f"stadapter_{counter}_total", ((label, v),))] == 0.0, (counter, v)
 

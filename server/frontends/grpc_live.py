@@ -1,0 +1,67 @@
+"""ClassifyLive of ``stadapter.v1.VideoClassifier``: a live stream's chunks in, one WindowResult per window and task out.
+
+A bidirectional stream, served in the data plane's request scope by :func:`server.frontends.grpc_helpers.rpc` as
+the other RPCs are (token, ticket, metrics, one status per error). The first chunk names the tasks, the windows,
+top-k, the sampling overrides and the request id; every chunk may carry bytes. The stream's input ends on the
+client's half-close (:func:`~server.frontends.grpc_helpers.confirm_half_close`); its idle time is bounded by
+``--live-idle-s`` in ``server.engine.live_flow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, AsyncGenerator, AsyncIterator
+
+from server.dataplane.scope import Call
+from server.engine.live_flow import LiveAnswer, LiveRequest
+from server.errors import BadRequest, StreamIdle
+from server.frontends.grpc_helpers import confirm_half_close, overrides_of, rpc
+from stadapter_api.v1 import inference_pb2 as pb
+
+
+def live_results(a: LiveAnswer, request_id: str) -> list[pb.WindowResult]:
+    s = a.span
+    return [pb.WindowResult(
+        index=s.index, start_s=s.start_s, end_s=s.end_s, start_frame=s.start_frame, end_frame=s.end_frame,
+        predictions=[pb.Prediction(label=c.tv.spec.labels[i], score=p, index=i) for i, p in c.top],
+        task=c.tv.name, task_version=c.tv.version, request_id=request_id,
+        timings=pb.Timings(decode_ms=c.decode_s * 1e3, queue_ms=c.queue_s * 1e3, compute_ms=c.compute_s * 1e3,
+                           total_ms=c.total_s * 1e3, batch_size=c.batch_clips),
+        last_frame_received_unix_ns=a.received_ns) for c in a.results]
+
+
+class LiveServicer:
+    """Mixed into ``server.frontends.grpc_service.VideoClassifierService`` (which has the data plane and limits)."""
+
+    plane: Any
+    limits: Any
+
+    @rpc("ClassifyLive", "classify")
+    async def ClassifyLive(self, request_iterator, context, call: Call) -> AsyncGenerator[pb.WindowResult, None]:
+        it = request_iterator.__aiter__()
+        idle_s = self.limits.live.idle_s
+        try:
+            first = await asyncio.wait_for(anext(it, None), idle_s)
+        except asyncio.TimeoutError:
+            raise StreamIdle(f"the live stream sent no first chunk for {idle_s:g} s (--live-idle-s)") from None
+        if first is None:
+            await confirm_half_close(context)
+            raise BadRequest("the live stream carried no chunks (the first names the task and the windows)")
+        names = ([first.task] if first.task else []) + list(first.tasks)
+        call.task = names[0] if len(names) == 1 else ""
+        request_id = call.request_id(first.request_id)
+        req = LiveRequest(names, first.window_s, first.stride_s, first.top_k, overrides_of(first.sampling))
+        answers = self.plane.classify_live(call, req, _chunks(first, it, context))
+        async with contextlib.aclosing(answers):
+            async for a in answers:
+                for r in live_results(a, request_id):
+                    yield r
+
+
+async def _chunks(first: pb.LiveChunk, it: AsyncIterator[pb.LiveChunk], context) -> AsyncIterator[bytes]:
+    """The stream's bytes, chunk by chunk; ends only on the client's half-close (a cancel raises instead)."""
+    yield first.data
+    async for chunk in it:
+        yield chunk.data
+    await confirm_half_close(context)
