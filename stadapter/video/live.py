@@ -133,6 +133,7 @@ class _LiveWalk:
                     continue
             else:
                 self.check_skipped(reader.bytes, 0)
+            self.budget.check_parameter_sets(codec, packet)  # a new SPS's size, before the decoder sizes its tables
             try:
                 frames = codec.decode(packet)
                 bad = 0
