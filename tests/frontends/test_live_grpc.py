@@ -280,3 +280,21 @@ def test_a_stream_past_max_live_s_ends_and_drain_ends_a_held_stream(h264):
         finally:
             h.close()
         assert s.proc.wait(30) == 0
+
+
+def test_tasks_that_sample_differently_cannot_share_a_stream(tmp_path, h264):
+    from factories import TINY_SAMPLING, make_bundle, make_trunk_dir
+
+    from stadapter import load_trunk
+
+    repo = tmp_path / "repo"
+    trunk = load_trunk(make_trunk_dir(repo / "trunk"))
+    make_bundle(trunk, repo / "tasks" / "four" / "1", name="four")
+    make_bundle(trunk, repo / "tasks" / "six" / "1", name="six", sampling=TINY_SAMPLING.replace(num_frames=6), seed=1)
+    data = muxed(h264, "mpegts")
+    with ServerProcess(repo, *ARGS) as s:
+        with pytest.raises(ClientError) as e:
+            list(Client(s.address).live(data, ["four", "six"], 2.0, 2.0))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "share its decode" in e.value.message
+        assert len(list(Client(s.address).live(data, ["four"], 2.0, 2.0))) == 6
+        assert metric(scrape(s.metrics_url), "stadapter_live_streams_open") == 0
