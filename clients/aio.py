@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, AsyncIterator, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 
@@ -32,7 +32,10 @@ from .core import (
     resolve_options,
     windows_call,
 )
+from .live import LiveSource, live_messages
 from .sync import batch_request, batch_results
+
+T = TypeVar("T")
 
 
 class AsyncClient:
@@ -92,8 +95,18 @@ class AsyncClient:
                                    request_id)
         return self._stream(fn, request, timeout)
 
-    async def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float]) -> AsyncIterator[WindowResult]:
-        call = fn(request, timeout=timeout or self.options.timeout_s, metadata=self.options.metadata())
+    def live(self, source: LiveSource, task: Tasks, window_s: float, stride_s: float, top_k: int = 0,
+             sampling: Optional[Mapping[str, Any]] = None, realtime: bool = False, timeout: Optional[float] = None,
+             request_id: str = "") -> AsyncIterator[WindowResult]:
+        """See :meth:`clients.Client.live`: ``async for w in client.live(...)``; the source is read in a thread (a
+        pipe or realtime pacing never blocks the event loop); leaving early cancels."""
+        messages = live_messages(task, source, window_s, stride_s, top_k, sampling, request_id, realtime)
+        return self._stream(self._classifier.ClassifyLive, _in_thread(messages), timeout, unbounded=True)
+
+    async def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float],
+                      unbounded: bool = False) -> AsyncIterator[WindowResult]:
+        limit = timeout if timeout or unbounded else self.options.timeout_s
+        call = fn(request, timeout=limit, metadata=self.options.metadata())
         try:
             async for r in call:
                 yield WindowResult.from_pb(r)
@@ -144,3 +157,15 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+async def _in_thread(items: Iterator[T]) -> AsyncIterator[T]:
+    """A blocking iterator's items, each taken in a thread."""
+    while True:
+        item = await asyncio.to_thread(next, items, _END)
+        if item is _END:
+            return
+        yield item
+
+
+_END: Any = object()

@@ -15,20 +15,21 @@ from typing import Any, AsyncGenerator, AsyncIterator
 
 from server.dataplane.scope import Call
 from server.engine.live_flow import LiveAnswer, LiveRequest
+from server.engine.pipeline import WindowClassification
 from server.errors import BadRequest, StreamIdle
 from server.frontends.grpc_helpers import confirm_half_close, overrides_of, rpc
+from server.frontends.grpc_windows import window_result
 from stadapter_api.v1 import inference_pb2 as pb
 
 
 def live_results(a: LiveAnswer, request_id: str) -> list[pb.WindowResult]:
-    s = a.span
-    return [pb.WindowResult(
-        index=s.index, start_s=s.start_s, end_s=s.end_s, start_frame=s.start_frame, end_frame=s.end_frame,
-        predictions=[pb.Prediction(label=c.tv.spec.labels[i], score=p, index=i) for i, p in c.top],
-        task=c.tv.name, task_version=c.tv.version, request_id=request_id,
-        timings=pb.Timings(decode_ms=c.decode_s * 1e3, queue_ms=c.queue_s * 1e3, compute_ms=c.compute_s * 1e3,
-                           total_ms=c.total_s * 1e3, batch_size=c.batch_clips),
-        last_frame_received_unix_ns=a.received_ns) for c in a.results]
+    """One window's answers, one per task: ClassifyWindows' result, with the receive time of its last frame."""
+    out = []
+    for c in a.results:
+        r = window_result(WindowClassification(a.span, c), request_id)
+        r.last_frame_received_unix_ns = a.received_ns
+        out.append(r)
+    return out
 
 
 class LiveServicer:

@@ -41,7 +41,8 @@ from .windows import DecodeStats, Window, WindowLimits, WindowPlan, _check_frame
 HEAD_BYTES = 16 * 2**20  # most of a stream's head recorded for the second open (the screen reads up to 5 MB)
 _VIDEO, _WINDOWS = VideoLimits(), WindowLimits()
 MAX_BAD_PACKETS = 8  # packets in a row the decoder may reject before the stream counts as corrupt
-# Bytes the demuxer may pass over between two packets, or after the last (container headers, an index at the end),
+# Bytes the demuxer may pass over between two packets, or after the last (an index at the end; what comes before the
+# first packet is the container's header and is not counted),
 # plus an eighth of the packet before (MPEG-TS headers grow with the packet): more and it skipped corrupt data.
 SKIPPED_BYTES = 64 * 1024
 MAX_JUMP_S = 1.0  # a jump of the timestamps by more than this and one window: frames are missing (or corrupt)
@@ -108,7 +109,7 @@ class _LiveWalk:
         self.most = math.floor(window_limits.max_duration_s * plan.fps + 0.5)  # frames within the longest stream
         self.jump = max(plan.length, math.ceil(MAX_JUMP_S * plan.fps)) + math.ceil(MAX_JUMP_S * plan.fps)
         self.back = math.ceil(MAX_JUMP_S * plan.fps)
-        self.end_pos = 0  # where the last packet (any stream) ends in the stream's bytes
+        self.end_pos: Optional[int] = None  # where the last packet (any stream) ends in the stream's bytes
         self.takes = _Takes(plan)
         self.held: dict[int, np.ndarray] = {}
         self.anchor: Optional[int] = None
@@ -165,6 +166,8 @@ class _LiveWalk:
         """A packet at byte ``pos`` (or the stream's end): VideoError if the demuxer passed over corrupt bytes."""
         if pos is None or pos < 0:
             return
+        if self.end_pos is None:  # what comes before the first packet is the container's header (attachments too)
+            self.end_pos = pos
         if pos - self.end_pos > SKIPPED_BYTES + size // 8:
             raise VideoError(f"the stream is corrupt: {pos - self.end_pos} bytes after byte {self.end_pos} hold no "
                              "packet the demuxer could read")

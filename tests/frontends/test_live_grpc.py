@@ -6,6 +6,7 @@ re-encoded as H.264 and muxed into each container that can be read as it grows.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from serverproc import ServerProcess, metric, scrape, wait_for
 
-from clients import Client, ClientError
+from clients import AsyncClient, Client, ClientError
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 from training.synthetic import MOTION_LABELS, draw_motion, encode_mp4
@@ -121,6 +122,20 @@ def test_several_tasks_share_one_stream(srv, h264):
     assert [key(w) for w in both if w.task == "motion"] == [key(w) for w in one]
     assert all(len(w.predictions) == 2 for w in both)
     assert "ClassifyLive tasks=motion,shapes code=OK" in srv.log()  # the access log names the stream's tasks
+
+
+def test_the_async_client_reads_a_file_object(srv, h264, tmp_path):
+    flv = tmp_path / "lr.flv"
+    flv.write_bytes(muxed(h264, "flv"))
+
+    async def run():
+        async with AsyncClient(srv.address) as c:
+            with flv.open("rb") as f:
+                return [w async for w in c.live(f, "motion", 2.0, 2.0)]
+
+    got = asyncio.run(run())
+    assert [key(w) for w in got] == [key(w) for w in Client(srv.address).live(flv, "motion", 2.0, 2.0)]
+    assert len(got) == 6
 
 
 def test_an_mp4_with_its_index_at_the_end_is_refused(srv, h264):
@@ -265,3 +280,21 @@ def test_a_stream_past_max_live_s_ends_and_drain_ends_a_held_stream(h264):
         finally:
             h.close()
         assert s.proc.wait(30) == 0
+
+
+def test_tasks_that_sample_differently_cannot_share_a_stream(tmp_path, h264):
+    from factories import TINY_SAMPLING, make_bundle, make_trunk_dir
+
+    from stadapter import load_trunk
+
+    repo = tmp_path / "repo"
+    trunk = load_trunk(make_trunk_dir(repo / "trunk"))
+    make_bundle(trunk, repo / "tasks" / "four" / "1", name="four")
+    make_bundle(trunk, repo / "tasks" / "six" / "1", name="six", sampling=TINY_SAMPLING.replace(num_frames=6), seed=1)
+    data = muxed(h264, "mpegts")
+    with ServerProcess(repo, *ARGS) as s:
+        with pytest.raises(ClientError) as e:
+            list(Client(s.address).live(data, ["four", "six"], 2.0, 2.0))
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "share its decode" in e.value.message
+        assert len(list(Client(s.address).live(data, ["four"], 2.0, 2.0))) == 6
+        assert metric(scrape(s.metrics_url), "stadapter_live_streams_open") == 0

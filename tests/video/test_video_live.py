@@ -120,3 +120,15 @@ def test_the_defences_of_a_clip_hold(clip, tmp_path):
             got.append(w)
     with pytest.raises(VideoError, match="not a video stream"):
         live(media.garbage(100_000))
+
+
+def test_a_large_header_before_the_first_packet_is_not_corruption(clip, tmp_path):
+    """Matroska attachments (fonts, cover art) come before the first cluster: header, not bytes skipped."""
+    (tmp_path / "src.mp4").write_bytes(clip)
+    (tmp_path / "font.bin").write_bytes(media.garbage(300_000))
+    data = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "src.mp4"), "-attach",
+                           str(tmp_path / "font.bin"), "-metadata:s:t", "mimetype=application/octet-stream", "-c",
+                           "copy", "-f", "matroska", "-"], capture_output=True, check=True, timeout=60).stdout
+    assert len(data) > 300_000
+    got, _ = live(data)
+    assert len(got) == 5
