@@ -22,6 +22,7 @@ ends normally: a camera's stream has no other end.
 
 from __future__ import annotations
 
+import errno
 import math
 import time
 from typing import Generator, Iterator, Optional
@@ -30,7 +31,7 @@ import av
 import numpy as np
 
 from ..config import SamplingConfig
-from .container import _check_stream_count, _clip_info, _open_options, _video_stream, cap_decoder, guard
+from .container import _check_stream_count, _clip_info, _open_options, _video_stream, cap_decoder, describe, guard
 from .limits import Budget, VideoError, VideoLimits, check_aspect
 from .live_input import ChunkReader, HeadTape, check_growable
 from .preprocess import FrameConverter, views_to_uint8
@@ -124,7 +125,12 @@ class _LiveWalk:
         packets = demux_packets(container, list(container.streams))  # all: their bytes are not skipped bytes
         while True:
             t0 = time.perf_counter()
-            packet = next(packets, None)
+            try:
+                packet = next(packets, None)
+            except av.FFmpegError as e:
+                if e.errno == errno.ENOMEM:
+                    raise  # out of memory, or a corrupt table: told apart by guard()
+                raise VideoError(f"the stream is corrupt: {describe(e)}") from e
             tape.release()
             self.budget.deadline = start + self.budget.limits.max_decode_seconds + reader.waited_s + paused
             if packet is not None:
