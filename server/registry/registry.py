@@ -10,14 +10,12 @@ Layout: ``<repo>/tasks/<task>/<version>/`` (a bundle); folders whose names start
 * Unregister: the task leaves the table at once (new requests get NOT_FOUND), its folder is renamed to
   ``tasks/.deleted-*`` (so neither a restart nor another replica brings it back) and deleted when the last
   in-flight request ends. (A task folder linked to another filesystem: see :func:`move_into_place`.)
-* :meth:`TaskRegistry.sync` re-reads the folder: replicas sharing it pick up each
-  other's registers and unregisters by polling. It reads metadata only (``task.json``, the digest, the
-  tensor sizes); weights come into host memory on first use, through the registry's
-  :class:`~server.registry.host_tier.HostTier` (``registry.host``). A version whose weights turn out bad
-  then is taken out of service as a bad folder is at sync: the previous good version is served, if any.
-* Every task a caller names (``name`` or ``name@N``) passes :func:`task_ref` first, here at the
-  registry's door, so no entry point can forget it: a name that is not a task name is
-  INVALID_ARGUMENT before it reaches the table, a lock or a path.
+* :meth:`TaskRegistry.sync` re-reads the folder: replicas sharing it pick up each other's registers and unregisters
+  by polling. It reads metadata only (``task.json``, the digest, the tensor sizes); weights come into host memory on
+  first use, through the registry's :class:`~server.registry.host_tier.HostTier` (``registry.host``). A version
+  whose weights turn out bad then leaves service as a bad folder does at sync: the previous good one is served.
+* Every task a caller names (``name`` or ``name@N``) passes :func:`task_ref` first, here at the registry's door, so
+  no entry point can forget it: a name that is not a task name is INVALID_ARGUMENT before it reaches a table or path.
 """
 
 from __future__ import annotations
@@ -64,12 +62,12 @@ from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, load_bundle
-
-if TYPE_CHECKING:
-    import torch
 from stadapter.config import TaskSpec, brief
 from stadapter.fsutil import fsync_tree
 from stadapter.trunk import VideoTrunk
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TaskRegistry", "TaskVersion"]  # TaskVersion lives in server.registry.version; imported from here too
 
