@@ -17,8 +17,10 @@ import numpy as np
 
 from stadapter.video.synthetic import BAND, BITS, FORMAT_BY_SUFFIX, encode_frames, frame_image, frame_index, make_audio_only, make_clip
 
-__all__ = ["BAND", "BITS", "FORMAT_BY_SUFFIX", "ListTakes", "corrupt_payload", "decode_all", "empty", "encode_frames", "frame_image",
-           "frame_index", "garbage", "indices_of", "io", "make_audio_only", "make_clip", "truncated"]
+__all__ = [
+    "BAND", "BITS", "FORMAT_BY_SUFFIX", "ListTakes", "corrupt_payload", "decode_all", "empty", "encode_frames", "frame_image",
+    "in_child", "frame_index", "garbage", "indices_of", "io", "make_audio_only", "make_clip", "truncated",
+]
 
 
 def truncated(data: bytes, keep: float = 0.5) -> bytes:
@@ -75,3 +77,32 @@ class ListTakes:
     def first_from(self, i: int) -> int | None:
         k = bisect.bisect_left(self.sorted, i)
         return self.sorted[k] if k < len(self.sorted) else None
+
+
+_IN_CHILD = """
+import json, resource, sys
+from stadapter.config import SamplingConfig
+from stadapter.video import VideoError, decode_clip, probe
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    if sys.argv[2] == "probe":
+        probe(sys.argv[1])
+    else:
+        decode_clip(sys.argv[1], SamplingConfig(num_frames=8, input_size=32))
+    msg = ""
+except VideoError as e:
+    msg = str(e)
+print(json.dumps({"grew_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, "error": msg}))
+"""
+
+
+def in_child(path: "os.PathLike | str", what: str = "probe") -> dict:
+    """``probe`` (or ``decode``, 8 frames at 32 px) the clip at ``path`` in a fresh Python process: its peak RSS
+    growth over the call (``grew_kib``, from ``ru_maxrss``) and the VideoError's message (``error``, empty if none)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _IN_CHILD, os.fspath(path), what], check=True, capture_output=True,
+                         text=True, timeout=60)
+    return json.loads(out.stdout)

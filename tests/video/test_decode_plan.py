@@ -36,23 +36,17 @@ def test_the_lower_bound_follows_decode_order_not_presentation_order():
 
 
 @pytest.mark.parametrize("codec,gop,frames", [("libx264", 120, 120), ("libx264", 30, 90), ("libx265", 60, 60)])
-def test_the_prediction_never_exceeds_what_the_decoder_decodes(monkeypatch, codec, gop, frames):
+def test_the_prediction_never_exceeds_what_the_decoder_decodes(monkeypatch, budget_calls, codec, gop, frames):
     """A lower bound: a clip the decoder can read within the budget is never refused by the prediction."""
     clip = make_clip(None, frames, gop=gop, bframes=3, codec=codec)
-    decoded = []
-    real_frame = video_limits.Budget.frame
+    decoded = budget_calls("frame")
     predicted = []
     real_predicted = video_limits.Budget.check_predicted
-
-    def counting(self, frame):
-        decoded.append(1)
-        real_frame(self, frame)
 
     def recording(self, n, w, h):
         predicted.append(n)
         real_predicted(self, n, w, h)
 
-    monkeypatch.setattr(video_limits.Budget, "frame", counting)
     monkeypatch.setattr(video_limits.Budget, "check_predicted", recording)
     tight = VideoLimits(max_decoded_pixels=64 * 48 * (frames // 4))  # decoding to the end could pass: predicted
     for cfg in (CFG, SamplingConfig(num_frames=3, input_size=32), SamplingConfig(num_frames=8, temporal_views=2,
@@ -66,16 +60,9 @@ def test_the_prediction_never_exceeds_what_the_decoder_decodes(monkeypatch, code
         assert predicted[0] <= len(decoded), (cfg, predicted, len(decoded))
 
 
-def test_a_single_gop_with_b_frames_over_the_pixel_budget_is_refused_before_it_is_decoded(monkeypatch):
+def test_a_single_gop_with_b_frames_over_the_pixel_budget_is_refused_before_it_is_decoded(budget_calls):
     clip = make_clip(None, 120, gop=120, bframes=3)
-    decoded = []
-    real_frame = video_limits.Budget.frame
-
-    def counting(self, frame):
-        decoded.append(1)
-        real_frame(self, frame)
-
-    monkeypatch.setattr(video_limits.Budget, "frame", counting)
+    decoded = budget_calls("frame")
     with pytest.raises(VideoError, match="max_decoded_pixels"):
         decode_clip(clip, CFG, VideoLimits(max_decoded_pixels=64 * 48 * 20))
     assert decoded == [], f"{len(decoded)} frames decoded before the refusal"

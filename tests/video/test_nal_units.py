@@ -8,13 +8,12 @@ same streams: profiles with and without chroma fields, scaling matrices, interla
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import av
+import media
 import pytest
 
 from stadapter.video.nal_units import H264_SPS, HEVC_SPS, NalScan, h264_sps_size, hevc_sps_size
@@ -89,20 +88,6 @@ def test_cut_or_garbage_parameter_sets_are_left_to_the_decoder():
     assert list(check.sps_sizes(b"\x00\x00\x00\x50\x67")) == []  # a length past the packet's end: nothing read
 
 
-_RSS_DECODE = """
-import json, resource, sys
-from stadapter.config import SamplingConfig
-from stadapter.video import VideoError, decode_clip
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    decode_clip(sys.argv[1], SamplingConfig(num_frames=8, input_size=32))
-    msg = ""
-except VideoError as e:
-    msg = str(e)
-print(json.dumps({"grew_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, "error": msg}))
-"""
-
-
 @pytest.fixture(scope="module")
 def jump_to_16000(tmp_path_factory) -> Path:
     """One second of 64x64, then two frames of 16000x16000 (a solid colour: 750 KB): raw H.264, two encodes."""
@@ -124,9 +109,7 @@ def test_a_jump_to_16000x16000_is_refused_before_the_decoder_sizes_its_tables(ju
     """Before: +87 MiB (the decoder's tables for 1,000,000 macroblocks) in both containers."""
     clip = tmp_path / f"jump.{fmt}"
     ffmpeg("-r", "25", "-i", str(jump_to_16000), "-c", "copy", "-f", fmt, str(clip))
-    out = subprocess.run([sys.executable, "-c", _RSS_DECODE, str(clip)], check=True, capture_output=True, text=True,
-                         timeout=60)
-    res = json.loads(out.stdout)
+    res = media.in_child(clip, "decode")
     assert "a frame of 16000x16000 is over the limit" in res["error"], res
     assert res["grew_kib"] < 50 * 1024, res
 

@@ -16,7 +16,6 @@ import pytest
 
 from stadapter.config import SamplingConfig
 from stadapter.video import VideoError, VideoLimits, decode_clip, probe
-from stadapter.video import limits as video_limits
 from stadapter.video.seek_length import CappedReader, ReadCapReached, landing_past_limit
 
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg (make test installs it)")
@@ -33,16 +32,8 @@ def _mkv_from_pipe(tmp_path, name: str, *args: str):
 
 
 @pytest.fixture()
-def counted(monkeypatch):
-    calls: list[int] = []
-    real_packet = video_limits.Budget.packet
-
-    def counting(self):
-        calls.append(1)
-        real_packet(self)
-
-    monkeypatch.setattr(video_limits.Budget, "packet", counting)
-    return calls
+def counted(budget_calls):
+    return budget_calls("packet")
 
 
 @needs_ffmpeg

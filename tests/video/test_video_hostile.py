@@ -6,7 +6,6 @@ need it are skipped where it is missing).
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 import subprocess
@@ -14,6 +13,7 @@ import sys
 from pathlib import Path
 
 import av
+import media
 import pytest
 from media import make_clip
 
@@ -59,35 +59,12 @@ def test_every_prefix_of_a_clip_is_a_clean_error():
     assert saw_no_codec, "no prefix reached the stream-without-codec-parameters case"
 
 
-_RSS_PROBE = """
-import json, resource, sys
-from stadapter.config import SamplingConfig
-from stadapter.video import VideoError, decode_clip, probe
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-try:
-    if sys.argv[2] == "probe":
-        probe(sys.argv[1])
-    else:
-        decode_clip(sys.argv[1], SamplingConfig(num_frames=8, input_size=32))
-    msg = ""
-except VideoError as e:
-    msg = str(e)
-print(json.dumps({"grew_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, "error": msg}))
-"""
-
-
-def _probe_in_child(path: Path, what: str = "probe") -> dict:
-    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path), what], check=True, capture_output=True,
-                         text=True, timeout=60)
-    return json.loads(out.stdout)
-
-
 @needs_ffmpeg
 def test_a_huge_frame_is_refused_before_ffmpeg_allocates_it(tmp_path):
     """A 1.6 MB PNG-in-MKV of 16000x16000: av.open decoded its first frame (+600 MB RSS) before the check."""
     big = tmp_path / "big.mkv"
     ffmpeg("-f", "lavfi", "-i", "color=c=red:size=16000x16000", "-frames:v", "1", "-c:v", "png", str(big))
-    res = _probe_in_child(big)
+    res = media.in_child(big)
     assert "pixels" in res["error"]
     assert res["grew_kib"] < 50 * 1024, res
 
@@ -181,7 +158,7 @@ def test_a_frame_size_that_jumps_mid_stream_is_refused_before_it_is_allocated(si
     clip = tmp_path / f"jump.{fmt}"
     ffmpeg("-r", "25", "-i", str(size_jump), "-c", "copy", "-f", fmt, str(clip))
     assert probe(clip).width == 64
-    res = _probe_in_child(clip, "decode")
+    res = media.in_child(clip, "decode")
     assert "a frame of 8000x8000 is over the limit" in res["error"], res
     assert res["grew_kib"] < 50 * 1024, res
 
@@ -192,12 +169,12 @@ def test_a_stream_declared_only_by_its_first_packet_is_size_checked_before_it_is
     avformat_find_stream_info ran on them: an 8000x8000 frame was decoded in full (+279 MB) before the refusal."""
     big = tmp_path / "big.flv"
     ffmpeg("-r", "25", "-i", str(size_jump.with_name("big.h264")), "-c", "copy", str(big))
-    res = _probe_in_child(big)
+    res = media.in_child(big)
     assert "8000x8000" in res["error"] and "over the limit" in res["error"], res
     assert res["grew_kib"] < 50 * 1024, res
     sorenson = tmp_path / "sorenson.flv"  # no size before its first frame decodes: decoded under the limit
     ffmpeg("-f", "lavfi", "-i", "color=c=red:size=4000x4000:rate=25:duration=0.04", "-c:v", "flv", str(sorenson))
-    res = _probe_in_child(sorenson)
+    res = media.in_child(sorenson)
     assert "over the limit of 9437184 pixels" in res["error"] and res["grew_kib"] < 50 * 1024, res
     small = tmp_path / "small.flv"
     ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=0.4", "-c:v", "flv", str(small))
@@ -211,7 +188,7 @@ def test_a_huge_h264_frame_in_mp4_is_refused_from_the_header(tmp_path):
     big = tmp_path / "big.mp4"
     ffmpeg("-f", "lavfi", "-i", "color=c=red:size=16000x16000:rate=25:duration=0.04", "-c:v", "libx264", "-preset",
            "ultrafast", str(big))
-    res = _probe_in_child(big)
+    res = media.in_child(big)
     assert "16000x16000" in res["error"] and res["grew_kib"] < 50 * 1024, res
 
 
@@ -296,40 +273,26 @@ def test_errors_from_pyav_never_show_python_class_names(monkeypatch):
 
 
 @needs_ffmpeg
-def test_a_long_clip_without_a_duration_is_refused_once_its_count_passes_the_limit(tmp_path, monkeypatch):
+def test_a_long_clip_without_a_duration_is_refused_once_its_count_passes_the_limit(tmp_path, budget_calls):
     """A header with no duration: every packet of the clip was counted before the count was compared with the
     limit (a 10-hour clip cost seconds); the count now stops one frame past the limit."""
     out = tmp_path / "long.mkv"
     with open(out, "wb") as f:  # written to a pipe, without metadata: Matroska records no duration
         ffmpeg("-f", "lavfi", "-i", "testsrc=size=16x16:rate=25:duration=60", "-c:v", "libx264", "-g", "250",
                "-map_metadata", "-1", "-f", "matroska", "-", stdout=f)
-    counted = []
-    real_packet = video_limits.Budget.packet
-
-    def counting(self):
-        counted.append(1)
-        real_packet(self)
-
-    monkeypatch.setattr(video_limits.Budget, "packet", counting)
+    counted = budget_calls("packet")
     with pytest.raises(VideoError, match="more than 50 frames at 25 fps .* over the limit of 2 s"):
         probe(out, VideoLimits(max_duration_s=2))
     assert len(counted) <= 51, f"{len(counted)} packets counted for a limit of 50 frames"
     assert probe(out, VideoLimits(max_duration_s=61)).num_frames == 1500
 
 
-def test_a_single_gop_over_the_pixel_budget_is_refused_before_it_is_decoded(monkeypatch):
+def test_a_single_gop_over_the_pixel_budget_is_refused_before_it_is_decoded(budget_calls):
     """One keyframe, then 119 frames: reaching the sampled frames means decoding nearly all of them. The budget
     refused only once it had paid for max_decoded_pixels (a 4096x2304 clip: 228 frames, about a second of CPU); the
     keyframes (one demux pass) predict the count and the refusal comes before the first frame."""
     clip = make_clip(None, 120, gop=120, bframes=0)
-    decoded = []
-    real_frame = video_limits.Budget.frame
-
-    def counting(self, frame):
-        decoded.append(1)
-        real_frame(self, frame)
-
-    monkeypatch.setattr(video_limits.Budget, "frame", counting)
+    decoded = budget_calls("frame")
     cfg = SamplingConfig(num_frames=8, input_size=32)
     with pytest.raises(VideoError, match="max_decoded_pixels"):
         decode_clip(clip, cfg, VideoLimits(max_decoded_pixels=64 * 48 * 40))
