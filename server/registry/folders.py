@@ -23,7 +23,8 @@ from stadapter.config import TASK_NAME_RULE, ConfigError, brief, check_task_name
 from stadapter.fsutil import fsync_tree
 
 UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
-LEFTOVER_PREFIXES = (".upload-", ".deleted-")  # an upload in progress or cut short; a folder being deleted
+UPLOAD_PREFIX, TOMBSTONE_PREFIX = ".upload-", ".deleted-"  # an upload being written; a folder being deleted
+LEFTOVER_PREFIXES = (UPLOAD_PREFIX, TOMBSTONE_PREFIX)  # what the sweeper removes once idle (cut short by an exit)
 
 
 def version_dirs(task_dir: Path) -> dict[int, Path]:
@@ -120,7 +121,7 @@ def tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
 
     A version folder of a task linked to another filesystem cannot be renamed into ``tasks/``: its tombstone
     is made beside it, in the task's folder (where :func:`linked_leftovers` finds it if its delete is cut short)."""
-    name = f".deleted-{label}-{uuid.uuid4().hex[:8]}"
+    name = f"{TOMBSTONE_PREFIX}{label}-{uuid.uuid4().hex[:8]}"
     try:
         return _renamed(path, tasks_dir / name)
     except OSError as e:
@@ -137,6 +138,11 @@ def _renamed(path: Path, dest: Path) -> Optional[Path]:
     return dest
 
 
+def upload_path(folder: Path) -> Path:
+    """A fresh name for an upload being written in ``folder`` (ignored by scans, swept if left)."""
+    return folder / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}"
+
+
 def move_into_place(staged: Path, dest: Path) -> None:
     """Rename the folder ``staged`` to ``dest``, which must not exist yet (the rename fails if another replica
     just took it). Across filesystems (a task folder linked to another volume) the folder is copied beside
@@ -147,7 +153,7 @@ def move_into_place(staged: Path, dest: Path) -> None:
     except OSError as e:
         if e.errno != errno.EXDEV:
             raise
-    near = dest.parent / f".upload-{uuid.uuid4().hex}"
+    near = upload_path(dest.parent)
     try:
         shutil.copytree(staged, near, symlinks=True)
         fsync_tree(near)

@@ -29,7 +29,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Collection, Mapping, Optional
@@ -54,6 +53,7 @@ from server.registry.folders import (
     task_path,
     task_ref,
     tombstone_dir,
+    upload_path,
     version_dirs,
 )
 from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
@@ -297,7 +297,7 @@ class TaskRegistry:
 
     def upload_path(self) -> Path:
         """A fresh name for an upload folder (not created: the caller creates it inside its cleanup scope)."""
-        return self.tasks_dir / f".upload-{uuid.uuid4().hex}"
+        return upload_path(self.tasks_dir)
 
     def new_upload_dir(self) -> Path:
         d = self.upload_path()
