@@ -24,7 +24,7 @@ from typing import Any, AsyncGenerator
 from torch import Tensor
 
 from server.decode.live_worker import live_worker_main
-from server.decode.pool import _raise_failure, _Worker
+from server.decode.pool import Worker, raise_failure
 from server.decode.shm_blocks import read_block, unlink_block
 from server.decode.window_jobs import WindowSpan
 from server.errors import DecoderCrashed, Draining, QueueFull
@@ -107,7 +107,7 @@ class LiveDecode:
 
     def __init__(self, owner: LiveDecoders, prefix: str) -> None:
         self.owner, self.prefix = owner, prefix
-        self.worker: _Worker | None = None
+        self.worker: Worker | None = None
         self.data: Any = None  # the parent's end of the data pipe
         self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-feed")
         self.sent = 0  # chunks handed over
@@ -126,7 +126,7 @@ class LiveDecode:
         proc.start()
         child_control.close()
         data_in.close()
-        self.worker, self.data = _Worker(proc, control), data_out
+        self.worker, self.data = Worker(proc, control), data_out
         msg = await asyncio.wait_for(self.worker.expect(asyncio.get_running_loop()), START_TIMEOUT_S)
         if msg != ("ready",):
             raise DecoderCrashed(f"the live decoder process failed to start (exit code {proc.exitcode})")
@@ -164,7 +164,7 @@ class LiveDecode:
             if msg[0] != "window":
                 if msg[0] == "done":
                     return
-                _raise_failure(msg)
+                raise_failure(msg)
             _, seq, span, shape, dtype, chunks, decode_s = msg
             frames = read_block(f"{self.prefix}{seq}", shape, dtype)
             self.seq = seq + 1

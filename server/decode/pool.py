@@ -119,7 +119,7 @@ def _decode_timed(clip: bytes | bytearray | memoryview, sampling: SamplingConfig
 
 
 @dataclass(eq=False)
-class _Worker:
+class Worker:
     proc: Any  # multiprocessing.context.SpawnProcess
     conn: Connection
     reply: Optional[asyncio.Future] = None  # the next message, once asked for
@@ -165,8 +165,8 @@ class ProcessDecodePool:
         self.ctx: Any = multiprocessing.get_context(context)  # SpawnContext etc.: typeshed's BaseContext lacks Process
         self.shm_prefix = f"stadapter-dec-{os.getpid()}-{id(self):x}-"
         self._names = itertools.count()
-        self._free: asyncio.Queue[_Worker] = asyncio.Queue()
-        self._all: set[_Worker] = set()
+        self._free: asyncio.Queue[Worker] = asyncio.Queue()
+        self._all: set[Worker] = set()
         self._tasks: set[asyncio.Task] = set()  # background work (startups, waits after a cancel)
         self.closed = False
 
@@ -182,7 +182,7 @@ class ProcessDecodePool:
         proc = self.ctx.Process(target=worker_main, args=(child,), name="stadapter-decode", daemon=True)
         proc.start()
         child.close()  # only the worker holds it now: its death is EOF here
-        w = _Worker(proc, parent)
+        w = Worker(proc, parent)
         self._all.add(w)
         msg = await w.expect(asyncio.get_running_loop())
         if msg != ("ready",) or self.closed:
@@ -193,11 +193,11 @@ class ProcessDecodePool:
         self._free.put_nowait(w)
         return True
 
-    def _drop(self, w: _Worker) -> None:
+    def _drop(self, w: Worker) -> None:
         w.kill()
         self._all.discard(w)
 
-    def _replace(self, w: _Worker, shm_name: Optional[str] = None) -> None:
+    def _replace(self, w: Worker, shm_name: Optional[str] = None) -> None:
         """Kill ``w`` (then unlink the block it may have been writing); a fresh worker joins the queue once ready."""
         self._drop(w)
         if shm_name is not None:
@@ -250,7 +250,7 @@ class ProcessDecodePool:
             raise DecodeTimeout(f"decoding took longer than {timeout_s:g} s; the clip was dropped")
         return self._result(w, reply.result(), name)
 
-    async def _finish_later(self, w: _Worker, reply: asyncio.Future, name: str, budget: float) -> None:
+    async def _finish_later(self, w: Worker, reply: asyncio.Future, name: str, budget: float) -> None:
         done, _ = await asyncio.wait({reply}, timeout=budget)
         if not done:
             self._replace(w, name)
@@ -281,7 +281,7 @@ class ProcessDecodePool:
             for w in idle:
                 self._give_back(w)
 
-    async def _window_part(self, w: _Worker, idle: set[_Worker], clip: bytes | bytearray | memoryview,
+    async def _window_part(self, w: Worker, idle: set[Worker], clip: bytes | bytearray | memoryview,
                            sampling: SamplingConfig, limits: VideoLimits, job: WindowJob, timeout_s: float,
                            deadline: Optional[float], tally: Optional[SplitBudget]) -> AsyncGenerator[WindowBatch, None]:
         """One window job on worker ``w``, taken from the free queue by the caller (and out of ``idle`` once this
@@ -331,7 +331,7 @@ class ProcessDecodePool:
             if running:
                 self._background(self._stop_job(w, reply, prefix, seq, timeout_s))
 
-    async def _stop_job(self, w: _Worker, reply: asyncio.Future, prefix: str, seq: int, timeout_s: float) -> None:
+    async def _stop_job(self, w: Worker, reply: asyncio.Future, prefix: str, seq: int, timeout_s: float) -> None:
         """Stop a window job nobody reads any more: let the batch in progress finish, drop it, say stop."""
         while True:
             done, _ = await asyncio.wait({reply}, timeout=timeout_s)
@@ -351,25 +351,25 @@ class ProcessDecodePool:
             except OSError:
                 pass
 
-    def _end_job(self, w: _Worker, msg: Optional[tuple], name: str) -> None:
+    def _end_job(self, w: Worker, msg: Optional[tuple], name: str) -> None:
         """The last message of a window job: the worker freed (or replaced); its error raised."""
         unlink_block(name)
         reply = self._settle(w, msg)
         if reply[0] not in ("done", "stopped"):
-            _raise_failure(reply)
+            raise_failure(reply)
 
-    def _result(self, w: _Worker, msg: Optional[tuple], name: str) -> tuple[Tensor, float]:
+    def _result(self, w: Worker, msg: Optional[tuple], name: str) -> tuple[Tensor, float]:
         """Turn the worker's reply into the answer; the shm block is gone and ``w`` freed or replaced after."""
         try:
             reply = self._settle(w, msg)
             if reply[0] == "ok":
                 _, shape, dtype, decode_s = reply
                 return read_block(name, shape, dtype), decode_s
-            _raise_failure(reply)
+            raise_failure(reply)
         finally:
             unlink_block(name)
 
-    def _settle(self, w: _Worker, msg: Optional[tuple]) -> tuple:
+    def _settle(self, w: Worker, msg: Optional[tuple]) -> tuple:
         """After a worker's last reply (None: it died or was stopped): free, drop or replace it; the reply."""
         if msg is None and self.closed:
             raise Draining("server is shutting down; the decode was stopped")
@@ -380,7 +380,7 @@ class ProcessDecodePool:
         self._give_back(w)
         return msg
 
-    def _give_back(self, w: _Worker) -> None:
+    def _give_back(self, w: Worker) -> None:
         """A worker done with its job: back to the free queue, or dropped when the pool is closing."""
         if self.closed:
             self._drop(w)
@@ -400,7 +400,7 @@ class ProcessDecodePool:
                 w.reply.set_result(None)  # a request still waiting on it fails at once
 
 
-def _raise_failure(reply: tuple) -> NoReturn:
+def raise_failure(reply: tuple) -> NoReturn:
     """A worker's failure reply (see :mod:`server.decode.worker_replies`) as the exception the services map: a copy, as
     frames on its traceback hold the reply (raising its own object would make a cycle keeping their clip alive)."""
     if reply[0] == "oom":

@@ -18,7 +18,7 @@ from .decode_plan import StreamScan, decoded_at_least, frames_to_decode, scan_pa
 from .limits import Budget, Source, VideoError, VideoLimits, check_aspect, out_of_memory
 from .nal_units import CHECKED_CODECS, NalScan
 from .readers import NONREF_SKIPPABLE, IndexedReader, Irregular, ReadResult, SeekMissed, SequentialReader, demux_packets
-from .screen import NO_DECODER, screen_frame_sizes
+from .screen import check_stream_count, open_screened
 from .seek_length import PROBE_PACKETS, landing_past_limit
 from .window_walk import Taken, Takes, WindowWalk, count_frames
 
@@ -104,7 +104,7 @@ def _head(source: Source, n: int = 64) -> bytes:
         return b""
 
 
-def _open_options(limits: VideoLimits) -> tuple[dict[str, str], dict[str, str]]:
+def open_options(limits: VideoLimits) -> tuple[dict[str, str], dict[str, str]]:
     """(demuxer options, decoder options): FFmpeg's own limits, so it refuses before doing the work.
 
     ``max_streams`` stops the demuxer from creating streams past our limit (one more, so the count
@@ -137,13 +137,10 @@ def _target(source: Source) -> io.BytesIO | str:
 def _open_container(source: Source, limits: VideoLimits, screen: bool = False) -> av.container.InputContainer:
     """The clip opened; with ``screen``, after its frame sizes were checked with no decoder allowed
     (:mod:`.screen`: done once per clip, before FFmpeg first decodes it)."""
-    options, codec_options = _open_options(limits)
+    options, codec_options = open_options(limits)
     try:
         if screen:
-            with av.open(_target(source), mode="r", container_options={**options, "codec_whitelist": NO_DECODER},
-                         options=codec_options) as screened:
-                _check_stream_count(screened, limits)
-                screen_frame_sizes(screened, limits)
+            return open_screened(_target(source), lambda: _target(source), options, codec_options, limits)
         return av.open(_target(source), mode="r", container_options=options, options=codec_options)
     except VideoError:
         raise
@@ -158,13 +155,7 @@ def _open_container(source: Source, limits: VideoLimits, screen: bool = False) -
         raise VideoError(f"cannot open clip: not a readable video (corrupt, truncated{allowed}) [{describe(e)}]") from e
 
 
-def _check_stream_count(container: av.container.InputContainer, limits: VideoLimits) -> None:
-    if len(container.streams) > limits.max_streams:
-        # the demuxer stops at max_streams + 1 (see _open_options): the real count may be higher
-        raise VideoError(f"clip has at least {len(container.streams)} streams, over the limit of {limits.max_streams}")
-
-
-def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
     """The stream a player shows: the one marked default, else FFmpeg's best; never cover art."""
     flags = av.stream.Disposition
     videos = [s for s in container.streams.video if not s.disposition & flags.attached_pic]
@@ -186,7 +177,7 @@ def _fps(stream) -> float:
     return 0.0
 
 
-def _clip_info(container, stream) -> ClipInfo:
+def clip_info(container, stream) -> ClipInfo:
     fps = _fps(stream)
     duration = 0.0
     if stream.duration and stream.time_base:
@@ -235,11 +226,11 @@ class Clip:
         self.container = _open_container(source, limits, screen=True)
         self._closed = False
         try:
-            _check_stream_count(self.container, limits)
-            stream = _video_stream(self.container)
+            check_stream_count(self.container, limits)
+            stream = video_stream(self.container)
             cap_decoder(stream, limits)
             self.stream_index = stream.index
-            self.info = _clip_info(self.container, stream)
+            self.info = clip_info(self.container, stream)
             _check(self.info, limits)
             if self.info.num_frames <= 0:
                 self.info = _with_counted_frames(self.info, self._count_packets())
@@ -295,7 +286,7 @@ class Clip:
 
     def _check_length_by_seek(self, first_pts: int, bytes_counted: int, counted: int, most: int | None) -> None:
         limit = self.limits.max_duration_s
-        t = None if most is None else landing_past_limit(self.source, _open_options(self.limits)[0], self.stream_index, first_pts, limit,
+        t = None if most is None else landing_past_limit(self.source, open_options(self.limits)[0], self.stream_index, first_pts, limit,
                                bytes_counted, counted, most)
         if t is not None:
             raise VideoError(f"clip runs past the limit of {limit:g} s: a seek to it found a frame at {t:.1f} s "

@@ -31,13 +31,13 @@ import av
 import numpy as np
 
 from ..config import SamplingConfig
-from .container import _check_stream_count, _clip_info, _open_options, _video_stream, cap_decoder, describe, guard
+from .container import cap_decoder, clip_info, describe, guard, open_options, video_stream
 from .limits import Budget, VideoError, VideoLimits, check_aspect
 from .live_input import ChunkReader, HeadTape, check_growable
 from .preprocess import FrameConverter, views_to_uint8
 from .readers import demux_packets
-from .screen import NO_DECODER, screen_frame_sizes
-from .windows import DecodeStats, Window, WindowLimits, WindowPlan, _check_frames, _Takes, check_window_args, plan_windows
+from .screen import check_stream_count, open_screened
+from .windows import DecodeStats, PlanTakes, Window, WindowLimits, WindowPlan, check_frames, check_window_args, plan_windows
 
 HEAD_BYTES = 16 * 2**20  # most of a stream's head recorded for the second open (the screen reads up to 5 MB)
 _VIDEO, _WINDOWS = VideoLimits(), WindowLimits()
@@ -64,14 +64,14 @@ def decode_live_windows(reader: ChunkReader, cfg: SamplingConfig, window_s: floa
         check_growable(tape)
         container = _open_live(tape, vlimits)
         try:
-            stream = _video_stream(container)
+            stream = video_stream(container)
             cap_decoder(stream, vlimits)
-            info = _clip_info(container, stream)
+            info = clip_info(container, stream)
             if info.width <= 0 or info.height <= 0:
                 raise VideoError("the stream's video has no frame size: it is corrupt")
             check_aspect(info.width, info.height, vlimits)
             plan = plan_windows(cfg, info.fps, window_s, stride_s, window_limits)
-            _check_frames(cfg, vlimits)
+            check_frames(cfg, vlimits)
             sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
             convert = FrameConverter(vlimits, cfg.short_side, cfg.autorotate, sar)
             walk = _LiveWalk(plan, cfg, convert, Budget(vlimits), window_limits, float(stream.time_base or 0))
@@ -82,20 +82,16 @@ def decode_live_windows(reader: ChunkReader, cfg: SamplingConfig, window_s: floa
 
 def _open_live(tape: HeadTape, limits: VideoLimits) -> av.container.InputContainer:
     """Screened (frame sizes, with no decoder allowed) on the head as it is recorded, then opened on its replay."""
-    options, codec_options = _open_options(limits)
+    options, codec_options = open_options(limits)
     try:
-        with av.open(tape, mode="r", container_options={**options, "codec_whitelist": NO_DECODER},
-                     options=codec_options) as screened:
-            _check_stream_count(screened, limits)
-            screen_frame_sizes(screened, limits)
-        container = av.open(tape.replay(), mode="r", container_options=options, options=codec_options)
+        container = open_screened(tape, tape.replay, options, codec_options, limits)
     except VideoError:
         raise
     except (av.FFmpegError, OSError, EOFError, ValueError, IndexError, UnicodeError) as e:
         allowed = f" in one of the allowed containers ({', '.join(limits.formats)})" if limits.formats else ""
         raise VideoError(f"cannot open the live stream: not a video stream{allowed} that can be read as it "
                          f"arrives (MPEG-TS, Matroska/WebM, fragmented MP4, FLV), or corrupt [{e}]") from e
-    _check_stream_count(container, limits)
+    check_stream_count(container, limits)
     return container
 
 
@@ -111,7 +107,7 @@ class _LiveWalk:
         self.jump = max(plan.length, math.ceil(MAX_JUMP_S * plan.fps)) + math.ceil(MAX_JUMP_S * plan.fps)
         self.back = math.ceil(MAX_JUMP_S * plan.fps)
         self.end_pos: Optional[int] = None  # where the last packet (any stream) ends in the stream's bytes
-        self.takes = _Takes(plan)
+        self.takes = PlanTakes(plan)
         self.held: dict[int, np.ndarray] = {}
         self.anchor: Optional[int] = None
         self.last_slot = -1

@@ -12,6 +12,8 @@ decode decoded here first, by a decoder that carries the limit.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import av
 
 from .limits import Budget, VideoError, VideoLimits
@@ -23,6 +25,25 @@ SCREEN_BYTES = 5_000_000  # packet bytes read for the first frames: FFmpeg's own
 # Frames avformat_find_stream_info may decode per stream: one gives the size and pixel format; for H.264 it decodes
 # up to 20 to guess the reorder delay when the parameter sets do not state it.
 FIRST_FRAMES = {"h264": 20}
+
+
+def check_stream_count(container: av.container.InputContainer, limits: VideoLimits) -> None:
+    if len(container.streams) > limits.max_streams:
+        # the demuxer stops at max_streams + 1 (see container.open_options): the real count may be higher
+        raise VideoError(f"clip has at least {len(container.streams)} streams, over the limit of {limits.max_streams}")
+
+
+def open_screened(first: Any, then: Callable[[], Any], options: dict[str, str], codec_options: dict[str, str],
+                  limits: VideoLimits) -> av.container.InputContainer:
+    """``av.open`` of a clip whose stream count and frame sizes were checked first, in an opening of ``first``
+    with no decoder allowed; ``then()`` gives what the real opening reads (the same bytes again). ``options``,
+    ``codec_options``: the demuxer's and decoders' (FFmpeg's own limits). FFmpeg's errors pass through: each
+    caller words them for its input."""
+    with av.open(first, mode="r", container_options={**options, "codec_whitelist": NO_DECODER},
+                 options=codec_options) as screened:
+        check_stream_count(screened, limits)
+        screen_frame_sizes(screened, limits)
+    return av.open(then(), mode="r", container_options=options, options=codec_options)
 
 
 def screen_frame_sizes(container: av.container.InputContainer, limits: VideoLimits) -> None:

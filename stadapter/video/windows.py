@@ -235,7 +235,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
     t0 = time.perf_counter()
     with guard("decode"), Clip(source, vlimits) as clip:
         plan = plan_windows(cfg, clip.info.fps, window_s, stride_s, window_limits)
-        _check_frames(cfg, vlimits)
+        check_frames(cfg, vlimits)
         expected = plan.count(clip.info.num_frames)
         if expected > window_limits.max_windows:
             raise VideoError(f"the clip has {expected} windows of {window_s:g} s every {stride_s:g} s, over the limit "
@@ -246,7 +246,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
         k, end = share  # the next window to give out; the part's end
         convert = FrameConverter.for_clip(clip, cfg.short_side, autorotate=cfg.autorotate)
         to_frames = views_to_uint8 if not normalised else views_to_array if as_array else views_to_tensor
-        takes = _Takes(plan, k, end)
+        takes = PlanTakes(plan, k, end)
         held: dict[int, np.ndarray] = {}
         settled = 0  # frames known to be in the stream
         for held, settled in clip.frames(takes, convert, plan.start(k)):
@@ -278,7 +278,7 @@ def decode_windows(source: Source, cfg: SamplingConfig, window_s: float, stride_
                              "classify the clip whole")
 
 
-class _Takes:
+class PlanTakes:
     """Whether a frame is taken by a window not yet given out: the frames of the windows opened so far (a window
     opens when a frame at or past its start is asked about), less those before the next window to give out."""
 
@@ -314,7 +314,7 @@ class _Takes:
             del held[j]
 
 
-def _check_frames(cfg: SamplingConfig, limits: VideoLimits) -> None:
+def check_frames(cfg: SamplingConfig, limits: VideoLimits) -> None:
     wanted = cfg.num_views * cfg.num_frames
     if wanted > limits.max_output_frames:
         raise VideoError(f"the sampling asks for {cfg.num_views} view(s) x {cfg.num_frames} frames = {wanted} frames "
