@@ -222,6 +222,7 @@ class Clip:
         self.source, self.limits = source, limits
         self._lead: av.Packet | None = None  # the packet a checked rewind demuxed: the next read starts with it
         self._scan: StreamScan | None = None  # keyframes() and reference flags: one demux pass, once
+        self._scanned_references = False  # whether that pass read the reference flags (or tried to)
         self.budget = Budget(limits)
         self.container = _open_container(source, limits, screen=True)
         self._closed = False
@@ -274,7 +275,7 @@ class Clip:
             self.budget.packet()
             n += packet.size > 0
             first_pts = packet.pts if first_pts is None else first_pts
-            if n == probe_at and first_pts is not None and packet.pos is not None and packet.pos >= 0:
+            if most is not None and n == probe_at and first_pts is not None and packet.pos is not None and packet.pos >= 0:
                 self._check_length_by_seek(first_pts, packet.pos + packet.size, n, most)
             if most is not None and n > most:
                 raise VideoError(f"clip has more than {most} frames at {fps:g} fps (its header gives no duration), "
@@ -284,9 +285,9 @@ class Clip:
             raise VideoError("no decodable video frames: the video stream holds no packets")
         return n
 
-    def _check_length_by_seek(self, first_pts: int, bytes_counted: int, counted: int, most: int | None) -> None:
+    def _check_length_by_seek(self, first_pts: int, bytes_counted: int, counted: int, most: int) -> None:
         limit = self.limits.max_duration_s
-        t = None if most is None else landing_past_limit(self.source, open_options(self.limits)[0], self.stream_index, first_pts, limit,
+        t = landing_past_limit(self.source, open_options(self.limits)[0], self.stream_index, first_pts, limit,
                                bytes_counted, counted, most)
         if t is not None:
             raise VideoError(f"clip runs past the limit of {limit:g} s: a seek to it found a frame at {t:.1f} s "
@@ -304,11 +305,12 @@ class Clip:
     def _scanned(self, references: bool) -> StreamScan:
         """The demux pass, once; with ``references``, each packet's reference flag too (an H.264/HEVC stream:
         a second pass if the first did not read them)."""
-        if self._scan is None or (references and self._scan.references is None and self._scan.keyframes):
+        if self._scan is None or (references and not self._scanned_references and self._scan.keyframes):
             stream = self.container.streams[self.stream_index]
             cc = stream.codec_context
             nal = NalScan(cc.name, cc.extradata) if references and cc.name in CHECKED_CODECS else None
             first, self._scan = scan_packets(demux_packets(self.container, stream), self.budget, nal)
+            self._scanned_references = references
             self._rewind(first)
         return self._scan
 
