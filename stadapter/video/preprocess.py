@@ -85,7 +85,7 @@ def frame_orientation(frame: av.VideoFrame) -> Orientation:
     degrees; -180 for a pure horizontal flip), so it cannot tell flips apart: the matrix
     itself is parsed here.
     """
-    sd = frame.side_data.get(SideDataType.DISPLAYMATRIX)  # type: ignore[call-overload]  # PyAV's stub: str keys only
+    sd = frame.side_data.get(SideDataType.DISPLAYMATRIX)  # type: ignore[call-overload, unused-ignore]  # PyAV < 18.1.1's stub: str keys
     if sd is None:
         return IDENTITY
     raw = bytes(sd)
