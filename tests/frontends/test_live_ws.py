@@ -130,6 +130,14 @@ def test_several_tasks_and_the_task_list(srv, webm):
     assert body["tasks"][0]["labels"] == ["left", "right", "up", "down"]
     assert asyncio.run(tasks({}))[0] == 401
 
+    async def plain_get():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{srv.http_port}/v1/tasks/motion:live", headers=AUTH) as r:
+                return r.status, await r.json()
+
+    status, body = asyncio.run(plain_get())
+    assert status == 400 and "is a WebSocket" in body["error"]
+
 
 @pytest.mark.parametrize("task, query, text, code, says, close", [
     ("nope", "window_s=2&stride_s=1", None, "NOT_FOUND", "nope", 1008),
