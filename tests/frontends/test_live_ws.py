@@ -200,3 +200,24 @@ def test_a_full_server_an_idle_stream_and_a_client_that_closes(srv, webm):
     assert metric(after, "stadapter_requests_total", method="HTTP ClassifyLive", task="motion", code="CANCELLED") - \
         metric(before, "stadapter_requests_total", method="HTTP ClassifyLive", task="motion", code="CANCELLED") == 1
     served(srv, webm)
+
+
+def test_drain_ends_an_open_stream_unavailable(webm):
+    if not (REPO / "tasks" / "motion").is_dir():
+        pytest.skip("the demo repository is not built")
+    with ServerProcess(REPO, "--poll-interval-s", "0", "--max-batch-size", "8", "--decode-workers", "1") as s:
+        async def run():
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect(url(s), max_msg_size=0) as ws:
+                    await ws.send_bytes(webm[: len(webm) // 3])  # and no end: a camera still going
+                    first = json.loads((await ws.receive(timeout=30)).data)
+                    s.proc.send_signal(15)
+                    rest = [json.loads(m.data) async for m in ws]
+                    return first, rest, ws.close_code
+
+        first, rest, close = asyncio.run(run())
+        assert first["index"] == 0
+        assert rest[-1]["error"]["code"] == "UNAVAILABLE" and "draining" in rest[-1]["error"]["message"]
+        assert [w["index"] for w in rest[:-1]] == list(range(1, len(rest)))
+        assert close == 1001  # GOING_AWAY
+        assert s.proc.wait(30) == 0
