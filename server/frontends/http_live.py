@@ -40,6 +40,7 @@ from server.errors import HTTP_STATUS, BadRequest
 from server.frontends.http_common import HttpWire, classification_json, endpoint
 from server.frontends.http_form import FORM_FIELDS, int_field, typed_field
 from server.live_limits import LiveLimits
+from server.observability.access_log import adopt_request_id
 from stadapter.config import brief
 
 PAGE = Path(__file__).resolve().parent / "static" / "live.html"
@@ -182,6 +183,7 @@ class HttpLive:
                                           names[0] if len(names) == 1 else "") as call:
                 req, request_id = live_request(names, request.query)
                 request_id = call.request_id(request_id)
+                adopt_request_id(request_id)  # the query's id is the logged one, unless a header gave one
                 answers = self.plane.classify_live(call, req, socket_chunks(ws))
                 async with contextlib.aclosing(answers):
                     async for a in answers:

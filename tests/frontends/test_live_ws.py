@@ -112,7 +112,7 @@ def test_a_webm_stream_gives_the_windows_of_classify_windows(srv, webm):
     assert count("stadapter_live_windows_total") == 11
     assert count("stadapter_live_lag_seconds_count") == 11
     assert metric(after, "stadapter_live_streams_open") == 0
-    assert "GET /v1/tasks/{task}:live tasks=motion code=OK status=101" in srv.log()
+    assert "ws-1]: http GET /v1/tasks/{task}:live tasks=motion code=OK status=101" in srv.log()
 
 
 def test_several_tasks_and_the_task_list(srv, webm):
