@@ -17,7 +17,7 @@ TEST_DEPS := $(TRITON_STAMP)
 TEST_ENV := STADAPTER_PYTRITON_PYTHON=$(abspath $(TRITON_VENV))/bin/python
 endif
 
-.PHONY: venv test lint docs demo triton clean protos ffmpeg gpu-check
+.PHONY: venv test lint docs demo triton clean protos ffmpeg chromium gpu-check
 
 # The docs site (mkdocs.yml, docs/), built offline; --strict turns every warning (a broken link, a page
 # missing from the nav) into an error. The output folder is git-ignored. (The variable silences the theme's
@@ -44,6 +44,13 @@ ffmpeg:
 	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q ffmpeg >/dev/null; } || \
 	  echo "ffmpeg is missing and could not be installed: the tests that need it will be skipped"
 
+# Debian's chromium runs the live page (/live) headless, its camera a y4m file, in tests/frontends/test_live_page.py
+# (where it is missing and apt cannot install it, that test is skipped, saying why).
+chromium:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  echo "chromium is missing and could not be installed: the live page's browser test will be skipped"
+
 # Lint and types first (ruff over the project, mypy on stadapter/, server/, clients/, export/ and training/; both configured in pyproject.toml).
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -52,7 +59,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_SITE)
 
-test: $(STAMP) $(TEST_DEPS) ffmpeg lint docs
+test: $(STAMP) $(TEST_DEPS) ffmpeg chromium lint docs
 	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=25 tests
 
 demo: $(STAMP)

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", default=d.host, help="address every port binds")
     a("--port", type=int, default=d.port, help="gRPC port: stadapter.v1 and OIP (0 = any free port)")
     a("--http-port", type=int, default=d.http_port,
-      help="HTTP: OIP v2 REST, /v2/health/{live,ready}, multipart upload (0 = any free port, -1 = no HTTP)")
+      help="HTTP: OIP v2 REST, /v2/health/{live,ready}, multipart upload, the live WebSocket and its page /live "
+           "(0 = any free port, -1 = no HTTP)")
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port, /metrics (0 = any free port)")
     a("--ready-file", type=Path,
       help="once serving, write the ready JSON line here: the bound ports grpc_port, http_port (null with "
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="ClassifyLive: longest wait for a stream's next chunk; past it the stream ends with DEADLINE_EXCEEDED and "
            "its decoder process is stopped")
     a("--max-live-chunk-bytes", type=int, default=d.max_live_chunk_bytes,
-      help="ClassifyLive: largest chunk of a stream (a larger one is INVALID_ARGUMENT); it bounds the bytes a stream "
+      help="ClassifyLive: largest chunk of a stream (over HTTP: a WebSocket message; a larger one is INVALID_ARGUMENT); "
+           "it bounds the bytes a stream "
            "holds received but not yet read by its decoder: the chunk being handed over and the pipe's buffer")
 
     a = p.add_argument_group("Model and device memory").add_argument

@@ -19,7 +19,7 @@ from stadapter.video.synthetic import BAND, BITS, FORMAT_BY_SUFFIX, encode_frame
 
 __all__ = [
     "BAND", "BITS", "FORMAT_BY_SUFFIX", "ListTakes", "corrupt_payload", "decode_all", "empty", "encode_frames", "frame_image",
-    "in_child", "frame_index", "garbage", "indices_of", "io", "make_audio_only", "make_clip", "truncated",
+    "in_child", "frame_index", "garbage", "indices_of", "io", "make_audio_only", "make_clip", "motion_video", "truncated",
 ]
 
 
@@ -106,3 +106,16 @@ def in_child(path: "os.PathLike | str", what: str = "probe") -> dict:
     out = subprocess.run([sys.executable, "-c", _IN_CHILD, os.fspath(path), what], check=True, capture_output=True,
                          text=True, timeout=60)
     return json.loads(out.stdout)
+
+
+def motion_video(path: "os.PathLike | str", directions: Sequence[str], fps: int = 8, size: int = 64,
+                 frames: int = 16, seed: int = 0) -> None:
+    """The demo task ``motion``'s kind of video: one ``frames``-long segment per direction (``left``, ``right``,
+    ``up``, ``down``), each a shape crossing the frame that way, in order; MPEG-4 Part 2 in an .mp4 file."""
+    from pathlib import Path
+
+    from training.synthetic import MOTION_LABELS, draw_motion, encode_mp4
+
+    rng = np.random.default_rng(seed)
+    segments = [draw_motion(rng, MOTION_LABELS.index(d), size, frames) for d in directions]
+    encode_mp4(np.concatenate(segments), Path(path), fps=fps)

@@ -112,6 +112,12 @@ async def _windows(decode: LiveDecode, pump: asyncio.Task) -> AsyncGenerator[Any
             yield w
 
 
+def chunk_too_big(live: LiveLimits, size: Optional[int] = None) -> BadRequest:
+    """The error of a chunk over ``--max-live-chunk-bytes`` (``size``: its length, where the frontend knows it)."""
+    of = f"of {size} bytes " if size is not None else ""
+    return BadRequest(f"a live chunk {of}is over --max-live-chunk-bytes of {live.max_chunk_bytes}; send smaller chunks")
+
+
 async def _pump(chunks: AsyncIterator[bytes], decode: LiveDecode, live: LiveLimits) -> None:
     """Every chunk of the client into the decoder, one at a time; then the end of the stream (also on drain)."""
     stop = time.monotonic() + live.max_s + live.idle_s
@@ -140,8 +146,7 @@ async def _pump(chunks: AsyncIterator[bytes], decode: LiveDecode, live: LiveLimi
                 return
             if len(chunk) > live.max_chunk_bytes:
                 decode.close()
-                raise BadRequest(f"a live chunk of {len(chunk)} bytes is over --max-live-chunk-bytes of "
-                                 f"{live.max_chunk_bytes}; send smaller chunks")
+                raise chunk_too_big(live, len(chunk))
             if chunk:
                 await decode.feed(chunk)
     finally:

@@ -14,8 +14,12 @@ Routes:
   overrides (``num_frames``, ``mode``, ...; also as query parameters); answers JSON (labels, scores,
   task version, timings), as ``Classify`` over gRPC; ``/v1/tasks/a,b:classify`` classifies the clip for
   several tasks (one upload, one decode per distinct sampling) and answers one result or error per task.
+- ``GET /v1/tasks/{task}:live`` (a WebSocket: a live stream's bytes in, one JSON message per window out),
+  ``GET /v1/tasks`` (the served tasks) and ``GET /live`` (the page that streams a camera to the socket):
+  ``server.frontends.http_live``.
 
-Every endpoint but health goes through :func:`endpoint`, the data plane's request scope: the same bearer tokens
+Every endpoint but health goes through the data plane's request scope (:func:`server.frontends.http_common.endpoint`;
+the live socket enters it after the upgrade): the same bearer tokens
 (``Authorization`` header), admission ticket (drain, queue, in-flight clip bytes), error mapping
 (:func:`server.errors.http_status_for`, body ``{"error": ...}``; aiohttp's own 404 and 405 too,
 ``server.frontends.http_errors``) and metrics
@@ -27,24 +31,23 @@ body that stops arriving for ``--stream-idle-timeout-s`` is ended.
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Optional
 
-import grpc
-from aiohttp import BodyPartReader, hdrs, web
+from aiohttp import BodyPartReader, web
 
 from server.dataplane.catalog import SERVER_NAME, server_version
 from server.dataplane.inference import Answer, ClassifyArgs, ItemError
 from server.dataplane.plane import DataPlane
-from server.dataplane.scope import Access, Call, Refused
+from server.dataplane.scope import Call
 from server.engine.admission import Ticket
 from server.engine.pipeline import Classification
 from server.errors import HTTP_STATUS, BadRequest, StreamIdle
-from server.frontends.auth import Auth
-from server.frontends.http_errors import error_response, json_errors, status_response
+from server.frontends.http_common import classification_json, endpoint
+from server.frontends.http_errors import error_response, json_errors
 from server.frontends.http_form import MAX_FIELD_BYTES, MAX_FORM_PARTS, check_field_name, int_field, set_field, typed_field
+from server.frontends.http_live import HttpLive
 from server.frontends.http_oip import HEADER_LENGTH, clips_of, encode_response, header_length, parse_header
 from server.frontends.oip_model import PARAMETERS, output_tensors, requested_outputs, split_top_k
 from server.frontends.oip_tensors import read_json_parameters
@@ -55,56 +58,7 @@ from stadapter.config import brief
 CHUNK = 1 << 16
 _JSON = "application/json"
 
-Handler = Callable[[Any, web.Request, Call], Awaitable[web.StreamResponse]]
-
-
-class HttpWire:
-    """The request scope's view of an HTTP request: the token in its ``Authorization`` header; a client that hung
-    up mid-body shows as ``ConnectionResetError``, a server stopping under the handler as ``CancelledError``."""
-
-    __slots__ = ("authorization",)
-
-    def __init__(self, request: web.Request):
-        self.authorization = request.headers.get(hdrs.AUTHORIZATION)
-
-    def check(self, auth: Auth, access: Access) -> None:
-        if access == "admin":
-            auth.check_admin_header(self.authorization)
-        elif access == "classify":
-            auth.check_classify_header(self.authorization)
-
-    def ended(self, exc: BaseException) -> Optional[grpc.StatusCode]:
-        return grpc.StatusCode.CANCELLED if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)) else None
-
-
-Endpoint = Callable[[Any, web.Request], Awaitable[web.StreamResponse]]
-
-
-def endpoint(method: str, access: Access, timed: bool = False) -> Callable[[Handler], Endpoint]:
-    """Serve a handler ``fn(self, request, call)`` in the data plane's request scope, as gRPC methods are
-    (``server.frontends.grpc_helpers.rpc``): metrics under ``method="HTTP <method>"`` (latency too when ``timed``),
-    errors as ``{"error": ...}`` with the status of the gRPC code."""
-    label = f"HTTP {method}"
-
-    def deco(fn: Handler):
-        @functools.wraps(fn)
-        async def wrapper(self: "HttpService", request: web.Request) -> web.StreamResponse:
-            task = request.match_info.get("task", "")
-            task = "" if "," in task else task  # a several-task upload counts its tasks per item
-            try:
-                async with self.plane.request(HttpWire(request), label, access, timed, task) as call:
-                    return await fn(self, request, call)
-            except ConnectionResetError:  # the client hung up mid-body: nobody to answer, nothing to log
-                return web.Response(status=HTTP_STATUS[grpc.StatusCode.CANCELLED])
-            except Refused as e:
-                return status_response(e.code, e.message)
-
-        return wrapper
-
-    return deco
-
-
-class HttpService:
+class HttpService(HttpLive):
     """The handlers, on the data plane the gRPC services use."""
 
     def __init__(self, plane: DataPlane):
@@ -130,6 +84,7 @@ class HttpService:
         r.add_post("/v2/repository/models/{task}/load", self.repository_load)
         r.add_post("/v2/repository/models/{task}/unload", self.repository_unload)
         r.add_post("/v1/tasks/{task:[^/:]+}:classify", self.classify)  # {task}: a name, or names "a,b"
+        self.add_live_routes(r)  # the live socket, the task list, the page (server.frontends.http_live)
         return app
 
     # --- health: public, outside admission ---
@@ -312,17 +267,6 @@ class HttpService:
             return buf.decode()
         except UnicodeDecodeError:
             raise BadRequest(f"form field {brief(part.name or '')} is not UTF-8 text") from None
-
-
-def classification_json(c: Classification, request_id: Optional[str]) -> dict[str, Any]:
-    """One task's answer (``request_id`` None: an item of a several-task answer, which has none of its own)."""
-    labels = c.tv.spec.labels
-    return {
-        "task": c.tv.name, "task_version": c.tv.version, **({"request_id": request_id} if request_id is not None else {}),
-        "predictions": [{"label": labels[i], "score": p, "index": i} for i, p in c.top],
-        "timings": {"decode_ms": c.decode_s * 1e3, "queue_ms": c.queue_s * 1e3, "compute_ms": c.compute_s * 1e3,
-                    "total_ms": c.total_s * 1e3, "batch_size": c.batch_clips, "cached": c.cached},
-    }
 
 
 def _item_json(name: str, o: Classification | ItemError) -> dict[str, Any]:

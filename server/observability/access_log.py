@@ -414,4 +414,5 @@ def _finish_http(rec: AccessRecord, request: web.Request, response: web.StreamRe
     response.headers[REQUEST_ID_HEADER] = rec.request_id
     rec.bytes_in = request.content.total_bytes
     rec.bytes_out = response.body_length if response.prepared else (response.content_length or 0)
-    rec.finish(http_code(response.status), response.status)
+    code = rec.noted_code if response.status == 101 and rec.noted_code else http_code(response.status)
+    rec.finish(code, response.status)  # a WebSocket's (101): the code its request scope counted

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import grpc
 import media
-import numpy as np
 import pytest
 from serverproc import ServerProcess, metric, scrape, wait_for
 
 from clients import AsyncClient, Client, ClientError
 from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
-from training.synthetic import MOTION_LABELS, draw_motion, encode_mp4
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2] / "model_repository"
@@ -42,9 +40,7 @@ ARGS = ("--poll-interval-s", "0", "--max-batch-size", "8", "--decode-workers", "
 def h264(tmp_path_factory) -> Path:
     """12 s at 8 fps, 64 px: three 2 s segments moving left, then three moving right; H.264 in MP4."""
     folder = tmp_path_factory.mktemp("live")
-    rng = np.random.default_rng(0)
-    segments = [draw_motion(rng, MOTION_LABELS.index(d), 64, 16) for d in ("left",) * 3 + ("right",) * 3]
-    encode_mp4(np.concatenate(segments), folder / "src.mp4", fps=8)
+    media.motion_video(folder / "src.mp4", ("left",) * 3 + ("right",) * 3)
     subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(folder / "src.mp4"), "-c:v", "libx264", "-preset",
                     "ultrafast", "-g", "16", str(folder / "lr.mp4")], check=True, timeout=60)
     return folder / "lr.mp4"
