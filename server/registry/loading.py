@@ -12,6 +12,7 @@ import torch
 
 from server.errors import BrokenTask
 from server.registry.folders import recorded_digest, stored_digest
+from server.registry.scan_index import INDEX_FILE, Metadata, ScanIndex
 from server.registry.version import TaskVersion, WeightsSource
 from stadapter.bank import AdapterStack
 from stadapter.bundle import (
@@ -28,14 +29,38 @@ from stadapter.trunk import VideoTrunk
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on a header
 
 
-def version_at(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: WeightsSource) -> TaskVersion:
-    """The version stored in ``path`` from its metadata alone: ``task.json``, checked against the trunk as far as
-    it goes without the weights (a bad one or another trunk's raises :class:`BundleError`, as a full read would),
-    the recorded digest, the tensor bytes from the weights file's header. The weights stay on disk until
-    ``source`` loads them."""
-    spec = read_spec(path, limits)
-    check_spec_fits_trunk(spec, trunk, path)
-    return TaskVersion(spec, None, path, tensor_bytes(path / ADAPTER_FILE), recorded_digest(path) or "", source=source)
+class VersionReader:
+    """Reads stored versions from their metadata alone (the scan), through a :class:`ScanIndex` (a file read once is
+    stat'ed, not read, while unchanged) and with the trunk check done once per distinct adapter shape."""
+
+    def __init__(self, repository: Path, trunk: VideoTrunk, limits: BundleLimits, source: WeightsSource):
+        self.trunk, self.limits, self.source = trunk, limits, source
+        self.index = ScanIndex(repository / INDEX_FILE)
+        self._fits: set[tuple] = set()  # what check_spec_fits_trunk passed: (fingerprint, input size, adapter, classes)
+
+    def version_at(self, path: Path) -> TaskVersion:
+        """The version stored in ``path`` from its metadata alone: ``task.json``, checked against the trunk as far
+        as it goes without the weights (a bad one or another trunk's raises :class:`BundleError`, as a full read
+        would), the recorded digest, the tensor bytes from the weights file's header. The weights stay on disk
+        until ``source`` loads them."""
+        meta = self.index.metadata(path, self.read_metadata)
+        spec = meta.spec
+        fit = (spec.trunk_fingerprint, spec.sampling.input_size, spec.adapter, spec.num_classes)
+        if fit not in self._fits:
+            check_spec_fits_trunk(spec, self.trunk, path)
+            self._fits.add(fit)
+        return TaskVersion(spec, None, path, meta.nbytes, meta.digest or "", source=self.source)
+
+    def recorded_digest(self, path: Path) -> Optional[str]:
+        """The digest recorded in ``path`` (as :func:`~server.registry.folders.recorded_digest`), from the index
+        while the folder's files are unchanged."""
+        try:
+            return self.index.recorded_digest(path, self.read_metadata)
+        except (BundleError, OSError, ValueError):
+            return recorded_digest(path)
+
+    def read_metadata(self, path: Path) -> Metadata:
+        return Metadata(read_spec(path, self.limits), tensor_bytes(path / ADAPTER_FILE), recorded_digest(path))
 
 
 def tensor_bytes(path: Path) -> int:
