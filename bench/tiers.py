@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--host-budget-mib", type=float, default=64.0)
     p.add_argument("--adapter-slots", type=int, default=64, help="device slots of the tiered server")
     p.add_argument("--zipf-s", type=float, default=1.1)
-    p.add_argument("--mixes", default="zipf,uniform")
+    p.add_argument("--mixes", default="zipf,uniform", help="request mixes to run; 'none': time to ready only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="requests of the same mix (other draws) the tiered server gets before the timing: its steady "
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             "concurrency": args.concurrency, "server_warmup": not args.no_warmup,
             "warmup_requests": args.warmup_requests, "build_s": build_s,
             "ready": {"2": ready(small, *tiered), str(args.tasks): ready(big, *tiered)}, "mixes": {}}
-        for mix in args.mixes.split(","):
+        for mix in [m for m in args.mixes.split(",") if m != "none"]:
             drawn = tier_mix.draw(mix, args.tasks, args.requests, args.zipf_s, args.seed)
             distinct = len(set(drawn))
             resident = (*common, "--host-cache-bytes", str(2 * task_bytes * distinct + (64 << 20)),
