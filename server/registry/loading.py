@@ -59,6 +59,23 @@ class VersionReader:
         except (BundleError, OSError, ValueError):
             return recorded_digest(path)
 
+    def read_weights(self, tv: TaskVersion, dtype: Optional[torch.dtype] = None) -> AdapterStack:
+        """``tv``'s weights, read and checked as a register checks them (files, dtypes, NaN/Inf, the trunk's
+        fingerprint and shapes) and as the task its metadata said, kept in ``dtype`` (None: as stored); a bad
+        bundle is :class:`BrokenTask`. ``task.json`` comes from the index while its stamp holds (the scan read it)."""
+        try:
+            spec = self.index.metadata(tv.path, self.read_metadata).spec
+            if spec.name != tv.name or spec.version != tv.version:
+                raise BundleError(f"{tv.path}: task.json now says {spec.name!r} version {spec.version}")
+            bundle = load_bundle(tv.path, self.trunk, self.limits, spec)
+            stack = owned_stack(bundle, self.trunk.num_blocks, dtype)
+            if not tv.digest:  # a folder stored without a recorded digest: its files' digest, now that they are read
+                tv.digest = stored_digest(tv.path)
+        except (BundleError, OSError, ValueError) as e:
+            raise BrokenTask(f"task {tv.name} version {tv.version} cannot be served: its bundle on disk does not load "
+                             f"({e}); register the task again") from e
+        return stack
+
     def read_metadata(self, path: Path) -> Metadata:
         return Metadata(read_spec(path, self.limits), tensor_bytes(path / ADAPTER_FILE), recorded_digest(path))
 
@@ -87,24 +104,6 @@ def loaded_version(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: 
     bundle = load_bundle(path, trunk, limits)
     stack = owned_stack(bundle, trunk.num_blocks, dtype)
     return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path), source=source)
-
-
-def read_weights(tv: TaskVersion, trunk: VideoTrunk, limits: BundleLimits,
-                 dtype: Optional[torch.dtype] = None) -> AdapterStack:
-    """``tv``'s weights, read and checked as a register checks them (files, dtypes, NaN/Inf, the trunk's
-    fingerprint and shapes) and as the task its metadata said, kept in ``dtype`` (None: as stored); a bad
-    bundle is :class:`BrokenTask`."""
-    try:
-        bundle = load_bundle(tv.path, trunk, limits)
-        if bundle.spec.name != tv.name or bundle.spec.version != tv.version:
-            raise BundleError(f"{tv.path}: task.json now says {bundle.spec.name!r} version {bundle.spec.version}")
-        stack = owned_stack(bundle, trunk.num_blocks, dtype)
-        if not tv.digest:  # a folder stored without a recorded digest: its files' digest, now that they are read
-            tv.digest = stored_digest(tv.path)
-    except (BundleError, OSError, ValueError) as e:
-        raise BrokenTask(f"task {tv.name} version {tv.version} cannot be served: its bundle on disk does not load "
-                         f"({e}); register the task again") from e
-    return stack
 
 
 def owned_stack(bundle: TaskBundle, num_blocks: int, dtype: Optional[torch.dtype] = None) -> AdapterStack:

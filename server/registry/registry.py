@@ -56,7 +56,7 @@ from server.registry.folders import (
     version_dirs,
 )
 from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
-from server.registry.loading import VersionReader, loaded_version, owned_stack, read_weights
+from server.registry.loading import VersionReader, loaded_version, owned_stack
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack
@@ -201,7 +201,7 @@ class TaskRegistry:
         return loaded_version(path, self.trunk, self.limits, self.host, self.host.dtype)
 
     def _read_weights(self, tv: TaskVersion) -> AdapterStack:
-        return read_weights(tv, self.trunk, self.limits, self.host.dtype)
+        return self.reader.read_weights(tv, self.host.dtype)
 
     async def ensure_loaded(self, tv: TaskVersion) -> None:
         """``tv``'s weights in host memory, read off the event loop on first use (BrokenTask for a bad bundle)."""

@@ -12,6 +12,7 @@ import shutil
 import pytest
 from factories import make_bundle
 
+from server.errors import BrokenTask
 from server.registry import scan_index
 from server.registry.folders import DIGEST_FILE, bundle_digest
 from server.registry.registry import TaskRegistry
@@ -141,3 +142,29 @@ def test_a_repository_that_cannot_take_the_index_still_serves(two_task_repo, tin
     reg.sync()
     assert sorted(reg.tasks) == ["alpha", "beta"]
     assert [p.name for p in two_task_repo.iterdir() if p.name.startswith(".tmp-")] == []  # no temporary left
+
+
+@pytest.mark.parametrize("change", ["renamed", "corrupted"])
+def test_a_task_file_changed_between_the_scan_and_the_first_use_fails_the_load(two_task_repo, tiny_trunk, trusted,
+                                                                               change):
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    tv = reg.tasks["alpha"]
+    task_file = two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE
+    if change == "renamed":
+        task_file.write_text(task_file.read_text().replace('"alpha"', '"alpha2"'))
+    else:
+        task_file.write_text("{ not json")
+    with pytest.raises(BrokenTask, match="now says 'alpha2'" if change == "renamed" else "not valid JSON"):
+        reg.host.load_now(tv)
+    assert reg.host.load_now(reg.tasks["beta"]) is not None  # the other task still loads
+
+
+def test_the_first_use_reads_the_weights_but_not_the_task_file_again(two_task_repo, tiny_trunk, trusted, monkeypatch):
+    alpha = two_task_repo / "tasks" / "alpha" / "1"
+    (alpha / DIGEST_FILE).write_text(bundle_digest(alpha))  # as a register records it (else the load hashes the files)
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    opened = reads_under(monkeypatch, two_task_repo / "tasks")
+    reg.host.load_now(reg.tasks["alpha"])
+    assert TASK_FILE not in {os.path.basename(p) for p in opened}
