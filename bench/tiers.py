@@ -10,7 +10,9 @@ and 400 classes, ``--frames`` frames per clip at 224 px. Every server is
 ``python -m server`` on the CPU in float32 with the warm-up on, each distinct clip decoded once (``bench.serving``'s
 memoised decoder: the figures are the model's and the tiers', not the decoder's), one clip for every request.
 
-* time to ready (process start to ready file) and VmRSS once ready: the 2-task repository vs ``--tasks``;
+* time to ready (process start to ready file), the server's CPU seconds to ready (less moved by other work on a
+  shared machine than the wall time) and VmRSS once ready: the 2-task repository vs ``--tasks`` (``--mixes none``:
+  only these);
 * per mix (``zipf``: s = ``--zipf-s``; ``uniform``), on a fresh tiered server (``--host-cache-bytes`` =
   ``--host-budget-mib``, ``--adapter-slots``): throughput, the tier that served each batch task (device slot
   already, host copy, disk read: the server's counters), p50/p99 latency of cold requests (a task's first: read

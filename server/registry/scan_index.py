@@ -87,7 +87,6 @@ class ScanIndex:
         self._entries: dict[str, tuple[Stamp, Any]] = {}  # key -> (stamp, Metadata or its JSON form, parsed on use)
         self._loaded = False
         self._dirty = False
-        self.hits = self.reads = 0
 
     def metadata(self, folder: Path, read: Callable[[Path], Metadata]) -> Metadata:
         """``folder``'s metadata: the kept entry while its stamp holds, else ``read(folder)`` (kept unless racy)."""
@@ -101,11 +100,9 @@ class ScanIndex:
             if meta is not None:
                 with self._lock:
                     self._entries[key] = (now, meta)
-                    self.hits += 1
                 return meta
         meta = read(folder)
         with self._lock:
-            self.reads += 1
             if now is not None and not self._racy(now):
                 self._entries[key] = (now, meta)
                 self._dirty = True
