@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import time
 
 import pytest
 from factories import make_bundle
@@ -24,6 +25,12 @@ from stadapter.bundle import ADAPTER_FILE, TASK_FILE
 def trusted(monkeypatch):
     """Stamps trusted at once (the files of a test are seconds old; the racy-stamp rule has its own test)."""
     monkeypatch.setattr(scan_index, "RACY_NS", 0)
+
+
+def past_a_clock_tick() -> None:
+    """Let the file system's clock move on (its timestamps are coarser than ns): with the racy-stamp rule off, a file
+    rewritten within the tick of the stamp the index kept could otherwise keep that stamp."""
+    time.sleep(0.05)
 
 
 def reads_under(monkeypatch, root) -> list[str]:
@@ -59,17 +66,20 @@ def test_a_start_and_a_poll_over_unchanged_folders_read_no_task_file(two_task_re
 
 def test_a_file_changed_in_place_is_read_again(two_task_repo, tiny_trunk, trusted):
     TaskRegistry(two_task_repo, tiny_trunk).sync()
-    alpha = two_task_repo / "tasks" / "alpha" / "1"
-    spec = json.loads((alpha / TASK_FILE).read_text())
-    spec["labels"] = ["A", "B", "C"]  # the same count and length: the same size on disk
-    (alpha / TASK_FILE).write_text(json.dumps(spec, indent=2))
+    task_file = two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE
+    before = task_file.read_text()
+    after = before.replace("alpha-class-0", "alpha-class-X")  # the same size on disk, in the same inode
+    assert after != before and len(after) == len(before)
+    past_a_clock_tick()
+    task_file.write_text(after)
     reg = TaskRegistry(two_task_repo, tiny_trunk)
     reg.sync()
-    assert reg.tasks["alpha"].spec.labels == ("A", "B", "C")
+    assert reg.tasks["alpha"].spec.labels[0] == "alpha-class-X"
 
 
 def test_a_corrupted_or_replaced_file_is_never_served_from_the_index(two_task_repo, tiny_trunk, tiny_trunk_dir, trusted):
     TaskRegistry(two_task_repo, tiny_trunk).sync()
+    past_a_clock_tick()
     (two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE).write_text("{ not json")
     beta = two_task_repo / "tasks" / "beta" / "1"
     make_bundle(tiny_trunk, two_task_repo / "other", name="beta", labels=["p", "q"], seed=9)
@@ -89,6 +99,7 @@ def test_a_digest_recorded_by_another_replica_is_seen_by_a_poll(two_task_repo, t
     (alpha / DIGEST_FILE).write_text(bundle_digest(alpha))  # the folder's content, now recorded
     published, retired = reg.sync()
     assert [tv.digest for tv in published] == [bundle_digest(alpha)] and retired == [first]
+    past_a_clock_tick()
     (alpha / DIGEST_FILE).write_text("0" * 64)  # the same number, other content (as a replica would record it)
     published, _ = reg.sync()
     assert [tv.digest for tv in published] == ["0" * 64]
@@ -151,6 +162,7 @@ def test_a_task_file_changed_between_the_scan_and_the_first_use_fails_the_load(t
     reg.sync()
     tv = reg.tasks["alpha"]
     task_file = two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE
+    past_a_clock_tick()
     if change == "renamed":
         task_file.write_text(task_file.read_text().replace('"alpha"', '"alpha2"'))
     else:
