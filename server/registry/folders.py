@@ -200,23 +200,23 @@ def latest_versions(tasks_dir: Path) -> dict[str, tuple[int, Path]]:
         return out
     base = os.fspath(tasks_dir)
     for name in task_dirs:
-        v = _latest_number(os.path.join(base, name))
+        v, folder = _latest(os.path.join(base, name))
         if v:
-            out[name] = (v, tasks_dir.joinpath(name, str(v)))  # one path made per task: a poll lists thousands
+            out[name] = (v, tasks_dir.joinpath(name, folder))  # one path made per task: a poll lists thousands
     return out
 
 
-def _latest_number(task_dir: str) -> int:
-    """The highest version number among a task folder's version folders (0: none)."""
-    best = 0
+def _latest(task_dir: str) -> tuple[int, str]:
+    """The highest version number among a task folder's version folders and that folder's name ((0, ""): none)."""
+    best, folder = 0, ""
     try:
         with os.scandir(task_dir) as it:
             for e in it:
                 if e.name.isdigit() and int(e.name) > best and _is_dir(e):
-                    best = int(e.name)
+                    best, folder = int(e.name), e.name
     except OSError:
         pass
-    return best
+    return best, folder
 
 
 def task_ref(task: str) -> tuple[str, Optional[int]]:

@@ -180,3 +180,12 @@ def test_the_first_use_reads_the_weights_but_not_the_task_file_again(two_task_re
     opened = reads_under(monkeypatch, two_task_repo / "tasks")
     reg.host.load_now(reg.tasks["alpha"])
     assert TASK_FILE not in {os.path.basename(p) for p in opened}
+
+
+def test_a_version_folder_named_with_a_leading_zero_is_served_from_that_folder(two_task_repo, tiny_trunk):
+    alpha = two_task_repo / "tasks" / "alpha"
+    (alpha / "1").rename(alpha / "01")  # int("01") == 1: served from the folder as it is named
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert reg.tasks["alpha"].path == alpha / "01" and reg.scan()["alpha"] == (1, alpha / "01")
+    assert reg.host.load_now(reg.tasks["alpha"]) is not None
