@@ -28,10 +28,11 @@ def task_name(k: int) -> str:
 
 def build_repository(root: Path, trunk_dir: Path, template: Path, n: int) -> int:
     """``root``: the trunk in ``trunk_dir`` and ``n`` tasks shaped as the bundle in ``template``, each with its own
-    random weights (task k: seed k). Returns one task's tensor bytes. Files are written without the fsync a
-    register does (a bench repository, rebuilt when lost)."""
+    random weights (task k: seed k), its digest recorded as a register records it. Returns one task's tensor bytes.
+    Files are written without the fsync a register does (a bench repository, rebuilt when lost)."""
     import torch
 
+    from server.registry.folders import DIGEST_FILE, bundle_digest
     from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleLimits, read_spec
     from stadapter.weights import read_weights, write_safetensors
 
@@ -47,6 +48,7 @@ def build_repository(root: Path, trunk_dir: Path, template: Path, n: int) -> int
         folder.mkdir(parents=True)
         write_safetensors(tensors, folder / ADAPTER_FILE, metadata={"format": "stadapter-task-v1", "task": task_name(k)})
         (folder / TASK_FILE).write_text(json.dumps(spec.replace(name=task_name(k), version=1).to_dict(), indent=2))
+        (folder / DIGEST_FILE).write_text(bundle_digest(folder))  # as a register records it: a load reads, not hashes
     return nbytes
 
 

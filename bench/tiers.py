@@ -10,7 +10,9 @@ and 400 classes, ``--frames`` frames per clip at 224 px. Every server is
 ``python -m server`` on the CPU in float32 with the warm-up on, each distinct clip decoded once (``bench.serving``'s
 memoised decoder: the figures are the model's and the tiers', not the decoder's), one clip for every request.
 
-* time to ready (process start to ready file) and VmRSS once ready: the 2-task repository vs ``--tasks``;
+* time to ready (process start to ready file), the server's CPU seconds to ready (less moved by other work on a
+  shared machine than the wall time) and VmRSS once ready: the 2-task repository vs ``--tasks`` (``--mixes none``:
+  only these);
 * per mix (``zipf``: s = ``--zipf-s``; ``uniform``), on a fresh tiered server (``--host-cache-bytes`` =
   ``--host-budget-mib``, ``--adapter-slots``): throughput, the tier that served each batch task (device slot
   already, host copy, disk read: the server's counters), p50/p99 latency of cold requests (a task's first: read
@@ -24,6 +26,7 @@ Prints a table to stderr and JSON to stdout (and ``--out``). ``--work`` keeps th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -82,9 +85,18 @@ def server(repo: Path, *flags: str):
 
 
 def ready(repo: Path, *flags: str) -> dict:
+    """Process start to ready: wall seconds, the server process's CPU seconds (less moved by a shared machine's
+    load than the wall time) and its RSS."""
     t0 = time.monotonic()
     with server(repo, *flags) as srv:
-        return {"ready_s": round(time.monotonic() - t0, 3), "rss_ready_bytes": rss_kb(srv.proc.pid) * 1024}
+        return {"ready_s": round(time.monotonic() - t0, 3), "cpu_ready_s": cpu_seconds(srv.proc.pid),
+                "rss_ready_bytes": rss_kb(srv.proc.pid) * 1024}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (its own, not its children's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def run_mix(repo: Path, clip: bytes, drawn: list[int], concurrency: int, *flags: str, warm: bool = False,
@@ -123,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--host-budget-mib", type=float, default=64.0)
     p.add_argument("--adapter-slots", type=int, default=64, help="device slots of the tiered server")
     p.add_argument("--zipf-s", type=float, default=1.1)
-    p.add_argument("--mixes", default="zipf,uniform")
+    p.add_argument("--mixes", default="zipf,uniform", help="request mixes to run; 'none': time to ready only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="requests of the same mix (other draws) the tiered server gets before the timing: its steady "
@@ -155,7 +167,7 @@ def main(argv=None) -> int:
             "concurrency": args.concurrency, "server_warmup": not args.no_warmup,
             "warmup_requests": args.warmup_requests, "build_s": build_s,
             "ready": {"2": ready(small, *tiered), str(args.tasks): ready(big, *tiered)}, "mixes": {}}
-        for mix in args.mixes.split(","):
+        for mix in [m for m in args.mixes.split(",") if m != "none"]:
             drawn = tier_mix.draw(mix, args.tasks, args.requests, args.zipf_s, args.seed)
             distinct = len(set(drawn))
             resident = (*common, "--host-cache-bytes", str(2 * task_bytes * distinct + (64 << 20)),
@@ -176,8 +188,9 @@ def table(r: dict) -> str:
     lines = [f"{r['tasks']} tasks x {r['task_bytes'] / 1024:.1f} KiB = {r['all_tasks_bytes'] / mib:.0f} MiB; host budget "
              f"{r['host_budget_bytes'] / mib:.0f} MiB, {r['adapter_slots']} device slots; trunk "
              f"{r['trunk_bytes'] / mib:.1f} MiB",
-             f"ready: 2 tasks {r['ready']['2']['ready_s']:.2f} s ({r['ready']['2']['rss_ready_bytes'] / mib:.0f} MiB), "
-             f"{n} tasks {r['ready'][n]['ready_s']:.2f} s ({r['ready'][n]['rss_ready_bytes'] / mib:.0f} MiB)",
+             f"ready: 2 tasks {r['ready']['2']['ready_s']:.2f} s ({r['ready']['2']['cpu_ready_s']:.2f} s CPU, "
+             f"{r['ready']['2']['rss_ready_bytes'] / mib:.0f} MiB), {n} tasks {r['ready'][n]['ready_s']:.2f} s "
+             f"({r['ready'][n]['cpu_ready_s']:.2f} s CPU, {r['ready'][n]['rss_ready_bytes'] / mib:.0f} MiB)",
              f"{'mix':<8} {'server':<9} {'req/s':>7} {'device':>7} {'host':>6} {'disk':>6} {'cold p50/p99 ms':>16} "
              f"{'hot p50/p99 ms':>15} {'peak RSS MiB':>12} {'load ms':>8}"]
     for mix, runs in r["mixes"].items():

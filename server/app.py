@@ -35,7 +35,7 @@ from server.frontends.wire_clip import ClipOnceInterceptor
 from server.malloc_tuning import use_mmap_for_large_buffers
 from server.observability.access_log import AccessLogInterceptor
 from server.observability.logs import configure_logging
-from server.observability.metrics import Metrics, remove_label
+from server.observability.metrics import Metrics
 from server.registry.registry import TaskRegistry, TaskVersion
 from stadapter.factory import load_trunk
 from stadapter.fsutil import atomic_write_text
@@ -96,12 +96,7 @@ class Server:
                 slots.retire(tv)  # leaves the device when its last request ends
                 if cache is not None:
                     cache.drop_version(tv.uid)
-                if tv.name not in registry.tasks:
-                    remove_label(metrics.task_bytes, tv.name)
-                    remove_label(metrics.task_version, tv.name)
-            for tv in published:
-                metrics.task_bytes.labels(tv.name).set(tv.nbytes)
-                metrics.task_version.labels(tv.name).set(tv.version)
+            metrics.show_tasks(registry.tasks, published, retired, cfg.max_task_series)
             metrics.tasks_loaded.set(len(registry.tasks))
 
         limits = cfg.limits  # the one limits object (services, pipeline, batcher, decoder, registry)

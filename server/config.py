@@ -51,6 +51,7 @@ class ServerConfig:
     cache_bytes: Optional[int] = None  # None: not given, DEFAULT_CACHE_BYTES unless adapter_slots sizes the bank
     host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
     pin_tasks: tuple[str, ...] = ()
+    max_task_series: int = 100
     host_dtype: str = "stored"
     adapter_slots: int = 0
     poll_interval_s: float = 2.0
@@ -110,7 +111,7 @@ class ServerConfig:
         if self.cache_bytes is None:  # frozen: the filled-in default is set once, here
             object.__setattr__(self, "cache_bytes", DEFAULT_CACHE_BYTES)
         for name in ("max_queue_delay_ms", "poll_interval_s", "drain_timeout_s", "cache_bytes", "response_cache_bytes",
-                     "host_cache_bytes"):
+                     "host_cache_bytes", "max_task_series"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("decode_timeout_s", "max_clip_duration_s", "max_decode_seconds", "stream_idle_timeout_s",
@@ -206,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="HTTP: OIP v2 REST, /v2/health/{live,ready}, multipart upload, the live WebSocket and its page /live "
            "(0 = any free port, -1 = no HTTP)")
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port, /metrics (0 = any free port)")
+    a("--max-task-series", type=int, default=d.max_task_series,
+      help="stadapter_task_bytes{task} and stadapter_task_version{task} (one series per served task) are exported "
+           "while at most this many tasks are served, and none above it (they come back when the count falls again): "
+           "a repository of thousands of tasks would make thousands of series; the totals without a task label "
+           "(stadapter_tasks_loaded, stadapter_host_bytes, ...) are exported always. 0: never")
     a("--ready-file", type=Path,
       help="once serving, write the ready JSON line here: the bound ports grpc_port, http_port (null with "
            "--http-port -1) and metrics_port (for --port 0), and the resolved device and dtype")

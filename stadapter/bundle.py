@@ -91,10 +91,12 @@ def read_spec(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits
         raise BundleError(f"{path} is not valid JSON: {brief(str(e), 200)}") from e
 
 
-def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits()) -> TaskBundle:
-    """Read and check a bundle on its own (files, JSON, dtypes, finite values, head size)."""
+def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits(),
+                spec: Optional[TaskSpec] = None) -> TaskBundle:
+    """Read and check a bundle on its own (files, JSON, dtypes, finite values, head size). ``spec``: its
+    ``task.json`` as the caller already read it (None: read now)."""
     bundle_dir = Path(bundle_dir)
-    spec = read_spec(bundle_dir, limits)
+    spec = read_spec(bundle_dir, limits) if spec is None else spec
     path = bundle_dir / ADAPTER_FILE
     if not path.is_file():
         raise BundleError(f"{path} is missing")
@@ -146,8 +148,9 @@ def check_spec_fits_trunk(spec: TaskSpec, trunk, where: object = None) -> dict[s
         raise BundleError(f"{where}: {e}") from e
 
 
-def load_bundle(bundle_dir: str | os.PathLike, trunk, limits: BundleLimits = BundleLimits()) -> TaskBundle:
+def load_bundle(bundle_dir: str | os.PathLike, trunk, limits: BundleLimits = BundleLimits(),
+                spec: Optional[TaskSpec] = None) -> TaskBundle:
     """:func:`read_bundle` + :func:`check_fits_trunk`."""
-    bundle = read_bundle(bundle_dir, limits)
+    bundle = read_bundle(bundle_dir, limits, spec)
     check_fits_trunk(bundle, trunk)
     return bundle

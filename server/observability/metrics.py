@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
@@ -82,8 +82,11 @@ class Metrics:
                                            "weights from disk", buckets=LATENCY_BUCKETS, registry=r)
         self.host_evictions = Counter(f"{p}_host_evictions", "Task versions whose weights left host memory for the "
                                       "--host-cache-bytes budget (read from disk again on their next use)", registry=r)
-        self.task_bytes = Gauge(f"{p}_task_bytes", "Adapter + head tensor bytes of the served version", ["task"], registry=r)
-        self.task_version = Gauge(f"{p}_task_version", "Served version of each task", ["task"], registry=r)
+        self.task_bytes = Gauge(f"{p}_task_bytes", "Adapter + head tensor bytes of the served version (while at most "
+                                "--max-task-series tasks are served)", ["task"], registry=r)
+        self.task_version = Gauge(f"{p}_task_version", "Served version of each task (while at most --max-task-series "
+                                  "tasks are served)", ["task"], registry=r)
+        self._task_series = True  # whether task_bytes / task_version hold every served task (see show_tasks)
         self.adapter_hits = Counter(f"{p}_adapter_hits", "Batch tasks already in a device slot", registry=r)
         self.adapter_activations = Counter(f"{p}_adapter_activations",
                                            "Task versions copied from host memory into a device slot", registry=r)
@@ -151,6 +154,28 @@ class Metrics:
     def watch_response_cache(self, nbytes: Callable[[], float], entries: Callable[[], float]) -> None:
         self.response_cache_bytes.set_function(nbytes)
         self.response_cache_entries.set_function(entries)
+
+    def show_tasks(self, served: Mapping[str, Any], published: Iterable[Any], retired: Iterable[Any],
+                   bound: int) -> None:
+        """Keep ``stadapter_task_bytes{task}`` / ``stadapter_task_version{task}`` in step with a change of the served
+        table (``published`` and ``retired`` versions: anything with ``name``, ``version``, ``nbytes``): one series per
+        served task while there are at most ``bound`` (``--max-task-series``), none above it (every series goes at once),
+        all of them again when the count falls back under it."""
+        if len(served) > bound:
+            if self._task_series:
+                self.task_bytes.clear()
+                self.task_version.clear()
+                self._task_series = False
+            return
+        if not self._task_series:
+            published, self._task_series = list(served.values()), True
+        for tv in retired:
+            if tv.name not in served:
+                remove_label(self.task_bytes, tv.name)
+                remove_label(self.task_version, tv.name)
+        for tv in published:
+            self.task_bytes.labels(tv.name).set(tv.nbytes)
+            self.task_version.labels(tv.name).set(tv.version)
 
     def watch_slots(self, used: Callable[[], float], free: Callable[[], float], device_bytes: Callable[[], float]) -> None:
         self.adapter_slots.labels("used").set_function(used)

@@ -28,15 +28,24 @@ LEFTOVER_PREFIXES = (UPLOAD_PREFIX, TOMBSTONE_PREFIX)  # what the sweeper remove
 
 
 def version_dirs(task_dir: Path) -> dict[int, Path]:
+    """The version folders of a task folder by number (one listing: an entry's type comes with it, and only a
+    symlink is stat'ed to see where it points)."""
     out: dict[int, Path] = {}
     try:
-        entries = list(task_dir.iterdir())
+        with os.scandir(task_dir) as it:
+            for e in it:
+                if e.name.isdigit() and int(e.name) >= 1 and _is_dir(e):
+                    out[int(e.name)] = task_dir / e.name
     except OSError:
-        return out
-    for p in entries:
-        if p.name.isdigit() and not p.name.startswith(".") and p.is_dir() and int(p.name) >= 1:
-            out[int(p.name)] = p
+        pass
     return out
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 DIGEST_FILE = "content.sha256"  # beside a stored bundle's files: written at register, read by every replica
@@ -120,7 +129,7 @@ def tombstone_dir(tasks_dir: Path, path: Path, label: str) -> Optional[Path]:
     """Rename ``path`` to ``tasks/.deleted-<label>-*`` (ignored by scans); None if it is already gone.
 
     A version folder of a task linked to another filesystem cannot be renamed into ``tasks/``: its tombstone
-    is made beside it, in the task's folder (where :func:`linked_leftovers` finds it if its delete is cut short)."""
+    is made beside it, in the task's folder (where :func:`leftovers` finds it if its delete is cut short)."""
     name = f"{TOMBSTONE_PREFIX}{label}-{uuid.uuid4().hex[:8]}"
     try:
         return _renamed(path, tasks_dir / name)
@@ -164,14 +173,18 @@ def move_into_place(staged: Path, dest: Path) -> None:
     remove_tree(staged)
 
 
-def linked_leftovers(tasks_dir: Path) -> list[Path]:
-    """``.upload-*`` and ``.deleted-*`` entries inside task folders that are symlinks (another filesystem's
-    leftovers are made there: :func:`tombstone_dir`, :func:`move_into_place`)."""
+def leftovers(tasks_dir: Path) -> list[Path]:
+    """``.upload-*`` and ``.deleted-*`` entries in ``tasks_dir`` and in its task folders that are symlinks (another
+    filesystem's leftovers are made there: :func:`tombstone_dir`, :func:`move_into_place`). One listing of
+    ``tasks_dir``: only the symlinked task folders are looked into (a repository may hold thousands of tasks)."""
     out: list[Path] = []
     try:
-        linked = [p for p in tasks_dir.iterdir() if not p.name.startswith(".") and p.is_symlink() and p.is_dir()]
-        for task_dir in linked:
-            out += [p for p in task_dir.iterdir() if p.name.startswith(LEFTOVER_PREFIXES)]
+        with os.scandir(tasks_dir) as it:
+            entries = list(it)
+        out += [tasks_dir / e.name for e in entries if e.name.startswith(LEFTOVER_PREFIXES)]
+        for e in entries:
+            if not e.name.startswith(".") and e.is_symlink() and _is_dir(e):
+                out += [p for p in (tasks_dir / e.name).iterdir() if p.name.startswith(LEFTOVER_PREFIXES)]
     except OSError:
         pass  # vanished or unreadable mid-sweep: the next sweep tries again
     return out
@@ -181,15 +194,29 @@ def latest_versions(tasks_dir: Path) -> dict[str, tuple[int, Path]]:
     """The latest version folder of each task folder in ``tasks_dir``."""
     out: dict[str, tuple[int, Path]] = {}
     try:
-        task_dirs = [p for p in tasks_dir.iterdir() if not p.name.startswith(".") and p.is_dir()]
+        with os.scandir(tasks_dir) as it:
+            task_dirs = [e.name for e in it if not e.name.startswith(".") and _is_dir(e)]
     except OSError:
         return out
-    for tdir in task_dirs:
-        versions = version_dirs(tdir)
-        if versions:
-            v = max(versions)
-            out[tdir.name] = (v, versions[v])
+    base = os.fspath(tasks_dir)
+    for name in task_dirs:
+        v, folder = _latest(os.path.join(base, name))
+        if v:
+            out[name] = (v, tasks_dir.joinpath(name, folder))  # one path made per task: a poll lists thousands
     return out
+
+
+def _latest(task_dir: str) -> tuple[int, str]:
+    """The highest version number among a task folder's version folders and that folder's name ((0, ""): none)."""
+    best, folder = 0, ""
+    try:
+        with os.scandir(task_dir) as it:
+            for e in it:
+                if e.name.isdigit() and int(e.name) > best and _is_dir(e):
+                    best, folder = int(e.name), e.name
+    except OSError:
+        pass
+    return best, folder
 
 
 def task_ref(task: str) -> tuple[str, Optional[int]]:

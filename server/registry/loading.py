@@ -12,6 +12,7 @@ import torch
 
 from server.errors import BrokenTask
 from server.registry.folders import recorded_digest, stored_digest
+from server.registry.scan_index import INDEX_FILE, Metadata, ScanIndex
 from server.registry.version import TaskVersion, WeightsSource
 from stadapter.bank import AdapterStack
 from stadapter.bundle import (
@@ -28,14 +29,55 @@ from stadapter.trunk import VideoTrunk
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on a header
 
 
-def version_at(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: WeightsSource) -> TaskVersion:
-    """The version stored in ``path`` from its metadata alone: ``task.json``, checked against the trunk as far as
-    it goes without the weights (a bad one or another trunk's raises :class:`BundleError`, as a full read would),
-    the recorded digest, the tensor bytes from the weights file's header. The weights stay on disk until
-    ``source`` loads them."""
-    spec = read_spec(path, limits)
-    check_spec_fits_trunk(spec, trunk, path)
-    return TaskVersion(spec, None, path, tensor_bytes(path / ADAPTER_FILE), recorded_digest(path) or "", source=source)
+class VersionReader:
+    """Reads stored versions from their metadata alone (the scan), through a :class:`ScanIndex` (a file read once is
+    stat'ed, not read, while unchanged) and with the trunk check done once per distinct adapter shape."""
+
+    def __init__(self, repository: Path, trunk: VideoTrunk, limits: BundleLimits, source: WeightsSource):
+        self.trunk, self.limits, self.source = trunk, limits, source
+        self.index = ScanIndex(repository / INDEX_FILE)
+        self._fits: set[tuple] = set()  # what check_spec_fits_trunk passed: (fingerprint, input size, adapter, classes)
+
+    def version_at(self, path: Path) -> TaskVersion:
+        """The version stored in ``path`` from its metadata alone: ``task.json``, checked against the trunk as far
+        as it goes without the weights (a bad one or another trunk's raises :class:`BundleError`, as a full read
+        would), the recorded digest, the tensor bytes from the weights file's header. The weights stay on disk
+        until ``source`` loads them."""
+        meta = self.index.metadata(path, self.read_metadata)
+        spec = meta.spec
+        fit = (spec.trunk_fingerprint, spec.sampling.input_size, spec.adapter, spec.num_classes)
+        if fit not in self._fits:
+            check_spec_fits_trunk(spec, self.trunk, path)
+            self._fits.add(fit)
+        return TaskVersion(spec, None, path, meta.nbytes, meta.digest or "", source=self.source)
+
+    def recorded_digest(self, path: Path) -> Optional[str]:
+        """The digest recorded in ``path`` (as :func:`~server.registry.folders.recorded_digest`), from the index
+        while the folder's files are unchanged."""
+        try:
+            return self.index.recorded_digest(path, self.read_metadata)
+        except (BundleError, OSError, ValueError):
+            return recorded_digest(path)
+
+    def read_weights(self, tv: TaskVersion, dtype: Optional[torch.dtype] = None) -> AdapterStack:
+        """``tv``'s weights, read and checked as a register checks them (files, dtypes, NaN/Inf, the trunk's
+        fingerprint and shapes) and as the task its metadata said, kept in ``dtype`` (None: as stored); a bad
+        bundle is :class:`BrokenTask`. ``task.json`` comes from the index while its stamp holds (the scan read it)."""
+        try:
+            spec = self.index.metadata(tv.path, self.read_metadata).spec
+            if spec.name != tv.name or spec.version != tv.version:
+                raise BundleError(f"{tv.path}: task.json now says {spec.name!r} version {spec.version}")
+            bundle = load_bundle(tv.path, self.trunk, self.limits, spec)
+            stack = owned_stack(bundle, self.trunk.num_blocks, dtype)
+            if not tv.digest:  # a folder stored without a recorded digest: its files' digest, now that they are read
+                tv.digest = stored_digest(tv.path)
+        except (BundleError, OSError, ValueError) as e:
+            raise BrokenTask(f"task {tv.name} version {tv.version} cannot be served: its bundle on disk does not load "
+                             f"({e}); register the task again") from e
+        return stack
+
+    def read_metadata(self, path: Path) -> Metadata:
+        return Metadata(read_spec(path, self.limits), tensor_bytes(path / ADAPTER_FILE), recorded_digest(path))
 
 
 def tensor_bytes(path: Path) -> int:
@@ -62,24 +104,6 @@ def loaded_version(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: 
     bundle = load_bundle(path, trunk, limits)
     stack = owned_stack(bundle, trunk.num_blocks, dtype)
     return TaskVersion(bundle.spec, stack, path, bundle.nbytes, stored_digest(path), source=source)
-
-
-def read_weights(tv: TaskVersion, trunk: VideoTrunk, limits: BundleLimits,
-                 dtype: Optional[torch.dtype] = None) -> AdapterStack:
-    """``tv``'s weights, read and checked as a register checks them (files, dtypes, NaN/Inf, the trunk's
-    fingerprint and shapes) and as the task its metadata said, kept in ``dtype`` (None: as stored); a bad
-    bundle is :class:`BrokenTask`."""
-    try:
-        bundle = load_bundle(tv.path, trunk, limits)
-        if bundle.spec.name != tv.name or bundle.spec.version != tv.version:
-            raise BundleError(f"{tv.path}: task.json now says {bundle.spec.name!r} version {bundle.spec.version}")
-        stack = owned_stack(bundle, trunk.num_blocks, dtype)
-        if not tv.digest:  # a folder stored without a recorded digest: its files' digest, now that they are read
-            tv.digest = stored_digest(tv.path)
-    except (BundleError, OSError, ValueError) as e:
-        raise BrokenTask(f"task {tv.name} version {tv.version} cannot be served: its bundle on disk does not load "
-                         f"({e}); register the task again") from e
-    return stack
 
 
 def owned_stack(bundle: TaskBundle, num_blocks: int, dtype: Optional[torch.dtype] = None) -> AdapterStack:

@@ -11,7 +11,8 @@ Layout: ``<repo>/tasks/<task>/<version>/`` (a bundle); folders whose names start
   ``tasks/.deleted-*`` (so neither a restart nor another replica brings it back) and deleted when the last
   in-flight request ends. (A task folder linked to another filesystem: see :func:`move_into_place`.)
 * :meth:`TaskRegistry.sync` re-reads the folder: replicas sharing it pick up each other's registers and unregisters
-  by polling. It reads metadata only (``task.json``, the digest, the tensor sizes); weights come into host memory on
+  by polling. It reads metadata only (``task.json``, the digest, the tensor sizes; a folder whose files are unchanged
+  since they were read is stat'ed, not read: :mod:`~server.registry.scan_index`); weights come into host memory on
   first use, through the registry's :class:`~server.registry.host_tier.HostTier` (``registry.host``). A version
   whose weights turn out bad then leaves service as a bad folder does at sync: the previous good one is served.
 * Every task a caller names (``name`` or ``name@N``) passes :func:`task_ref` first, here at the registry's door, so
@@ -37,16 +38,14 @@ from server.errors import BadRequest, BrokenTask, TaskNotFound
 from server.registry.folders import (
     DIGEST_FILE,
     LEFTOVER_IDLE_S,
-    LEFTOVER_PREFIXES,
     SWEEP_INTERVAL_S,
     UPLOAD_FILES,
     UPLOAD_ID_FILE,
     bundle_digest,
     last_write,
     latest_versions,
-    linked_leftovers,
+    leftovers,
     move_into_place,
-    recorded_digest,
     remove_in_background,
     remove_tree,
     stored_digest,
@@ -57,7 +56,7 @@ from server.registry.folders import (
     version_dirs,
 )
 from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
-from server.registry.loading import loaded_version, owned_stack, read_weights, version_at
+from server.registry.loading import VersionReader, loaded_version, owned_stack
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
 from server.registry.version import TaskVersion
 from stadapter.bank import AdapterStack
@@ -114,6 +113,7 @@ class TaskRegistry:
         self._failed: dict[tuple[str, int], str] = {}  # bad folders seen on disk: not retried
         self._next_sweep = 0.0  # monotonic time of the next sweep of leftovers (see sync)
         self.host = HostTier(self._read_weights, host_cache_bytes, pinned_tasks, on_host_event, self._take_out, host_dtype)
+        self.reader = VersionReader(self.root, trunk, limits, self.host)  # the scan's reads (metadata, indexed)
 
     # --- reading -----------------------------------------------------------------------------------
 
@@ -200,11 +200,8 @@ class TaskRegistry:
         """The version in ``path`` with its weights read now (the server's scan reads metadata only)."""
         return loaded_version(path, self.trunk, self.limits, self.host, self.host.dtype)
 
-    def _version_at(self, path: Path) -> TaskVersion:
-        return version_at(path, self.trunk, self.limits, self.host)
-
     def _read_weights(self, tv: TaskVersion) -> AdapterStack:
-        return read_weights(tv, self.trunk, self.limits, self.host.dtype)
+        return self.reader.read_weights(tv, self.host.dtype)
 
     async def ensure_loaded(self, tv: TaskVersion) -> None:
         """``tv``'s weights in host memory, read off the event loop on first use (BrokenTask for a bad bundle)."""
@@ -224,7 +221,7 @@ class TaskRegistry:
                     if v >= tv.version or (tv.name, v) in self._failed:
                         continue
                     try:
-                        older = self._version_at(folder)
+                        older = self.reader.version_at(folder)
                     except (BundleError, OSError, ValueError) as e:
                         self._failed[(tv.name, v)] = str(e)
                         continue
@@ -258,12 +255,12 @@ class TaskRegistry:
             published, retired = [], []
             for name, (version, path) in on_disk.items():
                 cur = table.get(name)
-                if cur is not None and cur.version == version and recorded_digest(path) in (None, cur.digest):
+                if cur is not None and cur.version == version and self.reader.recorded_digest(path) in (None, cur.digest):
                     continue  # same number and content (folders stored without a digest: the number alone)
                 if (name, version) in self._failed:
                     continue
                 try:
-                    tv = self._version_at(path)
+                    tv = self.reader.version_at(path)
                     if tv.name != name or tv.version != version:
                         raise BundleError(f"{path}: task.json says {tv.name!r} version {tv.version}, "
                                           f"but the folder is {name}/{version}")
@@ -281,7 +278,9 @@ class TaskRegistry:
             if published or retired:
                 self._publish(table, published, retired)
             self._retire_unservable_pins()
-            return published, retired
+            self.reader.index.retain(path for _, path in on_disk.values())
+        self.reader.index.save()  # outside the lock: a register need not wait for it
+        return published, retired
 
     def _publish(self, table: dict[str, TaskVersion], published: list[TaskVersion], retired: list[TaskVersion]) -> None:
         self._table = MappingProxyType(table)  # the one atomic swap
@@ -395,7 +394,7 @@ class TaskRegistry:
             cur = self._table.get(spec.name)
             log.info("upload id %s is %s version %d already: returned, not published again",
                      brief(upload_id), spec.name, version)
-            return cur if cur is not None and cur.version == version else self._version_at(folder)
+            return cur if cur is not None and cur.version == version else self.reader.version_at(folder)
         return None
 
     def _prune_old_versions(self, task_dir: Path, keep: int) -> None:
@@ -428,7 +427,7 @@ class TaskRegistry:
                 del table[name]
                 older = version_dirs(task_dir) if one else {}
                 if older:
-                    published = [self._version_at(older[max(older)])]
+                    published = [self.reader.version_at(older[max(older)])]
                     table[name] = published[0]
                 self._publish(table, published, [served])
             self._retire_unservable_pins()
@@ -444,7 +443,7 @@ class TaskRegistry:
         ``idle_s`` (an upload in progress keeps writing its files; a replica may be mid-upload); and fold the
         high-water marks of long-gone names beyond ``marks_kept`` (:meth:`TaskMarks.sweep`)."""
         now = time.time()
-        for p in [*self.tasks_dir.iterdir(), *linked_leftovers(self.tasks_dir)]:
-            if p.name.startswith(LEFTOVER_PREFIXES) and now - last_write(p) > idle_s:
+        for p in leftovers(self.tasks_dir):
+            if now - last_write(p) > idle_s:
                 remove_tree(p)
         self.marks.sweep(marks_kept)

@@ -1,0 +1,191 @@
+"""The scan's index (server.registry.scan_index): a start or poll over unchanged folders stats files instead of
+reading them, and a file that changed, went bad or is too fresh to trust is read again, never served from the index."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import os
+import shutil
+import time
+
+import pytest
+from factories import make_bundle
+
+from server.errors import BrokenTask
+from server.registry import scan_index
+from server.registry.folders import DIGEST_FILE, bundle_digest
+from server.registry.registry import TaskRegistry
+from server.registry.scan_index import INDEX_FILE
+from stadapter.bundle import ADAPTER_FILE, TASK_FILE
+
+
+@pytest.fixture()
+def trusted(monkeypatch):
+    """Stamps trusted at once (the files of a test are seconds old; the racy-stamp rule has its own test)."""
+    monkeypatch.setattr(scan_index, "RACY_NS", 0)
+
+
+def past_a_clock_tick() -> None:
+    """Let the file system's clock move on (its timestamps are coarser than ns): with the racy-stamp rule off, a file
+    rewritten within the tick of the stamp the index kept could otherwise keep that stamp."""
+    time.sleep(0.05)
+
+
+def reads_under(monkeypatch, root) -> list[str]:
+    """Every file under ``root`` opened from now on (builtins.open and io.open: what pathlib and open() use)."""
+    opened: list[str] = []
+    real = io.open
+
+    def counting(file, *args, **kwargs):
+        if str(root) in os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else False:
+            opened.append(os.fsdecode(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting)
+    monkeypatch.setattr(builtins, "open", counting)
+    return opened
+
+
+def served(reg: TaskRegistry) -> dict:
+    return {n: (tv.spec, tv.nbytes, tv.digest, tv.path) for n, tv in reg.tasks.items()}
+
+
+def test_a_start_and_a_poll_over_unchanged_folders_read_no_task_file(two_task_repo, tiny_trunk, trusted, monkeypatch):
+    first = TaskRegistry(two_task_repo, tiny_trunk)
+    first.sync()
+    assert (two_task_repo / INDEX_FILE).is_file()
+    opened = reads_under(monkeypatch, two_task_repo / "tasks")
+    second = TaskRegistry(two_task_repo, tiny_trunk)  # a restart, or another replica
+    second.sync()
+    second.sync()  # a poll
+    assert opened == []
+    assert served(second) == served(first)
+
+
+def test_a_file_changed_in_place_is_read_again(two_task_repo, tiny_trunk, trusted):
+    TaskRegistry(two_task_repo, tiny_trunk).sync()
+    task_file = two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE
+    before = task_file.read_text()
+    after = before.replace("alpha-class-0", "alpha-class-X")  # the same size on disk, in the same inode
+    assert after != before and len(after) == len(before)
+    past_a_clock_tick()
+    task_file.write_text(after)
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert reg.tasks["alpha"].spec.labels[0] == "alpha-class-X"
+
+
+def test_a_corrupted_or_replaced_file_is_never_served_from_the_index(two_task_repo, tiny_trunk, tiny_trunk_dir, trusted):
+    TaskRegistry(two_task_repo, tiny_trunk).sync()
+    past_a_clock_tick()
+    (two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE).write_text("{ not json")
+    beta = two_task_repo / "tasks" / "beta" / "1"
+    make_bundle(tiny_trunk, two_task_repo / "other", name="beta", labels=["p", "q"], seed=9)
+    shutil.copy(two_task_repo / "other" / TASK_FILE, beta / TASK_FILE)  # a copy over it: another spec
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert "alpha" not in reg.tasks and "not valid JSON" in reg._failed[("alpha", 1)]
+    assert reg.tasks["beta"].spec.labels == ("p", "q")
+
+
+def test_a_digest_recorded_by_another_replica_is_seen_by_a_poll(two_task_repo, tiny_trunk, trusted):
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    first = reg.tasks["alpha"]
+    assert first.digest == ""
+    alpha = two_task_repo / "tasks" / "alpha" / "1"
+    (alpha / DIGEST_FILE).write_text(bundle_digest(alpha))  # the folder's content, now recorded
+    published, retired = reg.sync()
+    assert [tv.digest for tv in published] == [bundle_digest(alpha)] and retired == [first]
+    past_a_clock_tick()
+    (alpha / DIGEST_FILE).write_text("0" * 64)  # the same number, other content (as a replica would record it)
+    published, _ = reg.sync()
+    assert [tv.digest for tv in published] == ["0" * 64]
+
+
+def test_a_task_added_by_another_replica_is_seen_by_a_poll(two_task_repo, tiny_trunk, trusted):
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    make_bundle(tiny_trunk, two_task_repo / "tasks" / "gamma" / "1", name="gamma", seed=3)
+    shutil.rmtree(two_task_repo / "tasks" / "beta")
+    published, retired = reg.sync()
+    assert [tv.name for tv in published] == ["gamma"] and [tv.name for tv in retired] == ["beta"]
+    assert sorted(json.loads((two_task_repo / INDEX_FILE).read_text())["entries"]) == ["alpha/1", "gamma/1"]
+
+
+def test_fresh_files_are_read_again_until_their_stamps_age(two_task_repo, tiny_trunk, monkeypatch):
+    TaskRegistry(two_task_repo, tiny_trunk).sync()  # the default rule: files changed seconds ago are not kept
+    opened = reads_under(monkeypatch, two_task_repo / "tasks")
+    TaskRegistry(two_task_repo, tiny_trunk).sync()
+    assert {os.path.basename(p) for p in opened} >= {TASK_FILE, ADAPTER_FILE}
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage", b"[]", b'{"format": 1, "configs": [], "entries": {"alpha/1": 7}}',
+                                     b'{"format": 1, "configs": [{"width": "x"}], "entries": {"alpha/1": {"stamp": '
+                                     b'[null, null, null], "spec": {"adapter": 0, "sampling": 0}, "nbytes": 1, '
+                                     b'"digest": null}}}'])
+def test_a_bad_index_file_is_ignored(two_task_repo, tiny_trunk, trusted, content):
+    good = TaskRegistry(two_task_repo, tiny_trunk)
+    good.sync()
+    (two_task_repo / INDEX_FILE).write_bytes(content)
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert served(reg) == served(good)
+    assert json.loads((two_task_repo / INDEX_FILE).read_text())["format"] == scan_index.INDEX_FORMAT  # written anew
+
+
+def test_an_index_entry_whose_stamps_match_but_whose_spec_is_bad_is_read_again(two_task_repo, tiny_trunk, trusted):
+    good = TaskRegistry(two_task_repo, tiny_trunk)
+    good.sync()
+    data = json.loads((two_task_repo / INDEX_FILE).read_text())
+    data["entries"]["alpha/1"]["spec"]["labels"] = []  # not a spec: a miss, the files are read
+    (two_task_repo / INDEX_FILE).write_text(json.dumps(data))
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert served(reg) == served(good)
+
+
+def test_a_repository_that_cannot_take_the_index_still_serves(two_task_repo, tiny_trunk, trusted):
+    (two_task_repo / INDEX_FILE).mkdir()  # the rename over it fails
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert sorted(reg.tasks) == ["alpha", "beta"]
+    assert [p.name for p in two_task_repo.iterdir() if p.name.startswith(".tmp-")] == []  # no temporary left
+
+
+@pytest.mark.parametrize("change", ["renamed", "corrupted"])
+def test_a_task_file_changed_between_the_scan_and_the_first_use_fails_the_load(two_task_repo, tiny_trunk, trusted,
+                                                                               change):
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    tv = reg.tasks["alpha"]
+    task_file = two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE
+    past_a_clock_tick()
+    if change == "renamed":
+        task_file.write_text(task_file.read_text().replace('"alpha"', '"alpha2"'))
+    else:
+        task_file.write_text("{ not json")
+    with pytest.raises(BrokenTask, match="now says 'alpha2'" if change == "renamed" else "not valid JSON"):
+        reg.host.load_now(tv)
+    assert reg.host.load_now(reg.tasks["beta"]) is not None  # the other task still loads
+
+
+def test_the_first_use_reads_the_weights_but_not_the_task_file_again(two_task_repo, tiny_trunk, trusted, monkeypatch):
+    alpha = two_task_repo / "tasks" / "alpha" / "1"
+    (alpha / DIGEST_FILE).write_text(bundle_digest(alpha))  # as a register records it (else the load hashes the files)
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    opened = reads_under(monkeypatch, two_task_repo / "tasks")
+    reg.host.load_now(reg.tasks["alpha"])
+    assert TASK_FILE not in {os.path.basename(p) for p in opened}
+
+
+def test_a_version_folder_named_with_a_leading_zero_is_served_from_that_folder(two_task_repo, tiny_trunk):
+    alpha = two_task_repo / "tasks" / "alpha"
+    (alpha / "1").rename(alpha / "01")  # int("01") == 1: served from the folder as it is named
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert reg.tasks["alpha"].path == alpha / "01" and reg.scan()["alpha"] == (1, alpha / "01")
+    assert reg.host.load_now(reg.tasks["alpha"]) is not None
