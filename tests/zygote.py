@@ -182,6 +182,11 @@ def start(cmd: list[str], env: dict[str, str], cwd: str, log_fd: int) -> Optiona
     return _zygote.start(cmd[3:], env, log_fd)
 
 
+def forks(env: dict[str, str], cwd: str) -> bool:
+    """Whether the session's zygote (started by then) forks a server with ``env`` in ``cwd``."""
+    return enabled() and _zygote is not None and _zygote.fits(env, cwd)
+
+
 def shutdown() -> None:
     """Stop the session's zygote (its servers still running are SIGKILLed): at exit, after the servers' reaping."""
     if _zygote is not None:
