@@ -61,7 +61,7 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int) -> None:
+def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zygote: int) -> None:
     """In the forked child: become ``python -m server ARGV`` (fds, cwd, environment, signals), run, and exit."""
     import atexit
     import ctypes
@@ -71,6 +71,8 @@ def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int) -> 
     code = 1
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != zygote:  # it went before the line above: nobody would reap or stop this server
+            os._exit(1)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
         os.close(log_fd)
@@ -134,6 +136,7 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wake_w)
     children: set[int] = set()
+    me = os.getpid()
     _send(sock, {"ready": True, "threads": _threads()})
     try:
         while os.getppid() == parent:
@@ -164,7 +167,7 @@ def serve(fd: int) -> None:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 for f in (wake_r, wake_w, sock.fileno()):
                     os.close(f)
-                _run_server(req["argv"], req["env"], req["cwd"], fds[0])
+                _run_server(req["argv"], req["env"], req["cwd"], fds[0], me)
             os.close(fds[0])
             children.add(pid)
             _send(sock, {"id": req["id"], "pid": pid})
