@@ -57,7 +57,7 @@ class ServerProcess:
         pp = full_env.get("PYTHONPATH", "")
         full_env["PYTHONPATH"] = str(ROOT) + (os.pathsep + pp if pp else "")
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = self._launch(cmd, full_env)
         try:
             self.info = self._wait_ready(timeout)
         except BaseException:
@@ -70,6 +70,11 @@ class ServerProcess:
         http = self.info.get("http_port")  # None when the flags turn HTTP off (--http-port -1)
         self.http_port: Optional[int] = int(http) if http is not None else None
         self.http_url = f"http://127.0.0.1:{http}" if http is not None else ""
+
+    def _launch(self, cmd: list[str], env: dict[str, str]) -> "subprocess.Popen[bytes]":
+        """Start ``cmd`` in the repository root with ``env``, its stdout and stderr going to the log (the tests'
+        subclass may start the server another way; what it returns must answer like a ``Popen``)."""
+        return subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def _wait_ready(self, timeout: float) -> dict:
         end = time.monotonic() + timeout

@@ -25,8 +25,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import zygote
+
+from server.process import ROOT, ServerStartError
 from server.process import ServerProcess as _ServerProcess
-from server.process import ServerStartError
 
 __all__ = ["SHARED_TASKS", "ServerProcess", "ServerStartError", "code_of", "make_repository", "metric", "scrape", "self_signed_cert",
            "wait_for", "wait_for_async"]
@@ -66,11 +68,22 @@ class ServerProcess(_ServerProcess):
     serves bf16 on a CPU with bf16 matrix instructions."""
 
     def __init__(self, repository: str | os.PathLike, *args: str, env: Optional[dict] = None, timeout: float = 60.0,
-                 launcher: Optional[Sequence[str]] = None):
+                 launcher: Optional[Sequence[str]] = None, fork: bool = True):
+        self.fork = fork
         if "--dtype" not in args:
             args = (*args, "--dtype", "float32")
         super().__init__(repository, *args, env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})},
                          timeout=timeout, launcher=launcher)
+
+    def _launch(self, cmd: list[str], env: dict[str, str]) -> "subprocess.Popen[bytes]":
+        """Forked from the session's zygote (:mod:`zygote`) where it can be (``fork``, the default, and an
+        environment the zygote can serve), else a real ``python -m server`` subprocess. A test about the server
+        process itself (its memory, the real start) passes ``fork=False``."""
+        if self.fork:
+            proc = zygote.start(cmd, env, str(ROOT), self._log.fileno())
+            if proc is not None:
+                return proc  # type: ignore[return-value]  # a Popen to its users
+        return super()._launch(cmd, env)
 
     def close(self) -> None:
         """SIGTERM, without waiting for the exit: the next test goes on while this server drains and exits (the
@@ -97,7 +110,12 @@ def reap_servers(wait: bool = True) -> None:
             _ServerProcess.close(srv)  # SIGKILL if it is still there; the log closed, the folder removed
 
 
-atexit.register(reap_servers)
+def _at_exit() -> None:
+    reap_servers()
+    zygote.shutdown()
+
+
+atexit.register(_at_exit)
 
 
 def self_signed_cert(folder: Path) -> tuple[Path, Path]:

@@ -31,7 +31,7 @@ def _descendants(pid: int) -> list[int]:
 @pytest.mark.integration
 def test_ctrl_c_to_the_process_group_stops_the_server_and_its_workers_without_tracebacks(tmp_path):
     repo = make_repository(tmp_path / "repo")
-    srv = ServerProcess(repo, "--decode-workers", "2", "--poll-interval-s", "0", "--no-warmup")
+    srv = ServerProcess(repo, "--decode-workers", "2", "--poll-interval-s", "0", "--no-warmup", fork=False)
     try:
         with Client(srv.address) as c:  # both workers have decoded a clip
             for _ in range(2):

@@ -144,7 +144,7 @@ def test_fuzzed_clips_through_a_real_server(tmp_path):
     mutants = [mutate(rng, seeds) for _ in range(MUTANTS)]
     good = seeds[0]
     want = predict_clip(load_classifier(repo / "trunk", repo / "tasks" / "alpha" / "1"), good, 3)
-    with ServerProcess(repo) as srv:
+    with ServerProcess(repo, fork=False) as srv:
         channel = grpc.insecure_channel(srv.address)
         stub = pb_grpc.VideoClassifierStub(channel)
 
