@@ -107,6 +107,17 @@ def test_an_hls_playlist_over_http_gives_the_windows_of_classify_windows(srv, h2
     assert "/index.m3u8" in hls.paths and any(p.endswith(".ts") for p in hls.paths)  # read by the client
 
 
+def test_a_codec_mpeg_ts_cannot_carry_goes_in_matroska(srv, h264, tmp_path):
+    webm = tmp_path / "lr.webm"
+    webm.write_bytes(muxed(h264, "webm"))  # VP8
+    chunks = list(remuxed_chunks(LiveURL(str(webm))))
+    assert chunks[0][:4] == bytes.fromhex("1a45dfa3") and len(chunks) == 97  # EBML; the header, then a packet each
+    with Client(srv.address) as c:
+        got = list(c.live(LiveURL(str(webm)), "motion", 2.0, 1.0))
+        whole = list(c.windows(webm.read_bytes(), "motion", 2.0, 1.0))
+    assert [key(w) for w in got] == [key(w) for w in whole] and len(got) == 11
+
+
 def test_a_stream_pushed_at_real_time_over_tcp(srv, h264):
     import socket
 
