@@ -17,7 +17,8 @@ on 127.0.0.1 port 0; the client is one asyncio process beside it (on a small mac
   camera sees; the two lags agree while the server keeps up. A step is sustained when every stream ends OK
   with all its windows (none refused: ``RESOURCE_EXHAUSTED``) and the p99 of ``lag_from_schedule`` is under
   ``--max-p99-s``; the sweep stops at the first step that is not. Each step also reports the server's CPU
-  seconds per stream-second (the server process and its reaped decoder processes) and the load average.
+  seconds per stream-second (the server process and every process below it: the decoders, their fork server, the
+  clip workers) and the load average.
 * fast: the same ``--fast-seconds`` clip sent as fast as the server takes it, in 64 KiB chunks, once through
   ``ClassifyLive`` and once through ``ClassifyWindowsStream``: time to the first result and to the last, from
   the first byte sent, and when the upload ended (the live path answers while it still uploads; the windows
@@ -146,9 +147,18 @@ def sustained(step: dict, expected: int, max_p99_s: float) -> bool:
 
 
 def cpu_s(pid: int) -> float:
-    """CPU seconds of ``pid`` and of its children it has reaped (the decoder processes of ended streams)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of ``pid`` and of every process below it, alive (the decoders' fork server, the clip workers)
+    or reaped (a process's reaped children are in its own ``cutime``: the decoders of ended streams)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            todo += [int(k) for t in Path(f"/proc/{p}/task").iterdir() for k in (t / "children").read_text().split()]
+        except OSError:  # ended meanwhile
+            continue
+        total += sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def load() -> float:
