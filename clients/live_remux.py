@@ -5,14 +5,16 @@ The server takes bytes only and never opens a URL (its demuxer's protocol whitel
 it is handed, and its container whitelist has no playlist format), so a camera's URL is opened here, on the
 client's side, with PyAV. Only the first video stream is carried; audio and data streams are left out.
 
-MPEG-TS is the container written: it is made for streams (no index, no header to go back to, each packet written
-whole the moment it is muxed) and carries the codecs live sources use (H.264, HEVC, MPEG-2, MPEG-4). Matroska
-buffers a cluster before writing it (up to a second or 32 KiB on a stream that cannot seek), which would add
-that much lag; it is used only for a codec MPEG-TS cannot carry (VP8, VP9, AV1 ...), with clusters cut at
-every packet. A source silent for ``read_timeout_s`` after its first packet (UDP has no end of its own) has
-ended: the stream is half-closed and its last windows answered. The muxer flushes after every packet (``flush_packets``), so each chunk yielded is what that
-packet made, sent as soon as the source gave it: a live source paces the stream itself. ``realtime`` paces a
-source that is not live (an HLS VOD playlist, a file) by its packets' presentation times, as it would play.
+MPEG-TS is the container written: it is made for streams (no index, no header to go back to) and carries the
+codecs live sources use (H.264, HEVC, MPEG-2, MPEG-4); the muxer writes each packet whole as it is muxed and
+flushes (``flush_packets``), so each chunk yielded is that packet, sent as soon as the source gave it: a live
+source paces the stream itself. A codec MPEG-TS cannot carry (VP8, VP9, AV1 ...) goes in Matroska, whose
+clusters are cut at every packet (its default holds up to a second). (The server's demuxer hands an MPEG-TS video
+packet on only once the next two have begun, as FFmpeg's muxer leaves the packet length out; Matroska's muxer
+writes a packet's cluster when the next packet comes, and its demuxer then hands it on at once: one packet
+sooner in all.) A source silent for ``read_timeout_s`` after its first packet (UDP has no end of its own) has
+ended: the stream is half-closed and its last windows answered. ``realtime`` paces a source that is not live (an
+HLS VOD playlist, a file) by its packets' presentation times, as it would play.
 """
 
 from __future__ import annotations
