@@ -159,6 +159,22 @@ def test_a_source_that_cannot_be_opened_fails_in_the_client(srv, tmp_path):
             assert e.value.local  # said by the client, not the server's error
 
 
+def test_a_source_that_fails_mid_way_ends_with_its_error_after_the_windows_answered(srv, h264):
+    data = muxed(h264, "mpegts")
+
+    def camera():
+        yield data[: len(data) // 2]
+        raise OSError("the camera went away")
+
+    got = []
+    with pytest.raises(ClientError) as e:
+        for w in Client(srv.address).live(camera(), "motion", 2.0, 1.0):
+            got.append(w.index)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.local
+    assert "the live source failed: the camera went away" in e.value.message
+    assert got == list(range(len(got))) and len(got) >= 3  # what the first half held was answered
+
+
 def test_the_cli_reads_a_url_and_says_why_one_cannot_be_opened(srv, hls, tmp_path):
     cmd = [sys.executable, "-m", "clients", "live", "--address", srv.address, "--task", "motion", "--window-s", "2",
            "--json"]
