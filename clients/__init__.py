@@ -23,6 +23,7 @@ from .core import (
     TaskList,
     WindowResult,
 )
+from .live_remux import LiveURL
 from .sync import Client
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "ClientOptions",
     "ClassifyResult",
     "DEFAULT_ADDRESS",
+    "LiveURL",
     "Prediction",
     "RetryPolicy",
     "TaskInfo",

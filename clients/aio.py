@@ -32,7 +32,7 @@ from .core import (
     resolve_options,
     windows_call,
 )
-from .live import LiveSource, live_messages
+from .live import LiveMessages, LiveSource, live_messages
 from .sync import batch_request, batch_results
 
 T = TypeVar("T")
@@ -100,20 +100,27 @@ class AsyncClient:
              request_id: str = "") -> AsyncIterator[WindowResult]:
         """See :meth:`clients.Client.live`: ``async for w in client.live(...)``; the source is read in a thread (a
         pipe or realtime pacing never blocks the event loop); leaving early cancels."""
-        messages = live_messages(task, source, window_s, stride_s, top_k, sampling, request_id, realtime)
-        return self._stream(self._classifier.ClassifyLive, _in_thread(messages), timeout, unbounded=True)
+        messages = LiveMessages(live_messages(task, source, window_s, stride_s, top_k, sampling, request_id,
+                                              realtime))
+        return self._stream(self._classifier.ClassifyLive, _in_thread(messages), timeout, unbounded=True,
+                            source=messages)
 
-    async def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float],
-                      unbounded: bool = False) -> AsyncIterator[WindowResult]:
+    async def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float], unbounded: bool = False,
+                      source: Optional[LiveMessages] = None) -> AsyncIterator[WindowResult]:
+        """See :meth:`clients.Client._stream`."""
         limit = timeout if timeout or unbounded else self.options.timeout_s
         call = fn(request, timeout=limit, metadata=self.options.metadata())
         try:
             async for r in call:
                 yield WindowResult.from_pb(r)
         except grpc.RpcError as e:
+            if source is not None and source.error is not None:
+                raise source.error from None
             raise ClientError.from_rpc(e) from None
         finally:
             call.cancel()
+        if source is not None and source.error is not None:
+            raise source.error
 
     async def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 0,
                              sampling: Optional[Mapping[str, Any]] = None,

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 import grpc
 
 from .core import DEFAULT_ADDRESS, SAMPLING_FIELDS, TOKEN_ENV, ClientError, ClientOptions, RetryPolicy
+from .live import LiveSource
+from .live_remux import LiveURL, is_url
 from .output import (
     EXIT_FAILED,
     EXIT_PIPE_CLOSED,
@@ -89,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("live", parents=[common], help="a live stream (a file, or - for stdin, e.g. ffmpeg ... -f "
                        "mpegts -): one result per window as the stream goes on")
     v.add_argument("source", metavar="SOURCE", help="MPEG-TS, Matroska/WebM, fragmented MP4 or FLV: a file, or - "
-                   "for stdin")
+                   "for stdin; or a URL (rtsp://, rtmp://, srt://, http(s):// HLS, udp://, tcp://) this client opens "
+                   "with PyAV, its video remuxed (not decoded) into the stream: the server never opens URLs")
     v.add_argument("--task", required=True, action="append", metavar="TASK[,TASK...]",
                    help="task name; several (a comma list, or --task again) share the stream's one decode")
     v.add_argument("--window-s", type=float, required=True, help="window length in seconds (of the stream's time)")
@@ -98,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--realtime", action="store_true", help="send a file as it would play (each chunk at its "
                    "packets' presentation time; needs PyAV) instead of as fast as the server takes it")
     v.add_argument("--json", action="store_true", help="one JSON object per window and task, one per line")
+    o = v.add_argument_group("a source opened with PyAV on this side (implied for a URL)")
+    o.add_argument("--open-with-pyav", action="store_true", help="open SOURCE with PyAV even without a URL scheme "
+                   "(a device, a playlist file) and remux its video")
+    o.add_argument("--input-format", metavar="FMT", help="FFmpeg's input format (e.g. v4l2); implies --open-with-pyav")
+    o.add_argument("--input-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a demuxer or protocol option (e.g. rtsp_transport=tcp); may be given again")
+    o.add_argument("--open-timeout-s", type=float, default=10.0, help="the longest wait to open it, and for its "
+                   "next packet (default 10)")
 
     r = sub.add_parser("register", parents=[common], help="upload a task bundle folder (admin token)")
     r.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
@@ -206,7 +217,7 @@ def _live(ns: argparse.Namespace, client) -> int:
     """Print each window (for each task) as it arrives; the table's last column is the lag, from the server's
     receipt of the window's last frame to this line."""
     names = [n.strip() for t in ns.task for n in t.split(",") if n.strip()]
-    source = sys.stdin.buffer if ns.source == "-" else Path(ns.source)
+    source = _live_source(ns)
     stride = ns.stride_s if ns.stride_s is not None else ns.window_s
     if not ns.json:
         print(f"{WINDOW_HEADER}  TASK / LAG", flush=True)
@@ -218,6 +229,21 @@ def _live(ns: argparse.Namespace, client) -> int:
         lag_ms = (time.time_ns() - w.last_frame_received_unix_ns) / 1e6
         print(f"{window_line(w, False)}  {w.task} {lag_ms:.0f} ms", flush=True)
     return 0
+
+
+def _live_source(ns: argparse.Namespace) -> LiveSource:
+    """stdin, a URL or a source PyAV opens (:class:`~clients.live_remux.LiveURL`), or a file."""
+    if ns.source == "-":
+        return sys.stdin.buffer
+    if not (is_url(ns.source) or ns.open_with_pyav or ns.input_format or ns.input_option):
+        return Path(ns.source)
+    options = {}
+    for kv in ns.input_option:
+        key, eq, value = kv.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--input-option {kv!r} is not KEY=VALUE")
+        options[key] = value
+    return LiveURL(ns.source, ns.input_format, options, ns.open_timeout_s, ns.open_timeout_s)
 
 
 def _triton_classify(ns: argparse.Namespace) -> int:

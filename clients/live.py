@@ -1,4 +1,6 @@
-"""A live stream's chunks for ClassifyLive: from bytes, an iterable of chunks, a file path or a binary file object.
+"""A live stream's chunks for ClassifyLive: from bytes, an iterable of chunks, a file path, a binary file object or a
+URL (:class:`~.live_remux.LiveURL`, or a ``str`` with a network scheme: opened here with PyAV and remuxed, see
+:mod:`.live_remux`).
 
 The first message names the tasks and the windows (it carries no bytes); the others carry the stream's bytes
 as they come. ``realtime`` paces a file as it would play: each chunk ends where a video packet starts (its
@@ -18,8 +20,9 @@ import grpc
 from stadapter_api.v1 import inference_pb2 as pb
 
 from .core import ClientError, Tasks, sampling_overrides, task_fields
+from .live_remux import LiveURL, is_url, remuxed_chunks
 
-LiveSource = Union[bytes, bytearray, memoryview, str, os.PathLike, IO[bytes], Iterable[bytes]]
+LiveSource = Union[bytes, bytearray, memoryview, str, os.PathLike, IO[bytes], Iterable[bytes], LiveURL]
 LIVE_CHUNK_BYTES = 64 * 1024  # a file or a byte string is sent in chunks this large (within the server's limit)
 
 
@@ -38,11 +41,40 @@ def live_messages(task: Tasks, source: LiveSource, window_s: float, stride_s: fl
             yield pb.LiveChunk(data=data)
 
 
+class LiveMessages:
+    """The messages of one call, taken by gRPC (its own thread, or the event loop): a failure of the source (a file
+    that cannot be read, a URL that cannot be opened or fails mid-way) ends the messages (the server answers
+    what it had) and is kept in :attr:`error` for the caller to raise; raised into gRPC it would become an
+    ``UNKNOWN: Exception iterating requests!`` and a logged traceback."""
+
+    def __init__(self, messages: Iterator[pb.LiveChunk]) -> None:
+        self.messages = messages
+        self.error: Optional[ClientError] = None
+
+    def __iter__(self) -> "LiveMessages":
+        return self
+
+    def __next__(self) -> pb.LiveChunk:
+        if self.error is not None:
+            raise StopIteration
+        try:
+            return next(self.messages)
+        except StopIteration:
+            raise
+        except ClientError as e:
+            self.error = e
+        except Exception as e:  # noqa: BLE001 - the source's own failure, told to the caller
+            self.error = ClientError(grpc.StatusCode.INVALID_ARGUMENT, f"the live source failed: {e}", local=True)
+        raise StopIteration
+
+
 def live_chunks(source: LiveSource, realtime: bool = False, chunk_bytes: int = LIVE_CHUNK_BYTES) -> Iterator[bytes]:
-    """The stream's bytes in chunks, paced at real time with ``realtime`` (a file path only)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    """The stream's bytes in chunks, paced at real time with ``realtime`` (a file path or a URL only)."""
+    if isinstance(source, LiveURL) or is_url(source):
+        yield from remuxed_chunks(source if isinstance(source, LiveURL) else LiveURL(str(source)), realtime)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
         if realtime:
-            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "realtime pacing needs a file path", local=True)
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "realtime pacing needs a file path or a URL", local=True)
         view = memoryview(source)
         for i in range(0, len(view), chunk_bytes):
             yield bytes(view[i:i + chunk_bytes])
@@ -59,7 +91,7 @@ def live_chunks(source: LiveSource, realtime: bool = False, chunk_bytes: int = L
                               local=True) from e
     elif hasattr(source, "read"):
         if realtime:
-            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "realtime pacing needs a file path", local=True)
+            raise ClientError(grpc.StatusCode.INVALID_ARGUMENT, "realtime pacing needs a file path or a URL", local=True)
         yield from _read_all(cast(IO[bytes], source), chunk_bytes)
     else:
         for chunk in source:

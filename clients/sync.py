@@ -31,7 +31,7 @@ from .core import (
     resolve_options,
     windows_call,
 )
-from .live import LiveSource, live_messages
+from .live import LiveMessages, LiveSource, live_messages
 
 T = TypeVar("T")
 
@@ -114,24 +114,33 @@ class Client:
              request_id: str = "") -> Iterator[WindowResult]:
         """A live stream (ClassifyLive): an iterator of :class:`WindowResult`, one per window and task, each as
         soon as the server has decoded the window's last frame and computed it. ``source``: the stream's bytes, an
-        iterable of chunks (as an encoder emits them), a binary file object (stdin) or a file path (``realtime``:
-        paced as it would play). MPEG-TS, Matroska/WebM, fragmented MP4 or FLV. Each result's
+        iterable of chunks (as an encoder emits them), a binary file object (stdin), a file path (``realtime``:
+        paced as it would play), MPEG-TS, Matroska/WebM, fragmented MP4 or FLV; or a URL (``rtsp://``, ``srt://``,
+        HLS over ``https://``, ...; :class:`~clients.LiveURL` for any PyAV input) opened here with PyAV, its video
+        remuxed (not decoded) into the stream as the source gives it (the server never opens URLs). Each result's
         ``last_frame_received_unix_ns`` says when the server received the window's last frame. Leaving the loop
         early cancels the call. ``timeout``: bounds the whole stream (default: none)."""
-        messages = live_messages(task, source, window_s, stride_s, top_k, sampling, request_id, realtime)
-        return self._stream(self._classifier.ClassifyLive, messages, timeout, unbounded=True)
+        messages = LiveMessages(live_messages(task, source, window_s, stride_s, top_k, sampling, request_id,
+                                              realtime))
+        return self._stream(self._classifier.ClassifyLive, messages, timeout, unbounded=True, source=messages)
 
-    def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float],
-                unbounded: bool = False) -> Iterator[WindowResult]:
+    def _stream(self, fn: Callable[..., Any], request: Any, timeout: Optional[float], unbounded: bool = False,
+                source: Optional[LiveMessages] = None) -> Iterator[WindowResult]:
+        """The call's results; ``source``: a live stream's messages, whose failure is raised after what the server
+        answered (in place of the server's error, which that failure caused)."""
         limit = timeout if timeout or unbounded else self.options.timeout_s
         call = fn(request, timeout=limit, metadata=self.options.metadata())
         try:
             for r in call:
                 yield WindowResult.from_pb(r)
         except grpc.RpcError as e:
+            if source is not None and source.error is not None:
+                raise source.error from None
             raise ClientError.from_rpc(e) from None
         finally:
             call.cancel()  # a no-op once the stream ended; stops the server's work if the caller left early
+        if source is not None and source.error is not None:
+            raise source.error
 
     def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 0,
                        sampling: Optional[Mapping[str, Any]] = None,

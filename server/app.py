@@ -130,6 +130,7 @@ class Server:
         gs = grpc.aio.server(options=options, interceptors=[AccessLogInterceptor(), ClipOnceInterceptor()])
         live = LiveDecoders(cfg.max_live_streams, refused=lambda reason: metrics.live_refused.labels(reason).inc())
         metrics.live_streams_open.set_function(lambda: live.open)
+        live.warm()
         plane = DataPlane(pipeline, registry, metrics, auth, live)  # what every frontend below serves
         pb_grpc.add_VideoClassifierServicer_to_server(VideoClassifierService(plane), gs)
         pb_grpc.add_TaskAdminServicer_to_server(TaskAdminService(plane), gs)

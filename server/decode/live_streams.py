@@ -1,8 +1,14 @@
 """Live streams' decoder processes: one per stream, at most ``max_streams`` at once (``--max-live-streams``).
 
 A live stream may last hours, so it never takes one of the clip pool's workers (``server.decode.pool``);
-it gets a process of its own (:mod:`server.decode.live_worker`, the protocol), spawned when the stream
-opens and killed when it ends, however it ends (its end, an error, a cancel, drain). The parent's side
+it gets a process of its own (:mod:`server.decode.live_worker`, the protocol), started when the stream
+opens and killed when it ends, however it ends (its end, an error, a cancel, drain). The processes are forked
+from a ``multiprocessing`` fork server that imported the worker's modules (PyAV, numpy) once
+(``context="forkserver"``, :meth:`LiveDecoders.warm` at the server's start): a fresh interpreter per stream
+("spawn") would import them again each time, a cost paid at every stream's start (in CPU and in the wait for
+its first window) that a burst of cameras connecting at once pays many times over. The fork server is itself a
+fresh process (no torch, no gRPC threads, none of the server's sockets), so what a decoder starts from is what
+a spawned one would have. The parent's side
 of one stream is a :class:`LiveDecode`: :meth:`LiveDecode.feed` hands a chunk to the process (in a thread
 of the stream's own, as the pipe blocks while the decoder is behind: the caller awaits it before reading
 its client on, which is the backpressure), :meth:`LiveDecode.windows` gives each window's frames as they
@@ -16,6 +22,8 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,15 +58,33 @@ class LiveDecoders:
     """The live streams' decoder processes (see the module docstring). ``refused``: called with a reason
     (``full``, ``draining``, ``disabled``) for each stream refused here."""
 
-    def __init__(self, max_streams: int, context: str = "spawn", refused: Any = None) -> None:
+    def __init__(self, max_streams: int, context: str = "forkserver", refused: Any = None) -> None:
         self.max_streams = max_streams
         self.ctx: Any = multiprocessing.get_context(context)
+        if context == "forkserver":
+            self.ctx.set_forkserver_preload([live_worker_main.__module__])
         self.open = 0
         self.closed = False
         self.refused = refused or (lambda reason: None)
         self.shm_prefix = f"stadapter-live-{os.getpid()}-{id(self):x}-"
         self._names = itertools.count()
         self._streams: set[LiveDecode] = set()
+
+    def warm(self) -> None:
+        """Start the fork server now (it imports the worker's modules), not at the first stream; a no-op once it
+        runs. It starts with SIGINT ignored, which it keeps: a Ctrl-C to the process group while it imports is
+        the server's to handle (it drains), not a ``KeyboardInterrupt`` traceback of the fork server."""
+        if self.max_streams == 0 or self.ctx.get_start_method() != "forkserver":
+            return
+        from multiprocessing import forkserver
+
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            forkserver.ensure_running()
+        finally:
+            if before is not None:
+                signal.signal(signal.SIGINT, before)
 
     async def start(self, sampling: SamplingConfig, limits: VideoLimits, window_limits: WindowLimits,
                     window_s: float, stride_s: float) -> "LiveDecode":
@@ -73,6 +99,7 @@ class LiveDecoders:
             self.refused("full")
             raise LiveFull(f"the server already decodes {self.open} live streams, its --max-live-streams; "
                            "retry later or on another replica")
+        self.warm()
         self.open += 1  # taken before the first await: two openers never both get the last slot
         stream = LiveDecode(self, f"{self.shm_prefix}{next(self._names)}-")
         self._streams.add(stream)

@@ -4,6 +4,7 @@ and a stream whose windows nobody takes stops taking bytes (backpressure)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 
 import media
@@ -135,3 +136,41 @@ def test_a_corrupt_stream_ends_with_the_decoders_error(ts):
     with pytest.raises(VideoError, match="corrupt") as e:
         asyncio.run(run())
     assert "hold no packet" in str(e.value)
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_decoders_are_forked_from_one_process_that_imported_pyav_once(ts):
+    """A stream's decoder is not a new interpreter that imports PyAV and numpy again at every stream's start: it is
+    forked from the decoders' fork server, which imported them once."""
+
+    async def run():
+        decoders = LiveDecoders(2)
+        decoders.warm()
+        a, b = await start(decoders), await start(decoders)
+        try:
+            parents = {parent_of(a.pid), parent_of(b.pid)}
+            assert len(parents) == 1 and os.getpid() not in parents
+            server = parents.pop()
+            with open(f"/proc/{server}/cmdline", "rb") as f:
+                assert b"forkserver" in f.read()
+            with open(f"/proc/{server}/maps") as f:
+                assert "libavcodec" in f.read()  # PyAV was imported there, before the fork
+
+            async def feed():
+                for c in chunks_of(ts)[:20]:
+                    await a.feed(c)
+                await a.end()
+
+            feeding = asyncio.ensure_future(feed())
+            assert len([w async for w in a.windows()]) >= 1  # and a forked decoder decodes
+            await feeding
+        finally:
+            a.close()
+            b.close()
+        assert not alive(a.pid) and not alive(b.pid) and decoders.open == 0
+
+    asyncio.run(run())

@@ -75,6 +75,7 @@ def key(w) -> tuple:
 
 
 def children(pid: int) -> set[int]:
+    """``pid``'s live processes and theirs: the clip workers, the live decoders' fork server and the decoders."""
     out = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -85,7 +86,7 @@ def children(pid: int) -> set[int]:
                 continue
             if int(fields[1]) == pid and fields[0] != "Z":
                 out.add(int(entry))
-    return out
+    return out | {d for c in out for d in children(c)}
 
 
 @pytest.mark.parametrize("fmt", sorted(MUX))
