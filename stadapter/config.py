@@ -35,6 +35,12 @@ def brief(value: object, limit: int = QUOTE_LIMIT) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
 
 
+def _fields(config: Any) -> dict[str, Any]:
+    """A flat config's fields by name, as ``dataclasses.asdict`` gives them without its deep copy (its fields are
+    scalars and tuples, which the caller turns into lists): a registry's scan writes thousands of specs."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range or a key is unknown."""
 
@@ -112,7 +118,7 @@ class AdapterConfig:
         return tuple(range(num_blocks - n, num_blocks))
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = _fields(self)
         d["kernel"] = list(self.kernel)
         return d
 
@@ -199,7 +205,7 @@ class SamplingConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = _fields(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
