@@ -189,3 +189,31 @@ def test_a_version_folder_named_with_a_leading_zero_is_served_from_that_folder(t
     reg.sync()
     assert reg.tasks["alpha"].path == alpha / "01" and reg.scan()["alpha"] == (1, alpha / "01")
     assert reg.host.load_now(reg.tasks["alpha"]) is not None
+
+
+def test_the_scan_counts_a_bundles_tensor_bytes_from_its_header_length(tmp_path, tiny_trunk):
+    """The bytes after a safetensors header are its tensors' (the format leaves no gap), in any dtype and with the
+    header padded; a file whose header's length cannot be read, or claims more than the file, counts its size."""
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from server.registry.loading import tensor_bytes
+
+    bundle = make_bundle(tiny_trunk, tmp_path / "alpha" / "1", name="alpha", seed=1)
+    tensors = load_file(str(bundle / ADAPTER_FILE))
+    for dtype in (torch.float32, torch.bfloat16):
+        path = tmp_path / f"{dtype}.safetensors"
+        save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, str(path))
+        assert tensor_bytes(path) == sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
+    odd = tmp_path / "odd.safetensors"
+    save_file({"w": torch.zeros(3, dtype=torch.uint8)}, str(odd))  # a header padded to 8 bytes, 3 bytes of data
+    assert tensor_bytes(odd) == 3
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    assert tensor_bytes(short) == 2
+    claims = tmp_path / "claims.safetensors"
+    claims.write_bytes(struct.pack("<Q", 1 << 20) + b"{}")
+    assert tensor_bytes(claims) == 10
+    assert tensor_bytes(tmp_path / "missing.safetensors") == 0
