@@ -11,7 +11,8 @@ children and reports each exit status.
 
 - ``STADAPTER_TEST_ZYGOTE=0`` is set (the zygote is off for the session);
 - the start's environment differs from the zygote's in a variable not in :data:`SAFE_AFTER_IMPORT` (one read
-  at interpreter start or at import: ``OMP_NUM_THREADS``, ``MALLOC_*``, ``PYTHON*``, ``CUDA_VISIBLE_DEVICES``...),
+  at interpreter start or at import: ``OMP_NUM_THREADS``, ``MALLOC_*``, ``PYTHON*`` but ``PYTHONWARNINGS``
+  (:data:`APPLIED_AFTER_FORK`), ``CUDA_VISIBLE_DEVICES``...),
   or it runs in another folder;
 - the zygote could not import, was not single-threaded, or has gone.
 """
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from zygote_main import WARNINGS_ENV
+
 from server.decode.worker import TEST_HOOK_ENV
 from stadapter_api.wire import ADMIN_TOKEN_ENV
 
@@ -37,6 +40,9 @@ OFF_ENV = "STADAPTER_TEST_ZYGOTE"
 #: Environment variables read only while serving (not at interpreter start or import), so a forked server may
 #: differ from the zygote in them; a difference in any other one starts a real subprocess.
 SAFE_AFTER_IMPORT = frozenset({ADMIN_TOKEN_ENV, TEST_HOOK_ENV, "PYTEST_CURRENT_TEST"})
+#: Read at interpreter start, but applied by the forked child as the interpreter would (:mod:`zygote_main`), so a
+#: forked server may differ from the zygote in it too; the zygote itself starts without it.
+APPLIED_AFTER_FORK = frozenset({WARNINGS_ENV})
 READY_TIMEOUT_S = 180.0
 TESTS = Path(__file__).resolve().parent
 
@@ -46,7 +52,7 @@ def enabled() -> bool:
 
 
 def _import_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in SAFE_AFTER_IMPORT}
+    return {k: v for k, v in env.items() if k not in SAFE_AFTER_IMPORT | APPLIED_AFTER_FORK}
 
 
 class ZygoteProcess:

@@ -24,9 +24,11 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 
 MAX_PACKET = 1 << 20
 PR_SET_PDEATHSIG = 1
+WARNINGS_ENV = "PYTHONWARNINGS"
 
 
 def _threads() -> int:
@@ -61,7 +63,23 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zygote: int) -> None:
+def _apply_warning_options(value: str, base: list) -> None:
+    """What the interpreter does with ``PYTHONWARNINGS=value`` at its start, done in a forked child: the options go
+    to ``sys.warnoptions`` (which ``multiprocessing`` passes on to the decoders it spawns as ``-W``) and become
+    filters in front of the default ones (``base``, the filters before the zygote imported anything), behind those
+    the imports added since, as they would have been added after the options."""
+    options = [o for o in value.split(",") if o]  # the interpreter splits on commas and skips empty items
+    sys.warnoptions[:] = options
+    current = list(warnings.filters)
+    at = next((i for i in range(len(current) - len(base) + 1) if current[i:i + len(base)] == base), 0)
+    warnings.filters[:] = current[at:]
+    warnings._processoptions(options)  # type: ignore[attr-defined]  # each inserted in front, as at start
+    warnings.filters[:0] = current[:at]
+    warnings._filters_mutated()  # type: ignore[attr-defined]
+
+
+def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zygote: int,
+                base_filters: list) -> None:
     """In the forked child: become ``python -m server ARGV`` (fds, cwd, environment, signals), run, and exit."""
     import atexit
     import ctypes
@@ -79,6 +97,8 @@ def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zyg
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        if env.get(WARNINGS_ENV):
+            _apply_warning_options(env[WARNINGS_ENV], base_filters)
         sys.argv = ["-m", *argv]
         sys.path[0] = cwd  # what -m puts first
         _fresh_state()
@@ -125,6 +145,7 @@ def _fresh_state() -> None:
 def serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     parent = os.getppid()
+    base_filters = list(warnings.filters)  # no warning options: the zygote starts without them
     try:
         _preimport()
     except BaseException as e:
@@ -167,7 +188,7 @@ def serve(fd: int) -> None:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 for f in (wake_r, wake_w, sock.fileno()):
                     os.close(f)
-                _run_server(req["argv"], req["env"], req["cwd"], fds[0], me)
+                _run_server(req["argv"], req["env"], req["cwd"], fds[0], me, base_filters)
             os.close(fds[0])
             children.add(pid)
             _send(sock, {"id": req["id"], "pid": pid})
