@@ -109,12 +109,14 @@ class Zygote:
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.alive = False
         self.error = ""
+        self.imports_set: dict[str, str] = {}
         ready = self._read(READY_TIMEOUT_S)
         if ready is None or not ready.get("ready") or ready.get("threads") != 1:
             self.error = f"the zygote did not get ready: {ready}"
             self.close()
         else:
             self.alive = True
+            self.imports_set = ready.get("imports_set", {})
 
     def _read(self, timeout: float) -> Optional[dict]:
         """One message within ``timeout`` s (None: none, or the zygote has gone)."""
@@ -141,7 +143,15 @@ class Zygote:
                 msg = self._read(0.0)
 
     def fits(self, env: dict[str, str], cwd: str) -> bool:
-        return self.alive and cwd == self.cwd and _import_env(env) == self.env
+        """Whether a fork runs as ``python -m server`` with ``env`` in ``cwd`` would: the same environment but for
+        the variables read only while serving, and those the zygote's imports set to the very value ``env`` has
+        (the tests' process has them once it has imported the same modules; a fresh server's imports would set
+        them to that value)."""
+        if not self.alive or cwd != self.cwd:
+            return False
+        wanted = _import_env(env)
+        differ = {k for k in set(wanted) | set(self.env) if wanted.get(k) != self.env.get(k)}
+        return all(k in wanted and self.imports_set.get(k) == wanted[k] for k in differ)
 
     def start(self, argv: list[str], env: dict[str, str], log_fd: int) -> Optional[ZygoteProcess]:
         with self._lock:

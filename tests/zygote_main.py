@@ -3,7 +3,7 @@
 Run by :mod:`zygote` (``python -c``, with one end of a ``SOCK_SEQPACKET`` socket pair as ``argv[1]``); the
 other end is the test process's. Messages are JSON packets:
 
-- zygote -> tests: ``{"ready": true, "threads": N}`` once imported (or ``{"ready": false, "error": ...}``);
+- zygote -> tests: ``{"ready": true, "threads": N, "imports_set": {...}}`` once imported (or ``{"ready": false, "error": ...}``);
 - tests -> zygote: ``{"id": I, "argv": [...], "env": {...}, "cwd": "..."}`` with the log's fd attached;
 - zygote -> tests: ``{"id": I, "pid": P}`` (or ``{"id": I, "error": ...}``: the tests start a real subprocess);
 - zygote -> tests: ``{"exit": P, "code": C}`` when it has reaped child P (``C`` as ``Popen.returncode`` says it).
@@ -46,6 +46,12 @@ def _preimport() -> None:
     import server.config  # noqa: F401
 
 
+def _set_by_imports(before: dict[str, str]) -> dict[str, str]:
+    """The environment variables the imports set (``open_clip`` sets ``TOKENIZERS_PARALLELISM``, torch's inductor
+    ``TORCHINDUCTOR_CACHE_DIR``): the tests' own process gets them when it imports the same modules."""
+    return {k: v for k, v in os.environ.items() if before.get(k) != v}
+
+
 def _send(sock: socket.socket, msg: dict) -> None:
     try:
         sock.send(json.dumps(msg).encode())
@@ -79,7 +85,7 @@ def _apply_warning_options(value: str, base: list) -> None:
 
 
 def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zygote: int,
-                base_filters: list) -> None:
+                base_filters: list, imports_set: dict[str, str]) -> None:
     """In the forked child: become ``python -m server ARGV`` (fds, cwd, environment, signals), run, and exit."""
     import atexit
     import ctypes
@@ -97,6 +103,8 @@ def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zyg
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        for k, v in imports_set.items():  # what a fresh server's imports would set, done here before the fork
+            os.environ.setdefault(k, v)
         if env.get(WARNINGS_ENV):
             _apply_warning_options(env[WARNINGS_ENV], base_filters)
         sys.argv = ["-m", *argv]
@@ -146,6 +154,7 @@ def serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     parent = os.getppid()
     base_filters = list(warnings.filters)  # no warning options: the zygote starts without them
+    before = dict(os.environ)
     try:
         _preimport()
     except BaseException as e:
@@ -158,7 +167,8 @@ def serve(fd: int) -> None:
     signal.set_wakeup_fd(wake_w)
     children: set[int] = set()
     me = os.getpid()
-    _send(sock, {"ready": True, "threads": _threads()})
+    imports_set = _set_by_imports(before)
+    _send(sock, {"ready": True, "threads": _threads(), "imports_set": imports_set})
     try:
         while os.getppid() == parent:
             readable, _, _ = select.select([sock, wake_r], [], [], 1.0)
@@ -188,7 +198,7 @@ def serve(fd: int) -> None:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 for f in (wake_r, wake_w, sock.fileno()):
                     os.close(f)
-                _run_server(req["argv"], req["env"], req["cwd"], fds[0], me, base_filters)
+                _run_server(req["argv"], req["env"], req["cwd"], fds[0], me, base_filters, imports_set)
             os.close(fds[0])
             children.add(pid)
             _send(sock, {"id": req["id"], "pid": pid})

@@ -71,6 +71,20 @@ def test_an_environment_read_at_interpreter_start_or_import_gets_a_real_subproce
     assert not zygote.forks({**base, ADMIN_TOKEN_ENV: "tok"}, "/")
 
 
+def test_a_variable_the_imports_set_in_the_tests_process_too_does_not_stop_the_fork():
+    """open_clip sets ``TOKENIZERS_PARALLELISM=false`` at import, in the zygote and in the tests' process once it
+    imports it: the servers started after that still fork (a fresh server's own import would set the same)."""
+    base = {**{k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+    own = zygote.Zygote(base, str(ROOT))
+    try:
+        assert own.alive, own.error
+        assert own.fits({**base, "TOKENIZERS_PARALLELISM": "false"}, str(ROOT))
+        assert not own.fits({**base, "TOKENIZERS_PARALLELISM": "true"}, str(ROOT))  # not what the import sets
+    finally:
+        own.close()
+
+
 _SHOW_WARNINGS = ("import sys, warnings; "
                   "print([(a, getattr(m, 'pattern', m), c.__name__, getattr(mo, 'pattern', mo), n) "
                   "for a, m, c, mo, n in warnings.filters], sys.warnoptions)")
