@@ -11,7 +11,8 @@ children and reports each exit status.
 
 - ``STADAPTER_TEST_ZYGOTE=0`` is set (the zygote is off for the session);
 - the start's environment differs from the zygote's in a variable not in :data:`SAFE_AFTER_IMPORT` (one read
-  at interpreter start or at import: ``OMP_NUM_THREADS``, ``MALLOC_*``, ``PYTHON*``, ``CUDA_VISIBLE_DEVICES``...),
+  at interpreter start or at import: ``OMP_NUM_THREADS``, ``MALLOC_*``, ``PYTHON*`` but ``PYTHONWARNINGS``
+  (:data:`APPLIED_AFTER_FORK`), ``CUDA_VISIBLE_DEVICES``...),
   or it runs in another folder;
 - the zygote could not import, was not single-threaded, or has gone.
 """
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from zygote_main import WARNINGS_ENV
+
 from server.decode.worker import TEST_HOOK_ENV
 from stadapter_api.wire import ADMIN_TOKEN_ENV
 
@@ -37,6 +40,9 @@ OFF_ENV = "STADAPTER_TEST_ZYGOTE"
 #: Environment variables read only while serving (not at interpreter start or import), so a forked server may
 #: differ from the zygote in them; a difference in any other one starts a real subprocess.
 SAFE_AFTER_IMPORT = frozenset({ADMIN_TOKEN_ENV, TEST_HOOK_ENV, "PYTEST_CURRENT_TEST"})
+#: Read at interpreter start, but applied by the forked child as the interpreter would (:mod:`zygote_main`), so a
+#: forked server may differ from the zygote in it too; the zygote itself starts without it.
+APPLIED_AFTER_FORK = frozenset({WARNINGS_ENV})
 READY_TIMEOUT_S = 180.0
 TESTS = Path(__file__).resolve().parent
 
@@ -46,7 +52,7 @@ def enabled() -> bool:
 
 
 def _import_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k not in SAFE_AFTER_IMPORT}
+    return {k: v for k, v in env.items() if k not in SAFE_AFTER_IMPORT | APPLIED_AFTER_FORK}
 
 
 class ZygoteProcess:
@@ -103,12 +109,14 @@ class Zygote:
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.alive = False
         self.error = ""
+        self.imports_set: dict[str, str] = {}
         ready = self._read(READY_TIMEOUT_S)
         if ready is None or not ready.get("ready") or ready.get("threads") != 1:
             self.error = f"the zygote did not get ready: {ready}"
             self.close()
         else:
             self.alive = True
+            self.imports_set = ready.get("imports_set", {})
 
     def _read(self, timeout: float) -> Optional[dict]:
         """One message within ``timeout`` s (None: none, or the zygote has gone)."""
@@ -135,7 +143,15 @@ class Zygote:
                 msg = self._read(0.0)
 
     def fits(self, env: dict[str, str], cwd: str) -> bool:
-        return self.alive and cwd == self.cwd and _import_env(env) == self.env
+        """Whether a fork runs as ``python -m server`` with ``env`` in ``cwd`` would: the same environment but for
+        the variables read only while serving, and those the zygote's imports set to the very value ``env`` has
+        (the tests' process has them once it has imported the same modules; a fresh server's imports would set
+        them to that value)."""
+        if not self.alive or cwd != self.cwd:
+            return False
+        wanted = _import_env(env)
+        differ = {k for k in set(wanted) | set(self.env) if wanted.get(k) != self.env.get(k)}
+        return all(k in wanted and self.imports_set.get(k) == wanted[k] for k in differ)
 
     def start(self, argv: list[str], env: dict[str, str], log_fd: int) -> Optional[ZygoteProcess]:
         with self._lock:

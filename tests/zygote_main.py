@@ -3,7 +3,7 @@
 Run by :mod:`zygote` (``python -c``, with one end of a ``SOCK_SEQPACKET`` socket pair as ``argv[1]``); the
 other end is the test process's. Messages are JSON packets:
 
-- zygote -> tests: ``{"ready": true, "threads": N}`` once imported (or ``{"ready": false, "error": ...}``);
+- zygote -> tests: ``{"ready": true, "threads": N, "imports_set": {...}}`` once imported (or ``{"ready": false, "error": ...}``);
 - tests -> zygote: ``{"id": I, "argv": [...], "env": {...}, "cwd": "..."}`` with the log's fd attached;
 - zygote -> tests: ``{"id": I, "pid": P}`` (or ``{"id": I, "error": ...}``: the tests start a real subprocess);
 - zygote -> tests: ``{"exit": P, "code": C}`` when it has reaped child P (``C`` as ``Popen.returncode`` says it).
@@ -24,9 +24,11 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 
 MAX_PACKET = 1 << 20
 PR_SET_PDEATHSIG = 1
+WARNINGS_ENV = "PYTHONWARNINGS"
 
 
 def _threads() -> int:
@@ -42,6 +44,12 @@ def _preimport() -> None:
 
     import server.app  # noqa: F401
     import server.config  # noqa: F401
+
+
+def _set_by_imports(before: dict[str, str]) -> dict[str, str]:
+    """The environment variables the imports set (``open_clip`` sets ``TOKENIZERS_PARALLELISM``, torch's inductor
+    ``TORCHINDUCTOR_CACHE_DIR``): the tests' own process gets them when it imports the same modules."""
+    return {k: v for k, v in os.environ.items() if before.get(k) != v}
 
 
 def _send(sock: socket.socket, msg: dict) -> None:
@@ -61,7 +69,23 @@ def _exit_code(e: SystemExit) -> int:
     return 1
 
 
-def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zygote: int) -> None:
+def _apply_warning_options(value: str, base: list) -> None:
+    """What the interpreter does with ``PYTHONWARNINGS=value`` at its start, done in a forked child: the options go
+    to ``sys.warnoptions`` (which ``multiprocessing`` passes on to the decoders it spawns as ``-W``) and become
+    filters in front of the default ones (``base``, the filters before the zygote imported anything), behind those
+    the imports added since, as they would have been added after the options."""
+    options = [o for o in value.split(",") if o]  # the interpreter splits on commas and skips empty items
+    sys.warnoptions[:] = options
+    current = list(warnings.filters)
+    at = next((i for i in range(len(current) - len(base) + 1) if current[i:i + len(base)] == base), 0)
+    warnings.filters[:] = current[at:]
+    warnings._processoptions(options)  # type: ignore[attr-defined]  # each inserted in front, as at start
+    warnings.filters[:0] = current[:at]
+    warnings._filters_mutated()  # type: ignore[attr-defined]
+
+
+def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zygote: int,
+                base_filters: list, imports_set: dict[str, str]) -> None:
     """In the forked child: become ``python -m server ARGV`` (fds, cwd, environment, signals), run, and exit."""
     import atexit
     import ctypes
@@ -79,6 +103,10 @@ def _run_server(argv: list[str], env: dict[str, str], cwd: str, log_fd: int, zyg
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        for k, v in imports_set.items():  # what a fresh server's imports would set, done here before the fork
+            os.environ.setdefault(k, v)
+        if env.get(WARNINGS_ENV):
+            _apply_warning_options(env[WARNINGS_ENV], base_filters)
         sys.argv = ["-m", *argv]
         sys.path[0] = cwd  # what -m puts first
         _fresh_state()
@@ -125,6 +153,8 @@ def _fresh_state() -> None:
 def serve(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     parent = os.getppid()
+    base_filters = list(warnings.filters)  # no warning options: the zygote starts without them
+    before = dict(os.environ)
     try:
         _preimport()
     except BaseException as e:
@@ -137,7 +167,8 @@ def serve(fd: int) -> None:
     signal.set_wakeup_fd(wake_w)
     children: set[int] = set()
     me = os.getpid()
-    _send(sock, {"ready": True, "threads": _threads()})
+    imports_set = _set_by_imports(before)
+    _send(sock, {"ready": True, "threads": _threads(), "imports_set": imports_set})
     try:
         while os.getppid() == parent:
             readable, _, _ = select.select([sock, wake_r], [], [], 1.0)
@@ -167,7 +198,7 @@ def serve(fd: int) -> None:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 for f in (wake_r, wake_w, sock.fileno()):
                     os.close(f)
-                _run_server(req["argv"], req["env"], req["cwd"], fds[0], me)
+                _run_server(req["argv"], req["env"], req["cwd"], fds[0], me, base_filters, imports_set)
             os.close(fds[0])
             children.add(pid)
             _send(sock, {"id": req["id"], "pid": pid})

@@ -239,6 +239,9 @@ def test_the_cli_reads_a_file_and_stdin(srv, h264, tmp_path):
     cmd = [sys.executable, "-m", "clients", "live", "--address", srv.address, "--task", "motion", "--window-s", "2",
            "--stride-s", "2", "--json"]
     root = Path(__file__).resolve().parents[2]
+    # the real-time run takes the clip's length: it runs while the other two do
+    realtime = subprocess.Popen([*cmd, "--realtime", str(ts)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=root)
     from_file = subprocess.run([*cmd, str(ts)], capture_output=True, text=True, timeout=120, cwd=root)
     assert from_file.returncode == 0, from_file.stderr
     rows = [json.loads(line) for line in from_file.stdout.splitlines()]
@@ -249,9 +252,13 @@ def test_the_cli_reads_a_file_and_stdin(srv, h264, tmp_path):
     assert from_stdin.returncode == 0, from_stdin.stderr
     lines = from_stdin.stdout.decode().splitlines()
     assert len(lines) == 7 and "LAG" in lines[0] and "motion" in lines[1]
-    realtime = subprocess.run([*cmd, "--realtime", str(ts)], capture_output=True, text=True, timeout=120, cwd=root)
-    assert realtime.returncode == 0, realtime.stderr
-    assert [json.loads(line)["start_s"] for line in realtime.stdout.splitlines()] == [0, 2, 4, 6, 8, 10]
+    try:
+        realtime_out, realtime_err = realtime.communicate(timeout=120)
+    finally:
+        realtime.kill()
+        realtime.wait()
+    assert realtime.returncode == 0, realtime_err
+    assert [json.loads(line)["start_s"] for line in realtime_out.splitlines()] == [0, 2, 4, 6, 8, 10]
 
 
 def test_a_stream_past_max_live_s_ends_and_drain_ends_a_held_stream(h264):

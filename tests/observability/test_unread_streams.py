@@ -61,15 +61,15 @@ def test_refused_client_streams_leave_no_never_awaited_warning(tmp_path, sig):
                                                 metadata=(("x-request-id", "unread-3"),)))
         assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "no admin token is configured" in e.details()
 
-        # still serving: the right token's stream is read and answered
-        resp = classifier.ClassifyStream(iter([pb.ClassifyChunk(task="alpha", data=clip)]), timeout=60,
-                                         metadata=(right,))
-        assert resp.task == "alpha" and resp.predictions
+        # still serving: the right token's stream is read and answered (it waits in the batcher with the next one,
+        # not 3 s alone before it)
+        served = classifier.ClassifyStream.future(iter([pb.ClassifyChunk(task="alpha", data=clip)]), timeout=60,
+                                                  metadata=(right,))
 
         # Ctrl-C / SIGTERM with a request in flight: while it drains, a new stream is refused unread
         inflight = classifier.Classify.future(pb.ClassifyRequest(task="beta", clip=clip), metadata=(right,), timeout=60)
-        wait_for(lambda: metric(scrape(srv.metrics_url), "stadapter_queue_depth") >= 1,
-                 "the request to wait in the batcher")
+        wait_for(lambda: metric(scrape(srv.metrics_url), "stadapter_queue_depth") >= 2,
+                 "the two requests to wait in the batcher")
         srv.proc.send_signal(sig)
         health = health_pb2_grpc.HealthStub(channel)
         wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
@@ -77,6 +77,8 @@ def test_refused_client_streams_leave_no_never_awaited_warning(tmp_path, sig):
         e = _refused(lambda: classifier.ClassifyStream(iter([pb.ClassifyChunk(task="alpha", data=clip)]), timeout=10,
                                                        metadata=(right, ("x-request-id", "unread-4"))))
         assert e.code() == grpc.StatusCode.UNAVAILABLE and "draining" in e.details()
+        resp = served.result()
+        assert resp.task == "alpha" and resp.predictions
         assert inflight.result().task == "beta"  # in-flight work finishes
         for rid, code in (("unread-1", "UNAUTHENTICATED"), ("unread-2", "UNAUTHENTICATED"),
                           ("unread-3", "PERMISSION_DENIED"), ("unread-4", "UNAVAILABLE")):

@@ -64,10 +64,44 @@ def test_an_environment_read_at_interpreter_start_or_import_gets_a_real_subproce
         with open(f"/proc/{srv.proc.pid}/environ", "rb") as f:
             assert b"MALLOC_ARENA_MAX=2" in f.read().split(b"\0")
     base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key, value in (("OMP_NUM_THREADS", "2"), ("PYTHONWARNINGS", "always"), ("CUDA_VISIBLE_DEVICES", "")):
+    for key, value in (("OMP_NUM_THREADS", "2"), ("PYTHONMALLOC", "malloc"), ("CUDA_VISIBLE_DEVICES", "")):
         assert not zygote.forks({**base, key: value}, str(ROOT)), key
     assert zygote.forks({**base, ADMIN_TOKEN_ENV: "tok"}, str(ROOT))
+    assert zygote.forks({**base, "PYTHONWARNINGS": "always"}, str(ROOT))  # applied by the child: next test
     assert not zygote.forks({**base, ADMIN_TOKEN_ENV: "tok"}, "/")
+
+
+def test_a_variable_the_imports_set_in_the_tests_process_too_does_not_stop_the_fork():
+    """open_clip sets ``TOKENIZERS_PARALLELISM=false`` at import, in the zygote and in the tests' process once it
+    imports it: the servers started after that still fork (a fresh server's own import would set the same)."""
+    base = {**{k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+    own = zygote.Zygote(base, str(ROOT))
+    try:
+        assert own.alive, own.error
+        assert own.fits({**base, "TOKENIZERS_PARALLELISM": "false"}, str(ROOT))
+        assert not own.fits({**base, "TOKENIZERS_PARALLELISM": "true"}, str(ROOT))  # not what the import sets
+    finally:
+        own.close()
+
+
+_SHOW_WARNINGS = ("import sys, warnings; "
+                  "print([(a, getattr(m, 'pattern', m), c.__name__, getattr(mo, 'pattern', mo), n) "
+                  "for a, m, c, mo, n in warnings.filters], sys.warnoptions)")
+
+
+def test_a_forked_child_applies_pythonwarnings_as_the_interpreter_does_at_its_start():
+    value = "always,,ignore::DeprecationWarning, error::UserWarning:json"
+    imported = "warnings.filterwarnings('ignore', message='from an import'); "  # as torch's imports add filters
+    fresh = subprocess.run([sys.executable, "-c", f"import warnings; {imported}{_SHOW_WARNINGS}"], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONWARNINGS": value}, timeout=60, check=True)
+    forked = subprocess.run([sys.executable, "-c", f"import sys, warnings; sys.path.insert(0, {str(ROOT / 'tests')!r}); "
+                             "import zygote_main; base = list(warnings.filters); "
+                             f"{imported}zygote_main._apply_warning_options({value!r}, base); {_SHOW_WARNINGS}"],
+                            capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                 if k != "PYTHONWARNINGS"}, timeout=60, check=True)
+    assert "'always'" in fresh.stdout and "from an import" in fresh.stdout
+    assert forked.stdout == fresh.stdout, (forked.stdout, fresh.stdout)
 
 
 def test_the_decoders_of_a_forked_server_start_from_a_fresh_interpreter(repo):
