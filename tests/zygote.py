@@ -43,6 +43,8 @@ SAFE_AFTER_IMPORT = frozenset({ADMIN_TOKEN_ENV, TEST_HOOK_ENV, "PYTEST_CURRENT_T
 #: Read at interpreter start, but applied by the forked child as the interpreter would (:mod:`zygote_main`), so a
 #: forked server may differ from the zygote in it too; the zygote itself starts without it.
 APPLIED_AFTER_FORK = frozenset({WARNINGS_ENV})
+#: What every start adds to the tests' own environment (``server.process``, ``tests/serverproc.py``).
+ADDED_TO_EVERY_START = frozenset({"PYTHONUNBUFFERED", "PYTHONPATH", "OMP_NUM_THREADS"})
 READY_TIMEOUT_S = 180.0
 TESTS = Path(__file__).resolve().parent
 
@@ -53,6 +55,15 @@ def enabled() -> bool:
 
 def _import_env(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in SAFE_AFTER_IMPORT | APPLIED_AFTER_FORK}
+
+
+def _plain(env: dict[str, str]) -> bool:
+    """Whether a start's environment is the tests' own plus only what every start adds: the zygote is made from the
+    first such start, so one that sets or unsets something read at start (``MALLOC_ARENA_MAX``) neither becomes the
+    zygote's environment nor forks, whichever test runs first."""
+    free = ADDED_TO_EVERY_START | SAFE_AFTER_IMPORT | APPLIED_AFTER_FORK
+    return all(os.environ.get(k) == v for k, v in env.items() if k not in free) and \
+        all(k in env for k in os.environ if k not in free)
 
 
 class ZygoteProcess:
@@ -183,7 +194,6 @@ class Zygote:
 
 
 _zygote: Optional[Zygote] = None
-_first_env: Optional[dict[str, str]] = None
 
 
 def start(cmd: list[str], env: dict[str, str], cwd: str, log_fd: int) -> Optional[ZygoteProcess]:
@@ -192,6 +202,8 @@ def start(cmd: list[str], env: dict[str, str], cwd: str, log_fd: int) -> Optiona
     if not enabled() or cmd[:3] != [sys.executable, "-m", "server"]:
         return None
     if _zygote is None:
+        if not _plain(env):
+            return None
         _zygote = Zygote(env, cwd)
     if not _zygote.fits(env, cwd):
         return None

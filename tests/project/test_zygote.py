@@ -59,6 +59,10 @@ def test_a_bad_flag_exits_2_with_the_usage_message_python_m_server_prints(repo, 
 
 
 def test_an_environment_read_at_interpreter_start_or_import_gets_a_real_subprocess(repo):
+    with ServerProcess(repo, "--no-warmup", env={"MALLOC_ARENA_MAX": "2"}) as srv:  # first or not, never the zygote's
+        assert isinstance(srv.proc, subprocess.Popen)
+    with ServerProcess(repo, "--no-warmup") as plain:  # the session's zygote, made now if this test runs alone
+        assert isinstance(plain.proc, zygote.ZygoteProcess)
     with ServerProcess(repo, "--no-warmup", env={"MALLOC_ARENA_MAX": "2"}) as srv:
         assert isinstance(srv.proc, subprocess.Popen)
         with open(f"/proc/{srv.proc.pid}/environ", "rb") as f:
