@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from server.errors import BadRequest
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE
@@ -28,17 +28,20 @@ LEFTOVER_PREFIXES = (UPLOAD_PREFIX, TOMBSTONE_PREFIX)  # what the sweeper remove
 
 
 def version_dirs(task_dir: Path) -> dict[int, Path]:
-    """The version folders of a task folder by number (one listing: an entry's type comes with it, and only a
-    symlink is stat'ed to see where it points)."""
-    out: dict[int, Path] = {}
+    """The version folders of a task folder by number."""
+    return {v: task_dir / name for v, name in _version_entries(task_dir)}
+
+
+def _version_entries(task_dir: "str | os.PathLike[str]") -> Iterator[tuple[int, str]]:
+    """(number, folder name) of each version folder in a task folder: one listing (an entry's type comes with it,
+    and only a symlink is stat'ed to see where it points); none when the folder cannot be listed."""
     try:
         with os.scandir(task_dir) as it:
             for e in it:
                 if e.name.isdigit() and int(e.name) >= 1 and _is_dir(e):
-                    out[int(e.name)] = task_dir / e.name
+                    yield int(e.name), e.name
     except OSError:
-        pass
-    return out
+        return
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -208,15 +211,7 @@ def latest_versions(tasks_dir: Path) -> dict[str, tuple[int, Path]]:
 
 def _latest(task_dir: str) -> tuple[int, str]:
     """The highest version number among a task folder's version folders and that folder's name ((0, ""): none)."""
-    best, folder = 0, ""
-    try:
-        with os.scandir(task_dir) as it:
-            for e in it:
-                if e.name.isdigit() and int(e.name) > best and _is_dir(e):
-                    best, folder = int(e.name), e.name
-    except OSError:
-        pass
-    return best, folder
+    return max(_version_entries(task_dir), default=(0, ""))
 
 
 def task_ref(task: str) -> tuple[str, Optional[int]]:
