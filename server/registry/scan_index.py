@@ -39,6 +39,7 @@ log = logging.getLogger("server.registry.scan_index")
 INDEX_FILE = ".scan-index.json"  # in the repository's root, beside trunk/ and tasks/ (tasks/ holds only tasks)
 INDEX_FORMAT = 1
 STAMPED_FILES = (TASK_FILE, ADAPTER_FILE, DIGEST_FILE)
+DIGEST_AT = STAMPED_FILES.index(DIGEST_FILE)  # the digest file's place in a Stamp
 RACY_NS = 2_000_000_000  # a stamp younger than this is not trusted (see the module docstring)
 
 FileStamp = Optional[tuple[int, int, int, int]]  # (inode, size, mtime_ns, ctime_ns); None: the file is absent
@@ -55,20 +56,22 @@ class Metadata:
     digest: Optional[str]
 
 
+def file_stamp(path: str) -> FileStamp:
+    """One file's stamp; None when it is absent (any other failure to stat it raises ``OSError``)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def stamp(folder: Path) -> Optional[Stamp]:
     """The stamps of a version folder's files; None when one cannot be stat'ed (nothing is then kept)."""
-    out: list[FileStamp] = []
     base = os.fspath(folder)
-    for name in STAMPED_FILES:
-        try:
-            st = os.stat(os.path.join(base, name))
-        except FileNotFoundError:
-            out.append(None)
-            continue
-        except OSError:
-            return None
-        out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(out)
+    try:
+        return tuple(file_stamp(os.path.join(base, name)) for name in STAMPED_FILES)
+    except OSError:
+        return None
 
 
 class ScanIndex:
@@ -118,13 +121,10 @@ class ScanIndex:
             kept = self._entries.get(_key(folder))
         if kept is not None and isinstance(kept[1], Metadata):
             try:
-                st = os.stat(os.path.join(os.fspath(folder), DIGEST_FILE))
-                now: FileStamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            except FileNotFoundError:
-                now = None
+                now: FileStamp = file_stamp(os.path.join(os.fspath(folder), DIGEST_FILE))
             except OSError:
                 now = ()  # type: ignore[assignment]  # unknown: never equal to a kept stamp
-            if now == kept[0][-1]:
+            if now == kept[0][DIGEST_AT]:
                 return kept[1].digest
         return self.metadata(folder, read).digest
 
