@@ -114,13 +114,13 @@ class AsyncClient:
             async for r in call:
                 yield WindowResult.from_pb(r)
         except grpc.RpcError as e:
-            if source is not None and source.error is not None:
-                raise source.error from None
+            if source is not None:
+                source.raise_failure()
             raise ClientError.from_rpc(e) from None
         finally:
             call.cancel()
-        if source is not None and source.error is not None:
-            raise source.error
+        if source is not None:
+            source.raise_failure()
 
     async def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 0,
                              sampling: Optional[Mapping[str, Any]] = None,

@@ -54,6 +54,11 @@ class LiveMessages:
     def __iter__(self) -> "LiveMessages":
         return self
 
+    def raise_failure(self) -> None:
+        """Raise the source's failure, if it failed (in place of the server's error, which that failure caused)."""
+        if self.error is not None:
+            raise self.error from None
+
     def __next__(self) -> pb.LiveChunk:
         if self.error is not None:
             raise StopIteration

@@ -134,13 +134,13 @@ class Client:
             for r in call:
                 yield WindowResult.from_pb(r)
         except grpc.RpcError as e:
-            if source is not None and source.error is not None:
-                raise source.error from None
+            if source is not None:
+                source.raise_failure()
             raise ClientError.from_rpc(e) from None
         finally:
             call.cancel()  # a no-op once the stream ended; stops the server's work if the caller left early
-        if source is not None and source.error is not None:
-            raise source.error
+        if source is not None:
+            source.raise_failure()
 
     def batch_classify(self, clips: Sequence[Clip], task: Union[str, Sequence[str]], top_k: int = 0,
                        sampling: Optional[Mapping[str, Any]] = None,
