@@ -59,8 +59,13 @@ lint: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_SITE)
 
+# The suite runs in TEST_WORKERS pytest processes (pytest-xdist), each taking whole test files (--dist loadfile:
+# a module's shared server is started once). Much of a test's time is spent waiting on a server, a decoder or a
+# clip played at real time, so two processes fill a 2-core machine; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) $(TEST_DEPS) ffmpeg chromium lint docs
-	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=25 tests
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
 demo: $(STAMP)
 	$(BIN)/python -m server.demo
