@@ -66,6 +66,7 @@ class Server:
     http: Optional[HttpServer] = None  # None with --http-port -1
     live: Optional[LiveDecoders] = None  # the live streams' decoder processes
     _poller: Optional[asyncio.Task] = None
+    _index_writer: Optional[asyncio.Task] = None
 
     @classmethod
     async def start(cls, cfg: ServerConfig, wrap_decoder: Optional[DecoderHook] = None) -> "Server":
@@ -104,7 +105,7 @@ class Server:
                                 cfg.host_cache_bytes, cfg.pin_tasks, metrics.host_event,
                                 host_dtype=dtype if cfg.host_dtype == "serving" else None)
         metrics.watch_host(lambda: registry.host.resident_count, lambda: registry.host.bytes)
-        registry.sync()  # metadata only: weights are read on first use (the host tier)
+        registry.sync(save_index=False)  # metadata only: weights are read on first use (the host tier)
         metrics.tasks_loaded.set(len(registry.tasks))
         await load_pinned(registry, cfg.pin_tasks)
         if cfg.adapter_slots:  # --adapter-slots too many for the device: refused now (shapes from task.json)
@@ -157,6 +158,10 @@ class Server:
                                           cfg.tls_cert, cfg.tls_key)
         metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
         srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port, http, live)
+        # The scan index (thousands of entries at a first start) is written once serving, by a thread: the
+        # replicas and the next start read it, this start's ready does not wait for it.
+        srv._index_writer = asyncio.get_running_loop().create_task(asyncio.to_thread(registry.reader.index.save),
+                                                                   name="scan-index-write")
         if cfg.poll_interval_s > 0:
             srv._poller = asyncio.get_running_loop().create_task(srv._poll(), name="repository-poll")
         return srv
@@ -186,6 +191,8 @@ class Server:
             log.warning("drain timeout: %d requests still in flight", self.pipeline.inflight)
         if self._poller is not None:
             self._poller.cancel()
+        if self._index_writer is not None:  # a write in progress finishes (a thread; its file is renamed whole)
+            await asyncio.wait([self._index_writer])
         await self.grpc_server.stop(grace=1.0)
         if self.http is not None:  # /v2/health/ready answered 503 until here
             await self.http.stop()
