@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import logging
 import signal
@@ -66,6 +68,7 @@ class Server:
     http: Optional[HttpServer] = None  # None with --http-port -1
     live: Optional[LiveDecoders] = None  # the live streams' decoder processes
     _poller: Optional[asyncio.Task] = None
+    _index_writer: Optional[asyncio.Task] = None
 
     @classmethod
     async def start(cls, cfg: ServerConfig, wrap_decoder: Optional[DecoderHook] = None) -> "Server":
@@ -104,22 +107,33 @@ class Server:
                                 cfg.host_cache_bytes, cfg.pin_tasks, metrics.host_event,
                                 host_dtype=dtype if cfg.host_dtype == "serving" else None)
         metrics.watch_host(lambda: registry.host.resident_count, lambda: registry.host.bytes)
-        registry.sync()  # metadata only: weights are read on first use (the host tier)
-        metrics.tasks_loaded.set(len(registry.tasks))
-        await load_pinned(registry, cfg.pin_tasks)
-        if cfg.adapter_slots:  # --adapter-slots too many for the device: refused now (shapes from task.json)
-            slots.check_fits(shape_stand_ins(list(registry.tasks.values()), trunk))
-        if slots.budget < cfg.slot_budget_bytes and not cfg.adapter_slots:
-            log.warning("the slot bank's byte budget (--cache-bytes) %d is more than the device's free memory allows: "
-                        "%d instead", cfg.slot_budget_bytes, slots.budget)
+        # The decoder processes import while the scan reads the repository (at a first start over thousands of
+        # task folders both take seconds); the scan runs in a thread, as the poll's does.
+        decoder = new_decoder(cfg)
+        decoding = asyncio.get_running_loop().create_task(start_decoder(decoder), name="decoder-start")
+        try:
+            await asyncio.to_thread(first_sync, registry)  # metadata only: weights are read on first use
+            metrics.tasks_loaded.set(len(registry.tasks))
+            await load_pinned(registry, cfg.pin_tasks)
+            if cfg.adapter_slots:  # --adapter-slots too many for the device: refused now (shapes from task.json)
+                slots.check_fits(shape_stand_ins(list(registry.tasks.values()), trunk))
+            if slots.budget < cfg.slot_budget_bytes and not cfg.adapter_slots:
+                log.warning("the slot bank's byte budget (--cache-bytes) %d is more than the device's free memory allows: "
+                            "%d instead", cfg.slot_budget_bytes, slots.budget)
 
-        runner = ModelRunner(trunk, slots, max_rows=limits.max_batch_rows)  # warm-up covers each batch-size bucket
-        batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)
-        if cfg.warmup and registry.tasks:
-            t0 = time.monotonic()
-            runs = await warm_up(batcher, list(registry.tasks.values()), trunk)
-            log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
-        decoder = await make_decoder(cfg)
+            runner = ModelRunner(trunk, slots, max_rows=limits.max_batch_rows)  # warm-up covers each batch-size bucket
+            batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)
+            if cfg.warmup and registry.tasks:
+                t0 = time.monotonic()
+                runs = await warm_up(batcher, list(registry.tasks.values()), trunk)
+                log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
+            await decoding
+        except BaseException:
+            decoding.cancel()
+            with contextlib.suppress(BaseException):  # its own failure, or its cancellation: the first error is raised
+                await decoding
+            decoder.close()
+            raise
         if wrap_decoder is not None:
             decoder = wrap_decoder(decoder)
         pipeline = Pipeline(registry, batcher, metrics, limits, decoder, cfg.default_top_k, response_cache=cache)
@@ -157,6 +171,10 @@ class Server:
                                           cfg.tls_cert, cfg.tls_key)
         metrics_port = metrics.serve(cfg.host, cfg.metrics_port)
         srv = cls(cfg, gs, health, pipeline, batcher, registry, slots, metrics, port, metrics_port, http, live)
+        # The scan index (thousands of entries at a first start) is written once serving, by a thread: the
+        # replicas and the next start read it, this start's ready does not wait for it.
+        srv._index_writer = asyncio.get_running_loop().create_task(asyncio.to_thread(registry.reader.index.save),
+                                                                   name="scan-index-write")
         if cfg.poll_interval_s > 0:
             srv._poller = asyncio.get_running_loop().create_task(srv._poll(), name="repository-poll")
         return srv
@@ -186,6 +204,8 @@ class Server:
             log.warning("drain timeout: %d requests still in flight", self.pipeline.inflight)
         if self._poller is not None:
             self._poller.cancel()
+        if self._index_writer is not None:  # a write in progress finishes (a thread; its file is renamed whole)
+            await asyncio.wait([self._index_writer])
         await self.grpc_server.stop(grace=1.0)
         if self.http is not None:  # /v2/health/ready answered 503 until here
             await self.http.stop()
@@ -211,13 +231,32 @@ async def load_pinned(registry: TaskRegistry, names: tuple[str, ...]) -> None:
             log.warning("pinned task %s did not load: %s", name, e)
 
 
-async def make_decoder(cfg: ServerConfig) -> Decoder:
-    """The decoding backend ``cfg`` names: sandboxed worker processes, or threads in this process."""
+def first_sync(registry: TaskRegistry) -> None:
+    """The start's scan, with the cyclic garbage collector paused: it makes a few objects per task folder, all kept,
+    which the collector would otherwise go over again and again (tens of thousands of folders on a large
+    repository); nothing else in the process allocates much meanwhile. Its index is written later (``Server``)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        registry.sync(save_index=False)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def new_decoder(cfg: ServerConfig) -> Decoder:
+    """The decoding backend ``cfg`` names, not started yet (:func:`start_decoder`): sandboxed worker processes, or
+    threads in this process."""
     if cfg.decode_backend == "process":
-        pool = ProcessDecodePool(cfg.decode_workers, window_workers=cfg.window_decoders)
-        await pool.start()  # eagerly: the first request does not pay for the imports
-        return pool
+        return ProcessDecodePool(cfg.decode_workers, window_workers=cfg.window_decoders)
     return ThreadDecoder(cfg.decode_workers)
+
+
+async def start_decoder(decoder: Decoder) -> None:
+    """Start ``decoder``'s worker processes, if it has any, and wait until each has imported the decoder: eagerly,
+    so the first request does not pay for the imports."""
+    if isinstance(decoder, ProcessDecodePool):
+        await decoder.start()
 
 
 def write_ready_file(path: Path, info: dict) -> None:

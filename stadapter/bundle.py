@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,19 +77,34 @@ def save_bundle(
 
 def read_spec(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits()) -> TaskSpec:
     path = Path(bundle_dir) / TASK_FILE
-    if not path.is_file():
-        raise BundleError(f"{path} is missing (a bundle folder holds {TASK_FILE} and {ADAPTER_FILE})")
-    size = path.stat().st_size
-    if size > limits.max_json_bytes:
-        raise BundleError(f"{path} is {size} bytes, above the limit of {limits.max_json_bytes}")
+    try:  # one open, its fstat and one read: a registry's scan reads thousands (O_NONBLOCK: a FIFO must not block)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _missing(path) from None
     try:
-        return TaskSpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _missing(path)
+        if st.st_size > limits.max_json_bytes:
+            raise BundleError(f"{path} is {st.st_size} bytes, above the limit of {limits.max_json_bytes}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limits.max_json_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limits.max_json_bytes:  # grown since the fstat
+        raise BundleError(f"{path} is over {limits.max_json_bytes} bytes, the limit")
+    try:
+        return TaskSpec.from_dict(json.loads(data.decode("utf-8")))
     except ConfigError as e:
         raise BundleError(f"{path}: {e}") from e
     except RecursionError as e:  # arrays or objects nested thousands deep
         raise BundleError(f"{path} nests JSON too deeply to read") from e
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of thousands of digits
         raise BundleError(f"{path} is not valid JSON: {brief(str(e), 200)}") from e
+
+
+def _missing(path: Path) -> BundleError:
+    return BundleError(f"{path} is missing (a bundle folder holds {TASK_FILE} and {ADAPTER_FILE})")
 
 
 def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits(),

@@ -76,7 +76,7 @@ class Pipeline:
     """Classification on top of the shared :class:`Admission` counters and :class:`ServerLimits`.
 
     ``decoder``: the decoding backend; the server passes the one ``--decode-workers`` sizes
-    (:func:`server.app.make_decoder`). Default: that flag's default number of threads in this process.
+    (:func:`server.app.new_decoder`). Default: that flag's default number of threads in this process.
     ``response_cache``: answers kept by clip digest, task version and sampling (None: every clip is computed).
     """
 

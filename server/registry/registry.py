@@ -58,7 +58,7 @@ from server.registry.folders import (
 from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
 from server.registry.loading import VersionReader, loaded_version, owned_stack
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
-from server.registry.version import TaskVersion
+from server.registry.version import TaskVersion, log_published
 from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, load_bundle
 from stadapter.config import TaskSpec, brief
@@ -240,11 +240,11 @@ class TaskRegistry:
         """Latest version folder per task on disk."""
         return latest_versions(self.tasks_dir)
 
-    def sync(self) -> tuple[list[TaskVersion], list[TaskVersion]]:
+    def sync(self, save_index: bool = True) -> tuple[list[TaskVersion], list[TaskVersion]]:
         """Make the table match the folder: load new or newer versions, drop tasks gone from disk.
 
-        A folder that fails to load is logged once and skipped (the older version, if
-        any, stays served). Returns (published, retired).
+        A folder that fails to load is logged once and skipped (the older version, if any, stays served). Returns
+        (published, retired). ``save_index=False``: the caller writes the scan index (``reader.index.save()``) later.
         """
         if time.monotonic() >= self._next_sweep:  # the poll loop calls sync: leftovers go within minutes
             self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
@@ -279,7 +279,8 @@ class TaskRegistry:
                 self._publish(table, published, retired)
             self._retire_unservable_pins()
             self.reader.index.retain(path for _, path in on_disk.values())
-        self.reader.index.save()  # outside the lock: a register need not wait for it
+        if save_index:
+            self.reader.index.save()  # outside the lock: a register need not wait for it
         return published, retired
 
     def _publish(self, table: dict[str, TaskVersion], published: list[TaskVersion], retired: list[TaskVersion]) -> None:
@@ -287,8 +288,7 @@ class TaskRegistry:
         for tv in retired:
             tv.retired = True
             tv.when_idle(functools.partial(self.host.discard, tv))  # its weights leave host memory with its last request
-        for tv in published:
-            log.info("serving task %s version %d (%d adapter bytes)", tv.name, tv.version, tv.nbytes)
+        log_published(log, published)
         if self.on_change is not None:
             self.on_change(published, retired)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Callable, Optional, Protocol
 
 from stadapter.bank import AdapterStack
 from stadapter.config import TaskSpec
+
+PUBLISHED_LINES_MAX = 20  # versions published at once (by a sync, a register) that each get an INFO line
 
 
 class WeightsSource(Protocol):
@@ -101,3 +104,15 @@ _uid_lock = threading.Lock()
 def _new_uid() -> int:
     with _uid_lock:
         return next(_uids)
+
+
+def log_published(log: logging.Logger, published: list[TaskVersion]) -> None:
+    """An INFO line per version just published, or for more than :data:`PUBLISHED_LINES_MAX` at once (a first scan
+    of a large repository) one line with their count and bytes, each version's own line at DEBUG."""
+    bulk = len(published) > PUBLISHED_LINES_MAX
+    if bulk:
+        log.info("serving %d task versions (%d adapter bytes in all; each named at DEBUG)", len(published),
+                 sum(tv.nbytes for tv in published))
+    for tv in published:
+        log.log(logging.DEBUG if bulk else logging.INFO, "serving task %s version %d (%d adapter bytes)", tv.name,
+                tv.version, tv.nbytes)

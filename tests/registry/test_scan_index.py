@@ -3,16 +3,20 @@ reading them, and a file that changed, went bad or is too fresh to trust is read
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import io
 import json
 import os
 import shutil
+import threading
 import time
 
 import pytest
 from factories import make_bundle
 
+from server.app import Server
+from server.config import ServerConfig
 from server.errors import BrokenTask
 from server.registry import scan_index
 from server.registry.folders import DIGEST_FILE, bundle_digest
@@ -34,17 +38,20 @@ def past_a_clock_tick() -> None:
 
 
 def reads_under(monkeypatch, root) -> list[str]:
-    """Every file under ``root`` opened from now on (builtins.open and io.open: what pathlib and open() use)."""
+    """Every file under ``root`` opened from now on (builtins.open and io.open: what pathlib and open() use;
+    os.open: what read_spec uses)."""
     opened: list[str] = []
-    real = io.open
 
-    def counting(file, *args, **kwargs):
-        if str(root) in os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else False:
-            opened.append(os.fsdecode(file))
-        return real(file, *args, **kwargs)
+    def counting(real):
+        def opening(file, *args, **kwargs):
+            if str(root) in os.fsdecode(file) if isinstance(file, (str, bytes, os.PathLike)) else False:
+                opened.append(os.fsdecode(file))
+            return real(file, *args, **kwargs)
+        return opening
 
-    monkeypatch.setattr(io, "open", counting)
-    monkeypatch.setattr(builtins, "open", counting)
+    monkeypatch.setattr(io, "open", counting(io.open))
+    monkeypatch.setattr(builtins, "open", counting(builtins.open))
+    monkeypatch.setattr(os, "open", counting(os.open))
     return opened
 
 
@@ -217,3 +224,28 @@ def test_the_scan_counts_a_bundles_tensor_bytes_from_its_header_length(tmp_path,
     claims.write_bytes(struct.pack("<Q", 1 << 20) + b"{}")
     assert tensor_bytes(claims) == 10
     assert tensor_bytes(tmp_path / "missing.safetensors") == 0
+
+
+def test_a_servers_start_does_not_wait_for_the_index_write(two_task_repo, trusted, monkeypatch):
+    """The first scan's index (a whole file of thousands of entries at a first start) is written by a thread once
+    the server serves: here the write is held until ``Server.start`` has returned, then lets the file be written."""
+    returned = threading.Event()
+    waited: list[bool] = []
+    real_save = scan_index.ScanIndex.save
+
+    def held_save(self):
+        waited.append(returned.wait(timeout=5))  # False: the write ran inside the start, which was still waiting
+        real_save(self)
+
+    monkeypatch.setattr(scan_index.ScanIndex, "save", held_save)
+    cfg = ServerConfig(model_repository=str(two_task_repo), host="127.0.0.1", port=0, metrics_port=0, http_port=-1,
+                       decode_backend="thread", warmup=False, poll_interval_s=0)
+
+    async def start_then_drain() -> None:
+        srv = await Server.start(cfg)
+        returned.set()
+        await srv.drain()  # lets the write finish
+
+    asyncio.run(start_then_drain())
+    assert waited == [True]
+    assert set(json.loads((two_task_repo / INDEX_FILE).read_text())["entries"]) == {"alpha/1", "beta/1"}

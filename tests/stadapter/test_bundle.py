@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -20,7 +21,7 @@ from stadapter import (
     read_bundle,
     save_bundle,
 )
-from stadapter.bundle import ADAPTER_FILE, TASK_FILE
+from stadapter.bundle import ADAPTER_FILE, TASK_FILE, read_spec
 
 
 @pytest.fixture()
@@ -122,6 +123,25 @@ def test_config_that_does_not_fit_the_trunk_is_refused(bundle_dir, tiny_trunk):
     _edit_json(bundle_dir, adapter=AdapterConfig(width=8, pre_attn=True, pre_mlp=True).to_dict(),
                sampling=TINY_SAMPLING.replace(input_size=64).to_dict())
     with pytest.raises(BundleError, match="input_size 64"):
+        load_bundle(bundle_dir, tiny_trunk)
+
+
+def _replace_task_file(d, make) -> None:
+    (d / TASK_FILE).unlink()
+    make(d / TASK_FILE)
+
+
+@pytest.mark.parametrize("make, message", [
+    (os.mkfifo, "task.json is missing"),  # read_spec opens it: a FIFO must neither block the scan nor be read
+    (lambda p: p.mkdir(), "task.json is missing"),
+    (lambda p: p.write_text('{"name": "alpha"}', encoding="utf-16"), "not valid JSON"),  # UTF-8 only
+    (lambda p: p.write_bytes(b"\xef\xbb\xbf{}"), "not valid JSON"),  # nor a byte-order mark
+])
+def test_a_task_file_that_is_not_a_plain_utf8_file_is_refused_with_a_reason(bundle_dir, tiny_trunk, make, message):
+    _replace_task_file(bundle_dir, make)
+    with pytest.raises(BundleError, match=message):
+        read_spec(bundle_dir)
+    with pytest.raises(BundleError, match=message):
         load_bundle(bundle_dir, tiny_trunk)
 
 

@@ -1,0 +1,63 @@
+"""How a server starts: its decoder processes import while the registry's first scan reads the repository (each can
+take seconds: a scan of thousands of task folders, a fresh interpreter's imports), and a start that fails after
+they were spawned leaves none behind."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+
+import pytest
+
+from server.app import Server
+from server.config import ServerConfig
+from server.decode.pool import ProcessDecodePool
+from server.engine import slots as slots_module
+from server.engine.slots import SlotMemoryError
+from server.registry.registry import TaskRegistry
+
+MiB = 1 << 20
+
+
+def config(repo, **kw) -> ServerConfig:
+    return ServerConfig(model_repository=str(repo), host="127.0.0.1", port=0, metrics_port=0, http_port=-1,
+                        decode_backend="process", decode_workers=1, warmup=False, poll_interval_s=0, **kw)
+
+
+def test_the_decoders_start_while_the_first_scan_runs(two_task_repo, monkeypatch):
+    """The scan is held until the decoder pool has begun to start: before, the pool was started only after the
+    scan (and the warm-up) had finished, so the held scan waited in vain."""
+    pool_starting = threading.Event()
+    scan_saw_pool: list[bool] = []
+    real_start, real_sync = ProcessDecodePool.start, TaskRegistry.sync
+
+    async def start(self, *args, **kwargs):
+        pool_starting.set()
+        await real_start(self, *args, **kwargs)
+
+    def sync(self, *args, **kwargs):
+        if not scan_saw_pool:  # the start's scan (a poll would be later)
+            scan_saw_pool.append(pool_starting.wait(timeout=5))
+        return real_sync(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessDecodePool, "start", start)
+    monkeypatch.setattr(TaskRegistry, "sync", sync)
+
+    async def start_then_drain() -> list[str]:
+        srv = await Server.start(config(two_task_repo))
+        try:
+            return sorted(srv.registry.tasks)
+        finally:
+            await srv.drain()
+
+    assert asyncio.run(start_then_drain()) == ["alpha", "beta"]
+    assert scan_saw_pool == [True]
+
+
+def test_a_start_refused_after_the_decoders_were_spawned_leaves_no_decoder_running(two_task_repo, monkeypatch):
+    monkeypatch.setattr(slots_module, "free_device_bytes", lambda device: 1 * MiB)
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(SlotMemoryError, match="--adapter-slots 100000"):
+        asyncio.run(Server.start(config(two_task_repo, device="cpu", adapter_slots=100_000)))
+    assert {p.pid for p in multiprocessing.active_children()} - before == set()
