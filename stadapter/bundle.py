@@ -76,6 +76,12 @@ def save_bundle(
 
 
 def read_spec(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits()) -> TaskSpec:
+    return read_spec_and_stat(bundle_dir, limits)[0]
+
+
+def read_spec_and_stat(bundle_dir: str | os.PathLike,
+                       limits: BundleLimits = BundleLimits()) -> tuple[TaskSpec, os.stat_result]:
+    """:func:`read_spec`, with the ``fstat`` of the file it read (what a cache of specs stamps its entry with)."""
     path = Path(bundle_dir) / TASK_FILE
     try:  # one open, its fstat and one read: a registry's scan reads thousands (O_NONBLOCK: a FIFO must not block)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -87,14 +93,16 @@ def read_spec(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits
             raise _missing(path)
         if st.st_size > limits.max_json_bytes:
             raise BundleError(f"{path} is {st.st_size} bytes, above the limit of {limits.max_json_bytes}")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limits.max_json_bytes + 1)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(st.st_size + 1)  # sized by the fstat (a read of the limit would allocate that much)
+            if len(data) > st.st_size:  # grown since the fstat
+                data += f.read(limits.max_json_bytes + 1 - len(data))
     finally:
         os.close(fd)
     if len(data) > limits.max_json_bytes:  # grown since the fstat
         raise BundleError(f"{path} is over {limits.max_json_bytes} bytes, the limit")
     try:
-        return TaskSpec.from_dict(json.loads(data.decode("utf-8")))
+        return TaskSpec.from_dict(json.loads(data.decode("utf-8"))), st
     except ConfigError as e:
         raise BundleError(f"{path}: {e}") from e
     except RecursionError as e:  # arrays or objects nested thousands deep

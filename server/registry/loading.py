@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from server.errors import BrokenTask
-from server.registry.folders import recorded_digest, stored_digest
-from server.registry.scan_index import INDEX_FILE, Metadata, ScanIndex
+from server.registry.folders import DIGEST_FILE, recorded_digest, stored_digest
+from server.registry.scan_index import INDEX_FILE, Metadata, ScanIndex, Stamp, file_stamp, stat_stamp
 from server.registry.version import TaskVersion, WeightsSource
 from stadapter.bank import AdapterStack
 from stadapter.bundle import (
@@ -22,7 +22,7 @@ from stadapter.bundle import (
     TaskBundle,
     check_spec_fits_trunk,
     load_bundle,
-    read_spec,
+    read_spec_and_stat,
 )
 from stadapter.trunk import VideoTrunk
 
@@ -76,25 +76,62 @@ class VersionReader:
                              f"({e}); register the task again") from e
         return stack
 
-    def read_metadata(self, path: Path) -> Metadata:
-        return Metadata(read_spec(path, self.limits), tensor_bytes(path / ADAPTER_FILE), recorded_digest(path))
+    def read_metadata(self, path: Path) -> tuple[Metadata, Optional[Stamp]]:
+        """``path``'s metadata, and its files' stamps from the ``fstat`` of each file as it was read (a file that
+        could not be opened is stat'ed; None when that fails too, and the entry is not kept)."""
+        spec, spec_st = read_spec_and_stat(path, self.limits)
+        base = os.fspath(path)
+        adapter, digest_file = os.path.join(base, ADAPTER_FILE), os.path.join(base, DIGEST_FILE)
+        nbytes, adapter_st = tensor_bytes_and_stat(adapter)
+        digest, digest_st = recorded_digest_and_stat(digest_file)
+        try:
+            stamps: Optional[Stamp] = (stat_stamp(spec_st),
+                                       stat_stamp(adapter_st) if adapter_st else file_stamp(adapter),
+                                       stat_stamp(digest_st) if digest_st else file_stamp(digest_file))
+        except OSError:
+            stamps = None
+        return Metadata(spec, nbytes, digest), stamps
 
 
-def tensor_bytes(path: Path) -> int:
+def tensor_bytes(path: str | os.PathLike) -> int:
     """The bytes of the tensors a safetensors file holds: the bytes after its header, which the format requires
     its tensors to cover without a gap (safetensors refuses a file whose offsets leave one), so the header's JSON
     need not be parsed; a scan asks this of thousands of versions. The file's size when even the header's length
     cannot be read (the load that follows reports what is wrong with the file)."""
+    return tensor_bytes_and_stat(path)[0]
+
+
+def tensor_bytes_and_stat(path: str | os.PathLike) -> tuple[int, Optional[os.stat_result]]:
+    """:func:`tensor_bytes`, with the ``fstat`` of the file read (None: it could not be opened)."""
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            size = os.fstat(f.fileno()).st_size
-    except (OSError, struct.error):
+        f = open(path, "rb")
+    except OSError:
         try:
-            return path.stat().st_size
+            return os.stat(path).st_size, None
         except OSError:
-            return 0
-    return size - 8 - n if n <= MAX_HEADER_BYTES and 8 + n <= size else size
+            return 0, None
+    with f:
+        st = os.fstat(f.fileno())
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+        except (OSError, struct.error):
+            return st.st_size, st
+    return (st.st_size - 8 - n if n <= MAX_HEADER_BYTES and 8 + n <= st.st_size else st.st_size), st
+
+
+def recorded_digest_and_stat(path: str) -> tuple[Optional[str], Optional[os.stat_result]]:
+    """The digest recorded in the digest file ``path`` (as :func:`~server.registry.folders.recorded_digest` reads
+    it: None when it cannot be read), with the ``fstat`` of the file read (None: it could not be opened)."""
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return None, None
+    with f:
+        st = os.fstat(f.fileno())
+        try:
+            return f.read().decode().strip(), st
+        except OSError:
+            return None, st
 
 
 def loaded_version(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: WeightsSource,

@@ -9,7 +9,8 @@ repository), so a later scan (the next poll, the next start) stats the files ins
 
 * An entry is used only while every stamp matches what ``stat`` says now: a file rewritten, replaced, truncated,
   removed or added (a digest recorded later) misses and is read again. ctime cannot be set by a user: even a copy
-  that keeps the old mtime and size changes it.
+  that keeps the old mtime and size changes it. What is read is stamped with the ``fstat`` of each file as it was
+  read (taken before its bytes), so a folder with no entry yet (a first scan) is read without being stat'ed first.
 * A file changed within :data:`RACY_NS` of the stat is read but not kept (two writes within one tick of the file
   system's clock could otherwise leave the same stamp on other bytes), so a stamp is only trusted once it has aged.
 * The index file is a cache: anything wrong with it (missing, truncated, another format, an entry that no longer
@@ -56,12 +57,20 @@ class Metadata:
     digest: Optional[str]
 
 
+Reader = Callable[[Path], tuple[Metadata, Optional[Stamp]]]  # a folder's metadata and its files' stamps as read
+                                                             # (None: not all known, nothing is kept)
+
+
 def file_stamp(path: str) -> FileStamp:
     """One file's stamp; None when it is absent (any other failure to stat it raises ``OSError``)."""
     try:
-        st = os.stat(path)
+        return stat_stamp(os.stat(path))
     except FileNotFoundError:
         return None
+
+
+def stat_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    """The stamp of a file from its ``stat`` (or the ``fstat`` of the open file that was read)."""
     return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -91,20 +100,22 @@ class ScanIndex:
         self._loaded = False
         self._dirty = False
 
-    def metadata(self, folder: Path, read: Callable[[Path], Metadata]) -> Metadata:
-        """``folder``'s metadata: the kept entry while its stamp holds, else ``read(folder)`` (kept unless racy)."""
+    def metadata(self, folder: Path, read: Reader) -> Metadata:
+        """``folder``'s metadata: the kept entry while its stamp holds (its files stat'ed), else ``read(folder)``,
+        kept with the stamps of the files as they were read unless racy (a first scan stats nothing: no entry)."""
         key = _key(folder)
-        now = stamp(folder)
         with self._lock:
             self._load()
             kept = self._entries.get(key)
-        if now is not None and kept is not None and kept[0] == now:
-            meta = kept[1] if isinstance(kept[1], Metadata) else _parsed(*kept[1])
-            if meta is not None:
-                with self._lock:
-                    self._entries[key] = (now, meta)
-                return meta
-        meta = read(folder)
+        if kept is not None:
+            now = stamp(folder)
+            if now is not None and kept[0] == now:
+                meta = kept[1] if isinstance(kept[1], Metadata) else _parsed(*kept[1])
+                if meta is not None:
+                    with self._lock:
+                        self._entries[key] = (now, meta)
+                    return meta
+        meta, now = read(folder)
         with self._lock:
             if now is not None and not self._racy(now):
                 self._entries[key] = (now, meta)
@@ -113,7 +124,7 @@ class ScanIndex:
                 self._dirty = True
         return meta
 
-    def recorded_digest(self, folder: Path, read: Callable[[Path], Metadata]) -> Optional[str]:
+    def recorded_digest(self, folder: Path, read: Reader) -> Optional[str]:
         """The digest recorded in ``folder``: the kept one while the digest file's stamp holds (one stat: a poll asks
         this of every served version), else from :meth:`metadata`."""
         with self._lock:

@@ -71,6 +71,28 @@ def test_a_start_and_a_poll_over_unchanged_folders_read_no_task_file(two_task_re
     assert served(second) == served(first)
 
 
+def test_a_first_scan_stamps_each_file_as_it_reads_it_without_a_stat_first(two_task_repo, tiny_trunk, trusted,
+                                                                             monkeypatch):
+    """With no index entry a version's stamps come from the ``fstat`` of each file as it is read, so a first scan of
+    thousands of folders stats none of their files (it used to stat all three, then open and read them); the test
+    above checks that what it kept then serves the next start."""
+    for folder in (two_task_repo / "tasks").glob("*/1"):
+        (folder / DIGEST_FILE).write_text(bundle_digest(folder))
+    stamped = {TASK_FILE, ADAPTER_FILE, DIGEST_FILE}
+    statted: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if str(two_task_repo) in os.fsdecode(path) and os.path.basename(os.fsdecode(path)) in stamped:
+            statted.append(os.fsdecode(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    reg.sync()
+    assert sorted(reg.tasks) == ["alpha", "beta"] and statted == []
+
+
 def test_a_file_changed_in_place_is_read_again(two_task_repo, tiny_trunk, trusted):
     TaskRegistry(two_task_repo, tiny_trunk).sync()
     task_file = two_task_repo / "tasks" / "alpha" / "1" / TASK_FILE
