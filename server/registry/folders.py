@@ -86,10 +86,22 @@ def stored_digest(folder: Path) -> str:
 
 def recorded_digest(folder: Path) -> str | None:
     """The digest recorded at register, or None for a folder stored without one."""
+    return read_digest_file(os.path.join(os.fspath(folder), DIGEST_FILE))[0]
+
+
+def read_digest_file(path: str) -> tuple[str | None, os.stat_result | None]:
+    """The digest a folder's digest file ``path`` records (None when it cannot be read), with the ``fstat`` of the
+    file read (None: it could not be opened; a scan stamps what it read with it)."""
     try:
-        return (folder / DIGEST_FILE).read_text().strip()
+        f = open(path, "rb")
     except OSError:
-        return None
+        return None, None
+    with f:
+        st = os.fstat(f.fileno())
+        try:
+            return f.read().decode().strip(), st
+        except OSError:
+            return None, st
 
 
 SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers

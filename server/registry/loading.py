@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from server.errors import BrokenTask
-from server.registry.folders import DIGEST_FILE, recorded_digest, stored_digest
+from server.registry.folders import DIGEST_FILE, read_digest_file, recorded_digest, stored_digest
 from server.registry.scan_index import INDEX_FILE, Metadata, ScanIndex, Stamp, file_stamp, stat_stamp
 from server.registry.version import TaskVersion, WeightsSource
 from stadapter.bank import AdapterStack
@@ -83,7 +83,7 @@ class VersionReader:
         base = os.fspath(path)
         adapter, digest_file = os.path.join(base, ADAPTER_FILE), os.path.join(base, DIGEST_FILE)
         nbytes, adapter_st = tensor_bytes_and_stat(adapter)
-        digest, digest_st = recorded_digest_and_stat(digest_file)
+        digest, digest_st = read_digest_file(digest_file)
         try:
             stamps: Optional[Stamp] = (stat_stamp(spec_st),
                                        stat_stamp(adapter_st) if adapter_st else file_stamp(adapter),
@@ -117,21 +117,6 @@ def tensor_bytes_and_stat(path: str | os.PathLike) -> tuple[int, Optional[os.sta
         except (OSError, struct.error):
             return st.st_size, st
     return (st.st_size - 8 - n if n <= MAX_HEADER_BYTES and 8 + n <= st.st_size else st.st_size), st
-
-
-def recorded_digest_and_stat(path: str) -> tuple[Optional[str], Optional[os.stat_result]]:
-    """The digest recorded in the digest file ``path`` (as :func:`~server.registry.folders.recorded_digest` reads
-    it: None when it cannot be read), with the ``fstat`` of the file read (None: it could not be opened)."""
-    try:
-        f = open(path, "rb")
-    except OSError:
-        return None, None
-    with f:
-        st = os.fstat(f.fileno())
-        try:
-            return f.read().decode().strip(), st
-        except OSError:
-            return None, st
 
 
 def loaded_version(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: WeightsSource,
