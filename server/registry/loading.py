@@ -93,16 +93,12 @@ class VersionReader:
         return Metadata(spec, nbytes, digest), stamps
 
 
-def tensor_bytes(path: str | os.PathLike) -> int:
-    """The bytes of the tensors a safetensors file holds: the bytes after its header, which the format requires
-    its tensors to cover without a gap (safetensors refuses a file whose offsets leave one), so the header's JSON
-    need not be parsed; a scan asks this of thousands of versions. The file's size when even the header's length
-    cannot be read (the load that follows reports what is wrong with the file)."""
-    return tensor_bytes_and_stat(path)[0]
-
-
 def tensor_bytes_and_stat(path: str | os.PathLike) -> tuple[int, Optional[os.stat_result]]:
-    """:func:`tensor_bytes`, with the ``fstat`` of the file read (None: it could not be opened)."""
+    """The bytes of the tensors a safetensors file holds, and the ``fstat`` of the file read (None: it could not be
+    opened). The bytes are those after its header, which the format requires its tensors to cover without a gap
+    (safetensors refuses a file whose offsets leave one), so the header's JSON need not be parsed; a scan asks this
+    of thousands of versions. The file's size when even the header's length cannot be read (the load that follows
+    reports what is wrong with the file)."""
     try:
         f = open(path, "rb")
     except OSError:

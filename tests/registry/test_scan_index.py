@@ -228,24 +228,24 @@ def test_the_scan_counts_a_bundles_tensor_bytes_from_its_header_length(tmp_path,
     import torch
     from safetensors.torch import load_file, save_file
 
-    from server.registry.loading import tensor_bytes
+    from server.registry.loading import tensor_bytes_and_stat
 
     bundle = make_bundle(tiny_trunk, tmp_path / "alpha" / "1", name="alpha", seed=1)
     tensors = load_file(str(bundle / ADAPTER_FILE))
     for dtype in (torch.float32, torch.bfloat16):
         path = tmp_path / f"{dtype}.safetensors"
         save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, str(path))
-        assert tensor_bytes(path) == sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
+        assert tensor_bytes_and_stat(path)[0] == sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
     odd = tmp_path / "odd.safetensors"
     save_file({"w": torch.zeros(3, dtype=torch.uint8)}, str(odd))  # a header padded to 8 bytes, 3 bytes of data
-    assert tensor_bytes(odd) == 3
+    assert tensor_bytes_and_stat(odd)[0] == 3
     short = tmp_path / "short.safetensors"
     short.write_bytes(b"\x01\x02")
-    assert tensor_bytes(short) == 2
+    assert tensor_bytes_and_stat(short)[0] == 2
     claims = tmp_path / "claims.safetensors"
     claims.write_bytes(struct.pack("<Q", 1 << 20) + b"{}")
-    assert tensor_bytes(claims) == 10
-    assert tensor_bytes(tmp_path / "missing.safetensors") == 0
+    assert tensor_bytes_and_stat(claims)[0] == 10
+    assert tensor_bytes_and_stat(tmp_path / "missing.safetensors")[0] == 0
 
 
 def test_a_servers_start_does_not_wait_for_the_index_write(two_task_repo, trusted, monkeypatch):
