@@ -27,7 +27,7 @@ from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_
 from server.engine.pipeline import Pipeline
 from server.engine.response_cache import ResponseCache
 from server.engine.slots import AdapterSlots
-from server.engine.stand_ins import shape_stand_ins, warm_up
+from server.engine.stand_ins import WarmUp, shape_stand_ins
 from server.frontends.auth import Auth
 from server.frontends.grpc_service import TaskAdminService, VideoClassifierService
 from server.frontends.http import HttpServer, HttpService
@@ -39,6 +39,7 @@ from server.observability.access_log import AccessLogInterceptor
 from server.observability.logs import configure_logging
 from server.observability.metrics import Metrics
 from server.registry.registry import TaskRegistry, TaskVersion
+from server.registry.version import Seen
 from stadapter.factory import load_trunk
 from stadapter.fsutil import atomic_write_text
 from stadapter_api.v1 import inference_pb2 as pb
@@ -107,12 +108,22 @@ class Server:
                                 cfg.host_cache_bytes, cfg.pin_tasks, metrics.host_event,
                                 host_dtype=dtype if cfg.host_dtype == "serving" else None)
         metrics.watch_host(lambda: registry.host.resident_count, lambda: registry.host.bytes)
-        # The decoder processes import while the scan reads the repository (at a first start over thousands of
-        # task folders both take seconds); the scan runs in a thread, as the poll's does.
+        runner = ModelRunner(trunk, slots, max_rows=limits.max_batch_rows)  # warm-up covers each batch-size bucket
+        batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)
+        warming = WarmUp(batcher, trunk, slots.check_fits if cfg.adapter_slots else None) if cfg.warmup else None
+        # The first scan (metadata only: weights are read on first use) runs in a thread, as the poll's does; the
+        # decoder processes import and the warm-up runs what it has found meanwhile (at a first start over
+        # thousands of task folders each takes seconds).
         decoder = new_decoder(cfg)
         decoding = asyncio.get_running_loop().create_task(start_decoder(decoder), name="decoder-start")
+        seen: Seen = warming.add if warming is not None else (lambda tv: None)
+        scan = asyncio.ensure_future(asyncio.to_thread(first_sync, registry, seen))
         try:
-            await asyncio.to_thread(first_sync, registry)  # metadata only: weights are read on first use
+            t0 = time.monotonic()
+            runs = await warming.run(scan) if warming is not None else 0
+            await scan
+            if runs:
+                log.info("warm-up: %d forward(s) in %.2f s, as the scan found the tasks", runs, time.monotonic() - t0)
             metrics.tasks_loaded.set(len(registry.tasks))
             await load_pinned(registry, cfg.pin_tasks)
             if cfg.adapter_slots:  # --adapter-slots too many for the device: refused now (shapes from task.json)
@@ -120,15 +131,9 @@ class Server:
             if slots.budget < cfg.slot_budget_bytes and not cfg.adapter_slots:
                 log.warning("the slot bank's byte budget (--cache-bytes) %d is more than the device's free memory allows: "
                             "%d instead", cfg.slot_budget_bytes, slots.budget)
-
-            runner = ModelRunner(trunk, slots, max_rows=limits.max_batch_rows)  # warm-up covers each batch-size bucket
-            batcher = Batcher(runner, limits, cfg.max_queue_delay_ms / 1e3, metrics)
-            if cfg.warmup and registry.tasks:
-                t0 = time.monotonic()
-                runs = await warm_up(batcher, list(registry.tasks.values()), trunk)
-                log.info("warm-up: %d forward(s) in %.2f s", runs, time.monotonic() - t0)
             await decoding
         except BaseException:
+            await asyncio.wait([scan])  # a thread: nothing of the start runs on after it is refused
             decoding.cancel()
             with contextlib.suppress(BaseException):  # its own failure, or its cancellation: the first error is raised
                 await decoding
@@ -231,14 +236,15 @@ async def load_pinned(registry: TaskRegistry, names: tuple[str, ...]) -> None:
             log.warning("pinned task %s did not load: %s", name, e)
 
 
-def first_sync(registry: TaskRegistry) -> None:
+def first_sync(registry: TaskRegistry, seen: Seen) -> None:
     """The start's scan, with the cyclic garbage collector paused: it makes a few objects per task folder, all kept,
     which the collector would otherwise go over again and again (tens of thousands of folders on a large
-    repository); nothing else in the process allocates much meanwhile. Its index is written later (``Server``)."""
+    repository); nothing else in the process allocates much meanwhile. Its index is written later (``Server``).
+    ``seen``: given each version as it is read (the warm-up's)."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        registry.sync(save_index=False)
+        registry.sync(save_index=False, seen=seen)
     finally:
         if was_enabled:
             gc.enable()

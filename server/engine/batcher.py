@@ -24,7 +24,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from server.engine.model import BatchOutput, ModelRunner, StagedBatch
+from server.engine.model import BatchOutput, ModelRunner, StagedBatch, WarmupRun
 from server.errors import DeadlineExpired, Draining
 from server.limits import ServerLimits
 from server.observability.metrics import Metrics
@@ -80,9 +80,9 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # owns the model
         self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")  # slots + input copies
 
-    async def warmup(self, tvs: list[TaskVersion]) -> int:
-        """:meth:`ModelRunner.warmup` on the model thread, whose thread-local pools it warms too."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.warmup, tvs)
+    async def warmup(self, runs: list[WarmupRun]) -> int:
+        """:meth:`ModelRunner.warmup_runs` on the model thread, whose thread-local pools it warms too."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.warmup_runs, runs)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")

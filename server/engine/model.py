@@ -44,20 +44,45 @@ def _blanks(n: int, frames: int, size: int) -> list[Tensor]:
 WarmupGroup = tuple[int, int, str]  # (frames, input size, adapter activation): what clips of one batch share
 
 
-def warmup_picks(tvs: Sequence[TaskVersion], prefix_blocks: Callable[[TaskVersion], int]
-                 ) -> dict[WarmupGroup, tuple[list[TaskVersion], list[TaskVersion]]]:
-    """The tasks :meth:`ModelRunner.warmup` runs, per group of ``tvs`` that can share a batch: the group's first two
-    (the one-task and the mixed forwards) and its first two leaving blocks unadapted (``prefix_blocks(tv) > 0``:
-    the shared-prefix forward). The start-up's stand-ins are built for these and no others."""
-    groups: dict[WarmupGroup, tuple[list[TaskVersion], list[TaskVersion]]] = {}
-    for tv in tvs:
+@dataclass(frozen=True)
+class WarmupRun:
+    """One kind of warm-up forward of one batch group, run at every batch-size bucket: ``one-task`` (the fast
+    path), ``mixed`` (two tasks, each row a clip of its own) or ``shared-prefix`` (two tasks that leave blocks
+    unadapted, each clip going to both)."""
+
+    kind: str
+    tvs: tuple[TaskVersion, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(frames, input size) of the group's clips."""
+        s = self.tvs[0].spec.sampling
+        return s.num_frames, s.input_size
+
+
+class WarmupPlan:
+    """The warm-up's runs, decided as task versions are added one at a time (the start's scan adds each version as
+    it reads it, so the warm-up can begin before the scan ends): per group (:data:`WarmupGroup`), a one-task run
+    for its first task, a mixed run once it has two, a shared-prefix run once two of its tasks leave blocks
+    unadapted (``prefix_blocks(tv) > 0``). :meth:`add` returns the runs the version completes, each run once; the
+    adds of a list of versions give the runs of :meth:`ModelRunner.warmup` over that list."""
+
+    def __init__(self, prefix_blocks: Callable[[TaskVersion], int]):
+        self.prefix_blocks = prefix_blocks
+        self._groups: dict[WarmupGroup, tuple[list[TaskVersion], list[TaskVersion]]] = {}
+
+    def add(self, tv: TaskVersion) -> list[WarmupRun]:
         s = tv.spec.sampling
-        members, sharing = groups.setdefault((s.num_frames, s.input_size, tv.spec.adapter.activation), ([], []))
+        members, sharing = self._groups.setdefault((s.num_frames, s.input_size, tv.spec.adapter.activation), ([], []))
+        runs = []
         if len(members) < 2:
             members.append(tv)
-        if len(sharing) < 2 and prefix_blocks(tv) > 0:
+            runs.append(WarmupRun("one-task" if len(members) == 1 else "mixed", tuple(members)))
+        if len(sharing) < 2 and self.prefix_blocks(tv) > 0:
             sharing.append(tv)
-    return groups
+            if len(sharing) == 2:
+                runs.append(WarmupRun("shared-prefix", tuple(sharing)))
+        return runs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -170,22 +195,25 @@ class ModelRunner:
         prefix too. First forwards of a shape are slow everywhere (allocator; on CUDA the
         context, library handles and kernel choice per shape). Returns the number of forwards run.
         """
+        plan = WarmupPlan(lambda tv: self.trunk.prefix_blocks(tv.host_stack))
+        return self.warmup_runs([run for tv in tvs for run in plan.add(tv)])
+
+    def warmup_runs(self, runs: Sequence[WarmupRun]) -> int:
+        """The forwards of ``runs`` (:class:`WarmupPlan`), each at every batch-size bucket; returns how many ran."""
         sizes = self.batch_buckets()
         mixed_sizes = [n for n in sizes if n >= 2] or ([2] if self.max_rows is None else [])
-        runs = 0
-        picks = warmup_picks(tvs, lambda tv: self.trunk.prefix_blocks(tv.host_stack))
-        for (frames, size, _), (members, sharing) in picks.items():
-            for n in sizes:
-                self.forward([(members[0], b) for b in _blanks(n, frames, size)])
-                runs += 1
-            for n in mixed_sizes if len(members) > 1 else ():
-                self.forward([(members[i % 2], b) for i, b in enumerate(_blanks(n, frames, size))])
-                runs += 1
-            for n in mixed_sizes if len(sharing) > 1 else ():
-                shared = _blanks((n + 1) // 2, frames, size)
-                self.forward([(sharing[i % 2], shared[i // 2]) for i in range(n)])
-                runs += 1
-        return runs
+        count = 0
+        for run in runs:
+            frames, size = run.shape
+            tvs = run.tvs
+            for n in sizes if run.kind == "one-task" else mixed_sizes:
+                if run.kind == "shared-prefix":
+                    shared = _blanks((n + 1) // 2, frames, size)
+                    self.forward([(tvs[i % 2], shared[i // 2]) for i in range(n)])
+                else:
+                    self.forward([(tvs[i % len(tvs)], b) for i, b in enumerate(_blanks(n, frames, size))])
+                count += 1
+        return count
 
     def forward(self, clips: Sequence[tuple[TaskVersion, Tensor]]) -> BatchOutput:
         """clips: (task version, views [V, T, 3, S, S]) with equal T and S -> per-clip probabilities."""

@@ -58,7 +58,7 @@ from server.registry.folders import (
 from server.registry.host_tier import DEFAULT_HOST_CACHE_BYTES, HostTier
 from server.registry.loading import VersionReader, loaded_version, owned_stack
 from server.registry.marks import RETIRED_MARKS_KEPT, TaskMarks
-from server.registry.version import TaskVersion, log_published
+from server.registry.version import Seen, TaskVersion, log_published
 from stadapter.bank import AdapterStack
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE, BundleError, BundleLimits, load_bundle
 from stadapter.config import TaskSpec, brief
@@ -240,11 +240,12 @@ class TaskRegistry:
         """Latest version folder per task on disk."""
         return latest_versions(self.tasks_dir)
 
-    def sync(self, save_index: bool = True) -> tuple[list[TaskVersion], list[TaskVersion]]:
+    def sync(self, save_index: bool = True, seen: Seen = lambda tv: None) -> tuple[list[TaskVersion], list[TaskVersion]]:
         """Make the table match the folder: load new or newer versions, drop tasks gone from disk.
 
         A folder that fails to load is logged once and skipped (the older version, if any, stays served). Returns
         (published, retired). ``save_index=False``: the caller writes the scan index (``reader.index.save()``) later.
+        ``seen``: given each version to publish as soon as it is read (the start's warm-up begins on them).
         """
         if time.monotonic() >= self._next_sweep:  # the poll loop calls sync: leftovers go within minutes
             self._next_sweep = time.monotonic() + SWEEP_INTERVAL_S
@@ -255,10 +256,9 @@ class TaskRegistry:
             published, retired = [], []
             for name, (version, path) in on_disk.items():
                 cur = table.get(name)
-                if cur is not None and cur.version == version and self.reader.recorded_digest(path) in (None, cur.digest):
-                    continue  # same number and content (folders stored without a digest: the number alone)
-                if (name, version) in self._failed:
-                    continue
+                if (name, version) in self._failed or (cur is not None and cur.version == version
+                                                       and self.reader.recorded_digest(path) in (None, cur.digest)):
+                    continue  # known bad; or the same number and content (stored without a digest: the number alone)
                 try:
                     tv = self.reader.version_at(path)
                     if tv.name != name or tv.version != version:
@@ -270,6 +270,7 @@ class TaskRegistry:
                     continue
                 table[name] = tv
                 published.append(tv)
+                seen(tv)
                 if cur is not None:
                     retired.append(cur)
             for name in list(table):

@@ -101,6 +101,9 @@ _uids = itertools.count(1)
 _uid_lock = threading.Lock()
 
 
+Seen = Callable[[TaskVersion], None]  # given each version a scan reads (``TaskRegistry.sync``)
+
+
 def _new_uid() -> int:
     with _uid_lock:
         return next(_uids)

@@ -62,3 +62,43 @@ def test_warm_up_frees_the_stand_ins_slots(tiny_trunk, tmp_path):
                       ServerConfig(model_repository=tmp_path, max_batch_size=4).limits, max_delay_s=0.005)
     assert asyncio.run(warm_up(batcher, tvs, tiny_trunk)) > 0
     assert slots.used == 0 and slots.resident() == []
+
+
+def test_a_warm_up_fed_by_the_scan_runs_what_one_over_all_the_versions_runs(tiny_trunk, tmp_path, monkeypatch):
+    """The start's warm-up is handed the versions one at a time from the scan's thread while it warms: it runs the
+    forwards a warm-up over the whole list runs (two groups, mixed and shared-prefix runs among them), each once,
+    returns once the scan has ended, and leaves no stand-in in a slot."""
+    import asyncio
+    import time
+
+    from server.config import ServerConfig
+    from server.engine.batcher import Batcher
+    from server.engine.stand_ins import WarmUp, warm_up
+
+    gelu = AdapterConfig(width=8, pre_attn=True, activation="gelu")  # another batch group
+    tvs = task_versions(tiny_trunk, tmp_path, [(LAST_BLOCK, 3), (HETERO[0][0], 5), (gelu, 2), (LAST_BLOCK, 4),
+                                               (HETERO[1][0], 3), (gelu, 6)])
+    limits = ServerConfig(model_repository=tmp_path, max_batch_size=4).limits
+
+    def batcher() -> Batcher:
+        return Batcher(ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), max_rows=4), limits, 0.005)
+
+    calls = _trunk_calls(tiny_trunk, monkeypatch)
+    whole = asyncio.run(warm_up(batcher(), tvs, tiny_trunk))
+    expected, calls[:] = sorted(calls), []
+
+    async def fed_by_a_scan() -> tuple[int, Batcher]:
+        b = batcher()
+        warming = WarmUp(b, tiny_trunk)
+
+        def scan() -> None:
+            for tv in tvs:
+                warming.add(tv)
+                time.sleep(0.02)
+
+        return await warming.run(asyncio.ensure_future(asyncio.to_thread(scan))), b
+
+    runs, b = asyncio.run(fed_by_a_scan())
+    assert (runs, sorted(calls)) == (whole, expected)
+    assert whole == len(expected) == 3 + 2 + 2 + 3 + 2  # one-task and mixed per group, one shared-prefix run
+    assert b.runner.slots.used == 0 and b.runner.slots.resident() == []

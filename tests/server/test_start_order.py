@@ -1,6 +1,6 @@
-"""How a server starts: its decoder processes import while the registry's first scan reads the repository (each can
-take seconds: a scan of thousands of task folders, a fresh interpreter's imports), and a start that fails after
-they were spawned leaves none behind."""
+"""How a server starts: its decoder processes import and its warm-up runs while the registry's first scan reads the
+repository (each can take seconds: a scan of thousands of task folders, a fresh interpreter's imports, the forwards
+of every served shape), and a start that fails after the decoders were spawned leaves none behind."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from server.app import Server
 from server.config import ServerConfig
 from server.decode.pool import ProcessDecodePool
 from server.engine import slots as slots_module
+from server.engine.model import ModelRunner
 from server.engine.slots import SlotMemoryError
+from server.registry.loading import VersionReader
 from server.registry.registry import TaskRegistry
 
 MiB = 1 << 20
@@ -22,7 +24,7 @@ MiB = 1 << 20
 
 def config(repo, **kw) -> ServerConfig:
     return ServerConfig(model_repository=str(repo), host="127.0.0.1", port=0, metrics_port=0, http_port=-1,
-                        decode_backend="process", decode_workers=1, warmup=False, poll_interval_s=0, **kw)
+                        decode_workers=1, poll_interval_s=0, **{"warmup": False, "decode_backend": "process", **kw})
 
 
 def test_the_decoders_start_while_the_first_scan_runs(two_task_repo, monkeypatch):
@@ -55,9 +57,45 @@ def test_the_decoders_start_while_the_first_scan_runs(two_task_repo, monkeypatch
     assert scan_saw_pool == [True]
 
 
-def test_a_start_refused_after_the_decoders_were_spawned_leaves_no_decoder_running(two_task_repo, monkeypatch):
+def test_the_warm_up_begins_while_the_first_scan_runs(two_task_repo, monkeypatch):
+    """The scan's second read is held until a warm-up forward has run: before, the warm-up began only once the
+    scan had ended (it needed every task's shapes), so the held read waited in vain. A version's shapes are known
+    as soon as the scan has read it, and the warm-up runs what they complete."""
+    forwarded = threading.Event()
+    read_saw_forward: list[bool] = []
+    reads: list[str] = []
+    real_forward, real_version_at = ModelRunner.forward, VersionReader.version_at
+
+    def forward(self, *args, **kwargs):
+        forwarded.set()
+        return real_forward(self, *args, **kwargs)
+
+    def version_at(self, path):
+        reads.append(path.parent.name)
+        if len(reads) == 2:  # the first version read is what the warm-up can start on
+            read_saw_forward.append(forwarded.wait(timeout=5))
+        return real_version_at(self, path)
+
+    monkeypatch.setattr(ModelRunner, "forward", forward)
+    monkeypatch.setattr(VersionReader, "version_at", version_at)
+
+    async def start_then_drain() -> list[str]:
+        srv = await Server.start(config(two_task_repo, warmup=True, decode_backend="thread"))
+        try:
+            return sorted(srv.registry.tasks)
+        finally:
+            await srv.drain()
+
+    assert asyncio.run(start_then_drain()) == ["alpha", "beta"]
+    assert read_saw_forward == [True]
+
+
+@pytest.mark.parametrize("warmup", [False, True], ids=["no-warmup", "warmup"])
+def test_a_start_refused_after_the_decoders_were_spawned_leaves_no_decoder_running(two_task_repo, monkeypatch, warmup):
+    """With the warm-up on, the refusal comes from its first batch of forwards, before any forward allocates the
+    slots, while the scan may still be reading: the start waits for the scan's thread, and raises the refusal."""
     monkeypatch.setattr(slots_module, "free_device_bytes", lambda device: 1 * MiB)
     before = {p.pid for p in multiprocessing.active_children()}
     with pytest.raises(SlotMemoryError, match="--adapter-slots 100000"):
-        asyncio.run(Server.start(config(two_task_repo, device="cpu", adapter_slots=100_000)))
+        asyncio.run(Server.start(config(two_task_repo, device="cpu", adapter_slots=100_000, warmup=warmup)))
     assert {p.pid for p in multiprocessing.active_children()} - before == set()
