@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -79,10 +79,11 @@ def read_spec(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits
     return read_spec_and_stat(bundle_dir, limits)[0]
 
 
-def read_spec_and_stat(bundle_dir: str | os.PathLike,
-                       limits: BundleLimits = BundleLimits()) -> tuple[TaskSpec, os.stat_result]:
-    """:func:`read_spec`, with the ``fstat`` of the file it read (what a cache of specs stamps its entry with)."""
-    path = Path(bundle_dir) / TASK_FILE
+def read_spec_and_stat(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimits(),
+                       parsed: Optional[dict[tuple[str, str], Any]] = None) -> tuple[TaskSpec, os.stat_result]:
+    """:func:`read_spec`, with the ``fstat`` of the file it read (what a cache of specs stamps its entry with).
+    ``parsed``: configs parsed before (:meth:`TaskSpec.from_dict`)."""
+    path = os.path.join(os.fspath(bundle_dir), TASK_FILE)
     try:  # one open, its fstat and one read: a registry's scan reads thousands (O_NONBLOCK: a FIFO must not block)
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except (FileNotFoundError, NotADirectoryError):
@@ -93,16 +94,15 @@ def read_spec_and_stat(bundle_dir: str | os.PathLike,
             raise _missing(path)
         if st.st_size > limits.max_json_bytes:
             raise BundleError(f"{path} is {st.st_size} bytes, above the limit of {limits.max_json_bytes}")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(st.st_size + 1)  # sized by the fstat (a read of the limit would allocate that much)
-            if len(data) > st.st_size:  # grown since the fstat
-                data += f.read(limits.max_json_bytes + 1 - len(data))
+        data = _read_upto(fd, st.st_size + 1)  # sized by the fstat (a read of the limit would allocate that much)
+        if len(data) > st.st_size:  # grown since the fstat
+            data += _read_upto(fd, limits.max_json_bytes + 1 - len(data))
     finally:
         os.close(fd)
     if len(data) > limits.max_json_bytes:  # grown since the fstat
         raise BundleError(f"{path} is over {limits.max_json_bytes} bytes, the limit")
     try:
-        return TaskSpec.from_dict(json.loads(data.decode("utf-8"))), st
+        return TaskSpec.from_dict(json.loads(data.decode("utf-8")), parsed), st
     except ConfigError as e:
         raise BundleError(f"{path}: {e}") from e
     except RecursionError as e:  # arrays or objects nested thousands deep
@@ -111,7 +111,15 @@ def read_spec_and_stat(bundle_dir: str | os.PathLike,
         raise BundleError(f"{path} is not valid JSON: {brief(str(e), 200)}") from e
 
 
-def _missing(path: Path) -> BundleError:
+def _read_upto(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from ``fd``, fewer only at its end."""
+    data = b""
+    while len(data) < n and (chunk := os.read(fd, n - len(data))):
+        data += chunk
+    return data
+
+
+def _missing(path: str) -> BundleError:
     return BundleError(f"{path} is missing (a bundle folder holds {TASK_FILE} and {ADAPTER_FILE})")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, TypeVar
+from typing import Any, Literal, Mapping, Optional, TypeVar
 
 Activation = Literal["none", "gelu", "quickgelu", "relu"]
 SamplingMode = Literal["uniform", "stride"]
@@ -309,16 +309,30 @@ class TaskSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TaskSpec":
+    def from_dict(cls, data: Mapping[str, Any], parsed: Optional[dict[tuple[str, str], Any]] = None) -> "TaskSpec":
+        """``parsed``: adapter and sampling configs already parsed, by their JSON values' ``repr`` (which tells
+        ``1`` from ``1.0`` and ``true``), filled as they are parsed; a caller that reads thousands of ``task.json``
+        files holding the same few configs (a registry's scan) passes one and parses each of those once."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"task.json must hold a JSON object, got {type(data).__name__}")
         d = dict(data)
         try:
-            d["adapter"] = AdapterConfig.from_dict(d["adapter"])
-            d["sampling"] = SamplingConfig.from_dict(d["sampling"])
+            d["adapter"] = _sub_config(AdapterConfig, d["adapter"], parsed)
+            d["sampling"] = _sub_config(SamplingConfig, d["sampling"], parsed)
         except KeyError as e:
             raise ConfigError(f"task.json is missing the key {e.args[0]!r}") from None
         for key in ("name", "labels", "trunk_fingerprint"):
             if key not in d:
                 raise ConfigError(f"task.json is missing the key {key!r}")
         return _from_dict(cls, d, ("labels",))
+
+
+def _sub_config(cls: Any, value: Any, parsed: Optional[dict[tuple[str, str], Any]]) -> Any:
+    """``cls.from_dict(value)``, or the config ``parsed`` holds for an equal JSON value."""
+    if parsed is None:
+        return cls.from_dict(value)
+    key = (cls.__name__, repr(value))
+    config = parsed.get(key)
+    if config is None:
+        config = parsed[key] = cls.from_dict(value)
+    return config

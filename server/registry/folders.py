@@ -11,6 +11,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -90,18 +91,26 @@ def recorded_digest(folder: Path) -> str | None:
 
 
 def read_digest_file(path: str) -> tuple[str | None, os.stat_result | None]:
-    """The digest a folder's digest file ``path`` records (None when it cannot be read), with the ``fstat`` of the
-    file read (None: it could not be opened; a scan stamps what it read with it)."""
+    """The digest a folder's digest file ``path`` records (None when it cannot be read, or is not a file:
+    ``O_NONBLOCK``, so a FIFO in its place neither blocks a scan nor is read), with the ``fstat`` of the file read
+    (None: it could not be opened; a scan stamps what it read with it)."""
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None, None
-    with f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None, st
+        data = b""
         try:
-            return f.read().decode().strip(), st
+            while chunk := os.read(fd, st.st_size + 1):
+                data += chunk
         except OSError:
             return None, st
+    finally:
+        os.close(fd)
+    return data.decode().strip(), st
 
 
 SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ from stadapter.bundle import (
 from stadapter.trunk import VideoTrunk
 
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own cap on a header
+PARSED_CONFIGS_KEPT = 1024  # distinct adapter and sampling configs a reader keeps parsed
 
 
 class VersionReader:
@@ -37,6 +39,7 @@ class VersionReader:
         self.trunk, self.limits, self.source = trunk, limits, source
         self.index = ScanIndex(repository / INDEX_FILE)
         self._fits: set[tuple] = set()  # what check_spec_fits_trunk passed: (fingerprint, input size, adapter, classes)
+        self._parsed: dict[tuple[str, str], object] = {}  # adapter and sampling configs read (TaskSpec.from_dict)
 
     def version_at(self, path: Path) -> TaskVersion:
         """The version stored in ``path`` from its metadata alone: ``task.json``, checked against the trunk as far
@@ -79,7 +82,9 @@ class VersionReader:
     def read_metadata(self, path: Path) -> tuple[Metadata, Optional[Stamp]]:
         """``path``'s metadata, and its files' stamps from the ``fstat`` of each file as it was read (a file that
         could not be opened is stat'ed; None when that fails too, and the entry is not kept)."""
-        spec, spec_st = read_spec_and_stat(path, self.limits)
+        if len(self._parsed) > PARSED_CONFIGS_KEPT:
+            self._parsed.clear()
+        spec, spec_st = read_spec_and_stat(path, self.limits, self._parsed)
         base = os.fspath(path)
         adapter, digest_file = os.path.join(base, ADAPTER_FILE), os.path.join(base, DIGEST_FILE)
         nbytes, adapter_st = tensor_bytes_and_stat(adapter)
@@ -98,20 +103,25 @@ def tensor_bytes_and_stat(path: str | os.PathLike) -> tuple[int, Optional[os.sta
     opened). The bytes are those after its header, which the format requires its tensors to cover without a gap
     (safetensors refuses a file whose offsets leave one), so the header's JSON need not be parsed; a scan asks this
     of thousands of versions. The file's size when even the header's length cannot be read (the load that follows
-    reports what is wrong with the file)."""
+    reports what is wrong with the file; ``O_NONBLOCK``: a FIFO in its place neither blocks the scan nor is read)."""
     try:
-        f = open(path, "rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         try:
             return os.stat(path).st_size, None
         except OSError:
             return 0, None
-    with f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         try:
-            (n,) = struct.unpack("<Q", f.read(8))
-        except (OSError, struct.error):
-            return st.st_size, st
+            head = os.pread(fd, 8, 0) if stat.S_ISREG(st.st_mode) else b""
+        except OSError:
+            head = b""
+    finally:
+        os.close(fd)
+    if len(head) < 8:
+        return st.st_size, st
+    (n,) = struct.unpack("<Q", head)
     return (st.st_size - 8 - n if n <= MAX_HEADER_BYTES and 8 + n <= st.st_size else st.st_size), st
 
 

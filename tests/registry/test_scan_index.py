@@ -271,3 +271,32 @@ def test_a_servers_start_does_not_wait_for_the_index_write(two_task_repo, truste
     asyncio.run(start_then_drain())
     assert waited == [True]
     assert set(json.loads((two_task_repo / INDEX_FILE).read_text())["entries"]) == {"alpha/1", "beta/1"}
+
+
+@pytest.mark.parametrize("fname, loads", [(ADAPTER_FILE, False), (DIGEST_FILE, True)], ids=["weights", "digest"])
+def test_a_fifo_in_place_of_a_bundle_file_neither_blocks_the_scan_nor_is_read(two_task_repo, tiny_trunk, fname, loads):
+    """The scan opened a version's weights file and its digest file with a blocking open: a FIFO in place of either
+    (a named pipe left in the repository) held the scan, and with it a server's start or every later poll, until
+    something wrote to it. Now the scan goes on and serves the other task; the folder with the FIFO is served as
+    stored without a digest (its digest computed from its files on first use) or, without its weights, fails its
+    first use with BrokenTask."""
+    fifo = two_task_repo / "tasks" / "beta" / "1" / fname
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    reg = TaskRegistry(two_task_repo, tiny_trunk)
+    done = threading.Event()
+    scan = threading.Thread(target=lambda: (reg.sync(), done.set()), daemon=True)
+    scan.start()
+    try:
+        assert done.wait(timeout=10), f"the scan is blocked opening the FIFO {fname}"
+    finally:
+        if not done.is_set():  # unblock the open (a writer comes and goes), so no thread is left behind
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            scan.join(timeout=10)
+    assert sorted(reg.tasks) == ["alpha", "beta"]
+    beta = reg.tasks["beta"]
+    if loads:
+        assert beta.host_stack is not None and beta.digest == bundle_digest(beta.path)
+    else:
+        with pytest.raises(BrokenTask, match="adapter.safetensors"):
+            assert beta.host_stack is None  # not reached: the load raises

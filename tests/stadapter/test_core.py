@@ -234,6 +234,24 @@ def test_configs_round_trip_and_refuse_unknown_keys():
         AdapterConfig(layers=6).adapted_blocks(4)
 
 
+def test_task_specs_parsed_with_shared_configs_equal_those_parsed_alone_and_refuse_the_same():
+    """A scan passes one ``parsed`` dict to thousands of ``TaskSpec.from_dict`` calls: a config met before is
+    reused, never one that is equal as Python values but not as JSON (``32.0`` is not a width, ``1`` not a bool)."""
+    spec = TaskSpec(name="t", labels=("a", "b"), adapter=AdapterConfig(width=32), sampling=SamplingConfig(num_frames=4),
+                    trunk_fingerprint="0" * 64)
+    parsed: dict = {}
+    for name in ("t", "u"):
+        data = json.loads(json.dumps({**spec.to_dict(), "name": name}))
+        assert TaskSpec.from_dict(data, parsed) == TaskSpec.from_dict(data) == spec.replace(name=name)
+    assert len(parsed) == 2  # one adapter and one sampling config, parsed once for both specs
+    float_width = json.loads(json.dumps(spec.to_dict()).replace('"width": 32', '"width": 32.0'))
+    with pytest.raises(ConfigError, match="width must be a positive int"):
+        TaskSpec.from_dict(float_width, parsed)
+    int_autorotate = json.loads(json.dumps(spec.to_dict()).replace('"autorotate": true', '"autorotate": 1'))
+    with pytest.raises(ConfigError, match="autorotate must be true or false"):
+        TaskSpec.from_dict(int_autorotate, parsed)
+
+
 @pytest.mark.parametrize("name", ["", "Upper", "has space", "../escape", "x" * 65, "-lead"])
 def test_task_names_are_restricted(name):
     with pytest.raises(ConfigError, match="task name"):
