@@ -273,14 +273,14 @@ async def serve(cfg: ServerConfig, wrap_decoder: Optional[DecoderHook] = None) -
     configure_logging(cfg.log_level, cfg.log_format)
     use_mmap_for_large_buffers()
     srv = await Server.start(cfg, wrap_decoder)
+    stop = asyncio.Event()  # SIGTERM / SIGINT drain from before the server says it is ready, whatever runs then
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     info = srv.ready_info()
     print(json.dumps(info), flush=True)
     if cfg.ready_file:
         write_ready_file(Path(cfg.ready_file), info)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await srv.drain()
     return 0

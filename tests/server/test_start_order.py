@@ -1,14 +1,18 @@
 """How a server starts: its decoder processes import and its warm-up runs while the registry's first scan reads the
 repository (each can take seconds: a scan of thousands of task folders, a fresh interpreter's imports, the forwards
-of every served shape), and a start that fails after the decoders were spawned leaves none behind."""
+of every served shape), a start that fails after the decoders were spawned leaves none behind, and a server told to
+stop right after it said it is ready drains."""
 
 from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import signal
+import sys
 import threading
 
 import pytest
+from serverproc import ServerProcess
 
 from server.app import Server
 from server.config import ServerConfig
@@ -18,6 +22,7 @@ from server.engine.model import ModelRunner
 from server.engine.slots import SlotMemoryError
 from server.registry.loading import VersionReader
 from server.registry.registry import TaskRegistry
+from server.registry.scan_index import INDEX_FILE
 
 MiB = 1 << 20
 
@@ -99,3 +104,30 @@ def test_a_start_refused_after_the_decoders_were_spawned_leaves_no_decoder_runni
     with pytest.raises(SlotMemoryError, match="--adapter-slots 100000"):
         asyncio.run(Server.start(config(two_task_repo, device="cpu", adapter_slots=100_000, warmup=warmup)))
     assert {p.pid for p in multiprocessing.active_children()} - before == set()
+
+
+SLOW_AFTER_READY = """
+import sys, time
+import server.app as app
+written = app.write_ready_file
+def write_then_stall(*args):  # as when another thread holds the interpreter right after the file is written
+    written(*args)
+    time.sleep(1.5)
+app.write_ready_file = write_then_stall
+from server.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_right_after_the_ready_file_drains_the_server(two_task_repo):
+    """The SIGTERM handler was installed only after the ready file was written: a SIGTERM in between (a rollout
+    right after a start; the bench stopping each server once ready) killed the server undrained, so it never wrote
+    its scan index, whose write (a thread, once the server serves) held the interpreter there at 10,000 tasks: the
+    next start then found no index. Now the handlers come before the server says it is ready."""
+    srv = ServerProcess(two_task_repo, "--no-warmup", "--decode-backend", "thread", "--poll-interval-s", "0",
+                        launcher=[sys.executable, "-c", SLOW_AFTER_READY], fork=False)
+    with srv:  # entered once the ready file is there
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(timeout=30) == 0, srv.log_tail()
+        assert "stopped" in srv.log_tail()
+    assert (two_task_repo / INDEX_FILE).is_file()
