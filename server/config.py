@@ -13,6 +13,8 @@ from server.live_limits import LiveLimits
 from server.observability.logs import LOG_FORMATS, LOG_LEVELS
 from stadapter.video import VideoLimits, WindowLimits
 
+ALL_TASKS = "_all"  # the task label of every served task's requests and clips above --max-task-series
+
 if TYPE_CHECKING:
     from server.limits import ServerLimits
 
@@ -209,9 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--metrics-port", type=int, default=d.metrics_port, help="Prometheus HTTP port, /metrics (0 = any free port)")
     a("--max-task-series", type=int, default=d.max_task_series,
       help="stadapter_task_bytes{task} and stadapter_task_version{task} (one series per served task) are exported "
-           "while at most this many tasks are served, and none above it (they come back when the count falls again): "
-           "a repository of thousands of tasks would make thousands of series; the totals without a task label "
-           "(stadapter_tasks_loaded, stadapter_host_bytes, ...) are exported always. 0: never")
+           "while at most this many tasks are served, and none above it (they come back when the count falls again), "
+           "and stadapter_requests_total and stadapter_clips_total count a served task's requests under its name "
+           f"while at most this many are served, under task={ALL_TASKS!r} above it: a repository of thousands of tasks "
+           "would make thousands of series; the totals without a task label (stadapter_tasks_loaded, "
+           "stadapter_host_bytes, ...) are exported always. 0: never")
     a("--ready-file", type=Path,
       help="once serving, write the ready JSON line here: the bound ports grpc_port, http_port (null with "
            "--http-port -1) and metrics_port (for --port 0), and the resolved device and dtype")

@@ -41,8 +41,9 @@ class DataPlane(Catalog, Inference, Live, Registration):
 
     def task_label(self, name: str) -> str:
         """The metrics' task label of ``name``: only served task names become label values (clients cannot blow
-        up the series count); a pinned version counts under its task, anything else as ``_other``."""
+        up the series count), and only while at most ``--max-task-series`` tasks are served (``Metrics.task_label``);
+        a pinned version counts under its task, anything else as ``_other``."""
         if not name:
             return ""
         name = name.partition("@")[0]
-        return name if name in self.registry.tasks else "_other"
+        return self.metrics.task_label(name) if name in self.registry.tasks else "_other"

@@ -315,7 +315,7 @@ class Pipeline:
         """One clip's probabilities as its top-k answer (counted as a clip classified for ``tv``'s task)."""
         values, idx = probs.topk(min(k, tv.spec.num_classes))
         if self.metrics is not None:
-            self.metrics.clips.labels(tv.name).inc()
+            self.metrics.clips.labels(self.metrics.task_label(tv.name)).inc()
         return Classification(tv, list(zip(idx.tolist(), values.tolist(), strict=True)), decode_s, queue_s, compute_s,
                               time.monotonic() - t0, batch_clips, cached)
 

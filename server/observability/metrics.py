@@ -8,6 +8,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from server.config import ALL_TASKS
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # The units a series name may carry (Prometheus base units), always as its last word (before a counter's _total)
@@ -45,7 +47,8 @@ class Metrics:
     def __init__(self, device: torch.device):
         r = self.registry = CollectorRegistry(auto_describe=True)
         p = "stadapter"
-        self.requests = Counter(f"{p}_requests", "RPCs answered, by method, task and gRPC status code",
+        self.requests = Counter(f"{p}_requests", "RPCs answered, by method, task and gRPC status code (task "
+                                f"{ALL_TASKS!r} while more than --max-task-series tasks are served)",
                                 ["method", "task", "code"], registry=r)
         self.decode_seconds = Histogram(f"{p}_decode_seconds", "Time to decode one clip", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram(f"{p}_queue_wait_seconds", "Time a decoded clip waited for its forward, "
@@ -64,7 +67,8 @@ class Metrics:
         self.shared_prefix_rows = Counter(f"{p}_shared_prefix_rows",
                                           "Rows that reused another row's patch embedding and unadapted blocks "
                                           "(same clip, other task)", registry=r)
-        self.clips = Counter(f"{p}_clips", "Clips classified, by task", ["task"], registry=r)
+        self.clips = Counter(f"{p}_clips", f"Clips classified, by task ({ALL_TASKS!r} while more than --max-task-series "
+                             "tasks are served)", ["task"], registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "Requests admitted and not yet computed", registry=r)
         self.requests_in_flight = Gauge(f"{p}_requests_in_flight", "RPCs in progress (drain waits for 0)", registry=r)
         self.clip_in_flight_bytes = Gauge(f"{p}_clip_in_flight_bytes",
@@ -86,7 +90,7 @@ class Metrics:
                                 "--max-task-series tasks are served)", ["task"], registry=r)
         self.task_version = Gauge(f"{p}_task_version", "Served version of each task (while at most --max-task-series "
                                   "tasks are served)", ["task"], registry=r)
-        self._task_series = True  # whether task_bytes / task_version hold every served task (see show_tasks)
+        self._task_series = True  # whether at most --max-task-series tasks are served (see show_tasks)
         self.adapter_hits = Counter(f"{p}_adapter_hits", "Batch tasks already in a device slot", registry=r)
         self.adapter_activations = Counter(f"{p}_adapter_activations",
                                            "Task versions copied from host memory into a device slot", registry=r)
@@ -155,12 +159,17 @@ class Metrics:
         self.response_cache_bytes.set_function(nbytes)
         self.response_cache_entries.set_function(entries)
 
+    def task_label(self, served_name: str) -> str:
+        """The ``task`` label a served task's requests and clips count under: its name while at most
+        ``--max-task-series`` tasks are served, :data:`ALL_TASKS` above it (series already made keep their counts)."""
+        return served_name if self._task_series else ALL_TASKS
+
     def show_tasks(self, served: Mapping[str, Any], published: Iterable[Any], retired: Iterable[Any],
                    bound: int) -> None:
         """Keep ``stadapter_task_bytes{task}`` / ``stadapter_task_version{task}`` in step with a change of the served
         table (``published`` and ``retired`` versions: anything with ``name``, ``version``, ``nbytes``): one series per
         served task while there are at most ``bound`` (``--max-task-series``), none above it (every series goes at once),
-        all of them again when the count falls back under it."""
+        all of them again when the count falls back under it. :meth:`task_label` follows the same bound."""
         if len(served) > bound:
             if self._task_series:
                 self.task_bytes.clear()
