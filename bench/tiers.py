@@ -18,7 +18,8 @@ memoised decoder: the figures are the model's and the tiers', not the decoder's)
   already, host copy, disk read: the server's counters), p50/p99 latency of cold requests (a task's first: read
   from disk), repeats and hot ones (the 10 most drawn tasks), peak RSS (VmHWM) against trunk + host budget;
 * the same request sequence on a server where every task the mix draws is resident (host budget and device slots
-  for all of them, each drawn task requested once before the timing): the throughput the tiers are compared with.
+  for all of them, each drawn task requested once before the timing): the throughput the tiers are compared with;
+  ``--rounds N`` runs the two N times, alternated, and gives each round's throughput ratio and their median.
 
 Prints a table to stderr and JSON to stdout (and ``--out``). ``--work`` keeps the repositories between runs.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -137,6 +139,9 @@ def main(argv=None) -> int:
     p.add_argument("--zipf-s", type=float, default=1.1)
     p.add_argument("--mixes", default="zipf,uniform", help="request mixes to run; 'none': time to ready only")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="per mix, the tiered and the all-resident server run this many times, alternated: the "
+                        "throughput ratio of each round and their median")
     p.add_argument("--warmup-requests", type=int, default=0,
                    help="requests of the same mix (other draws) the tiered server gets before the timing: its steady "
                         "state rather than its first minutes")
@@ -173,13 +178,21 @@ def main(argv=None) -> int:
             resident = (*common, "--host-cache-bytes", str(2 * task_bytes * distinct + (64 << 20)),
                         "--adapter-slots", str(distinct + 8))
             before_run = tier_mix.draw(mix, args.tasks, args.warmup_requests, args.zipf_s, args.seed + 1)
-            results["mixes"][mix] = {"tiered": run_mix(big, clip, drawn, args.concurrency, *tiered,
-                                                       before_run=before_run),
-                                     "resident": run_mix(big, clip, drawn, args.concurrency, *resident, warm=True)}
+            rounds = []
+            for _ in range(args.rounds):  # alternated: a shared machine's load moves one server's throughput run to run
+                rounds.append({"tiered": run_mix(big, clip, drawn, args.concurrency, *tiered, before_run=before_run),
+                               "resident": run_mix(big, clip, drawn, args.concurrency, *resident, warm=True)})
+            results["mixes"][mix] = compared(rounds)
             print(f"[{mix}] done", file=sys.stderr)
     print(table(results), file=sys.stderr)
     emit_json(results, args.out)
     return 0
+
+
+def compared(rounds: list[dict]) -> dict:
+    """A mix's rounds (each ``{"tiered": run, "resident": run}``) with each round's throughput ratio and their median."""
+    ratios = [round(r["tiered"]["requests_per_s"] / r["resident"]["requests_per_s"], 3) for r in rounds]
+    return {"rounds": rounds, "ratios": ratios, "ratio_median": statistics.median(ratios)}
 
 
 def table(r: dict) -> str:
@@ -193,14 +206,17 @@ def table(r: dict) -> str:
              f"({r['ready'][n]['cpu_ready_s']:.2f} s CPU, {r['ready'][n]['rss_ready_bytes'] / mib:.0f} MiB)",
              f"{'mix':<8} {'server':<9} {'req/s':>7} {'device':>7} {'host':>6} {'disk':>6} {'cold p50/p99 ms':>16} "
              f"{'hot p50/p99 ms':>15} {'peak RSS MiB':>12} {'load ms':>8}"]
-    for mix, runs in r["mixes"].items():
-        for kind, x in runs.items():
-            lat = x["latency"]
-            cold, hot = lat.get("cold", lat.get("all")), lat.get("hot", lat.get("all"))
-            lines.append(f"{mix:<8} {kind:<9} {x['requests_per_s']:>7.1f} {x['tiers']['device']:>7.1%} "
-                         f"{x['tiers']['host']:>6.1%} {x['tiers']['disk']:>6.1%} "
-                         f"{_pair(cold):>16} {_pair(hot):>15} {x['peak_rss_bytes'] / mib:>12.0f} "
-                         f"{x['load_ms_mean'] if x['load_ms_mean'] is not None else '-':>8}")
+    for mix, m in r["mixes"].items():
+        for runs in m["rounds"]:
+            for kind, x in runs.items():
+                lat = x["latency"]
+                cold, hot = lat.get("cold", lat.get("all")), lat.get("hot", lat.get("all"))
+                lines.append(f"{mix:<8} {kind:<9} {x['requests_per_s']:>7.1f} {x['tiers']['device']:>7.1%} "
+                             f"{x['tiers']['host']:>6.1%} {x['tiers']['disk']:>6.1%} "
+                             f"{_pair(cold):>16} {_pair(hot):>15} {x['peak_rss_bytes'] / mib:>12.0f} "
+                             f"{x['load_ms_mean'] if x['load_ms_mean'] is not None else '-':>8}")
+        lines.append(f"{mix}: tiered / resident req/s per round {', '.join(f'{q:.2f}' for q in m['ratios'])}; "
+                     f"median {m['ratio_median']:.2f}")
     return "\n".join(lines)
 
 

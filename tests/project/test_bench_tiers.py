@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import tier_mix
+from bench import tier_mix, tiers
 from server.registry.registry import TaskRegistry
 from stadapter import load_trunk
 
@@ -53,3 +53,18 @@ def test_tier_rates_and_latency_classes():
     assert (after_warm_up["cold"]["n"], after_warm_up["repeat"]["n"]) == (1, 4)  # task 1 was served before the run
     assert tier_mix.mean_ms({"s": 1.0, "n": 2.0}, {"s": 1.5, "n": 7.0}, "s", "n") == 100.0
     assert tier_mix.mean_ms({"s": 1.0, "n": 2.0}, {"s": 1.0, "n": 2.0}, "s", "n") is None
+
+
+def test_rounds_give_each_ratio_their_median_and_a_table_row_per_run():
+    def run(rps: float) -> dict:
+        return {"requests_per_s": rps, "tiers": {"device": 1.0, "host": 0.0, "disk": 0.0}, "peak_rss_bytes": 2**30,
+                "load_ms_mean": None, "latency": {"all": tier_mix.percentiles([0.1, 0.2])}}
+
+    m = tiers.compared([{"tiered": run(r1), "resident": run(r2)} for r1, r2 in ((41.0, 50.0), (60.0, 50.0), (45.0, 50.0))])
+    assert m["ratios"] == [0.82, 1.2, 0.9] and m["ratio_median"] == 0.9
+    small = {"ready_s": 1.0, "cpu_ready_s": 1.0, "rss_ready_bytes": 2**30}
+    text = tiers.table({"tasks": 3, "task_bytes": 1024, "all_tasks_bytes": 3072, "host_budget_bytes": 2**20,
+                        "adapter_slots": 2, "trunk_bytes": 2**20, "ready": {"2": small, "3": small},
+                        "mixes": {"zipf": m}})
+    assert text.count("\nzipf     tiered") == 3 and text.count("\nzipf     resident") == 3
+    assert text.endswith("zipf: tiered / resident req/s per round 0.82, 1.20, 0.90; median 0.90")
