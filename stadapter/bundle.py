@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 from torch import Tensor
 
 from stadapter_api.wire import ADAPTER_FILE, TASK_FILE
@@ -24,7 +24,7 @@ from stadapter_api.wire import ADAPTER_FILE, TASK_FILE
 from .bank import AdapterStack, TaskAdapters, expected_shapes
 from .config import ConfigError, TaskSpec, brief
 from .fsutil import atomic_dir
-from .weights import BUNDLE_DTYPES, WeightsError, check_tensors, write_safetensors
+from .weights import BUNDLE_DTYPES, WeightsError, check_finite, check_tensors, write_safetensors
 
 
 class BundleError(ValueError):
@@ -84,23 +84,10 @@ def read_spec_and_stat(bundle_dir: str | os.PathLike, limits: BundleLimits = Bun
     """:func:`read_spec`, with the ``fstat`` of the file it read (what a cache of specs stamps its entry with).
     ``parsed``: configs parsed before (:meth:`TaskSpec.from_dict`)."""
     path = os.path.join(os.fspath(bundle_dir), TASK_FILE)
-    try:  # one open, its fstat and one read: a registry's scan reads thousands (O_NONBLOCK: a FIFO must not block)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:  # a registry's scan reads thousands
+        data, st = _read_file(path, limits.max_json_bytes)
     except (FileNotFoundError, NotADirectoryError):
         raise _missing(path) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _missing(path)
-        if st.st_size > limits.max_json_bytes:
-            raise BundleError(f"{path} is {st.st_size} bytes, above the limit of {limits.max_json_bytes}")
-        data = _read_upto(fd, st.st_size + 1)  # sized by the fstat (a read of the limit would allocate that much)
-        if len(data) > st.st_size:  # grown since the fstat
-            data += _read_upto(fd, limits.max_json_bytes + 1 - len(data))
-    finally:
-        os.close(fd)
-    if len(data) > limits.max_json_bytes:  # grown since the fstat
-        raise BundleError(f"{path} is over {limits.max_json_bytes} bytes, the limit")
     try:
         return TaskSpec.from_dict(json.loads(data.decode("utf-8")), parsed), st
     except ConfigError as e:
@@ -109,6 +96,27 @@ def read_spec_and_stat(bundle_dir: str | os.PathLike, limits: BundleLimits = Bun
         raise BundleError(f"{path} nests JSON too deeply to read") from e
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an integer of thousands of digits
         raise BundleError(f"{path} is not valid JSON: {brief(str(e), 200)}") from e
+
+
+def _read_file(path: str, limit: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular file ``path`` and its ``fstat``, with one open (``O_NONBLOCK``: a FIFO in its place
+    must not block the reader) and one read; FileNotFoundError when it is absent or not a regular file,
+    :class:`BundleError` when it holds more than ``limit`` bytes (checked on the bytes read, too: it may grow)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileNotFoundError(path)
+        if st.st_size > limit:
+            raise BundleError(f"{path} is {st.st_size} bytes, above the limit of {limit}")
+        data = _read_upto(fd, st.st_size + 1)  # sized by the fstat (a read of the limit would allocate that much)
+        if len(data) > st.st_size:  # grown since the fstat
+            data += _read_upto(fd, limit + 1 - len(data))
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise BundleError(f"{path} is over {limit} bytes, the limit")
+    return data, st
 
 
 def _read_upto(fd: int, n: int) -> bytes:
@@ -130,17 +138,17 @@ def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimi
     bundle_dir = Path(bundle_dir)
     spec = read_spec(bundle_dir, limits) if spec is None else spec
     path = bundle_dir / ADAPTER_FILE
-    if not path.is_file():
-        raise BundleError(f"{path} is missing")
-    size = path.stat().st_size
-    if size > limits.max_tensor_bytes:
-        raise BundleError(f"{path} is {size} bytes, above the limit of {limits.max_tensor_bytes}")
+    try:  # read whole into this process's memory: a file mapped instead could be changed or cut under it (SIGBUS)
+        data, _ = _read_file(str(path), limits.max_tensor_bytes)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"{path} is missing") from None
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
         raise BundleError(f"{path} is not a readable safetensors file: {e}") from e
     try:
-        check_tensors(tensors, dtypes=BUNDLE_DTYPES)
+        check_tensors(tensors, dtypes=BUNDLE_DTYPES, finite=False)
+        check_finite(data, tensors)
     except WeightsError as e:
         raise BundleError(f"{path}: {e}") from e
     head = tensors.get("fc.weight")

@@ -3,7 +3,8 @@
 Trunk weights (:mod:`stadapter.factory`), public checkpoints (:mod:`stadapter.convert`)
 and task bundles (:mod:`stadapter.bundle`) all come from outside. They are read
 only as safetensors or with ``torch.load(weights_only=True)``, which never
-unpickles arbitrary objects, and their tensors are checked by one routine. Each
+unpickles arbitrary objects, and their tensors are checked by one routine (with a
+one-pass form of its NaN/Inf check for a whole file, :func:`check_finite`). Each
 caller wraps :class:`WeightsError` into its own error type with its own context.
 """
 
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Collection, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -104,3 +106,25 @@ def check_tensors(
             raise WeightsError(f"tensor {brief(name)} has dtype {t.dtype}; allowed: {allowed}")
         if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise WeightsError(f"tensor {brief(name)} holds NaN or Inf values")
+
+
+# Per floating dtype: the unsigned integer of its width, and its exponent bits (all set in NaN and Inf alone).
+_EXPONENT_BITS: dict[torch.dtype, tuple[np.dtype, int]] = {  # safetensors stores little-endian
+    torch.float32: (np.dtype("<u4"), 0x7F800000), torch.float16: (np.dtype("<u2"), 0x7C00),
+    torch.bfloat16: (np.dtype("<u2"), 0x7F80)}
+
+
+def check_finite(data: bytes, tensors: Mapping[str, Tensor]) -> None:
+    """Refuse NaN or Inf in ``tensors``, the tensors of the safetensors file whose bytes are ``data``. Where they
+    share one floating dtype (a bundle as training writes it) the file's data section, which holds exactly their
+    bytes, is checked in one pass over its exponent bits; otherwise each tensor is (:func:`check_tensors`)."""
+    dtypes = {t.dtype for t in tensors.values()}
+    bits = _EXPONENT_BITS.get(dtypes.pop()) if len(dtypes) == 1 else None
+    if bits is None:
+        check_tensors(tensors)
+        return
+    uint, mask = bits
+    start = 8 + int.from_bytes(data[:8], "little")  # the header's length, the header, then the data section
+    if start < len(data) and bool(((np.frombuffer(data, dtype=uint, offset=start) & mask) == mask).any()):
+        check_tensors(tensors)  # raises, naming the tensor
+        raise WeightsError("a tensor holds NaN or Inf values")  # not reached: the section is the tensors' bytes

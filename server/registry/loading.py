@@ -134,10 +134,10 @@ def loaded_version(path: Path, trunk: VideoTrunk, limits: BundleLimits, source: 
 
 
 def owned_stack(bundle: TaskBundle, num_blocks: int, dtype: Optional[torch.dtype] = None) -> AdapterStack:
-    """The bundle's stack in this process's own memory, its floating-point tensors in ``dtype`` (None: as stored;
-    ``--host-dtype``). safetensors maps the weights file, so its tensors are the file's pages: a file overwritten in
-    place under a running server (a copy over it, a disk repair) then killed the process with SIGBUS on its next
-    use. A copy also makes the host tier's bytes the memory it holds."""
+    """The bundle's stack in memory of its own, its floating-point tensors in ``dtype`` (None: as stored;
+    ``--host-dtype``). The bundle's tensors are views of the bytes :func:`~stadapter.bundle.read_bundle` read (not of
+    the file's pages: a file overwritten in place under a running server must not take it down), which Python holds
+    read-only; the copy is writable and makes the host tier's bytes the memory it holds."""
     def own(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t.clone()
 

@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load, save, save_file
 
-from stadapter.weights import BUNDLE_DTYPES, WeightsError, check_tensors, read_weights
+from stadapter.weights import BUNDLE_DTYPES, WeightsError, check_finite, check_tensors, read_weights
 
 
 class _Evil:
@@ -45,3 +45,31 @@ def test_check_tensors_names_what_is_wrong(tensors, kwargs, message):
 def test_check_tensors_accepts_what_fits():
     check_tensors({"a": torch.zeros(2, 3)}, {"a": (2, 3)}, BUNDLE_DTYPES)
     check_tensors({"a": torch.tensor([float("nan")])}, finite=False)
+
+
+def _extremes(dtype: torch.dtype) -> torch.Tensor:
+    """Finite values at the edges: the largest and smallest normal, a subnormal, both zeros."""
+    info = torch.finfo(dtype)
+    return torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, 0.0, -0.0, 1.0]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", BUNDLE_DTYPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 1, 2])
+def test_check_finite_over_a_whole_file_finds_nan_and_inf_in_any_tensor_and_names_it(dtype, bad, where):
+    tensors = {f"t{i}": _extremes(dtype).repeat(i + 1) for i in range(3)}
+    check_finite(data := save(tensors), load(data))  # finite at every edge of the dtype: accepted
+    tensors[f"t{where}"][-1] = bad
+    data = save(tensors)
+    with pytest.raises(WeightsError, match=f"'t{where}' holds NaN or Inf"):
+        check_finite(data, load(data))
+
+
+def test_check_finite_checks_each_tensor_of_a_file_of_mixed_dtypes():
+    tensors = {"a": torch.ones(3), "b": torch.ones(5, dtype=torch.float16), "c": torch.ones(2, dtype=torch.bfloat16)}
+    check_finite(data := save(tensors), load(data))
+    tensors["b"][4] = float("nan")
+    data = save(tensors)
+    with pytest.raises(WeightsError, match="'b' holds NaN or Inf"):
+        check_finite(data, load(data))
+    check_finite(data := save({"a": torch.zeros(0)}), load(data))  # no bytes to check
