@@ -120,11 +120,13 @@ def _read_file(path: str, limit: int) -> tuple[bytes, os.stat_result]:
 
 
 def _read_upto(fd: int, n: int) -> bytes:
-    """Up to ``n`` bytes from ``fd``, fewer only at its end."""
-    data = b""
-    while len(data) < n and (chunk := os.read(fd, n - len(data))):
-        data += chunk
-    return data
+    """Up to ``n`` bytes from ``fd``, fewer only at its end (a whole file is one read, its bytes not copied again)."""
+    chunks: list[bytes] = []
+    got = 0
+    while got < n and (chunk := os.read(fd, n - got)):
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _missing(path: str) -> BundleError:

@@ -108,23 +108,29 @@ def check_tensors(
             raise WeightsError(f"tensor {brief(name)} holds NaN or Inf values")
 
 
-# Per floating dtype: the unsigned integer of its width, and its exponent bits (all set in NaN and Inf alone).
-_EXPONENT_BITS: dict[torch.dtype, tuple[np.dtype, int]] = {  # safetensors stores little-endian
-    torch.float32: (np.dtype("<u4"), 0x7F800000), torch.float16: (np.dtype("<u2"), 0x7C00),
+# Per floating dtype, how the bytes of its values are read to find NaN and Inf: as numpy's float of the same width
+# (np.isfinite), or, for bfloat16 (numpy has none), as unsigned integers whose exponent bits are all set in NaN and
+# Inf alone. safetensors stores little-endian.
+_FINITE_VIEW: dict[torch.dtype, tuple[np.dtype, Optional[int]]] = {
+    torch.float32: (np.dtype("<f4"), None), torch.float16: (np.dtype("<f2"), None),
     torch.bfloat16: (np.dtype("<u2"), 0x7F80)}
+_FINITE_CHUNK = 1 << 18  # values per pass: its temporaries stay small (a large bundle's would be fresh pages)
 
 
 def check_finite(data: bytes, tensors: Mapping[str, Tensor]) -> None:
     """Refuse NaN or Inf in ``tensors``, the tensors of the safetensors file whose bytes are ``data``. Where they
     share one floating dtype (a bundle as training writes it) the file's data section, which holds exactly their
-    bytes, is checked in one pass over its exponent bits; otherwise each tensor is (:func:`check_tensors`)."""
+    bytes, is checked in a few vectorised passes; otherwise each tensor is (:func:`check_tensors`)."""
     dtypes = {t.dtype for t in tensors.values()}
-    bits = _EXPONENT_BITS.get(dtypes.pop()) if len(dtypes) == 1 else None
-    if bits is None:
+    view = _FINITE_VIEW.get(dtypes.pop()) if len(dtypes) == 1 else None
+    if view is None:
         check_tensors(tensors)
         return
-    uint, mask = bits
+    as_type, exponent = view
     start = 8 + int.from_bytes(data[:8], "little")  # the header's length, the header, then the data section
-    if start < len(data) and bool(((np.frombuffer(data, dtype=uint, offset=start) & mask) == mask).any()):
-        check_tensors(tensors)  # raises, naming the tensor
-        raise WeightsError("a tensor holds NaN or Inf values")  # not reached: the section is the tensors' bytes
+    values = np.frombuffer(data, dtype=as_type, offset=start) if start < len(data) else np.empty(0, as_type)
+    for i in range(0, len(values), _FINITE_CHUNK):
+        part = values[i:i + _FINITE_CHUNK]
+        if not (np.isfinite(part).all() if exponent is None else ((part & exponent) != exponent).all()):
+            check_tensors(tensors)  # raises, naming the tensor
+            raise WeightsError("a tensor holds NaN or Inf values")  # not reached: the section is the tensors' bytes

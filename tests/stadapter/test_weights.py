@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load, save, save_file
 
+from stadapter import weights
 from stadapter.weights import BUNDLE_DTYPES, WeightsError, check_finite, check_tensors, read_weights
 
 
@@ -56,7 +57,11 @@ def _extremes(dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", BUNDLE_DTYPES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", [0, 1, 2])
-def test_check_finite_over_a_whole_file_finds_nan_and_inf_in_any_tensor_and_names_it(dtype, bad, where):
+@pytest.mark.parametrize("chunk", [None, 4])  # one pass, or many (a large bundle's)
+def test_check_finite_over_a_whole_file_finds_nan_and_inf_in_any_tensor_and_names_it(dtype, bad, where, chunk,
+                                                                                      monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(weights, "_FINITE_CHUNK", chunk)
     tensors = {f"t{i}": _extremes(dtype).repeat(i + 1) for i in range(3)}
     check_finite(data := save(tensors), load(data))  # finite at every edge of the dtype: accepted
     tensors[f"t{where}"][-1] = bad
