@@ -144,6 +144,8 @@ def read_bundle(bundle_dir: str | os.PathLike, limits: BundleLimits = BundleLimi
         data, _ = _read_file(str(path), limits.max_tensor_bytes)
     except (FileNotFoundError, NotADirectoryError):
         raise BundleError(f"{path} is missing") from None
+    except OSError as e:  # permissions, an I/O error: the bundle cannot serve, and the message says why
+        raise BundleError(f"{path} cannot be read: {e}") from e
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:

@@ -4,7 +4,7 @@ Trunk weights (:mod:`stadapter.factory`), public checkpoints (:mod:`stadapter.co
 and task bundles (:mod:`stadapter.bundle`) all come from outside. They are read
 only as safetensors or with ``torch.load(weights_only=True)``, which never
 unpickles arbitrary objects, and their tensors are checked by one routine (with a
-one-pass form of its NaN/Inf check for a whole file, :func:`check_finite`). Each
+vectorised form of its NaN/Inf check for a whole file, :func:`check_finite`). Each
 caller wraps :class:`WeightsError` into its own error type with its own context.
 """
 

@@ -87,6 +87,8 @@ def test_other_trunk_is_refused(bundle_dir, tmp_path):
         (lambda d: (d / ADAPTER_FILE).unlink(), "adapter.safetensors is missing"),
         (lambda d: (d / TASK_FILE).write_text("{not json"), "not valid JSON"),
         (lambda d: (d / ADAPTER_FILE).write_bytes(b"\x00garbage" * 10), "not a readable safetensors"),
+        (lambda d: ((d / ADAPTER_FILE).unlink(), (d / ADAPTER_FILE).symlink_to(ADAPTER_FILE)),  # a loop: ELOOP
+         "adapter.safetensors cannot be read: .*Too many levels of symbolic links"),
         (lambda d: _edit_json(d, name="Bad Name"), "task name"),
         (lambda d: _edit_json(d, labels=["a", "b"]), "3 classes but task.json lists 2"),
         (lambda d: _edit_json(d, surprise=1), "unknown keys"),
