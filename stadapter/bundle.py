@@ -23,7 +23,7 @@ from stadapter_api.wire import ADAPTER_FILE, TASK_FILE
 
 from .bank import AdapterStack, TaskAdapters, expected_shapes
 from .config import ConfigError, TaskSpec, brief
-from .fsutil import atomic_dir
+from .fsutil import atomic_dir, read_regular_file
 from .weights import BUNDLE_DTYPES, WeightsError, check_finite, check_tensors, write_safetensors
 
 
@@ -99,34 +99,17 @@ def read_spec_and_stat(bundle_dir: str | os.PathLike, limits: BundleLimits = Bun
 
 
 def _read_file(path: str, limit: int) -> tuple[bytes, os.stat_result]:
-    """The bytes of the regular file ``path`` and its ``fstat``, with one open (``O_NONBLOCK``: a FIFO in its place
-    must not block the reader) and one read; FileNotFoundError when it is absent or not a regular file,
-    :class:`BundleError` when it holds more than ``limit`` bytes (checked on the bytes read, too: it may grow)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise FileNotFoundError(path)
-        if st.st_size > limit:
-            raise BundleError(f"{path} is {st.st_size} bytes, above the limit of {limit}")
-        data = _read_upto(fd, st.st_size + 1)  # sized by the fstat (a read of the limit would allocate that much)
-        if len(data) > st.st_size:  # grown since the fstat
-            data += _read_upto(fd, limit + 1 - len(data))
-    finally:
-        os.close(fd)
+    """The bytes of the regular file ``path`` and its ``fstat`` (:func:`~stadapter.fsutil.read_regular_file`);
+    FileNotFoundError when it is absent or not a regular file, :class:`BundleError` when it holds more than ``limit``
+    bytes (by its ``fstat``, or by the bytes read: it may grow)."""
+    data, st = read_regular_file(path, limit)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileNotFoundError(path)
+    if data is None:
+        raise BundleError(f"{path} is {st.st_size} bytes, above the limit of {limit}")
     if len(data) > limit:
         raise BundleError(f"{path} is over {limit} bytes, the limit")
     return data, st
-
-
-def _read_upto(fd: int, n: int) -> bytes:
-    """Up to ``n`` bytes from ``fd``, fewer only at its end (a whole file is one read, its bytes not copied again)."""
-    chunks: list[bytes] = []
-    got = 0
-    while got < n and (chunk := os.read(fd, n - got)):
-        chunks.append(chunk)
-        got += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _missing(path: str) -> BundleError:

@@ -1,15 +1,17 @@
 """Atomic writes (build a file or folder under a temp name beside the target, fsync, rename, fsync the parent),
-and the lock that serialises writers of one shared folder across processes."""
+the lock that serialises writers of one shared folder across processes, and the one reader of small files that
+others may have put anything in place of (:func:`read_regular_file`)."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
+import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Optional
 
 
 def fsync_tree(path: Path) -> None:
@@ -122,3 +124,36 @@ def try_exclusive_lock(path: str | os.PathLike) -> Iterator[bool]:
             yield True
     finally:
         os.close(fd)
+
+
+def read_regular_file(path: str | os.PathLike, limit: Optional[int] = None) -> tuple[Optional[bytes], os.stat_result]:
+    """One open of ``path`` (``O_NONBLOCK``: a FIFO or a device in its place neither blocks the reader nor is read),
+    its ``fstat``, and the bytes of a regular file: one read sized by the ``fstat``, then, if it grew since, on to
+    ``limit + 1`` bytes (None: to its end), so a caller can tell a file over ``limit``. None in place of the bytes
+    for anything but a regular file, or one over ``limit`` by its ``fstat`` (not read). OSError when it cannot be
+    opened or read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (limit is not None and st.st_size > limit):
+            return None, st
+        data = _read_upto(fd, st.st_size + 1, st.st_size + 1)  # a read of the limit would allocate that much
+        if len(data) > st.st_size:  # grown since the fstat
+            data += _read_upto(fd, None if limit is None else limit + 1 - len(data), 1 << 20)
+        return data, st
+    finally:
+        os.close(fd)
+
+
+def _read_upto(fd: int, n: Optional[int], step: int) -> bytes:
+    """Up to ``n`` bytes from ``fd`` (None: all to its end), at most ``step`` per read, fewer only at its end (what
+    one read returns is not copied again)."""
+    chunks: list[bytes] = []
+    got = 0
+    while n is None or got < n:
+        chunk = os.read(fd, step if n is None else min(step, n - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -11,7 +11,6 @@ import errno
 import hashlib
 import os
 import shutil
-import stat
 import threading
 import time
 import uuid
@@ -21,7 +20,7 @@ from typing import Iterator, Optional
 from server.errors import BadRequest
 from stadapter.bundle import ADAPTER_FILE, TASK_FILE
 from stadapter.config import TASK_NAME_RULE, ConfigError, brief, check_task_name
-from stadapter.fsutil import fsync_tree
+from stadapter.fsutil import fsync_tree, read_regular_file
 
 UPLOAD_FILES = (TASK_FILE, ADAPTER_FILE)
 UPLOAD_PREFIX, TOMBSTONE_PREFIX = ".upload-", ".deleted-"  # an upload being written; a folder being deleted
@@ -91,26 +90,14 @@ def recorded_digest(folder: Path) -> str | None:
 
 
 def read_digest_file(path: str) -> tuple[str | None, os.stat_result | None]:
-    """The digest a folder's digest file ``path`` records (None when it cannot be read, or is not a file:
-    ``O_NONBLOCK``, so a FIFO in its place neither blocks a scan nor is read), with the ``fstat`` of the file read
-    (None: it could not be opened; a scan stamps what it read with it)."""
+    """The digest a folder's digest file ``path`` records (None when it cannot be read, or is not a file: a FIFO in
+    its place neither blocks a scan nor is read), with the ``fstat`` of the file read (None: it could not be opened
+    or read; a scan stamps what it read with it)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        data, st = read_regular_file(path)
     except OSError:
         return None, None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, st
-        data = b""
-        try:
-            while chunk := os.read(fd, st.st_size + 1):
-                data += chunk
-        except OSError:
-            return None, st
-    finally:
-        os.close(fd)
-    return data.decode().strip(), st
+    return (data.decode().strip() if data is not None else None), st
 
 
 SWEEP_INTERVAL_S = 60.0  # how often sync() looks for leftovers

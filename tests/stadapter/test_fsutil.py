@@ -61,3 +61,28 @@ def test_exclusive_lock_excludes_another_holder_until_released(tmp_path):
     with fsutil.exclusive_lock(path):
         assert not try_lock()
     assert try_lock()
+
+
+def test_read_regular_file_reads_a_file_whole_and_neither_blocks_on_nor_reads_anything_else(tmp_path, monkeypatch):
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    data, st = fsutil.read_regular_file(f)
+    assert data == b"x" * 100 and st.st_size == 100
+    assert fsutil.read_regular_file(f, limit=100)[0] == b"x" * 100
+    assert fsutil.read_regular_file(f, limit=99) == (None, os.stat(f))  # over the limit by its fstat: not read
+    os.mkfifo(tmp_path / "fifo")  # no writer: a blocking open would wait for ever
+    data, st = fsutil.read_regular_file(tmp_path / "fifo")
+    assert data is None and not os.path.isfile(tmp_path / "fifo")
+    with pytest.raises(FileNotFoundError):
+        fsutil.read_regular_file(tmp_path / "absent")
+
+    real = os.fstat  # a file that grew after its fstat: read on to the limit + 1, or to its end
+
+    def shrunk(fd: int) -> os.stat_result:
+        fields = list(real(fd))
+        fields[6] = 10  # st_size
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(fsutil.os, "fstat", shrunk)
+    assert fsutil.read_regular_file(f, limit=50)[0] == b"x" * 51
+    assert fsutil.read_regular_file(f)[0] == b"x" * 100
