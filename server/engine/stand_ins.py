@@ -108,9 +108,3 @@ class WarmUp:
             self._prefix[cfg] = self.trunk.prefix_blocks(stand_in(tv, self.trunk, "meta").stack)
         return self._prefix[cfg]
 
-
-async def warm_up(batcher: "Batcher", tvs: Sequence[TaskVersion], trunk: VideoTrunk) -> int:
-    """Run every served shape of ``tvs`` once on zero-weight stand-ins (:class:`WarmUp`, all versions known);
-    returns the number of forwards run."""
-    warming = WarmUp(batcher, trunk)
-    return await warming.warm([run for tv in tvs for run in warming.plan.add(tv)])

@@ -26,6 +26,14 @@ def _trunk_calls(trunk, monkeypatch) -> list[tuple[int, int]]:
     return calls
 
 
+async def _warm_up(batcher, tvs, trunk) -> int:
+    """The start's warm-up with every version known before it begins (a scan that ended first)."""
+    from server.engine.stand_ins import WarmUp
+
+    warming = WarmUp(batcher, trunk)
+    return await warming.warm([run for tv in tvs for run in warming.plan.add(tv)])
+
+
 def test_warmup_gives_each_row_its_own_clip_and_warms_the_shared_prefix(tiny_trunk, tmp_path, monkeypatch):
     """Tasks adapting only the last block: one blank tensor for every row made each warm-up forward a shared-prefix
     forward over one input, so the per-clip shapes serving runs (N inputs) were never warmed."""
@@ -54,13 +62,11 @@ def test_warm_up_frees_the_stand_ins_slots(tiny_trunk, tmp_path):
 
     from server.config import ServerConfig
     from server.engine.batcher import Batcher
-    from server.engine.stand_ins import warm_up
-
     tvs = task_versions(tiny_trunk, tmp_path, [(LAST_BLOCK, 3), (LAST_BLOCK, 4), (HETERO[0][0], 5)])
     slots = AdapterSlots(1 << 20, CPU, torch.float32)
     batcher = Batcher(ModelRunner(tiny_trunk, slots, max_rows=4),
                       ServerConfig(model_repository=tmp_path, max_batch_size=4).limits, max_delay_s=0.005)
-    assert asyncio.run(warm_up(batcher, tvs, tiny_trunk)) > 0
+    assert asyncio.run(_warm_up(batcher, tvs, tiny_trunk)) > 0
     assert slots.used == 0 and slots.resident() == []
 
 
@@ -73,7 +79,7 @@ def test_a_warm_up_fed_by_the_scan_runs_what_one_over_all_the_versions_runs(tiny
 
     from server.config import ServerConfig
     from server.engine.batcher import Batcher
-    from server.engine.stand_ins import WarmUp, warm_up
+    from server.engine.stand_ins import WarmUp
 
     gelu = AdapterConfig(width=8, pre_attn=True, activation="gelu")  # another batch group
     tvs = task_versions(tiny_trunk, tmp_path, [(LAST_BLOCK, 3), (HETERO[0][0], 5), (gelu, 2), (LAST_BLOCK, 4),
@@ -84,7 +90,7 @@ def test_a_warm_up_fed_by_the_scan_runs_what_one_over_all_the_versions_runs(tiny
         return Batcher(ModelRunner(tiny_trunk, AdapterSlots(1 << 20, CPU, torch.float32), max_rows=4), limits, 0.005)
 
     calls = _trunk_calls(tiny_trunk, monkeypatch)
-    whole = asyncio.run(warm_up(batcher(), tvs, tiny_trunk))
+    whole = asyncio.run(_warm_up(batcher(), tvs, tiny_trunk))
     expected, calls[:] = sorted(calls), []
 
     async def fed_by_a_scan() -> tuple[int, Batcher]:
