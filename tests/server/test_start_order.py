@@ -32,6 +32,18 @@ def config(repo, **kw) -> ServerConfig:
                         decode_workers=1, poll_interval_s=0, **{"warmup": False, "decode_backend": "process", **kw})
 
 
+def served_after_start(cfg) -> list[str]:
+    """The tasks a server started on ``cfg`` serves, once ready (then drained)."""
+    async def start_then_drain() -> list[str]:
+        srv = await Server.start(cfg)
+        try:
+            return sorted(srv.registry.tasks)
+        finally:
+            await srv.drain()
+
+    return asyncio.run(start_then_drain())
+
+
 def test_the_decoders_start_while_the_first_scan_runs(two_task_repo, monkeypatch):
     """The scan is held until the decoder pool has begun to start: before, the pool was started only after the
     scan (and the warm-up) had finished, so the held scan waited in vain."""
@@ -51,14 +63,7 @@ def test_the_decoders_start_while_the_first_scan_runs(two_task_repo, monkeypatch
     monkeypatch.setattr(ProcessDecodePool, "start", start)
     monkeypatch.setattr(TaskRegistry, "sync", sync)
 
-    async def start_then_drain() -> list[str]:
-        srv = await Server.start(config(two_task_repo))
-        try:
-            return sorted(srv.registry.tasks)
-        finally:
-            await srv.drain()
-
-    assert asyncio.run(start_then_drain()) == ["alpha", "beta"]
+    assert served_after_start(config(two_task_repo)) == ["alpha", "beta"]
     assert scan_saw_pool == [True]
 
 
@@ -84,14 +89,7 @@ def test_the_warm_up_begins_while_the_first_scan_runs(two_task_repo, monkeypatch
     monkeypatch.setattr(ModelRunner, "forward", forward)
     monkeypatch.setattr(VersionReader, "version_at", version_at)
 
-    async def start_then_drain() -> list[str]:
-        srv = await Server.start(config(two_task_repo, warmup=True, decode_backend="thread"))
-        try:
-            return sorted(srv.registry.tasks)
-        finally:
-            await srv.drain()
-
-    assert asyncio.run(start_then_drain()) == ["alpha", "beta"]
+    assert served_after_start(config(two_task_repo, warmup=True, decode_backend="thread")) == ["alpha", "beta"]
     assert read_saw_forward == [True]
 
 
