@@ -105,18 +105,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def prepare_trunk(trunk: VideoTrunk, device: torch.device, dtype: torch.dtype, cpu_chunk_bytes: int) -> bool:
+def prepare_trunk(trunk: VideoTrunk, device: torch.device, dtype: torch.dtype, cpu_chunk_bytes: int,
+                  int8: bool = False) -> bool:
     """How the loaded trunk serves on its device. On a CPU its blocks run over a few clips at a time
     (``cpu_chunk_bytes``) and, in bf16, with their weights packed once for oneDNN
-    (:meth:`VideoTrunk.pack_for_cpu`; ``python -m bench.serving --cpu-dtype`` compares). Returns whether
-    the weights were packed."""
+    (:meth:`VideoTrunk.pack_for_cpu`; ``int8``: quantised to int8, ``--quantize int8``; ``python -m bench.serving
+    --cpu-dtype`` compares). Returns whether the weights were packed."""
+    if int8 and (device.type != "cpu" or dtype != torch.bfloat16):
+        raise ValueError(f"--quantize int8 runs on a CPU in bfloat16, not on device {device} in {dtype_name(dtype)} "
+                         "(give --device cpu --dtype bfloat16, or leave --quantize none)")
     if device.type != "cpu":
         return False
     trunk.chunk_bytes = cpu_chunk_bytes  # blocks over a few frames at a time: faster on a CPU
     if dtype != torch.bfloat16:
         return False
     itemsize = torch.finfo(dtype).bits // 8
-    return trunk.pack_for_cpu(cpu_chunk_bytes // (trunk.dim * itemsize) or None)  # oneDNN's layout hint: rows a call
+    packed = trunk.pack_for_cpu(cpu_chunk_bytes // (trunk.dim * itemsize) or None, int8)  # oneDNN's hint: rows a call
+    if int8 and not packed:
+        raise ValueError("--quantize int8: this torch has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise), "
+                         "or the trunk's blocks are not plain open_clip attention-and-MLP blocks")
+    return packed
 
 
 def dtype_name(dtype: torch.dtype) -> str:
