@@ -82,9 +82,10 @@ class Server:
         dtype = resolve_dtype(cfg.dtype, device)
         trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
         t0 = time.monotonic()
-        packed = prepare_trunk(trunk, device, dtype, cfg.cpu_chunk_bytes)
-        log.info("trunk %s (%s…): device %s, dtype %s (--device %s, --dtype %s)%s", trunk.spec.model if trunk.spec else "?",
+        packed = prepare_trunk(trunk, device, dtype, cfg.cpu_chunk_bytes, int8=cfg.quantize == "int8")
+        log.info("trunk %s (%s…): device %s, dtype %s (--device %s, --dtype %s)%s%s", trunk.spec.model if trunk.spec else "?",
                  trunk.fingerprint[:12], device, dtype_name(dtype), cfg.device, cfg.dtype,
+                 ", block linears in int8 (--quantize int8)" if cfg.quantize == "int8" else "",
                  f", weights packed for oneDNN in {time.monotonic() - t0:.2f} s" if packed else "")
 
         metrics = Metrics(device)
@@ -193,10 +194,11 @@ class Server:
                 log.exception("repository poll failed")
 
     def ready_info(self) -> dict:
-        """The ready line: the bound ports, and the device and dtype that ``--device``/``--dtype`` resolved to."""
+        """The ready line: the bound ports, the device and dtype that ``--device``/``--dtype`` resolved to, and
+        ``--quantize`` (a start that cannot honour it is refused)."""
         return {"event": "ready", "grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
                 "http_port": self.http.port if self.http is not None else None,
-                "device": str(self.slots.device), "dtype": dtype_name(self.slots.dtype)}
+                "device": str(self.slots.device), "dtype": dtype_name(self.slots.dtype), "quantize": self.cfg.quantize}
 
     async def drain(self) -> None:
         """Health NOT_SERVING (gRPC; HTTP ready 503), refuse new work (UNAVAILABLE), let in-flight work finish, stop."""

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
+QUANTIZE = ("none", "int8")  # --quantize: the trunk's block linears as the dtype has them, or in int8 (a CPU)
 HOST_DTYPES = ("stored", "serving")  # --host-dtype: as the bundles store them (today's), or the serving dtype
 DEFAULT_HOST_CACHE_BYTES = 4 << 30  # the host tier's default (server.registry.host_tier): see --host-cache-bytes
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
@@ -49,6 +50,7 @@ class ServerConfig:
     decode_backend: str = "process"
     device: str = "auto"
     dtype: str = "auto"
+    quantize: str = "none"
     cpu_chunk_bytes: int = 5 * MiB
     cache_bytes: Optional[int] = None  # None: not given, DEFAULT_CACHE_BYTES unless adapter_slots sizes the bank
     host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
@@ -132,6 +134,8 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.log_format must be {'|'.join(LOG_FORMATS)}, got {self.log_format!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"ServerConfig.dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"ServerConfig.quantize must be {'|'.join(QUANTIZE)}, got {self.quantize!r}")
         if self.host_dtype not in HOST_DTYPES:
             raise ValueError(f"ServerConfig.host_dtype must be {'|'.join(HOST_DTYPES)}, got {self.host_dtype!r}")
         if self.max_inflight_clip_bytes < self.max_clip_bytes:
@@ -309,9 +313,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dtype", default=d.dtype, choices=("auto", "float32", "float16", "bfloat16"),
       help="auto: bfloat16 on GPUs with native bf16 (compute capability 8.0+), else float16; on a CPU bfloat16 "
            "with AMX-BF16 or AVX512-BF16 (trunk weights packed for oneDNN), else float32")
+    a("--quantize", default=d.quantize, choices=QUANTIZE,
+      help="int8: on a CPU, the trunk's block linears (attention's projections and the MLP: nearly all its "
+           "multiply-adds) multiply in int8, weights quantised once per output channel and inputs per call, the rest "
+           "in bfloat16; faster where the CPU has int8 dot products (AVX512-VNNI, AMX), and answers move more than "
+           "bfloat16 alone moves them (docs/benchmarks.md measures both). Needs --dtype bfloat16 (or auto on a CPU "
+           "with bf16 units); refused at start on CUDA or where this torch lacks oneDNN's int8 linear")
     a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
       help="on a CPU, each trunk block runs over as many whole clips at a time as keep its input tokens within "
-           "this many bytes (VideoTrunk.chunk_bytes; the same results; 5 MiB = 8 ViT-B/16 frames; a small trunk's "
+           "this many bytes (VideoTrunk.chunk_bytes; the same results, but for --quantize int8, which scales each "
+           "call's inputs; 5 MiB = 8 ViT-B/16 frames; a small trunk's "
            "batch fits at once); 0 = the whole batch at once. Ignored on CUDA, where the whole batch keeps the "
            "device busy")
     a("--cache-bytes", type=int, default=None,

@@ -1,5 +1,6 @@
 """The device and dtype a server resolved are in its ready file and its startup log; a bf16 server on a CPU (its
-trunk's weights packed for oneDNN) answers.
+trunk's weights packed for oneDNN) answers, and so does one with ``--quantize int8``; a start that cannot quantise is
+refused with the reason.
 
 The real server on 127.0.0.1 (``python -m server``): ``--dtype`` as the suite pins it (float32), as named
 (bfloat16), and ``auto`` (this machine's choice, by the same rule the test process applies).
@@ -8,6 +9,9 @@ The real server on 127.0.0.1 (``python -m server``): ``--dtype`` as the suite pi
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import media
@@ -23,6 +27,7 @@ from stadapter_api.v1 import inference_pb2 as pb
 from stadapter_api.v1 import inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +44,7 @@ def test_the_ready_file_and_the_log_name_the_device_and_dtype(repo, flags, want)
     clip = media.make_clip(num_frames=12)
     with ServerProcess(repo, "--device", "cpu", "--poll-interval-s", "0", *flags) as srv:
         info = json.loads(srv.ready_file.read_text())
-        assert (info["device"], info["dtype"]) == ("cpu", want)
+        assert (info["device"], info["dtype"], info["quantize"]) == ("cpu", want, "none")
         assert info["grpc_port"] == srv.grpc_port  # the ports as before
         given = flags[1] if flags else "float32"
         assert f"device cpu, dtype {want} (--device cpu, --dtype {given})" in srv.log()
@@ -52,3 +57,30 @@ def test_the_ready_file_and_the_log_name_the_device_and_dtype(repo, flags, want)
     tolerance = 1e-4 if want == "float32" else 2e-2  # bf16 keeps 8 bits of mantissa
     assert [p.label for p in resp.predictions] == [w["label"] for w in offline]
     assert max(abs(p.score - w["score"]) for p, w in zip(resp.predictions, offline, strict=True)) < tolerance
+
+
+@pytest.mark.skipif(not packing_available(int8=True), reason="this torch build has no oneDNN int8 linear")
+def test_an_int8_server_says_so_and_answers_like_float32(repo):
+    clip = media.make_clip(num_frames=12)
+    with ServerProcess(repo, "--device", "cpu", "--dtype", "bfloat16", "--quantize", "int8", "--poll-interval-s", "0") as srv:
+        info = json.loads(srv.ready_file.read_text())
+        assert (info["device"], info["dtype"], info["quantize"]) == ("cpu", "bfloat16", "int8")
+        assert "dtype bfloat16 (--device cpu, --dtype bfloat16), block linears in int8 (--quantize int8)" in srv.log()
+        with grpc.insecure_channel(srv.address) as channel:
+            resp = pb_grpc.VideoClassifierStub(channel).Classify(pb.ClassifyRequest(task="alpha", clip=clip, top_k=3),
+                                                                 timeout=60)
+    offline = predict_clip(load_classifier(repo / "trunk", repo / "tasks" / "alpha" / "1"), clip, 3)  # float32
+    assert [p.label for p in resp.predictions] == [w["label"] for w in offline]
+    assert max(abs(p.score - w["score"]) for p, w in zip(resp.predictions, offline, strict=True)) < 5e-2
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (("--dtype", "float32"), "cannot start: --quantize int8 runs on a CPU in bfloat16, not on device cpu in float32"),
+    (("--dtype", "bfloat16", "--quantize", "int4"), "--quantize: invalid choice: 'int4'"),
+])
+def test_a_start_that_cannot_quantise_is_refused_with_the_reason(repo, flags, reason):
+    argv = [sys.executable, "-m", "server", "--model-repository", str(repo), "--device", "cpu", "--port", "0",
+            "--metrics-port", "0", "--http-port", "-1", "--quantize", "int8", *flags]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and reason in done.stderr, done.stderr[-2000:]
+    assert '"event": "ready"' not in done.stdout
