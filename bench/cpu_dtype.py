@@ -7,13 +7,14 @@
   forward (:class:`server.engine.model.ModelRunner`, trunk prepared as the server prepares it),
   the variants interleaved round by round (a shared machine drifts): ``fp32``; ``bf16-eager``
   (the trunk cast to bf16, nothing else); ``bf16-packed`` (what ``--dtype auto`` serves on a CPU
-  with AMX or AVX512-BF16: bf16 with the block weights packed once for oneDNN). Clips/s, the
+  with AMX or AVX512-BF16: bf16 with the block weights packed once for oneDNN); ``int8`` (``--quantize
+  int8``: those block linears in int8, the rest in bf16). Clips/s, the
   ratio to fp32, the largest probability difference from fp32, and each variant's start-up
   cost: the trunk's preparation (packing) and the first forward (a warm-up forward's share).
 * agreement: the transfer table's tasks as trained in ``model_repository/`` (the embedded
   trunk, ``shapes`` and ``motion``), on clips drawn like their validation clips
   (:mod:`training.synthetic`), each clip under both tasks in one mixed batch: top-1
-  agreement of each bf16 variant with fp32, the largest probability difference, and
+  agreement of each other variant with fp32, the largest probability difference, and
   each variant's top-1 against the clips' true labels.
 
 Prints a table to stderr and JSON to stdout (and ``--out``).
@@ -34,7 +35,7 @@ import torch
 from bench.report import emit_json
 from bench.timing import timed_samples
 
-VARIANTS = ("fp32", "bf16-eager", "bf16-packed")
+VARIANTS = ("fp32", "bf16-eager", "bf16-packed", "int8")
 
 
 def make_runner(repo: Path, variant: str, max_rows: int):
@@ -53,8 +54,8 @@ def make_runner(repo: Path, variant: str, max_rows: int):
     if variant == "bf16-eager":
         trunk.chunk_bytes = ServerConfig.cpu_chunk_bytes
     else:
-        packed = prepare_trunk(trunk, cpu, dtype, ServerConfig.cpu_chunk_bytes)
-        assert packed == (variant == "bf16-packed"), f"{variant}: weights packed = {packed}"
+        packed = prepare_trunk(trunk, cpu, dtype, ServerConfig.cpu_chunk_bytes, int8=variant == "int8")
+        assert packed == (variant in ("bf16-packed", "int8")), f"{variant}: weights packed = {packed}"
     prepare_s = time.perf_counter() - t0
     reg = TaskRegistry(repo, trunk)
     reg.sync()
