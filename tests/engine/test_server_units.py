@@ -231,6 +231,13 @@ def test_host_dtype_flag(tmp_path, capsys):
         ServerConfig(model_repository=tmp_path, host_dtype="float8")
 
 
+def test_quantize_flag(tmp_path):
+    assert parse_args(["--model-repository", str(tmp_path)]).quantize == "none"  # bf16/fp32 as before unless asked
+    assert parse_args(["--model-repository", str(tmp_path), "--quantize", "int8"]).quantize == "int8"
+    with pytest.raises(ValueError, match="quantize must be none[|]int8, got 'int4'"):
+        ServerConfig(model_repository=tmp_path, quantize="int4")
+
+
 def test_window_decoders_flag(tmp_path, capsys):
     assert parse_args(["--model-repository", str(tmp_path)]).window_decoders == 1
     assert parse_args(["--model-repository", str(tmp_path), "--window-decoders", "2"]).window_decoders == 2
