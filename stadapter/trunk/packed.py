@@ -23,7 +23,7 @@ its weight (per output channel) and of its input (per call, over the whole tenso
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +102,11 @@ class PackedBlock:
         attn = blk.attn
         self.blk = blk
         self.heads = int(attn.num_heads)
-        self.qkv = self.linear(attn.in_proj_weight, attn.in_proj_bias, rows_hint)
+        self.ln_1, qkv_weight = self.fold(blk.ln_1, attn.in_proj_weight)
+        self.ln_2, fc_weight = self.fold(blk.ln_2, blk.mlp.c_fc.weight)
+        self.qkv = self.linear(qkv_weight, attn.in_proj_bias, rows_hint)
         self.out = self.linear(attn.out_proj.weight, attn.out_proj.bias, rows_hint)
-        self.fc = self.linear(blk.mlp.c_fc.weight, blk.mlp.c_fc.bias, rows_hint)
+        self.fc = self.linear(fc_weight, blk.mlp.c_fc.bias, rows_hint)
         self.proj = self.linear(blk.mlp.c_proj.weight, blk.mlp.c_proj.bias, rows_hint)
         self.exact_gelu = isinstance(blk.mlp.gelu, nn.GELU)  # else QuickGELU, applied after the linear
 
@@ -112,14 +114,19 @@ class PackedBlock:
     def linear(weight: Tensor, bias: Optional[Tensor], rows_hint: Optional[int]) -> "PackedLinear | Int8Linear":
         return PackedLinear(weight, bias, rows_hint)
 
+    @staticmethod
+    def fold(norm: nn.Module, weight: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        """The LayerNorm before a linear and that linear's weight, as the block runs them (here: as they are)."""
+        return norm, weight
+
     def attention(self, x: Tensor) -> Tensor:
         n, length, dim = x.shape
-        qkv = self.qkv(self.blk.ln_1(x)).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.ln_1(x)).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # [n, heads, length, head dim]
         return self.blk.ls_1(self.out(o.transpose(1, 2).reshape(n, length, dim)))
 
     def mlp(self, x: Tensor) -> Tensor:
-        h = self.blk.ln_2(x)
+        h = self.ln_2(x)
         h = self.fc(h, gelu=True) if self.exact_gelu else self.blk.mlp.gelu(self.fc(h))
         return self.blk.ls_2(self.proj(h))
 
@@ -135,10 +142,30 @@ class Int8Block(PackedBlock):
     def linear(weight: Tensor, bias: Optional[Tensor], rows_hint: Optional[int]) -> "PackedLinear | Int8Linear":
         return Int8Linear(weight, bias)
 
+    @staticmethod
+    def fold(norm: nn.Module, weight: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+        """SmoothQuant's migration (Xiao et al., 2023), folded into the LayerNorm: input channel j of the linear is
+        divided by s_j (the norm's gain and bias are) and its weight column multiplied by s_j, the same product in
+        exact arithmetic. One input channel that reaches far (a large gain) would otherwise set the whole input's
+        int8 scale and leave the others few levels; s_j = sqrt(reach_j / largest weight of column j), with the
+        reach |gain_j| + |bias_j| (the normalised values are of order one), evens out the two sides' ranges."""
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+            return norm, weight
+        gain, bias, w = norm.weight.float(), norm.bias.float(), weight.float()
+        reach, column = gain.abs() + bias.abs(), w.abs().amax(dim=0)
+        s = torch.where((reach > 0) & (column > 0), (reach / column.clamp_min(1e-30)).sqrt(), torch.ones_like(reach))
+        s = s / s[(reach > 0) & (column > 0)].median() if bool(((reach > 0) & (column > 0)).any()) else s
+        shape, eps = tuple(norm.normalized_shape), float(norm.eps)
+        if type(norm).__name__ == "LayerNormFp32":  # open_clip's norm that computes in float32 whatever its input
+            gain32, bias32 = gain / s, bias / s
+            return (lambda x: F.layer_norm(x.float(), shape, gain32, bias32, eps).to(x.dtype)), w * s
+        new_gain, new_bias = (gain / s).to(norm.weight.dtype), (bias / s).to(norm.weight.dtype)
+        return (lambda x: F.layer_norm(x, shape, new_gain, new_bias, eps)), w * s
+
     def attention(self, x: Tensor) -> Tensor:
         n, length, dim = x.shape
         head = dim // self.heads
-        qkv = self.qkv(self.blk.ln_1(x)).view(n, length, 3, self.heads, head)
+        qkv = self.qkv(self.ln_1(x)).view(n, length, 3, self.heads, head)
         out = torch.empty(n, length, self.heads, head, dtype=x.dtype)
         for f in range(n):
             q, k, v = (qkv[f, :, i].transpose(0, 1) for i in range(3))  # [heads, length, head dim], strided
