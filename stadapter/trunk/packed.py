@@ -145,7 +145,7 @@ class Int8Block(PackedBlock):
     @staticmethod
     def fold(norm: nn.Module, weight: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor]:
         """SmoothQuant's migration (Xiao et al., 2023), folded into the LayerNorm: input channel j of the linear is
-        divided by s_j (the norm's gain and bias are) and its weight column multiplied by s_j, the same product in
+        divided by s_j (through the norm's gain and bias) and its weight column multiplied by s_j, the same product in
         exact arithmetic. One input channel that reaches far (a large gain) would otherwise set the whole input's
         int8 scale and leave the others few levels; s_j = sqrt(reach_j / largest weight of column j), with the
         reach |gain_j| + |bias_j| (the normalised values are of order one), evens out the two sides' ranges."""
@@ -153,8 +153,11 @@ class Int8Block(PackedBlock):
             return norm, weight
         gain, bias, w = norm.weight.float(), norm.bias.float(), weight.float()
         reach, column = gain.abs() + bias.abs(), w.abs().amax(dim=0)
-        s = torch.where((reach > 0) & (column > 0), (reach / column.clamp_min(1e-30)).sqrt(), torch.ones_like(reach))
-        s = s / s[(reach > 0) & (column > 0)].median() if bool(((reach > 0) & (column > 0)).any()) else s
+        usable = (reach > 0) & (column > 0)  # a channel with nothing on one side keeps s = 1
+        s = torch.ones_like(reach)
+        if bool(usable.any()):
+            s[usable] = (reach[usable] / column[usable]).sqrt()
+            s /= s[usable].median()  # a common factor cancels in the product; this one keeps the gains near their own
         shape, eps = tuple(norm.normalized_shape), float(norm.eps)
         if type(norm).__name__ == "LayerNormFp32":  # open_clip's norm that computes in float32 whatever its input
             gain32, bias32 = gain / s, bias / s
