@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quantize", default=d.quantize, choices=QUANTIZE,
       help="int8: on a CPU, the trunk's block linears (attention's projections and the MLP: nearly all its "
            "multiply-adds) multiply in int8, weights quantised once per output channel and inputs per call, the rest "
-           "in bfloat16; faster where the CPU has int8 dot products (AVX512-VNNI, AMX), and answers move more than "
+           "in bfloat16; faster on a large trunk (ViT-B/16, not the small demo trunk) where the CPU has int8 dot "
+           "products (AVX512-VNNI, AMX), and answers move more than "
            "bfloat16 alone moves them (docs/benchmarks.md measures both). Needs --dtype bfloat16 (or auto on a CPU "
            "with bf16 units); refused at start on CUDA or where this torch lacks oneDNN's int8 linear")
     a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
