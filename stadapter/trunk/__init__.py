@@ -74,13 +74,16 @@ class VideoTrunk(nn.Module):
         self.blocks = visual.transformer.resblocks
         self.num_blocks: int = len(self.blocks)
         self.chunk_bytes = 0  # input-token bytes per block call (whole clips); 0 = the whole batch at once
-        self.packed: Optional[list[PackedBlock]] = None  # the blocks' weights packed for oneDNN (pack_for_cpu)
+        self.packed: Optional[list[PackedBlock]] = None  # the blocks packed for oneDNN (pack_for_cpu; never undone)
         self.row_calls = False  # each row of a batch through the blocks in a call of its own (int8: see _blocks)
 
     def pack_for_cpu(self, rows_hint: Optional[int] = None, int8: bool = False) -> bool:
         """Run the blocks with their weights packed once for oneDNN (:mod:`stadapter.trunk.packed`; ``int8``: the
         linears quantised to int8): a bf16 trunk on a CPU. Returns whether it did (False, and nothing changed, for
-        anything else)."""
+        anything else). Once packed, the blocks' own linear weights are given back (they serve from the packed
+        copies only), so a trunk is packed once."""
+        if self.packed is not None:
+            raise RuntimeError("VideoTrunk.pack_for_cpu: already packed, and the blocks' own weights were given back")
         self.packed = pack_blocks(self.blocks, rows_hint, int8)
         self.row_calls = int8 and self.packed is not None
         return self.packed is not None

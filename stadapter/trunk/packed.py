@@ -202,8 +202,25 @@ def pack_blocks(blocks: Any, rows_hint: Optional[int] = None, int8: bool = False
     ``rows_hint``: the token rows a linear usually sees (frames x tokens per call); oneDNN picks the
     weight layout for it, and any other row count still computes correctly. ``int8``: the linears in int8
     (:class:`Int8Linear`).
+
+    Each block's own linear weights are given back as soon as its packed copies exist (:func:`release_linears`):
+    the trunk runs its packed blocks from then on, and the memory freed by one block is reused by the next one's
+    copies (docs/benchmarks.md measures the resident memory saved).
     """
     if not packing_available(int8) or not all(packable(b) for b in blocks):
         return None
+    packed = []
     with torch.no_grad():
-        return [(Int8Block if int8 else PackedBlock)(b, rows_hint) for b in blocks]
+        for b in blocks:
+            packed.append((Int8Block if int8 else PackedBlock)(b, rows_hint))
+            release_linears(b)
+    return packed
+
+
+def release_linears(blk: Any) -> None:
+    """Give back a packed block's own linear weights: each becomes a zero-stride view of one zero of its shape, dtype
+    and device, so the trunk's parameter count and what it says of its dtype hold, while its values are gone."""
+    for module, name in ((blk.attn, "in_proj_weight"), (blk.attn.out_proj, "weight"), (blk.mlp.c_fc, "weight"),
+                         (blk.mlp.c_proj, "weight")):
+        weight = getattr(module, name)
+        weight.data = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)

@@ -66,3 +66,21 @@ def test_only_a_bf16_trunk_on_the_cpu_is_packed(two_task_repo):
     bf16 = load_trunk(two_task_repo / "trunk", dtype=torch.bfloat16)
     assert not prepare_trunk(bf16, torch.device("cuda"), torch.bfloat16, 1 << 20)  # nothing touched off the CPU
     assert bf16.packed is None and bf16.chunk_bytes == 0
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_packing_gives_back_the_blocks_own_linear_weights_and_happens_once(tmp_path, int8):
+    """The packed copies serve; the originals' memory is freed (shape, dtype and parameter count kept)."""
+    if int8 and not packing_available(int8=True):
+        pytest.skip("this torch build has no oneDNN int8 linear")
+    init_trunk("test-vit-tiny", "random", tmp_path / "trunk", seed=4)
+    trunk = load_trunk(tmp_path / "trunk", dtype=torch.bfloat16)
+    count, shape = trunk.num_parameters, trunk.blocks[0].mlp.c_fc.weight.shape
+    assert trunk.pack_for_cpu(int8=int8)
+    for blk in trunk.blocks:
+        for w in (blk.attn.in_proj_weight, blk.attn.out_proj.weight, blk.mlp.c_fc.weight, blk.mlp.c_proj.weight):
+            assert w.stride() == (0, 0) and w.untyped_storage().nbytes() == 2 and w.dtype == torch.bfloat16
+        assert blk.ln_1.weight.stride() != (0,)  # what the packed block still reads is kept
+    assert trunk.num_parameters == count and trunk.blocks[0].mlp.c_fc.weight.shape == shape
+    with pytest.raises(RuntimeError, match="already packed"):
+        trunk.pack_for_cpu(int8=int8)
