@@ -75,7 +75,6 @@ class VideoTrunk(nn.Module):
         self.num_blocks: int = len(self.blocks)
         self.chunk_bytes = 0  # input-token bytes per block call (whole clips); 0 = the whole batch at once
         self.packed: Optional[list[PackedBlock]] = None  # the blocks packed for oneDNN (pack_for_cpu; never undone)
-        self.row_calls = False  # each row of a batch through the blocks in a call of its own (int8: see _blocks)
 
     def pack_for_cpu(self, rows_hint: Optional[int] = None, int8: bool = False) -> bool:
         """Run the blocks with their weights packed once for oneDNN (:mod:`stadapter.trunk.packed`; ``int8``: the
@@ -85,7 +84,6 @@ class VideoTrunk(nn.Module):
         if self.packed is not None:
             raise RuntimeError("VideoTrunk.pack_for_cpu: already packed, and the blocks' own weights were given back")
         self.packed = pack_blocks(self.blocks, rows_hint, int8)
-        self.row_calls = int8 and self.packed is not None
         return self.packed is not None
 
     def train(self, mode: bool = True) -> "VideoTrunk":
@@ -158,10 +156,13 @@ class VideoTrunk(nn.Module):
         """These blocks over the rows of ``x`` [rows*T, 1+h*w, d]: all rows at once, or (:attr:`chunk_bytes`) in
         calls of whole rows whose tokens fit it (at least one row), planned once for all the blocks.
 
-        int8 blocks (:attr:`row_calls`) take one row a call whatever the chunk: their linears scale each call's input
-        by its largest value, and a row's answer must not depend on the rows batched with it."""
+        Packed blocks that say so (:attr:`PackedBlock.row_calls`: int8) take one row a call whatever the chunk: their
+        linears scale each call's input by its largest value, and a row's answer must not depend on its batch."""
         frame_bytes = x.shape[1] * x.shape[2] * x.element_size()
-        rows = 1 if self.row_calls else max(1, self.chunk_bytes // (frame_bytes * T)) if self.chunk_bytes else 0
+        if self.packed is not None and self.packed[0].row_calls:
+            rows = 1
+        else:
+            rows = max(1, self.chunk_bytes // (frame_bytes * T)) if self.chunk_bytes else 0
         if not rows or x.shape[0] <= rows * T:
             for i in blocks:
                 x = self._block(i, x, T, stack, task_index)

@@ -98,6 +98,8 @@ class PackedBlock:
     """One open_clip ``ResidualAttentionBlock``'s residual branches: ``attention(x)`` is
     ``ls_1(attention(ln_1(x)))`` and ``mlp(x)`` is ``ls_2(mlp(ln_2(x)))`` of the block."""
 
+    row_calls = False  # whether the trunk must run each row of a batch through it in a call of its own
+
     def __init__(self, blk: Any, rows_hint: Optional[int]):
         attn = blk.attn
         self.blk = blk
@@ -137,6 +139,8 @@ class Int8Block(PackedBlock):
     197 tokens that is about twice as fast as ``scaled_dot_product_attention``'s CPU kernel (docs/benchmarks.md);
     its scores are rounded to bf16 before the softmax (SDPA keeps them in fp32), an error small beside the int8
     linears' own."""
+
+    row_calls = True  # an Int8Linear scales its whole input by one value: one row a call keeps rows independent
 
     @staticmethod
     def linear(weight: Tensor, bias: Optional[Tensor], rows_hint: Optional[int]) -> "PackedLinear | Int8Linear":
