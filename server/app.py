@@ -82,10 +82,11 @@ class Server:
         dtype = resolve_dtype(cfg.dtype, device)
         trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
         t0 = time.monotonic()
-        packed = prepare_trunk(trunk, device, dtype, cfg.cpu_chunk_bytes, int8=cfg.quantize == "int8")
+        int8 = cfg.quantize == "int8"
+        packed = prepare_trunk(trunk, device, dtype, cfg.cpu_chunk_bytes, int8=int8)
         log.info("trunk %s (%s…): device %s, dtype %s (--device %s, --dtype %s)%s%s", trunk.spec.model if trunk.spec else "?",
                  trunk.fingerprint[:12], device, dtype_name(dtype), cfg.device, cfg.dtype,
-                 ", block linears in int8 (--quantize int8)" if cfg.quantize == "int8" else "",
+                 ", block linears in int8 (--quantize int8)" if int8 else "",
                  f", weights packed for oneDNN in {time.monotonic() - t0:.2f} s" if packed else "")
 
         metrics = Metrics(device)

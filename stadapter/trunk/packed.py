@@ -163,11 +163,10 @@ class Int8Block(PackedBlock):
             s[usable] = (reach[usable] / column[usable]).sqrt()
             s /= s[usable].median()  # a common factor cancels in the product; this one keeps the gains near their own
         shape, eps = tuple(norm.normalized_shape), float(norm.eps)
-        if type(norm).__name__ == "LayerNormFp32":  # open_clip's norm that computes in float32 whatever its input
-            gain32, bias32 = gain / s, bias / s
-            return (lambda x: F.layer_norm(x.float(), shape, gain32, bias32, eps).to(x.dtype)), w * s
-        new_gain, new_bias = (gain / s).to(norm.weight.dtype), (bias / s).to(norm.weight.dtype)
-        return (lambda x: F.layer_norm(x, shape, new_gain, new_bias, eps)), w * s
+        # open_clip's LayerNormFp32 computes in float32 whatever its input; the others in their own dtype
+        dtype = torch.float32 if type(norm).__name__ == "LayerNormFp32" else norm.weight.dtype
+        new_gain, new_bias = (gain / s).to(dtype), (bias / s).to(dtype)
+        return (lambda x: F.layer_norm(x.to(dtype), shape, new_gain, new_bias, eps).to(x.dtype)), w * s
 
     def attention(self, x: Tensor) -> Tensor:
         n, length, dim = x.shape
