@@ -7,8 +7,9 @@
   forward (:class:`server.engine.model.ModelRunner`, trunk prepared as the server prepares it),
   the variants interleaved round by round (a shared machine drifts): ``fp32``; ``bf16-eager``
   (the trunk cast to bf16, nothing else); ``bf16-packed`` (what ``--dtype auto`` serves on a CPU
-  with AMX or AVX512-BF16: bf16 with the block weights packed once for oneDNN); ``int8`` (``--quantize
-  int8``: those block linears in int8, the rest in bf16). Clips/s, the
+  with AMX or AVX512-BF16 without int8: bf16 with the block weights packed once for oneDNN); ``int8`` (``--quantize
+  int8``: those block linears in int8, the rest in bf16). Which of them the defaults (``--dtype auto
+  --quantize auto``) serve, and why. Clips/s, the
   ratio to fp32, the largest probability difference from fp32, and each variant's start-up
   cost: the trunk's preparation (packing) and the first forward (a warm-up forward's share).
 * agreement: the transfer table's tasks as trained in ``model_repository/`` (the embedded
@@ -63,6 +64,22 @@ def make_runner(repo: Path, variant: str, max_rows: int):
     return runner, reg.tasks, prepare_s
 
 
+def served_default(repo: Path) -> dict:
+    """Which variant the server's defaults (``--dtype auto --quantize auto``) serve ``repo``'s trunk as here, and the
+    startup log's note of why (for ``int8``, the probe clip's measured distance)."""
+    from server.config import ServerConfig
+    from server.engine.model import resolve_dtype
+    from server.engine.quantize import prepare_served_trunk
+    from stadapter import load_trunk
+
+    cpu = torch.device("cpu")
+    dtype = resolve_dtype(ServerConfig.dtype, cpu)
+    trunk = load_trunk(repo / "trunk", device=cpu, dtype=dtype)
+    prepared = prepare_served_trunk(trunk, cpu, dtype, ServerConfig.cpu_chunk_bytes, ServerConfig.quantize)
+    variant = "int8" if prepared.int8 else "bf16-packed" if prepared.packed else "fp32"
+    return {"variant": variant, "note": prepared.note}
+
+
 def max_prob_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
@@ -93,7 +110,7 @@ def speed(work: Path, batch: int, frames: int, iters: int) -> dict:
         "clips_per_s": {v: batch / med[v] for v in VARIANTS},
         "over_fp32": {v: med["fp32"] / med[v] for v in VARIANTS},
         "max_prob_diff_vs_fp32": {v: max_prob_diff(runs[v][2], runs["fp32"][2]) for v in VARIANTS},
-        "prepare_s": prepare, "first_forward_s": first,
+        "prepare_s": prepare, "first_forward_s": first, "served_default": served_default(repo),
     }
 
 
@@ -129,7 +146,8 @@ def agreement(repo: Path, per_task: int) -> dict:
     names = [name for _ in clips for name in ("shapes", "motion")]
     truth = [labels.get(name) for _, labels in clips for name in ("shapes", "motion")]
     top1 = {v: [int(p.argmax()) for p in ps] for v, ps in probs.items()}
-    out: dict = {"clips": len(clips), "answers": len(names), "tasks": ["shapes", "motion"]}
+    out: dict = {"clips": len(clips), "answers": len(names), "tasks": ["shapes", "motion"],
+                 "served_default": served_default(repo)}
     for v in VARIANTS:
         same = sum(a == b for a, b in zip(top1[v], top1["fp32"], strict=True))
         right = [(t, p) for t, p in zip(truth, top1[v], strict=True) if t is not None]
@@ -149,7 +167,10 @@ def table(result: dict) -> str:
                      f"{100 * a[v]['top1_agreement_with_fp32']:.1f}%", f"{a[v]['max_prob_diff_vs_fp32']:.2e}",
                      f"{100 * a[v]['top1_accuracy']:.1f}%"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    for trunk, part in (("ViT-B/16", s), ("the tasks' trunk", a)):
+        lines.append(f"the defaults serve {trunk} as {part['served_default']['variant']}: {part['served_default']['note']}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

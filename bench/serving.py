@@ -69,7 +69,8 @@ def synthetic_clips(n: int, frames: int = 16, w: int = 96, h: int = 72) -> list[
 
 def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: bool = False) -> dict:
     from server.config import ServerConfig
-    from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_dtype
+    from server.engine.model import ModelRunner, dtype_name, resolve_dtype
+    from server.engine.quantize import prepare_served_trunk
     from server.engine.slots import AdapterSlots
     from server.registry.registry import TaskRegistry
     from stadapter import TaskAdapters, load_trunk
@@ -77,7 +78,8 @@ def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: b
     cpu = torch.device("cpu")
     dtype = resolve_dtype(ServerConfig.dtype, cpu)  # the server's default here (bf16 on a CPU with bf16 matrix units)
     trunk = load_trunk(repo / "trunk", dtype=dtype)
-    prepare_trunk(trunk, cpu, dtype, ServerConfig.cpu_chunk_bytes)  # as the server runs it: the raw side is the same forward
+    # as the server runs it (--quantize auto: int8 linears on ViT-B/16 here): the raw side is the same forward
+    prepare_served_trunk(trunk, cpu, dtype, ServerConfig.cpu_chunk_bytes, ServerConfig.quantize)
     reg = TaskRegistry(repo, trunk)
     reg.sync()
     tvs = [reg.tasks[f"task{k}"] for k in range(NUM_TASKS)]
@@ -107,7 +109,7 @@ def bench_forward(repo: Path, batch: int, frames: int, iters: int, only_mixed: b
     t_single, t_mixed, t_per_task, t_swap = t["single"], t["mixed"], t["per_task"], t["swap"]
     cps = lambda t: batch / t  # noqa: E731
     return {
-        "batch": batch, "frames": frames, "tasks": NUM_TASKS, "dtype": dtype_name(dtype),
+        "batch": batch, "frames": frames, "tasks": NUM_TASKS, "dtype": dtype_name(dtype), "int8": trunk.int8,
         "clips_per_s": {"single": cps(t_single), "mixed": cps(t_mixed), "per_task": cps(t_per_task), "swap": cps(t_swap)},
         "mixed_over_single": t_single / t_mixed,
         "mixed_over_per_task": t_per_task / t_mixed,

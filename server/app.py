@@ -23,8 +23,9 @@ from server.dataplane.plane import DataPlane
 from server.decode.live_streams import LiveDecoders
 from server.decode.pool import Decoder, ProcessDecodePool, ThreadDecoder
 from server.engine.batcher import Batcher
-from server.engine.model import ModelRunner, dtype_name, prepare_trunk, resolve_device, resolve_dtype
+from server.engine.model import ModelRunner, dtype_name, resolve_device, resolve_dtype
 from server.engine.pipeline import Pipeline
+from server.engine.quantize import prepare_served_trunk
 from server.engine.response_cache import ResponseCache
 from server.engine.slots import AdapterSlots
 from server.engine.stand_ins import WarmUp, shape_stand_ins
@@ -82,12 +83,11 @@ class Server:
         dtype = resolve_dtype(cfg.dtype, device)
         trunk = load_trunk(Path(cfg.model_repository) / "trunk", device=device, dtype=dtype)  # the one load
         t0 = time.monotonic()
-        int8 = cfg.quantize == "int8"
-        packed = prepare_trunk(trunk, device, dtype, cfg.cpu_chunk_bytes, int8=int8)
+        prepared = prepare_served_trunk(trunk, device, dtype, cfg.cpu_chunk_bytes, cfg.quantize)
         log.info("trunk %s (%s…): device %s, dtype %s (--device %s, --dtype %s)%s%s", trunk.spec.model if trunk.spec else "?",
                  trunk.fingerprint[:12], device, dtype_name(dtype), cfg.device, cfg.dtype,
-                 ", block linears in int8 (--quantize int8)" if int8 else "",
-                 f", weights packed for oneDNN in {time.monotonic() - t0:.2f} s" if packed else "")
+                 f", {prepared.note}" if prepared.note else "",
+                 f", weights packed for oneDNN in {time.monotonic() - t0:.2f} s" if prepared.packed else "")
 
         metrics = Metrics(device)
         slots = AdapterSlots(cfg.slot_budget_bytes, device, dtype, on_event=metrics.adapter_event, slots=cfg.adapter_slots)
@@ -196,10 +196,11 @@ class Server:
 
     def ready_info(self) -> dict:
         """The ready line: the bound ports, the device and dtype that ``--device``/``--dtype`` resolved to, and
-        ``--quantize`` (a start that cannot honour it is refused)."""
+        what ``--quantize`` resolved to, ``int8`` or ``none`` (a start that cannot honour ``int8`` is refused)."""
         return {"event": "ready", "grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
                 "http_port": self.http.port if self.http is not None else None,
-                "device": str(self.slots.device), "dtype": dtype_name(self.slots.dtype), "quantize": self.cfg.quantize}
+                "device": str(self.slots.device), "dtype": dtype_name(self.slots.dtype),
+                "quantize": "int8" if self.registry.trunk.int8 else "none"}
 
     async def drain(self) -> None:
         """Health NOT_SERVING (gRPC; HTTP ready 503), refuse new work (UNAVAILABLE), let in-flight work finish, stop."""

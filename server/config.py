@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
-QUANTIZE = ("none", "int8")  # --quantize: the trunk's block linears as the dtype has them, or in int8 (a CPU)
+QUANTIZE = ("auto", "none", "int8")  # --quantize: int8 block linears where they pay (server.engine.quantize), never, always
+INT8_MIN_WIDTH = 512  # --quantize auto: int8 from this trunk width up (1.2-1.6x bf16 from 512 up, docs/benchmarks.md)
+INT8_MAX_ERROR = 0.03  # --quantize auto: largest relative distance of the probe's features from the unquantised trunk's
 HOST_DTYPES = ("stored", "serving")  # --host-dtype: as the bundles store them (today's), or the serving dtype
 DEFAULT_HOST_CACHE_BYTES = 4 << 30  # the host tier's default (server.registry.host_tier): see --host-cache-bytes
 _VIDEO = VideoLimits()  # the decoder's own defaults are the flags' defaults
@@ -50,7 +52,7 @@ class ServerConfig:
     decode_backend: str = "process"
     device: str = "auto"
     dtype: str = "auto"
-    quantize: str = "none"
+    quantize: str = "auto"
     cpu_chunk_bytes: int = 5 * MiB
     cache_bytes: Optional[int] = None  # None: not given, DEFAULT_CACHE_BYTES unless adapter_slots sizes the bank
     host_cache_bytes: int = DEFAULT_HOST_CACHE_BYTES
@@ -319,11 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
            "in bfloat16; faster on a large trunk (ViT-B/16, not the small demo trunk) where the CPU has int8 dot "
            "products (AVX512-VNNI, AMX), and answers move more than "
            "bfloat16 alone moves them (docs/benchmarks.md measures both). Needs --dtype bfloat16 (or auto on a CPU "
-           "with bf16 units); refused at start on CUDA or where this torch lacks oneDNN's int8 linear")
+           "with bf16 units); refused at start on CUDA or where this torch lacks oneDNN's int8 linear. auto: int8 "
+           f"where it can run and pays, a trunk at least {INT8_MIN_WIDTH} wide, and only if a fixed probe clip's "
+           f"features stay within {100 * INT8_MAX_ERROR:g}%% of the unquantised trunk's (measured at start, named in "
+           "the startup log); none: never")
     a("--cpu-chunk-bytes", type=int, default=d.cpu_chunk_bytes,
       help="on a CPU, each trunk block runs over as many whole clips at a time as keep its input tokens within "
-           "this many bytes (VideoTrunk.chunk_bytes; the same results, but for --quantize int8, which scales each "
-           "call's inputs; 5 MiB = 8 ViT-B/16 frames; a small trunk's "
+           "this many bytes (VideoTrunk.chunk_bytes; the same results; int8 block linears take one clip's view a "
+           "call whatever it says; 5 MiB = 8 ViT-B/16 frames; a small trunk's "
            "batch fits at once); 0 = the whole batch at once. Ignored on CUDA, where the whole batch keeps the "
            "device busy")
     a("--cache-bytes", type=int, default=None,

@@ -119,12 +119,16 @@ def prepare_trunk(trunk: VideoTrunk, device: torch.device, dtype: torch.dtype, c
     trunk.chunk_bytes = cpu_chunk_bytes  # blocks over a few frames at a time: faster on a CPU
     if dtype != torch.bfloat16:
         return False
-    itemsize = torch.finfo(dtype).bits // 8
-    packed = trunk.pack_for_cpu(cpu_chunk_bytes // (trunk.dim * itemsize) or None, int8)  # oneDNN's hint: rows a call
+    packed = trunk.pack_for_cpu(cpu_rows_hint(trunk, dtype, cpu_chunk_bytes), int8)
     if int8 and not packed:
         raise ValueError("--quantize int8: this torch has no oneDNN int8 linear (torch.ops.onednn.qlinear_pointwise), "
                          "or the trunk's blocks are not plain open_clip attention-and-MLP blocks")
     return packed
+
+
+def cpu_rows_hint(trunk: VideoTrunk, dtype: torch.dtype, cpu_chunk_bytes: int) -> Optional[int]:
+    """oneDNN's hint when packing the trunk's weights: the token rows a linear sees a call (``--cpu-chunk-bytes``)."""
+    return cpu_chunk_bytes // (trunk.dim * (torch.finfo(dtype).bits // 8)) or None
 
 
 def dtype_name(dtype: torch.dtype) -> str:

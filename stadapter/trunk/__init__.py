@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Mapping, Optional
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from ..adapter import apply_adapter
 from ..bank import AdapterStack, SlotKey
 from ..config import TrunkSpec
-from .packed import PackedBlock, pack_blocks
+from .packed import Int8Block, PackedBlock, pack_blocks, release_linears
 
 
 class TrunkError(ValueError):
@@ -85,6 +86,35 @@ class VideoTrunk(nn.Module):
             raise RuntimeError("VideoTrunk.pack_for_cpu: already packed, and the blocks' own weights were given back")
         self.packed = pack_blocks(self.blocks, rows_hint, int8)
         return self.packed is not None
+
+    def pack_int8_within(self, rows_hint: Optional[int], probe: Tensor, max_error: float) -> float:
+        """Pack the blocks with int8 linears (``pack_for_cpu(int8=True)``) if that moves the pooled features of
+        ``probe`` (normalised frames [B, T, 3, H, W]) by at most ``max_error`` of their norm from the trunk's own
+        unpacked answer; else pack them as the dtype has them (``pack_for_cpu()``: the int8 copies are dropped and
+        the block weights were kept for it). Returns the relative distance measured, which decided (inf where int8
+        cannot be packed here; NaN, from a trunk whose answer is not finite, packs without int8)."""
+        if self.packed is not None:
+            raise RuntimeError("VideoTrunk.pack_int8_within: already packed")
+        with torch.no_grad():
+            want = self.forward_features(probe).float()
+            self.packed = pack_blocks(self.blocks, rows_hint, int8=True, release=False)
+            if self.packed is None:
+                self.pack_for_cpu(rows_hint)
+                return math.inf
+            got = self.forward_features(probe).float()
+        error = float((got - want).norm() / want.norm())
+        if error <= max_error:
+            for blk in self.blocks:
+                release_linears(blk)
+            return error
+        self.packed = None
+        self.pack_for_cpu(rows_hint)
+        return error
+
+    @property
+    def int8(self) -> bool:
+        """Whether the blocks run with int8 linears (packed with ``int8=True``)."""
+        return self.packed is not None and isinstance(self.packed[0], Int8Block)
 
     def train(self, mode: bool = True) -> "VideoTrunk":
         # The trunk stays in eval mode (no dropout, frozen statistics) whatever the caller does.

@@ -199,7 +199,8 @@ def packable(blk: Any) -> bool:
     return exact or type(gelu).__name__ == "QuickGELU"
 
 
-def pack_blocks(blocks: Any, rows_hint: Optional[int] = None, int8: bool = False) -> Optional[list[PackedBlock]]:
+def pack_blocks(blocks: Any, rows_hint: Optional[int] = None, int8: bool = False,
+                release: bool = True) -> Optional[list[PackedBlock]]:
     """Every block packed, or None when oneDNN's ops are missing or some block is not :func:`packable`.
 
     ``rows_hint``: the token rows a linear usually sees (frames x tokens per call); oneDNN picks the
@@ -208,7 +209,8 @@ def pack_blocks(blocks: Any, rows_hint: Optional[int] = None, int8: bool = False
 
     Each block's own linear weights are given back as soon as its packed copies exist (:func:`release_linears`):
     the trunk runs its packed blocks from then on, and the memory freed by one block is reused by the next one's
-    copies (docs/benchmarks.md measures the resident memory saved).
+    copies (docs/benchmarks.md measures the resident memory saved). ``release=False`` keeps them, for a caller that
+    may yet discard the packed blocks (and then releases them itself if it keeps them).
     """
     if not packing_available(int8) or not all(packable(b) for b in blocks):
         return None
@@ -216,7 +218,8 @@ def pack_blocks(blocks: Any, rows_hint: Optional[int] = None, int8: bool = False
     with torch.no_grad():
         for b in blocks:
             packed.append((Int8Block if int8 else PackedBlock)(b, rows_hint))
-            release_linears(b)
+            if release:
+                release_linears(b)
     return packed
 
 

@@ -232,9 +232,10 @@ def test_host_dtype_flag(tmp_path, capsys):
 
 
 def test_quantize_flag(tmp_path):
-    assert parse_args(["--model-repository", str(tmp_path)]).quantize == "none"  # bf16/fp32 as before unless asked
+    assert parse_args(["--model-repository", str(tmp_path)]).quantize == "auto"  # int8 where it pays and is close
+    assert parse_args(["--model-repository", str(tmp_path), "--quantize", "none"]).quantize == "none"
     assert parse_args(["--model-repository", str(tmp_path), "--quantize", "int8"]).quantize == "int8"
-    with pytest.raises(ValueError, match="quantize must be none[|]int8, got 'int4'"):
+    with pytest.raises(ValueError, match="quantize must be auto[|]none[|]int8, got 'int4'"):
         ServerConfig(model_repository=tmp_path, quantize="int4")
 
 

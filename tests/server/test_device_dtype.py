@@ -1,6 +1,6 @@
 """The device and dtype a server resolved are in its ready file and its startup log; a bf16 server on a CPU (its
-trunk's weights packed for oneDNN) answers, and so does one with ``--quantize int8``; a start that cannot quantise is
-refused with the reason.
+trunk's weights packed for oneDNN) answers, and so does one with ``--quantize int8``, and one whose wide trunk the
+default ``--quantize auto`` serves in int8; a start that cannot quantise is refused with the reason.
 
 The real server on 127.0.0.1 (``python -m server``): ``--dtype`` as the suite pins it (float32), as named
 (bfloat16), and ``auto`` (this machine's choice, by the same rule the test process applies).
@@ -84,3 +84,29 @@ def test_a_start_that_cannot_quantise_is_refused_with_the_reason(repo, flags, re
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and reason in done.stderr, done.stderr[-2000:]
     assert '"event": "ready"' not in done.stdout
+
+
+@pytest.mark.skipif(not packing_available(int8=True), reason="this torch build has no oneDNN int8 linear")
+def test_the_default_quantize_auto_serves_a_wide_trunk_in_int8_and_says_so(tmp_path):
+    from factories import make_bundle
+
+    from server.config import INT8_MIN_WIDTH
+    from stadapter import init_trunk, load_trunk
+
+    config = tmp_path / "wide.json"
+    config.write_text(json.dumps({"embed_dim": 64, "vision_cfg": {
+        "image_size": 32, "layers": 1, "width": INT8_MIN_WIDTH, "head_width": 64, "patch_size": 16, "mlp_ratio": 4.0}}))
+    repo = tmp_path / "repo"
+    init_trunk("test-vit-wide", "random", repo / "trunk", model_config=config)
+    make_bundle(load_trunk(repo / "trunk"), repo / "tasks" / "alpha" / "1", name="alpha", seed=1)
+    clip = media.make_clip(num_frames=12)
+    with ServerProcess(repo, "--device", "cpu", "--dtype", "bfloat16", "--poll-interval-s", "0") as srv:
+        info = json.loads(srv.ready_file.read_text())
+        assert (info["device"], info["dtype"], info["quantize"]) == ("cpu", "bfloat16", "int8")
+        assert "(--device cpu, --dtype bfloat16), block linears in int8 (--quantize auto: the probe clip's " in srv.log()
+        with grpc.insecure_channel(srv.address) as channel:
+            resp = pb_grpc.VideoClassifierStub(channel).Classify(pb.ClassifyRequest(task="alpha", clip=clip, top_k=3),
+                                                                 timeout=60)
+    offline = predict_clip(load_classifier(repo / "trunk", repo / "tasks" / "alpha" / "1"), clip, 3)  # float32
+    assert [p.label for p in resp.predictions] == [w["label"] for w in offline]
+    assert max(abs(p.score - w["score"]) for p, w in zip(resp.predictions, offline, strict=True)) < 5e-2

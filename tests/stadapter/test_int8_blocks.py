@@ -163,3 +163,23 @@ def test_an_int8_rows_answer_does_not_depend_on_the_rows_batched_with_it(two_tas
         batch = [(tasks[n], v) for n, v in zip(others, loud, strict=True)]
         got = runner.forward([batch[0], (tasks["alpha"], quiet), *batch[1:]]).probs[1]
         assert torch.equal(got, alone)
+
+
+def test_pack_int8_within_keeps_int8_only_within_the_bound_and_otherwise_packs_bf16_as_if_never_tried(two_task_repo):
+    """The bound decides (a measured distance above 0 fails a bound of 0); a trunk that falls back answers to the bit
+    as one packed in bf16 from the start (the block weights were kept while int8 was tried), and one that keeps int8
+    gives its own weights back. A trunk packs once."""
+    probe = torch.randn(1, 4, 3, 32, 32, generator=torch.Generator().manual_seed(4)).bfloat16()
+    kept = load_trunk(two_task_repo / "trunk", dtype=torch.bfloat16)
+    error = kept.pack_int8_within(None, probe, 1.0)
+    assert 0 < error < 5e-2 and kept.int8 and kept.blocks[0].attn.in_proj_weight.stride() == (0, 0)
+    fell_back = load_trunk(two_task_repo / "trunk", dtype=torch.bfloat16)
+    assert fell_back.pack_int8_within(None, probe, 0.0) == pytest.approx(error)
+    assert not fell_back.int8 and all(type(b) is packed.PackedBlock for b in fell_back.packed)
+    plain = load_trunk(two_task_repo / "trunk", dtype=torch.bfloat16)
+    assert plain.pack_for_cpu() and not plain.int8
+    clip = torch.randn(2, 4, 3, 32, 32, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(fell_back.forward_features(clip), plain.forward_features(clip))
+    with pytest.raises(RuntimeError, match="already packed"):
+        fell_back.pack_int8_within(None, probe, 1.0)
