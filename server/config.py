@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 DEFAULT_CACHE_BYTES = 1 << 30
 QUANTIZE = ("auto", "none", "int8")  # --quantize: int8 block linears where they pay (server.engine.quantize), never, always
-INT8_MIN_WIDTH = 512  # --quantize auto: int8 from this trunk width up (1.2-1.6x bf16 from 512 up, docs/benchmarks.md)
+INT8_MIN_WIDTH = 512  # --quantize auto: int8 from this trunk width up (where it pays: python -m bench.int8_width)
 INT8_MAX_ERROR = 0.03  # --quantize auto: largest relative distance of the probe's features from the unquantised trunk's
 HOST_DTYPES = ("stored", "serving")  # --host-dtype: as the bundles store them (today's), or the serving dtype
 DEFAULT_HOST_CACHE_BYTES = 4 << 30  # the host tier's default (server.registry.host_tier): see --host-cache-bytes

@@ -14,7 +14,7 @@ The arithmetic is the same as the block's own (bf16 matmuls accumulating in fp32
 the order of float additions may differ. :func:`pack_blocks` refuses (returns None) any
 block it does not know how to run the same way.
 
-``int8=True`` (``--quantize int8``) runs the four linears in int8 instead (:class:`Int8Linear`, in an
+``int8=True`` (``--quantize int8``, or ``auto`` where it pays) runs the four linears in int8 instead (:class:`Int8Linear`, in an
 :class:`Int8Block`): a CPU's int8 dot products (AVX512-VNNI, AMX-INT8) do twice the multiply-adds of
 its bf16 ones. That is not the block's arithmetic: each linear's output moves by the quantisation of
 its weight (per output channel) and of its input (per call, over the whole tensor).
