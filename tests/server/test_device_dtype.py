@@ -61,11 +61,16 @@ def test_the_ready_file_and_the_log_name_the_device_and_dtype(repo, flags, want)
 
 @pytest.mark.skipif(not packing_available(int8=True), reason="this torch build has no oneDNN int8 linear")
 def test_an_int8_server_says_so_and_answers_like_float32(repo):
+    _int8_server_says_so_and_answers_like_float32(
+        repo, ("--quantize", "int8"), "dtype bfloat16 (--device cpu, --dtype bfloat16), block linears in int8 (--quantize int8)")
+
+
+def _int8_server_says_so_and_answers_like_float32(repo: Path, flags: tuple[str, ...], says: str) -> None:
     clip = media.make_clip(num_frames=12)
-    with ServerProcess(repo, "--device", "cpu", "--dtype", "bfloat16", "--quantize", "int8", "--poll-interval-s", "0") as srv:
+    with ServerProcess(repo, "--device", "cpu", "--dtype", "bfloat16", *flags, "--poll-interval-s", "0") as srv:
         info = json.loads(srv.ready_file.read_text())
         assert (info["device"], info["dtype"], info["quantize"]) == ("cpu", "bfloat16", "int8")
-        assert "dtype bfloat16 (--device cpu, --dtype bfloat16), block linears in int8 (--quantize int8)" in srv.log()
+        assert says in srv.log()
         with grpc.insecure_channel(srv.address) as channel:
             resp = pb_grpc.VideoClassifierStub(channel).Classify(pb.ClassifyRequest(task="alpha", clip=clip, top_k=3),
                                                                  timeout=60)
@@ -99,14 +104,5 @@ def test_the_default_quantize_auto_serves_a_wide_trunk_in_int8_and_says_so(tmp_p
     repo = tmp_path / "repo"
     init_trunk("test-vit-wide", "random", repo / "trunk", model_config=config)
     make_bundle(load_trunk(repo / "trunk"), repo / "tasks" / "alpha" / "1", name="alpha", seed=1)
-    clip = media.make_clip(num_frames=12)
-    with ServerProcess(repo, "--device", "cpu", "--dtype", "bfloat16", "--poll-interval-s", "0") as srv:
-        info = json.loads(srv.ready_file.read_text())
-        assert (info["device"], info["dtype"], info["quantize"]) == ("cpu", "bfloat16", "int8")
-        assert "(--device cpu, --dtype bfloat16), block linears in int8 (--quantize auto: the probe clip's " in srv.log()
-        with grpc.insecure_channel(srv.address) as channel:
-            resp = pb_grpc.VideoClassifierStub(channel).Classify(pb.ClassifyRequest(task="alpha", clip=clip, top_k=3),
-                                                                 timeout=60)
-    offline = predict_clip(load_classifier(repo / "trunk", repo / "tasks" / "alpha" / "1"), clip, 3)  # float32
-    assert [p.label for p in resp.predictions] == [w["label"] for w in offline]
-    assert max(abs(p.score - w["score"]) for p, w in zip(resp.predictions, offline, strict=True)) < 5e-2
+    _int8_server_says_so_and_answers_like_float32(  # --quantize left at its default
+        repo, (), "(--device cpu, --dtype bfloat16), block linears in int8 (--quantize auto: the probe clip's ")
